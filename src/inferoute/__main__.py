@@ -1,0 +1,3 @@
+from inferoute.cli import main
+
+main()

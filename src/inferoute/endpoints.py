@@ -1,0 +1,95 @@
+"""Model-server endpoints: what a pool is made of.
+
+The same shape is used by the gateway's ``pool:`` section and the picker's static endpoints file::
+
+    endpoints:
+      - {name: pod-0, address: 10.0.0.7, port: 8000, labels: {inference.networking.k8s.io/engine-type: vllm}}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from inferoute.errors import InferouteError
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One model-server replica (one data-parallel rank = one port)."""
+
+    name: str
+    address: str
+    port: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """``ip:port`` as used on the Endpoint Picker Protocol wire (``[v6]:port`` for IPv6)."""
+        return hostport(self.address, self.port)
+
+
+def hostport(address: str, port: int) -> str:
+    if ":" in address and not address.startswith("["):
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"
+
+
+def split_hostport(value: str) -> tuple[str, int | None]:
+    """Split ``ip``, ``ip:port``, ``[v6]`` or ``[v6]:port``; the port is None when absent."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host, (int(rest[1:]) if rest.startswith(":") and rest[1:] else None)
+    if value.count(":") == 1:
+        host, _, port = value.partition(":")
+        return host, int(port)
+    return value, None
+
+
+def parse_endpoints(raw: Any, where: str = "endpoints") -> list[Endpoint]:
+    """Validate a list of ``{name, address, port, labels}`` mappings into endpoints.
+
+    Raises :class:`InferouteError` (status 500, cause ``config``) naming the bad key.
+    """
+    if raw is None:
+        return []
+    if not isinstance(raw, Sequence) or isinstance(raw, str | bytes):
+        raise InferouteError(500, f"{where}: expected a list of endpoints", cause="config")
+    out: list[Endpoint] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(item, Mapping):
+            raise InferouteError(500, f"{at}: expected a mapping with name, address, port", cause="config")
+        unknown = set(item) - {"name", "address", "port", "labels", "namespace"}
+        if unknown:
+            raise InferouteError(
+                500, f"{at}: unknown key(s) {sorted(unknown)}; valid: name, address, port, labels, namespace",
+                cause="config")
+        address = item.get("address")
+        port = item.get("port")
+        if not isinstance(address, str) or not address:
+            raise InferouteError(500, f"{at}.address: required string", cause="config")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise InferouteError(500, f"{at}.port: required integer 1-65535", cause="config")
+        name = item.get("name") or hostport(address, port)
+        labels = item.get("labels") or {}
+        if not isinstance(labels, Mapping):
+            raise InferouteError(500, f"{at}.labels: expected a mapping", cause="config")
+        ep = Endpoint(str(name), address, port, {str(k): str(v) for k, v in labels.items()})
+        if ep.key in seen:
+            raise InferouteError(500, f"{at}: duplicate endpoint {ep.key}", cause="config")
+        seen.add(ep.key)
+        out.append(ep)
+    return out
+
+
+def is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,69 @@
+"""OpenAI-style error bodies, mapped in one place.
+
+Every component (simulator, picker, gateway, NGINX decider) answers failures with the same JSON shape::
+
+    {"error": {"message": "...", "type": "...", "param": null, "code": 503}}
+
+``type`` follows OpenAI's vocabulary where one exists.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+# HTTP status -> OpenAI error "type".
+_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    502: "bad_gateway_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+def error_type(status: int) -> str:
+    """The OpenAI error type for an HTTP status."""
+    if status in _TYPES:
+        return _TYPES[status]
+    return "invalid_request_error" if status < 500 else "internal_server_error"
+
+
+def error_body(status: int, message: str, *, type: str | None = None, param: str | None = None,
+               code: str | int | None = None) -> bytes:
+    """Serialise an OpenAI-style error body (UTF-8 JSON)."""
+    payload = {
+        "error": {
+            "message": message,
+            "type": type or error_type(status),
+            "param": param,
+            "code": code if code is not None else status,
+        }
+    }
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+@dataclass(slots=True)
+class InferouteError(Exception):
+    """A failure with the HTTP status the client must see.
+
+    ``cause`` is a short machine-readable label used in metrics (``errors_total{cause=...}``).
+    """
+
+    status: int
+    message: str
+    cause: str = "error"
+    type: str | None = None
+    param: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.cause}: {self.message}"
+
+    def body(self) -> bytes:
+        return error_body(self.status, self.message, type=self.type, param=self.param)

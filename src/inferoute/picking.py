@@ -1,0 +1,122 @@
+"""The contract between a data plane and an endpoint picker.
+
+A data plane (our gateway, the NGINX decider) asks a :class:`Picker` where a request should go. Two pickers
+implement it: the embedded one (the EPP's director called in process, no gRPC hop) and the ext_proc client
+(the Endpoint Picker Protocol over gRPC to ``inferoute epp``, Envoy's way). The data plane cannot tell them apart.
+
+Lifecycle of one request::
+
+    decision, session = await picker.pick(request)
+    # decision is a Destination (ordered ip:port list) or a Reject (status + OpenAI JSON body)
+    session.response_started(served="10.0.0.7:8000", status=200, headers={...})
+    session.response_chunk(b"data: ...")          # zero or more
+    session.response_finished()                     # or session.aborted("client-disconnect")
+
+Session methods are synchronous and never raise: they only record or enqueue. Exactly one of
+``response_finished`` / ``aborted`` ends a session; later calls are ignored. The picker's in-flight accounting
+is released there, so a data plane MUST end every session it was given (even after a Reject).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Header and metadata names of the Endpoint Picker Protocol.
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+DESTINATION_SERVED_KEY = "x-gateway-destination-endpoint-served"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+LB_NAMESPACE = "envoy.lb"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+MODEL_HEADER = "x-gateway-model-name"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
+MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+
+
+@dataclass(slots=True)
+class PickRequest:
+    """What the data plane knows about a request when it asks for a destination."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    """Request headers, lower-case names, client-supplied routing headers already stripped."""
+    body: bytes = b""
+    request_id: str = ""
+    subset: tuple[str, ...] | None = None
+    """Endpoint subset hint (``ip`` or ``ip:port`` tokens); None means the whole pool."""
+    model: str | None = None
+    """The model if the data plane already extracted it (BBR); the picker may re-read the body."""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Send the request to ``endpoints[0]``; the rest are ordered fallbacks."""
+
+    endpoints: tuple[str, ...]
+    set_headers: Mapping[str, str] = field(default_factory=dict)
+    """Extra request headers the picker asks for (header mutation), lower-case names."""
+    body: bytes | None = None
+    """A replacement request body (e.g. a rewritten model); None when unchanged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Answer the client directly (ext_proc ImmediateResponse)."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    cause: str = "picker-reject"
+
+
+Decision = Destination | Reject
+
+
+class PickSession(Protocol):
+    """Response-phase reporting for one picked request (see module docstring)."""
+
+    def response_started(self, served: str, status: int, headers: Mapping[str, str]) -> None: ...
+
+    def response_chunk(self, chunk: bytes) -> None: ...
+
+    def response_finished(self) -> None: ...
+
+    def aborted(self, reason: str) -> None: ...
+
+
+class Picker(Protocol):
+    async def pick(self, request: PickRequest) -> tuple[Decision, PickSession]:
+        """Decide. Raises :class:`PickerError` when the picker cannot be reached or fails."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class PickerError(Exception):
+    """The picker failed (unreachable, TLS, protocol error, timeout). ``timeout`` selects 504 vs 502."""
+
+    def __init__(self, message: str, *, timeout: bool = False, cause: str = "picker-error") -> None:
+        super().__init__(message)
+        self.timeout = timeout
+        self.cause = cause
+
+
+class NullSession:
+    """A session that records nothing (used after failures and by pickers without response accounting)."""
+
+    __slots__ = ()
+
+    def response_started(self, served: str, status: int, headers: Mapping[str, str]) -> None:
+        return None
+
+    def response_chunk(self, chunk: bytes) -> None:
+        return None
+
+    def response_finished(self) -> None:
+        return None
+
+    def aborted(self, reason: str) -> None:
+        return None
