@@ -1,0 +1,1 @@
+"""Benchmarks: ``inferoute bench <name>``. Each compares inferoute with a reference in the same run."""
