@@ -1,0 +1,184 @@
+"""Run Debian's stock NGINX in tests: own prefix directory, own config, free ports, stopped by pid.
+
+Usage (synchronous; safe to call from async tests, start-up polls with short sleeps)::
+
+    from nginx_harness import NginxServer, self_contained_main
+
+    conf = self_contained_main(http_block)          # wraps an ``http { ... }`` body into a full nginx.conf
+    with NginxServer.start(tmp_path / "nginx", conf, ports=[port]) as nginx:
+        ...                                          # nginx.error_log() for diagnostics
+
+or, as a pytest fixture factory, ``nginx_factory`` (import it into a test module or conftest): it stops every
+server it started and prints each error log when the test failed.
+
+The master runs in the foreground (``-g 'daemon off;'``) so that ``Popen.pid`` *is* the master: stopping sends
+SIGQUIT (graceful), then SIGTERM, then SIGKILL to that pid only. Workers exit with their master.
+Relative paths in the config (pid, logs, temp directories) resolve against the prefix directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+
+NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+
+TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def nginx_binary() -> str:
+    """Path of the nginx binary; fails loudly (no skip) when NGINX is not installed."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    for candidate in NGINX_CANDIDATES:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise RuntimeError("nginx is not installed: run `make test-deps` (apt-get install nginx)")
+
+
+def prefix_directives() -> str:
+    """Main-context and http-context lines that keep every file NGINX writes inside the prefix directory.
+
+    Returns two blocks separated by a form feed: main-level lines and http-level lines.
+    """
+    main = "pid nginx.pid;\nerror_log logs/error.log info;\n"
+    http = "".join(f"{d}_temp_path temp/{d};\n" for d in TEMP_DIRS)
+    return main + "\f" + http
+
+
+def self_contained_main(http_body: str, *, worker_processes: int = 1) -> str:
+    """A complete nginx.conf around ``http_body`` (the inside of ``http { }``) with prefix-relative paths."""
+    main, _, http = prefix_directives().partition("\f")
+    return (
+        f"worker_processes {worker_processes};\n{main}"
+        "events { worker_connections 1024; }\n"
+        "http {\n"
+        f"{http}"
+        "access_log logs/access.log;\n"
+        f"{http_body}\n"
+        "}\n"
+    )
+
+
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class NginxServer:
+    """One NGINX master started from a prefix directory; use :meth:`start`, stop with :meth:`stop`."""
+
+    def __init__(self, prefix: Path, conf_path: Path, process: subprocess.Popen[bytes]) -> None:
+        self.prefix = prefix
+        self.conf_path = conf_path
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    def start(
+        cls, prefix: Path, conf_text: str, *, ports: Sequence[int], timeout: float = 15.0
+    ) -> NginxServer:
+        """Write the config into ``prefix``, check it with ``nginx -t``, start the master and wait until every
+        port in ``ports`` accepts connections. Raises RuntimeError with the error log when NGINX fails."""
+        binary = nginx_binary()
+        prefix = prefix.resolve()
+        for sub in ("logs", "conf", *(f"temp/{d}" for d in TEMP_DIRS)):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        conf_path = prefix / "conf" / "nginx.conf"
+        conf_path.write_text(conf_text)
+        args = [binary, "-p", f"{prefix}/", "-c", str(conf_path)]
+        check = subprocess.run([*args, "-t", "-q"], capture_output=True, timeout=timeout)
+        if check.returncode != 0:
+            raise RuntimeError(
+                f"nginx -t failed:\n{check.stderr.decode(errors='replace')}\n--- conf ---\n{conf_text}"
+            )
+        stderr_path = prefix / "logs" / "stderr.log"
+        with open(stderr_path, "wb") as stderr:
+            process = subprocess.Popen([*args, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=stderr)
+        server = cls(prefix, conf_path, process)
+        deadline = time.monotonic() + timeout
+        pending = list(ports)
+        while pending:
+            if process.poll() is not None:
+                raise RuntimeError(f"nginx exited with {process.returncode}:\n{server.error_log()}")
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(
+                    f"nginx did not listen on {pending} within {timeout}s:\n{server.error_log()}"
+                )
+            if _port_open(pending[0]):
+                pending.pop(0)
+            else:
+                time.sleep(0.05)
+        return server
+
+    def error_log(self) -> str:
+        """Everything NGINX wrote to its error log and stderr (for failure messages)."""
+        out = []
+        for name in ("stderr.log", "error.log"):
+            path = self.prefix / "logs" / name
+            if path.exists():
+                out.append(f"--- {name} ---\n{path.read_text(errors='replace')}")
+        return "\n".join(out)
+
+    def access_log(self, name: str = "access.log") -> str:
+        path = self.prefix / "logs" / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop (SIGQUIT) of this master only, escalating to SIGTERM and SIGKILL."""
+        for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGKILL):
+            if self.process.poll() is not None:
+                return
+            try:
+                os.kill(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=timeout if sig != signal.SIGKILL else None)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def __enter__(self) -> NginxServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def nginx_factory(tmp_path: Path) -> Iterator[Callable[[str, Sequence[int]], NginxServer]]:
+    """``start(conf_text, ports) -> NginxServer``; every server is stopped at teardown and its error log is
+    printed (pytest shows it when the test failed)."""
+    started: list[NginxServer] = []
+
+    def start(conf_text: str, ports: Sequence[int]) -> NginxServer:
+        server = NginxServer.start(tmp_path / f"nginx{len(started)}", conf_text, ports=ports)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+            print(server.error_log())  # pytest shows captured output only for failed tests
