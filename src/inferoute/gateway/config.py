@@ -1,0 +1,368 @@
+"""Typed gateway configuration: one YAML file, validated into msgspec structs.
+
+Every key is documented in ``docs/configuration.md``. Loading never half-works: an unknown key, a
+wrong type or an impossible value raises :class:`~inferoute.errors.InferouteError` (status 500, cause
+``config``) whose message names the offending path, e.g.
+``config: Expected `int`, got `str` - at `$.routes[0].bbr.timeout_ms```.
+
+Routes behave like NGINX ``location`` prefixes: the longest matching ``path`` wins
+(:meth:`GatewayConfig.route_for`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from inferoute.endpoints import Endpoint, hostport, parse_endpoints, split_hostport
+from inferoute.errors import InferouteError
+from inferoute.picking import DESTINATION_HEADER
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+"""Where ``inferoute up`` and ``inferoute gateway`` listen unless told otherwise."""
+
+EMBEDDED = "embedded"
+"""``epp.endpoint`` value meaning: call the picker in process (no gRPC hop)."""
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class EndpointConfig(_Base):
+    """One pool member (same shape as the picker's static endpoints file)."""
+
+    address: str
+    port: int
+    name: str | None = None
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    namespace: str | None = None
+
+
+class PoolConfig(_Base):
+    """What the picker may choose from, and the allow-list of destinations the gateway will ever
+    connect to."""
+
+    endpoints: list[EndpointConfig] = msgspec.field(default_factory=list)
+    allowed_cidrs: list[str] = msgspec.field(default_factory=list)
+    """Extra destinations (beyond the pool's own ``ip:port``) a picker may return, e.g. ``10.0.0.0/8``."""
+
+
+class PickerConfig(_Base):
+    """The embedded picker (``epp.endpoint: embedded``)."""
+
+    config_file: str | None = None
+    """EndpointPickerConfig YAML for the embedded picker; None = the picker's defaults."""
+    config_text: str | None = None
+    """The same, inline (wins over ``config_file``)."""
+    refresh_interval: float = 0.05
+    """Seconds between metrics scrapes of each pool endpoint."""
+    staleness_threshold: float = 2.0
+    """Seconds after which an endpoint's metrics count as stale."""
+    pool_name: str = "default"
+
+
+class BBRConfig(_Base):
+    """Body-based routing: find the top-level ``model`` and set it as a request header."""
+
+    enabled: bool = True
+    header_name: str = "X-Gateway-Model-Name"
+    max_body_size: int = 10 * 1024 * 1024
+    default_model: str = "unknown"
+    endpoint: str | None = None
+    """Remote BBR ext_proc server (``host:port``, ``http://`` or ``https://``); None = in process."""
+    chunk_size: int = 65536
+    timeout_ms: int = 200
+    failure_mode_allow: bool = True
+    """Remote BBR only: on failure use ``default_model`` (true) or answer 502/504 (false)."""
+    tls: bool = False
+    """Remote BBR only: TLS to the BBR server (the seed's BBR was plaintext)."""
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+
+class EPPConfig(_Base):
+    """The endpoint picker for this route."""
+
+    enabled: bool = True
+    endpoint: str | None = EMBEDDED
+    """``embedded`` (in process), or an ext_proc gRPC target ``host:port`` / ``http://...`` /
+    ``https://...``."""
+    header_name: str = DESTINATION_HEADER
+    timeout_ms: int = 200
+    failure_mode_allow: bool = False
+    tls: bool = True
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+    body: Literal["full_duplex", "headers_only"] = "full_duplex"
+
+
+class RouteConfig(_Base):
+    """A path prefix with its own BBR / EPP settings (an NGINX ``location``)."""
+
+    path: str = "/"
+    bbr: BBRConfig = msgspec.field(default_factory=BBRConfig)
+    epp: EPPConfig = msgspec.field(default_factory=EPPConfig)
+    default_upstream: str | None = None
+    """``ip:port`` used when the picker fails in fail-open mode, or when ``epp.enabled`` is false."""
+
+
+class LimitsConfig(_Base):
+    max_concurrent_requests: int = 4096
+    """Requests in flight per worker process beyond which the gateway answers 503."""
+    max_header_bytes: int = 32768
+    """Total size of the request headers in bytes; more → 431 (a single line over this + 1 KiB is
+    refused by the HTTP parser itself with a plain 400)."""
+    max_headers: int = 100
+    """Number of request header fields; more → 431."""
+
+
+class TimeoutsConfig(_Base):
+    """Upstream (model server) timeouts in seconds."""
+
+    connect: float = 5.0
+    response_headers: float = 300.0
+    """From the request sent to the upstream's status line (time to first byte)."""
+    read_idle: float = 300.0
+    """Longest silence between two response chunks."""
+
+
+class UpstreamConfig(_Base):
+    keepalive_per_upstream: int = 256
+    """Idle keep-alive connections kept per upstream endpoint."""
+    keepalive_timeout: float = 60.0
+
+
+class GatewayConfig(_Base):
+    """The whole gateway file."""
+
+    listen: str = DEFAULT_LISTEN
+    workers: int = 1
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    picker: PickerConfig = msgspec.field(default_factory=PickerConfig)
+    routes: list[RouteConfig] = msgspec.field(default_factory=list)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
+    upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
+    access_log: bool = True
+    metrics_path: str = "/metrics"
+
+    def endpoints(self) -> list[Endpoint]:
+        """The pool as :class:`Endpoint` objects."""
+        return parse_endpoints([msgspec.to_builtins(e) for e in self.pool.endpoints], "pool.endpoints")
+
+    def route_for(self, path: str) -> RouteConfig | None:
+        """Longest-prefix match, like NGINX prefix locations."""
+        best: RouteConfig | None = None
+        for r in self.routes:
+            if path.startswith(r.path) and (best is None or len(r.path) > len(best.path)):
+                best = r
+        return best
+
+    def listen_hostport(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) → (host, port); port 0 means "pick a free one"."""
+    host, port = split_hostport(value)
+    if port is None or not 0 <= port < 65536:
+        raise InferouteError(500, f"listen: expected HOST:PORT, got {value!r}", cause="config")
+    return host or "0.0.0.0", port
+
+
+def _fail(message: str) -> InferouteError:
+    return InferouteError(500, message, cause="config")
+
+
+def _check_target(where: str, value: str | None, allow_embedded: bool) -> None:
+    if value is None or (allow_embedded and value == EMBEDDED):
+        return
+    rest = value.split("://", 1)[1] if "://" in value else value
+    if "://" in value and not value.startswith(("http://", "https://")):
+        raise _fail(f"{where}: scheme must be http:// or https://, got {value!r}")
+    host, port = split_hostport(rest.rstrip("/"))
+    if not host or port is None:
+        raise _fail(f"{where}: expected host:port, got {value!r}")
+
+
+def _check_ipport(where: str, value: str | None) -> None:
+    if value is None:
+        return
+    host, port = split_hostport(value)
+    if not host or port is None or not 0 < port < 65536:
+        raise _fail(f"{where}: expected ip:port, got {value!r}")
+
+
+def validate(cfg: GatewayConfig) -> GatewayConfig:
+    """Semantic checks msgspec's type validation cannot express. Returns ``cfg`` unchanged."""
+    parse_listen(cfg.listen)
+    cfg.endpoints()
+    if cfg.workers < 1:
+        raise _fail("workers: must be >= 1")
+    for i, cidr in enumerate(cfg.pool.allowed_cidrs):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as exc:
+            raise _fail(f"pool.allowed_cidrs[{i}]: {exc}") from exc
+    seen: set[str] = set()
+    for i, r in enumerate(cfg.routes):
+        at = f"routes[{i}]"
+        if not r.path.startswith("/"):
+            raise _fail(f"{at}.path: must start with '/', got {r.path!r}")
+        if r.path in seen:
+            raise _fail(f"{at}.path: duplicate route {r.path!r}")
+        seen.add(r.path)
+        if r.bbr.max_body_size < 0:
+            raise _fail(f"{at}.bbr.max_body_size: must be >= 0")
+        if r.bbr.chunk_size <= 0:
+            raise _fail(f"{at}.bbr.chunk_size: must be > 0")
+        if r.bbr.timeout_ms <= 0 or r.epp.timeout_ms <= 0:
+            raise _fail(f"{at}: timeout_ms must be > 0")
+        if not r.bbr.header_name or not r.epp.header_name:
+            raise _fail(f"{at}: header_name must not be empty")
+        _check_target(f"{at}.bbr.endpoint", r.bbr.endpoint, allow_embedded=False)
+        _check_target(f"{at}.epp.endpoint", r.epp.endpoint, allow_embedded=True)
+        _check_ipport(f"{at}.default_upstream", r.default_upstream)
+        if r.epp.enabled and r.epp.endpoint is None:
+            raise _fail(
+                f"{at}.epp.endpoint: required when epp.enabled (use 'embedded' for the in-process picker)"
+            )
+        if (r.epp.cert_file is None) != (r.epp.key_file is None):
+            raise _fail(f"{at}.epp: cert_file and key_file go together (client certificate for mTLS)")
+    if cfg.limits.max_concurrent_requests < 1:
+        raise _fail("limits.max_concurrent_requests: must be >= 1")
+    return cfg
+
+
+def parse_config(data: Any, source: str = "config") -> GatewayConfig:
+    """Validate already-loaded YAML/JSON data (a mapping) into a :class:`GatewayConfig`."""
+    if data is None:
+        data = {}
+    try:
+        cfg = msgspec.convert(data, GatewayConfig)
+    except msgspec.ValidationError as exc:
+        raise _fail(f"{source}: {exc}") from exc
+    return validate(cfg)
+
+
+def load_config_text(text: str, source: str = "config") -> GatewayConfig:
+    """Parse YAML text."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise _fail(f"{source}: invalid YAML: {exc}") from exc
+    return parse_config(data, source)
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a gateway YAML file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise _fail(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    cfg = load_config_text(text, str(p))
+    return _resolve_relative(cfg, p.parent)
+
+
+def _resolve_relative(cfg: GatewayConfig, base: Path) -> GatewayConfig:
+    """Files named in the config are relative to the config file's directory."""
+
+    def fix(v: str | None) -> str | None:
+        return v if v is None or Path(v).is_absolute() else str(base / v)
+
+    picker = msgspec.structs.replace(cfg.picker, config_file=fix(cfg.picker.config_file))
+    routes = [
+        msgspec.structs.replace(
+            r,
+            epp=msgspec.structs.replace(
+                r.epp,
+                ca_file=fix(r.epp.ca_file),
+                cert_file=fix(r.epp.cert_file),
+                key_file=fix(r.epp.key_file),
+            ),
+            bbr=msgspec.structs.replace(
+                r.bbr,
+                ca_file=fix(r.bbr.ca_file),
+                cert_file=fix(r.bbr.cert_file),
+                key_file=fix(r.bbr.key_file),
+            ),
+        )
+        for r in cfg.routes
+    ]
+    return msgspec.structs.replace(cfg, picker=picker, routes=routes)
+
+
+def default_config(
+    endpoints: Sequence[Endpoint] = (),
+    listen: str = DEFAULT_LISTEN,
+    *,
+    path: str = "/",
+    picker_config_file: str | None = None,
+) -> GatewayConfig:
+    """The embedded default: one route ``path`` with in-process BBR and the embedded picker over
+    ``endpoints``."""
+    cfg = GatewayConfig(
+        listen=listen,
+        pool=PoolConfig(
+            endpoints=[
+                EndpointConfig(name=e.name, address=e.address, port=e.port, labels=dict(e.labels))
+                for e in endpoints
+            ]
+        ),
+        picker=PickerConfig(config_file=picker_config_file),
+        routes=[RouteConfig(path=path)],
+    )
+    return validate(cfg)
+
+
+def with_listen(cfg: GatewayConfig, listen: str | None) -> GatewayConfig:
+    """``--listen`` overrides the file."""
+    if listen is None:
+        return cfg
+    parse_listen(listen)
+    return msgspec.structs.replace(cfg, listen=listen)
+
+
+def target_of(value: str) -> tuple[str, bool | None]:
+    """Split an ext_proc endpoint into (``host:port``, tls) where tls is True/False for an explicit scheme."""
+    if value.startswith("https://"):
+        return value[len("https://") :].rstrip("/"), True
+    if value.startswith("http://"):
+        return value[len("http://") :].rstrip("/"), False
+    return value, None
+
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "EMBEDDED",
+    "BBRConfig",
+    "EPPConfig",
+    "EndpointConfig",
+    "GatewayConfig",
+    "LimitsConfig",
+    "PickerConfig",
+    "PoolConfig",
+    "RouteConfig",
+    "TimeoutsConfig",
+    "UpstreamConfig",
+    "default_config",
+    "hostport",
+    "load_config",
+    "load_config_text",
+    "parse_config",
+    "parse_listen",
+    "target_of",
+    "validate",
+    "with_listen",
+]

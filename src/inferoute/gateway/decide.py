@@ -1,0 +1,304 @@
+"""The decision core shared by the gateway and the NGINX decider: BBR, then the picker, then validation.
+
+:class:`RouteDecider` turns one request (method, path, headers, fully read body) into a :class:`Decided`:
+the headers to forward (client routing headers stripped, the model header and the picker's mutations set), the
+ordered upstream list (pool endpoints / allowed CIDRs only), an optional replacement body and the
+:class:`~inferoute.picking.PickSession` that the caller MUST end. Every failure is an
+:class:`~inferoute.errors.InferouteError` with the status the client must see and a ``cause`` for metrics:
+
+=========================  ======  ==================================================================
+cause                      status  when
+=========================  ======  ==================================================================
+body-too-large             413     body longer than ``bbr.max_body_size``
+picker-reject (or the      429 /   the picker answered ImmediateResponse (status and body passed through,
+picker's own cause)        503 ..  see :class:`PickerRejected`)
+picker-timeout             504     picker timed out, fail-closed
+tls / unavailable /        502     picker unreachable, TLS failure, protocol error, fail-closed
+protocol / picker-error
+no-destination             502     picker answered without any endpoint, fail-closed
+invalid-destination        502     picker returned an endpoint outside the pool / allowed CIDRs (always)
+bbr-timeout / bbr-error    504/502 remote BBR failed and ``bbr.failure_mode_allow`` is false
+no-endpoints               503     fail-open (or EPP disabled) with no default_upstream and an empty pool
+=========================  ======  ==================================================================
+
+Fail-open (``epp.failure_mode_allow``) sends the request to ``default_upstream``, else to a pool endpoint
+(round robin), and reports the swallowed failure in :attr:`Decided.picker_error` so it is still counted.
+
+The decider never touches sockets itself: pickers and the remote BBR client are injected, time is an injected
+:class:`~inferoute.clock.Clock`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from inferoute.clock import Clock, SystemClock
+from inferoute.endpoints import Endpoint
+from inferoute.errors import InferouteError
+from inferoute.gateway.bbr import model_or_default, too_large
+from inferoute.gateway.config import RouteConfig
+from inferoute.gateway.destinations import AllowList, split_destinations, strip_headers
+from inferoute.picking import Destination, NullSession, Picker, PickerError, PickRequest, PickSession, Reject
+
+log = logging.getLogger(__name__)
+
+
+class ModelExtractor(Protocol):
+    """A remote BBR client (:class:`inferoute.extproc.bbr_client.RemoteBBR` satisfies it)."""
+
+    async def model_header(self, headers: Mapping[str, str], body: bytes) -> str | None: ...
+
+
+@dataclass(slots=True)
+class PickerRejected(InferouteError):
+    """The picker answered the client directly (ext_proc ImmediateResponse): its status, body and headers."""
+
+    raw_body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def body(self) -> bytes:
+        return self.raw_body or InferouteError.body(self)
+
+
+@dataclass(slots=True)
+class Decided:
+    """Everything a data plane needs to forward one request."""
+
+    route: RouteConfig
+    model: str | None
+    """The model header value set on the request (None: body-less request or BBR off)."""
+    upstreams: tuple[str, ...]
+    """Ordered ``ip:port`` list, every one allowed; walk it on connect errors and 5xx before the
+    first byte."""
+    headers: list[tuple[str, str]]
+    """Client headers with routing headers stripped and ``set_headers`` applied (replacing
+    same-named ones)."""
+    set_headers: dict[str, str]
+    """Headers the gateway sets (model header, picker mutations), original case."""
+    body: bytes
+    """The body to send (the picker's replacement if it gave one)."""
+    session: PickSession
+    source: str
+    """``picker`` | ``fail-open`` | ``static`` (EPP disabled)."""
+    picker_error: str | None = None
+    """Cause of a picker failure that fail-open swallowed (count it)."""
+    bbr_error: str | None = None
+    """Cause of a remote-BBR failure that its fail-open swallowed."""
+    bbr_seconds: float = 0.0
+    picker_seconds: float = 0.0
+
+    def upstream_headers(self, upstream: str) -> list[tuple[str, str]]:
+        """Headers for an attempt at ``upstream``: :attr:`headers` plus the EPP header naming the upstream
+        (what NGINX exposes as ``$inference_upstream``)."""
+        name = self.route.epp.header_name
+        return [*self.headers, (name, upstream)]
+
+
+def apply_headers(headers: Iterable[tuple[str, str]], updates: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``headers`` with every name in ``updates`` replaced (case-insensitive) by its new value."""
+    drop = {k.lower() for k in updates}
+    out = [(k, v) for k, v in headers if k.lower() not in drop]
+    out.extend(updates.items())
+    return out
+
+
+class RouteDecider:
+    """BBR + picker + destination validation for one route (see module docstring)."""
+
+    def __init__(
+        self,
+        route: RouteConfig,
+        pool: Sequence[Endpoint],
+        picker: Picker | None,
+        *,
+        allow: AllowList,
+        routing_headers: frozenset[str],
+        remote_bbr: ModelExtractor | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.route = route
+        self.pool = tuple(pool)
+        self.picker = picker if route.epp.enabled else None
+        self.allow = allow
+        self.routing_headers = routing_headers
+        self.remote_bbr = remote_bbr if route.bbr.endpoint else None
+        self.clock = clock or SystemClock()
+        self._rr = 0
+
+    async def decide(
+        self,
+        method: str,
+        path: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        request_id: str = "",
+    ) -> Decided:
+        """Decide where one request goes. Raises :class:`InferouteError` (see the module table)."""
+        route = self.route
+        if route.bbr.enabled and len(body) > route.bbr.max_body_size:
+            raise too_large(route.bbr.max_body_size, len(body))
+        stripped = strip_headers(headers, self.routing_headers)
+        set_headers: dict[str, str] = {}
+        model: str | None = None
+        bbr_error: str | None = None
+        t0 = self.clock.now()
+        if route.bbr.enabled:
+            model, bbr_error = await self._model(stripped, body)
+            if model is not None:
+                set_headers[route.bbr.header_name] = model
+        t1 = self.clock.now()
+        fwd = apply_headers(stripped, set_headers)
+        if self.picker is None:
+            session: PickSession = NullSession()
+            return Decided(
+                route,
+                model,
+                self._fallback_upstreams(),
+                fwd,
+                set_headers,
+                body,
+                session,
+                "static",
+                bbr_error=bbr_error,
+                bbr_seconds=t1 - t0,
+            )
+        request = PickRequest(
+            method=method,
+            path=path,
+            headers={k.lower(): v for k, v in fwd},
+            request_id=request_id,
+            body=body if route.epp.body == "full_duplex" else b"",
+            model=model,
+        )
+        try:
+            decision, session = await self.picker.pick(request)
+        except PickerError as exc:
+            return self._picker_failed(
+                exc, fwd, set_headers, body, model, bbr_error, t1 - t0, self.clock.now() - t1
+            )
+        picker_seconds = self.clock.now() - t1
+        if isinstance(decision, Reject):
+            session.aborted("picker-reject")
+            raise PickerRejected(
+                decision.status,
+                _reject_message(decision),
+                cause=decision.cause,
+                raw_body=decision.body,
+                headers=dict(decision.headers),
+            )
+        assert isinstance(decision, Destination)
+        try:
+            upstreams = tuple(self.allow.check(v) for v in split_destinations(decision.endpoints))
+        except InferouteError as exc:
+            session.aborted("invalid-destination")
+            log.warning("route %s: %s", route.path, exc.message)
+            raise
+        if not upstreams:
+            session.aborted("no-destination")
+            empty = PickerError(
+                "the endpoint picker answered without a destination endpoint", cause="no-destination"
+            )
+            return self._picker_failed(
+                empty, fwd, set_headers, body, model, bbr_error, t1 - t0, picker_seconds
+            )
+        if decision.set_headers:
+            mutations = {
+                k: v
+                for k, v in decision.set_headers.items()
+                if k.lower() not in self.routing_headers and k.lower() != route.epp.header_name.lower()
+            }
+            set_headers.update(mutations)
+            fwd = apply_headers(fwd, mutations)
+        new_body = decision.body if decision.body is not None else body
+        return Decided(
+            route,
+            model,
+            upstreams,
+            fwd,
+            set_headers,
+            new_body,
+            session,
+            "picker",
+            bbr_error=bbr_error,
+            bbr_seconds=t1 - t0,
+            picker_seconds=picker_seconds,
+        )
+
+    async def _model(self, headers: list[tuple[str, str]], body: bytes) -> tuple[str | None, str | None]:
+        bbr = self.route.bbr
+        if not body:
+            return None, None
+        if self.remote_bbr is None:
+            ctype = next((v for k, v in headers if k.lower() == "content-type"), None)
+            return model_or_default(body, ctype, bbr.default_model), None
+        try:
+            model = await self.remote_bbr.model_header({k.lower(): v for k, v in headers}, body)
+        except PickerError as exc:
+            cause = "bbr-timeout" if exc.timeout else "bbr-error"
+            log.warning("route %s: remote BBR %s failed: %s", self.route.path, bbr.endpoint, exc)
+            if bbr.failure_mode_allow:
+                return bbr.default_model, cause
+            if exc.timeout:
+                raise InferouteError(
+                    504, f"body-based routing timed out after {bbr.timeout_ms} ms", cause=cause
+                ) from exc
+            raise InferouteError(502, f"body-based routing failed: {exc}", cause=cause) from exc
+        return (model or bbr.default_model), None
+
+    def _picker_failed(
+        self,
+        exc: PickerError,
+        fwd: list[tuple[str, str]],
+        set_headers: dict[str, str],
+        body: bytes,
+        model: str | None,
+        bbr_error: str | None,
+        bbr_seconds: float,
+        picker_seconds: float,
+    ) -> Decided:
+        epp = self.route.epp
+        cause = "picker-timeout" if exc.timeout else (exc.cause or "picker-error")
+        log.warning("route %s: endpoint picker %s failed (%s): %s", self.route.path, epp.endpoint, cause, exc)
+        if not epp.failure_mode_allow:
+            if exc.timeout:
+                raise InferouteError(
+                    504, f"the endpoint picker timed out after {epp.timeout_ms} ms", cause=cause
+                ) from exc
+            raise InferouteError(502, f"the endpoint picker failed: {exc}", cause=cause) from exc
+        return Decided(
+            self.route,
+            model,
+            self._fallback_upstreams(),
+            fwd,
+            set_headers,
+            body,
+            NullSession(),
+            "fail-open",
+            picker_error=cause,
+            bbr_error=bbr_error,
+            bbr_seconds=bbr_seconds,
+            picker_seconds=picker_seconds,
+        )
+
+    def _fallback_upstreams(self) -> tuple[str, ...]:
+        """``default_upstream``, else the pool in round-robin order (the rest as fallbacks)."""
+        if self.route.default_upstream:
+            return (self.allow.normalize(self.route.default_upstream),)
+        if not self.pool:
+            raise InferouteError(
+                503,
+                "no endpoint available: the pool is empty and no default_upstream is set",
+                cause="no-endpoints",
+            )
+        i = self._rr % len(self.pool)
+        self._rr += 1
+        keys = [e.key for e in self.pool]
+        return tuple(keys[i:] + keys[:i])
+
+
+def _reject_message(r: Reject) -> str:
+    text = r.body[:200].decode("utf-8", "replace") if r.body else ""
+    return text or f"rejected by the endpoint picker ({r.status})"
