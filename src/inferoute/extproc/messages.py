@@ -1,0 +1,366 @@
+"""Pure builders and parsers for ext_proc messages (no I/O).
+
+Both sides of the Endpoint Picker Protocol use these: the EPP servicer (parse requests, build replies) and
+the data-plane client (build requests, parse replies). They are on the per-request hot path of a Python
+process that is the bottleneck behind Envoy, so they avoid needless copies and lookups.
+
+Protocol facts encoded here (see reference/spec/004 and the GIE handlers):
+
+- Envoy 1.40 sends header values in ``raw_value`` (bytes); older proxies and tools use ``value``: read both.
+- The destination goes in the ``x-gateway-destination-endpoint`` header AND in dynamic metadata
+  ``envoy.lb/x-gateway-destination-endpoint`` with identical values (``ip:port`` or a comma list).
+- Mutated or echoed bodies travel as ``streamed_response`` chunks of at most 62,000 bytes, and the headers
+  reply sets ``Content-Length`` to the body's size.
+- The subset hint is ``metadata_context.filter_metadata["envoy.lb.subset_hint"]
+  ["x-gateway-destination-endpoint-subset"]``: a list of ``ip``/``ip:port`` strings, or a comma string.
+- The served endpoint is ``metadata_context.filter_metadata["envoy.lb"]
+  ["x-gateway-destination-endpoint-served"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Final
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from inferoute.picking import (
+    DESTINATION_HEADER,
+    DESTINATION_SERVED_KEY,
+    LB_NAMESPACE,
+    SUBSET_KEY,
+    SUBSET_NAMESPACE,
+)
+
+__all__ = [
+    "BODY_CHUNK_SIZE",
+    "EXT_PROC_ATTRIBUTES_KEY",
+    "BodyMode",
+    "ProcessingRequest",
+    "ProcessingResponse",
+    "body_chunk_request",
+    "body_chunks",
+    "body_response",
+    "destination_from_response",
+    "headers_request",
+    "headers_response",
+    "immediate_response",
+    "parse_headers",
+    "protocol_config",
+    "request_phase",
+    "served_endpoint",
+    "split_endpoints",
+    "subset_hint",
+    "trailers_request",
+    "trailers_response",
+]
+
+ProcessingRequest = pb.ProcessingRequest
+ProcessingResponse = pb.ProcessingResponse
+BodyMode = processing_mode_pb2.ProcessingMode.BodySendMode
+
+BODY_CHUNK_SIZE: Final = 62_000
+"""Largest body chunk in a ``streamed_response`` (GIE's margin under the 64 KiB HTTP/2 frame default)."""
+
+EXT_PROC_ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
+"""Key of ``ProcessingRequest.attributes`` holding requested attributes (``upstream.address``)."""
+
+_OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+NONE: Final = processing_mode_pb2.ProcessingMode.NONE
+STREAMED: Final = processing_mode_pb2.ProcessingMode.STREAMED
+BUFFERED: Final = processing_mode_pb2.ProcessingMode.BUFFERED
+FULL_DUPLEX_STREAMED: Final = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+def request_phase(request: pb.ProcessingRequest) -> str:
+    """The name of the set oneof: ``request_headers``, ``request_body``, ... or ``""``."""
+    return request.WhichOneof("request") or ""
+
+
+def parse_headers(header_map: Any) -> dict[str, str]:
+    """A ``HeaderMap`` as a dict with lower-case names, reading ``raw_value`` and falling back to ``value``.
+
+    Repeated headers are joined with ``,`` (HTTP list semantics); pseudo headers (``:path``) are kept.
+    """
+    out: dict[str, str] = {}
+    for h in header_map.headers:
+        raw = h.raw_value
+        value = raw.decode("utf-8", "replace") if raw else h.value
+        key = h.key.lower()
+        prev = out.get(key)
+        out[key] = value if prev is None else f"{prev},{value}"
+    return out
+
+
+def split_endpoints(value: str) -> tuple[str, ...]:
+    """``"a:1, b:2"`` -> ``("a:1", "b:2")``; empty tokens dropped."""
+    return tuple(t for t in (p.strip() for p in value.split(",")) if t)
+
+
+def _value_tokens(value: Any) -> tuple[str, ...] | None:
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        out: list[str] = []
+        for item in value.list_value.values:
+            if item.WhichOneof("kind") == "string_value":
+                out.extend(split_endpoints(item.string_value))
+        return tuple(out)
+    if kind == "string_value":
+        return split_endpoints(value.string_value)
+    if kind == "null_value":
+        return ()
+    return None
+
+
+def subset_hint(request: pb.ProcessingRequest) -> tuple[str, ...] | None:
+    """The endpoint subset the EPP must pick from, or None when the data plane sent no hint.
+
+    Accepts a list of strings (the spec's form) or a comma string (lwepp's). A present but empty hint returns
+    ``()``: the EPP must answer 503. A value of another type is treated as empty (never as "whole pool").
+    """
+    fm = request.metadata_context.filter_metadata
+    if SUBSET_NAMESPACE not in fm:
+        return None
+    fields = fm[SUBSET_NAMESPACE].fields
+    if SUBSET_KEY not in fields:
+        return None
+    tokens = _value_tokens(fields[SUBSET_KEY])
+    return tokens if tokens is not None else ()
+
+
+def served_endpoint(request: pb.ProcessingRequest) -> str | None:
+    """The endpoint that served the response, from the response-phase message.
+
+    Preference: ``metadata_context.filter_metadata["envoy.lb"]["x-gateway-destination-endpoint-served"]``
+    (the spec); else the ``upstream.address`` attribute (what Envoy reports via ``response_attributes``).
+    """
+    fm = request.metadata_context.filter_metadata
+    if LB_NAMESPACE in fm:
+        fields = fm[LB_NAMESPACE].fields
+        if DESTINATION_SERVED_KEY in fields:
+            v = fields[DESTINATION_SERVED_KEY]
+            if v.WhichOneof("kind") == "string_value" and v.string_value:
+                return str(v.string_value)
+    attrs = request.attributes
+    if EXT_PROC_ATTRIBUTES_KEY in attrs:
+        fields = attrs[EXT_PROC_ATTRIBUTES_KEY].fields
+        if "upstream.address" in fields:
+            v = fields["upstream.address"]
+            if v.WhichOneof("kind") == "string_value" and v.string_value:
+                return str(v.string_value)
+    return None
+
+
+def status_of(headers: Mapping[str, str]) -> int:
+    """The ``:status`` pseudo header as an int (0 when absent or malformed)."""
+    try:
+        return int(headers.get(":status", "0"))
+    except ValueError:
+        return 0
+
+
+# ------------------------------------------------------------------------------------------- EPP replies
+
+
+def _header_option(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def headers_response(
+    phase: str = "request_headers",
+    *,
+    destination: Sequence[str] | None = None,
+    set_headers: Mapping[str, str] | None = None,
+    content_length: int | None = None,
+    replace_body: bytes | None = None,
+    destination_header: str = DESTINATION_HEADER,
+) -> pb.ProcessingResponse:
+    """A ``HeadersResponse`` for ``phase`` (``request_headers`` or ``response_headers``).
+
+    With ``destination``: sets the destination header and the identical ``envoy.lb`` dynamic metadata (a
+    comma list for fallbacks) and asks for ``clear_route_cache``. ``content_length`` sets ``Content-Length``
+    (required when the body is echoed or replaced). All header mutations overwrite, so a client-supplied value
+    cannot survive. ``phase`` may also be ``request_body`` (the BUFFERED-mode decision), where
+    ``replace_body`` sets a whole new body (``body_mutation.body``).
+    """
+    resp = pb.ProcessingResponse()
+    common = getattr(resp, phase).response
+    if destination is None and not set_headers and content_length is None and replace_body is None:
+        # An empty CommonResponse (status CONTINUE) must still be marked present on the oneof.
+        getattr(resp, phase).SetInParent()
+        return resp
+    mutation = common.header_mutation.set_headers
+    if destination is not None:
+        value = ",".join(destination)
+        mutation.append(_header_option(destination_header, value))
+        common.clear_route_cache = True
+        lb = resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value
+        lb.fields[DESTINATION_HEADER].string_value = value
+    if set_headers:
+        for k, v in set_headers.items():
+            mutation.append(_header_option(k, v))
+    if content_length is not None:
+        mutation.append(_header_option("content-length", str(content_length)))
+    if replace_body is not None:
+        common.body_mutation.body = replace_body
+    return resp
+
+
+def body_response(phase: str = "request_body") -> pb.ProcessingResponse:
+    """An empty ``BodyResponse`` (continue, body unchanged) for BUFFERED/STREAMED modes."""
+    resp = pb.ProcessingResponse()
+    getattr(resp, phase).SetInParent()
+    return resp
+
+
+def body_chunks(
+    body: bytes | memoryview,
+    phase: str = "request_body",
+    *,
+    end_of_stream: bool = True,
+    chunk_size: int = BODY_CHUNK_SIZE,
+) -> Iterator[pb.ProcessingResponse]:
+    """Yield ``streamed_response`` body mutations of at most ``chunk_size`` bytes.
+
+    The last one carries ``end_of_stream``. An empty body yields one empty chunk.
+    """
+    view = memoryview(body)
+    n = len(view)
+    if n == 0:
+        yield _chunk(b"", phase, end_of_stream)
+        return
+    for start in range(0, n, chunk_size):
+        stop = start + chunk_size
+        yield _chunk(view[start:stop], phase, end_of_stream and stop >= n)
+
+
+def _chunk(data: bytes | memoryview, phase: str, eos: bool) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse()
+    sr = getattr(resp, phase).response.body_mutation.streamed_response
+    sr.body = bytes(data)
+    sr.end_of_stream = eos
+    return resp
+
+
+def trailers_response(phase: str = "request_trailers") -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse()
+    getattr(resp, phase).SetInParent()
+    return resp
+
+
+def immediate_response(
+    status: int, body: bytes, headers: Mapping[str, str] | None = None, *, details: str = ""
+) -> pb.ProcessingResponse:
+    """Answer the client directly: HTTP ``status`` with ``body`` (an OpenAI JSON error), JSON content type."""
+    resp = pb.ProcessingResponse()
+    ir = resp.immediate_response
+    ir.status.code = status
+    ir.body = body
+    if details:
+        ir.details = details
+    hdrs = {"content-type": "application/json"}
+    if headers:
+        hdrs.update({k.lower(): v for k, v in headers.items()})
+    ir.headers.set_headers.extend(_header_option(k, v) for k, v in hdrs.items())
+    return resp
+
+
+# -------------------------------------------------------------------------------------------- data plane
+
+
+def protocol_config(
+    request_body_mode: int = FULL_DUPLEX_STREAMED, response_body_mode: int = FULL_DUPLEX_STREAMED
+) -> pb.ProtocolConfiguration:
+    return pb.ProtocolConfiguration(
+        request_body_mode=request_body_mode,
+        response_body_mode=response_body_mode,
+    )
+
+
+def _header_map(headers: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValue]:
+    return [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers]
+
+
+def headers_request(
+    headers: Iterable[tuple[str, str]],
+    *,
+    end_of_stream: bool,
+    phase: str = "request_headers",
+    config: pb.ProtocolConfiguration | None = None,
+    subset: Sequence[str] | None = None,
+    served: str | None = None,
+) -> pb.ProcessingRequest:
+    """A headers message (pseudo headers included by the caller), optional subset hint / served endpoint."""
+    req = pb.ProcessingRequest()
+    h = getattr(req, phase)
+    h.headers.headers.extend(_header_map(headers))
+    h.end_of_stream = end_of_stream
+    if config is not None:
+        req.protocol_config.CopyFrom(config)
+    if subset is not None:
+        hint = req.metadata_context.filter_metadata[SUBSET_NAMESPACE].fields[SUBSET_KEY].list_value
+        hint.SetInParent()  # an empty list is meaningful (the EPP must answer 503)
+        hint.extend(list(subset))
+    if served is not None:
+        _set_served(req, served)
+    return req
+
+
+def body_chunk_request(
+    chunk: bytes, *, end_of_stream: bool, phase: str = "request_body", served: str | None = None
+) -> pb.ProcessingRequest:
+    req = pb.ProcessingRequest()
+    b = getattr(req, phase)
+    b.body = chunk
+    b.end_of_stream = end_of_stream
+    if served is not None:
+        _set_served(req, served)
+    return req
+
+
+def _set_served(req: pb.ProcessingRequest, served: str) -> None:
+    req.metadata_context.filter_metadata[LB_NAMESPACE].fields[DESTINATION_SERVED_KEY].string_value = served
+
+
+def trailers_request(phase: str = "request_trailers") -> pb.ProcessingRequest:
+    req = pb.ProcessingRequest()
+    getattr(req, phase).SetInParent()
+    return req
+
+
+def destination_from_response(
+    resp: pb.ProcessingResponse, header_name: str = DESTINATION_HEADER
+) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None, dict[str, str]]:
+    """Read a headers reply: ``(metadata endpoints, header endpoints, other set headers)``.
+
+    Either endpoint tuple is None when absent. Header names in the returned dict are lower-case; the
+    destination header and ``content-length`` are not included.
+    """
+    phase = resp.WhichOneof("response")
+    common = getattr(resp, phase).response if phase else None
+    from_meta: tuple[str, ...] | None = None
+    lb = resp.dynamic_metadata.fields
+    if LB_NAMESPACE in lb:
+        inner = lb[LB_NAMESPACE].struct_value.fields
+        if DESTINATION_HEADER in inner:
+            from_meta = split_endpoints(inner[DESTINATION_HEADER].string_value)
+    from_header: tuple[str, ...] | None = None
+    others: dict[str, str] = {}
+    wanted = header_name.lower()
+    if common is not None:
+        for opt in common.header_mutation.set_headers:
+            h = opt.header
+            key = h.key.lower()
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            if key == wanted:
+                from_header = split_endpoints(value)
+            elif key != "content-length":
+                others[key] = value
+    return from_meta, from_header, others
