@@ -1,0 +1,141 @@
+"""``inferoute sim``: run N simulated vLLM replicas in this process until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import click
+
+from inferoute.sim.config import DEFAULT_MODEL, SimConfig
+from inferoute.sim.server import SimPool
+
+log = logging.getLogger(__name__)
+
+
+def _adapters(value: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in value.split(",") if a.strip())
+
+
+async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with await SimPool.start(config, replicas=replicas, host=host, base_port=port) as pool:
+            for ep in pool.endpoints:
+                log.info("replica %s serving %s on http://%s", ep.name, config.model, ep.key)
+            # One line on stdout per replica so scripts can find the ports (base port 0 picks free ones).
+            click.echo(" ".join(f"{ep.name}={ep.key}" for ep in pool.endpoints), nl=True)
+            await stop.wait()
+            log.info("shutting down %d replica(s)", replicas)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--replicas", default=1, show_default=True, type=click.IntRange(min=1), help="Number of replicas."
+)
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Base port: replicas listen on PORT..PORT+N-1 (0 = free ports, printed on stdout).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Served base model name.")
+@click.option("--lora-adapters", default="", help="Comma-separated LoRA adapter names.")
+@click.option("--max-loras", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-num-seqs", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-num-batched-tokens", default=8192, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--max-waiting",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Waiting-queue length; beyond it requests get 429.",
+)
+@click.option("--max-model-len", default=32768, show_default=True, type=click.IntRange(min=1))
+@click.option("--kv-cache-blocks", default=27000, show_default=True, type=click.IntRange(min=1))
+@click.option("--block-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--time-scale",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Multiply every simulated duration (0.1 = ten times faster).",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--failure-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Probability that a completion request fails with 500 or 503.",
+)
+@click.option("--mean-output-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--allow-forced-errors", is_flag=True, help="Honour the x-sim-force-status request header.")
+@click.option("--emit-schedule", is_flag=True, help="Add sim_scheduled_at to streamed chunks (benchmarks).")
+@click.option("--uvloop/--no-uvloop", default=True, show_default=True)
+def command(
+    replicas: int,
+    port: int,
+    host: str,
+    model: str,
+    lora_adapters: str,
+    max_loras: int,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    max_waiting: int,
+    max_model_len: int,
+    kv_cache_blocks: int,
+    block_size: int,
+    time_scale: float,
+    seed: int,
+    failure_rate: float,
+    mean_output_tokens: int,
+    allow_forced_errors: bool,
+    emit_schedule: bool,
+    uvloop: bool,
+) -> None:
+    """Run REPLICAS simulated vLLM servers (OpenAI API, SSE, /metrics) until Ctrl-C or SIGTERM."""
+    try:
+        config = SimConfig(
+            model=model,
+            lora_adapters=_adapters(lora_adapters),
+            max_loras=max_loras,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_waiting=max_waiting,
+            max_model_len=max_model_len,
+            kv_cache_blocks=kv_cache_blocks,
+            block_size=block_size,
+            time_scale=time_scale,
+            seed=seed,
+            failure_rate=failure_rate,
+            mean_output_tokens=mean_output_tokens,
+            allow_forced_errors=allow_forced_errors,
+            emit_schedule=emit_schedule,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    if port and port + replicas - 1 > 65535:
+        raise click.BadParameter(f"ports {port}..{port + replicas - 1} exceed 65535", param_hint="--port")
+    runner: asyncio.Runner
+    if uvloop:
+        import uvloop as _uvloop
+
+        runner = asyncio.Runner(loop_factory=_uvloop.new_event_loop)
+    else:
+        runner = asyncio.Runner()
+    with runner, contextlib.suppress(KeyboardInterrupt):
+        try:
+            runner.run(_serve(config, replicas, host, port))
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen: {exc}") from exc

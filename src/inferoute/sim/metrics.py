@@ -1,0 +1,126 @@
+"""``/metrics`` for one replica: a prometheus_client Collector that reads the engine at scrape time.
+
+Names follow vLLM V1 (every series has a ``model_name`` label). Gauges are computed from engine state when
+scraped; counters and histograms come from :class:`~inferoute.sim.stats.EngineStats`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from inferoute.sim.engine import Engine
+from inferoute.sim.stats import Histogram
+
+
+class EngineCollector(Collector):
+    """Exposes one engine under vLLM's metric names."""
+
+    def __init__(self, engine: Engine, wall_clock: Callable[[], float] = time.time) -> None:
+        self._engine = engine
+        self._wall = wall_clock
+
+    def collect(self) -> Iterator[Metric]:
+        e = self._engine
+        cfg = e.config
+        model = cfg.model
+        labels = ["model_name"]
+        vals = [model]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(vals, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(vals, value)
+            return c
+
+        def histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
+            m = HistogramMetricFamily(name, doc, labels=labels)
+            m.add_metric(vals, [(le, float(c)) for le, c in h.cumulative()], h.sum)
+            return m
+
+        yield gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", e.num_running
+        )
+        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", e.num_waiting)
+        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", e.kv_usage)
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching"],
+        )
+        info.add_metric([model, str(cfg.block_size), str(cfg.kv_cache_blocks), "True"], 1.0)
+        yield info
+        if cfg.lora_adapters:
+            lora = GaugeMetricFamily(
+                "vllm:lora_requests_info",
+                "Running stats on lora requests.",
+                labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )
+            lora.add_metric(
+                [model, str(cfg.max_loras), ",".join(e.running_loras), ",".join(e.waiting_loras)],
+                self._wall(),
+            )
+            yield lora
+        s = e.stats
+        yield counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            s.prefix_queries,
+        )
+        yield counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", s.prefix_hits
+        )
+        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens)
+        yield counter("vllm:generation_tokens", "Number of generation tokens processed.", s.generation_tokens)
+        succ = CounterMetricFamily(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            labels=["model_name", "finished_reason"],
+        )
+        for reason in sorted({"stop", "length", *s.success}):
+            if reason != "abort":
+                succ.add_metric([model, reason], s.success.get(reason, 0))
+        yield succ
+        yield counter(
+            "inferoute_sim:rejected_queue_full",
+            "Requests answered 429 because the queue was full.",
+            s.rejected_queue_full,
+        )
+        yield counter(
+            "inferoute_sim:aborted_requests",
+            "Requests dropped because the client went away.",
+            s.success.get("abort", 0),
+        )
+        yield histogram(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", s.ttft
+        )
+        yield histogram(
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", s.itl
+        )
+        yield histogram(
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", s.e2e
+        )
+        yield histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            s.queue,
+        )
+
+
+def engine_registry(engine: Engine, wall_clock: Callable[[], float] = time.time) -> CollectorRegistry:
+    """A fresh registry holding only ``engine``'s collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine, wall_clock))
+    return registry

@@ -1,0 +1,413 @@
+"""The asyncio shell: one aiohttp server per replica around one :class:`~inferoute.sim.engine.Engine`.
+
+Per replica there is exactly one timer, armed at ``engine.next_event_time()``. When it fires the shell calls
+``engine.advance(now)`` and wakes the handlers of the requests that progressed; each streaming handler then
+writes every token it has not sent yet in one write (tokens that became due together are coalesced). The
+handlers never sleep per token.
+
+Error statuses (all with an OpenAI-style body from :mod:`inferoute.errors`, logged at debug level and counted
+in ``inferoute_sim:errors_total{cause}``): invalid JSON / fields / batched prompts -> 400, unknown model ->
+404, prompt over the context length -> 400, waiting queue full -> 429, injected failures -> 500 or 503,
+unknown path -> 404, wrong method -> 405. Every response carries ``x-inference-pod`` and
+``x-inference-port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from inferoute.endpoints import Endpoint
+from inferoute.errors import InferouteError, error_body
+from inferoute.sim.config import SimConfig
+from inferoute.sim.engine import Engine, SimRequest, StepResult
+from inferoute.sim.metrics import engine_registry
+from inferoute.sim.protocol import (
+    DONE,
+    ResponseWriter,
+    models_body,
+    new_id,
+    parse_chat,
+    parse_completion,
+)
+from inferoute.sim.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+POD_HEADER = "x-inference-pod"
+PORT_HEADER = "x-inference-port"
+FORCE_STATUS_HEADER = "x-sim-force-status"
+_JSON = "application/json"
+
+
+class _Stream:
+    """Per-request link between the timer callback and the handler."""
+
+    __slots__ = ("streaming", "times", "waiter")
+
+    def __init__(self, streaming: bool) -> None:
+        self.streaming = streaming
+        self.waiter: asyncio.Future[None] | None = None
+        self.times: list[float] = []
+
+    def wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
+class _ErrorCollector(Collector):
+    def __init__(self, counts: Counter[str], model: str) -> None:
+        self._counts = counts
+        self._model = model
+
+    def collect(self) -> list[Metric]:
+        c = CounterMetricFamily(
+            "inferoute_sim:errors", "Error responses by cause.", labels=["model_name", "cause"]
+        )
+        for cause, n in sorted(self._counts.items()):
+            c.add_metric([self._model, cause], n)
+        return [c]
+
+
+class Replica:
+    """One simulated model server: engine + HTTP app, bound to one listening socket."""
+
+    def __init__(self, config: SimConfig, name: str, sock: socket.socket, index: int = 0) -> None:
+        self.config = config
+        self.name = name
+        self.engine = Engine(config)
+        self._sock = sock
+        self.host, self.port = sock.getsockname()[:2]
+        self._tokenizer = Tokenizer()
+        self._rng = random.Random(f"{config.seed}:{index}:failures")
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._runner: web.AppRunner | None = None
+        self._errors: Counter[str] = Counter()
+        self._registry = engine_registry(self.engine)
+        self._registry.register(_ErrorCollector(self._errors, config.model))
+        self._headers = {POD_HEADER: name, PORT_HEADER: str(self.port)}
+        self._models = models_body(config.model, config.lora_adapters, config.max_model_len, int(time.time()))
+        self._served = frozenset(config.served_models)
+        self._schedule = config.emit_schedule
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.name, self.host, self.port, dict(self.config.extra_labels))
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._error_middleware], client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.on_response_prepare.append(self._add_headers)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(
+            self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=0.5
+        )
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._sock).start()
+
+    async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._sock.close()
+
+    # -- engine clock ---------------------------------------------------------------------------------
+    def _arm(self) -> None:
+        """Keep the single timer at the engine's next event time."""
+        t = self.engine.next_event_time()
+        if t is None or (self._timer is not None and self._timer_at is not None and self._timer_at <= t):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = t
+        self._timer = loop.call_later(max(0.0, t - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        for result in self.engine.advance(time.monotonic()):
+            self._deliver(result)
+        self._arm()
+
+    def _deliver(self, result: StepResult) -> None:
+        schedule = self._schedule
+        for req in result.progressed:
+            stream = req.tag
+            assert isinstance(stream, _Stream)
+            if schedule:
+                stream.times.append(result.at)
+            if stream.streaming or req.done:
+                stream.wake()
+
+    # -- HTTP -----------------------------------------------------------------------------------------
+    async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(self._headers)
+
+    @web.middleware
+    async def _error_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except InferouteError as exc:
+            self._errors[exc.cause] += 1
+            log.debug("%s %s -> %s", self.name, request.path, exc)
+            return web.Response(status=exc.status, body=exc.body(), content_type=_JSON)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            cause = "not-found" if exc.status == 404 else f"http-{exc.status}"
+            self._errors[cause] += 1
+            msg = f"{exc.reason}: {request.method} {request.path}"
+            return web.Response(status=exc.status, body=error_body(exc.status, msg), content_type=_JSON)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._models, content_type=_JSON)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self._preflight(request)
+        body, text, max_tokens = parse_chat(await request.read())
+        return await self._serve(
+            request,
+            True,
+            body.model,
+            text,
+            max_tokens,
+            body.ignore_eos,
+            body.stream,
+            bool(body.stream_options and body.stream_options.include_usage),
+        )
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        self._preflight(request)
+        body, prompt, max_tokens = parse_completion(await request.read())
+        return await self._serve(
+            request,
+            False,
+            body.model,
+            prompt,
+            max_tokens,
+            body.ignore_eos,
+            body.stream,
+            bool(body.stream_options and body.stream_options.include_usage),
+        )
+
+    def _preflight(self, request: web.Request) -> None:
+        cfg = self.config
+        if cfg.allow_forced_errors:
+            forced = request.headers.get(FORCE_STATUS_HEADER)
+            if forced is not None:
+                try:
+                    status = int(forced)
+                except ValueError:
+                    status = 0
+                if not 400 <= status <= 599:
+                    raise InferouteError(
+                        400,
+                        f"{FORCE_STATUS_HEADER} must be a status 400-599, got {forced!r}",
+                        cause="invalid-request",
+                    )
+                raise InferouteError(
+                    status, f"Forced failure ({FORCE_STATUS_HEADER}: {status}).", cause="forced"
+                )
+        if cfg.failure_rate and self._rng.random() < cfg.failure_rate:
+            status = 500 if self._rng.random() < 0.5 else 503
+            raise InferouteError(status, "Injected failure (--failure-rate).", cause=f"injected-{status}")
+
+    async def _serve(
+        self,
+        request: web.Request,
+        chat: bool,
+        model: str,
+        prompt: str | list[int],
+        max_tokens: int | None,
+        ignore_eos: bool,
+        stream: bool,
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        if model not in self._served:
+            raise InferouteError(
+                404, f"The model `{model}` does not exist.", cause="unknown-model", param="model"
+            )
+        engine = self.engine
+        tokens = self._tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        max_tokens = engine.check_lengths(len(tokens), max_tokens)
+        output = engine.plan_output(tokens, max_tokens, ignore_eos)
+        rid = new_id("chatcmpl" if chat else "cmpl", request.headers.get("x-request-id"))
+        req = SimRequest(
+            rid, model, tokens, output, max_tokens, lora=None if model == self.config.model else model
+        )
+        link = _Stream(stream)
+        req.tag = link
+        engine.submit(req, time.monotonic())
+        self._arm()
+        writer = ResponseWriter(
+            chat,
+            rid,
+            model,
+            text_seed=(len(tokens) * 31 + self.config.seed) & 0xFFFF,
+            schedule=self._schedule,
+        )
+        try:
+            if stream:
+                return await self._stream(request, req, link, writer, include_usage)
+            while not req.done:
+                link.waiter = asyncio.get_running_loop().create_future()
+                await link.waiter
+            return web.Response(
+                body=writer.full_response(
+                    req.generated, req.finish_reason or "stop", req.prompt_len, req.cached_tokens
+                ),
+                content_type=_JSON,
+            )
+        finally:
+            if not req.done:
+                engine.abort(req, time.monotonic())
+                self._errors["client-disconnect"] += 1
+                self._arm()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        req: SimRequest,
+        link: _Stream,
+        writer: ResponseWriter,
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        sent = 0
+        times = link.times
+        while True:
+            if req.generated == sent and not req.done:
+                link.waiter = loop.create_future()
+                await link.waiter
+            n = req.generated
+            if n == sent and not req.done:
+                continue
+            parts: list[bytes] = []
+            if sent == 0 and writer.chat:
+                parts.append(writer.role_chunk())
+            last = n - 1 if req.done else -1
+            for i in range(sent, n):
+                reason = req.finish_reason if i == last else None
+                parts.append(writer.token_chunk(i, reason, times[i] if self._schedule else None))
+            sent = n
+            if req.done:
+                if include_usage:
+                    parts.append(writer.usage_chunk(req.prompt_len, n, req.cached_tokens))
+                parts.append(DONE)
+                await response.write(b"".join(parts))
+                await response.write_eof()
+                return response
+            await response.write(b"".join(parts))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class SimPool:
+    """N independent replicas served from this process (``async with await SimPool.start(...) as pool``)."""
+
+    def __init__(self, replicas: list[Replica]) -> None:
+        self.replicas = replicas
+
+    @classmethod
+    async def start(
+        cls,
+        config: SimConfig | None = None,
+        replicas: int = 1,
+        host: str = "127.0.0.1",
+        base_port: int = 0,
+        name_prefix: str = "sim",
+    ) -> SimPool:
+        """Bind and start ``replicas`` replicas: on ports ``base_port..base_port+N-1``, or on free ports
+        chosen by the OS when ``base_port`` is 0. Replica ``i`` is named ``f"{name_prefix}-{i}"``."""
+        config = config or SimConfig()
+        if replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        socks: list[socket.socket] = []
+        try:
+            for i in range(replicas):
+                socks.append(_bind(host, base_port + i if base_port else 0))
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        pool = cls([Replica(config, f"{name_prefix}-{i}", s, i) for i, s in enumerate(socks)])
+        try:
+            for r in pool.replicas:
+                await r.start()
+        except BaseException:
+            await pool.aclose()
+            raise
+        return pool
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [r.endpoint for r in self.replicas]
+
+    @property
+    def urls(self) -> list[str]:
+        """``http://host:port`` of each replica."""
+        return [f"http://{r.endpoint.key}" for r in self.replicas]
+
+    async def aclose(self) -> None:
+        for r in self.replicas:
+            with contextlib.suppress(Exception):
+                await r.aclose()
+
+    async def __aenter__(self) -> SimPool:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
