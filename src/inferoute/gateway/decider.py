@@ -1,0 +1,560 @@
+"""The NGINX decider: inferoute decides, stock NGINX carries the bytes (``inferoute gateway --mode nginx``).
+
+Theory of operation
+-------------------
+NGINX buffers the client's request body and proxies the request once to this decider (the ``location``
+that ``inferoute nginx-config`` generates). The decider runs exactly what the gateway runs -- BBR, then the
+picker, then destination validation, through :class:`inferoute.gateway.decide.RouteDecider` -- and answers
+with *no body*:
+
+* success: ``200`` with ``X-Accel-Redirect: @inference`` plus the decision in headers (table below). NGINX
+  internally redirects to its ``@inference`` named location, copies those headers into variables
+  (``$inference_upstream``, ``$inference_model``, ...) with ``set`` and proxies the *same buffered body* to
+  ``http://$inference_upstream``. NGINX streams the answer (SSE token by token) itself: no response byte
+  goes through Python.
+* failure: the status the gateway would answer (400, 413, 429, 502, 503, 504, ...) with an OpenAI-style
+  JSON body and no ``X-Accel-Redirect``; NGINX passes it to the client as is.
+
+Headers of a redirect answer (the decider -> NGINX protocol; NGINX never forwards them to the client, and
+the decider sends nothing else worth leaking):
+
+=============================  =============================================================================
+``X-Accel-Redirect``           ``@inference`` (the named location)
+``X-Inference-Upstream``       the picked ``ip:port``
+``X-Inference-Fallback-<n>``   the n-th fallback ``ip:port`` (n = 1, 2, ...), walked by NGINX on a 502
+``X-Inference-Fallbacks``      all fallbacks, comma separated (for logs)
+``X-Inference-Model``          the model found by BBR (empty: body-less request, header not set)
+``X-Inference-Request-Id``     token naming the picker session; echoed back by the completion report
+``X-Inference-Hdr-<name>``     a request header the picker set (header mutation); NGINX forwards the names
+                               it was generated with (``nginx-config --pass-header``)
+=============================  =============================================================================
+
+Response-phase accounting: the picker's in-flight counts must be released when the response ends. The
+generated ``@inference`` location carries ``post_action @inference_done``: after the response has been
+sent (or the client went away) NGINX makes one body-less request to ``/_inferoute/done`` with the token,
+``$upstream_addr``, ``$upstream_status``, ``$upstream_header_time`` and ``$request_completion``; the decider
+then calls ``response_started`` and ``response_finished`` (or ``aborted``) on the session. A session whose
+report never arrives (NGINX killed, a config without post_action) is aborted after ``completion_timeout``
+seconds. Lost compared with the gateway: per-chunk reporting (``response_chunk``) and response headers, so
+the picker sees neither token usage nor time-to-first-token.
+
+A request whose decision NGINX cannot express -- the picker replaced the body (model rewrite) -- is
+*relayed*: the decider proxies that request itself and streams the answer back (``X-Accel-Buffering: no``),
+walking the same fallback list, and ends the session itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from inferoute.clock import Clock, SystemClock
+from inferoute.errors import InferouteError
+from inferoute.gateway.bbr import check_declared_length, too_large
+from inferoute.gateway.decide import Decided, PickerRejected, RouteDecider
+from inferoute.picking import PickSession
+from inferoute.tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+ACCEL_LOCATION = "@inference"
+UPSTREAM_HEADER = "X-Inference-Upstream"
+FALLBACK_HEADER = "X-Inference-Fallback-"
+FALLBACKS_HEADER = "X-Inference-Fallbacks"
+MODEL_HEADER = "X-Inference-Model"
+TOKEN_HEADER = "X-Inference-Request-Id"
+PASS_HEADER_PREFIX = "X-Inference-Hdr-"
+
+INTERNAL_PREFIX = "/_inferoute/"
+DONE_PATH = "/_inferoute/done"
+HEALTH_PATH = "/_inferoute/healthz"
+METRICS_PATH = "/_inferoute/metrics"
+
+# The completion report's headers (sent by NGINX's post_action location).
+REPORT_SERVED = "x-inference-served"
+REPORT_STATUS = "x-inference-upstream-status"
+REPORT_COMPLETION = "x-inference-completion"
+REPORT_CLIENT_STATUS = "x-inference-client-status"
+REPORT_HEADER_TIME = "x-inference-header-time"
+
+DEFAULT_MAX_FALLBACKS = 2
+"""Fallback endpoints announced per decision (NGINX walks as many as ``nginx-config --retries`` allows)."""
+DEFAULT_COMPLETION_TIMEOUT = 900.0
+"""Seconds after which a session without completion report is aborted (longer than any sane generation)."""
+
+# Request headers never handed to the decision core: hop-by-hop, and the decider protocol's own names
+# (a client could send them through NGINX).
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+
+
+def is_internal_header(name_lower: str) -> bool:
+    """True for names of the decider <-> NGINX protocol (``x-inference-*``, ``x-accel-*``)."""
+    return name_lower.startswith(("x-inference-", "x-accel-"))
+
+
+def request_headers_for_decision(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Client headers as the decision core should see them: hop-by-hop and internal names removed."""
+    out = []
+    for k, v in headers:
+        low = k.lower()
+        if low in _HOP_BY_HOP or is_internal_header(low):
+            continue
+        out.append((k, v))
+    return out
+
+
+def redirect_headers(
+    decided: Decided, token: str, *, max_fallbacks: int = DEFAULT_MAX_FALLBACKS
+) -> dict[str, str]:
+    """The headers of a redirect answer for ``decided`` (see the module table). Pure."""
+    first, *rest = decided.upstreams
+    fallbacks = rest[:max_fallbacks]
+    out = {
+        "X-Accel-Redirect": ACCEL_LOCATION,
+        UPSTREAM_HEADER: first,
+        MODEL_HEADER: decided.model or "",
+        TOKEN_HEADER: token,
+    }
+    if fallbacks:
+        out[FALLBACKS_HEADER] = ",".join(fallbacks)
+    for i, value in enumerate(fallbacks, start=1):
+        out[f"{FALLBACK_HEADER}{i}"] = value
+    model_header = decided.route.bbr.header_name.lower()
+    for name, value in decided.set_headers.items():
+        if name.lower() == model_header:
+            continue
+        out[PASS_HEADER_PREFIX + name.lower()] = value
+    return out
+
+
+def header_variable(name: str) -> str:
+    """NGINX's ``$upstream_http_*`` suffix for a response header name (lower case, ``-`` -> ``_``)."""
+    return name.lower().replace("-", "_")
+
+
+# --- completion reports -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionReport:
+    """What NGINX's post_action tells the decider about one finished request."""
+
+    served: str | None
+    """The ``ip:port`` that answered (last of ``$upstream_addr``), None when no upstream was reached."""
+    upstream_status: int | None
+    """Status from that upstream (last of ``$upstream_status``), None when it gave none (connect error)."""
+    completed: bool
+    """``$request_completion == "OK"``: the whole response reached the client."""
+    client_status: int | None = None
+    answered: bool = True
+    """The served upstream sent a response header (last ``$upstream_header_time`` is not ``-``)."""
+
+    @property
+    def outcome(self) -> str:
+        """``ok`` | ``incomplete`` (client went away or the stream broke) | ``upstream-error`` (no answer)."""
+        if self.upstream_status is None or self.served is None or not self.answered:
+            return "upstream-error"
+        if not self.completed:
+            return "incomplete"
+        return "ok"
+
+
+def _last_token(value: str | None) -> str | None:
+    """Last entry of an NGINX upstream list (``a, b : c`` -> ``c``); None for empty or ``-``."""
+    if not value:
+        return None
+    token = value.replace(" : ", ",").split(",")[-1].strip()
+    return token if token and token != "-" else None
+
+
+def _int_or_none(value: str | None) -> int | None:
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value.strip())
+
+
+def parse_report(headers: Mapping[str, str]) -> CompletionReport:
+    """Parse the completion report's headers (names lower case). Pure; never raises."""
+    served = _last_token(headers.get(REPORT_SERVED))
+    status = _int_or_none(_last_token(headers.get(REPORT_STATUS)))
+    if served is not None and served.startswith("unix:"):
+        served = None
+    return CompletionReport(
+        served=served,
+        upstream_status=status,
+        completed=headers.get(REPORT_COMPLETION, "").strip() == "OK",
+        client_status=_int_or_none(headers.get(REPORT_CLIENT_STATUS)),
+        answered=_last_token(headers.get(REPORT_HEADER_TIME, "0")) is not None,
+    )
+
+
+def echo_status(status: int | None) -> int:
+    """The status a completion report is answered with: the client's own (NGINX logs it as ``$status``)."""
+    return status if status is not None and 200 <= status <= 599 and status not in (304,) else 204
+
+
+def end_session(session: PickSession, report: CompletionReport) -> str:
+    """Report ``report`` to the picker session (always ends it). Returns the outcome label."""
+    outcome = report.outcome
+    if outcome != "upstream-error":
+        assert report.served is not None and report.upstream_status is not None
+        session.response_started(report.served, report.upstream_status, {})
+    if outcome == "ok":
+        session.response_finished()
+    else:
+        session.aborted(outcome)
+    return outcome
+
+
+class PendingSessions:
+    """Picker sessions waiting for NGINX's completion report, each with a deadline. Pure; clock injected.
+
+    Deadlines are ``now + timeout`` with a constant timeout, so insertion order is deadline order and
+    expiry only looks at the oldest entries.
+    """
+
+    def __init__(self, clock: Clock, timeout: float = DEFAULT_COMPLETION_TIMEOUT) -> None:
+        self.clock = clock
+        self.timeout = timeout
+        self._open: OrderedDict[str, tuple[float, PickSession]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open(self, session: PickSession) -> str:
+        """Keep ``session`` until its report; returns the token NGINX echoes back."""
+        token = secrets.token_hex(12)
+        self._open[token] = (self.clock.now() + self.timeout, session)
+        return token
+
+    def pop(self, token: str) -> PickSession | None:
+        """The session for ``token`` (removed), None if unknown or already ended."""
+        entry = self._open.pop(token, None)
+        return entry[1] if entry is not None else None
+
+    def expire(self) -> list[PickSession]:
+        """Remove and return the sessions whose deadline passed (the caller aborts them)."""
+        now = self.clock.now()
+        out = []
+        while self._open:
+            token, (deadline, session) = next(iter(self._open.items()))
+            if deadline > now:
+                break
+            del self._open[token]
+            out.append(session)
+        return out
+
+    def drain(self) -> list[PickSession]:
+        """Remove and return every open session (shutdown)."""
+        out = [s for _, s in self._open.values()]
+        self._open.clear()
+        return out
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+
+class DeciderMetrics:
+    """Prometheus metrics of the decider, registered on the registry passed in."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "inferoute_nginx_decisions_total",
+            "Requests answered by the NGINX decider, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "inferoute_nginx_decider_errors_total",
+            "Error answers of the NGINX decider, by status and cause.",
+            ["status", "cause"],
+            registry=registry,
+        )
+        self.completions = Counter(
+            "inferoute_nginx_completions_total",
+            "Picker sessions ended, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "inferoute_nginx_pending_sessions",
+            "Picker sessions waiting for NGINX's completion report.",
+            registry=registry,
+        )
+        self.swallowed = Counter(
+            "inferoute_nginx_fail_open_total",
+            "Picker or BBR failures swallowed by fail-open, by cause.",
+            ["cause"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "inferoute_nginx_decision_seconds",
+            "Time from request received to decision answered.",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=registry,
+        )
+
+
+# --- the HTTP app -------------------------------------------------------------------------------------------
+
+RouteLookup = Callable[[str], RouteDecider | None]
+"""path -> the route's decider (longest-prefix match), None when no route matches."""
+
+
+class Decider:
+    """The decider's request handling; :meth:`handler` is an aiohttp low-level handler.
+
+    ``routes`` maps a request path to its :class:`RouteDecider`. ``relay_session`` is the HTTP client used for
+    the rare relayed requests (created lazily when None).
+    """
+
+    def __init__(
+        self,
+        routes: RouteLookup,
+        *,
+        registry: CollectorRegistry,
+        clock: Clock | None = None,
+        max_fallbacks: int = DEFAULT_MAX_FALLBACKS,
+        completion_timeout: float = DEFAULT_COMPLETION_TIMEOUT,
+        relay_timeouts: aiohttp.ClientTimeout | None = None,
+    ) -> None:
+        self.routes = routes
+        self.registry = registry
+        self.clock = clock or SystemClock()
+        self.max_fallbacks = max_fallbacks
+        self.pending = PendingSessions(self.clock, completion_timeout)
+        self.metrics = DeciderMetrics(registry)
+        self.relay_timeouts = relay_timeouts or aiohttp.ClientTimeout(sock_connect=5.0, sock_read=300.0)
+        self._client: aiohttp.ClientSession | None = None
+
+    async def handler(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path.startswith(INTERNAL_PREFIX):
+            return await self._internal(request)
+        return await self._decide(request)
+
+    # --- decisions
+
+    async def _decide(self, request: web.BaseRequest) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        decider = self.routes(request.path)
+        if decider is None:
+            return self._error(InferouteError(404, f"no route for {request.path}", cause="no-route"))
+        route = decider.route
+        try:
+            limit = route.bbr.max_body_size if route.bbr.enabled else None
+            body = await read_body(request, limit)
+            headers = request_headers_for_decision(request.headers.items())
+            request_id = request.headers.get("X-Request-Id", "")
+            decided = await decider.decide(request.method, request.path_qs, headers, body, request_id)
+        except InferouteError as exc:
+            return self._error(exc)
+        for cause in (decided.picker_error, decided.bbr_error):
+            if cause:
+                self.metrics.swallowed.labels(cause).inc()
+        if decided.body is not body:
+            return await self._relay(request, decided)
+        token = self.pending.open(decided.session)
+        self.metrics.pending.set(len(self.pending))
+        self.metrics.decisions.labels(decided.source).inc()
+        self.metrics.latency.observe(time.perf_counter() - t0)
+        return web.Response(
+            status=200, headers=redirect_headers(decided, token, max_fallbacks=self.max_fallbacks)
+        )
+
+    def _error(self, exc: InferouteError) -> web.Response:
+        self.metrics.errors.labels(str(exc.status), exc.cause).inc()
+        self.metrics.decisions.labels("error").inc()
+        level = logging.WARNING if exc.status >= 500 else logging.INFO
+        log.log(level, "decider: %s", exc)
+        headers: dict[str, str] = {}
+        if isinstance(exc, PickerRejected):
+            headers = {
+                k: v
+                for k, v in exc.headers.items()
+                if k.lower() not in _HOP_BY_HOP
+                and not is_internal_header(k.lower())
+                and k.lower() not in ("content-length", "content-type")
+            }
+        return web.Response(
+            status=exc.status, body=exc.body(), content_type="application/json", headers=headers
+        )
+
+    # --- completion reports, health, metrics
+
+    async def _internal(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == DONE_PATH:
+            token = request.headers.get(TOKEN_HEADER, "")
+            session = self.pending.pop(token) if token else None
+            self.metrics.pending.set(len(self.pending))
+            report = parse_report({k.lower(): v for k, v in request.headers.items()})
+            if session is None:
+                self.metrics.completions.labels("unknown-token").inc()
+                return web.Response(status=echo_status(report.client_status))
+            outcome = end_session(session, report)
+            self.metrics.completions.labels(outcome).inc()
+            # NGINX logs the post_action's status as the request's $status: echo the client's status back.
+            return web.Response(status=echo_status(report.client_status))
+        if request.path == HEALTH_PATH:
+            return web.Response(text="ok\n")
+        if request.path == METRICS_PATH:
+            return web.Response(
+                body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
+        return self._error(InferouteError(404, f"no such internal path {request.path}", cause="no-route"))
+
+    def expire_sessions(self) -> int:
+        """Abort sessions whose completion report is overdue. Returns how many."""
+        expired = self.pending.expire()
+        for session in expired:
+            session.aborted("completion-timeout")
+            self.metrics.completions.labels("completion-timeout").inc()
+        if expired:
+            self.metrics.pending.set(len(self.pending))
+        return len(expired)
+
+    async def sweep(self, interval: float = 1.0) -> None:
+        """Run :meth:`expire_sessions` every ``interval`` seconds (an owned task)."""
+        while True:
+            await asyncio.sleep(interval)
+            self.expire_sessions()
+
+    async def aclose(self) -> None:
+        for session in self.pending.drain():
+            session.aborted("shutdown")
+        self.metrics.pending.set(0)
+        if self._client is not None:
+            await self._client.close()
+
+    # --- relay (decisions NGINX cannot express)
+
+    async def _relay(self, request: web.BaseRequest, decided: Decided) -> web.StreamResponse:
+        """Proxy ``request`` with the replacement body ourselves, walking the fallbacks on connect errors."""
+        self.metrics.decisions.labels("relay").inc()
+        if self._client is None:
+            self._client = aiohttp.ClientSession(timeout=self.relay_timeouts, auto_decompress=False)
+        session = decided.session
+        last_error: Exception | None = None
+        for upstream in decided.upstreams[: 1 + self.max_fallbacks]:
+            headers = [
+                (k, v)
+                for k, v in decided.upstream_headers(upstream)
+                if k.lower() not in ("content-length", "host")
+            ]
+            try:
+                upstream_resp = await self._client.request(
+                    request.method,
+                    f"http://{upstream}{request.path_qs}",
+                    headers=headers,
+                    data=decided.body,
+                    allow_redirects=False,
+                )
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                last_error = exc
+                log.warning("decider relay: %s failed: %s", upstream, exc)
+                continue
+            async with upstream_resp:
+                session.response_started(upstream, upstream_resp.status, dict(upstream_resp.headers))
+                out = web.StreamResponse(status=upstream_resp.status)
+                for k, v in upstream_resp.headers.items():
+                    if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
+                        out.headers.add(k, v)
+                out.headers["X-Accel-Buffering"] = "no"
+                try:
+                    await out.prepare(request)
+                    async for chunk in upstream_resp.content.iter_any():
+                        session.response_chunk(chunk)
+                        await out.write(chunk)
+                    await out.write_eof()
+                except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+                    session.aborted("relay-error")
+                    log.warning("decider relay: stream from %s broken: %s", upstream, exc)
+                    raise
+                session.response_finished()
+                return out
+        session.aborted("upstream-error")
+        return self._error(
+            InferouteError(502, f"no upstream reachable: {last_error}", cause="upstream-unreachable")
+        )
+
+
+async def read_body(request: web.BaseRequest, limit: int | None) -> bytes:
+    """The whole request body, 413 past ``limit`` (checked on Content-Length first, then while reading)."""
+    if limit is not None:
+        check_declared_length(request.headers, limit)
+    chunks = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class DeciderServer:
+    """The decider on a TCP socket: :meth:`start` (returns the port), :meth:`aclose`.
+
+    Owns the session sweeper task."""
+
+    def __init__(self, decider: Decider, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.decider = decider
+        self.host = host
+        self.port = port
+        self._runner: web.ServerRunner | None = None
+        self._tasks = TaskSet("nginx-decider")
+
+    async def start(self) -> int:
+        """Listen (port 0 picks a free one) and return the port."""
+        server = web.Server(self.decider.handler, access_log=None)
+        self._runner = web.ServerRunner(server)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        self._tasks.spawn(self.decider.sweep(), name="sweep")
+        log.info("NGINX decider listening on %s:%d", self.host, self.port)
+        return self.port
+
+    async def aclose(self) -> None:
+        """Stop listening and abort every session still waiting for its report."""
+        await self._tasks.aclose()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.decider.aclose()
+
+
+async def serve_decider(decider: Decider, host: str, port: int) -> None:
+    """Serve ``decider`` on ``host:port`` until cancelled."""
+    server = DeciderServer(decider, host, port)
+    try:
+        await server.start()
+        await asyncio.Event().wait()
+    finally:
+        await server.aclose()
