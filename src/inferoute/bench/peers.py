@@ -1,0 +1,317 @@
+"""The processes of a routing benchmark: the simulator pool and each contender router.
+
+Every process is started by us in its own session (process group) with its output in a log file,
+waited for until it answers HTTP, and stopped by its own id (SIGTERM to its group, then SIGKILL) —
+nothing is left running.
+
+Contenders:
+
+* ``inferoute/<profile>`` — ``inferoute gateway --config FILE`` with the embedded picker running the
+  EndpointPickerConfig profile ``<profile>`` (round-robin, random, gie-default, predicted-ttft).
+* ``vllm-router/<policy>`` — the ``vllm-router`` Rust router (PyPI), ``--policy <policy>``.
+* ``sglang-router/<policy>`` — ``python -m sglang_router.launch_router`` (PyPI), ``--policy <policy>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from inferoute.bench.workloads import BLOCK_SIZE, SimSizing
+from inferoute.errors import InferouteError
+
+log = logging.getLogger(__name__)
+
+PROFILE_DIRS = (Path(__file__).resolve().parent.parent / "epp" / "profiles",)
+"""Where the picker's shipped EndpointPickerConfig profiles live."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def consecutive_free_ports(n: int, attempts: int = 200) -> int:
+    """A base port such that ``base .. base+n-1`` are free on 127.0.0.1 right now."""
+    for _ in range(attempts):
+        base = free_port()
+        if base + n >= 65535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+class ManagedProcess:
+    """A child process we own: started in its own process group, logged to a file, always stopped."""
+
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(self.env or {})},
+            )
+        log.debug("started %s pid %d: %s", self.name, self.proc.pid, " ".join(self.argv))
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def wait_http(self, urls: Sequence[str], within: float = 30.0) -> None:
+        """Wait until every URL answers 2xx; fail (with the log tail) if the process dies or time runs out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        pending = list(urls)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while pending:
+                if self.proc is not None and self.proc.returncode is not None:
+                    raise InferouteError(
+                        500,
+                        f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}",
+                        cause="bench-process",
+                    )
+                if loop.time() > deadline:
+                    raise InferouteError(
+                        504,
+                        f"{self.name} not ready after {within}s ({pending[0]}):\n{self.log_tail()}",
+                        cause="bench-process",
+                    )
+                url = pending[0]
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(url) as resp:
+                        if 200 <= resp.status < 300:
+                            pending.pop(0)
+                            continue
+                await asyncio.sleep(0.1)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)  # the group we created for this child (start_new_session)
+            try:
+                await asyncio.wait_for(proc.wait(), wait)
+                return
+            except TimeoutError:
+                continue
+
+
+def inferoute_argv(*args: str) -> list[str]:
+    """Run the ``inferoute`` CLI of this very installation."""
+    return [sys.executable, "-m", "inferoute", *args]
+
+
+@dataclass(frozen=True, slots=True)
+class SimPool:
+    """Where a started simulator pool listens."""
+
+    base_port: int
+    replicas: int
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{self.base_port + i}" for i in range(self.replicas)]
+
+
+def sim_argv(sizing: SimSizing, base_port: int, time_scale: float, seed: int) -> list[str]:
+    argv = inferoute_argv(
+        "--log-level",
+        "WARNING",
+        "sim",
+        "--replicas",
+        str(sizing.replicas),
+        "--port",
+        str(base_port),
+        "--model",
+        sizing.model,
+        "--max-num-seqs",
+        str(sizing.max_num_seqs),
+        "--kv-cache-blocks",
+        str(sizing.kv_cache_blocks),
+        "--time-scale",
+        str(time_scale),
+        "--seed",
+        str(seed),
+    )
+    if sizing.lora_adapters:
+        argv += ["--lora-adapters", ",".join(sizing.lora_adapters), "--max-loras", str(sizing.max_loras)]
+    return argv
+
+
+@dataclass(frozen=True, slots=True)
+class Contender:
+    """One router configuration under test."""
+
+    name: str
+    kind: str
+    """``inferoute``, ``vllm-router`` or ``sglang-router``."""
+    policy: str
+    """The inferoute picker profile or the peer's ``--policy``."""
+
+    @property
+    def is_ours(self) -> bool:
+        return self.kind == "inferoute"
+
+    def argv(self, port: int, workers: Sequence[str], workdir: Path) -> list[str]:
+        if self.kind == "inferoute":
+            config = workdir / f"gateway-{self.policy}.yaml"
+            config.write_text(yaml.safe_dump(gateway_config(port, workers, profile_path(self.policy))))
+            return inferoute_argv("--log-level", "WARNING", "gateway", "--config", str(config))
+        if self.kind == "vllm-router":
+            exe = shutil.which("vllm-router", path=str(Path(sys.executable).parent)) or "vllm-router"
+            return [exe, *_rust_router_args(port, workers, self.policy), "--log-level", "warning"]
+        if self.kind == "sglang-router":
+            return [
+                sys.executable,
+                "-m",
+                "sglang_router.launch_router",
+                *_rust_router_args(port, workers, self.policy),
+                "--log-level",
+                "warn",
+            ]
+        raise ValueError(f"unknown contender kind {self.kind!r}")
+
+    def ready_urls(self, port: int) -> list[str]:
+        return (
+            [f"http://127.0.0.1:{port}/health"] if not self.is_ours else [f"http://127.0.0.1:{port}/healthz"]
+        )
+
+
+def _rust_router_args(port: int, workers: Sequence[str], policy: str) -> list[str]:
+    return [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        *workers,
+        "--policy",
+        policy,
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(free_port()),
+        "--worker-startup-timeout-secs",
+        "30",
+        "--request-timeout-secs",
+        "600",
+        # Measure routing, not resilience: no retries that would resend a request to another worker.
+        "--disable-retries",
+    ]
+
+
+def profile_path(profile: str) -> Path:
+    """The shipped EndpointPickerConfig file of an inferoute picker profile (fails loudly if missing)."""
+    for base in PROFILE_DIRS:
+        for suffix in (".yaml", ".yml"):
+            candidate = base / f"{profile}{suffix}"
+            if candidate.is_file():
+                return candidate
+    raise InferouteError(
+        500,
+        f"picker profile {profile!r} not found under {', '.join(str(d) for d in PROFILE_DIRS)}",
+        cause="bench-config",
+    )
+
+
+def gateway_config(port: int, workers: Sequence[str], profile_file: Path) -> dict[str, object]:
+    """The ``inferoute gateway`` YAML for one contender: embedded picker, BBR on, no access log."""
+    endpoints = []
+    for i, url in enumerate(workers):
+        hostport = url.split("://", 1)[-1].rstrip("/")
+        host, _, p = hostport.rpartition(":")
+        endpoints.append({"name": f"sim-{i}", "address": host, "port": int(p)})
+    return {
+        "listen": f"127.0.0.1:{port}",
+        "access_log": False,
+        "pool": {"endpoints": endpoints},
+        "picker": {"config_file": str(profile_file)},
+        "routes": [{"path": "/", "epp": {"endpoint": "embedded"}}],
+    }
+
+
+INFEROUTE_PROFILES = ("round-robin", "random", "gie-default", "predicted-ttft")
+PEER_POLICIES = ("round_robin", "power_of_two", "cache_aware")
+
+
+def all_contenders() -> list[Contender]:
+    out = [Contender(f"inferoute/{p}", "inferoute", p) for p in INFEROUTE_PROFILES]
+    for kind in ("vllm-router", "sglang-router"):
+        out += [Contender(f"{kind}/{p}", kind, p) for p in PEER_POLICIES]
+    return out
+
+
+def select_contenders(spec: str | None) -> list[Contender]:
+    """Contenders by comma-separated names or prefixes (``inferoute``, ``vllm-router/cache_aware``);
+    everyone if ``spec`` is empty."""
+    everyone = all_contenders()
+    if not spec:
+        return everyone
+    chosen: list[Contender] = []
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        matches = [c for c in everyone if c.name == token or c.name.startswith(token + "/")]
+        if not matches:
+            raise InferouteError(
+                400,
+                f"unknown contender {token!r}; known: {', '.join(c.name for c in everyone)}",
+                cause="bench-config",
+            )
+        chosen += [c for c in matches if c not in chosen]
+    return chosen
+
+
+BASELINE = "inferoute/round-robin"
+"""The Kubernetes-Service-like baseline (round-robin) that targets are measured against."""
+
+__all__ = [
+    "BASELINE",
+    "BLOCK_SIZE",
+    "Contender",
+    "ManagedProcess",
+    "SimPool",
+    "all_contenders",
+    "gateway_config",
+    "select_contenders",
+    "sim_argv",
+]

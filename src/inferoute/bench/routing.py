@@ -1,0 +1,389 @@
+"""``inferoute bench routing``: routing quality of every contender, on the same seeded workloads, in one run.
+
+Theory of operation. For each workload, rate and contender (a *point*) the runner
+
+1. starts a fresh simulator pool (``inferoute sim``, own process, cold caches, the same seed for everyone),
+2. starts the contender's router (``inferoute gateway`` with a picker profile, ``vllm-router`` or
+   ``sglang-router``, own process) in front of it,
+3. sends the workload's seeded plan open-loop from this process (:mod:`inferoute.bench.loadgen`),
+4. scrapes the pool's server counters before and after, stops router and pool, and summarises the point
+   with the warm-up left out (:mod:`inferoute.bench.stats`).
+
+At the end it writes ``run.json``, ``summary.csv``, ``requests.csv``, PNG plots and ``summary.md`` to
+``--out``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from inferoute.bench import report, scrape
+from inferoute.bench.loadgen import LoadOptions, RequestResult, run_plan
+from inferoute.bench.peers import (
+    BASELINE,
+    Contender,
+    ManagedProcess,
+    SimPool,
+    consecutive_free_ports,
+    free_port,
+    select_contenders,
+    sim_argv,
+)
+from inferoute.bench.stats import (
+    PointSummary,
+    TargetCheck,
+    check_lora_waits,
+    check_shared_prefix,
+    server_delta,
+    summarize,
+)
+from inferoute.bench.workloads import WORKLOADS, Workload, get_workload
+from inferoute.errors import InferouteError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RATES: dict[str, tuple[float, ...]] = {
+    "shared-prefix": (2.0, 4.0, 6.0, 8.0, 10.0),
+    "multi-lora": (2.0, 4.0, 6.0, 8.0),
+    "long-prompt": (0.5, 1.0, 2.0, 3.0),
+    "bursty": (2.0, 4.0, 6.0, 8.0),
+}
+QUICK_RATES: tuple[float, ...] = (2.0, 5.0)
+QUICK_CONTENDERS = "inferoute/round-robin,inferoute/gie-default,vllm-router/round_robin"
+
+
+@dataclass(slots=True)
+class RunConfig:
+    """Everything that defines a run (recorded in ``run.json``)."""
+
+    workloads: list[str]
+    rates: dict[str, list[float]]
+    contenders: list[Contender]
+    duration: float = 25.0
+    warmup: float = 5.0
+    replicas: int = 4
+    time_scale: float = 0.2
+    seed: int = 42
+    out_dir: Path = Path("bench-out/routing")
+    quick: bool = False
+    request_timeout: float = 180.0
+    command: str = ""
+
+    def points(self) -> list[tuple[str, float, Contender]]:
+        return [(w, r, c) for w in self.workloads for r in self.rates[w] for c in self.contenders]
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "workloads": self.workloads,
+            "rates": self.rates,
+            "contenders": [c.name for c in self.contenders],
+            "duration_s": self.duration,
+            "warmup_s": self.warmup,
+            "replicas": self.replicas,
+            "time_scale": self.time_scale,
+            "seed": self.seed,
+            "quick": self.quick,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": f"{platform.system()} {platform.machine()}, python {platform.python_version()}",
+        }
+
+
+@dataclass(slots=True)
+class PointResult:
+    summary: PointSummary
+    results: list[RequestResult] = field(default_factory=list)
+
+
+ProgressHook = Callable[[str, int, int], None]
+"""(description, completed requests, planned requests) during a point."""
+
+
+async def run_point(
+    cfg: RunConfig,
+    workload: Workload,
+    rate: float,
+    contender: Contender,
+    workdir: Path,
+    progress: ProgressHook | None = None,
+) -> PointResult:
+    """One contender x workload x rate: fresh pool, fresh router, same seeded plan."""
+    sizing = workload.sizing(cfg.replicas)
+    pool = SimPool(consecutive_free_ports(cfg.replicas), cfg.replicas)
+    tag = f"{workload.name}-{rate:g}-{contender.name.replace('/', '-')}"
+    sim = ManagedProcess(
+        f"sim[{tag}]",
+        sim_argv(sizing, pool.base_port, cfg.time_scale, cfg.seed),
+        workdir / "logs" / f"{tag}-sim.log",
+    )
+    router_port = free_port()
+    router = ManagedProcess(
+        f"{contender.name}[{tag}]",
+        contender.argv(router_port, pool.urls, workdir),
+        workdir / "logs" / f"{tag}-router.log",
+    )
+    plan = workload.plan(rate, cfg.duration, cfg.seed)
+    done = 0
+
+    def on_done(_: RequestResult) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(tag, done, len(plan))
+
+    try:
+        await sim.start()
+        await sim.wait_http([f"{u}/health" for u in pool.urls], within=60)
+        await router.start()
+        await router.wait_http(contender.ready_urls(router_port), within=60)
+        before = await scrape.pool_counters(pool.urls)
+        sampler = scrape.LoraWaitSampler(pool.urls if sizing.lora_adapters else [])
+        async with sampler:
+            results = await run_plan(
+                f"http://127.0.0.1:{router_port}",
+                plan,
+                options=LoadOptions(request_timeout=cfg.request_timeout),
+                on_done=on_done,
+            )
+        after = await scrape.pool_counters(pool.urls)
+    finally:
+        await router.stop()
+        await sim.stop()
+    summary = summarize(contender.name, workload.name, rate, results, cfg.warmup)
+    summary.server = server_delta(before, after)
+    if sizing.lora_adapters:
+        summary.server[scrape.LORA_WAIT_SECONDS] = sampler.adapter_seconds
+    return PointResult(summary, results)
+
+
+async def run_benchmark(
+    cfg: RunConfig,
+    progress: ProgressHook | None = None,
+    on_point: Callable[[PointSummary], None] | None = None,
+) -> list[PointSummary]:
+    """Run every point of ``cfg`` and write the reports; returns the point summaries."""
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    workloads = {name: get_workload(name, quick=cfg.quick) for name in cfg.workloads}
+    requests_csv = report.RequestCsv(cfg.out_dir / "requests.csv")
+    points: list[PointSummary] = []
+    for wname, rate, contender in cfg.points():
+        result = await run_point(cfg, workloads[wname], rate, contender, cfg.out_dir, progress)
+        requests_csv.append(wname, contender.name, rate, result.results)
+        points.append(result.summary)
+        if on_point is not None:
+            on_point(result.summary)
+        write_reports(cfg, workloads, points, plots=False)  # partial results survive an interrupted run
+    write_reports(cfg, workloads, points, plots=True)
+    return points
+
+
+def evaluate_targets(cfg: RunConfig, points: Sequence[PointSummary]) -> dict[str, list[TargetCheck]]:
+    ours = [c.name for c in cfg.contenders if c.is_ours and c.name != BASELINE]
+    peers = [c.name for c in cfg.contenders if not c.is_ours]
+    out: dict[str, list[TargetCheck]] = {}
+    sp = [p for p in points if p.workload == "shared-prefix"]
+    if sp:
+        rate, checks = check_shared_prefix(sp, BASELINE, ours, peers)
+        if rate is not None:
+            checks.insert(0, TargetCheck("compared at round-robin's knee", True, f"{rate:g} req/s"))
+        out["shared-prefix"] = checks
+    ml = [p for p in points if p.workload == "multi-lora"]
+    if ml:
+        counter = lora_wait_measure(ml)
+        out["multi-lora"] = check_lora_waits(ml, ours, peers, counter)
+    return out
+
+
+def lora_wait_measure(points: Sequence[PointSummary]) -> str:
+    """The simulator's slot-wait counter when it exports one, else the sampled adapter-seconds."""
+    if any(scrape.LORA_WAITS in p.server for p in points):
+        return scrape.LORA_WAITS
+    return scrape.LORA_WAIT_SECONDS
+
+
+def write_reports(
+    cfg: RunConfig, workloads: dict[str, Workload], points: Sequence[PointSummary], plots: bool
+) -> str:
+    """Write run.json, summary.csv and summary.md (and the PNGs when ``plots``); returns the markdown."""
+    knees = {w: report.knees_for([p for p in points if p.workload == w]) for w in cfg.workloads}
+    targets = evaluate_targets(cfg, points)
+    meta = cfg.meta()
+    meta["workload_parameters"] = {n: w.parameters() for n, w in workloads.items()}
+    meta["sim_sizing"] = {n: w.sizing(cfg.replicas).describe() for n, w in workloads.items()}
+    report.write_json(cfg.out_dir / "run.json", meta, points, knees, targets)
+    report.write_summary_csv(cfg.out_dir / "summary.csv", points)
+    sections = [
+        f"# Routing benchmark\n\n`{cfg.command}`\n\n{cfg.replicas} simulated replicas, time scale "
+        f"{cfg.time_scale:g}, {cfg.duration:g} s per point ({cfg.warmup:g} s warm-up excluded), seed "
+        f"{cfg.seed}.\n"
+    ]
+    for w in cfg.workloads:
+        wl = workloads[w]
+        columns = []
+        if w == "multi-lora":
+            columns = [(scrape.LORA_WAITS, "slot waits"), (scrape.LORA_WAIT_SECONDS, "adapter-wait s")]
+        sections.append(
+            f"## {w}\n\n{wl.summary}. Parameters: `{json.dumps(wl.parameters())}`. Pool: "
+            f"{wl.sizing(cfg.replicas).describe()}.\n"
+        )
+        sections.append(report.markdown_tables(w, points, knees[w], columns))
+        if w in targets:
+            sections.append("Targets:\n\n" + report.markdown_targets(targets[w]))
+        if plots and any(p.workload == w for p in points):
+            note = f"{cfg.replicas} sim replicas, time-scale {cfg.time_scale:g}"
+            for path in report.plot_workload(cfg.out_dir, w, points, note):
+                sections.append(f"![{path.stem}]({path.name})\n")
+    text = "\n".join(sections)
+    (cfg.out_dir / "summary.md").write_text(text)
+    return text
+
+
+def _parse_rates(values: Sequence[str]) -> list[float]:
+    rates: list[float] = []
+    for v in values:
+        for part in v.split(","):
+            if part.strip():
+                rate = float(part)
+                if not math.isfinite(rate) or rate <= 0:
+                    raise click.BadParameter(f"rate must be a positive number, got {part!r}")
+                rates.append(rate)
+    return sorted(set(rates))
+
+
+@click.command("routing")
+@click.option(
+    "--workload",
+    "workload_names",
+    multiple=True,
+    type=click.Choice(sorted(WORKLOADS)),
+    help="Workload(s) to run (repeatable); default: all (quick: shared-prefix).",
+)
+@click.option(
+    "--rates",
+    "rate_values",
+    multiple=True,
+    help="Offered rates in requests/s (comma-separated or repeated); default: per workload.",
+)
+@click.option(
+    "--duration", type=float, default=None, help="Seconds of traffic per point (default 25; quick 4)."
+)
+@click.option(
+    "--warmup",
+    type=float,
+    default=None,
+    help="Seconds at the start of each point left out of the statistics (default 5; quick 1).",
+)
+@click.option(
+    "--replicas", type=int, default=None, help="Simulated model-server replicas (default 4; quick 2)."
+)
+@click.option(
+    "--time-scale",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Simulator speed-up: latencies are multiplied by this factor.",
+)
+@click.option(
+    "--contenders",
+    default=None,
+    help="Comma-separated contenders or prefixes (inferoute, "
+    "vllm-router, sglang-router/cache_aware, ...); default: all (quick: three).",
+)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--quick", is_flag=True, help="Smoke test: small workload, two rates, three contenders (<1 min)."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("bench-out/routing"),
+    show_default=True,
+    help="Directory for run.json, CSVs, plots and summary.md.",
+)
+def command(
+    workload_names: tuple[str, ...],
+    rate_values: tuple[str, ...],
+    duration: float | None,
+    warmup: float | None,
+    replicas: int | None,
+    time_scale: float,
+    contenders: str | None,
+    seed: int,
+    quick: bool,
+    out_dir: Path,
+) -> None:
+    """Routing quality: TTFT, ITL, throughput and cache hits of every contender at every rate."""
+    names = list(workload_names) or (["shared-prefix"] if quick else list(WORKLOADS))
+    explicit = _parse_rates(rate_values)
+    rates = {w: explicit or list(QUICK_RATES if quick else DEFAULT_RATES[w]) for w in names}
+    try:
+        chosen = select_contenders(contenders or (QUICK_CONTENDERS if quick else None))
+    except InferouteError as exc:
+        raise click.BadParameter(exc.message, param_hint="--contenders") from exc
+    cfg = RunConfig(
+        workloads=names,
+        rates=rates,
+        contenders=chosen,
+        duration=duration if duration is not None else (4.0 if quick else 25.0),
+        warmup=warmup if warmup is not None else (1.0 if quick else 5.0),
+        replicas=replicas if replicas is not None else (2 if quick else 4),
+        time_scale=time_scale,
+        seed=seed,
+        out_dir=out_dir,
+        quick=quick,
+        command="inferoute " + shlex.join(sys.argv[1:]),
+    )
+    if cfg.warmup >= cfg.duration:
+        raise click.BadParameter("warm-up must be shorter than the duration", param_hint="--warmup")
+    points = _run_with_progress(cfg)
+    failed = sum(1 for p in points if p.ok == 0)
+    click.echo(f"wrote {cfg.out_dir}/summary.md, run.json, summary.csv, requests.csv and plots")
+    if failed:
+        raise click.ClickException(f"{failed} point(s) completed no request; see {cfg.out_dir}/logs")
+
+
+def _run_with_progress(cfg: RunConfig) -> list[PointSummary]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    total = len(cfg.points())
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        overall = bar.add_task("points", total=total)
+        current = bar.add_task("requests", total=1)
+
+        def on_requests(tag: str, done: int, planned: int) -> None:
+            bar.update(current, description=tag, completed=done, total=max(planned, 1))
+
+        def on_point(p: PointSummary) -> None:
+            bar.advance(overall)
+            console.log(
+                f"{p.workload} {p.contender} @ {p.rate:g}/s: p90 TTFT {p.ttft_p90:.3f}s, "
+                f"{p.output_tps:.0f} tok/s, hit {p.cache_hit_rate:.0%}, errors {p.error_count}"
+            )
+
+        with contextlib.suppress(KeyboardInterrupt):
+            return asyncio.run(run_benchmark(cfg, on_requests, on_point))
+    return []

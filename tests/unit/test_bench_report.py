@@ -1,0 +1,74 @@
+"""Reports: markdown tables, CSV/JSON files and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from inferoute.bench.report import (
+    markdown_tables,
+    markdown_targets,
+    plot_workload,
+    write_json,
+    write_summary_csv,
+)
+from inferoute.bench.stats import PointSummary, TargetCheck, knee
+
+
+def pts() -> list[PointSummary]:
+    out = []
+    for name, ttfts in (
+        ("inferoute/gie-default", (0.1, 0.12, 0.2)),
+        ("vllm-router/round_robin", (0.3, 2, 9)),
+    ):
+        for rate, t in zip((1.0, 2.0, 4.0), ttfts, strict=True):
+            p = PointSummary(name, "shared-prefix", rate, planned=10, measured=10, ok=10)
+            p.ttft_p50, p.ttft_p90, p.output_tps, p.request_tps = t / 2, t, 100 * rate, rate
+            p.cache_hit_rate = 0.5
+            p.server = {"lora_slot_waits": 3.0}
+            out.append(p)
+    return out
+
+
+def test_markdown_table_has_a_row_per_point_and_the_knees() -> None:
+    points = pts()
+    knees = {"inferoute/gie-default": knee(points[:3]), "vllm-router/round_robin": knee(points[3:])}
+    text = markdown_tables("shared-prefix", points, knees, [("lora_slot_waits", "slot waits")])
+    rows = [line for line in text.splitlines() if line.startswith("| inferoute") or line.startswith("| vllm")]
+    assert len(rows) == 6
+    assert "| slot waits |" in text and "| 3.0 |" in text
+    assert "`inferoute/gie-default`: 4/s (not saturated" in text
+    assert "`vllm-router/round_robin`: 1/s — saturates at 2/s" in text
+    assert "50%" in text
+
+
+def test_targets_markdown_says_pass_and_miss() -> None:
+    text = markdown_targets([TargetCheck("a", True, "x"), TargetCheck("b", False, "y")])
+    assert text.splitlines() == ["- PASS — a: x", "- MISS — b: y"]
+
+
+def test_files_and_plots(tmp_path: Path) -> None:
+    points = pts()
+    write_summary_csv(tmp_path / "s.csv", points)
+    rows = list(csv.DictReader((tmp_path / "s.csv").open()))
+    assert len(rows) == 6 and rows[0]["contender"] == "inferoute/gie-default"
+    write_json(
+        tmp_path / "r.json",
+        {"seed": 1},
+        points,
+        {"shared-prefix": {"c": knee(points[:3])}},
+        {"shared-prefix": [TargetCheck("a", True, "x")]},
+    )
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["meta"] == {"seed": 1} and len(data["points"]) == 6
+    assert data["knees"]["shared-prefix"]["c"]["rate"] == 4.0
+    written = plot_workload(tmp_path, "shared-prefix", points, "note")
+    assert [p.name for p in written] == [
+        "shared-prefix-ttft-p90.png",
+        "shared-prefix-throughput.png",
+        "shared-prefix-cache-hit.png",
+    ]
+    for p in written:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert p.stat().st_size < 200_000
