@@ -1,0 +1,200 @@
+"""Assembly: wire the picker's layers once and run them — the :class:`EmbeddedPicker`.
+
+``start_picker(EppOptions(...))`` validates the configuration (raising :class:`InferouteError` with cause
+``config`` naming the bad key), loads the endpoints, starts the metrics collector and the endpoint-source
+watcher, and returns an :class:`EmbeddedPicker` implementing :class:`inferoute.picking.Picker`. The gateway
+uses it in process (``epp.endpoint: embedded``) and ``inferoute epp`` serves it over ext_proc.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from inferoute.clock import Clock, SystemClock
+from inferoute.endpoints import Endpoint
+from inferoute.epp.config import BUILTIN_PROFILES, PickerConfig, builtin_profile_text, parse_config
+from inferoute.epp.datalayer.collector import MetricsCollector
+from inferoute.epp.datalayer.datastore import Datastore
+from inferoute.epp.datalayer.sources import EndpointSource, FileSource, StaticSource
+from inferoute.epp.director import Director
+from inferoute.epp.learned import LearnedState, LocalLearnedState
+from inferoute.epp.metrics import EppMetrics
+from inferoute.epp.scheduling.prefix import DEFAULT_LRU_CAPACITY, PrefixIndex
+from inferoute.epp.scheduling.registry import PluginDeps
+from inferoute.errors import InferouteError
+from inferoute.picking import Decision, PickerError, PickRequest, PickSession
+from inferoute.tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EppOptions:
+    """Everything needed to start a picker. Exactly one of ``endpoints`` / ``endpoints_file`` is expected."""
+
+    config_file: str | None = None
+    """Path of an EndpointPickerConfig YAML file."""
+    config_text: str | None = None
+    """EndpointPickerConfig YAML text (wins over ``config_file``); both None = the GIE default."""
+    endpoints: Sequence[Endpoint] | None = None
+    endpoints_file: str | None = None
+    """A YAML endpoints file (``endpoints: [{name, address, port, labels}]``), re-read when it changes."""
+    refresh_interval: float = 0.05
+    """Seconds between two scrapes of one endpoint's metrics."""
+    staleness_threshold: float = 2.0
+    """Metrics older than this make an endpoint ineligible (while some endpoint has fresh metrics)."""
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    pool_name: str = "default"
+    profile: str | None = None
+    """A built-in profile name (gie-default, predicted-ttft, round-robin, random) instead of a config."""
+    scrape_timeout: float = 1.0
+    endpoints_poll_interval: float = 1.0
+    objectives: Mapping[str, int] = field(default_factory=dict)
+    """InferenceObjective name → priority (negative = sheddable); the objective header selects one."""
+    clock: Clock = field(default_factory=SystemClock)
+    seed: int | None = None
+    """Seed for the tie-breaking / random pickers (None: nondeterministic)."""
+    learned: LearnedState | None = None
+    """Shared learned state (None: a new in-process one)."""
+
+
+def _config_text(opts: EppOptions) -> tuple[str | None, str]:
+    if opts.config_text is not None:
+        return opts.config_text, "config"
+    if opts.config_file is not None:
+        try:
+            return Path(opts.config_file).read_text(), opts.config_file
+        except OSError as exc:
+            raise InferouteError(
+                500, f"config file {opts.config_file}: {exc.strerror or exc}", cause="config"
+            ) from exc
+    if opts.profile is not None:
+        if opts.profile not in BUILTIN_PROFILES:
+            raise InferouteError(
+                500,
+                f"profile: unknown {opts.profile!r}; valid: {', '.join(BUILTIN_PROFILES)}",
+                cause="config",
+            )
+        return builtin_profile_text(opts.profile), f"profile {opts.profile}"
+    return None, "config"
+
+
+class EmbeddedPicker:
+    """The endpoint picker in process: implements :class:`inferoute.picking.Picker`."""
+
+    def __init__(
+        self,
+        opts: EppOptions,
+        config: PickerConfig,
+        source: EndpointSource,
+        datastore: Datastore,
+        learned: LearnedState,
+        metrics: EppMetrics,
+    ) -> None:
+        self.options = opts
+        self.config = config
+        self.source = source
+        self.datastore = datastore
+        self.learned = learned
+        self.metrics = metrics
+        self.director = Director(
+            datastore,
+            config.scheduler,
+            learned,
+            metrics,
+            opts.clock,
+            prefix=config.prefix,
+            saturation=config.saturation,
+            objectives=opts.objectives,
+            rng=random.Random(opts.seed),
+        )
+        self.collector = MetricsCollector(
+            datastore,
+            interval=opts.refresh_interval,
+            timeout=opts.scrape_timeout,
+            scheme=config.metrics_scheme,
+            path=config.metrics_path,
+            on_scrape=metrics.on_scrape,
+        )
+        self._tasks = TaskSet("epp")
+        self._closed = False
+
+    async def _start(self) -> None:
+        await self.collector.start()
+        self._tasks.spawn(self.source.watch(self._on_endpoints), name="endpoint-source")
+
+    def _on_endpoints(self, endpoints: list[Endpoint]) -> None:
+        _, removed = self.datastore.set_endpoints(endpoints)
+        if removed:
+            self.learned.forget_endpoints(removed)
+        self.collector.sync()
+
+    def ready(self) -> bool:
+        """Datastore synced: endpoints known and each scraped (or tried) at least once."""
+        return not self._closed and self.datastore.ready()
+
+    async def pick(self, request: PickRequest) -> tuple[Decision, PickSession]:
+        if self._closed:
+            raise PickerError("picker is closed", cause="picker-closed")
+        try:
+            return self.director.decide(request)
+        except InferouteError:
+            raise
+        except Exception as exc:  # a bug in a plugin must not take the data plane down
+            log.exception("pick failed")
+            raise PickerError(f"picker failed: {exc!r}", cause="picker-internal") from exc
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._tasks.aclose()
+        await self.collector.aclose()
+        self.metrics.unwatch_pool()
+
+
+async def start_picker(opts: EppOptions) -> EmbeddedPicker:
+    """Validate, wire and start an :class:`EmbeddedPicker` (see module docstring)."""
+    text, where = _config_text(opts)
+    if opts.refresh_interval <= 0:
+        raise InferouteError(500, "refresh_interval: must be > 0 seconds", cause="config")
+    if opts.staleness_threshold <= 0:
+        raise InferouteError(500, "staleness_threshold: must be > 0 seconds", cause="config")
+    metrics = EppMetrics(opts.registry)
+    learned: LearnedState = opts.learned or LocalLearnedState(PrefixIndex(DEFAULT_LRU_CAPACITY))
+    deps = PluginDeps(learned=learned, clock=opts.clock, seed=opts.seed)
+    config = parse_config(text, deps=deps, observer=metrics.plugin_observer, source=where)
+    if config.prefix.lru_capacity:
+        learned.prefix.default_capacity = config.prefix.lru_capacity
+
+    source: EndpointSource
+    if opts.endpoints_file is not None:
+        source = FileSource(
+            opts.endpoints_file,
+            poll_interval=opts.endpoints_poll_interval,
+            on_error=lambda exc: metrics.endpoint_reload_errors.inc(),
+        )
+    elif opts.endpoints is not None:
+        source = StaticSource(opts.endpoints)
+    else:
+        raise InferouteError(
+            500, "endpoints: give a static list (endpoints) or a file (endpoints_file)", cause="config"
+        )
+    datastore = Datastore(
+        opts.clock, staleness=opts.staleness_threshold, default_engine=config.default_engine
+    )
+    datastore.set_endpoints(source.initial())
+    metrics.watch_pool(datastore, opts.pool_name)
+    picker = EmbeddedPicker(opts, config, source, datastore, learned, metrics)
+    try:
+        await picker._start()
+    except BaseException:
+        await picker.aclose()
+        raise
+    return picker

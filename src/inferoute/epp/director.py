@@ -1,0 +1,337 @@
+"""The director: one request through request control and scheduling, and its response accounting.
+
+``Director.decide`` is synchronous and does no I/O::
+
+    parse body (400) → model rewrite header → objective → priority
+      → candidates: subset hint (503 when empty/no match), endpoints with fresh metrics (503 when none)
+      → admission: sheddable (priority < 0) while the pool is saturated → 429   [flow-control seam]
+      → schedule (profiles → filters → scorers → picker; 429 when nothing is left)
+      → learn (prefix index, in-flight +1) → Destination(primary, fallbacks...)
+
+Every rejection is a :class:`~inferoute.picking.Reject` with an OpenAI-style body, logged and counted in
+``inference_objective_request_error_total{error_code}``. The returned :class:`Session` follows the response to
+release the in-flight counts and to read token usage from the response tail.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+
+import msgspec
+
+from inferoute.clock import Clock
+from inferoute.endpoints import split_hostport
+from inferoute.epp.datalayer.datastore import Datastore, EndpointState
+from inferoute.epp.flowcontrol import SaturationDetector
+from inferoute.epp.learned import LearnedState
+from inferoute.epp.metrics import EppMetrics
+from inferoute.epp.requestcontrol.parse import CHARS_PER_TOKEN, parse_body
+from inferoute.epp.requestcontrol.usage import TailBuffer, Usage, parse_usage
+from inferoute.epp.scheduling.framework import NoEndpoints, ProfileResult, Scheduler
+from inferoute.epp.scheduling.types import Candidate, CycleContext, InferenceRequest, PrefixSettings
+from inferoute.errors import InferouteError
+from inferoute.picking import (
+    FAIRNESS_HEADER,
+    MODEL_REWRITE_HEADER,
+    OBJECTIVE_HEADER,
+    Decision,
+    Destination,
+    NullSession,
+    PickRequest,
+    PickSession,
+    Reject,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FAIRNESS_ID = "default-flow"
+
+
+def match_subset(states: Sequence[EndpointState], subset: Sequence[str]) -> list[EndpointState]:
+    """Endpoints named by a subset hint: ``ip:port`` tokens match exactly, bare ``ip`` tokens match any
+    port."""
+    exact: set[str] = set()
+    hosts: set[str] = set()
+    for token in subset:
+        token = token.strip()
+        if not token:
+            continue
+        try:
+            host, port = split_hostport(token)
+        except ValueError:
+            continue
+        if port is None:
+            hosts.add(host)
+        else:
+            exact.add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return [s for s in states if s.key in exact or s.endpoint.address in hosts]
+
+
+def _rewrite_model(body: bytes, target: str) -> bytes:
+    doc = msgspec.json.decode(body)
+    if isinstance(doc, dict):
+        doc["model"] = target
+    return msgspec.json.encode(doc)
+
+
+class Director:
+    """Glue of the picker's layers for one request (see module docstring)."""
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        scheduler: Scheduler,
+        learned: LearnedState,
+        metrics: EppMetrics,
+        clock: Clock,
+        *,
+        prefix: PrefixSettings | None = None,
+        saturation: SaturationDetector | None = None,
+        objectives: Mapping[str, int] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.datastore = datastore
+        self.scheduler = scheduler
+        self.learned = learned
+        self.metrics = metrics
+        self.clock = clock
+        self.prefix = prefix or PrefixSettings()
+        self.saturation = saturation
+        self.objectives: Mapping[str, int] = objectives or {}
+        self.rng = rng or random.Random()
+
+    # -- rejections -------------------------------------------------------------------------------------
+    def _reject(
+        self,
+        status: int,
+        message: str,
+        cause: str,
+        model: str = "",
+        target: str = "",
+        param: str | None = None,
+    ) -> Reject:
+        err = InferouteError(status, message, cause=cause, param=param)
+        log.info("reject %s: %s", status, message)
+        self.metrics.request_error_total.labels(model, target, str(status)).inc()
+        return Reject(status, err.body(), {"content-type": "application/json"}, cause)
+
+    # -- the decision -------------------------------------------------------------------------------------
+    def decide(self, request: PickRequest) -> tuple[Decision, PickSession]:
+        if not request.body and request.method.upper() in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            return self._bodyless(request), NullSession()
+        try:
+            parsed = parse_body(request.body)
+        except InferouteError as exc:
+            return self._reject(
+                exc.status, exc.message, exc.cause, request.model or "", param=exc.param
+            ), NullSession()
+        model = parsed.model
+        headers = request.headers
+        target = headers.get(MODEL_REWRITE_HEADER) or model
+        body: bytes | None = None
+        set_headers: dict[str, str] = {}
+        if target != model:
+            body = _rewrite_model(request.body, target)
+            set_headers["x-gateway-model-name"] = target
+            self.metrics.model_rewrite_total.labels(model, target).inc()
+        objective = headers.get(OBJECTIVE_HEADER) or None
+        priority = self.objectives.get(objective, 0) if objective else 0
+        self.metrics.request_total.labels(model, target).inc()
+
+        states = list(self.datastore.states.values())
+        if request.subset is not None:
+            states = match_subset(states, request.subset)
+            if not states:
+                return self._reject(
+                    503,
+                    f"no endpoint of the pool matches the subset hint {list(request.subset)!r}",
+                    "no-endpoints",
+                    model,
+                    target,
+                ), NullSession()
+        if not states:
+            return self._reject(
+                503, "no ready endpoints in the pool", "no-endpoints", model, target
+            ), NullSession()
+        now = self.clock.now()
+        staleness = self.datastore.staleness
+        fresh = [s for s in states if s.fresh(now, staleness)]
+        if not fresh:
+            # Nothing has fresh metrics (e.g. servers without /metrics): schedule blind rather than refuse.
+            self.metrics.stale_fallbacks.inc()
+            fresh = states
+
+        if priority < 0 and self.saturation is not None:
+            level = self.saturation.saturation([s.metrics for s in fresh])
+            if level >= 1.0:
+                return self._reject(
+                    429,
+                    "request shed: the pool is saturated and the request is sheddable "
+                    f"(objective {objective!r}, priority {priority})",
+                    "shed",
+                    model,
+                    target,
+                ), NullSession()
+
+        inflight = self.learned.inflight
+        candidates = [
+            Candidate(s.key, s.endpoint.name, s.metrics, inflight(s.key), s.endpoint.labels) for s in fresh
+        ]
+        prompt_tokens = (len(parsed.prompt) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+        ireq = InferenceRequest(
+            model=model,
+            target_model=target,
+            prompt=parsed.prompt,
+            prompt_tokens=prompt_tokens,
+            headers=headers,
+            request_id=request.request_id,
+            objective=objective,
+            fairness_id=headers.get(FAIRNESS_HEADER) or DEFAULT_FAIRNESS_ID,
+            priority=priority,
+            stream=parsed.stream,
+        )
+        ctx = CycleContext(ireq, self.learned, now=now, rng=self.rng, prefix_settings=self.prefix)
+        t0 = time.perf_counter()
+        try:
+            result = self.scheduler.schedule(ctx, candidates)
+        except NoEndpoints as exc:
+            self.metrics.scheduler_attempts.labels("failure").inc()
+            return self._reject(
+                429, f"no endpoint can serve the request: {exc}", "no-capacity", model, target
+            ), NullSession()
+        self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
+        self.metrics.scheduler_attempts.labels("success").inc()
+        self._observe_prefix(ctx, result)
+
+        primary = result.endpoints[0].key
+        self.learned.begin(primary, prompt_tokens)
+        self.metrics.running_requests.labels(model).inc()
+        session = Session(self, model, target, primary, prompt_tokens, now)
+        return Destination(tuple(c.key for c in result.endpoints), set_headers, body), session
+
+    def _observe_prefix(self, ctx: CycleContext, result: ProfileResult) -> None:
+        hashes = ctx.hashes_computed
+        if not hashes:
+            return
+        matched = ctx.prefix_match([]).get(result.endpoints[0].key, 0)
+        self.metrics.prefix_hit_ratio.observe(matched / len(hashes))
+        block_bytes = ctx.block_size_tokens([result.endpoints[0]]) * CHARS_PER_TOKEN
+        self.metrics.prefix_hit_bytes.observe(min(matched * block_bytes, len(ctx.request.prompt)))
+        self.metrics.prefix_indexer_size.set(self.learned.prefix.size())
+
+    def _bodyless(self, request: PickRequest) -> Decision:
+        """GIE: a request without a body (``GET /v1/models``) goes to a random fresh endpoint."""
+        states = list(self.datastore.states.values())
+        if request.subset is not None:
+            states = match_subset(states, request.subset)
+        now = self.clock.now()
+        fresh = [s for s in states if s.fresh(now, self.datastore.staleness)] or states
+        if not fresh:
+            return self._reject(503, "no ready endpoints in the pool", "no-endpoints")
+        return Destination((self.rng.choice(fresh).key,))
+
+
+class Session:
+    """Response-phase accounting for one picked request (implements :class:`~inferoute.picking.PickSession`).
+
+    Never raises; only the first ``response_finished`` / ``aborted`` counts.
+    """
+
+    __slots__ = (
+        "_director",
+        "_done",
+        "_first",
+        "_started_at",
+        "_tail",
+        "endpoint",
+        "model",
+        "prompt_tokens",
+        "status",
+        "target",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        director: Director,
+        model: str,
+        target: str,
+        endpoint: str,
+        prompt_tokens: int,
+        started_at: float,
+    ) -> None:
+        self._director = director
+        self.model = model
+        self.target = target
+        self.endpoint = endpoint
+        """Where the in-flight count is held: the primary pick, moved to the served endpoint when reported."""
+        self.prompt_tokens = prompt_tokens
+        self._started_at = started_at
+        self._tail = TailBuffer()
+        self._first = False
+        self._done = False
+        self.status = 0
+        self.usage: Usage | None = None
+
+    def response_started(self, served: str, status: int, headers: Mapping[str, str]) -> None:
+        if self._done:
+            return
+        try:
+            self.status = status
+            if served and served != self.endpoint:
+                learned = self._director.learned
+                learned.end(self.endpoint, self.prompt_tokens, 0, started=False)
+                learned.begin(served, self.prompt_tokens)
+                self.endpoint = served
+        except Exception:
+            log.exception("session response_started")
+
+    def response_chunk(self, chunk: bytes) -> None:
+        if self._done:
+            return
+        try:
+            if not self._first and chunk:
+                self._first = True
+                d = self._director
+                d.learned.first_byte(self.endpoint, self.prompt_tokens)
+                d.metrics.request_ttft.labels(self.model, self.target).observe(
+                    d.clock.now() - self._started_at
+                )
+            self._tail.feed(chunk)
+        except Exception:
+            log.exception("session response_chunk")
+
+    def response_finished(self) -> None:
+        if self._done:
+            return
+        self._finish()
+        try:
+            usage = parse_usage(self._tail.data)
+            self.usage = usage
+            if usage is not None:
+                m = self._director.metrics
+                m.input_tokens.labels(self.model, self.target).observe(usage.prompt_tokens)
+                m.output_tokens.labels(self.model, self.target).observe(usage.completion_tokens)
+                m.cached_tokens.labels(self.model, self.target).observe(usage.cached_tokens)
+        except Exception:
+            log.exception("session usage")
+
+    def aborted(self, reason: str) -> None:
+        if self._done:
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        try:
+            d = self._director
+            d.learned.end(self.endpoint, self.prompt_tokens, 0, started=self._first)
+            d.metrics.running_requests.labels(self.model).dec()
+            d.metrics.request_duration.labels(self.model, self.target).observe(
+                d.clock.now() - self._started_at
+            )
+        except Exception:
+            log.exception("session finish")

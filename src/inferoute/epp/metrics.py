@@ -1,0 +1,200 @@
+"""The picker's Prometheus metrics, with GIE's names (``pkg/epp/metrics/metrics.go``), on a given registry.
+
+Pool gauges (``inference_pool_*``) are computed when the registry is collected, from the datastore, so the
+scrape loop and the pick path pay nothing for them. Per-request series are pre-resolved where the label set
+is fixed (plugin timings) to keep ``observe`` cheap on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from inferoute.epp.datalayer.datastore import Datastore
+
+_LATENCY = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+_PLUGIN = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
+_REQ_DURATION = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
+_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+class _PoolCollector(Collector):
+    def __init__(self, datastore: Datastore, pool: str, staleness_fn: Callable[[], float]) -> None:
+        self.datastore = datastore
+        self.pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fresh = self.datastore.fresh_states()
+        n = len(fresh)
+        ready = GaugeMetricFamily(
+            "inference_pool_ready_pods", "Endpoints with fresh metrics.", labels=["name"]
+        )
+        ready.add_metric([self.pool], n)
+        queue = GaugeMetricFamily(
+            "inference_pool_average_queue_size", "Mean queued requests per endpoint.", labels=["name"]
+        )
+        kv = GaugeMetricFamily(
+            "inference_pool_average_kv_cache_utilization", "Mean KV-cache utilisation.", labels=["name"]
+        )
+        running = GaugeMetricFamily(
+            "inference_pool_average_running_requests", "Mean running requests.", labels=["name"]
+        )
+        per_pod = GaugeMetricFamily(
+            "inference_pool_per_pod_queue_size",
+            "Queued requests per endpoint.",
+            labels=["name", "model_server_pod"],
+        )
+        queue.add_metric([self.pool], sum(s.metrics.waiting for s in fresh) / n if n else 0.0)
+        kv.add_metric([self.pool], sum(s.metrics.kv_usage for s in fresh) / n if n else 0.0)
+        running.add_metric([self.pool], sum(s.metrics.running for s in fresh) / n if n else 0.0)
+        for s in fresh:
+            per_pod.add_metric([self.pool, s.endpoint.name], s.metrics.waiting)
+        yield from (ready, queue, kv, running, per_pod)
+
+
+class EppMetrics:
+    """All picker metrics; one instance per picker, registered on the registry it is given."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.request_total = Counter(
+            "inference_objective_request_total",
+            "Requests scheduled (or rejected) per model.",
+            ["model_name", "target_model_name"],
+            registry=r,
+        )
+        self.request_error_total = Counter(
+            "inference_objective_request_error_total",
+            "Requests answered with an error by the picker.",
+            ["model_name", "target_model_name", "error_code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "inference_objective_request_duration_seconds",
+            "Pick to end of response.",
+            ["model_name", "target_model_name"],
+            buckets=_REQ_DURATION,
+            registry=r,
+        )
+        self.request_ttft = Histogram(
+            "inference_objective_request_ttft_seconds",
+            "Pick to first response byte.",
+            ["model_name", "target_model_name"],
+            buckets=_REQ_DURATION,
+            registry=r,
+        )
+        self.input_tokens = Histogram(
+            "inference_objective_input_tokens",
+            "Prompt tokens (from response usage).",
+            ["model_name", "target_model_name"],
+            buckets=_TOKENS,
+            registry=r,
+        )
+        self.output_tokens = Histogram(
+            "inference_objective_output_tokens",
+            "Completion tokens (from response usage).",
+            ["model_name", "target_model_name"],
+            buckets=_TOKENS,
+            registry=r,
+        )
+        self.cached_tokens = Histogram(
+            "inference_objective_prompt_cached_tokens",
+            "Cached prompt tokens (from response usage).",
+            ["model_name", "target_model_name"],
+            buckets=_TOKENS,
+            registry=r,
+        )
+        self.running_requests = Gauge(
+            "inference_objective_running_requests",
+            "Requests picked and not finished.",
+            ["model_name"],
+            registry=r,
+        )
+        self.scheduler_e2e = Histogram(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "One scheduling cycle.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.scheduler_attempts = Counter(
+            "inference_extension_scheduler_attempts_total",
+            "Scheduling cycles by outcome.",
+            ["status"],
+            registry=r,
+        )
+        self.plugin_duration = Histogram(
+            "inference_extension_plugin_duration_seconds",
+            "One plugin call.",
+            ["extension_point", "plugin_type", "plugin_name"],
+            buckets=_PLUGIN,
+            registry=r,
+        )
+        self.prefix_indexer_size = Gauge(
+            "inference_extension_prefix_indexer_size", "Distinct prefix blocks in the index.", registry=r
+        )
+        self.prefix_hit_ratio = Histogram(
+            "inference_extension_prefix_indexer_hit_ratio",
+            "Matched / total prefix blocks of the picked endpoint.",
+            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
+        self.prefix_hit_bytes = Histogram(
+            "inference_extension_prefix_indexer_hit_bytes",
+            "Matched prefix bytes of the picked endpoint.",
+            buckets=(0, 64, 256, 1024, 4096, 16384, 65536, 262144),
+            registry=r,
+        )
+        self.model_rewrite_total = Counter(
+            "inference_extension_model_rewrite_decisions_total",
+            "Model rewrites applied.",
+            ["model_name", "target_model"],
+            registry=r,
+        )
+        self.scrapes_total = Counter(
+            "inferoute_epp_scrapes_total",
+            "Metrics scrapes of model servers by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.scrape_duration = Histogram(
+            "inferoute_epp_scrape_duration_seconds",
+            "One scrape of one model server.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.endpoint_reload_errors = Counter(
+            "inferoute_epp_endpoint_source_errors_total",
+            "Invalid endpoint source updates (kept the old list).",
+            registry=r,
+        )
+        self.stale_fallbacks = Counter(
+            "inferoute_epp_stale_fallback_total",
+            "Picks made over all endpoints because none had fresh metrics.",
+            registry=r,
+        )
+        self._scrape_ok = self.scrapes_total.labels("ok")
+        self._scrape_err = self.scrapes_total.labels("error")
+        self._pool: _PoolCollector | None = None
+
+    def watch_pool(self, datastore: Datastore, pool_name: str) -> None:
+        """Expose the ``inference_pool_*`` gauges computed from ``datastore`` at collection time."""
+        self._pool = _PoolCollector(datastore, pool_name, lambda: datastore.staleness)
+        self.registry.register(self._pool)
+
+    def unwatch_pool(self) -> None:
+        if self._pool is not None:
+            self.registry.unregister(self._pool)
+            self._pool = None
+
+    def plugin_observer(
+        self, extension_point: str, plugin_type: str, plugin_name: str
+    ) -> Callable[[float], None]:
+        return self.plugin_duration.labels(extension_point, plugin_type, plugin_name).observe
+
+    def on_scrape(self, key: str, ok: bool, seconds: float) -> None:
+        (self._scrape_ok if ok else self._scrape_err).inc()
+        self.scrape_duration.observe(seconds)

@@ -1,0 +1,10 @@
+"""Scheduling: GIE's plugin model — profiles of filters → weighted scorers → one picker.
+
+* :mod:`.types` — the request, candidates, the per-cycle context and one Protocol per plugin role.
+* :mod:`.framework` — the engine: clamps scores, applies weights, times every plugin, teaches the learned
+  state.
+* :mod:`.registry` — kebab-case type names → factories (:func:`~.registry.register_builtins`), parameter
+  reading.
+* :mod:`.prefix` — chained-xxhash64 prefix blocks and the per-endpoint LRU prefix index.
+* :mod:`.plugins` — one plugin per module; each docstring gives the formula, the inputs and the parameters.
+"""

@@ -1,0 +1,140 @@
+"""The scheduling engine: profile = filters → weighted scorers → one picker.
+
+The engine enforces the invariants so plugins stay simple:
+
+* every score is clamped to [0, 1] (NaN counts as 0) before its weight is applied;
+* every scorer has an explicit positive weight (checked at construction);
+* every plugin call is timed into ``observe(extension_point, type, name)`` (a histogram in production);
+* an empty candidate list after the filters is a scheduling failure (:class:`NoEndpoints`).
+
+After a successful cycle the engine teaches the learned state: the primary endpoint now holds the request's
+prefix blocks (when any plugin computed them), and plugins implementing ``PickObserver`` are told.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from inferoute.epp.scheduling.types import (
+    Candidate,
+    CycleContext,
+    Filter,
+    PickerPlugin,
+    PickObserver,
+    Scored,
+    Scorer,
+)
+
+Observe = Callable[[float], None]
+ObserverFactory = Callable[[str, str, str], Observe]
+"""(extension_point, plugin_type, plugin_name) -> observe(seconds)."""
+
+
+def _no_observe(seconds: float) -> None:
+    return None
+
+
+def no_observer(extension_point: str, plugin_type: str, plugin_name: str) -> Observe:
+    return _no_observe
+
+
+class NoEndpoints(Exception):
+    """No candidate survived the filters (GIE answers 429 for this)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileResult:
+    profile: str
+    endpoints: list[Candidate]
+    """Primary first, then fallbacks."""
+    scores: dict[str, float]
+    """Total weighted score per candidate key (useful for debugging and score emission)."""
+
+
+class SchedulerProfile:
+    """One named pipeline of filters, weighted scorers and a picker."""
+
+    def __init__(
+        self,
+        name: str,
+        filters: Sequence[Filter],
+        scorers: Sequence[WeightedScorer],
+        picker: PickerPlugin,
+        *,
+        observer: ObserverFactory = no_observer,
+    ) -> None:
+        for ws in scorers:
+            if not ws.weight > 0:
+                raise ValueError(f"profile {name}: scorer {ws.scorer.name} needs a positive weight")
+        self.name = name
+        self.filters = list(filters)
+        self.scorers = list(scorers)
+        self.picker = picker
+        self._filter_obs = [observer("filter", f.type_name, f.name) for f in self.filters]
+        self._scorer_obs = [observer("scorer", s.scorer.type_name, s.scorer.name) for s in self.scorers]
+        self._picker_obs = observer("picker", picker.type_name, picker.name)
+        plugins: list[object] = [*self.filters, *(s.scorer for s in self.scorers), picker]
+        self._observers = [p for p in plugins if isinstance(p, PickObserver)]
+
+    def run(self, ctx: CycleContext, candidates: list[Candidate]) -> ProfileResult:
+        perf = time.perf_counter
+        for f, obs in zip(self.filters, self._filter_obs, strict=True):
+            t0 = perf()
+            candidates = f.filter(ctx, candidates)
+            obs(perf() - t0)
+            if not candidates:
+                raise NoEndpoints(f"filter {f.name} left no endpoints")
+        if not candidates:
+            raise NoEndpoints("no candidate endpoints")
+
+        totals = [0.0] * len(candidates)
+        for ws, obs in zip(self.scorers, self._scorer_obs, strict=True):
+            t0 = perf()
+            scores = ws.scorer.score(ctx, candidates)
+            obs(perf() - t0)
+            if len(scores) != len(candidates):
+                raise RuntimeError(
+                    f"scorer {ws.scorer.name} returned {len(scores)} scores for {len(candidates)}"
+                )
+            w = ws.weight
+            for i, s in enumerate(scores):
+                # clamp to [0, 1]; NaN fails both comparisons and becomes 0
+                totals[i] += w * (s if 0.0 <= s <= 1.0 else (1.0 if s > 1.0 else 0.0))
+
+        scored = [Scored(c, t) for c, t in zip(candidates, totals, strict=True)]
+        t0 = perf()
+        picked = self.picker.pick(ctx, scored)
+        self._picker_obs(perf() - t0)
+        if not picked:
+            raise NoEndpoints(f"picker {self.picker.name} chose nothing")
+        for o in self._observers:
+            o.on_picked(ctx, picked[0], candidates)
+        return ProfileResult(self.name, picked, {c.key: t for c, t in zip(candidates, totals, strict=True)})
+
+
+class Scheduler:
+    """Runs the primary profile (``single-profile-handler``) and updates the learned prefix state."""
+
+    def __init__(self, profiles: Sequence[SchedulerProfile]) -> None:
+        if len(profiles) != 1:
+            raise ValueError("single-profile-handler needs exactly one scheduling profile")
+        self.profiles = list(profiles)
+        self.primary = self.profiles[0]
+
+    def schedule(self, ctx: CycleContext, candidates: list[Candidate]) -> ProfileResult:
+        result = self.primary.run(ctx, candidates)
+        hashes = ctx.hashes_computed
+        if hashes:
+            picked = result.endpoints[0]
+            if ctx.prefix_settings.auto_tune and picked.metrics.num_gpu_blocks:
+                ctx.learned.prefix.set_capacity(picked.key, picked.metrics.num_gpu_blocks)
+            ctx.learned.learn_prefix(picked.key, hashes)
+        return result

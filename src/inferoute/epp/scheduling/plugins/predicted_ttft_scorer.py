@@ -1,0 +1,96 @@
+"""``predicted-ttft-scorer`` (inferoute): prefer the endpoint with the lowest predicted time to first token.
+
+Like NVIDIA Dynamo's KV-router cost (prefill blocks still to compute + decode load), in seconds:
+
+    ahead      = max(waiting, pending)                      requests queued before ours
+    queue_wait = max(waiting x queuedRequestSeconds,
+                     pending_tokens x prefillSecondsPerToken + pending x requestOverheadSeconds)
+    uncached   = max(0, prompt_tokens - matched_blocks x block_tokens)
+    prefill    = requestOverheadSeconds + uncached x prefillSecondsPerToken
+    decode     = running x decodeSecondsPerRunning x (1 + ahead)
+    predicted  = queue_wait + prefill + decode  (+ kvPenaltySeconds when kv_usage ≥ kvThreshold)
+
+``waiting`` / ``running`` / ``kv_usage`` are scraped; ``pending`` / ``pending_tokens`` are this picker's own
+not-yet-answered requests (fresher than any scrape); ``matched_blocks`` comes from the approximate prefix
+index.
+Score: min-max normalised so the lowest prediction scores 1 and the highest 0 (all 1 when equal).
+
+Parameters: ``prefillSecondsPerToken`` (default 0.0001), ``requestOverheadSeconds`` (0.01),
+``queuedRequestSeconds`` (0.1: the prefill+first step of a queued request we know nothing about),
+``decodeSecondsPerRunning`` (0.001: each running sequence lengthens every engine step),
+``kvThreshold`` (0.95) and ``kvPenaltySeconds`` (1.0: preemption/queueing risk when the KV cache is full).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from inferoute.epp.scheduling.plugins._minmax import lower_is_better
+from inferoute.epp.scheduling.registry import Params, PluginDeps
+from inferoute.epp.scheduling.types import Candidate, CycleContext
+
+TYPE = "predicted-ttft-scorer"
+ROLE = "scorer"
+
+
+@dataclass(frozen=True, slots=True)
+class TTFTModel:
+    prefill_s_per_token: float = 0.0001
+    request_overhead_s: float = 0.01
+    queued_request_s: float = 0.1
+    decode_s_per_running: float = 0.001
+    kv_threshold: float = 0.95
+    kv_penalty_s: float = 1.0
+
+
+class PredictedTTFTScorer:
+    type_name: ClassVar[str] = TYPE
+
+    def __init__(self, name: str, model: TTFTModel | None = None) -> None:
+        self.name = name
+        self.model = model or TTFTModel()
+
+    def predict(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
+        """Predicted seconds to first token on each candidate."""
+        m = self.model
+        req = ctx.request
+        hashes = ctx.prefix_hashes(candidates)
+        match = ctx.prefix_match(candidates) if hashes else {}
+        block_tokens = ctx.block_size_tokens(candidates)
+        out: list[float] = []
+        for c in candidates:
+            met = c.metrics
+            inf = c.inflight
+            ahead = max(met.waiting, inf.pending)
+            queue_wait = max(
+                met.waiting * m.queued_request_s,
+                inf.pending_tokens * m.prefill_s_per_token + inf.pending * m.request_overhead_s,
+            )
+            uncached = req.prompt_tokens - match.get(c.key, 0) * block_tokens
+            if uncached < 0:
+                uncached = 0
+            t = queue_wait + m.request_overhead_s + uncached * m.prefill_s_per_token
+            t += met.running * m.decode_s_per_running * (1.0 + ahead)
+            if met.kv_usage >= m.kv_threshold:
+                t += m.kv_penalty_s
+            out.append(t)
+        return out
+
+    def score(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
+        return lower_is_better(self.predict(ctx, candidates))
+
+
+def create(name: str, params: Params, deps: PluginDeps) -> PredictedTTFTScorer:
+    return PredictedTTFTScorer(
+        name,
+        TTFTModel(
+            prefill_s_per_token=params.number("prefillSecondsPerToken", 0.0001, minimum=0),
+            request_overhead_s=params.number("requestOverheadSeconds", 0.01, minimum=0),
+            queued_request_s=params.number("queuedRequestSeconds", 0.1, minimum=0),
+            decode_s_per_running=params.number("decodeSecondsPerRunning", 0.001, minimum=0),
+            kv_threshold=params.number("kvThreshold", 0.95, minimum=0, maximum=1),
+            kv_penalty_s=params.number("kvPenaltySeconds", 1.0, minimum=0),
+        ),
+    )

@@ -1,0 +1,61 @@
+"""``prefix-cache-scorer``: prefer endpoints that probably hold this prompt's prefix in their KV cache.
+
+Formula (GIE): ``matched_blocks / total_blocks`` where ``matched_blocks`` is the number of leading prefix
+blocks the approximate prefix index says the endpoint holds (0 when the prompt is empty).
+Input: the request's chained block hashes and the learned prefix index (see
+:mod:`inferoute.epp.scheduling.prefix`); the engine records the hashes for the picked endpoint afterwards.
+Parameters: none here — block size, match cap and LRU capacity belong to ``approx-prefix-cache-producer``
+(GIE ignores scorer parameters too); for convenience the same keys are accepted on the scorer when no producer
+is configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from inferoute.epp.scheduling.registry import Params, PluginDeps
+from inferoute.epp.scheduling.types import Candidate, CycleContext, PrefixSettings
+
+TYPE = "prefix-cache-scorer"
+ROLE = "scorer"
+
+
+class PrefixCacheScorer:
+    type_name: ClassVar[str] = TYPE
+
+    def __init__(self, name: str, settings: PrefixSettings | None = None) -> None:
+        self.name = name
+        self.settings = settings
+        """Prefix parameters given on the scorer itself (applied by the config loader), if any."""
+
+    def score(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
+        hashes = ctx.prefix_hashes(candidates)
+        if not hashes:
+            return [0.0] * len(candidates)
+        match = ctx.prefix_match(candidates)
+        total = len(hashes)
+        return [match.get(c.key, 0) / total for c in candidates]
+
+
+def read_prefix_settings(params: Params) -> PrefixSettings | None:
+    """The producer's parameters (shared with ``approx-prefix-cache-producer``); None when none are given."""
+    given = bool(params.raw)
+    auto = params.flag("autoTune", True)
+    block = params.integer("blockSizeTokens", 16, minimum=1, maximum=4096)
+    legacy_chars = params.integer("blockSize", 0, minimum=0)  # GIE's older character-based block size
+    if legacy_chars:
+        block = max(1, legacy_chars // 4)
+    max_blocks = params.integer("maxPrefixBlocksToMatch", 256, minimum=1, maximum=1 << 20)
+    max_tokens = params.integer("maxPrefixTokensToMatch", 0, minimum=0)
+    if max_tokens:
+        max_blocks = max(1, max_tokens // block)
+    lru = params.integer("lruCapacityPerServer", 0, minimum=0)
+    settings = PrefixSettings(
+        block_size_tokens=block, max_blocks=max_blocks, auto_tune=auto, lru_capacity=lru or None
+    )
+    return settings if given else None
+
+
+def create(name: str, params: Params, deps: PluginDeps) -> PrefixCacheScorer:
+    return PrefixCacheScorer(name, read_prefix_settings(params))

@@ -1,0 +1,31 @@
+"""``random-picker``: a uniformly random candidate, ignoring scores.
+
+Returns ``maxNumOfEndpoints`` distinct candidates in random order. Parameters: ``maxNumOfEndpoints``
+(default 1).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from inferoute.epp.scheduling.registry import Params, PluginDeps
+from inferoute.epp.scheduling.types import Candidate, CycleContext, Scored
+
+TYPE = "random-picker"
+ROLE = "picker"
+
+
+class RandomPicker:
+    type_name: ClassVar[str] = TYPE
+
+    def __init__(self, name: str, max_endpoints: int = 1) -> None:
+        self.name = name
+        self.max_endpoints = max_endpoints
+
+    def pick(self, ctx: CycleContext, scored: list[Scored]) -> list[Candidate]:
+        k = min(self.max_endpoints, len(scored))
+        return [s.candidate for s in ctx.rng.sample(scored, k)]
+
+
+def create(name: str, params: Params, deps: PluginDeps) -> RandomPicker:
+    return RandomPicker(name, params.integer("maxNumOfEndpoints", 1, minimum=1))

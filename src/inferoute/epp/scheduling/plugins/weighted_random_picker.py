@@ -1,0 +1,40 @@
+"""``weighted-random-picker``: random choice with probability proportional to the total score.
+
+Weighted sampling without replacement by A-Res (Efraimidis-Spirakis, as GIE): key ``u^(1/score)`` for
+``u ~ U(0,1)``, highest keys win. Candidates with score 0 only come after every positive one (in random
+order); when every score is 0 the choice is uniform. Parameters: ``maxNumOfEndpoints`` (default 1).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from inferoute.epp.scheduling.registry import Params, PluginDeps
+from inferoute.epp.scheduling.types import Candidate, CycleContext, Scored
+
+TYPE = "weighted-random-picker"
+ROLE = "picker"
+
+
+class WeightedRandomPicker:
+    type_name: ClassVar[str] = TYPE
+
+    def __init__(self, name: str, max_endpoints: int = 1) -> None:
+        self.name = name
+        self.max_endpoints = max_endpoints
+
+    def pick(self, ctx: CycleContext, scored: list[Scored]) -> list[Candidate]:
+        rand = ctx.rng.random
+        keyed: list[tuple[float, float, Candidate]] = []
+        for s in scored:
+            u = rand()
+            if s.score > 0:
+                keyed.append((1.0, u ** (1.0 / s.score), s.candidate))
+            else:
+                keyed.append((0.0, u, s.candidate))
+        keyed.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        return [c for _, _, c in keyed[: self.max_endpoints]]
+
+
+def create(name: str, params: Params, deps: PluginDeps) -> WeightedRandomPicker:
+    return WeightedRandomPicker(name, params.integer("maxNumOfEndpoints", 1, minimum=1))

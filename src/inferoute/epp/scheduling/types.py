@@ -1,0 +1,171 @@
+"""The scheduling vocabulary: the request, candidate endpoints, the per-cycle context and the plugin roles.
+
+One Protocol per role: :class:`Filter`, :class:`Scorer`, :class:`PickerPlugin`, plus the optional
+:class:`PickObserver` for plugins that learn from each decision (prefix index, session affinity, round robin).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
+
+from inferoute.epp.datalayer.metrics import EndpointMetrics
+from inferoute.epp.learned import InflightCounts, LearnedState
+from inferoute.epp.scheduling.prefix import (
+    DEFAULT_BLOCK_SIZE_TOKENS,
+    DEFAULT_MAX_PREFIX_BLOCKS,
+    prefix_hashes,
+)
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """A parsed request, as scheduling sees it."""
+
+    model: str
+    """Client-facing model name (from the body)."""
+    target_model: str
+    """Model (or LoRA adapter) the server will run: ``model`` after rewrites."""
+    prompt: bytes = b""
+    """The raw prompt bytes used for prefix matching (completions ``prompt`` or chat ``messages`` JSON)."""
+    prompt_tokens: int = 0
+    """Prompt length estimate in tokens (bytes / 4)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    request_id: str = ""
+    objective: str | None = None
+    fairness_id: str = "default-flow"
+    priority: int = 0
+    stream: bool = False
+
+
+@dataclass(slots=True)
+class Candidate:
+    """An endpoint eligible for this request, with what we know about it."""
+
+    key: str
+    """``ip:port``."""
+    name: str
+    metrics: EndpointMetrics
+    inflight: InflightCounts
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PrefixSettings:
+    """How requests are cut into prefix blocks (the approx-prefix-cache producer's parameters)."""
+
+    block_size_tokens: int = DEFAULT_BLOCK_SIZE_TOKENS
+    max_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS
+    auto_tune: bool = True
+    """Take the block size from the servers' ``cache_config_info`` and the LRU size from
+    ``num_gpu_blocks``."""
+    lru_capacity: int | None = None
+    """Blocks remembered per endpoint when not auto-tuned (None: the index default, 31,250)."""
+
+
+class CycleContext:
+    """Everything one scheduling cycle may read; computed lazily and memoised for all plugins."""
+
+    __slots__ = ("_hashes", "_match", "learned", "now", "prefix_settings", "request", "rng")
+
+    def __init__(
+        self,
+        request: InferenceRequest,
+        learned: LearnedState,
+        *,
+        now: float,
+        rng: random.Random,
+        prefix_settings: PrefixSettings | None = None,
+    ) -> None:
+        self.request = request
+        self.learned = learned
+        self.now = now
+        self.rng = rng
+        self.prefix_settings = prefix_settings or PrefixSettings()
+        self._hashes: list[int] | None = None
+        self._match: dict[str, int] | None = None
+
+    def block_size_tokens(self, candidates: Sequence[Candidate]) -> int:
+        """The prefix block size: the servers' own (autoTune, most common among candidates) or configured."""
+        s = self.prefix_settings
+        if s.auto_tune:
+            counts: dict[int, int] = {}
+            for c in candidates:
+                b = c.metrics.block_size
+                if b:
+                    counts[b] = counts.get(b, 0) + 1
+            if counts:
+                return max(counts, key=lambda b: counts[b])
+        return s.block_size_tokens
+
+    def prefix_hashes(self, candidates: Sequence[Candidate]) -> list[int]:
+        if self._hashes is None:
+            self._hashes = prefix_hashes(
+                self.request.target_model,
+                self.request.prompt,
+                block_size_tokens=self.block_size_tokens(candidates),
+                max_blocks=self.prefix_settings.max_blocks,
+            )
+        return self._hashes
+
+    def prefix_match(self, candidates: Sequence[Candidate]) -> dict[str, int]:
+        """Matched leading blocks per candidate key (absent = 0)."""
+        if self._match is None:
+            self._match = self.learned.prefix.match(
+                self.prefix_hashes(candidates), [c.key for c in candidates]
+            )
+        return self._match
+
+    @property
+    def hashes_computed(self) -> list[int] | None:
+        return self._hashes
+
+
+class Plugin(Protocol):
+    type_name: ClassVar[str]
+    name: str
+
+
+@runtime_checkable
+class Filter(Protocol):
+    type_name: ClassVar[str]
+    name: str
+
+    def filter(self, ctx: CycleContext, candidates: list[Candidate]) -> list[Candidate]:
+        """The subset of ``candidates`` that may serve the request (keep the order)."""
+        ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    type_name: ClassVar[str]
+    name: str
+
+    def score(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> Sequence[float]:
+        """One score per candidate, same order; the engine clamps to [0, 1] and applies the weight."""
+        ...
+
+
+@dataclass(slots=True)
+class Scored:
+    candidate: Candidate
+    score: float
+
+
+@runtime_checkable
+class PickerPlugin(Protocol):
+    type_name: ClassVar[str]
+    name: str
+
+    def pick(self, ctx: CycleContext, scored: list[Scored]) -> list[Candidate]:
+        """The chosen endpoint first, then ordered fallbacks (``maxNumOfEndpoints`` in total at most)."""
+        ...
+
+
+@runtime_checkable
+class PickObserver(Protocol):
+    """Optional: learn from the decision (called once per successful cycle with the primary endpoint)."""
+
+    def on_picked(self, ctx: CycleContext, picked: Candidate, candidates: Sequence[Candidate]) -> None: ...
