@@ -137,9 +137,10 @@ class TimeoutsConfig(_Base):
 
 
 class UpstreamConfig(_Base):
-    keepalive_per_upstream: int = 256
-    """Idle keep-alive connections kept per upstream endpoint."""
+    max_connections_per_upstream: int = 0
+    """Connections (busy + idle keep-alive) per upstream endpoint; 0 = unlimited. Over it, requests wait."""
     keepalive_timeout: float = 60.0
+    """Seconds an idle keep-alive connection to an upstream is kept."""
 
 
 class GatewayConfig(_Base):

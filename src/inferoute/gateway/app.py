@@ -1,0 +1,435 @@
+"""The gateway's HTTP server: one handler, limits, errors, access log, health and metrics.
+
+:func:`start_gateway` assembles one process: metrics on an injected registry, the route deciders (and
+their pickers), the upstream :class:`~inferoute.gateway.proxy.Forwarder`, and an aiohttp low-level server (no
+router or middleware on the hot path) listening on a socket it binds itself (``SO_REUSEPORT`` when several
+workers share the port). :class:`GatewayHandler` handles one request:
+
+1. ``/healthz`` (alive), ``/readyz`` (the embedded picker is ready), ``metrics_path`` (Prometheus text).
+2. Limits: concurrent requests (503 ``overloaded``), header count/bytes (431), route match (404 ``no-route``),
+   body size from ``Content-Length`` up front and while reading chunked uploads (413).
+3. :meth:`RouteDecider.decide` (BBR + picker), then :meth:`Forwarder.open` (fallback walking), then the
+   response is streamed to the client and reported to the picker session.
+4. Whatever happens: one access-log line, the request/latency/TTFB metrics, and for every error an
+   OpenAI-style JSON body and ``errors_total{cause}``. A client that goes away cancels the handler (aiohttp
+   ``handler_cancellation``): the upstream request is closed and the picker session ``aborted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from inferoute.clock import Clock, SystemClock
+from inferoute.errors import InferouteError, error_body
+from inferoute.gateway.bbr import BodyLimit, check_declared_length
+from inferoute.gateway.config import GatewayConfig, parse_listen
+from inferoute.gateway.decide import Decided, PickerRejected
+from inferoute.gateway.metrics import GatewayMetrics
+from inferoute.gateway.pickers import Deciders, EmbeddedFactory, start_embedded_picker
+from inferoute.gateway.proxy import (
+    Forwarder,
+    client_response_headers,
+    lower_headers,
+    upstream_request_headers,
+)
+from inferoute.picking import PickSession
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("inferoute.gateway.access")
+
+_JSON = "application/json"
+_MAX_REQUEST_ID = 128
+
+
+@dataclass(slots=True)
+class _Record:
+    """What the access log line and the metrics need about one request."""
+
+    method: str
+    path: str
+    request_id: str
+    start: float
+    route: str = "-"
+    model: str | None = None
+    upstream: str | None = None
+    status: int = 0
+    ttfb: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    cause: str | None = None
+    attempts: int = 0
+    source: str = "-"
+    extra_causes: list[str] = field(default_factory=list)
+
+
+def _request_id(value: str | None) -> str:
+    if value and len(value) <= _MAX_REQUEST_ID and value.isprintable() and value.isascii():
+        return value
+    return uuid.uuid4().hex
+
+
+def error_response(exc: InferouteError, request_id: str) -> web.Response:
+    """The OpenAI-style JSON error answer for ``exc``."""
+    headers: CIMultiDict[str] = CIMultiDict({"X-Request-Id": request_id})
+    if isinstance(exc, PickerRejected):
+        headers.update({k: v for k, v in exc.headers.items() if k.lower() not in ("content-length",)})
+    if exc.status in (429, 503) and "Retry-After" not in headers:
+        headers["Retry-After"] = "1"
+    headers.setdefault("Content-Type", _JSON)
+    return web.Response(status=exc.status, body=exc.body(), headers=headers)
+
+
+class _SessionEnd:
+    """Ends a picker session exactly once."""
+
+    __slots__ = ("done", "session")
+
+    def __init__(self, session: PickSession) -> None:
+        self.session = session
+        self.done = False
+
+    def finished(self) -> None:
+        if not self.done:
+            self.done = True
+            self.session.response_finished()
+
+    def aborted(self, reason: str) -> None:
+        if not self.done:
+            self.done = True
+            self.session.aborted(reason)
+
+
+class GatewayHandler:
+    """The request handler of one process (see module docstring)."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        deciders: Deciders,
+        forwarder: Forwarder,
+        metrics: GatewayMetrics,
+        registry: CollectorRegistry,
+        clock: Clock | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.deciders = deciders
+        self.forwarder = forwarder
+        self.metrics = metrics
+        self.registry = registry
+        self.clock = clock or SystemClock()
+        self.in_flight = 0
+        self._limits = cfg.limits
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path == "/healthz":
+            return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
+        if path == "/readyz":
+            return await self._readyz()
+        if path == self.cfg.metrics_path:
+            return web.Response(
+                body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
+        rec = _Record(
+            request.method, path, _request_id(request.headers.get("x-request-id")), self.clock.now()
+        )
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            return await self._handle(request, rec)
+        except asyncio.CancelledError:
+            rec.status = rec.status or 499
+            rec.cause = "client-disconnect"
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+            self._finish(rec)
+
+    async def _readyz(self) -> web.Response:
+        if await self.deciders.ready():
+            return web.Response(body=b'{"status":"ready"}', content_type=_JSON)
+        exc = InferouteError(503, "the endpoint picker is not ready yet", cause="not-ready")
+        return web.Response(status=503, body=exc.body(), content_type=_JSON)
+
+    async def _handle(self, request: web.BaseRequest, rec: _Record) -> web.StreamResponse:
+        try:
+            return await self._route(request, rec)
+        except InferouteError as exc:
+            return self._error(exc, rec)
+
+    def _error(self, exc: InferouteError, rec: _Record) -> web.Response:
+        rec.status = exc.status
+        rec.cause = exc.cause
+        if exc.status >= 500 or exc.status in (413, 431):
+            log.warning("%s %s -> %d %s: %s [request_id=%s]", rec.method, rec.path, exc.status, exc.cause,
+                        exc.message, rec.request_id)  # fmt: skip
+        resp = error_response(exc, rec.request_id)
+        rec.bytes_out = len(resp.body) if isinstance(resp.body, bytes) else 0
+        return resp
+
+    async def _route(self, request: web.BaseRequest, rec: _Record) -> web.StreamResponse:
+        lim = self._limits
+        if self.in_flight > lim.max_concurrent_requests:
+            raise InferouteError(503, f"too many concurrent requests (limit {lim.max_concurrent_requests})",
+                                 cause="overloaded")  # fmt: skip
+        raw = request.raw_headers
+        if len(raw) > lim.max_headers:
+            raise InferouteError(431, f"too many request headers ({len(raw)} > {lim.max_headers})",
+                                 cause="headers-too-large")  # fmt: skip
+        size = sum(len(k) + len(v) + 4 for k, v in raw)
+        if size > lim.max_header_bytes:
+            raise InferouteError(431, f"request headers too large ({size} > {lim.max_header_bytes} bytes)",
+                                 cause="headers-too-large")  # fmt: skip
+        decider = self.deciders.for_path(rec.path)
+        if decider is None:
+            raise InferouteError(404, f"no route for {rec.path}", cause="no-route")
+        route = decider.route
+        rec.route = route.path
+        body = await self._read_body(request, route.bbr.max_body_size)
+        rec.bytes_in = len(body)
+        self.metrics.bytes_in.inc(len(body))
+        decided = await decider.decide(
+            request.method, rec.path, request.headers.items(), body, rec.request_id
+        )
+        self._note_decision(decided, rec)
+        return await self._forward(request, decided, rec)
+
+    async def _read_body(self, request: web.BaseRequest, limit: int) -> bytes:
+        declared = check_declared_length(request.headers, limit)
+        if declared is not None:
+            if declared == 0:
+                return b""
+            try:
+                return await request.content.readexactly(declared)
+            except asyncio.IncompleteReadError as exc:
+                raise InferouteError(400, "request body shorter than its Content-Length",
+                                     cause="bad-request") from exc  # fmt: skip
+        if not request.body_exists:
+            return b""
+        counter = BodyLimit(limit)
+        chunks: list[bytes] = []
+        async for chunk in request.content.iter_any():
+            counter.feed(len(chunk))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _note_decision(self, d: Decided, rec: _Record) -> None:
+        rec.model = d.model
+        rec.source = d.source
+        m = self.metrics
+        if d.route.bbr.enabled:
+            m.bbr.labels(rec.route).observe(d.bbr_seconds)
+        if d.route.epp.enabled:
+            m.picker.labels(rec.route).observe(d.picker_seconds)
+        if d.picker_error:
+            rec.extra_causes.append(d.picker_error)
+            m.fail_open.labels(rec.route).inc()
+        if d.bbr_error:
+            rec.extra_causes.append(d.bbr_error)
+
+    async def _forward(self, request: web.BaseRequest, d: Decided, rec: _Record) -> web.StreamResponse:
+        end = _SessionEnd(d.session)
+        try:
+            return await self._relay(request, d, rec, end)
+        except InferouteError:
+            end.aborted("upstream-error")
+            raise
+        except asyncio.CancelledError:
+            end.aborted("client-disconnect")
+            raise
+        except BaseException:
+            end.aborted("error")
+            raise
+        finally:
+            end.aborted("incomplete")  # no-op when already ended
+
+    async def _relay(
+        self, request: web.BaseRequest, d: Decided, rec: _Record, end: _SessionEnd
+    ) -> web.StreamResponse:
+        client_ip = request.remote
+        peer_headers = d.upstream_headers  # bound method: headers naming the endpoint being tried
+
+        def headers_for(up: str) -> CIMultiDict[str]:
+            return upstream_request_headers(peer_headers(up), rec.request_id, client_ip)
+
+        opened = await self.forwarder.open(
+            request.method, request.raw_path, d.upstreams, headers_for, d.body, route=rec.route
+        )
+        up = opened.response
+        rec.upstream = opened.served
+        rec.attempts = opened.attempts
+        rec.status = up.status
+        try:
+            hdrs = client_response_headers(up.headers, rec.request_id)
+            resp = web.StreamResponse(status=up.status, reason=up.reason, headers=hdrs)
+            if up.content_length is not None:
+                resp.content_length = up.content_length
+            d.session.response_started(opened.served, up.status, lower_headers(up.headers))
+            await resp.prepare(request)
+            rec.ttfb = self.clock.now() - rec.start
+            out = 0
+            try:
+                async for chunk in up.content.iter_any():
+                    d.session.response_chunk(chunk)
+                    await resp.write(chunk)
+                    out += len(chunk)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                rec.bytes_out = out
+                rec.cause = "upstream-aborted"
+                log.warning("upstream %s broke off the response: %r [request_id=%s]", opened.served, exc,
+                            rec.request_id)  # fmt: skip
+                end.aborted("upstream-aborted")
+                raise
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                rec.bytes_out = out
+                rec.cause = "client-disconnect"
+                rec.status = 499
+                end.aborted("client-disconnect")
+                raise
+            rec.bytes_out = out
+            await resp.write_eof()
+            end.finished()
+            return resp
+        finally:
+            if not up.closed:
+                if end.done and rec.cause is None:
+                    up.release()
+                else:
+                    up.close()
+
+    def _finish(self, rec: _Record) -> None:
+        now = self.clock.now()
+        duration = now - rec.start
+        m = self.metrics
+        route = rec.route
+        m.requests.labels(route, str(rec.status)).inc()
+        m.duration.labels(route).observe(duration)
+        if rec.ttfb is not None:
+            m.ttfb.labels(route).observe(rec.ttfb)
+        if rec.cause:
+            m.errors.labels(rec.cause).inc()
+        for c in rec.extra_causes:
+            m.errors.labels(c).inc()
+        m.bytes_out.inc(rec.bytes_out)
+        if self.cfg.access_log and access_log.isEnabledFor(logging.INFO):
+            ttfb = f"{rec.ttfb * 1000:.2f}" if rec.ttfb is not None else "-"
+            access_log.info(
+                'method=%s path=%s status=%d route=%s model=%s upstream=%s ttfb_ms=%s duration_ms=%.2f '
+                "bytes_in=%d bytes_out=%d attempts=%d source=%s cause=%s request_id=%s",
+                rec.method, rec.path, rec.status, route, _q(rec.model), rec.upstream or "-", ttfb,
+                duration * 1000, rec.bytes_in, rec.bytes_out, rec.attempts, rec.source,
+                ",".join(filter(None, [rec.cause, *rec.extra_causes])) or "-", rec.request_id,
+            )  # fmt: skip
+
+
+def _q(value: str | None) -> str:
+    if value is None:
+        return "-"
+    if value and all(c.isalnum() or c in "-_./:@" for c in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket (IPv6 when ``host`` has a colon)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class RunningGateway:
+    """A started gateway (one process); :meth:`aclose` stops it, draining connections up to ``grace`` s."""
+
+    def __init__(
+        self,
+        server: asyncio.Server,
+        web_server: web.Server,
+        handler: GatewayHandler,
+        forwarder: Forwarder,
+        deciders: Deciders,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._server = server
+        self._web_server = web_server
+        self.handler = handler
+        self._forwarder = forwarder
+        self.deciders = deciders
+        self.registry = registry
+        sockname = server.sockets[0].getsockname()
+        self.host: str = sockname[0]
+        self.port: int = sockname[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await self._web_server.shutdown(grace)
+        with contextlib.suppress(Exception):
+            await self._server.wait_closed()
+        await self._forwarder.aclose()
+        await self.deciders.aclose()
+
+
+async def start_gateway(
+    cfg: GatewayConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    embedded_factory: EmbeddedFactory = start_embedded_picker,
+    sock: socket.socket | None = None,
+    reuse_port: bool = False,
+    clock: Clock | None = None,
+) -> RunningGateway:
+    """Start one gateway process-part on ``cfg.listen`` (or the given listening ``sock``)."""
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    deciders = await Deciders.build(cfg, registry, embedded_factory=embedded_factory, clock=clock)
+    forwarder = Forwarder(cfg, metrics)
+    try:
+        await forwarder.start()
+        handler = GatewayHandler(cfg, deciders, forwarder, metrics, registry, clock)
+        lim = cfg.limits
+        web_server = web.Server(
+            handler,
+            handler_cancellation=True,
+            access_log=None,
+            max_line_size=lim.max_header_bytes + 1024,
+            max_field_size=lim.max_header_bytes + 1024,
+            max_headers=lim.max_headers * 2 + 32,
+        )
+        if sock is None:
+            host, port = parse_listen(cfg.listen)
+            sock = bind_socket(host, port, reuse_port=reuse_port)
+        server = await asyncio.get_running_loop().create_server(web_server, sock=sock, backlog=1024)
+    except BaseException:
+        await forwarder.aclose()
+        await deciders.aclose()
+        raise
+    return RunningGateway(server, web_server, handler, forwarder, deciders, registry)
+
+
+__all__ = ["GatewayHandler", "RunningGateway", "bind_socket", "error_body", "error_response", "start_gateway"]

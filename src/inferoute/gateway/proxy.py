@@ -1,0 +1,176 @@
+"""Forwarding to model servers: keep-alive pools, fallback walking, streaming relay.
+
+:class:`Forwarder` owns one aiohttp ``ClientSession`` per process (one ``TCPConnector``: a keep-alive pool per
+``ip:port``). :meth:`Forwarder.open` walks a decision's ordered endpoint list: a connect error, a dropped
+keep-alive connection or a 5xx status *before any byte went to the client* moves on to the next endpoint (the
+body was buffered, so it can be replayed); the last endpoint's 5xx is passed through as is. What it returns is
+the open upstream response; :func:`relay` streams it to the client chunk by chunk (``iter_any``: an SSE event
+is written as soon as it arrives) and reports it to the picker session.
+
+Header rules (RFC 9110 §7.6.1): hop-by-hop headers and those named in ``Connection`` are dropped both ways;
+``Host`` and ``Content-Length`` are recomputed for the upstream; ``x-request-id`` and ``x-forwarded-for`` are
+set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from inferoute.errors import InferouteError
+from inferoute.gateway.config import GatewayConfig
+from inferoute.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP: frozenset[str] = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade",
+})  # fmt: skip
+_RECOMPUTED = frozenset({"host", "content-length", "x-request-id", "x-forwarded-for"})
+
+
+def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
+    tokens: set[str] = set()
+    for k, v in headers:
+        if k.lower() == "connection":
+            tokens.update(t.strip().lower() for t in v.split(",") if t.strip())
+    return tokens
+
+
+def upstream_request_headers(
+    headers: list[tuple[str, str]], request_id: str, client_ip: str | None
+) -> CIMultiDict[str]:
+    """Headers for the upstream request: hop-by-hop removed, ``x-request-id`` and ``x-forwarded-for`` set."""
+    drop = HOP_BY_HOP | _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    forwarded_for: str | None = None
+    for k, v in headers:
+        lk = k.lower()
+        if lk in drop:
+            continue
+        if lk in _RECOMPUTED:
+            if lk == "x-forwarded-for":
+                forwarded_for = v if forwarded_for is None else f"{forwarded_for}, {v}"
+            continue
+        out.add(k, v)
+    if client_ip:
+        forwarded_for = f"{forwarded_for}, {client_ip}" if forwarded_for else client_ip
+    if forwarded_for:
+        out["X-Forwarded-For"] = forwarded_for
+    out["X-Request-Id"] = request_id
+    return out
+
+
+def client_response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    """The upstream's response headers minus hop-by-hop ones and ``Content-Length`` (set separately)."""
+    drop = HOP_BY_HOP | _connection_tokens(headers.items()) | {"content-length"}
+    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    out["X-Request-Id"] = request_id
+    return out
+
+
+@dataclass(slots=True)
+class Opened:
+    """An upstream response whose status line and headers arrived."""
+
+    response: aiohttp.ClientResponse
+    served: str
+    attempts: int
+
+
+class Forwarder:
+    """The upstream side of one process."""
+
+    def __init__(self, cfg: GatewayConfig, metrics: GatewayMetrics | None = None) -> None:
+        self._cfg = cfg
+        self._session: aiohttp.ClientSession | None = None
+        self._metrics = metrics
+
+    def _fallback(self, route: str, upstream: str, reason: str, detail: str) -> None:
+        log.warning("route %s: upstream %s failed (%s); trying the next endpoint", route, upstream, detail)
+        if self._metrics is not None:
+            self._metrics.fallbacks.labels(route, reason).inc()
+
+    async def start(self) -> None:
+        t = self._cfg.timeouts
+        u = self._cfg.upstream
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=u.max_connections_per_upstream,
+            keepalive_timeout=u.keepalive_timeout,
+            use_dns_cache=True,
+            ttl_dns_cache=10,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=None, sock_connect=t.connect, sock_read=t.read_idle
+            ),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def open(
+        self,
+        method: str,
+        path_qs: str,
+        upstreams: tuple[str, ...],
+        headers_for: Callable[[str], CIMultiDict[str]],
+        body: bytes,
+        route: str = "-",
+    ) -> Opened:
+        """Send the request to the first endpoint that answers (see module docstring)."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("Forwarder.start() was not awaited")
+        t = self._cfg.timeouts
+        last_error = "no endpoint"
+        for i, up in enumerate(upstreams):
+            last = i == len(upstreams) - 1
+            try:
+                async with asyncio.timeout(t.response_headers):
+                    resp = await session.request(
+                        method,
+                        f"http://{up}{path_qs}",
+                        headers=headers_for(up),
+                        data=body if body else None,
+                        allow_redirects=False,
+                    )
+            except TimeoutError as exc:
+                raise InferouteError(
+                    504,
+                    f"upstream {up} did not answer within {t.response_headers:g}s",
+                    cause="upstream-timeout",
+                ) from exc
+            except (aiohttp.ClientConnectionError, OSError) as exc:
+                last_error = f"{up}: {exc or type(exc).__name__}"
+                if not last:
+                    self._fallback(route, up, "connect", repr(exc))
+                else:
+                    log.warning("route %s: upstream %s failed before answering: %r", route, up, exc)
+                continue
+            if resp.status >= 500 and not last:
+                self._fallback(route, up, "5xx", f"status {resp.status}")
+                resp.release()
+                continue
+            return Opened(resp, up, i + 1)
+        raise InferouteError(
+            502, f"no upstream endpoint could be reached ({last_error})", cause="upstream-connect"
+        )
+
+
+def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
