@@ -121,7 +121,11 @@ class Replica:
 
     async def start(self) -> None:
         self._runner = web.AppRunner(
-            self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=0.5
+            self.make_app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=0.5,
+            handler_cancellation=True,
         )
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock).start()
@@ -311,6 +315,20 @@ class Replica:
             headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
+        try:
+            await self._pump(req, link, writer, include_usage, response)
+        except ConnectionResetError:
+            log.debug("%s: client went away during %s", self.name, req.request_id)  # `_serve` aborts it
+        return response
+
+    async def _pump(
+        self,
+        req: SimRequest,
+        link: _Stream,
+        writer: ResponseWriter,
+        include_usage: bool,
+        response: web.StreamResponse,
+    ) -> None:
         loop = asyncio.get_running_loop()
         sent = 0
         times = link.times
@@ -335,7 +353,7 @@ class Replica:
                 parts.append(DONE)
                 await response.write(b"".join(parts))
                 await response.write_eof()
-                return response
+                return
             await response.write(b"".join(parts))
 
 
