@@ -172,8 +172,15 @@ class GatewayHandler:
         rec.status = exc.status
         rec.cause = exc.cause
         if exc.status >= 500 or exc.status in (413, 431):
-            log.warning("%s %s -> %d %s: %s [request_id=%s]", rec.method, rec.path, exc.status, exc.cause,
-                        exc.message, rec.request_id)  # fmt: skip
+            log.warning(
+                "%s %s -> %d %s: %s [request_id=%s]",
+                rec.method,
+                rec.path,
+                exc.status,
+                exc.cause,
+                exc.message,
+                rec.request_id,
+            )
         resp = error_response(exc, rec.request_id)
         rec.bytes_out = len(resp.body) if isinstance(resp.body, bytes) else 0
         return resp
@@ -181,16 +188,21 @@ class GatewayHandler:
     async def _route(self, request: web.BaseRequest, rec: _Record) -> web.StreamResponse:
         lim = self._limits
         if self.in_flight > lim.max_concurrent_requests:
-            raise InferouteError(503, f"too many concurrent requests (limit {lim.max_concurrent_requests})",
-                                 cause="overloaded")  # fmt: skip
+            raise InferouteError(
+                503, f"too many concurrent requests (limit {lim.max_concurrent_requests})", cause="overloaded"
+            )
         raw = request.raw_headers
         if len(raw) > lim.max_headers:
-            raise InferouteError(431, f"too many request headers ({len(raw)} > {lim.max_headers})",
-                                 cause="headers-too-large")  # fmt: skip
+            raise InferouteError(
+                431, f"too many request headers ({len(raw)} > {lim.max_headers})", cause="headers-too-large"
+            )
         size = sum(len(k) + len(v) + 4 for k, v in raw)
         if size > lim.max_header_bytes:
-            raise InferouteError(431, f"request headers too large ({size} > {lim.max_header_bytes} bytes)",
-                                 cause="headers-too-large")  # fmt: skip
+            raise InferouteError(
+                431,
+                f"request headers too large ({size} > {lim.max_header_bytes} bytes)",
+                cause="headers-too-large",
+            )
         decider = self.deciders.for_path(rec.path)
         if decider is None:
             raise InferouteError(404, f"no route for {rec.path}", cause="no-route")
@@ -213,8 +225,9 @@ class GatewayHandler:
             try:
                 return await request.content.readexactly(declared)
             except asyncio.IncompleteReadError as exc:
-                raise InferouteError(400, "request body shorter than its Content-Length",
-                                     cause="bad-request") from exc  # fmt: skip
+                raise InferouteError(
+                    400, "request body shorter than its Content-Length", cause="bad-request"
+                ) from exc
         if not request.body_exists:
             return b""
         counter = BodyLimit(limit)
@@ -287,8 +300,12 @@ class GatewayHandler:
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
                 rec.bytes_out = out
                 rec.cause = "upstream-aborted"
-                log.warning("upstream %s broke off the response: %r [request_id=%s]", opened.served, exc,
-                            rec.request_id)  # fmt: skip
+                log.warning(
+                    "upstream %s broke off the response: %r [request_id=%s]",
+                    opened.served,
+                    exc,
+                    rec.request_id,
+                )
                 end.aborted("upstream-aborted")
                 raise
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -325,12 +342,23 @@ class GatewayHandler:
         if self.cfg.access_log and access_log.isEnabledFor(logging.INFO):
             ttfb = f"{rec.ttfb * 1000:.2f}" if rec.ttfb is not None else "-"
             access_log.info(
-                'method=%s path=%s status=%d route=%s model=%s upstream=%s ttfb_ms=%s duration_ms=%.2f '
+                "method=%s path=%s status=%d route=%s model=%s upstream=%s ttfb_ms=%s duration_ms=%.2f "
                 "bytes_in=%d bytes_out=%d attempts=%d source=%s cause=%s request_id=%s",
-                rec.method, rec.path, rec.status, route, _q(rec.model), rec.upstream or "-", ttfb,
-                duration * 1000, rec.bytes_in, rec.bytes_out, rec.attempts, rec.source,
-                ",".join(filter(None, [rec.cause, *rec.extra_causes])) or "-", rec.request_id,
-            )  # fmt: skip
+                rec.method,
+                rec.path,
+                rec.status,
+                route,
+                _q(rec.model),
+                rec.upstream or "-",
+                ttfb,
+                duration * 1000,
+                rec.bytes_in,
+                rec.bytes_out,
+                rec.attempts,
+                rec.source,
+                ",".join(filter(None, [rec.cause, *rec.extra_causes])) or "-",
+                rec.request_id,
+            )
 
 
 def _q(value: str | None) -> str:

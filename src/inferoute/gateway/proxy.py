@@ -28,10 +28,20 @@ from inferoute.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
-HOP_BY_HOP: frozenset[str] = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-    "trailer", "trailers", "transfer-encoding", "upgrade",
-})  # fmt: skip
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 _RECOMPUTED = frozenset({"host", "content-length", "x-request-id", "x-forwarded-for"})
 
 

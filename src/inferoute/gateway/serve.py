@@ -1,0 +1,139 @@
+"""Running the gateway as a program: signals, uvloop, ``--workers N`` processes on one port.
+
+``--workers N`` starts N worker processes (``spawn``), each a complete gateway (its own event loop, upstream
+pools, pickers) listening on the same ``host:port`` with ``SO_REUSEPORT``: the kernel spreads connections over
+them, so N workers use N cores. The parent keeps a bound (non-listening) socket on the port so that
+``:0`` resolves once for all, forwards SIGINT/SIGTERM to the workers and exits when they have.
+
+Trade-off, by design: an *embedded* picker lives in each worker, so its learned state (prefix-cache index,
+in-flight counts, queue) is split N ways. With several workers, point ``epp.endpoint`` at one
+``inferoute epp`` so every worker asks the same brain (one gRPC hop per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.process
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from inferoute.gateway.app import RunningGateway, start_gateway
+from inferoute.gateway.config import GatewayConfig, parse_listen, with_listen
+
+log = logging.getLogger(__name__)
+
+
+def run_async(main: Callable[[], Awaitable[int]]) -> int:
+    """Run ``main`` on uvloop (asyncio if uvloop is missing)."""
+    try:
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())  # type: ignore[arg-type]
+
+
+async def wait_for_signal() -> str:
+    """Until SIGINT or SIGTERM; returns the signal's name."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[str] = loop.create_future()
+    sigs = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not got.done():
+            got.set_result(sig.name)
+
+    for sig in sigs:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await got
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+
+
+async def serve_one(cfg: GatewayConfig, *, reuse_port: bool = False, announce: bool = True) -> int:
+    """One gateway process until a signal."""
+    gw: RunningGateway = await start_gateway(cfg, reuse_port=reuse_port)
+    try:
+        if announce:
+            log.info("gateway listening on %s (pid %d)", gw.url, os.getpid())
+        name = await wait_for_signal()
+        log.info("%s: stopping", name)
+    finally:
+        await gw.aclose()
+    return 0
+
+
+def _worker_main(cfg_json: bytes, log_level: int) -> None:
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+    )
+    cfg = msgspec.json.decode(cfg_json, type=GatewayConfig)
+    sys.exit(run_async(lambda: serve_one(cfg, reuse_port=True, announce=False)))
+
+
+def run_gateway(cfg: GatewayConfig, workers: int | None = None) -> int:
+    """Blocking entry point of ``inferoute gateway``: one process, or ``workers`` processes on one port."""
+    n = workers or cfg.workers
+    if n <= 1:
+        return run_async(lambda: serve_one(cfg))
+    host, port = parse_listen(cfg.listen)
+    holder = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((host, port))
+    port = holder.getsockname()[1]
+    cfg = with_listen(cfg, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    ctx = multiprocessing.get_context("spawn")
+    blob = msgspec.json.encode(cfg)
+    level = logging.getLogger().getEffectiveLevel()
+    procs: list[multiprocessing.process.BaseProcess] = []
+    stop = {"signal": 0}
+
+    def forward(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+        for p in procs:
+            if p.is_alive() and p.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for i in range(n):
+            proc = ctx.Process(target=_worker_main, args=(blob, level), name=f"gateway-worker-{i}")
+            proc.start()
+            procs.append(proc)
+        log.info(
+            "gateway listening on http://%s:%d with %d workers (pids %s)",
+            host,
+            port,
+            n,
+            ",".join(str(p.pid) for p in procs),
+        )
+        codes = []
+        for p in procs:
+            p.join()
+            codes.append(p.exitcode or 0)
+            if not stop["signal"]:  # a worker died on its own: stop the others too
+                forward(signal.SIGTERM, None)
+        return 0 if stop["signal"] else max(codes)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for s, h in old.items():
+            signal.signal(s, h)
+        holder.close()
