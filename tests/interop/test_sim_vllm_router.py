@@ -1,0 +1,117 @@
+"""A real router in front of the simulator: vLLM Router (Rust, PyPI ``vllm-router``) health-checks the
+replicas, then routes OpenAI SDK traffic to them."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from openai import AsyncOpenAI
+
+from conftest import free_ports
+from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
+
+
+def router_binary() -> str:
+    found = Path(sys.executable).with_name("vllm-router")
+    if found.exists():
+        return str(found)
+    path = shutil.which("vllm-router")
+    if path is None:
+        raise AssertionError("vllm-router is not installed: pip install vllm-router (make test-deps)")
+    return path
+
+
+@pytest.fixture
+async def routed() -> AsyncIterator[str]:
+    """Three replicas behind vllm-router (round robin); yields the router's base URL."""
+    pool = await SimPool.start(SimConfig(time_scale=0.1), replicas=3)
+    (port,) = free_ports(1)
+    proc = await asyncio.create_subprocess_exec(
+        router_binary(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        *pool.urls,
+        "--policy",
+        "round_robin",
+        "--log-level",
+        "warning",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_healthy(url, proc)
+        yield url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        await pool.aclose()
+
+
+async def _wait_healthy(url: str, proc: asyncio.subprocess.Process) -> None:
+    async with aiohttp.ClientSession() as http, asyncio.timeout(30):
+        while True:
+            if proc.returncode is not None:
+                err = await proc.stderr.read() if proc.stderr else b""
+                raise AssertionError(f"vllm-router exited with {proc.returncode}: {err.decode()[-2000:]}")
+            try:
+                async with http.get(url + "/health") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+async def test_vllm_router_spreads_requests_over_sim_replicas(routed: str) -> None:
+    url = routed
+    served: Counter[str] = Counter()
+    async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30) as client:
+        models = await client.models.list()
+        assert DEFAULT_MODEL in [m.id for m in models.data]
+        for i in range(6):
+            raw = await client.chat.completions.with_raw_response.create(
+                model=DEFAULT_MODEL,
+                messages=[{"role": "user", "content": f"question {i}"}],
+                max_tokens=4,
+                extra_body={"ignore_eos": True},
+            )
+            resp = raw.parse()
+            assert resp.usage is not None and resp.usage.completion_tokens == 4
+            served[raw.headers["x-inference-pod"]] += 1
+        stream = await client.completions.create(
+            model=DEFAULT_MODEL,
+            prompt="stream through the router",
+            max_tokens=6,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        texts = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+    assert len(texts) == 6
+    assert served == {"sim-0": 2, "sim-1": 2, "sim-2": 2}  # round robin over the three replicas
+
+
+async def test_router_relays_simulator_errors(routed: str) -> None:
+    url = routed
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"}) as r,
+    ):
+        assert r.status == 404
+        body = await r.json()
+    assert body["error"]["message"] == "The model `nope` does not exist."
