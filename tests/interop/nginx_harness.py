@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pytest
 
@@ -101,6 +102,9 @@ class NginxServer:
         for sub in ("logs", "conf", *(f"temp/{d}" for d in TEMP_DIRS)):
             (prefix / sub).mkdir(parents=True, exist_ok=True)
         conf_path = prefix / "conf" / "nginx.conf"
+        if os.geteuid() == 0 and not any(line.strip().startswith("user ") for line in conf_text.splitlines()):
+            # Workers would run as nobody, who cannot enter pytest's 0700 tmp directories (body temp files).
+            conf_text = "user root;\n" + conf_text
         conf_path.write_text(conf_text)
         args = [binary, "-p", f"{prefix}/", "-c", str(conf_path)]
         check = subprocess.run([*args, "-t", "-q"], capture_output=True, timeout=timeout)
@@ -165,20 +169,110 @@ class NginxServer:
         self.stop()
 
 
-@pytest.fixture
-def nginx_factory(tmp_path: Path) -> Iterator[Callable[[str, Sequence[int]], NginxServer]]:
-    """``start(conf_text, ports) -> NginxServer``; every server is stopped at teardown and its error log is
-    printed (pytest shows it when the test failed)."""
-    started: list[NginxServer] = []
+class NginxFactory:
+    """Starts NGINX servers under ``base``; closing stops them all (by pid) and prints their error logs
+    (pytest shows captured output for failed tests). ``factory(conf_text, ports) -> NginxServer``."""
 
-    def start(conf_text: str, ports: Sequence[int]) -> NginxServer:
-        server = NginxServer.start(tmp_path / f"nginx{len(started)}", conf_text, ports=ports)
-        started.append(server)
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.started: list[NginxServer] = []
+
+    def __call__(self, conf_text: str, ports: Sequence[int]) -> NginxServer:
+        server = NginxServer.start(self.base / f"nginx{len(self.started)}", conf_text, ports=ports)
+        self.started.append(server)
         return server
 
-    try:
-        yield start
-    finally:
-        for server in started:
+    def close(self) -> None:
+        for server in self.started:
             server.stop()
-            print(server.error_log())  # pytest shows captured output only for failed tests
+            print(server.error_log())
+
+    def __enter__(self) -> NginxFactory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.fixture
+def nginx_factory(tmp_path: Path) -> Iterator[Callable[[str, Sequence[int]], NginxServer]]:
+    """``start(conf_text, ports) -> NginxServer``; every server is stopped at teardown. To use it, import it
+    into a test module or conftest (or wrap :class:`NginxFactory` in a local fixture)."""
+    with NginxFactory(tmp_path) as factory:
+        yield factory
+
+
+# --- test backends -----------------------------------------------------------------------------------------
+
+
+class EchoBackend:
+    """An aiohttp model-server stand-in on a free port.
+
+    * any path: answers JSON ``{sha256, length, method, path, headers, port}`` describing what arrived
+      (body hashed, so a 20 MB body is compared without echoing it) with header ``x-served-port``;
+    * a path ending in ``/sse``: ``n`` SSE events ``gap`` seconds apart (query parameters), then ``[DONE]``.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.requests = 0
+        self._runner: Any = None
+
+    async def start(self) -> EchoBackend:
+        from aiohttp import web
+
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _handle(self, request: Any) -> Any:
+        import asyncio
+        import hashlib
+        import json
+
+        from aiohttp import web
+
+        self.requests += 1
+        if request.path.endswith("/sse"):
+            n = int(request.query.get("n", "5"))
+            gap = float(request.query.get("gap", "0.1"))
+            resp = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "x-served-port": str(self.port)}
+            )
+            await resp.prepare(request)
+            for i in range(n):
+                await resp.write(f"data: {json.dumps({'i': i})}\n\n".encode())
+                await asyncio.sleep(gap)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        digest = hashlib.sha256()
+        length = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            length += len(chunk)
+        return web.json_response(
+            {
+                "sha256": digest.hexdigest(),
+                "length": length,
+                "method": request.method,
+                "path": request.path_qs,
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "port": self.port,
+            },
+            headers={"x-served-port": str(self.port)},
+        )
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -46,12 +46,15 @@ walking the same fallback list, and ends the session itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
+import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -61,7 +64,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from inferoute.clock import Clock, SystemClock
 from inferoute.errors import InferouteError
 from inferoute.gateway.bbr import check_declared_length, too_large
+from inferoute.gateway.config import GatewayConfig, parse_listen
 from inferoute.gateway.decide import Decided, PickerRejected, RouteDecider
+from inferoute.gateway.pickers import Deciders, EmbeddedFactory, start_embedded_picker
 from inferoute.picking import PickSession
 from inferoute.tasks import TaskSet
 
@@ -550,11 +555,88 @@ class DeciderServer:
         await self.decider.aclose()
 
 
-async def serve_decider(decider: Decider, host: str, port: int) -> None:
-    """Serve ``decider`` on ``host:port`` until cancelled."""
+class RunningDecider:
+    """A started decider with its pickers (:func:`start_decider`); :meth:`aclose` stops everything."""
+
+    def __init__(self, server: DeciderServer, deciders: Deciders, registry: CollectorRegistry) -> None:
+        self.server = server
+        self.deciders = deciders
+        self.registry = registry
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def decider(self) -> Decider:
+        return self.server.decider
+
+    async def aclose(self) -> None:
+        try:
+            await self.server.aclose()
+        finally:
+            await self.deciders.aclose()
+
+
+async def start_decider(
+    cfg: GatewayConfig,
+    listen: str | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    embedded_factory: EmbeddedFactory = start_embedded_picker,
+    clock: Clock | None = None,
+    max_fallbacks: int = DEFAULT_MAX_FALLBACKS,
+    completion_timeout: float = DEFAULT_COMPLETION_TIMEOUT,
+) -> RunningDecider:
+    """Build every route's :class:`RouteDecider` exactly as the gateway does (:class:`Deciders`) and serve
+    them as the NGINX decider on ``listen`` (default ``cfg.listen``; port 0 picks a free one)."""
+    registry = registry if registry is not None else CollectorRegistry()
+    host, port = parse_listen(listen or cfg.listen)
+    deciders = await Deciders.build(cfg, registry, embedded_factory=embedded_factory, clock=clock)
+    decider = Decider(
+        deciders.for_path,
+        registry=registry,
+        clock=clock,
+        max_fallbacks=max_fallbacks,
+        completion_timeout=completion_timeout,
+        relay_timeouts=aiohttp.ClientTimeout(
+            sock_connect=cfg.timeouts.connect, sock_read=cfg.timeouts.read_idle
+        ),
+    )
     server = DeciderServer(decider, host, port)
     try:
         await server.start()
+    except BaseException:
+        await deciders.aclose()
+        raise
+    return RunningDecider(server, deciders, registry)
+
+
+async def serve(cfg: GatewayConfig, listen: str | None = None) -> None:
+    """Run the decider until cancelled (SIGINT/SIGTERM end :func:`run_decider`)."""
+    running = await start_decider(cfg, listen)
+    try:
         await asyncio.Event().wait()
     finally:
-        await server.aclose()
+        await running.aclose()
+
+
+def run_decider(config: GatewayConfig, listen: str | None = None) -> None:
+    """Blocking entry point of ``inferoute gateway --mode nginx``: serve until SIGINT/SIGTERM."""
+    try:
+        import uvloop
+
+        runner: Callable[[Any], Any] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve(config, listen)
+
+    runner(main())

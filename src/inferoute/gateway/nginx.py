@@ -180,6 +180,10 @@ def render(opts: NginxOptions) -> str:
     w(f"        client_max_body_size {opts.max_body_size};")
     w("        client_body_buffer_size 1m;")
     w("")
+    w("        # Defaults for the log format (requests answered before @inference have no upstream).")
+    w('        set $inference_upstream "";')
+    w('        set $inference_model "";')
+    w("")
     w("        # Errors NGINX itself generates get the same OpenAI-style JSON bodies as the decider's.")
     w("        error_page 413 @inference_error_413;")
     w("        error_page 502 @inference_error_502;")
@@ -293,6 +297,7 @@ def _inference_location(w: _Writer, opts: NginxOptions) -> None:
         w(f"{i}set {_pass_var(n)} {_var(d.PASS_HEADER_PREFIX + name)};")
     if opts.retries:
         w(f"{i}# 502 made by NGINX (connection refused/reset before an answer): next endpoint of the list.")
+        w(f"{i}recursive_error_pages on;")
         w(f"{i}error_page 502 = @inference_fallback_1;")
     else:
         w(f"{i}error_page 502 @inference_upstream_502;")
@@ -308,13 +313,14 @@ def _fallback_location(w: _Writer, opts: NginxOptions, n: int) -> None:
     i = "            "
     w(f"        # Fallback {n}: the decider's X-Inference-Fallback-{n}; none left -> JSON 502.")
     w(f"        location @inference_fallback_{n} {{")
-    w(f'{i}if ($inference_fallback_{n} = "") {{ return 502 {_json_error(502, UNREACHABLE)}; }}')
+    w(f'{i}if ($inference_fallback_{n} = "") {{ return 502; }}   # no fallback left: JSON 502 below')
     w(f"{i}set $inference_upstream $inference_fallback_{n};")
+    w(f"{i}recursive_error_pages on;")
     if n < opts.retries:
         w(f"{i}error_page 502 = @inference_fallback_{n + 1};")
     else:
-        w(f"{i}error_page 502 @inference_error_502;")
-    w(f"{i}error_page 504 @inference_error_504;")
+        w(f"{i}error_page 502 @inference_upstream_502;")
+    w(f"{i}error_page 504 @inference_upstream_504;")
     if opts.accounting:
         w(f"{i}post_action @inference_done;")
     _proxy_to_endpoint(w, opts, "$inference_upstream")
