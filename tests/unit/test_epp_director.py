@@ -1,0 +1,227 @@
+"""The director: every rejection path, subset hints, admission, rewrite, fallbacks and response accounting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_epp_rig import Rig, body, pick_request
+
+from inferoute.epp.director import Session
+from inferoute.picking import Destination, Reject
+
+
+def decide(rig: Rig, b: bytes, **kw: object) -> Destination:
+    decision, _ = rig.director.decide(pick_request(b, **kw))  # type: ignore[arg-type]
+    assert isinstance(decision, Destination), decision
+    return decision
+
+
+def reject(rig: Rig, b: bytes, **kw: object) -> Reject:
+    decision, session = rig.director.decide(pick_request(b, **kw))  # type: ignore[arg-type]
+    assert isinstance(decision, Reject), decision
+    session.response_finished()  # a data plane ends every session, even after a Reject
+    err = json.loads(decision.body)["error"]
+    assert err["code"] == decision.status and err["message"] and err["type"]
+    assert (
+        rig.value(
+            "inference_objective_request_error_total",
+            {
+                "model_name": json.loads(b).get("model", "") if b.startswith(b"{") else "",
+                "target_model_name": json.loads(b).get("model", "") if b.startswith(b"{") else "",
+                "error_code": str(decision.status),
+            },
+        )
+        >= 1
+    )
+    return decision
+
+
+@pytest.mark.parametrize("b", [b"not json", b"[1,2]", b'{"prompt": "x"}', b'{"model": 3}', b'{"model": ""}'])
+def test_bad_bodies_are_400(b: bytes) -> None:
+    rig = Rig()
+    decision, _ = rig.director.decide(pick_request(b))
+    assert isinstance(decision, Reject) and decision.status == 400
+    assert json.loads(decision.body)["error"]["type"] == "invalid_request_error"
+
+
+def test_subset_hint_by_ip_and_ip_port() -> None:
+    rig = Rig(3)
+    for _ in range(10):
+        assert decide(rig, body(), subset=["10.0.0.2"]).endpoints == ("10.0.0.2:8000",)
+        assert decide(rig, body(), subset=["10.0.0.9:1", "10.0.0.3:8000"]).endpoints == ("10.0.0.3:8000",)
+
+
+@pytest.mark.parametrize("subset", [[], ["10.9.9.9"], ["10.0.0.1:9999"], [""]])
+def test_empty_or_unmatched_subset_is_503(subset: list[str]) -> None:
+    assert reject(Rig(3), body(), subset=subset).status == 503
+
+
+def test_no_endpoints_is_503() -> None:
+    rig = Rig(0)
+    assert reject(rig, body()).status == 503
+
+
+def test_stale_endpoints_are_excluded_while_others_are_fresh() -> None:
+    rig = Rig(3)
+    rig.clock.advance(5)  # everything stale ...
+    rig.scrape("10.0.0.2:8000")  # ... except pod-1
+    for _ in range(10):
+        assert decide(rig, body()).endpoints == ("10.0.0.2:8000",)
+
+
+def test_all_stale_schedules_blind_and_counts_it() -> None:
+    rig = Rig(2)
+    rig.clock.advance(5)
+    assert decide(rig, body()).endpoints[0] in {"10.0.0.1:8000", "10.0.0.2:8000"}
+    assert rig.value("inferoute_epp_stale_fallback_total") == 1
+
+
+def test_sheddable_request_is_429_only_while_saturated() -> None:
+    rig = Rig(2, objectives={"batch": -1, "chat": 10})
+    shed = {"x-gateway-inference-objective": "batch"}
+    assert decide(rig, body(), headers=shed)  # idle pool: admitted
+    for ep in rig.endpoints:
+        rig.scrape(ep.key, waiting=50)
+    assert reject(rig, body(), headers=shed).status == 429
+    assert decide(rig, body(), headers={"x-gateway-inference-objective": "chat"})  # not sheddable
+    assert decide(rig, body())  # no objective: priority 0
+
+
+def test_model_rewrite_header_rewrites_the_body() -> None:
+    rig = Rig()
+    d = decide(rig, body(model="alias", prompt="p"), headers={"x-gateway-model-name-rewrite": "real-model"})
+    assert d.body is not None and json.loads(d.body) == {"model": "real-model", "prompt": "p"}
+    assert d.set_headers["x-gateway-model-name"] == "real-model"
+    assert (
+        rig.value(
+            "inference_extension_model_rewrite_decisions_total",
+            {"model_name": "alias", "target_model": "real-model"},
+        )
+        == 1
+    )
+    assert decide(rig, body()).body is None
+
+
+def test_control_headers_are_carried_on_the_request() -> None:
+    rig = Rig(objectives={"premium": 5})
+    seen = []
+
+    class Spy:
+        type_name = "spy"
+        name = "spy"
+
+        def score(self, ctx, candidates):  # type: ignore[no-untyped-def]
+            seen.append(ctx.request)
+            return [1.0] * len(candidates)
+
+    from inferoute.epp.scheduling.framework import Scheduler, SchedulerProfile, WeightedScorer
+    from inferoute.epp.scheduling.plugins.max_score_picker import MaxScorePicker
+
+    profile = SchedulerProfile("spy", [], [WeightedScorer(Spy(), 1)], MaxScorePicker("m"))  # type: ignore[arg-type]
+    rig.director.scheduler = Scheduler([profile])
+    decide(
+        rig,
+        body(model="m"),
+        headers={
+            "x-gateway-inference-objective": "premium",
+            "x-gateway-inference-fairness-id": "tenant-a",
+            "x-gateway-model-name-rewrite": "m2",
+        },
+    )
+    req = seen[-1]
+    assert (req.objective, req.priority, req.fairness_id, req.model, req.target_model) == (
+        "premium",
+        5,
+        "tenant-a",
+        "m",
+        "m2",
+    )
+    decide(rig, body())
+    assert seen[-1].fairness_id == "default-flow" and seen[-1].priority == 0
+
+
+def test_fallback_list_with_max_num_of_endpoints() -> None:
+    rig = Rig(
+        4, "plugins: [{type: queue-scorer}, {type: max-score-picker, parameters: {maxNumOfEndpoints: 3}}]"
+    )
+    for i, ep in enumerate(rig.endpoints):
+        rig.scrape(ep.key, waiting=i)
+    assert decide(rig, body()).endpoints == ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000")
+
+
+def test_same_prompt_keeps_landing_on_the_same_endpoint() -> None:
+    rig = Rig(5)
+    prompt = "You are a helpful assistant. " * 200
+    first = decide(rig, body(prompt=prompt)).endpoints[0]
+    for _ in range(20):
+        d, s = rig.director.decide(pick_request(body(prompt=prompt)))
+        assert isinstance(d, Destination) and d.endpoints[0] == first
+        s.response_finished()
+    assert rig.value("inference_extension_prefix_indexer_size") > 0
+
+
+def test_inflight_counts_follow_the_session() -> None:
+    rig = Rig(2, "plugins: [{type: round-robin-picker}]")
+    d, s = rig.director.decide(pick_request(body(prompt="x" * 400)))
+    assert isinstance(d, Destination) and isinstance(s, Session)
+    key = d.endpoints[0]
+    c = rig.learned.inflight(key)
+    assert (c.requests, c.pending, c.pending_tokens) == (
+        1,
+        1,
+        101,
+    )  # JSON string incl. quotes: ceil(402 B / 4)
+    s.response_started(key, 200, {"content-type": "text/event-stream"})
+    s.response_chunk(b'data: {"choices":[{"text":"a"}]}\n\n')
+    assert (c.requests, c.pending, c.pending_tokens) == (1, 0, 0)
+    s.response_chunk(
+        b'data: {"choices":[],"usage":{"prompt_tokens":100,"completion_tokens":7,'
+        b'"prompt_tokens_details":{"cached_tokens":64}}}\n\ndata: [DONE]\n\n'
+    )
+    s.response_finished()
+    s.aborted("late")  # ignored: the session already ended
+    assert c.requests == 0
+    assert s.usage is not None and (
+        s.usage.prompt_tokens,
+        s.usage.completion_tokens,
+        s.usage.cached_tokens,
+    ) == (100, 7, 64)
+    assert (
+        rig.value("inference_objective_output_tokens_sum", {"model_name": "m", "target_model_name": "m"}) == 7
+    )
+    assert rig.value("inference_objective_running_requests", {"model_name": "m"}) == 0
+
+
+def test_served_fallback_moves_the_inflight_count() -> None:
+    rig = Rig(2, "plugins: [{type: round-robin-picker, parameters: {maxNumOfEndpoints: 2}}]")
+    d, s = rig.director.decide(pick_request(body()))
+    assert isinstance(d, Destination)
+    primary, fallback = d.endpoints
+    s.response_started(fallback, 200, {})
+    assert rig.learned.inflight(primary).requests == 0 and rig.learned.inflight(fallback).requests == 1
+    s.aborted("client-disconnect")
+    assert rig.learned.inflight(fallback).requests == 0
+
+
+def test_bodyless_get_goes_to_some_endpoint() -> None:
+    rig = Rig(3)
+    from inferoute.picking import PickRequest
+
+    d, _ = rig.director.decide(PickRequest("GET", "/v1/models", {}, b""))
+    assert isinstance(d, Destination) and len(d.endpoints) == 1
+
+
+def test_scheduling_metrics_are_recorded() -> None:
+    rig = Rig(3)
+    decide(rig, body())
+    assert rig.value("inference_objective_request_total", {"model_name": "m", "target_model_name": "m"}) == 1
+    assert rig.value("inference_extension_scheduler_e2e_duration_seconds_count") == 1
+    assert (
+        rig.value(
+            "inference_extension_plugin_duration_seconds_count",
+            {"extension_point": "scorer", "plugin_type": "queue-scorer", "plugin_name": "queue-scorer"},
+        )
+        == 1
+    )
+    assert rig.value("inference_extension_prefix_indexer_hit_ratio_count") == 1

@@ -1,0 +1,184 @@
+"""Every built-in scorer and picker: formulas (GIE's where they exist) and behaviour."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from test_epp_rig import cand, ctx
+
+from inferoute.clock import FakeClock
+from inferoute.epp.learned import LocalLearnedState
+from inferoute.epp.scheduling.plugins.kv_cache_scorer import KVCacheUtilizationScorer
+from inferoute.epp.scheduling.plugins.lora_affinity_scorer import LoraAffinityScorer
+from inferoute.epp.scheduling.plugins.max_score_picker import MaxScorePicker
+from inferoute.epp.scheduling.plugins.predicted_ttft_scorer import PredictedTTFTScorer, TTFTModel
+from inferoute.epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
+from inferoute.epp.scheduling.plugins.queue_scorer import QueueScorer
+from inferoute.epp.scheduling.plugins.random_picker import RandomPicker
+from inferoute.epp.scheduling.plugins.round_robin_picker import RoundRobinPicker
+from inferoute.epp.scheduling.plugins.running_requests_scorer import RunningRequestsScorer
+from inferoute.epp.scheduling.plugins.session_affinity_scorer import SessionAffinityScorer
+from inferoute.epp.scheduling.plugins.weighted_random_picker import WeightedRandomPicker
+from inferoute.epp.scheduling.prefix import prefix_hashes
+from inferoute.epp.scheduling.types import Scored
+
+
+def test_queue_scorer_min_max() -> None:
+    cs = [cand("a", waiting=0), cand("b", waiting=5), cand("c", waiting=10)]
+    assert QueueScorer("q").score(ctx(), cs) == [1.0, 0.5, 0.0]
+    assert QueueScorer("q").score(ctx(), [cand("a", waiting=3), cand("b", waiting=3)]) == [1.0, 1.0]
+
+
+def test_queue_scorer_counts_inflight_newer_than_the_scrape() -> None:
+    a, b = cand("a", waiting=1), cand("b", waiting=1)
+    b.inflight.pending = 4
+    assert QueueScorer("q").score(ctx(), [a, b]) == [1.0, 0.0]
+    assert QueueScorer("q", count_inflight=False).score(ctx(), [a, b]) == [1.0, 1.0]
+
+
+def test_kv_cache_scorer() -> None:
+    assert KVCacheUtilizationScorer("k").score(
+        ctx(), [cand("a", kv_usage=0.25), cand("b", kv_usage=1.0)]
+    ) == [0.75, 0.0]
+
+
+def test_running_requests_scorer() -> None:
+    cs = [cand("a", running=2), cand("b", running=4), cand("c", running=6)]
+    assert RunningRequestsScorer("r").score(ctx(), cs) == [1.0, 0.5, 0.0]
+
+
+def test_lora_affinity_tiers() -> None:
+    full = dict(max_lora=2)
+    cs = [
+        cand("active", active_adapters=frozenset({"sql"}), **full),
+        cand("room", active_adapters=frozenset({"x"}), **full),
+        cand("waiting", active_adapters=frozenset({"x"}), waiting_adapters=frozenset({"sql"}), **full),
+        cand("full", active_adapters=frozenset({"x", "y"}), **full),
+    ]
+    assert LoraAffinityScorer("l").score(ctx(model="sql"), cs) == [1.0, 0.8, 0.6, 0.0]
+
+
+def test_lora_affinity_is_neutral_without_lora_servers() -> None:
+    assert LoraAffinityScorer("l").score(ctx(model="base"), [cand("a"), cand("b")]) == [1.0, 1.0]
+
+
+def test_prefix_cache_scorer_ratio_of_matched_blocks() -> None:
+    learned = LocalLearnedState()
+    prompt = b"p" * 64 * 4
+    h = prefix_hashes("m", prompt, block_size_tokens=16)
+    learned.learn_prefix("a", h)
+    learned.learn_prefix("b", h[:1])
+    scores = PrefixCacheScorer("p").score(
+        ctx(prompt=prompt, learned=learned), [cand("a"), cand("b"), cand("c")]
+    )
+    assert scores == [1.0, 0.25, 0.0]
+    assert PrefixCacheScorer("p").score(ctx(prompt=b""), [cand("a")]) == [0.0]
+
+
+def test_prefix_block_size_auto_tunes_from_servers() -> None:
+    c = ctx(prompt=b"p" * 1024)
+    cs = [cand("a", block_size=64), cand("b", block_size=64), cand("c", block_size=16)]
+    assert c.block_size_tokens(cs) == 64
+    assert len(c.prefix_hashes(cs)) == 4  # 1024 bytes / (64 tokens x 4 chars)
+
+
+def test_session_affinity_binds_after_pick_and_expires() -> None:
+    clock = FakeClock()
+    s = SessionAffinityScorer("s", clock, ttl=10)
+    c = ctx(headers={"x-session-id": "u1"})
+    cs = [cand("a"), cand("b")]
+    assert s.score(c, cs) == [0.0, 0.0]
+    s.on_picked(c, cs[1], cs)
+    assert s.score(c, cs) == [0.0, 1.0]
+    assert s.score(ctx(headers={"x-session-id": "u2"}), cs) == [0.0, 0.0]
+    clock.advance(11)
+    assert s.score(c, cs) == [0.0, 0.0]
+
+
+def test_predicted_ttft_prefers_cached_prefix_over_idle_cold_endpoint() -> None:
+    learned = LocalLearnedState()
+    prompt = b"w" * 4000 * 4  # ~4000 tokens
+    learned.learn_prefix("warm", prefix_hashes("m", prompt, block_size_tokens=16, max_blocks=256))
+    warm = cand("warm", running=4)
+    cold = cand("cold", running=0)
+    scorer = PredictedTTFTScorer("t")
+    c = ctx(prompt=prompt, learned=learned)
+    t_warm, t_cold = scorer.predict(c, [warm, cold])
+    assert t_warm < t_cold
+    assert scorer.score(c, [warm, cold]) == [1.0, 0.0]
+
+
+def test_predicted_ttft_accounts_for_pending_prefill_and_queue() -> None:
+    scorer = PredictedTTFTScorer(
+        "t",
+        TTFTModel(
+            prefill_s_per_token=0.001, request_overhead_s=0.0, queued_request_s=0.5, decode_s_per_running=0.0
+        ),
+    )
+    busy, queued, idle = cand("busy"), cand("queued", waiting=2), cand("idle")
+    busy.inflight.pending, busy.inflight.pending_tokens = 1, 300
+    t = scorer.predict(ctx(prompt=b"x" * 400), [busy, queued, idle])
+    assert t == pytest.approx([0.3 + 0.1, 1.0 + 0.1, 0.1])
+
+
+def test_predicted_ttft_kv_penalty() -> None:
+    scorer = PredictedTTFTScorer("t")
+    full, free = cand("full", kv_usage=0.99), cand("free", kv_usage=0.5)
+    assert scorer.score(ctx(prompt=b"x" * 40), [full, free]) == [0.0, 1.0]
+
+
+def _scored(*pairs: tuple[str, float]) -> list[Scored]:
+    return [Scored(cand(k), s) for k, s in pairs]
+
+
+def test_max_score_picker_picks_the_best_and_breaks_ties_at_random() -> None:
+    picker = MaxScorePicker("p")
+    assert [c.key for c in picker.pick(ctx(), _scored(("a", 1), ("b", 3), ("c", 2)))] == ["b"]
+    wins = Counter(picker.pick(ctx(seed=s), _scored(("a", 2), ("b", 2), ("c", 1)))[0].key for s in range(200))
+    assert set(wins) == {"a", "b"} and min(wins.values()) > 50
+
+
+def test_max_score_picker_fallback_list_is_ordered() -> None:
+    picker = MaxScorePicker("p", max_endpoints=3)
+    got = picker.pick(ctx(), _scored(("a", 1), ("b", 3), ("c", 2), ("d", 0)))
+    assert [c.key for c in got] == ["b", "c", "a"]
+
+
+def test_random_picker_is_uniform_and_distinct() -> None:
+    picker = RandomPicker("r", max_endpoints=2)
+    rng_ctx = ctx()
+    counts: Counter[str] = Counter()
+    for _ in range(600):
+        got = picker.pick(rng_ctx, _scored(("a", 0), ("b", 5), ("c", 9)))
+        assert len({c.key for c in got}) == 2
+        counts[got[0].key] += 1
+    assert min(counts.values()) > 120
+
+
+def test_weighted_random_picker_follows_scores() -> None:
+    picker = WeightedRandomPicker("w")
+    c = ctx()
+    counts = Counter(picker.pick(c, _scored(("a", 3), ("b", 1), ("z", 0)))[0].key for _ in range(2000))
+    assert counts["z"] == 0
+    assert 0.65 < counts["a"] / 2000 < 0.85  # expected 0.75
+    everyone_zero = Counter(picker.pick(c, _scored(("a", 0), ("b", 0)))[0].key for _ in range(400))
+    assert min(everyone_zero.values()) > 120
+
+
+def test_round_robin_picker_cycles_in_key_order() -> None:
+    picker = RoundRobinPicker("rr", max_endpoints=2)
+    seq = [[c.key for c in picker.pick(ctx(), _scored(("b", 0), ("a", 9), ("c", 1)))] for _ in range(4)]
+    assert seq == [["a", "b"], ["b", "c"], ["c", "a"], ["a", "b"]]
+
+
+def test_pickers_are_reproducible_with_a_seed() -> None:
+    def run(seed: int) -> list[str]:
+        c = ctx()
+        c.rng = random.Random(seed)
+        return [
+            WeightedRandomPicker("w").pick(c, _scored(("a", 1), ("b", 1), ("c", 1)))[0].key for _ in range(20)
+        ]
+
+    assert run(3) == run(3)

@@ -1,0 +1,64 @@
+"""Prefix hashing and the approximate prefix index."""
+
+from __future__ import annotations
+
+from inferoute.epp.scheduling.prefix import PrefixIndex, prefix_hashes
+
+
+def test_hash_chain_identifies_the_whole_prefix() -> None:
+    a = prefix_hashes("m", b"A" * 64 + b"B" * 64, block_size_tokens=16)
+    b = prefix_hashes("m", b"C" * 64 + b"B" * 64, block_size_tokens=16)
+    assert len(a) == 2 and len(b) == 2
+    assert a[1] != b[1]  # same second block, different history
+
+
+def test_shared_prefix_shares_leading_hashes() -> None:
+    a = prefix_hashes("m", b"x" * 640 + b"tail one", block_size_tokens=16)
+    b = prefix_hashes("m", b"x" * 640 + b"tail two!", block_size_tokens=16)
+    assert a[:10] == b[:10] and a[10] != b[10]
+
+
+def test_model_seeds_the_chain_and_partial_block_is_hashed() -> None:
+    assert prefix_hashes("m1", b"y" * 70)[0] != prefix_hashes("m2", b"y" * 70)[0]
+    assert len(prefix_hashes("m", b"y" * 70, block_size_tokens=16)) == 2  # 64 + partial 6
+
+
+def test_max_blocks_caps_the_work() -> None:
+    assert len(prefix_hashes("m", b"z" * 200_000, block_size_tokens=16, max_blocks=256)) == 256
+    assert prefix_hashes("m", b"") == []
+
+
+def test_match_counts_leading_blocks_per_endpoint() -> None:
+    idx = PrefixIndex()
+    h = prefix_hashes("m", b"q" * 64 * 8, block_size_tokens=16)
+    idx.add("a", h)
+    idx.add("b", h[:3])
+    idx.add("c", h[1:])  # holds later blocks but not the first: no prefix match
+    assert idx.match(h) == {"a": 8, "b": 3}
+    assert idx.match(h, ["b", "c"]) == {"b": 3}
+    assert idx.match([12345]) == {}
+
+
+def test_lru_evicts_oldest_blocks_per_endpoint() -> None:
+    idx = PrefixIndex(default_capacity=4)
+    old = prefix_hashes("m", b"o" * 64 * 4, block_size_tokens=16)
+    new = prefix_hashes("m", b"n" * 64 * 4, block_size_tokens=16)
+    idx.add("a", old)
+    idx.add("b", old)
+    idx.add("a", new)  # pushes old out of a's LRU, b keeps it
+    assert idx.match(old) == {"b": 4}
+    assert idx.match(new) == {"a": 4}
+    assert idx.endpoint_size("a") == 4
+    assert idx.size() == 8
+
+
+def test_capacity_shrink_and_endpoint_removal() -> None:
+    idx = PrefixIndex()
+    h = prefix_hashes("m", b"s" * 64 * 10, block_size_tokens=16)
+    idx.add("a", h)
+    idx.set_capacity("a", 3)  # keeps the 3 most recently used: the last three blocks
+    assert idx.endpoint_size("a") == 3
+    assert idx.match(h) == {}  # first blocks gone → no leading match
+    idx.add("b", h)
+    idx.remove_endpoint("b")
+    assert idx.match(h) == {} and idx.endpoint_size("b") == 0
