@@ -214,7 +214,7 @@ class Contender:
 
     def ready_urls(self, port: int) -> list[str]:
         return (
-            [f"http://127.0.0.1:{port}/health"] if not self.is_ours else [f"http://127.0.0.1:{port}/healthz"]
+            [f"http://127.0.0.1:{port}/health"] if not self.is_ours else [f"http://127.0.0.1:{port}/readyz"]
         )
 
 

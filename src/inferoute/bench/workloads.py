@@ -184,8 +184,8 @@ class SharedPrefix(Workload):
 
     groups: int = 8
     users_per_group: int = 16
-    system_prompt_len: int = 2048
-    question_len: int = 64
+    system_prompt_len: int = 6000
+    question_len: int = 128
     output_len: int = 32
     name: str = "shared-prefix"
     summary: str = "groups x users sharing a long system prompt (inference-perf shared_prefix)"
