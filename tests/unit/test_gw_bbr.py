@@ -1,0 +1,90 @@
+"""BBR model extraction and size limits (pure)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from inferoute.errors import InferouteError
+from inferoute.gateway.bbr import BodyLimit, check_declared_length, extract_model, model_or_default
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"model": "llama-3"}', "llama-3"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "model": "m", "stream": true}', "m"),
+        (b'  {"model":"with spaces ok"}  ', "with spaces ok"),
+        ('{"model": "модель-ü"}'.encode(), "модель-ü"),
+        (b'{"model": "a\\"b"}', 'a"b'),
+        (b'{"nested": {"model": "inner"}, "model": "outer"}', "outer"),
+        (b'{"nested": {"model": "inner"}}', None),
+        (b'{"Model": "case"}', None),
+        (b'{"model": null}', None),
+        (b'{"model": ""}', None),
+        (b'{"model": 3}', None),
+        (b'{"model": true}', None),
+        (b'{"model": ["a"]}', None),
+        (b'{"model": {"name": "a"}}', None),
+        (b'["model", "x"]', None),
+        (b'"model"', None),
+        (b'{"model": "x",}', None),
+        (b'{"model": "x"', None),
+        (b'{"model": "x"} trailing', None),
+        (
+            b'{"model": "x", "other": [1, 2,]}',
+            None,
+        ),  # invalid anywhere = invalid: the decode validates it all
+        (b"\xff\xfe", None),
+        (b"", None),
+    ],
+)
+def test_extract_model(body: bytes, expected: str | None) -> None:
+    assert extract_model(body) == expected
+
+
+def test_extract_model_on_a_large_body() -> None:
+    doc = {"messages": [{"role": "user", "content": "w " * 1000}] * 2000, "model": "big"}
+    body = json.dumps(doc).encode()
+    assert len(body) > 4_000_000
+    assert extract_model(body) == "big"
+    assert extract_model(body[:-1]) is None
+
+
+@pytest.mark.parametrize(
+    ("ctype", "body", "expected"),
+    [
+        ("application/json", b'{"model": "m"}', "m"),
+        ("application/json; charset=utf-8", b'{"model": "m"}', "m"),
+        ("application/vnd.api+json", b'{"model": "m"}', "m"),
+        (None, b'{"model": "m"}', "m"),
+        ("text/plain", b'{"model": "m"}', "default"),
+        ("multipart/form-data; boundary=x", b'{"model": "m"}', "default"),
+        ("application/json", b"not json", "default"),
+        ("application/json", b"", None),
+        (None, b"", None),
+    ],
+)
+def test_model_or_default(ctype: str | None, body: bytes, expected: str | None) -> None:
+    assert model_or_default(body, ctype, "default") == expected
+
+
+def test_declared_length_checked_up_front() -> None:
+    assert check_declared_length({}, 10) is None
+    assert check_declared_length({"content-length": "10"}, 10) == 10
+    with pytest.raises(InferouteError) as e:
+        check_declared_length({"Content-Length": "11"}, 10)
+    assert e.value.status == 413 and e.value.cause == "body-too-large"
+    with pytest.raises(InferouteError) as e:
+        check_declared_length({"content-length": "-1"}, 10)
+    assert e.value.status == 400
+
+
+def test_body_limit_while_reading() -> None:
+    lim = BodyLimit(10)
+    lim.feed(6)
+    lim.feed(4)
+    with pytest.raises(InferouteError) as e:
+        lim.feed(1)
+    assert e.value.status == 413

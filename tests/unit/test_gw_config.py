@@ -1,0 +1,105 @@
+"""Gateway config loading: defaults, the issue's example, clear errors, route matching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inferoute.endpoints import Endpoint
+from inferoute.errors import InferouteError
+from inferoute.gateway.config import (
+    DEFAULT_LISTEN,
+    default_config,
+    load_config,
+    load_config_text,
+    parse_listen,
+    target_of,
+    with_listen,
+)
+
+ISSUE_EXAMPLE = """
+listen: 127.0.0.1:8080
+pool:
+  endpoints: [{name: pod-0, address: 127.0.0.1, port: 8100}]
+picker: {config_file: epp.yaml}
+routes:
+  - path: /v1/
+    bbr: {enabled: true, header_name: X-Gateway-Model-Name, max_body_size: 10485760, default_model: unknown,
+          endpoint: null, chunk_size: 65536, timeout_ms: 200, failure_mode_allow: true}
+    epp: {enabled: true, endpoint: embedded, header_name: x-gateway-destination-endpoint, timeout_ms: 200,
+          failure_mode_allow: false, tls: true, ca_file: null, body: full_duplex}
+    default_upstream: null
+"""
+
+
+def test_issue_example_loads(tmp_path: Path) -> None:
+    f = tmp_path / "gw.yaml"
+    f.write_text(ISSUE_EXAMPLE)
+    cfg = load_config(f)
+    assert cfg.listen == "127.0.0.1:8080"
+    assert cfg.endpoints() == [Endpoint("pod-0", "127.0.0.1", 8100)]
+    assert cfg.picker.config_file == str(tmp_path / "epp.yaml")  # relative to the config file
+    route = cfg.routes[0]
+    assert route.bbr.max_body_size == 10485760 and route.epp.endpoint == "embedded"
+    assert route.epp.body == "full_duplex" and route.epp.tls is True
+
+
+def test_defaults() -> None:
+    cfg = default_config([Endpoint("a", "127.0.0.1", 9000)])
+    assert cfg.listen == DEFAULT_LISTEN == "127.0.0.1:8080"
+    r = cfg.routes[0]
+    assert r.path == "/" and r.bbr.enabled and r.bbr.header_name == "X-Gateway-Model-Name"
+    assert r.bbr.default_model == "unknown" and r.bbr.max_body_size == 10 * 1024 * 1024
+    assert r.epp.endpoint == "embedded" and r.epp.timeout_ms == 200 and r.epp.failure_mode_allow is False
+    assert r.epp.header_name == "x-gateway-destination-endpoint"
+
+
+def test_longest_prefix_wins() -> None:
+    cfg = load_config_text("routes: [{path: /}, {path: /v1/}, {path: /v1/chat/}]")
+    assert cfg.route_for("/v1/chat/completions").path == "/v1/chat/"  # type: ignore[union-attr]
+    assert cfg.route_for("/v1/models").path == "/v1/"  # type: ignore[union-attr]
+    assert cfg.route_for("/x").path == "/"  # type: ignore[union-attr]
+    assert load_config_text("routes: [{path: /v1/}]").route_for("/x") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("bogus: 1", "bogus"),
+        ("routes: [{path: /x, bbr: {timeout_ms: fast}}]", "$.routes[0].bbr.timeout_ms"),
+        ("routes: [{path: /x, epp: {body: streamed}}]", "$.routes[0].epp.body"),
+        ("routes: [{path: x}]", "must start with '/'"),
+        ("routes: [{path: /x}, {path: /x}]", "duplicate route"),
+        ("routes: [{path: /x, epp: {endpoint: null}}]", "required when epp.enabled"),
+        ("routes: [{path: /x, epp: {endpoint: 'grpc://h:1'}}]", "scheme must be http:// or https://"),
+        ("routes: [{path: /x, epp: {endpoint: 'host-only'}}]", "expected host:port"),
+        ("routes: [{path: /x, epp: {cert_file: c.pem}}]", "cert_file and key_file go together"),
+        ("routes: [{path: /x, default_upstream: nope}]", "default_upstream"),
+        ("pool: {allowed_cidrs: [10.0.0.0/33]}", "allowed_cidrs[0]"),
+        ("pool: {endpoints: [{address: 1.2.3.4}]}", "port"),
+        ("listen: nowhere", "listen"),
+        ("workers: 0", "workers"),
+        ("routes: [", "invalid YAML"),
+    ],
+)
+def test_errors_name_the_key(text: str, needle: str) -> None:
+    with pytest.raises(InferouteError) as e:
+        load_config_text(text)
+    assert e.value.status == 500 and e.value.cause == "config"
+    assert needle in e.value.message
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InferouteError) as e:
+        load_config(tmp_path / "nope.yaml")
+    assert "cannot read" in e.value.message
+
+
+def test_listen_and_targets() -> None:
+    assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_listen("[::1]:8080") == ("::1", 8080)
+    assert with_listen(default_config(), "0.0.0.0:9").listen == "0.0.0.0:9"
+    assert target_of("https://epp:9002") == ("epp:9002", True)
+    assert target_of("http://epp:9002/") == ("epp:9002", False)
+    assert target_of("epp:9002") == ("epp:9002", None)
