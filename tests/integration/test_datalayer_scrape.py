@@ -1,0 +1,134 @@
+"""The metrics collector over real HTTP: concurrency, per-endpoint timeouts, failures, engines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from inferoute.clock import SystemClock
+from inferoute.endpoints import Endpoint
+from inferoute.epp.datalayer.collector import MetricsCollector
+from inferoute.epp.datalayer.datastore import Datastore
+
+VLLM = b"vllm:num_requests_waiting 2\nvllm:num_requests_running 5\nvllm:kv_cache_usage_perc 0.25\n"
+SGLANG = b"sglang:num_queue_reqs 1\nsglang:num_running_reqs 3\nsglang:token_usage 0.5\n"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Servers:
+    def __init__(self) -> None:
+        self.runners: list[web.AppRunner] = []
+        self.hits: dict[str, int] = {}
+
+    async def add(self, name: str, handler: Handler, labels: dict[str, str] | None = None) -> Endpoint:
+        async def counted(request: web.Request) -> web.StreamResponse:
+            self.hits[name] = self.hits.get(name, 0) + 1
+            return await handler(request)
+
+        app = web.Application()
+        app.router.add_get("/metrics", counted)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.runners.append(runner)
+        port = runner.addresses[0][1]
+        return Endpoint(name, "127.0.0.1", port, labels or {})
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[Servers]:
+    s = Servers()
+    try:
+        yield s
+    finally:
+        for r in s.runners:
+            await r.cleanup()
+
+
+def page(body: bytes) -> Handler:
+    async def h(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/plain")
+
+    return h
+
+
+async def slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(5)
+    return web.Response(body=VLLM)
+
+
+async def broken(request: web.Request) -> web.Response:
+    return web.Response(status=500, text="boom")
+
+
+async def test_slow_pod_delays_no_one(servers: Servers) -> None:
+    fast = await servers.add("fast", page(VLLM))
+    lazy = await servers.add("slow", slow)
+    ds = Datastore(SystemClock(), staleness=2.0)
+    ds.set_endpoints([fast, lazy])
+    results: list[tuple[str, bool]] = []
+    collector = MetricsCollector(
+        ds, interval=0.05, timeout=0.3, on_scrape=lambda k, ok, s: results.append((k, ok))
+    )
+    await collector.start()
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        await collector.aclose()
+    fast_ok = sum(1 for k, ok in results if k == fast.key and ok)
+    slow_fail = sum(1 for k, ok in results if k == lazy.key and not ok)
+    assert fast_ok >= 5, f"fast endpoint scraped only {fast_ok} times in 1 s beside a slow one"
+    assert slow_fail >= 1 and not any(ok for k, ok in results if k == lazy.key)
+    fast_state, slow_state = ds.get(fast.key), ds.get(lazy.key)
+    assert fast_state is not None and slow_state is not None
+    assert fast_state.metrics.running == 5 and slow_state.last_ok is None
+    assert "Timeout" in slow_state.last_error
+    assert ds.ready()  # the slow one was tried
+
+
+async def test_http_errors_and_engine_labels(servers: Servers) -> None:
+    err = await servers.add("err", broken)
+    sg = await servers.add("sg", page(SGLANG), {"inference.networking.k8s.io/engine-type": "sglang"})
+    garbage = await servers.add("garbage", page(b"hello world\n"))
+    ds = Datastore(SystemClock())
+    ds.set_endpoints([err, sg, garbage])
+    collector = MetricsCollector(ds, interval=0.05, timeout=0.5)
+    await collector.start()
+    try:
+        for key in (err.key, sg.key, garbage.key):
+            state = ds.get(key)
+            assert state is not None
+            ok = await collector.scrape_once(state)
+            assert ok is (key == sg.key)
+    finally:
+        await collector.aclose()
+    assert "HTTP 500" in ds.get(err.key).last_error  # type: ignore[union-attr]
+    assert "missing metric" in ds.get(garbage.key).last_error  # type: ignore[union-attr]
+    m = ds.get(sg.key).metrics  # type: ignore[union-attr]
+    assert (m.waiting, m.running, m.kv_usage) == (1, 3, 0.5)
+
+
+async def test_sync_follows_the_endpoint_set(servers: Servers) -> None:
+    a = await servers.add("a", page(VLLM))
+    b = await servers.add("b", page(VLLM))
+    ds = Datastore(SystemClock())
+    ds.set_endpoints([a])
+    collector = MetricsCollector(ds, interval=0.02, timeout=0.5)
+    await collector.start()
+    try:
+        await asyncio.sleep(0.2)
+        assert servers.hits.get("a", 0) >= 2 and "b" not in servers.hits
+        ds.set_endpoints([b])
+        collector.sync()
+        await asyncio.sleep(0.05)
+        before = servers.hits["a"]
+        await asyncio.sleep(0.2)
+        assert servers.hits["a"] <= before + 1  # a's loop was cancelled
+        assert servers.hits.get("b", 0) >= 2
+    finally:
+        await collector.aclose()
