@@ -1,0 +1,143 @@
+"""The gateway asking a separate ``inferoute epp`` process over gRPC with TLS (a CA made in the test)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import trustme
+from prometheus_client import CollectorRegistry
+
+from inferoute.gateway.app import RunningGateway, start_gateway
+from inferoute.gateway.config import parse_config
+from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
+
+INFEROUTE = Path(sys.executable).parent / "inferoute"
+CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@contextlib.contextmanager
+def epp_process(tmp: Path, endpoints: list[Any], ports: list[int], cert_dir: Path) -> Iterator[int]:
+    eps = tmp / "endpoints.yaml"
+    eps.write_text(
+        "endpoints:\n"
+        + "".join(f"  - {{name: {e.name}, address: {e.address}, port: {e.port}}}\n" for e in endpoints)
+    )
+    grpc_port, health_port, metrics_port = ports
+    log = (tmp / "epp.log").open("w+")
+    proc = subprocess.Popen(
+        [
+            str(INFEROUTE),
+            "epp",
+            "--endpoints",
+            str(eps),
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(grpc_port),
+            "--health-port",
+            str(health_port),
+            "--metrics-port",
+            str(metrics_port),
+            "--cert-path",
+            str(cert_dir),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "inferoute epp ready" not in (tmp / "epp.log").read_text():
+            assert proc.poll() is None, (tmp / "epp.log").read_text()
+            assert time.monotonic() < deadline, "inferoute epp did not become ready"
+            time.sleep(0.05)
+        yield grpc_port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    pool: SimPool, epp: dict[str, Any], reg: CollectorRegistry
+) -> AsyncIterator[RunningGateway]:
+    cfg = parse_config(
+        {
+            "listen": "127.0.0.1:0",
+            "pool": {
+                "endpoints": [{"name": e.name, "address": e.address, "port": e.port} for e in pool.endpoints]
+            },
+            "routes": [{"path": "/v1/", "epp": {"timeout_ms": 3000, **epp}}],
+        }
+    )
+    gw = await start_gateway(cfg, registry=reg)
+    try:
+        yield gw
+    finally:
+        await gw.aclose(grace=1.0)
+
+
+async def test_gateway_with_remote_epp_over_tls_and_wrong_ca(
+    tmp_path: Path, free_port: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="inferoute.gateway.access")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    (cert_dir / "tls.crt").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    (cert_dir / "tls.key").write_bytes(leaf.private_key_pem.bytes())
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    other_ca.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    async with await SimPool.start(SimConfig(time_scale=0.02), replicas=2) as pool:
+        keys = {e.key for e in pool.endpoints}
+        ports = [free_port(), free_port(), free_port()]
+        with epp_process(tmp_path, pool.endpoints, ports, cert_dir) as grpc_port:
+            target = f"127.0.0.1:{grpc_port}"
+            good = CollectorRegistry()
+            async with (
+                gateway(pool, {"endpoint": target, "ca_file": str(tmp_path / "ca.pem")}, good) as gw,
+                aiohttp.ClientSession() as s,
+            ):
+                for stream in (False, True):
+                    async with s.post(gw.url + "/v1/chat/completions", json={**CHAT, "stream": stream}) as r:
+                        assert r.status == 200, await r.text()
+                        text = await r.text()
+                        assert ("data: [DONE]" in text) is stream
+            assert (
+                good.get_sample_value("inferoute_gateway_requests_total", {"route": "/v1/", "code": "200"})
+                == 2
+            )
+            assert any(f"upstream={k}" in ln for ln in caplog.messages for k in keys)
+
+            caplog.clear()
+            caplog.set_level(logging.WARNING)
+            bad = CollectorRegistry()
+            async with (
+                gateway(pool, {"endpoint": target, "ca_file": str(tmp_path / "other-ca.pem")}, bad) as gw,
+                aiohttp.ClientSession() as s,
+                s.post(gw.url + "/v1/chat/completions", json=CHAT) as r,
+            ):
+                assert r.status == 502
+                err = (await r.json())["error"]
+            assert err["type"] == "bad_gateway_error"
+            assert bad.get_sample_value("inferoute_gateway_errors_total", {"cause": "tls"}) == 1
+            warnings = "\n".join(caplog.messages)
+            # the root cause reaches the log (certificate verification), not just "unavailable"
+            assert "tls" in warnings and (
+                "certificate" in warnings.lower() or "handshake" in warnings.lower()
+            )
