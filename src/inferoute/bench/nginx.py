@@ -1,0 +1,324 @@
+"""``inferoute bench nginx``: what routing through the NGINX decider costs.
+
+Contenders, all in front of the same backend (an NGINX ``return 200`` JSON answer, so the backend is never
+the bottleneck) and driven by ``wrk`` with small JSON POSTs:
+
+* ``direct`` -- the backend itself (the floor);
+* ``nginx proxy_pass`` -- stock NGINX, one worker, ``proxy_pass`` to an ``upstream`` with keep-alive;
+* ``nginx + decider`` -- stock NGINX, one worker, the configuration of ``inferoute nginx-config``:
+  every request is buffered, sent to ``inferoute gateway --mode nginx`` (BBR + the embedded picker),
+  redirected to ``@inference`` and proxied to the backend; plus the post_action completion report;
+* ``inferoute gateway`` -- ``inferoute gateway`` alone (one worker process): BBR + the same embedded picker +
+  its own Python proxy.
+
+Two measurements per contender: throughput with ``--connections`` concurrent connections, and latency with
+one connection (sequential requests) -- the *added latency* is its p50/p99 minus the direct one's.
+
+The decider and the gateway run the real embedded picker (the GIE default profile); the backend answers
+``/metrics`` with idle vLLM metrics so the picker sees a fresh, ready endpoint.
+
+Every process is started by this command on free ports and stopped by its pid before it returns.
+Needs ``wrk`` (Debian package ``wrk``) and ``nginx``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from inferoute.gateway.nginx import NginxOptions, render
+
+log = logging.getLogger(__name__)
+
+BODY = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "hello " * 20}]})
+ANSWER = '{"id":"cmpl-1","object":"chat.completion","model":"bench-model","choices":[]}'
+IDLE_METRICS = (
+    'vllm:num_requests_running{model_name="bench-model"} 0\\n'
+    'vllm:num_requests_waiting{model_name="bench-model"} 0\\n'
+    'vllm:kv_cache_usage_perc{model_name="bench-model"} 0\\n'
+)
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = %s
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests":%%d,"duration_us":%%d,"errors":%%d,"non2xx":%%d,"p50_us":%%d,"p90_us":%%d,"p99_us":%%d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end
+"""
+
+
+@dataclass(slots=True)
+class WrkResult:
+    requests: int
+    rps: float
+    errors: int
+    non2xx: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+
+
+@dataclass(slots=True)
+class ContenderResult:
+    name: str
+    throughput: WrkResult
+    latency: WrkResult
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise click.ClickException(f"nothing listens on port {port} after {within}s")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Stop one process we started, by its pid."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def nginx_server(prefix: Path, http_body: str, port: int) -> Iterator[None]:
+    """A foreground NGINX master (own prefix, one worker) serving ``http_body``; stopped by pid (SIGQUIT)."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    for sub in ("logs", "temp/client_body", "temp/proxy", "temp/fastcgi", "temp/uwsgi", "temp/scgi"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    temp = "".join(f"{d}_temp_path temp/{d};\n" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    if "http {" in http_body:  # a complete configuration (nginx-config --self-contained)
+        conf = user + http_body
+    else:
+        conf = (
+            f"{user}worker_processes 1;\npid nginx.pid;\nerror_log logs/error.log;\n"
+            f"events {{ worker_connections 4096; }}\nhttp {{\n{temp}access_log off;\n{http_body}\n}}\n"
+        )
+    (prefix / "nginx.conf").write_text(conf)
+    with open(prefix / "logs" / "stderr.log", "wb") as err:
+        proc = subprocess.Popen(
+            [nginx, "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"], stderr=err
+        )
+    try:
+        wait_port(port, proc)
+        yield
+    finally:
+        stop(proc, signal.SIGQUIT)
+
+
+@contextmanager
+def inferoute_process(args: list[str], port: int, log_path: Path) -> Iterator[None]:
+    exe = Path(sys.executable).with_name("inferoute")
+    with open(log_path, "wb") as err:
+        proc = subprocess.Popen([str(exe), *args], stderr=err)
+    try:
+        wait_port(port, proc)
+        time.sleep(0.5)  # first metrics scrape of the picker
+        yield
+    finally:
+        stop(proc)
+
+
+def run_wrk(url: str, connections: int, duration: float, script: Path) -> WrkResult:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise click.ClickException("wrk is not installed (apt-get install wrk)")
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+    )
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("{")), None)
+    if out.returncode != 0 or line is None:
+        raise click.ClickException(f"wrk failed: {out.stdout}\n{out.stderr}")
+    data = json.loads(line)
+    seconds = data["duration_us"] / 1e6
+    return WrkResult(
+        requests=data["requests"],
+        rps=data["requests"] / seconds,
+        errors=data["errors"],
+        non2xx=data["non2xx"],
+        p50_ms=data["p50_us"] / 1000,
+        p90_ms=data["p90_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+    )
+
+
+def measure(name: str, url: str, connections: int, duration: float, script: Path) -> ContenderResult:
+    run_wrk(url, connections, 1, script)  # warm-up: keep-alive pools, picker caches
+    throughput = run_wrk(url, connections, duration, script)
+    latency = run_wrk(url, 1, duration, script)
+    log.info("%s: %.0f req/s, sequential p50 %.3f ms", name, throughput.rps, latency.p50_ms)
+    return ContenderResult(name, throughput, latency)
+
+
+def gateway_yaml(backend_port: int) -> str:
+    return (
+        "pool:\n"
+        f"  endpoints: [{{name: backend, address: 127.0.0.1, port: {backend_port}}}]\n"
+        "routes:\n"
+        "  - path: /v1/\n"
+        "access_log: false\n"
+    )
+
+
+def run(duration: float, connections: int, out: Path) -> list[ContenderResult]:
+    work = Path(tempfile.mkdtemp(prefix="inferoute-bench-nginx-"))
+    backend, proxy, front, decider, gateway = (free_port() for _ in range(5))
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT % json.dumps(BODY))
+    cfg = work / "gateway.yaml"
+    cfg.write_text(gateway_yaml(backend))
+    path = "/v1/chat/completions"
+    results: list[ContenderResult] = []
+    backend_conf = (
+        f"server {{ listen 127.0.0.1:{backend}; keepalive_requests 1000000;\n"
+        f"  location /metrics {{ default_type text/plain; return 200 '{IDLE_METRICS}'; }}\n"
+        f"  location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}"
+    )
+    proxy_conf = (
+        f"upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}\n"
+        f"server {{ listen 127.0.0.1:{proxy}; keepalive_requests 1000000;\n"
+        "  location / { proxy_pass http://backend; proxy_http_version 1.1; "
+        'proxy_set_header Connection ""; } }'
+    )
+    front_conf = render(
+        NginxOptions(
+            decider=f"127.0.0.1:{decider}",
+            listen=f"127.0.0.1:{front}",
+            self_contained=True,
+            worker_processes="1",
+            access_log="off",
+        )
+    ).replace("access_log off inference;", "access_log off;")
+    with nginx_server(work / "backend", backend_conf, backend):
+        results.append(
+            measure(
+                "direct (NGINX return 200)",
+                f"http://127.0.0.1:{backend}{path}",
+                connections,
+                duration,
+                script,
+            )
+        )
+        with nginx_server(work / "proxy", proxy_conf, proxy):
+            results.append(
+                measure("nginx proxy_pass", f"http://127.0.0.1:{proxy}{path}", connections, duration, script)
+            )
+        with (
+            inferoute_process(
+                ["gateway", "--mode", "nginx", "--config", str(cfg), "--listen", f"127.0.0.1:{decider}"],
+                decider,
+                work / "decider.log",
+            ),
+            nginx_server(work / "front", front_conf, front),
+        ):
+            results.append(
+                measure(
+                    "nginx + inferoute decider",
+                    f"http://127.0.0.1:{front}{path}",
+                    connections,
+                    duration,
+                    script,
+                )
+            )
+        with inferoute_process(
+            ["gateway", "--config", str(cfg), "--listen", f"127.0.0.1:{gateway}"],
+            gateway,
+            work / "gateway.log",
+        ):
+            results.append(
+                measure(
+                    "inferoute gateway", f"http://127.0.0.1:{gateway}{path}", connections, duration, script
+                )
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "duration_s": duration,
+        "connections": connections,
+        "cpus": os.cpu_count(),
+        "machine": platform.platform(),
+        "load_avg": os.getloadavg(),
+        "results": [asdict(r) for r in results],
+    }
+    (out / "nginx.json").write_text(json.dumps(meta, indent=2))
+    (out / "nginx.md").write_text(markdown(results, connections))
+    if any(r.throughput.errors + r.throughput.non2xx + r.latency.errors + r.latency.non2xx for r in results):
+        log.warning("errors seen: process logs kept in %s", work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def markdown(results: list[ContenderResult], connections: int) -> str:
+    """The results table (added latency relative to the first contender, the direct backend)."""
+    base = results[0].latency
+    lines = [
+        f"| path | req/s ({connections} conn) | p50 / p99 ms ({connections} conn) | sequential p50 / p99 ms "
+        "| added p50 / p99 ms | errors (socket / non-2xx) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        t, lat = r.throughput, r.latency
+        added = f"{lat.p50_ms - base.p50_ms:+.3f} / {lat.p99_ms - base.p99_ms:+.3f}"
+        errors = f"{t.errors + lat.errors} / {t.non2xx + lat.non2xx}"
+        loaded = f"{t.p50_ms:.2f} / {t.p99_ms:.2f}"
+        sequential = f"{lat.p50_ms:.3f} / {lat.p99_ms:.3f}"
+        lines.append(f"| {r.name} | {t.rps:,.0f} | {loaded} | {sequential} | {added} | {errors} |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command("nginx")
+@click.option("--duration", type=float, default=5.0, show_default=True, help="Seconds per measurement.")
+@click.option("--connections", type=int, default=16, show_default=True, help="Concurrent connections.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-results"),
+    show_default=True,
+)
+def command(duration: float, connections: int, out: Path) -> None:
+    """NGINX + decider vs NGINX proxy_pass vs the inferoute gateway: added latency and requests/s."""
+    results = run(duration, connections, out)
+    click.echo(markdown(results, connections))
+
+
+__all__ = ["ContenderResult", "WrkResult", "command", "markdown", "run"]
