@@ -80,6 +80,11 @@ def test_redirect_headers_single_endpoint_no_model_and_picker_mutations() -> Non
     )
 
 
+def test_redirect_headers_follow_a_picker_rewrite_of_the_model_header() -> None:
+    d = decided(("10.0.0.1:8000",), model="alias", set_headers={"x-gateway-model-name": "real-model"})
+    assert redirect_headers(d, "t")["X-Inference-Model"] == "real-model"
+
+
 def test_request_headers_for_decision_drop_hop_by_hop_and_protocol_names() -> None:
     given = [
         ("Host", "h"),

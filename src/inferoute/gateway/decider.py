@@ -136,21 +136,25 @@ def redirect_headers(
     """The headers of a redirect answer for ``decided`` (see the module table). Pure."""
     first, *rest = decided.upstreams
     fallbacks = rest[:max_fallbacks]
+    model_header = decided.route.bbr.header_name.lower()
+    model = decided.model or ""
+    passed: dict[str, str] = {}
+    for name, value in decided.set_headers.items():
+        if name.lower() == model_header:
+            model = value  # BBR's value, or the picker's rewrite of it
+        else:
+            passed[PASS_HEADER_PREFIX + name.lower()] = value
     out = {
         "X-Accel-Redirect": ACCEL_LOCATION,
         UPSTREAM_HEADER: first,
-        MODEL_HEADER: decided.model or "",
+        MODEL_HEADER: model,
         TOKEN_HEADER: token,
     }
     if fallbacks:
         out[FALLBACKS_HEADER] = ",".join(fallbacks)
     for i, value in enumerate(fallbacks, start=1):
         out[f"{FALLBACK_HEADER}{i}"] = value
-    model_header = decided.route.bbr.header_name.lower()
-    for name, value in decided.set_headers.items():
-        if name.lower() == model_header:
-            continue
-        out[PASS_HEADER_PREFIX + name.lower()] = value
+    out.update(passed)
     return out
 
 
