@@ -123,11 +123,12 @@ async def _ttft_and_cached(c: AsyncOpenAI) -> tuple[float, int]:
     return ttft, cached
 
 
-async def test_same_long_prompt_twice_hits_the_prefix_cache(pool: SimPool) -> None:
-    async with client(pool) as c:
+async def test_same_long_prompt_twice_hits_the_prefix_cache() -> None:
+    # Real time scale, so the modelled prefill (~0.4 s for ~4,900 tokens) dwarfs CPU contention on the host.
+    async with await SimPool.start(SimConfig(), replicas=1) as pool, client(pool) as c:
         ttft1, cached1 = await _ttft_and_cached(c)
         ttft2, cached2 = await _ttft_and_cached(c)
     assert cached1 == 0
-    assert cached2 > 3000  # ~4,900 prompt tokens, all full blocks but the last reused
-    # Uncached prefill of ~4,900 tokens costs ~0.2 s at time_scale 0.5; the cached one a few ms.
+    assert cached2 > 3000  # all full blocks but the last are reused
+    assert ttft1 > 0.3, ttft1
     assert ttft2 < ttft1 / 2, (ttft1, ttft2)

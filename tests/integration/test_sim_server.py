@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -256,3 +258,43 @@ def test_cli_runs_until_sigterm() -> None:
             proc.stdout.close()
         if proc.stderr:
             proc.stderr.close()
+
+
+async def test_emit_schedule_stamps_every_token(http: aiohttp.ClientSession) -> None:
+    cfg = SimConfig(time_scale=0.2, emit_schedule=True)
+    async with await SimPool.start(cfg, replicas=1) as pool:
+        body = {"model": M, "prompt": "tick", "max_tokens": 8, "ignore_eos": True, "stream": True}
+        events = []
+        async with http.post(pool.urls[0] + "/v1/completions", json=body) as r:
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    events.append((time.monotonic(), json.loads(line[6:])))
+    assert len(events) == 8
+    scheduled = [e["sim_scheduled_at"] for _, e in events]
+    assert scheduled == sorted(scheduled) and len(set(scheduled)) == 8
+    gaps = [b - a for a, b in itertools.pairwise(scheduled)]
+    assert all(g == pytest.approx(0.2 * (0.010 + 0.00005), rel=0.01) for g in gaps)  # the modelled ITL
+    for arrival, e in events:
+        assert e["sim_written_at"] >= e["sim_scheduled_at"] - 0.002  # timers may fire up to 1 ms early
+        assert arrival >= e["sim_written_at"]
+
+
+async def test_late_timer_delivers_every_due_token_once(http: aiohttp.ClientSession) -> None:
+    # Block the event loop mid-stream, so several engine steps are due when the replica's timer finally runs:
+    # every token must still arrive once, in order, with its own scheduled stamp.
+    cfg = SimConfig(time_scale=0.2, emit_schedule=True)
+    async with await SimPool.start(cfg, replicas=1) as pool:
+        body = {"model": M, "prompt": "tick", "max_tokens": 30, "ignore_eos": True, "stream": True}
+        events = []
+        async with http.post(pool.urls[0] + "/v1/completions", json=body) as r:
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 3:
+                        time.sleep(0.03)  # noqa: ASYNC251 - deliberately starve the loop (~15 steps)
+    assert len(events) == 30
+    scheduled = [e["sim_scheduled_at"] for e in events]
+    assert scheduled == sorted(scheduled) and len(set(scheduled)) == 30
+    written = [e["sim_written_at"] for e in events]
+    assert len(set(written)) < 25  # the overdue tokens went out together
+    assert events[-1]["choices"][0]["finish_reason"] == "length"

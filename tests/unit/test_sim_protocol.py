@@ -106,12 +106,12 @@ def test_chat_chunks() -> None:
 
 def test_completion_chunks_and_schedule_field() -> None:
     w = ResponseWriter(chat=False, response_id="cmpl-1", model="m", text_seed=0, schedule=True)
-    chunk = sse(w.token_chunk(3, None, scheduled_at=123.25))
+    chunk = sse(w.token_chunk(3, None, scheduled_at=123.25, written_at=123.5))
     assert chunk["object"] == "text_completion"
     assert chunk["choices"] == [
         {"index": 0, "text": token_text(0, 3), "logprobs": None, "finish_reason": None}
     ]
-    assert chunk["sim_scheduled_at"] == 123.25
+    assert chunk["sim_scheduled_at"] == 123.25 and chunk["sim_written_at"] == 123.5
 
 
 def test_full_responses() -> None:

@@ -217,19 +217,19 @@ class ResponseWriter:
             + b"}]}\n\n"
         )
 
-    def token_chunk(self, i: int, finish_reason: str | None, scheduled_at: float | None = None) -> bytes:
-        """The SSE chunk of output token ``i`` (with the finish reason when it is the last)."""
+    def token_chunk(
+        self, i: int, finish_reason: str | None, scheduled_at: float | None = None, written_at: float = 0.0
+    ) -> bytes:
+        """The SSE chunk of output token ``i`` (with the finish reason when it is the last).
+
+        With ``scheduled_at`` (``emit_schedule``), the chunk also carries ``sim_scheduled_at`` (when the
+        engine produced the token) and ``sim_written_at`` (when the server wrote it), CLOCK_MONOTONIC seconds.
+        """
         tail = self._mid if finish_reason is None else self._last % finish_reason.encode()
         if scheduled_at is None:
             return b"".join((self._head, _token_json(self.text_seed, i), tail, b"}]}\n\n"))
-        return b"".join(
-            (
-                self._head,
-                _token_json(self.text_seed, i),
-                tail,
-                b'}],"sim_scheduled_at":%.6f}\n\n' % scheduled_at,
-            )
-        )
+        stamp = b'}],"sim_scheduled_at":%.6f,"sim_written_at":%.6f}\n\n' % (scheduled_at, written_at)
+        return b"".join((self._head, _token_json(self.text_seed, i), tail, stamp))
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> bytes:
         """The final ``include_usage`` chunk."""

@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from inferoute.endpoints import Endpoint
 from inferoute.errors import InferouteError, error_body
 from inferoute.sim.config import SimConfig
-from inferoute.sim.engine import Engine, SimRequest, StepResult
+from inferoute.sim.engine import Engine, SimRequest
 from inferoute.sim.metrics import engine_registry
 from inferoute.sim.protocol import (
     DONE,
@@ -53,19 +53,82 @@ _JSON = "application/json"
 
 
 class _Stream:
-    """Per-request link between the timer callback and the handler."""
+    """Per-request link between the timer callback and the handler.
 
-    __slots__ = ("streaming", "times", "waiter")
+    A streamed response has two phases. The handler makes the first body write through aiohttp (which sends
+    the response head with it). From then on the timer callback writes each new token straight onto the
+    transport, framed as an HTTP/1.1 chunk (aiohttp's writer is in chunked mode, so the handler's final
+    ``write_eof`` adds the terminating chunk): no task switch and no future per token. The handler only
+    wakes again when the request is done. Non-streamed requests wake their handler once, at the end.
+    """
 
-    def __init__(self, streaming: bool) -> None:
+    __slots__ = (
+        "include_usage",
+        "req",
+        "schedule",
+        "sent",
+        "streaming",
+        "times",
+        "transport",
+        "waiter",
+        "writer",
+    )
+
+    def __init__(self, req: SimRequest, writer: ResponseWriter, streaming: bool, include_usage: bool) -> None:
+        self.req = req
+        self.writer = writer
         self.streaming = streaming
+        self.include_usage = include_usage
+        self.schedule = writer.schedule
+        self.sent = 0
         self.waiter: asyncio.Future[None] | None = None
         self.times: list[float] = []
+        self.transport: asyncio.Transport | None = None
 
     def wake(self) -> None:
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
+
+    async def wait(self) -> None:
+        self.waiter = asyncio.get_running_loop().create_future()
+        await self.waiter
+
+    def flush(self, now: float) -> None:
+        """The engine produced tokens for this request (called from the timer callback, once per wake-up,
+        after every due step was applied, so ``times`` holds a stamp for every generated token)."""
+        transport = self.transport
+        if transport is not None:
+            data = self.render(now)
+            if data and not transport.is_closing():
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if self.req.done:
+                self.wake()
+        elif self.streaming or self.req.done:
+            self.wake()
+
+    def render(self, now: float) -> bytes:
+        """SSE bytes for the tokens not sent yet, and the end of the stream when the request is done."""
+        req, writer = self.req, self.writer
+        n = req.generated
+        parts: list[bytes] = []
+        if self.sent == 0 and writer.chat and (n or req.done):
+            parts.append(writer.role_chunk())
+        last = n - 1 if req.done else -1
+        reason = req.finish_reason
+        if self.schedule:
+            times = self.times
+            for i in range(self.sent, n):
+                parts.append(writer.token_chunk(i, reason if i == last else None, times[i], now))
+        else:
+            for i in range(self.sent, n):
+                parts.append(writer.token_chunk(i, reason if i == last else None))
+        self.sent = n
+        if req.done:
+            if self.include_usage:
+                parts.append(writer.usage_chunk(req.prompt_len, n, req.cached_tokens))
+            parts.append(DONE)
+        return b"".join(parts)
 
 
 class _ErrorCollector(Collector):
@@ -154,19 +217,31 @@ class Replica:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        for result in self.engine.advance(time.monotonic()):
-            self._deliver(result)
+        now = time.monotonic()
+        results = self.engine.advance(now)
+        if len(results) == 1:
+            self._deliver(results[0].at, results[0].progressed, now)
+        elif results:  # the timer was late: several steps came due at once; deliver each request once
+            touched: dict[SimRequest, None] = {}
+            for result in results:
+                self._deliver(result.at, result.progressed, None)
+                touched.update(dict.fromkeys(result.progressed))
+            for req in touched:
+                link = req.tag
+                assert isinstance(link, _Stream)
+                link.flush(now)
         self._arm()
 
-    def _deliver(self, result: StepResult) -> None:
+    def _deliver(self, at: float, progressed: list[SimRequest], now: float | None) -> None:
+        """Stamp each progressed request's new token with ``at``; flush it too unless ``now`` is None."""
         schedule = self._schedule
-        for req in result.progressed:
-            stream = req.tag
-            assert isinstance(stream, _Stream)
+        for req in progressed:
+            link = req.tag
+            assert isinstance(link, _Stream)
             if schedule:
-                stream.times.append(result.at)
-            if stream.streaming or req.done:
-                stream.wake()
+                link.times.append(at)
+            if now is not None:
+                link.flush(now)
 
     # -- HTTP -----------------------------------------------------------------------------------------
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -274,10 +349,6 @@ class Replica:
         req = SimRequest(
             rid, model, tokens, output, max_tokens, lora=None if model == self.config.model else model
         )
-        link = _Stream(stream)
-        req.tag = link
-        engine.submit(req, time.monotonic())
-        self._arm()
         writer = ResponseWriter(
             chat,
             rid,
@@ -285,12 +356,15 @@ class Replica:
             text_seed=(len(tokens) * 31 + self.config.seed) & 0xFFFF,
             schedule=self._schedule,
         )
+        link = _Stream(req, writer, stream, include_usage)
+        req.tag = link
+        engine.submit(req, time.monotonic())
+        self._arm()
         try:
             if stream:
-                return await self._stream(request, req, link, writer, include_usage)
+                return await self._stream(request, link)
             while not req.done:
-                link.waiter = asyncio.get_running_loop().create_future()
-                await link.waiter
+                await link.wait()
             return web.Response(
                 body=writer.full_response(
                     req.generated, req.finish_reason or "stop", req.prompt_len, req.cached_tokens
@@ -303,58 +377,27 @@ class Replica:
                 self._errors["client-disconnect"] += 1
                 self._arm()
 
-    async def _stream(
-        self,
-        request: web.Request,
-        req: SimRequest,
-        link: _Stream,
-        writer: ResponseWriter,
-        include_usage: bool,
-    ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, link: _Stream) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
+        req = link.req
         try:
-            await self._pump(req, link, writer, include_usage, response)
+            while req.generated == 0 and not req.done:
+                await link.wait()
+            first = link.render(time.monotonic())
+            if not req.done:
+                # aiohttp puts these bytes (and the response head) on the transport before its first await,
+                # so from here on the timer callback may append chunks directly (see _Stream).
+                link.transport = request.transport
+            await response.write(first)
+            while not req.done:
+                await link.wait()
+            await response.write_eof()
         except ConnectionResetError:
             log.debug("%s: client went away during %s", self.name, req.request_id)  # `_serve` aborts it
         return response
-
-    async def _pump(
-        self,
-        req: SimRequest,
-        link: _Stream,
-        writer: ResponseWriter,
-        include_usage: bool,
-        response: web.StreamResponse,
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        sent = 0
-        times = link.times
-        while True:
-            if req.generated == sent and not req.done:
-                link.waiter = loop.create_future()
-                await link.waiter
-            n = req.generated
-            if n == sent and not req.done:
-                continue
-            parts: list[bytes] = []
-            if sent == 0 and writer.chat:
-                parts.append(writer.role_chunk())
-            last = n - 1 if req.done else -1
-            for i in range(sent, n):
-                reason = req.finish_reason if i == last else None
-                parts.append(writer.token_chunk(i, reason, times[i] if self._schedule else None))
-            sent = n
-            if req.done:
-                if include_usage:
-                    parts.append(writer.usage_chunk(req.prompt_len, n, req.cached_tokens))
-                parts.append(DONE)
-                await response.write(b"".join(parts))
-                await response.write_eof()
-                return
-            await response.write(b"".join(parts))
 
 
 def _bind(host: str, port: int) -> socket.socket:
