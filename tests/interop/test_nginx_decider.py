@@ -446,3 +446,40 @@ async def test_decider_down_fail_closed_and_fail_open(
             got = await resp.json()
     assert got["port"] == backends[1].port
     assert got["sha256"] == hashlib.sha256(chat()).hexdigest()
+
+
+async def test_without_post_action_sessions_end_by_the_completion_timeout(
+    backends: list[EchoBackend], nginx: NginxFactory
+) -> None:
+    dead_port, nginx_port = free_ports(2)
+    dead = f"127.0.0.1:{dead_port}"
+    picker = ScriptedPicker([b.key for b in backends] + [dead])
+
+    async def factory(cfg: GatewayConfig, endpoints: Any, registry: CollectorRegistry) -> ScriptedPicker:
+        return picker
+
+    running = await start_decider(
+        gateway_config(backends, dead), "127.0.0.1:0", embedded_factory=factory, completion_timeout=0.3
+    )
+    try:
+        conf = render(
+            NginxOptions(
+                decider=f"127.0.0.1:{running.port}",
+                listen=f"127.0.0.1:{nginx_port}",
+                accounting=False,
+                self_contained=True,
+                worker_processes="1",
+            )
+        )
+        server = await asyncio.to_thread(nginx, conf, [nginx_port])
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(f"http://127.0.0.1:{nginx_port}/v1/completions", data=chat(), headers=JSON) as resp,
+        ):
+            assert resp.status == 200
+        stack = Stack(server, f"http://127.0.0.1:{nginx_port}", backends, dead, picker, running)
+        await stack.wait_idle(within=5.0)  # the sweeper runs every second
+        assert picker.sessions[0].events == [("aborted", "completion-timeout")]
+        assert sum(picker.inflight.values()) == 0
+    finally:
+        await running.aclose()

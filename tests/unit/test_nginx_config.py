@@ -144,3 +144,15 @@ def test_cli_prints_the_config_and_rejects_bad_flags() -> None:
     assert "location @inference_fallback_2" in result.output
     bad = runner.invoke(config_command, ["--location", "v1"])
     assert bad.exit_code == 2 and "--location" in bad.output
+
+
+def test_the_yaml_examples_in_docs_nginx_md_are_valid_gateway_configs(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "nginx.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) >= 3
+    for n, text in enumerate(blocks):
+        path = tmp_path / f"example{n}.yaml"
+        path.write_text(text)
+        opts = options_from_gateway_config(str(path), NginxOptions())
+        assert opts.locations and all(loc in text for loc in opts.locations)
+        assert "location @inference {" in render(opts)
