@@ -92,7 +92,12 @@ class Stack:
 
 
 async def _stack(
-    tmp_path: Path, backends: Backends, *, insecure: bool = False, failure_mode_allow: bool = False
+    tmp_path: Path,
+    backends: Backends,
+    *,
+    insecure: bool = False,
+    failure_mode_allow: bool = False,
+    request_body: str = "full_duplex",
 ) -> tuple[EppServer, RecordingPicker, EnvoyProcess, str]:
     picker = RecordingPicker(backends.endpoints)
     epp = await EppServer.start(
@@ -109,6 +114,7 @@ async def _stack(
         insecure=insecure,
         failure_mode_allow=failure_mode_allow,
         health_check_interval=0.5,
+        request_body=request_body,
     )
     try:
         envoy = await EnvoyProcess.start(cfg, str(tmp_path))
@@ -252,3 +258,29 @@ async def test_picker_down_fail_closed_is_5xx_and_fail_open_cannot_be_steered(
         finally:
             await envoy.aclose()
             await epp.aclose(0)
+
+
+async def test_buffered_request_body_mode(tmp_path: Path, backends: Backends) -> None:
+    """inferoute's EPP also serves Envoy's BUFFERED mode: one body message, the decision on the body reply."""
+    epp, picker, envoy, url = await _stack(tmp_path, backends, insecure=True, request_body="buffered")
+    try:
+        body = json.dumps(
+            {"model": "m", "prompt": "b" * (5 * 1024 * 1024)}
+        ).encode()  # over grpc's 4 MiB default
+        target = backends.ports[2]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{url}/v1/completions", data=body, headers={SELECTION_HEADER: f"127.0.0.1:{target}"}
+            ) as r,
+        ):
+            assert r.status == 200, await r.text()
+            got = await r.json()
+        assert got["port"] == target and got["sha"] == hashlib.sha256(body).hexdigest()
+        log = picker.sessions[-1]
+        assert log.request.body == body
+        await asyncio.wait_for(log.ended.wait(), 10)
+        assert log.finished and log.served == f"127.0.0.1:{target}"
+    finally:
+        await envoy.aclose()
+        await epp.aclose(0)

@@ -60,8 +60,18 @@ def bootstrap(
     failure_mode_allow: bool = False,
     route_timeout: float = 600.0,
     health_check_interval: float = 2.0,
+    request_body: str = "full_duplex",
+    max_body_bytes: int = 64 * 1024 * 1024,
 ) -> dict[str, Any]:
-    """The Envoy bootstrap as a dict (see module docstring). ``epp`` is ``host:port``."""
+    """The Envoy bootstrap as a dict (see module docstring). ``epp`` is ``host:port``.
+
+    ``request_body="buffered"`` sends the whole body in one ext_proc message (inferoute's EPP supports it;
+    GIE EPPs do not): far fewer gRPC messages for big prompts, at the price of Envoy buffering up to
+    ``max_body_bytes`` per connection (``per_connection_buffer_limit_bytes``; larger bodies get 413).
+    """
+    if request_body not in ("full_duplex", "buffered"):
+        raise click.BadParameter(f"request body mode must be full_duplex or buffered, not {request_body!r}")
+    buffered = request_body == "buffered"
     epp_host, epp_port = split_hostport(epp)
     if epp_port is None:
         raise click.BadParameter(f"--epp needs HOST:PORT, got {epp!r}")
@@ -72,8 +82,8 @@ def bootstrap(
         "message_timeout": f"{message_timeout:g}s",
         "processing_mode": {
             "request_header_mode": "SEND",
-            "request_body_mode": "FULL_DUPLEX_STREAMED",
-            "request_trailer_mode": "SEND",
+            "request_body_mode": "BUFFERED" if buffered else "FULL_DUPLEX_STREAMED",
+            "request_trailer_mode": "SKIP" if buffered else "SEND",
             "response_header_mode": "SEND",
             "response_body_mode": body_mode,
             "response_trailer_mode": "SEND" if response_body else "SKIP",
@@ -158,22 +168,19 @@ def bootstrap(
             "metadata_key": {"key": LB_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]},
         },
     }
+    listener: dict[str, Any] = {
+        "name": "inference_gateway",
+        "address": _address(listen_address, listen_port),
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+    if buffered:
+        listener["per_connection_buffer_limit_bytes"] = max_body_bytes
     return {
         "admin": {"address": _address(admin_address, admin_port)},
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "inference_gateway",
-                    "address": _address(listen_address, listen_port),
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                            ]
-                        }
-                    ],
-                }
-            ],
+            "listeners": [listener],
             "clusters": [pool_cluster, epp_cluster],
         },
     }
@@ -196,6 +203,13 @@ def bootstrap(
     help="Do not stream response bodies through the picker (faster; in-flight accounting ends at headers).",
 )
 @click.option("--failure-mode-allow", is_flag=True, help="Fail open when the picker is down (default: 500).")
+@click.option(
+    "--request-body",
+    type=click.Choice(["full_duplex", "buffered"]),
+    default="full_duplex",
+    show_default=True,
+    help="How bodies reach the picker: streamed (GIE protocol) or in one message (inferoute EPP only).",
+)
 def command(
     epp: str,
     listen_port: int,
@@ -205,6 +219,7 @@ def command(
     message_timeout: float,
     no_response_body: bool,
     failure_mode_allow: bool,
+    request_body: str,
 ) -> None:
     """Print an Envoy bootstrap (YAML-compatible JSON) that routes through the picker; run it with
     ``envoy -c FILE``."""
@@ -217,6 +232,7 @@ def command(
         message_timeout=message_timeout,
         response_body=not no_response_body,
         failure_mode_allow=failure_mode_allow,
+        request_body=request_body,
     )
     click.echo(json.dumps(cfg, indent=2))
 
