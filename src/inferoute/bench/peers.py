@@ -173,6 +173,8 @@ def sim_argv(sizing: SimSizing, base_port: int, time_scale: float, seed: int) ->
         str(time_scale),
         "--seed",
         str(seed),
+        "--max-model-len",
+        str(sizing.max_model_len),
     )
     if sizing.lora_adapters:
         argv += ["--lora-adapters", ",".join(sizing.lora_adapters), "--max-loras", str(sizing.max_loras)]

@@ -66,6 +66,7 @@ class SimSizing:
     model: str = MODEL
     lora_adapters: tuple[str, ...] = ()
     max_loras: int = 1
+    max_model_len: int = 32768
 
     def describe(self) -> str:
         text = (
@@ -310,7 +311,7 @@ class MultiLora(Workload):
 class LongPrompt(Workload):
     """``documents`` documents of 100-200 KB; each request is one document plus a short question."""
 
-    documents: int = 4
+    documents: int = 5
     min_kb: int = 100
     max_kb: int = 200
     question_len: int = 32
@@ -325,10 +326,16 @@ class LongPrompt(Workload):
 
     def sizing(self, replicas: int) -> SimSizing:
         mean_tokens = (self.min_kb + self.max_kb) / 2 * 1000 / CHARS_PER_TOKEN
+        longest = self.max_kb * 1000 // CHARS_PER_TOKEN + self.question_len + self.output_len
+        # Every replica must fit the longest request with room to spare, or it could never be admitted.
+        blocks = max(
+            kv_blocks_for(int(self.documents * mean_tokens), replicas), math.ceil(1.3 * longest / BLOCK_SIZE)
+        )
         return SimSizing(
             replicas=replicas,
-            kv_cache_blocks=kv_blocks_for(int(self.documents * mean_tokens), replicas),
+            kv_cache_blocks=blocks,
             max_num_seqs=16,
+            max_model_len=1 << math.ceil(math.log2(longest)),
         )
 
     def _doc(self, seed: int, doc: int) -> str:
