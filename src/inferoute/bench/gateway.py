@@ -1,0 +1,636 @@
+"""``inferoute bench gateway``: what the gateway adds, side by side with its peers, in one run.
+
+Theory of operation
+-------------------
+One backend -- Debian's NGINX answering every path with a small chat-completion JSON (``return 200``; its
+``/metrics`` is a static vLLM-format page so the embedded picker has something to scrape) -- and several
+*paths*
+to it, all started by this command on free 127.0.0.1 ports and stopped by process group at the end:
+
+* ``direct``: the client talks to the backend itself (the floor);
+* ``inferoute``: ``inferoute gateway`` with BBR and the embedded picker (GIE default profile), 1 worker;
+* ``inferoute-nopicker``: the same gateway with ``epp.enabled: false`` (BBR + proxy only);
+* ``inferoute-2w``: the embedded-picker gateway with ``--workers 2``;
+* ``nginx``: NGINX ``proxy_pass`` with an upstream keep-alive pool, 1 worker process;
+* ``vllm-router``: the Rust router from PyPI, round robin, retries off.
+
+Measurements (small non-streaming ``POST /v1/chat/completions``):
+
+1. **Added latency at a fixed rate** (default 200 req/s, open loop, keep-alive): p50 / p99 of each path
+   minus those of ``direct``.
+2. **Highest rate with p99 under 10 ms**: ``wrk`` (C, not the bottleneck) at increasing connection counts;
+   the best requests/s among runs whose p99 stayed under the bound.
+3. **SSE relay rate**: N concurrent streams of M events each from a separate Python SSE backend (one write per
+   event), events per second received by the client through each path.
+4. **BBR extraction speed** on a 10 MB chat body: :func:`inferoute.gateway.bbr.extract_model` vs
+   ``json.loads``.
+
+Everything runs on one (shared) machine: client, paths and backend compete for the same cores, so absolute
+numbers move with the load; the relative picture inside one run is what the report is for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+import yaml
+
+from inferoute.bench.peers import ManagedProcess, free_port, inferoute_argv
+
+log = logging.getLogger(__name__)
+
+CHAT_BODY = json.dumps(
+    {
+        "model": "bench-model",
+        "messages": [{"role": "user", "content": "Say hello in five words."}],
+        "max_tokens": 8,
+    }
+).encode()
+BACKEND_ANSWER = (
+    '{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"bench-model",'
+    '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, how are you?"},'
+    '"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":6,"total_tokens":15}}'
+)
+BACKEND_METRICS = (
+    "# TYPE vllm:num_requests_running gauge\\n"
+    'vllm:num_requests_running{model_name=\\"bench-model\\"} 0\\n'
+    "# TYPE vllm:num_requests_waiting gauge\\n"
+    'vllm:num_requests_waiting{model_name=\\"bench-model\\"} 0\\n'
+    "# TYPE vllm:kv_cache_usage_perc gauge\\n"
+    'vllm:kv_cache_usage_perc{model_name=\\"bench-model\\"} 0.1\\n'
+)
+P99_BOUND_MS = 10.0
+DEFAULT_PATHS = ("direct", "inferoute", "inferoute-nopicker", "inferoute-2w", "nginx", "vllm-router")
+
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0..1) by nearest rank; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class WrkResult:
+    connections: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    """Socket errors plus non-2xx answers."""
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(output: str, connections: int) -> WrkResult:
+    """Read requests/s, the 50% / 99% latency and the error counts out of ``wrk --latency`` output."""
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
+    if not (rps and p50 and p99):
+        raise ValueError(f"unexpected wrk output:\n{output}")
+    errors = 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if sock:
+        errors += sum(int(g) for g in sock.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    return WrkResult(connections, float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), errors)
+
+
+def best_rate_under(results: Sequence[WrkResult], p99_bound_ms: float = P99_BOUND_MS) -> WrkResult | None:
+    """The highest-throughput error-free run whose p99 stayed under the bound (None if none did)."""
+    ok = [r for r in results if r.p99_ms < p99_bound_ms and r.errors == 0]
+    return max(ok, key=lambda r: r.requests_per_s, default=None)
+
+
+@dataclass(slots=True)
+class PathReport:
+    name: str
+    fixed_rate_p50_ms: float = math.nan
+    fixed_rate_p99_ms: float = math.nan
+    fixed_rate_errors: int = 0
+    wrk: list[WrkResult] = field(default_factory=list)
+    sse_events_per_s: float = math.nan
+    sse_errors: int = 0
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def _nginx_binary() -> str:
+    for c in (shutil.which("nginx"), "/usr/sbin/nginx"):
+        if c and Path(c).exists():
+            return c
+    raise click.ClickException("nginx is not installed (make test-deps installs it)")
+
+
+def _nginx_conf(prefix: Path, server_block: str) -> Path:
+    for d in ("logs", "temp/client_body", "temp/proxy", "temp/fastcgi", "temp/uwsgi", "temp/scgi"):
+        (prefix / d).mkdir(parents=True, exist_ok=True)
+    temp = "".join(
+        f"  {d}_temp_path temp/{d};\n" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        "worker_processes 1;\npid nginx.pid;\nerror_log logs/error.log warn;\n"
+        "events { worker_connections 4096; }\n"
+        f"http {{\n  access_log off;\n{temp}{server_block}\n}}\n"
+    )
+    return conf
+
+
+def _nginx(name: str, prefix: Path, server_block: str) -> ManagedProcess:
+    conf = _nginx_conf(prefix, server_block)
+    argv = [_nginx_binary(), "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"]
+    return ManagedProcess(name, argv, prefix / "stdout.log")
+
+
+def backend_nginx(workdir: Path, port: int) -> ManagedProcess:
+    block = f"""
+  server {{
+    listen 127.0.0.1:{port} reuseport backlog=4096;
+    keepalive_requests 1000000;
+    location = /metrics {{ default_type text/plain; return 200 "{BACKEND_METRICS}"; }}
+    location / {{ default_type application/json; return 200 '{BACKEND_ANSWER}'; }}
+  }}"""
+    return _nginx("backend", workdir / "nginx-backend", block)
+
+
+def proxy_nginx(workdir: Path, port: int, upstream: str) -> ManagedProcess:
+    block = f"""
+  upstream backend {{ server {upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    keepalive_requests 1000000;
+    client_max_body_size 64m;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}"""
+    return _nginx("nginx-proxy", workdir / "nginx-proxy", block)
+
+
+def gateway_process(
+    workdir: Path, name: str, port: int, upstream: str, *, picker: bool, workers: int = 1
+) -> ManagedProcess:
+    host, _, up_port = upstream.rpartition(":")
+    cfg = {
+        "listen": f"127.0.0.1:{port}",
+        "workers": workers,
+        "pool": {"endpoints": [{"name": "backend", "address": host, "port": int(up_port)}]},
+        "routes": [{"path": "/", "epp": {"enabled": picker, "endpoint": "embedded"}}],
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    argv = inferoute_argv("--log-level", "WARNING", "gateway", "--config", str(path))
+    return ManagedProcess(name, argv, workdir / f"{name}.log")
+
+
+def vllm_router_process(workdir: Path, port: int, upstream: str) -> ManagedProcess:
+    exe = shutil.which("vllm-router", path=str(Path(sys.executable).parent)) or "vllm-router"
+    argv = [
+        exe,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        f"http://{upstream}",
+        "--policy",
+        "round_robin",
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(free_port()),
+        "--worker-startup-timeout-secs",
+        "30",
+        "--disable-retries",
+        "--log-level",
+        "warning",
+    ]
+    return ManagedProcess("vllm-router", argv, workdir / "vllm-router.log")
+
+
+def sse_backend_process(workdir: Path, port: int, events: int) -> ManagedProcess:
+    argv = [sys.executable, "-m", "inferoute.bench.gateway", "--sse-backend", str(port), str(events)]
+    return ManagedProcess("sse-backend", argv, workdir / "sse-backend.log")
+
+
+async def _serve_sse(port: int, events: int) -> None:
+    """A model-server stand-in that streams ``events`` SSE chunks, one write each, as fast as it can."""
+    from aiohttp import web
+
+    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"tok"}}]}\n\n'
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(events):
+            await resp.write(chunk)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=BACKEND_METRICS.replace("\\n", "\n").replace('\\"', '"'))
+
+    app = web.Application()
+    app.router.add_get("/health", ok)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/{tail:.*}", stream)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+async def fixed_rate(url: str, rate: float, duration: float) -> tuple[list[float], int]:
+    """Open loop: one request every ``1/rate`` s for ``duration`` s; latencies (ms) and error count."""
+    latencies: list[float] = []
+    errors = 0
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=64, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, data=CHAT_BODY, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                        return
+            except aiohttp.ClientError:
+                errors += 1
+                return
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+        for _ in range(20):  # warm the connection pool and the path
+            await one()
+        latencies.clear()
+        n = int(rate * duration)
+        start = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            for i in range(n):
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tg.create_task(one())
+    return latencies, errors
+
+
+def run_wrk(url: str, connections: int, duration: float, workdir: Path) -> WrkResult:
+    script = workdir / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(CHAT_BODY.decode())}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise click.ClickException("wrk is not installed (apt-get install wrk)")
+    threads = min(2, connections)
+    out = subprocess.run(
+        [
+            wrk,
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{duration:g}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
+    ).stdout
+    return parse_wrk(out, connections)
+
+
+async def sse_rate(url: str, streams: int, rounds: int) -> tuple[float, int]:
+    """Events/s received over ``streams`` concurrent SSE requests, repeated ``rounds`` times."""
+    events = 0
+    errors = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=streams)) as session:
+
+        async def one() -> None:
+            nonlocal events, errors
+            try:
+                async with session.post(
+                    url, data=CHAT_BODY, headers={"Content-Type": "application/json"}
+                ) as r:
+                    if r.status != 200:
+                        errors += 1
+                        return
+                    async for line in r.content:
+                        if line.startswith(b"data: {"):
+                            events += 1
+            except aiohttp.ClientError:
+                errors += 1
+
+        await one()
+        events = 0
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(streams):
+                    tg.create_task(one())
+        elapsed = time.perf_counter() - t0
+    return events / elapsed, errors
+
+
+def bbr_speed(size_mb: float = 10.0, repeat: int = 5) -> dict[str, float]:
+    """GB/s of :func:`extract_model` and of ``json.loads`` on a chat body of ``size_mb`` MB."""
+    from inferoute.gateway.bbr import extract_model
+
+    turn = {"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 20}
+    n = int(size_mb * 1_000_000 / len(json.dumps(turn)))
+    body = json.dumps({"messages": [turn] * n, "model": "bench-model", "stream": True}).encode()
+    assert extract_model(body) == "bench-model"
+
+    def best(fn: Callable[[bytes], object]) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn(body)
+            times.append(time.perf_counter() - t0)
+        return len(body) / min(times) / 1e9
+
+    return {
+        "body_mb": len(body) / 1e6,
+        "extract_model_gb_s": best(extract_model),
+        "json_loads_gb_s": best(json.loads),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- orchestration
+
+
+@dataclass(slots=True)
+class BenchOptions:
+    out: Path
+    rate: float = 200.0
+    fixed_duration: float = 10.0
+    wrk_duration: float = 4.0
+    connections: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    sse_streams: int = 8
+    sse_events: int = 500
+    sse_rounds: int = 3
+    paths: tuple[str, ...] = DEFAULT_PATHS
+
+
+async def _start(procs: list[ManagedProcess], proc: ManagedProcess, ready_url: str) -> None:
+    procs.append(proc)
+    await proc.start()
+    await proc.wait_http([ready_url], within=60)
+
+
+async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
+    work = opts.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    procs: list[ManagedProcess] = []
+    reports: dict[str, PathReport] = {}
+    try:
+        backend_port, sse_port = free_port(), free_port()
+        backend = f"127.0.0.1:{backend_port}"
+        await _start(procs, backend_nginx(work, backend_port), f"http://{backend}/health")
+        await _start(
+            procs, sse_backend_process(work, sse_port, opts.sse_events), f"http://127.0.0.1:{sse_port}/health"
+        )
+        json_url = {"direct": f"http://{backend}"}
+        sse_url = {"direct": f"http://127.0.0.1:{sse_port}"}
+        starters: dict[str, Callable[[int, str], tuple[ManagedProcess, str]]] = {
+            "inferoute": lambda p, up: (
+                gateway_process(work, f"inferoute-{p}", p, up, picker=True),
+                "/readyz",
+            ),
+            "inferoute-nopicker": lambda p, up: (
+                gateway_process(work, f"nopicker-{p}", p, up, picker=False),
+                "/healthz",
+            ),
+            "inferoute-2w": lambda p, up: (
+                gateway_process(work, f"inferoute2w-{p}", p, up, picker=True, workers=2),
+                "/readyz",
+            ),
+            "nginx": lambda p, up: (proxy_nginx(work / f"nginx-{p}", p, up), "/health"),
+            "vllm-router": lambda p, up: (vllm_router_process(work, p, up), "/health"),
+        }
+        for name in opts.paths:
+            if name == "direct":
+                continue
+            for kind, up in (("json", backend), ("sse", f"127.0.0.1:{sse_port}")):
+                port = free_port()
+                proc, ready = starters[name](port, up)
+                proc.name = f"{name}-{kind}"
+                await _start(procs, proc, f"http://127.0.0.1:{port}{ready}")
+                (sse_url if kind == "sse" else json_url)[name] = f"http://127.0.0.1:{port}"
+            if name == "inferoute-2w":
+                await asyncio.sleep(1.0)  # both workers listening
+        for name in opts.paths:
+            reports[name] = PathReport(name)
+        chat = "/v1/chat/completions"
+        echo(f"fixed rate {opts.rate:g} req/s for {opts.fixed_duration:g}s per path")
+        for name in opts.paths:
+            lat, errs = await fixed_rate(json_url[name] + chat, opts.rate, opts.fixed_duration)
+            r = reports[name]
+            r.fixed_rate_p50_ms, r.fixed_rate_p99_ms, r.fixed_rate_errors = (
+                percentile(lat, 0.5),
+                percentile(lat, 0.99),
+                errs,
+            )
+            echo(
+                f"  {name:20s} p50 {r.fixed_rate_p50_ms:7.3f} ms  p99 {r.fixed_rate_p99_ms:7.3f} ms"
+                f"  errors {errs}"
+            )
+        echo(f"wrk sweep, connections {list(opts.connections)}, {opts.wrk_duration:g}s each")
+        for name in opts.paths:
+            for c in opts.connections:
+                res = await asyncio.to_thread(run_wrk, json_url[name] + chat, c, opts.wrk_duration, work)
+                reports[name].wrk.append(res)
+                echo(
+                    f"  {name:20s} c={c:<3d} {res.requests_per_s:9.0f} req/s  p50 {res.p50_ms:7.3f} ms"
+                    f"  p99 {res.p99_ms:7.3f} ms  errors {res.errors}"
+                )
+        echo(f"SSE relay: {opts.sse_streams} streams x {opts.sse_events} events x {opts.sse_rounds} rounds")
+        for name in opts.paths:
+            rate, errs = await sse_rate(sse_url[name] + chat, opts.sse_streams, opts.sse_rounds)
+            reports[name].sse_events_per_s, reports[name].sse_errors = rate, errs
+            echo(f"  {name:20s} {rate:10.0f} events/s  errors {errs}")
+    finally:
+        for p in reversed(procs):
+            await p.stop()
+    bbr = bbr_speed()
+    echo(
+        f"BBR on {bbr['body_mb']:.1f} MB: extract_model {bbr['extract_model_gb_s']:.2f} GB/s, "
+        f"json.loads {bbr['json_loads_gb_s']:.2f} GB/s"
+    )
+    result = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": {"cpus": _cpus(), "python": platform.python_version(), "load_before": _loadavg()},
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "paths": {n: asdict(r) for n, r in reports.items()},
+        "bbr": bbr,
+    }
+    (opts.out / "gateway.json").write_text(json.dumps(result, indent=2))
+    (opts.out / "gateway.md").write_text(render_markdown(result))
+    return result
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The report tables (pure: from the JSON result)."""
+    paths: dict[str, dict[str, Any]] = result["paths"]
+    direct = paths.get("direct", {})
+    d50, d99 = direct.get("fixed_rate_p50_ms", math.nan), direct.get("fixed_rate_p99_ms", math.nan)
+    rate = result["options"]["rate"]
+    lines = [
+        f"Run {result['when']}, {result['machine']['cpus']} CPUs (shared), "
+        f"load before {result['machine']['load_before']}.",
+        "",
+        f"| path | p50 at {rate:g}/s | p99 at {rate:g}/s | added p50 | added p99 "
+        "| best req/s with p99 < 10 ms "
+        "(connections) | max req/s (wrk) | SSE events/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in paths.items():
+        wrk = [WrkResult(**w) for w in r["wrk"]]
+        best = best_rate_under(wrk)
+        top = max((w.requests_per_s for w in wrk), default=math.nan)
+        added50 = "-" if name == "direct" else f"{r['fixed_rate_p50_ms'] - d50:+.3f} ms"
+        added99 = "-" if name == "direct" else f"{r['fixed_rate_p99_ms'] - d99:+.3f} ms"
+        best_txt = f"{best.requests_per_s:,.0f} ({best.connections})" if best else "none"
+        lines.append(
+            f"| {name} | {r['fixed_rate_p50_ms']:.3f} ms | {r['fixed_rate_p99_ms']:.3f} ms "
+            f"| {added50} | {added99} "
+            f"| {best_txt} | {top:,.0f} | {r['sse_events_per_s']:,.0f} |"
+        )
+    bbr = result["bbr"]
+    lines += [
+        "",
+        f"BBR model extraction on a {bbr['body_mb']:.1f} MB chat body: `extract_model` "
+        f"{bbr['extract_model_gb_s']:.2f} GB/s, `json.loads` {bbr['json_loads_gb_s']:.2f} GB/s "
+        f"({bbr['extract_model_gb_s'] / bbr['json_loads_gb_s']:.1f}x).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@click.command("gateway")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-results/gateway"),
+    show_default=True,
+)
+@click.option(
+    "--rate", default=200.0, show_default=True, help="Fixed request rate for the added-latency test."
+)
+@click.option(
+    "--duration", "fixed_duration", default=10.0, show_default=True, help="Seconds at the fixed rate."
+)
+@click.option("--wrk-duration", default=4.0, show_default=True, help="Seconds per wrk run.")
+@click.option(
+    "--paths",
+    default=",".join(DEFAULT_PATHS),
+    show_default=True,
+    help="Comma-separated paths to measure (direct is always included).",
+)
+@click.option("--bbr-only", is_flag=True, help="Only the BBR extraction speed (no processes).")
+def command(
+    out: Path, rate: float, fixed_duration: float, wrk_duration: float, paths: str, bbr_only: bool
+) -> None:
+    """Gateway overhead vs a direct connection, NGINX proxy_pass and vllm-router; SSE relay; BBR speed."""
+    from inferoute.gateway.serve import run_async
+
+    if bbr_only:
+        bbr = bbr_speed()
+        click.echo(json.dumps(bbr, indent=2))
+        return
+    chosen = tuple(dict.fromkeys(["direct", *[p.strip() for p in paths.split(",") if p.strip()]]))
+    opts = BenchOptions(
+        out=out, rate=rate, fixed_duration=fixed_duration, wrk_duration=wrk_duration, paths=chosen
+    )
+
+    async def main() -> int:
+        await run_bench(opts)
+        click.echo(f"results: {out / 'gateway.json'}, {out / 'gateway.md'}")
+        return 0
+
+    raise SystemExit(run_async(main))
+
+
+def _main(argv: list[str]) -> None:
+    """``python -m inferoute.bench.gateway --sse-backend PORT EVENTS`` (the SSE backend process)."""
+    if len(argv) == 3 and argv[0] == "--sse-backend":
+        from inferoute.gateway.serve import run_async
+
+        async def serve() -> int:
+            await _serve_sse(int(argv[1]), int(argv[2]))
+            return 0
+
+        run_async(serve)
+        return
+    raise SystemExit("usage: python -m inferoute.bench.gateway --sse-backend PORT EVENTS")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

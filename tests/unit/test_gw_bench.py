@@ -1,0 +1,80 @@
+"""Pure helpers of ``inferoute bench gateway``: wrk output parsing, percentiles, the p99-bounded best rate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from inferoute.bench.gateway import WrkResult, best_rate_under, parse_wrk, percentile, render_markdown
+
+WRK = """Running 4s test @ http://127.0.0.1:8080/v1/chat/completions
+  2 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   512.31us  201.00us   9.80ms   90.00%
+    Req/Sec    15.60k     1.20k   17.00k    70.00%
+  Latency Distribution
+     50%  480.00us
+     75%  600.00us
+     90%  750.00us
+     99%    1.20ms
+  124000 requests in 4.00s, 40.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  31000.50
+Transfer/sec:     10.00MB
+"""
+
+
+def test_parse_wrk() -> None:
+    r = parse_wrk(WRK, 16)
+    assert r == WrkResult(16, 31000.5, 0.48, 1.2, 7)
+    with pytest.raises(ValueError):
+        parse_wrk("garbage", 1)
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50 and percentile(values, 0.99) == 99 and percentile(values, 1.0) == 100
+    assert percentile([3.0], 0.99) == 3.0
+    assert math.isnan(percentile([], 0.5))
+
+
+def test_best_rate_under_bound_ignores_slow_and_failing_runs() -> None:
+    runs = [
+        WrkResult(1, 1000, 0.5, 2.0, 0),
+        WrkResult(8, 5000, 1.0, 9.0, 0),
+        WrkResult(16, 9000, 3.0, 25.0, 0),  # too slow at p99
+        WrkResult(32, 9500, 2.0, 8.0, 3),  # errors
+    ]
+    best = best_rate_under(runs, 10.0)
+    assert best is not None and best.connections == 8
+    assert best_rate_under([WrkResult(1, 10, 50.0, 90.0, 0)], 10.0) is None
+
+
+def test_render_markdown_reports_added_latency() -> None:
+    paths = {
+        "direct": {
+            "fixed_rate_p50_ms": 0.2,
+            "fixed_rate_p99_ms": 0.5,
+            "wrk": [{"connections": 1, "requests_per_s": 100.0, "p50_ms": 0.1, "p99_ms": 0.2, "errors": 0}],
+            "sse_events_per_s": 1000.0,
+        },
+        "gw": {
+            "fixed_rate_p50_ms": 0.9,
+            "fixed_rate_p99_ms": 2.5,
+            "wrk": [{"connections": 4, "requests_per_s": 50.0, "p50_ms": 1.0, "p99_ms": 20.0, "errors": 0}],
+            "sse_events_per_s": 900.0,
+        },
+    }
+    result = {
+        "when": "now",
+        "machine": {"cpus": 2, "load_before": "1 1 1"},
+        "options": {"rate": 200.0},
+        "paths": paths,
+        "bbr": {"body_mb": 10.0, "extract_model_gb_s": 3.0, "json_loads_gb_s": 0.5},
+    }
+    text = render_markdown(result)
+    assert "| gw | 0.900 ms | 2.500 ms | +0.700 ms | +2.000 ms | none | 50 | 900 |" in text
+    assert "| direct | 0.200 ms | 0.500 ms | - | - | 100 (1) | 100 | 1,000 |" in text
+    assert "(6.0x)" in text
