@@ -66,6 +66,16 @@ async def broken(request: web.Request) -> web.Response:
     return web.Response(status=500, text="boom")
 
 
+async def chunked_and_close(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Connection": "close"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    for part in (VLLM[:20], VLLM[20:50], VLLM[50:]):
+        await resp.write(part)
+    await resp.write_eof()
+    return resp
+
+
 async def test_slow_pod_delays_no_one(servers: Servers) -> None:
     fast = await servers.add("fast", page(VLLM))
     lazy = await servers.add("slow", slow)
@@ -87,7 +97,7 @@ async def test_slow_pod_delays_no_one(servers: Servers) -> None:
     fast_state, slow_state = ds.get(fast.key), ds.get(lazy.key)
     assert fast_state is not None and slow_state is not None
     assert fast_state.metrics.running == 5 and slow_state.last_ok is None
-    assert "Timeout" in slow_state.last_error
+    assert "timed out" in slow_state.last_error
     assert ds.ready()  # the slow one was tried
 
 
@@ -130,5 +140,36 @@ async def test_sync_follows_the_endpoint_set(servers: Servers) -> None:
         await asyncio.sleep(0.2)
         assert servers.hits["a"] <= before + 1  # a's loop was cancelled
         assert servers.hits.get("b", 0) >= 2
+    finally:
+        await collector.aclose()
+
+
+async def test_chunked_responses_and_server_side_close(servers: Servers) -> None:
+    ep = await servers.add("chunky", chunked_and_close)
+    ds = Datastore(SystemClock())
+    ds.set_endpoints([ep])
+    collector = MetricsCollector(ds, interval=0.05, timeout=1.0)
+    await collector.start()
+    try:
+        state = ds.get(ep.key)
+        assert state is not None
+        for _ in range(3):  # the server closes after each response: every scrape reconnects
+            assert await collector.scrape_once(state), state.last_error
+        assert state.metrics.running == 5 and state.metrics.kv_usage == 0.25
+    finally:
+        await collector.aclose()
+
+
+async def test_connection_refused_is_a_failed_scrape(free_port: Callable[[], int]) -> None:
+    ds = Datastore(SystemClock())
+    ep = Endpoint("gone", "127.0.0.1", free_port())
+    ds.set_endpoints([ep])
+    collector = MetricsCollector(ds, interval=0.05, timeout=1.0)
+    await collector.start()
+    try:
+        state = ds.get(ep.key)
+        assert state is not None
+        assert not await collector.scrape_once(state)
+        assert state.failures >= 1 and "HttpGetError" in state.last_error
     finally:
         await collector.aclose()

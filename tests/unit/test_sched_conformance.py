@@ -13,7 +13,7 @@ from inferoute.clock import FakeClock
 from inferoute.epp.learned import LocalLearnedState
 from inferoute.epp.scheduling.prefix import prefix_hashes
 from inferoute.epp.scheduling.registry import Params, PluginDeps, builtin_registry
-from inferoute.epp.scheduling.types import Candidate, PickerPlugin, Scored, Scorer
+from inferoute.epp.scheduling.types import Candidate, PickerPlugin, Scorer
 
 REGISTRY = builtin_registry()
 SCORERS = REGISTRY.types("scorer")
@@ -85,11 +85,10 @@ def test_picker_contract(type_name: str, n: int) -> None:
     pool = _pool(n, seed=n)
     c = ctx()
     for _ in range(20):
-        scored = [Scored(x, c.rng.random()) for x in pool]
-        picked = picker.pick(c, scored)
+        picked = picker.pick(c, pool, [c.rng.random() for _ in pool])
         assert len(picked) == 1, "maxNumOfEndpoints defaults to 1"
         assert picked[0] in pool
-    assert picker.pick(c, []) == []
+    assert picker.pick(c, [], []) == []
 
 
 @pytest.mark.parametrize("type_name", PICKERS)
@@ -102,6 +101,6 @@ def test_picker_fallbacks_are_distinct_candidates(type_name: str) -> None:
     )
     assert isinstance(picker, PickerPlugin)
     pool = _pool(5, seed=5)
-    picked = picker.pick(ctx(), [Scored(x, i / 5) for i, x in enumerate(pool)])
+    picked = picker.pick(ctx(), pool, [i / 5 for i in range(len(pool))])
     assert len(picked) == 3 and len({p.key for p in picked}) == 3
     assert all(p in pool for p in picked)

@@ -22,7 +22,7 @@ from inferoute.epp.scheduling.plugins.running_requests_scorer import RunningRequ
 from inferoute.epp.scheduling.plugins.session_affinity_scorer import SessionAffinityScorer
 from inferoute.epp.scheduling.plugins.weighted_random_picker import WeightedRandomPicker
 from inferoute.epp.scheduling.prefix import prefix_hashes
-from inferoute.epp.scheduling.types import Scored
+from inferoute.epp.scheduling.types import Candidate
 
 
 def test_queue_scorer_min_max() -> None:
@@ -129,20 +129,20 @@ def test_predicted_ttft_kv_penalty() -> None:
     assert scorer.score(ctx(prompt=b"x" * 40), [full, free]) == [0.0, 1.0]
 
 
-def _scored(*pairs: tuple[str, float]) -> list[Scored]:
-    return [Scored(cand(k), s) for k, s in pairs]
+def _scored(*pairs: tuple[str, float]) -> tuple[list[Candidate], list[float]]:
+    return [cand(k) for k, _ in pairs], [float(v) for _, v in pairs]
 
 
 def test_max_score_picker_picks_the_best_and_breaks_ties_at_random() -> None:
     picker = MaxScorePicker("p")
-    assert [c.key for c in picker.pick(ctx(), _scored(("a", 1), ("b", 3), ("c", 2)))] == ["b"]
-    wins = Counter(picker.pick(ctx(seed=s), _scored(("a", 2), ("b", 2), ("c", 1)))[0].key for s in range(200))
+    assert [c.key for c in picker.pick(ctx(), *_scored(("a", 1), ("b", 3), ("c", 2)))] == ["b"]
+    wins = Counter(picker.pick(ctx(seed=s), *_scored(("a", 2), ("b", 2), ("c", 1)))[0].key for s in range(200))
     assert set(wins) == {"a", "b"} and min(wins.values()) > 50
 
 
 def test_max_score_picker_fallback_list_is_ordered() -> None:
     picker = MaxScorePicker("p", max_endpoints=3)
-    got = picker.pick(ctx(), _scored(("a", 1), ("b", 3), ("c", 2), ("d", 0)))
+    got = picker.pick(ctx(), *_scored(("a", 1), ("b", 3), ("c", 2), ("d", 0)))
     assert [c.key for c in got] == ["b", "c", "a"]
 
 
@@ -151,7 +151,7 @@ def test_random_picker_is_uniform_and_distinct() -> None:
     rng_ctx = ctx()
     counts: Counter[str] = Counter()
     for _ in range(600):
-        got = picker.pick(rng_ctx, _scored(("a", 0), ("b", 5), ("c", 9)))
+        got = picker.pick(rng_ctx, *_scored(("a", 0), ("b", 5), ("c", 9)))
         assert len({c.key for c in got}) == 2
         counts[got[0].key] += 1
     assert min(counts.values()) > 120
@@ -160,16 +160,16 @@ def test_random_picker_is_uniform_and_distinct() -> None:
 def test_weighted_random_picker_follows_scores() -> None:
     picker = WeightedRandomPicker("w")
     c = ctx()
-    counts = Counter(picker.pick(c, _scored(("a", 3), ("b", 1), ("z", 0)))[0].key for _ in range(2000))
+    counts = Counter(picker.pick(c, *_scored(("a", 3), ("b", 1), ("z", 0)))[0].key for _ in range(2000))
     assert counts["z"] == 0
     assert 0.65 < counts["a"] / 2000 < 0.85  # expected 0.75
-    everyone_zero = Counter(picker.pick(c, _scored(("a", 0), ("b", 0)))[0].key for _ in range(400))
+    everyone_zero = Counter(picker.pick(c, *_scored(("a", 0), ("b", 0)))[0].key for _ in range(400))
     assert min(everyone_zero.values()) > 120
 
 
 def test_round_robin_picker_cycles_in_key_order() -> None:
     picker = RoundRobinPicker("rr", max_endpoints=2)
-    seq = [[c.key for c in picker.pick(ctx(), _scored(("b", 0), ("a", 9), ("c", 1)))] for _ in range(4)]
+    seq = [[c.key for c in picker.pick(ctx(), *_scored(("b", 0), ("a", 9), ("c", 1)))] for _ in range(4)]
     assert seq == [["a", "b"], ["b", "c"], ["c", "a"], ["a", "b"]]
 
 
@@ -178,7 +178,7 @@ def test_pickers_are_reproducible_with_a_seed() -> None:
         c = ctx()
         c.rng = random.Random(seed)
         return [
-            WeightedRandomPicker("w").pick(c, _scored(("a", 1), ("b", 1), ("c", 1)))[0].key for _ in range(20)
+            WeightedRandomPicker("w").pick(c, *_scored(("a", 1), ("b", 1), ("c", 1)))[0].key for _ in range(20)
         ]
 
     assert run(3) == run(3)

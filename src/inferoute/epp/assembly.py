@@ -120,6 +120,7 @@ class EmbeddedPicker:
             timeout=opts.scrape_timeout,
             scheme=config.metrics_scheme,
             path=config.metrics_path,
+            insecure_skip_verify=config.metrics_insecure,
             on_scrape=metrics.on_scrape,
         )
         self._tasks = TaskSet("epp")

@@ -87,6 +87,7 @@ class PickerConfig:
     prefix: PrefixSettings
     metrics_scheme: str = "http"
     metrics_path: str = "/metrics"
+    metrics_insecure: bool = True
     default_engine: str = "vllm"
     saturation: SaturationDetector | None = None
     feature_gates: tuple[str, ...] = ()
@@ -249,6 +250,7 @@ def parse_config(
             extractors = [e]
     if sources:
         cfg.metrics_scheme, cfg.metrics_path = sources[0].scheme, sources[0].path
+        cfg.metrics_insecure = sources[0].insecure_skip_verify
     if extractors:
         cfg.default_engine = extractors[0].default_engine
     detectors = [p for p in plugins.values() if isinstance(p, DetectorConfig)]

@@ -27,7 +27,7 @@ from inferoute.endpoints import split_hostport
 from inferoute.epp.datalayer.datastore import Datastore, EndpointState
 from inferoute.epp.flowcontrol import SaturationDetector
 from inferoute.epp.learned import LearnedState
-from inferoute.epp.metrics import EppMetrics
+from inferoute.epp.metrics import EppMetrics, ModelSeries
 from inferoute.epp.requestcontrol.parse import CHARS_PER_TOKEN, parse_body
 from inferoute.epp.requestcontrol.usage import TailBuffer, Usage, parse_usage
 from inferoute.epp.scheduling.framework import NoEndpoints, ProfileResult, Scheduler
@@ -102,6 +102,7 @@ class Director:
         self.saturation = saturation
         self.objectives: Mapping[str, int] = objectives or {}
         self.rng = rng or random.Random()
+        self._cands: dict[str, tuple[EndpointState, Candidate]] = {}
 
     # -- rejections -------------------------------------------------------------------------------------
     def _reject(
@@ -139,7 +140,8 @@ class Director:
             self.metrics.model_rewrite_total.labels(model, target).inc()
         objective = headers.get(OBJECTIVE_HEADER) or None
         priority = self.objectives.get(objective, 0) if objective else 0
-        self.metrics.request_total.labels(model, target).inc()
+        series = self.metrics.series(model, target)
+        series.request_total.inc()
 
         states = list(self.datastore.states.values())
         if request.subset is not None:
@@ -158,7 +160,7 @@ class Director:
             ), NullSession()
         now = self.clock.now()
         staleness = self.datastore.staleness
-        fresh = [s for s in states if s.fresh(now, staleness)]
+        fresh = [s for s in states if s.last_ok is not None and now - s.last_ok <= staleness]
         if not fresh:
             # Nothing has fresh metrics (e.g. servers without /metrics): schedule blind rather than refuse.
             self.metrics.stale_fallbacks.inc()
@@ -176,10 +178,7 @@ class Director:
                     target,
                 ), NullSession()
 
-        inflight = self.learned.inflight
-        candidates = [
-            Candidate(s.key, s.endpoint.name, s.metrics, inflight(s.key), s.endpoint.labels) for s in fresh
-        ]
+        candidates = self._candidates(fresh)
         prompt_tokens = (len(parsed.prompt) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
         ireq = InferenceRequest(
             model=model,
@@ -198,19 +197,40 @@ class Director:
         try:
             result = self.scheduler.schedule(ctx, candidates)
         except NoEndpoints as exc:
-            self.metrics.scheduler_attempts.labels("failure").inc()
+            self.metrics.attempt_failure.inc()
             return self._reject(
                 429, f"no endpoint can serve the request: {exc}", "no-capacity", model, target
             ), NullSession()
         self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
-        self.metrics.scheduler_attempts.labels("success").inc()
+        self.metrics.attempt_success.inc()
         self._observe_prefix(ctx, result)
 
         primary = result.endpoints[0].key
         self.learned.begin(primary, prompt_tokens)
-        self.metrics.running_requests.labels(model).inc()
-        session = Session(self, model, target, primary, prompt_tokens, now)
+        series.running.inc()
+        session = Session(self, series, primary, prompt_tokens, now)
         return Destination(tuple(c.key for c in result.endpoints), set_headers, body), session
+
+    def _candidates(self, states: list[EndpointState]) -> list[Candidate]:
+        """Scheduling views of ``states``, reused across picks (only the metrics snapshot is refreshed)."""
+        cache = self._cands
+        out: list[Candidate] = []
+        for s in states:
+            entry = cache.get(s.key)
+            if entry is None or entry[0] is not s:
+                c = Candidate(
+                    s.key, s.endpoint.name, s.metrics, self.learned.inflight(s.key), s.endpoint.labels
+                )
+                cache[s.key] = (s, c)
+            else:
+                c = entry[1]
+                c.metrics = s.metrics
+            out.append(c)
+        if len(cache) > 2 * len(self.datastore.states) + 16:  # endpoints came and went: drop the dead
+            live = self.datastore.states
+            for key in [k for k, (s, _) in cache.items() if live.get(k) is not s]:
+                del cache[key]
+        return out
 
     def _observe_prefix(self, ctx: CycleContext, result: ProfileResult) -> None:
         hashes = ctx.hashes_computed
@@ -244,28 +264,20 @@ class Session:
         "_director",
         "_done",
         "_first",
+        "_series",
         "_started_at",
         "_tail",
         "endpoint",
-        "model",
         "prompt_tokens",
         "status",
-        "target",
         "usage",
     )
 
     def __init__(
-        self,
-        director: Director,
-        model: str,
-        target: str,
-        endpoint: str,
-        prompt_tokens: int,
-        started_at: float,
+        self, director: Director, series: ModelSeries, endpoint: str, prompt_tokens: int, started_at: float
     ) -> None:
         self._director = director
-        self.model = model
-        self.target = target
+        self._series = series
         self.endpoint = endpoint
         """Where the in-flight count is held: the primary pick, moved to the served endpoint when reported."""
         self.prompt_tokens = prompt_tokens
@@ -297,9 +309,7 @@ class Session:
                 self._first = True
                 d = self._director
                 d.learned.first_byte(self.endpoint, self.prompt_tokens)
-                d.metrics.request_ttft.labels(self.model, self.target).observe(
-                    d.clock.now() - self._started_at
-                )
+                self._series.ttft.observe(d.clock.now() - self._started_at)
             self._tail.feed(chunk)
         except Exception:
             log.exception("session response_chunk")
@@ -312,10 +322,10 @@ class Session:
             usage = parse_usage(self._tail.data)
             self.usage = usage
             if usage is not None:
-                m = self._director.metrics
-                m.input_tokens.labels(self.model, self.target).observe(usage.prompt_tokens)
-                m.output_tokens.labels(self.model, self.target).observe(usage.completion_tokens)
-                m.cached_tokens.labels(self.model, self.target).observe(usage.cached_tokens)
+                s = self._series
+                s.input_tokens.observe(usage.prompt_tokens)
+                s.output_tokens.observe(usage.completion_tokens)
+                s.cached_tokens.observe(usage.cached_tokens)
         except Exception:
             log.exception("session usage")
 
@@ -323,15 +333,17 @@ class Session:
         if self._done:
             return
         self._finish()
+        try:
+            self._director.metrics.sessions_aborted.labels(reason).inc()
+        except Exception:
+            log.exception("session aborted")
 
     def _finish(self) -> None:
         self._done = True
         try:
             d = self._director
             d.learned.end(self.endpoint, self.prompt_tokens, 0, started=self._first)
-            d.metrics.running_requests.labels(self.model).dec()
-            d.metrics.request_duration.labels(self.model, self.target).observe(
-                d.clock.now() - self._started_at
-            )
+            self._series.running.dec()
+            self._series.duration.observe(d.clock.now() - self._started_at)
         except Exception:
             log.exception("session finish")

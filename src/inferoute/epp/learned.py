@@ -36,13 +36,12 @@ class InflightCounts:
         """Prompt tokens (estimate) plus output tokens seen so far, of unfinished requests."""
 
 
-ZERO = InflightCounts()
-
-
 class LearnedState(Protocol):
     prefix: PrefixIndex
 
-    def inflight(self, endpoint: str) -> InflightCounts: ...
+    def inflight(self, endpoint: str) -> InflightCounts:
+        """The live counts object of ``endpoint`` (updated in place; callers may keep it)."""
+        ...
 
     def begin(self, endpoint: str, prompt_tokens: int) -> None:
         """A request was sent to ``endpoint``."""
@@ -69,7 +68,7 @@ class LocalLearnedState:
         self._inflight: dict[str, InflightCounts] = {}
 
     def inflight(self, endpoint: str) -> InflightCounts:
-        return self._inflight.get(endpoint, ZERO)
+        return self._counts(endpoint)
 
     def _counts(self, endpoint: str) -> InflightCounts:
         c = self._inflight.get(endpoint)

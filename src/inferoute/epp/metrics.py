@@ -55,6 +55,29 @@ class _PoolCollector(Collector):
         yield from (ready, queue, kv, running, per_pod)
 
 
+class ModelSeries:
+    """The per-(model, target model) children, resolved once (``labels()`` is not free on the hot path)."""
+
+    __slots__ = (
+        "cached_tokens",
+        "duration",
+        "input_tokens",
+        "output_tokens",
+        "request_total",
+        "running",
+        "ttft",
+    )
+
+    def __init__(self, m: EppMetrics, model: str, target: str) -> None:
+        self.request_total = m.request_total.labels(model, target)
+        self.duration = m.request_duration.labels(model, target)
+        self.ttft = m.request_ttft.labels(model, target)
+        self.input_tokens = m.input_tokens.labels(model, target)
+        self.output_tokens = m.output_tokens.labels(model, target)
+        self.cached_tokens = m.cached_tokens.labels(model, target)
+        self.running = m.running_requests.labels(model)
+
+
 class EppMetrics:
     """All picker metrics; one instance per picker, registered on the registry it is given."""
 
@@ -171,6 +194,12 @@ class EppMetrics:
             "Invalid endpoint source updates (kept the old list).",
             registry=r,
         )
+        self.sessions_aborted = Counter(
+            "inferoute_epp_sessions_aborted_total",
+            "Picked requests the data plane reported as aborted.",
+            ["reason"],
+            registry=r,
+        )
         self.stale_fallbacks = Counter(
             "inferoute_epp_stale_fallback_total",
             "Picks made over all endpoints because none had fresh metrics.",
@@ -179,6 +208,16 @@ class EppMetrics:
         self._scrape_ok = self.scrapes_total.labels("ok")
         self._scrape_err = self.scrapes_total.labels("error")
         self._pool: _PoolCollector | None = None
+        self._series: dict[tuple[str, str], ModelSeries] = {}
+        self._e2e = self.scheduler_e2e
+        self.attempt_success = self.scheduler_attempts.labels("success")
+        self.attempt_failure = self.scheduler_attempts.labels("failure")
+
+    def series(self, model: str, target: str) -> ModelSeries:
+        s = self._series.get((model, target))
+        if s is None:
+            s = self._series[(model, target)] = ModelSeries(self, model, target)
+        return s
 
     def watch_pool(self, datastore: Datastore, pool_name: str) -> None:
         """Expose the ``inference_pool_*`` gauges computed from ``datastore`` at collection time."""

@@ -1,8 +1,8 @@
 """The metrics collector: scrape every endpoint's Prometheus page on a short tick.
 
 Each endpoint has its own loop (scrape, then sleep until its next tick), so a slow or dead pod only delays
-itself; each scrape has its own timeout. Loops are started and stopped as the endpoint set changes. One shared
-aiohttp session keeps a keep-alive connection per endpoint.
+itself; each scrape has its own timeout. Loops are started and stopped as the endpoint set changes. Each loop
+keeps one keep-alive connection (:class:`~.httpget.HttpGetter`) and a :class:`~.metrics.ParseCache`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from inferoute.epp.datalayer.datastore import Datastore, EndpointState
-from inferoute.epp.datalayer.metrics import MetricsParseError, parse_metrics
+from inferoute.epp.datalayer.httpget import HttpGetError, HttpGetter, client_ssl_context
+from inferoute.epp.datalayer.metrics import MetricsParseError, ParseCache, parse_metrics
 from inferoute.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -36,6 +35,7 @@ class MetricsCollector:
         timeout: float = 1.0,
         scheme: str = "http",
         path: str = "/metrics",
+        insecure_skip_verify: bool = True,
         on_scrape: ScrapeHook | None = None,
     ) -> None:
         self.datastore = datastore
@@ -46,17 +46,14 @@ class MetricsCollector:
         self._on_scrape = on_scrape
         self._tasks = TaskSet("scrape")
         self._loops: dict[str, asyncio.Task[Any]] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._first_round: asyncio.Event = asyncio.Event()
+        self._getters: dict[str, HttpGetter] = {}
+        self._caches: dict[str, ParseCache] = {}
+        self._ssl = client_ssl_context(insecure_skip_verify) if scheme == "https" else None
+        self._started = False
 
     async def start(self) -> None:
-        """Open the HTTP session and start one loop per known endpoint."""
-        connector = aiohttp.TCPConnector(limit=0, ssl=False, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
+        """Start one loop per known endpoint."""
+        self._started = True
         self.sync()
 
     def sync(self) -> None:
@@ -65,42 +62,55 @@ class MetricsCollector:
         for key in list(self._loops):
             if key not in states:
                 self._loops.pop(key).cancel()
+                getter = self._getters.pop(key, None)
+                if getter is not None:
+                    getter.close()
+                self._caches.pop(key, None)
         for key, state in states.items():
             if key not in self._loops:
                 self._loops[key] = self._tasks.spawn(self._loop(state), name=key)
 
     async def _loop(self, state: EndpointState) -> None:
-        url = f"{self.scheme}://{state.key}{self.path}"
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
-            await self.scrape_once(state, url)
+            await self.scrape_once(state)
             next_at += self.interval
             now = loop.time()
             if next_at < now:  # overran (slow pod): skip missed ticks instead of bursting
                 next_at = now
             await asyncio.sleep(next_at - now)
 
-    async def scrape_once(self, state: EndpointState, url: str | None = None) -> bool:
+    def _getter(self, state: EndpointState) -> HttpGetter:
+        getter = self._getters.get(state.key)
+        if getter is None:
+            ep = state.endpoint
+            getter = self._getters[state.key] = HttpGetter(
+                ep.address, ep.port, self.path, timeout=self.timeout, ssl_context=self._ssl
+            )
+        return getter
+
+    async def scrape_once(self, state: EndpointState) -> bool:
         """Scrape one endpoint now and record the result; True on success."""
-        assert self._session is not None, "start() first"
-        url = url or f"{self.scheme}://{state.key}{self.path}"
+        assert self._started, "start() first"
         t0 = time.perf_counter()
         ok = False
+        cache = self._caches.get(state.key)
+        if cache is None:
+            cache = self._caches[state.key] = ParseCache()
         try:
-            async with self._session.get(url) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise MetricsParseError(f"HTTP {resp.status}")
-            metrics = parse_metrics(body, state.engine, self.datastore.clock.now())
-        except (aiohttp.ClientError, TimeoutError, MetricsParseError, OSError) as exc:
+            status, body = await self._getter(state).get()
+            if status != 200:
+                raise MetricsParseError(f"HTTP {status}")
+            metrics = parse_metrics(body, state.engine, self.datastore.clock.now(), cache)
+        except (HttpGetError, MetricsParseError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             if state.failures == 0:  # log transitions, not every tick
-                log.warning("scrape %s failed: %s", url, error)
+                log.warning("scrape %s%s failed: %s", state.key, self.path, error)
             self.datastore.record_scrape(state.key, None, error)
         else:
             if state.failures:
-                log.info("scrape %s recovered", url)
+                log.info("scrape %s%s recovered", state.key, self.path)
             self.datastore.record_scrape(state.key, metrics)
             ok = True
         if self._on_scrape is not None:
@@ -110,6 +120,6 @@ class MetricsCollector:
     async def aclose(self) -> None:
         await self._tasks.aclose()
         self._loops.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for getter in self._getters.values():
+            getter.close()
+        self._getters.clear()

@@ -85,7 +85,13 @@ class Datastore:
         self._synced = True
         if added or removed:
             self.generation += 1
-            log.info("endpoints: +%s -%s (%d total)", added, removed, len(new))
+            log.info(
+                "endpoints: %d added, %d removed, %d total (added %s)",
+                len(added),
+                len(removed),
+                len(new),
+                added[:5] + (["..."] if len(added) > 5 else []),
+            )
         return added, removed
 
     @property

@@ -129,50 +129,85 @@ class Sample:
     value: float
 
 
-def find_family(page: bytes, family: str) -> list[Sample]:
-    """All samples of ``family`` in an exposition-format ``page`` (no ``_bucket``-style suffix matching).
+def find_family(page: bytes, family: str, *, labels: bool = True) -> list[Sample]:
+    """All samples of ``family`` in an exposition-format ``page``.
 
-    Only the lines starting with ``family`` followed by ``{`` or a space are read.
+    Finds the family's first sample line (skipping longer names that share the prefix, such as
+    ``vllm:num_requests_waiting_by_reason``), then reads the following lines while they belong to the family:
+    the exposition format keeps a family's samples together, so the rest of the page is never scanned.
     """
     name = family.encode()
-    out: list[Sample] = []
-    pos = 0
     n = len(name)
+    size = len(page)
+    pos = 0
     while True:
         if pos == 0 and page.startswith(name):
             start = 0
         else:
             idx = page.find(b"\n" + name, pos)
             if idx < 0:
-                return out
+                return []
             start = idx + 1
-        after = start + n
-        end = page.find(b"\n", after)
+        if page[start + n : start + n + 1] in (b"{", b" "):
+            break
+        pos = start + n
+    out: list[Sample] = []
+    while start < size:
+        end = page.find(b"\n", start)
         if end < 0:
-            end = len(page)
-        pos = end
+            end = size
+        after = start + n
         nxt = page[after : after + 1]
-        if nxt == b"{":
-            close = page.rfind(b"}", after, end)
-            if close < 0:
-                continue
-            labels = {k: v for k, v in _LABEL_RE.findall(page[after + 1 : close].decode("utf-8", "replace"))}
-            rest = page[close + 1 : end]
-        elif nxt == b" ":
-            labels = {}
-            rest = page[after:end]
+        if not page.startswith(name, start) or nxt not in (b"{", b" "):
+            break
+        sample = _sample(page, after, end, nxt == b"{", labels)
+        if sample is not None:
+            out.append(sample)
+        start = end + 1
+    return out
+
+
+def _sample(page: bytes, after: int, end: int, has_labels: bool, want_labels: bool) -> Sample | None:
+    labels: dict[str, str] = {}
+    if has_labels:
+        close = page.rfind(b"}", after, end)
+        if close < 0:
+            return None
+        if want_labels:
+            labels = dict(_LABEL_RE.findall(page[after + 1 : close].decode("utf-8", "replace")))
+        rest = page[close + 1 : end]
+    else:
+        rest = page[after:end]
+    parts = rest.split()
+    if not parts:
+        return None
+    try:
+        return Sample(labels, float(parts[0]))
+    except ValueError:
+        return None
+
+
+class ParseCache:
+    """Per-endpoint memory of optional families the page lacks, so each scrape does not rescan the whole page
+    looking for them (e.g. ``vllm:lora_requests_info`` on a server without LoRA); rechecked every
+    ``recheck`` seconds."""
+
+    __slots__ = ("absent", "recheck")
+
+    def __init__(self, recheck: float = 1.0) -> None:
+        self.recheck = recheck
+        self.absent: dict[str, float] = {}
+
+    def lookup(self, page: bytes, family: str, now: float) -> list[Sample]:
+        until = self.absent.get(family)
+        if until is not None and now < until:
+            return []
+        samples = find_family(page, family)
+        if samples:
+            self.absent.pop(family, None)
         else:
-            continue  # a longer family name sharing this prefix
-        parts = rest.split()
-        if not parts:
-            continue
-        try:
-            value = float(parts[0])
-        except ValueError:
-            continue
-        out.append(Sample(labels, value))
-        if end >= len(page):
-            return out
+            self.absent[family] = now + self.recheck
+        return samples
 
 
 def _split_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -184,7 +219,7 @@ def _split_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 def _value(page: bytes, spec: str) -> float | None:
     family, want = _split_spec(spec)
-    samples = find_family(page, family)
+    samples = find_family(page, family, labels=bool(want))
     if want:
         samples = [s for s in samples if all(s.labels.get(k) == v for k, v in want.items())]
     if not samples:
@@ -208,17 +243,23 @@ class MetricsParseError(ValueError):
     """The page lacks a required family (queue, running or KV usage)."""
 
 
-def parse_metrics(page: bytes, engine: EngineMapping, now: float) -> EndpointMetrics:
+def parse_metrics(
+    page: bytes, engine: EngineMapping, now: float, cache: ParseCache | None = None
+) -> EndpointMetrics:
     """Read an :class:`EndpointMetrics` snapshot from a Prometheus text page.
 
     Raises :class:`MetricsParseError` when a required family is missing (the endpoint then counts as a failed
-    scrape). Optional families (LoRA, cache config) default to "unknown".
+    scrape). Optional families (LoRA, cache config) default to "unknown"; with a ``cache`` their absence is
+    remembered for a second.
     """
+    optional = cache.lookup if cache is not None else (lambda p, f, t: find_family(p, f))
     waiting = _value(page, engine.waiting)
     running = _value(page, engine.running)
     kv_family, kv_want = _split_spec(engine.kv_usage)
     kv_samples = [
-        s for s in find_family(page, kv_family) if all(s.labels.get(k) == v for k, v in kv_want.items())
+        s
+        for s in find_family(page, kv_family, labels=bool(kv_want))
+        if all(s.labels.get(k) == v for k, v in kv_want.items())
     ]
     missing = [
         spec
@@ -236,7 +277,7 @@ def parse_metrics(page: bytes, engine: EngineMapping, now: float) -> EndpointMet
     pending: frozenset[str] = frozenset()
     max_lora = 0
     if engine.lora_info:
-        lora = find_family(page, engine.lora_info)
+        lora = optional(page, engine.lora_info, now)
         if lora:
             newest = max(lora, key=lambda s: s.value)  # the value is a timestamp: newest series wins
             active = _adapters(newest.labels.get("running_lora_adapters", ""))
@@ -246,7 +287,7 @@ def parse_metrics(page: bytes, engine: EngineMapping, now: float) -> EndpointMet
     block_size: int | None = None
     num_blocks: int | None = None
     if engine.cache_info:
-        info = find_family(page, engine.cache_info)
+        info = optional(page, engine.cache_info, now)
         if info:
             block_size = _int_label(info[0].labels, engine.block_size_label)
             num_blocks = _int_label(info[0].labels, engine.num_blocks_label)

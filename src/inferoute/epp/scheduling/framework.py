@@ -23,7 +23,6 @@ from inferoute.epp.scheduling.types import (
     Filter,
     PickerPlugin,
     PickObserver,
-    Scored,
     Scorer,
 )
 
@@ -55,8 +54,14 @@ class ProfileResult:
     profile: str
     endpoints: list[Candidate]
     """Primary first, then fallbacks."""
-    scores: dict[str, float]
-    """Total weighted score per candidate key (useful for debugging and score emission)."""
+    candidates: list[Candidate]
+    totals: list[float]
+    """Weighted total score of each candidate (same order)."""
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Total weighted score per candidate key (debugging, score emission)."""
+        return {c.key: t for c, t in zip(self.candidates, self.totals, strict=True)}
 
 
 class SchedulerProfile:
@@ -105,19 +110,20 @@ class SchedulerProfile:
                     f"scorer {ws.scorer.name} returned {len(scores)} scores for {len(candidates)}"
                 )
             w = ws.weight
-            for i, s in enumerate(scores):
-                # clamp to [0, 1]; NaN fails both comparisons and becomes 0
-                totals[i] += w * (s if 0.0 <= s <= 1.0 else (1.0 if s > 1.0 else 0.0))
+            # clamp to [0, 1]; NaN fails both comparisons and becomes 0
+            totals = [
+                t + w * (s if 0.0 <= s <= 1.0 else (1.0 if s > 1.0 else 0.0))
+                for t, s in zip(totals, scores, strict=True)
+            ]
 
-        scored = [Scored(c, t) for c, t in zip(candidates, totals, strict=True)]
         t0 = perf()
-        picked = self.picker.pick(ctx, scored)
+        picked = self.picker.pick(ctx, candidates, totals)
         self._picker_obs(perf() - t0)
         if not picked:
             raise NoEndpoints(f"picker {self.picker.name} chose nothing")
         for o in self._observers:
             o.on_picked(ctx, picked[0], candidates)
-        return ProfileResult(self.name, picked, {c.key: t for c, t in zip(candidates, totals, strict=True)})
+        return ProfileResult(self.name, picked, candidates, totals)
 
 
 class Scheduler:

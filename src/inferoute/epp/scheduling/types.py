@@ -68,7 +68,7 @@ class PrefixSettings:
 class CycleContext:
     """Everything one scheduling cycle may read; computed lazily and memoised for all plugins."""
 
-    __slots__ = ("_hashes", "_match", "learned", "now", "prefix_settings", "request", "rng")
+    __slots__ = ("_block", "_hashes", "_match", "learned", "now", "prefix_settings", "request", "rng")
 
     def __init__(
         self,
@@ -86,19 +86,24 @@ class CycleContext:
         self.prefix_settings = prefix_settings or PrefixSettings()
         self._hashes: list[int] | None = None
         self._match: dict[str, int] | None = None
+        self._block: int | None = None
 
     def block_size_tokens(self, candidates: Sequence[Candidate]) -> int:
         """The prefix block size: the servers' own (autoTune, most common among candidates) or configured."""
+        if self._block is not None:
+            return self._block
         s = self.prefix_settings
+        block = s.block_size_tokens
         if s.auto_tune:
             counts: dict[int, int] = {}
-            for c in candidates:
+            for c in candidates[:16]:  # a sample is enough: pools run one engine configuration
                 b = c.metrics.block_size
                 if b:
                     counts[b] = counts.get(b, 0) + 1
             if counts:
-                return max(counts, key=lambda b: counts[b])
-        return s.block_size_tokens
+                block = max(counts, key=lambda b: counts[b])
+        self._block = block
+        return block
 
     def prefix_hashes(self, candidates: Sequence[Candidate]) -> list[int]:
         if self._hashes is None:
@@ -148,19 +153,17 @@ class Scorer(Protocol):
         ...
 
 
-@dataclass(slots=True)
-class Scored:
-    candidate: Candidate
-    score: float
-
-
 @runtime_checkable
 class PickerPlugin(Protocol):
     type_name: ClassVar[str]
     name: str
 
-    def pick(self, ctx: CycleContext, scored: list[Scored]) -> list[Candidate]:
-        """The chosen endpoint first, then ordered fallbacks (``maxNumOfEndpoints`` in total at most)."""
+    def pick(
+        self, ctx: CycleContext, candidates: Sequence[Candidate], scores: Sequence[float]
+    ) -> list[Candidate]:
+        """The chosen endpoint first, then ordered fallbacks (``maxNumOfEndpoints`` in total at most).
+
+        ``scores[i]`` is the weighted total of ``candidates[i]``."""
         ...
 
 

@@ -7,10 +7,11 @@ Parameters: ``maxNumOfEndpoints`` (default 1).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from inferoute.epp.scheduling.registry import Params, PluginDeps
-from inferoute.epp.scheduling.types import Candidate, CycleContext, Scored
+from inferoute.epp.scheduling.types import Candidate, CycleContext
 
 TYPE = "max-score-picker"
 ROLE = "picker"
@@ -23,26 +24,19 @@ class MaxScorePicker:
         self.name = name
         self.max_endpoints = max_endpoints
 
-    def pick(self, ctx: CycleContext, scored: list[Scored]) -> list[Candidate]:
-        if not scored:
+    def pick(
+        self, ctx: CycleContext, candidates: Sequence[Candidate], scores: Sequence[float]
+    ) -> list[Candidate]:
+        if not candidates:
             return []
         if self.max_endpoints == 1:  # fast path: one pass, reservoir-style random tie-break
-            best = scored[0].score
-            chosen = scored[0]
-            ties = 1
-            rand = ctx.rng.random
-            for s in scored[1:]:
-                if s.score > best:
-                    best, chosen, ties = s.score, s, 1
-                elif s.score == best:
-                    ties += 1
-                    if rand() * ties < 1.0:
-                        chosen = s
-            return [chosen.candidate]
-        shuffled = list(scored)
-        ctx.rng.shuffle(shuffled)
-        shuffled.sort(key=lambda s: s.score, reverse=True)
-        return [s.candidate for s in shuffled[: self.max_endpoints]]
+            best = max(scores)
+            ties = [i for i, s in enumerate(scores) if s == best]
+            return [candidates[ties[0] if len(ties) == 1 else ctx.rng.choice(ties)]]
+        order = list(range(len(candidates)))
+        ctx.rng.shuffle(order)
+        order.sort(key=lambda i: scores[i], reverse=True)  # stable: ties keep their random order
+        return [candidates[i] for i in order[: self.max_endpoints]]
 
 
 def create(name: str, params: Params, deps: PluginDeps) -> MaxScorePicker:

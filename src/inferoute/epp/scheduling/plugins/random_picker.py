@@ -6,10 +6,11 @@ Returns ``maxNumOfEndpoints`` distinct candidates in random order. Parameters: `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from inferoute.epp.scheduling.registry import Params, PluginDeps
-from inferoute.epp.scheduling.types import Candidate, CycleContext, Scored
+from inferoute.epp.scheduling.types import Candidate, CycleContext
 
 TYPE = "random-picker"
 ROLE = "picker"
@@ -22,9 +23,11 @@ class RandomPicker:
         self.name = name
         self.max_endpoints = max_endpoints
 
-    def pick(self, ctx: CycleContext, scored: list[Scored]) -> list[Candidate]:
-        k = min(self.max_endpoints, len(scored))
-        return [s.candidate for s in ctx.rng.sample(scored, k)]
+    def pick(
+        self, ctx: CycleContext, candidates: Sequence[Candidate], scores: Sequence[float]
+    ) -> list[Candidate]:
+        k = min(self.max_endpoints, len(candidates))
+        return ctx.rng.sample(list(candidates), k)
 
 
 def create(name: str, params: Params, deps: PluginDeps) -> RandomPicker:

@@ -6,10 +6,11 @@ every pick. Fallbacks are the next endpoints in the cycle. Parameters: ``maxNumO
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from inferoute.epp.scheduling.registry import Params, PluginDeps
-from inferoute.epp.scheduling.types import Candidate, CycleContext, Scored
+from inferoute.epp.scheduling.types import Candidate, CycleContext
 
 TYPE = "round-robin-picker"
 ROLE = "picker"
@@ -23,10 +24,12 @@ class RoundRobinPicker:
         self.max_endpoints = max_endpoints
         self._next = 0
 
-    def pick(self, ctx: CycleContext, scored: list[Scored]) -> list[Candidate]:
-        if not scored:
+    def pick(
+        self, ctx: CycleContext, candidates: Sequence[Candidate], scores: Sequence[float]
+    ) -> list[Candidate]:
+        if not candidates:
             return []
-        ordered = sorted((s.candidate for s in scored), key=lambda c: c.key)
+        ordered = sorted(candidates, key=lambda c: c.key)
         n = len(ordered)
         start = self._next % n
         self._next = start + 1

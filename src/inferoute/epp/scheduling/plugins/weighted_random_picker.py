@@ -7,10 +7,11 @@ order); when every score is 0 the choice is uniform. Parameters: ``maxNumOfEndpo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from inferoute.epp.scheduling.registry import Params, PluginDeps
-from inferoute.epp.scheduling.types import Candidate, CycleContext, Scored
+from inferoute.epp.scheduling.types import Candidate, CycleContext
 
 TYPE = "weighted-random-picker"
 ROLE = "picker"
@@ -23,15 +24,17 @@ class WeightedRandomPicker:
         self.name = name
         self.max_endpoints = max_endpoints
 
-    def pick(self, ctx: CycleContext, scored: list[Scored]) -> list[Candidate]:
+    def pick(
+        self, ctx: CycleContext, candidates: Sequence[Candidate], scores: Sequence[float]
+    ) -> list[Candidate]:
         rand = ctx.rng.random
         keyed: list[tuple[float, float, Candidate]] = []
-        for s in scored:
+        for c, score in zip(candidates, scores, strict=True):
             u = rand()
-            if s.score > 0:
-                keyed.append((1.0, u ** (1.0 / s.score), s.candidate))
+            if score > 0:
+                keyed.append((1.0, u ** (1.0 / score), c))
             else:
-                keyed.append((0.0, u, s.candidate))
+                keyed.append((0.0, u, c))
         keyed.sort(key=lambda t: (t[0], t[1]), reverse=True)
         return [c for _, _, c in keyed[: self.max_endpoints]]
 

@@ -1,0 +1,360 @@
+"""``inferoute bench scheduler``: scheduling latency at 10/100/1,000 endpoints, and the cost of scraping.
+
+Part 1 (pure, in process): a :class:`~inferoute.epp.director.Director` over a datastore of N endpoints with
+randomised metrics, driven with small (~1 KB) and large (200 KB) completion prompts drawn from 8 shared
+prefixes; we time ``decide`` (parse, candidates, schedule, learn, metrics) per call and report p50/p99.
+
+Part 2 (real sockets): a child process serves a realistic vLLM ``/metrics`` page on 100 ports; the picker's
+collector scrapes all 100 every 50 ms (20 Hz) for a few seconds, and we report the collector process's CPU
+time as a fraction of one core, plus the parse cost of one page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+from prometheus_client import CollectorRegistry
+
+from inferoute.clock import FakeClock, SystemClock
+from inferoute.endpoints import Endpoint
+from inferoute.epp.config import builtin_profile_text, parse_config
+from inferoute.epp.datalayer.collector import MetricsCollector
+from inferoute.epp.datalayer.datastore import Datastore
+from inferoute.epp.datalayer.metrics import ENGINES, EndpointMetrics, parse_metrics
+from inferoute.epp.director import Director
+from inferoute.epp.learned import LocalLearnedState
+from inferoute.epp.metrics import EppMetrics
+from inferoute.epp.scheduling.registry import PluginDeps
+from inferoute.picking import Destination, PickRequest
+
+# -- part 1: scheduling latency ---------------------------------------------------------------------------
+
+
+def build_director(n: int, profile: str, seed: int = 1) -> Director:
+    """A director over ``n`` endpoints with random (but fixed) metrics, on a fake clock."""
+    clock = FakeClock(10.0)
+    metrics = EppMetrics(CollectorRegistry())
+    learned = LocalLearnedState()
+    cfg = parse_config(
+        builtin_profile_text(profile), deps=PluginDeps(learned, clock, seed), observer=metrics.plugin_observer
+    )
+    ds = Datastore(clock)
+    eps = [Endpoint(f"pod-{i}", f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", 8000) for i in range(n)]
+    ds.set_endpoints(eps)
+    rng = random.Random(seed)
+    for e in eps:
+        ds.record_scrape(
+            e.key,
+            EndpointMetrics(
+                waiting=rng.randint(0, 10),
+                running=rng.randint(0, 64),
+                kv_usage=rng.random(),
+                block_size=16,
+                num_gpu_blocks=27000,
+            ),
+        )
+    return Director(
+        ds,
+        cfg.scheduler,
+        learned,
+        metrics,
+        clock,
+        prefix=cfg.prefix,
+        saturation=cfg.saturation,
+        rng=random.Random(seed),
+    )
+
+
+def prompts(size: int, count: int = 64, prefixes: int = 8) -> list[bytes]:
+    """Completion bodies of ~``size`` bytes sharing one of ``prefixes`` system prompts."""
+    out = []
+    for i in range(count):
+        head = f"System prompt number {i % prefixes}: be precise and cite sources. "
+        text = (head * (size // len(head) + 1))[: size - 40] + f" question {i}"
+        out.append(json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": text}).encode())
+    return out
+
+
+@dataclass
+class LatencyRow:
+    profile: str
+    endpoints: int
+    prompt_bytes: int
+    picks: int
+    p50_us: float
+    p99_us: float
+    mean_us: float
+
+
+def measure_latency(n: int, profile: str, size: int, picks: int) -> LatencyRow:
+    director = build_director(n, profile)
+    bodies = prompts(size)
+    reqs = [PickRequest("POST", "/v1/completions", {}, b) for b in bodies]
+    for r in reqs:  # warm up: learn every prefix once
+        d, s = director.decide(r)
+        assert isinstance(d, Destination)
+        s.response_finished()
+    lat: list[float] = []
+    perf = time.perf_counter
+    for i in range(picks):
+        r = reqs[i % len(reqs)]
+        t0 = perf()
+        _, s = director.decide(r)
+        lat.append(perf() - t0)
+        s.response_finished()
+    lat.sort()
+    return LatencyRow(
+        profile,
+        n,
+        len(bodies[0]),
+        picks,
+        lat[len(lat) // 2] * 1e6,
+        lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6,
+        statistics.fmean(lat) * 1e6,
+    )
+
+
+# -- part 2: scrape cost ------------------------------------------------------------------------------------
+
+
+def vllm_metrics_page(model: str = "meta-llama/Llama-3.1-8B-Instruct") -> bytes:
+    """A page shaped like vLLM v1's ``/metrics`` for one model: process/python series, the gauges, the info
+    series, counters and the request histograms with vLLM's bucket layouts (~50 KB)."""
+    lab = f'engine="0",model_name="{model}"'
+    lines: list[str] = []
+    for g in range(3):
+        lines += [
+            f'python_gc_objects_collected_total{{generation="{g}"}} {1000 * g}.0',
+            f'python_gc_collections_total{{generation="{g}"}} {10 * g}.0',
+        ]
+    for name in (
+        "process_virtual_memory_bytes",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+    ):
+        lines += [f"# TYPE {name} gauge", f"{name} 1.23e+09"]
+    gauges = {
+        "vllm:num_requests_running": 12,
+        "vllm:num_requests_waiting": 3,
+        "vllm:kv_cache_usage_perc": 0.37,
+    }
+    for name, v in gauges.items():
+        lines += [f"# HELP {name} x", f"# TYPE {name} gauge", f"{name}{{{lab}}} {v}"]
+    lines.append(
+        f'vllm:cache_config_info{{block_size="16",cache_dtype="auto",enable_prefix_caching="True",'
+        f'gpu_memory_utilization="0.9",num_gpu_blocks="27000",{lab}}} 1.0'
+    )
+    lines.append(
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="sql",waiting_lora_adapters=""} 1.7e9'
+    )
+    for name in (
+        "prompt_tokens",
+        "generation_tokens",
+        "num_preemptions",
+        "prefix_cache_queries",
+        "prefix_cache_hits",
+    ):
+        lines += [f"# TYPE vllm:{name}_total counter", f"vllm:{name}_total{{{lab}}} 123456.0"]
+    for reason in ("stop", "length", "abort"):
+        lines.append(f'vllm:request_success_total{{finished_reason="{reason}",{lab}}} 99.0')
+    latency = [
+        0.001,
+        0.005,
+        0.01,
+        0.02,
+        0.04,
+        0.06,
+        0.08,
+        0.1,
+        0.25,
+        0.5,
+        0.75,
+        1.0,
+        2.5,
+        5.0,
+        7.5,
+        10.0,
+        20.0,
+        40.0,
+        80.0,
+        160.0,
+        640.0,
+        2560.0,
+    ]
+    tokens: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
+    hists: dict[str, list[float]] = {
+        "time_to_first_token_seconds": latency,
+        "inter_token_latency_seconds": latency,
+        "request_time_per_output_token_seconds": latency,
+        "e2e_request_latency_seconds": latency,
+        "request_queue_time_seconds": latency,
+        "request_inference_time_seconds": latency,
+        "request_prefill_time_seconds": latency,
+        "request_decode_time_seconds": latency,
+        "request_prompt_tokens": tokens,
+        "request_generation_tokens": tokens,
+        "request_params_max_tokens": tokens,
+        "request_params_n": [1, 2, 5, 10, 20],
+        "iteration_tokens_total": tokens,
+    }
+    for name, buckets in hists.items():
+        lines += [f"# HELP vllm:{name} x", f"# TYPE vllm:{name} histogram"]
+        for i, le in enumerate(buckets):
+            lines.append(f'vllm:{name}_bucket{{le="{le}",{lab}}} {i * 17}.0')
+        lines += [
+            f'vllm:{name}_bucket{{le="+Inf",{lab}}} 9999.0',
+            f"vllm:{name}_count{{{lab}}} 9999.0",
+            f"vllm:{name}_sum{{{lab}}} 12345.678",
+        ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _serve_metrics(n: int, queue: Any) -> None:  # child process
+    from aiohttp import web
+
+    body = vllm_metrics_page()
+
+    async def main() -> None:
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(body=body, content_type="text/plain")
+
+        app = web.Application()
+        app.router.add_get("/metrics", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        ports = []
+        for _ in range(n):
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        queue.put(ports)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+@dataclass
+class ScrapeRow:
+    endpoints: int
+    interval_s: float
+    seconds: float
+    scrapes: int
+    errors: int
+    cpu_fraction_of_one_core: float
+    cpu_us_per_scrape: float
+    page_bytes: int
+    parse_us_per_page: float
+
+
+def measure_parse(page: bytes, rounds: int = 2000) -> float:
+    engine = ENGINES["vllm"]
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        parse_metrics(page, engine, 0.0)
+    return (time.perf_counter() - t0) / rounds * 1e6
+
+
+async def measure_scrape(n: int, interval: float, seconds: float) -> ScrapeRow:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_serve_metrics, args=(n, queue), daemon=True)
+    proc.start()
+    try:
+        ports: list[int] = await asyncio.get_running_loop().run_in_executor(None, queue.get, True, 30)
+        ds = Datastore(SystemClock())
+        ds.set_endpoints([Endpoint(f"pod-{i}", "127.0.0.1", p) for i, p in enumerate(ports)])
+        counts = {"ok": 0, "err": 0}
+
+        def hook(key: str, ok: bool, s: float) -> None:
+            counts["ok" if ok else "err"] += 1
+
+        collector = MetricsCollector(ds, interval=interval, timeout=1.0, on_scrape=hook)
+        await collector.start()
+        try:
+            await asyncio.sleep(1.0)  # connect and settle
+            c0 = dict(counts)
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            await asyncio.sleep(seconds)
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+            scrapes = counts["ok"] - c0["ok"]
+            errors = counts["err"] - c0["err"]
+        finally:
+            await collector.aclose()
+    finally:
+        proc.terminate()
+        proc.join(5)
+    page = vllm_metrics_page()
+    return ScrapeRow(
+        n,
+        interval,
+        wall,
+        scrapes,
+        errors,
+        cpu / wall,
+        cpu / max(1, scrapes) * 1e6,
+        len(page),
+        measure_parse(page),
+    )
+
+
+# -- command ------------------------------------------------------------------------------------------------
+
+
+def _table(rows: Sequence[LatencyRow]) -> str:
+    out = ["| profile | endpoints | prompt | p50 | p99 | mean |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(
+            f"| {r.profile} | {r.endpoints} | {r.prompt_bytes / 1000:.0f} KB | {r.p50_us:.0f} µs | "
+            f"{r.p99_us:.0f} µs | {r.mean_us:.0f} µs |"
+        )
+    return "\n".join(out)
+
+
+@click.command()
+@click.option("--endpoints", "sizes", default="10,100,1000", show_default=True, help="Pool sizes.")
+@click.option("--profiles", default="gie-default,predicted-ttft", show_default=True)
+@click.option("--picks", default=3000, show_default=True, help="Timed picks per small-prompt cell.")
+@click.option("--scrape-endpoints", default=100, show_default=True, help="0 skips the scrape measurement.")
+@click.option("--scrape-seconds", default=5.0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write results as JSON here.")
+def command(
+    sizes: str, profiles: str, picks: int, scrape_endpoints: int, scrape_seconds: float, out: Path | None
+) -> None:
+    """Scheduling latency p50/p99 at 10/100/1,000 endpoints, and scrape CPU for 100 endpoints at 20 Hz."""
+    rows: list[LatencyRow] = []
+    for profile in profiles.split(","):
+        for n in (int(s) for s in sizes.split(",")):
+            for size, k in ((1000, picks), (200_000, max(200, picks // 10))):
+                rows.append(measure_latency(n, profile, size, k))
+                click.echo(
+                    f"{profile:15s} n={n:5d} prompt={size:7d}B p50={rows[-1].p50_us:8.0f}µs "
+                    f"p99={rows[-1].p99_us:8.0f}µs"
+                )
+    click.echo(_table(rows))
+    result: dict[str, Any] = {"latency": [asdict(r) for r in rows]}
+    if scrape_endpoints:
+        scrape = asyncio.run(measure_scrape(scrape_endpoints, 0.05, scrape_seconds))
+        result["scrape"] = asdict(scrape)
+        click.echo(
+            f"scrape: {scrape.endpoints} endpoints @ {1 / scrape.interval_s:.0f} Hz: "
+            f"{scrape.scrapes} scrapes "
+            f"in {scrape.seconds:.1f}s ({scrape.errors} errors), CPU {scrape.cpu_fraction_of_one_core:.1%} "
+            f"of one core, {scrape.cpu_us_per_scrape:.0f} µs/scrape; page {scrape.page_bytes} B parsed in "
+            f"{scrape.parse_us_per_page:.1f} µs"
+        )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
