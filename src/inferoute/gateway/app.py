@@ -23,6 +23,7 @@ import logging
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -129,6 +130,15 @@ class GatewayHandler:
         self.clock = clock or SystemClock()
         self.in_flight = 0
         self._limits = cfg.limits
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _series(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, memoised (prometheus-client's own lookup costs microseconds)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
@@ -242,12 +252,12 @@ class GatewayHandler:
         rec.source = d.source
         m = self.metrics
         if d.route.bbr.enabled:
-            m.bbr.labels(rec.route).observe(d.bbr_seconds)
+            self._series(m.bbr, rec.route).observe(d.bbr_seconds)
         if d.route.epp.enabled:
-            m.picker.labels(rec.route).observe(d.picker_seconds)
+            self._series(m.picker, rec.route).observe(d.picker_seconds)
         if d.picker_error:
             rec.extra_causes.append(d.picker_error)
-            m.fail_open.labels(rec.route).inc()
+            self._series(m.fail_open, rec.route).inc()
         if d.bbr_error:
             rec.extra_causes.append(d.bbr_error)
 
@@ -330,14 +340,14 @@ class GatewayHandler:
         duration = now - rec.start
         m = self.metrics
         route = rec.route
-        m.requests.labels(route, str(rec.status)).inc()
-        m.duration.labels(route).observe(duration)
+        self._series(m.requests, route, str(rec.status)).inc()
+        self._series(m.duration, route).observe(duration)
         if rec.ttfb is not None:
-            m.ttfb.labels(route).observe(rec.ttfb)
+            self._series(m.ttfb, route).observe(rec.ttfb)
         if rec.cause:
-            m.errors.labels(rec.cause).inc()
+            self._series(m.errors, rec.cause).inc()
         for c in rec.extra_causes:
-            m.errors.labels(c).inc()
+            self._series(m.errors, c).inc()
         m.bytes_out.inc(rec.bytes_out)
         if self.cfg.access_log and access_log.isEnabledFor(logging.INFO):
             ttfb = f"{rec.ttfb * 1000:.2f}" if rec.ttfb is not None else "-"
