@@ -1,0 +1,581 @@
+"""``inferoute bench picker``: what the ext_proc picker costs.
+
+Three measurements, each with the picker server in its own process (``python -m inferoute.bench.picker
+serve``):
+
+1. **decisions/s** -- a load process drives full ext_proc lifecycles over one gRPC channel with many
+   concurrent streams, as Envoy would (request headers, a 4 KB JSON body, the held decision + echoed body,
+   response headers, response end). Reported per wall second and per CPU second of the picker process (read
+   from ``/proc``), the latter being "decisions per second on one core" even when other work shares the CPUs.
+2. **through Envoy** -- ``wrk`` → Envoy (1 worker) → picker → a trivial backend, 4 KB POSTs: end-to-end
+   requests/s of the whole Envoy + Python picker stack.
+3. **added latency** -- 200 KB prompts at 50 concurrent requests through Envoy with the picker vs Envoy
+   routing directly to the same backend; p50/p99 from ``wrk --latency``.
+
+Pickers: ``trivial`` (round robin, :class:`~inferoute.extproc.testing.RecordingPicker`) and ``embedded``
+(the real :class:`~inferoute.epp.assembly.EmbeddedPicker`, GIE default profile: queue + KV + prefix scorers,
+scraping the backends' /metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+VLLM_ZERO_METRICS = (
+    '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="m"} 0\n'
+    '# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name="m"} 0\n'
+    '# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name="m"} 0.0\n'
+)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _body(size: int) -> bytes:
+    head = b'{"model":"m","max_tokens":8,"prompt":"'
+    tail = b'"}'
+    return head + b"a" * max(0, size - len(head) - len(tail)) + tail
+
+
+# ----------------------------------------------------------------------------------------- child processes
+
+
+async def _serve_picker(port: int, picker_kind: str, endpoints: list[str]) -> None:
+    """Child: the ext_proc server with the chosen picker, plain text, until SIGTERM."""
+    from prometheus_client import CollectorRegistry
+
+    from inferoute.endpoints import Endpoint
+    from inferoute.epp.server import EppServer, ServerOptions
+    from inferoute.extproc.testing import RecordingPicker
+
+    picker: Any
+    if picker_kind == "trivial":
+        picker = RecordingPicker(endpoints, record=False)
+    else:
+        from inferoute.epp.assembly import EppOptions, start_picker
+
+        eps = [Endpoint(e, e.split(":")[0], int(e.split(":")[1])) for e in endpoints]
+        picker = await start_picker(EppOptions(endpoints=eps, seed=1))
+        for _ in range(200):
+            if picker.ready():
+                break
+            await asyncio.sleep(0.05)
+    server = await EppServer.start(
+        picker,
+        ServerOptions(host="127.0.0.1", grpc_port=port, health_port=None, insecure=True),
+        CollectorRegistry(),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    print("READY", flush=True)
+    await stop.wait()
+    await server.aclose(0)
+    await picker.aclose()
+
+
+async def _serve_backend(port: int) -> None:
+    """Child: a trivial model server (small JSON answer, zero-load vLLM metrics) until SIGTERM."""
+    from aiohttp import web
+
+    answer = json.dumps({"id": "cmpl-1", "object": "text_completion", "choices": [{"text": "ok"}]}).encode()
+
+    async def completion(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=answer, content_type="application/json")
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=VLLM_ZERO_METRICS)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/{tail:.*}", completion)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("READY", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def _child(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "inferoute.bench.picker", *args, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        if not line.startswith(b"READY"):
+            raise RuntimeError(f"child {args} failed to start")
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------- 1. gRPC load
+
+
+@dataclass
+class DecisionsResult:
+    picker: str
+    concurrency: int
+    seconds: float
+    decisions: int
+    errors: int
+    server_cpu_seconds: float
+
+    @property
+    def per_wall_second(self) -> float:
+        return self.decisions / self.seconds
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.decisions / self.server_cpu_seconds if self.server_cpu_seconds else 0.0
+
+
+async def _grpc_load(
+    port: int,
+    pid: int,
+    picker: str,
+    concurrency: int,
+    seconds: float,
+    size: int,
+    *,
+    response_phase: bool = True,
+) -> DecisionsResult:
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
+
+    from inferoute.extproc import messages as m
+
+    body = _body(size)
+    pairs = [
+        (":method", "POST"),
+        (":path", "/v1/completions"),
+        (":authority", "bench"),
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+    ]
+    req_headers = m.headers_request(pairs, end_of_stream=False)
+    req_body = m.body_chunk_request(body, end_of_stream=True)
+    resp_headers = m.headers_request(
+        [(":status", "200"), ("content-type", "application/json")],
+        end_of_stream=False,
+        phase="response_headers",
+        served="127.0.0.1:1",
+    )
+    resp_body = m.body_chunk_request(b'{"choices":[]}', end_of_stream=True, phase="response_body")
+    counts = {"ok": 0, "err": 0}
+    measuring = False
+
+    async def worker(stub: Any, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            call = stub.Process()
+            try:
+                await call.write(req_headers)
+                await call.write(req_body)
+                first = await call.read()
+                if first.WhichOneof("response") != "request_headers":
+                    raise RuntimeError(f"unexpected {first}")
+                await call.read()  # the echoed body (one chunk for 4 KB)
+                if response_phase:
+                    await call.write(resp_headers)
+                    await call.read()
+                    await call.write(resp_body)
+                    await call.read()
+                await call.done_writing()
+                await call.read()
+                if measuring:
+                    counts["ok"] += 1
+            except Exception:
+                if measuring:
+                    counts["err"] += 1
+                call.cancel()
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = ext_grpc.ExternalProcessorStub(ch)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(worker(stub, loop.time() + 1.5) for _ in range(concurrency)))  # warm up
+        measuring = True
+        cpu0, t0 = _cpu_seconds(pid), time.perf_counter()
+        await asyncio.gather(*(worker(stub, loop.time() + seconds) for _ in range(concurrency)))
+        elapsed, cpu = time.perf_counter() - t0, _cpu_seconds(pid) - cpu0
+    label = picker if response_phase else f"{picker} (request phase only)"
+    return DecisionsResult(label, concurrency, elapsed, counts["ok"], counts["err"], cpu)
+
+
+# ------------------------------------------------------------------------------------------- 2./3. via Envoy
+
+
+@dataclass
+class WrkResult:
+    label: str
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    envoy_cpu_seconds: float = 0.0
+    picker_cpu_seconds: float = 0.0
+
+    @property
+    def picker_cpu_ms_per_request(self) -> float:
+        return 1000.0 * self.picker_cpu_seconds / self.requests if self.requests else 0.0
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def parse_wrk(label: str, text: str) -> WrkResult:
+    """Read requests/s, latency p50/p99 (``--latency``), requests and non-2xx counts from wrk's output."""
+
+    def latency(q: str) -> float:
+        hit = re.search(rf"^\s*{q}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
+        return float(hit.group(1)) * _UNITS[hit.group(2)] if hit else float("nan")
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    total = re.search(r"(\d+) requests in", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    return WrkResult(
+        label,
+        float(rps.group(1)) if rps else 0.0,
+        latency("50.000") if "50.000%" in text else latency("50"),
+        latency("99.000") if "99.000%" in text else latency("99"),
+        int(total.group(1)) if total else 0,
+        int(non2xx.group(1)) if non2xx else 0,
+    )
+
+
+async def _wrk(
+    url: str, body_size: int, connections: int, seconds: int, label: str, workdir: str
+) -> WrkResult:
+    script = Path(workdir) / f"post-{body_size}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        'wrk.body = \'{"model":"m","max_tokens":8,"prompt":"\' .. '
+        f'string.rep("a", {max(0, body_size - 50)}) .. \'"}}\'\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return parse_wrk(label, out.decode(errors="replace"))
+
+
+def _direct_bootstrap(listen: int, admin: int, backend: int) -> dict[str, Any]:
+    from inferoute.epp.envoy import bootstrap
+
+    cfg = bootstrap("127.0.0.1:1", listen, admin_port=admin, listen_address="127.0.0.1", insecure=True)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["cluster"] = "backend"
+    cfg["static_resources"]["clusters"] = [
+        {
+            "name": "backend",
+            "type": "STATIC",
+            "connect_timeout": "2s",
+            "load_assignment": {
+                "cluster_name": "backend",
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {"address": "127.0.0.1", "port_value": backend}
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+    ]
+    return cfg
+
+
+async def _through_envoy(
+    picker: str | None,
+    backends: list[int],
+    body_size: int,
+    connections: int,
+    seconds: int,
+    workdir: str,
+    *,
+    request_body: str = "full_duplex",
+) -> WrkResult:
+    from inferoute.epp.envoy import EnvoyProcess, bootstrap
+
+    listen, admin, epp_port = _free_ports(3)
+    label = f"envoy + {picker} picker, {request_body.replace('_', '-')}" if picker else "envoy direct"
+    sub = Path(tempfile.mkdtemp(dir=workdir))
+    if picker is None:
+        envoy = await EnvoyProcess.start(_direct_bootstrap(listen, admin, backends[0]), str(sub))
+        try:
+            await envoy.wait_ready(30, epp_healthy=False)
+            await _wrk(
+                f"http://127.0.0.1:{listen}/v1/completions", body_size, connections, 2, label, str(sub)
+            )
+            cpu0 = _cpu_seconds(envoy.proc.pid)
+            res = await _wrk(
+                f"http://127.0.0.1:{listen}/v1/completions", body_size, connections, seconds, label, str(sub)
+            )
+            res.envoy_cpu_seconds = _cpu_seconds(envoy.proc.pid) - cpu0
+            return res
+        finally:
+            await envoy.aclose()
+    eps = ",".join(f"127.0.0.1:{p}" for p in backends)
+    async with _child("serve", "--port", str(epp_port), "--picker", picker, "--endpoints", eps) as server:
+        cfg = bootstrap(
+            f"127.0.0.1:{epp_port}",
+            listen,
+            admin_port=admin,
+            listen_address="127.0.0.1",
+            insecure=True,
+            health_check_interval=0.5,
+            request_body=request_body,
+        )
+        envoy = await EnvoyProcess.start(cfg, str(sub))
+        try:
+            await envoy.wait_ready(30)
+            await _wrk(
+                f"http://127.0.0.1:{listen}/v1/completions", body_size, connections, 2, label, str(sub)
+            )
+            cpu_e, cpu_p = _cpu_seconds(envoy.proc.pid), _cpu_seconds(server.pid)
+            res = await _wrk(
+                f"http://127.0.0.1:{listen}/v1/completions", body_size, connections, seconds, label, str(sub)
+            )
+            res.envoy_cpu_seconds = _cpu_seconds(envoy.proc.pid) - cpu_e
+            res.picker_cpu_seconds = _cpu_seconds(server.pid) - cpu_p
+            return res
+        finally:
+            await envoy.aclose()
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def render_markdown(
+    decisions: list[DecisionsResult],
+    throughput: list[WrkResult],
+    latency: list[WrkResult],
+    *,
+    command: str,
+    conditions: str,
+) -> str:
+    lines = ["## Picker (ext_proc)", "", f"Command: `{command}`", "", f"Conditions: {conditions}", ""]
+    if decisions:
+        lines += [
+            "### ext_proc decisions per second (4 KB prompts; load over one gRPC channel)",
+            "",
+            "Full lifecycle = request headers, body, decision + echoed body, response headers, response end "
+            "(what Envoy sends with the generated config). Request phase only = Envoy with response "
+            "processing off.",
+            "",
+            "| picker | concurrent streams | decisions/s (wall) | decisions per picker CPU-second | errors |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {d.picker} | {d.concurrency} | {d.per_wall_second:,.0f} | {d.per_cpu_second:,.0f} "
+            f"| {d.errors} |"
+            for d in decisions
+        ]
+        lines.append("")
+    if throughput:
+        lines += [
+            "### Through Envoy (1 worker), 4 KB POSTs, wrk 1 thread",
+            "",
+            "| path | requests/s | p50 ms | p99 ms | picker CPU ms/request | non-2xx |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {w.label} | {w.requests_per_second:,.0f} | {w.p50_ms:.2f} | {w.p99_ms:.2f} | "
+            f"{w.picker_cpu_ms_per_request:.2f} | {w.non_2xx} |"
+            for w in throughput
+        ]
+        lines.append("")
+    if latency:
+        base = next((w for w in latency if w.label == "envoy direct"), None)
+        lines += [
+            "### Added latency, 200 KB prompts, 50 concurrent requests",
+            "",
+            "| path | requests/s | p50 ms | p99 ms | added p50 ms | added p99 ms | picker CPU ms/request "
+            "| non-2xx |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for w in latency:
+            add50 = w.p50_ms - base.p50_ms if base else float("nan")
+            add99 = w.p99_ms - base.p99_ms if base else float("nan")
+            lines.append(
+                f"| {w.label} | {w.requests_per_second:,.0f} | {w.p50_ms:.2f} | {w.p99_ms:.2f} | "
+                f"{add50:+.2f} | {add99:+.2f} | {w.picker_cpu_ms_per_request:.2f} | {w.non_2xx} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+async def _run(opts: argparse.Namespace | Any) -> str:
+    workdir = tempfile.mkdtemp(prefix="bench-picker-")
+    decisions: list[DecisionsResult] = []
+    throughput: list[WrkResult] = []
+    latency: list[WrkResult] = []
+    pickers = [p for p in opts.pickers.split(",") if p]
+    backend_ports = _free_ports(3)
+    async with contextlib.AsyncExitStack() as stack:
+        for p in backend_ports:
+            await stack.enter_async_context(_child("backend", "--port", str(p)))
+        eps = ",".join(f"127.0.0.1:{p}" for p in backend_ports)
+        for picker in pickers:
+            (port,) = _free_ports(1)
+            async with _child("serve", "--port", str(port), "--picker", picker, "--endpoints", eps) as server:
+                for phase in (True, False):
+                    decisions.append(
+                        await _grpc_load(
+                            port,
+                            server.pid,
+                            picker,
+                            opts.concurrency,
+                            opts.seconds,
+                            opts.prompt_bytes,
+                            response_phase=phase,
+                        )
+                    )
+                    click.echo(f"decisions/s: {decisions[-1]}", err=True)
+                click.echo(f"decisions/s {picker}: {decisions[-1]}", err=True)
+        if shutil.which("wrk"):
+            modes: list[tuple[str | None, str]] = [(None, "full_duplex")]
+            modes += [(p, mode) for p in pickers for mode in ("full_duplex", "buffered")]
+            for picker, mode in modes:
+                throughput.append(
+                    await _through_envoy(
+                        picker,
+                        backend_ports,
+                        opts.prompt_bytes,
+                        16,
+                        int(opts.seconds),
+                        workdir,
+                        request_body=mode,
+                    )
+                )
+                click.echo(f"throughput: {throughput[-1]}", err=True)
+            for picker, mode in modes:
+                latency.append(
+                    await _through_envoy(
+                        picker, backend_ports, 200 * 1024, 50, int(opts.seconds), workdir, request_body=mode
+                    )
+                )
+                click.echo(f"latency: {latency[-1]}", err=True)
+        else:
+            click.echo("wrk not found: skipping the Envoy measurements", err=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+    conditions = (
+        f"{os.cpu_count()} CPUs shared with other work; picker, load generator, Envoy (1 worker), "
+        f"wrk and 3 trivial backends all on this machine, loopback; {opts.seconds:g} s per point "
+        "after a warm-up."
+    )
+    return render_markdown(decisions, throughput, latency, command=opts.command_line, conditions=conditions)
+
+
+@click.command(name="picker")
+@click.option(
+    "--pickers", default="trivial,embedded", show_default=True, help="Comma list: trivial, embedded."
+)
+@click.option("--seconds", default=10.0, show_default=True, type=float, help="Measured seconds per point.")
+@click.option("--concurrency", default=64, show_default=True, type=int, help="Concurrent ext_proc streams.")
+@click.option(
+    "--prompt-bytes", default=4096, show_default=True, type=int, help="Request body size for 1 and 2."
+)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the Markdown section here.")
+def command(pickers: str, seconds: float, concurrency: int, prompt_bytes: int, out: str | None) -> None:
+    """ext_proc decisions/s, Envoy + picker throughput, and added latency for 200 KB prompts."""
+    import uvloop
+
+    opts = argparse.Namespace(
+        pickers=pickers,
+        seconds=seconds,
+        concurrency=concurrency,
+        prompt_bytes=prompt_bytes,
+        command_line="inferoute bench picker " + " ".join(sys.argv[3:]),
+    )
+    text = uvloop.run(_run(opts))
+    click.echo(text)
+    if out:
+        Path(out).write_text(text)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """Child-process entry points: ``serve`` (the picker) and ``backend``."""
+    import uvloop
+
+    parser = argparse.ArgumentParser(prog="python -m inferoute.bench.picker")
+    sub = parser.add_subparsers(dest="what", required=True)
+    serve = sub.add_parser("serve")
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--picker", choices=["trivial", "embedded"], default="trivial")
+    serve.add_argument("--endpoints", required=True, help="comma list of ip:port")
+    backend = sub.add_parser("backend")
+    backend.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    if args.what == "serve":
+        uvloop.run(_serve_picker(args.port, args.picker, args.endpoints.split(",")))
+    else:
+        uvloop.run(_serve_backend(args.port))
+
+
+if __name__ == "__main__":
+    _main()
