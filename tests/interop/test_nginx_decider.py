@@ -226,6 +226,24 @@ async def test_model_header_reaches_the_picked_backend(stack: Stack) -> None:
     assert 'model="llama-3"' in log and f'upstream="{stack.backends[2].key}"' in log
 
 
+async def test_bodyless_get_is_routed_without_a_model_header(stack: Stack) -> None:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(
+            f"{stack.url}/v1/models", headers={"x-test-pick": "2", "X-Gateway-Model-Name": "x"}
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        got = await resp.json()
+    assert got["method"] == "GET" and got["length"] == 0
+    assert got["port"] == stack.backends[2].port
+    assert (
+        "x-gateway-model-name" not in got["headers"]
+    )  # no body, no model: the client's value is dropped too
+    assert stack.picker.requests[-1].model is None
+    await stack.wait_idle()
+
+
 async def test_client_routing_headers_are_ignored(stack: Stack) -> None:
     spoofed = {
         **JSON,
