@@ -159,7 +159,8 @@ def render(opts: NginxOptions) -> str:
         "    # One line per request: the model and the endpoint the picker chose ($inference_upstream), "
         "the address"
     )
-    w("    # that actually served it ($upstream_addr lists the decider too, then every endpoint tried).")
+    w("    # that actually served it. $upstream_addr / $upstream_status list, in order: the decider, every")
+    w("    # endpoint tried, then the completion report to the decider (post_action).")
     w("    log_format inference '$remote_addr [$time_local] \"$request\" $status $body_bytes_sent '")
     w('                         \'model="$inference_model" upstream="$inference_upstream" \'')
     w('                         \'upstream_addr="$upstream_addr" upstream_status="$upstream_status" \'')
