@@ -155,12 +155,9 @@ def render(opts: NginxOptions) -> str:
     access_log = opts.access_log or (
         "logs/inference.log" if opts.self_contained else "/var/log/nginx/inference.log"
     )
-    w(
-        "    # One line per request: the model and the endpoint the picker chose ($inference_upstream), "
-        "the address"
-    )
-    w("    # that actually served it. $upstream_addr / $upstream_status list, in order: the decider, every")
-    w("    # endpoint tried, then the completion report to the decider (post_action).")
+    w("    # One line per request: the model and $inference_upstream, the endpoint that served it")
+    w("    # (the picker's choice, or the fallback used). $upstream_addr and $upstream_status list, in")
+    w("    # order: the decider, every endpoint tried, then the completion report to the decider.")
     w("    log_format inference '$remote_addr [$time_local] \"$request\" $status $body_bytes_sent '")
     w('                         \'model="$inference_model" upstream="$inference_upstream" \'')
     w('                         \'upstream_addr="$upstream_addr" upstream_status="$upstream_status" \'')
