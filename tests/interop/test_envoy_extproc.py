@@ -233,7 +233,7 @@ async def test_picker_error_fails_closed(stack: Stack) -> None:
         aiohttp.ClientSession() as http,
         http.post(f"{stack.url}/v1/completions", data=_payload(), headers={FAIL_HEADER: "1"}) as r,
     ):
-        assert r.status >= 500
+        assert r.status == 500  # the stream ended with a gRPC error; Envoy fails closed
 
 
 async def test_picker_down_fail_closed_is_5xx_and_fail_open_cannot_be_steered(
@@ -253,7 +253,9 @@ async def test_picker_down_fail_closed_is_5xx_and_fail_open_cannot_be_steered(
                     headers={"x-gateway-destination-endpoint": backends.endpoints[0]},
                 ) as r,
             ):
-                assert r.status >= 500, f"fail_open={fail_open}: {r.status} {await r.text()}"
+                # Envoy 1.40 in full duplex answers 500 either way (fail-open cannot help once the body
+                # streams to the processor); what matters: nothing was routed by the client's header.
+                assert r.status == 500, f"fail_open={fail_open}: {r.status}"
             assert not backends.seen  # nothing reached a backend, the spoofed header did not steer
         finally:
             await envoy.aclose()
