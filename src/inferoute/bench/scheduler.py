@@ -310,6 +310,18 @@ async def measure_scrape(n: int, interval: float, seconds: float) -> ScrapeRow:
     )
 
 
+def calibration_ms() -> float:
+    """Milliseconds for a 1M-iteration Python loop (best of 3): how busy/fast the machine was."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x = 0
+        for i in range(1_000_000):
+            x += i
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 # -- command ------------------------------------------------------------------------------------------------
 
 
@@ -334,6 +346,8 @@ def command(
     sizes: str, profiles: str, picks: int, scrape_endpoints: int, scrape_seconds: float, out: Path | None
 ) -> None:
     """Scheduling latency p50/p99 at 10/100/1,000 endpoints, and scrape CPU for 100 endpoints at 20 Hz."""
+    calib = calibration_ms()
+    click.echo(f"calibration: 1M-iteration Python loop {calib:.0f} ms (lower = a quieter machine)")
     rows: list[LatencyRow] = []
     for profile in profiles.split(","):
         for n in (int(s) for s in sizes.split(",")):
@@ -344,7 +358,7 @@ def command(
                     f"p99={rows[-1].p99_us:8.0f}µs"
                 )
     click.echo(_table(rows))
-    result: dict[str, Any] = {"latency": [asdict(r) for r in rows]}
+    result: dict[str, Any] = {"calibration_loop_ms": calib, "latency": [asdict(r) for r in rows]}
     if scrape_endpoints:
         scrape = asyncio.run(measure_scrape(scrape_endpoints, 0.05, scrape_seconds))
         result["scrape"] = asdict(scrape)

@@ -15,9 +15,10 @@ not-yet-answered requests (fresher than any scrape); ``matched_blocks`` comes fr
 index.
 Score: min-max normalised so the lowest prediction scores 1 and the highest 0 (all 1 when equal).
 
-Parameters: ``prefillSecondsPerToken`` (default 0.0001), ``requestOverheadSeconds`` (0.01),
-``queuedRequestSeconds`` (0.1: the prefill+first step of a queued request we know nothing about),
-``decodeSecondsPerRunning`` (0.001: each running sequence lengthens every engine step),
+Parameters (defaults: a 7-8B model on one H100, the same profile the simulator models):
+``prefillSecondsPerToken`` (0.00008, ~12.5k prompt tokens/s), ``requestOverheadSeconds`` (0.03: the engine
+step that carries the prefill), ``queuedRequestSeconds`` (0.07: prefill of a queued request we know nothing
+about, ~500 tokens), ``decodeSecondsPerRunning`` (0.00005: each running sequence lengthens every engine step),
 ``kvThreshold`` (0.95) and ``kvPenaltySeconds`` (1.0: preemption/queueing risk when the KV cache is full).
 """
 
@@ -37,10 +38,10 @@ ROLE = "scorer"
 
 @dataclass(frozen=True, slots=True)
 class TTFTModel:
-    prefill_s_per_token: float = 0.0001
-    request_overhead_s: float = 0.01
-    queued_request_s: float = 0.1
-    decode_s_per_running: float = 0.001
+    prefill_s_per_token: float = 0.00008
+    request_overhead_s: float = 0.03
+    queued_request_s: float = 0.07
+    decode_s_per_running: float = 0.00005
     kv_threshold: float = 0.95
     kv_penalty_s: float = 1.0
 
@@ -86,10 +87,10 @@ def create(name: str, params: Params, deps: PluginDeps) -> PredictedTTFTScorer:
     return PredictedTTFTScorer(
         name,
         TTFTModel(
-            prefill_s_per_token=params.number("prefillSecondsPerToken", 0.0001, minimum=0),
-            request_overhead_s=params.number("requestOverheadSeconds", 0.01, minimum=0),
-            queued_request_s=params.number("queuedRequestSeconds", 0.1, minimum=0),
-            decode_s_per_running=params.number("decodeSecondsPerRunning", 0.001, minimum=0),
+            prefill_s_per_token=params.number("prefillSecondsPerToken", 0.00008, minimum=0),
+            request_overhead_s=params.number("requestOverheadSeconds", 0.03, minimum=0),
+            queued_request_s=params.number("queuedRequestSeconds", 0.07, minimum=0),
+            decode_s_per_running=params.number("decodeSecondsPerRunning", 0.00005, minimum=0),
             kv_threshold=params.number("kvThreshold", 0.95, minimum=0, maximum=1),
             kv_penalty_s=params.number("kvPenaltySeconds", 1.0, minimum=0),
         ),
