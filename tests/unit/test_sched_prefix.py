@@ -62,3 +62,17 @@ def test_capacity_shrink_and_endpoint_removal() -> None:
     idx.add("b", h)
     idx.remove_endpoint("b")
     assert idx.match(h) == {} and idx.endpoint_size("b") == 0
+
+
+def test_many_endpoints_and_reused_slots() -> None:
+    idx = PrefixIndex()
+    h = prefix_hashes("m", b"k" * 64 * 6, block_size_tokens=16)
+    for i in range(200):  # more endpoints than bits in a machine word
+        idx.add(f"ep-{i}", h[: 1 + i % 6])
+    got = idx.match(h)
+    assert len(got) == 200 and got["ep-5"] == 6 and got["ep-6"] == 1 and got["ep-199"] == 2
+    assert idx.match(h, ["ep-11", "ep-12", "nobody"]) == {"ep-11": 6, "ep-12": 1}
+    idx.remove_endpoint("ep-5")
+    idx.add("newcomer", h[:4])  # takes the freed slot
+    got = idx.match(h)
+    assert "ep-5" not in got and got["newcomer"] == 4 and len(got) == 200

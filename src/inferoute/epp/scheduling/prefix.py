@@ -49,6 +49,11 @@ def prefix_hashes(
 class PrefixIndex:
     """Per-endpoint LRU sets of block hashes plus the reverse map used for matching.
 
+    The reverse map stores, for each block hash, a bit mask of the endpoints holding it (each endpoint gets a
+    bit). Masks are plain ints, so matching is a chain of ``&`` operations, and the index holds a handful of
+    containers instead of one set per block (which would make every full garbage collection walk millions of
+    objects and show up as pick-latency spikes).
+
     This is the local, in-process implementation of the learned prefix state. Everything goes through
     :meth:`add` and :meth:`match`, so a KV-event-fed or shared implementation can replace it.
     """
@@ -57,7 +62,18 @@ class PrefixIndex:
         self.default_capacity = default_capacity
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._capacity: dict[str, int] = {}
-        self._holders: dict[int, set[str]] = {}
+        self._holders: dict[int, int] = {}
+        self._bit: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._free_bits: list[int] = []
+
+    def _bit_of(self, endpoint: str) -> int:
+        bit = self._bit.get(endpoint)
+        if bit is None:
+            index = self._free_bits.pop() if self._free_bits else len(self._bit)
+            bit = self._bit[endpoint] = 1 << index
+            self._names[index] = endpoint
+        return bit
 
     def set_capacity(self, endpoint: str, capacity: int | None) -> None:
         """Per-endpoint LRU size (autoTune from ``num_gpu_blocks``); None restores the default."""
@@ -76,28 +92,26 @@ class PrefixIndex:
         lru = self._lru.get(endpoint)
         if lru is None:
             lru = self._lru[endpoint] = OrderedDict()
+        bit = self._bit_of(endpoint)
         holders = self._holders
         for h in hashes:
             if h in lru:
                 lru.move_to_end(h)
             else:
                 lru[h] = None
-                s = holders.get(h)
-                if s is None:
-                    holders[h] = {endpoint}
-                else:
-                    s.add(endpoint)
+                holders[h] = holders.get(h, 0) | bit
         self._evict(endpoint, lru, self._capacity.get(endpoint, self.default_capacity))
 
     def _evict(self, endpoint: str, lru: OrderedDict[int, None], cap: int) -> None:
         holders = self._holders
+        keep = ~self._bit_of(endpoint)
         while len(lru) > cap:
             h, _ = lru.popitem(last=False)
-            s = holders.get(h)
-            if s is not None:
-                s.discard(endpoint)
-                if not s:
-                    del holders[h]
+            mask = holders.get(h, 0) & keep
+            if mask:
+                holders[h] = mask
+            else:
+                holders.pop(h, None)
 
     def match(self, hashes: Sequence[int], endpoints: Iterable[str] | None = None) -> dict[str, int]:
         """Leading blocks of ``hashes`` each endpoint holds (endpoints with no match are absent).
@@ -105,32 +119,55 @@ class PrefixIndex:
         Walks the chain once and stops at the first block no (remaining) endpoint holds.
         """
         out: dict[str, int] = {}
+        if not hashes:
+            return out
+        if endpoints is None:
+            alive = -1  # every endpoint
+        else:
+            alive = 0
+            bits = self._bit
+            for ep in endpoints:
+                alive |= bits.get(ep, 0)
         holders = self._holders
-        alive: set[str] | None = None if endpoints is None else set(endpoints)
-        for i, h in enumerate(hashes):
-            s = holders.get(h)
-            current: set[str] = (set(s) if alive is None else alive & s) if s else set()
-            if alive is not None and i > 0 and len(current) != len(alive):
-                for ep in alive - current:
-                    out[ep] = i
-            if not current:
-                return out
-            alive = current
-        for ep in alive or ():
-            out[ep] = len(hashes)
+        names = self._names
+        n = 0
+        for n, h in enumerate(hashes):
+            held = holders.get(h, 0) & alive
+            if held != alive:
+                if n > 0:
+                    dropped = alive & ~held
+                    while dropped:
+                        low = dropped & -dropped
+                        out[names[low.bit_length() - 1]] = n
+                        dropped ^= low
+                if not held:
+                    return out
+                alive = held
+        else:
+            n = len(hashes)
+        while alive:
+            low = alive & -alive
+            out[names[low.bit_length() - 1]] = n
+            alive ^= low
         return out
 
     def remove_endpoint(self, endpoint: str) -> None:
         lru = self._lru.pop(endpoint, None)
         self._capacity.pop(endpoint, None)
-        if lru is None:
+        bit = self._bit.pop(endpoint, None)
+        if bit is None:
             return
-        for h in lru:
-            s = self._holders.get(h)
-            if s is not None:
-                s.discard(endpoint)
-                if not s:
-                    del self._holders[h]
+        keep = ~bit
+        holders = self._holders
+        for h in lru or ():
+            mask = holders.get(h, 0) & keep
+            if mask:
+                holders[h] = mask
+            else:
+                holders.pop(h, None)
+        index = bit.bit_length() - 1
+        del self._names[index]
+        self._free_bits.append(index)
 
     def size(self) -> int:
         """Distinct block hashes held by any endpoint."""
