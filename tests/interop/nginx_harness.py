@@ -216,6 +216,8 @@ class EchoBackend:
     def __init__(self) -> None:
         self.port = 0
         self.requests = 0
+        self.fail_status: int | None = None
+        """When set, every request is answered with this status and a JSON error body."""
         self._runner: Any = None
 
     async def start(self) -> EchoBackend:
@@ -242,6 +244,13 @@ class EchoBackend:
         from aiohttp import web
 
         self.requests += 1
+        if self.fail_status is not None:
+            await request.read()
+            return web.json_response(
+                {"error": {"message": f"backend {self.port} failing", "code": self.fail_status}},
+                status=self.fail_status,
+                headers={"x-served-port": str(self.port)},
+            )
         if request.path.endswith("/sse"):
             n = int(request.query.get("n", "5"))
             gap = float(request.query.get("gap", "0.1"))

@@ -370,6 +370,27 @@ async def test_fallback_walks_to_the_next_endpoint_and_accounting_sees_it(stack:
     assert sum(stack.picker.inflight.values()) == 0
 
 
+async def test_5xx_before_the_first_byte_moves_on_like_the_gateway(stack: Stack) -> None:
+    failing = stack.backends[0]
+    failing.fail_status = 503
+    async with aiohttp.ClientSession() as client:
+        async with client.post(
+            f"{stack.url}/v1/completions", data=chat(), headers={**JSON, "x-test-pick": "0,1"}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["port"] == stack.backends[1].port
+        # the last endpoint's own 5xx reaches the client unchanged
+        async with client.post(
+            f"{stack.url}/v1/completions", data=chat(), headers={**JSON, "x-test-pick": "0"}
+        ) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["message"] == f"backend {failing.port} failing"
+    await stack.wait_idle()
+    walked, direct = stack.picker.sessions[-2:]
+    assert walked.events == [("started", stack.backends[1].key, 200), ("finished",)]
+    assert direct.events == [("started", failing.key, 503), ("finished",)]
+
+
 async def test_client_disconnect_mid_stream_releases_the_session(stack: Stack) -> None:
     async with aiohttp.ClientSession() as client:
         resp = await client.post(f"{stack.url}/v1/sse?n=40&gap=0.1", data=chat(stream=True), headers=JSON)

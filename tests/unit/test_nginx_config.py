@@ -46,8 +46,17 @@ def test_default_config_has_every_piece_in_order() -> None:
     assert 'proxy_set_header X-Inference-Upstream "";' in inference
     assert "proxy_buffering off;" in inference
     assert "post_action @inference_done;" in inference
-    assert "error_page 502 = @inference_fallback_1;" in inference
-    assert "location @inference_fallback_1" in conf and "location @inference_fallback_2" not in conf
+    # no fallback: the model server's own errors pass through, NGINX's own 502/504 become JSON
+    assert "proxy_intercept_errors off;" in inference
+    assert "error_page 502 @inference_upstream_502;" in inference
+    retry = block(conf, "location @inference_retry")
+    assert "proxy_intercept_errors on;" in retry
+    assert "error_page 500 502 503 = @inference_fallback_1_last;" in retry
+    assert "set $inference_upstream $upstream_http_x_inference_upstream;" in retry
+    last = block(conf, "location @inference_fallback_1_last")
+    assert "set $inference_upstream $inference_fallback_1;" in last and "proxy_intercept_errors off;" in last
+    assert "@inference_fallback_1_more" not in conf and "@inference_fallback_2" not in conf
+    assert "proxy_set_header X-Inference-Retries 1;" in decider
     done = block(conf, "location @inference_done")
     assert "proxy_pass_request_body off;" in done and "rewrite ^ /_inferoute/done break;" in done
     log_format = conf[conf.index("log_format inference") : conf.index("access_log")]
@@ -68,12 +77,30 @@ def test_error_bodies_are_openai_json() -> None:
 
 def test_retries_zero_and_fail_open_and_no_accounting() -> None:
     conf = render(NginxOptions(retries=0, default_upstream="10.0.0.9:8000", accounting=False))
-    assert "@inference_fallback_1" not in conf
+    assert "@inference_fallback_1" not in conf and "location @inference_retry" not in conf
+    assert "proxy_set_header X-Inference-Retries 0;" in conf
     assert "error_page 502 @inference_upstream_502;" in block(conf, "location @inference")
     assert "post_action" not in conf and "@inference_done" not in conf
     unavailable = block(conf, "location @inference_decider_unavailable")
     assert "set $inference_upstream 10.0.0.9:8000;" in unavailable
     assert "proxy_pass http://$inference_upstream;" in unavailable
+
+
+def test_three_retries_chain_more_and_last_hops_through_maps() -> None:
+    conf = render(NginxOptions(retries=3))
+    assert (
+        'map $inference_fallback_2 $inference_hop_1 { "" @inference_fallback_1_last; '
+        "default @inference_fallback_1_more; }" in conf
+    )
+    assert "map $inference_fallback_3 $inference_hop_2" in conf and "$inference_hop_3" not in conf
+    assert "error_page 500 502 503 = $inference_hop_1;" in block(conf, "location @inference_retry")
+    assert "error_page 500 502 503 = $inference_hop_2;" in block(conf, "location @inference_fallback_1_more")
+    assert "error_page 500 502 503 = @inference_fallback_3_last;" in block(
+        conf, "location @inference_fallback_2_more"
+    )
+    assert "location @inference_fallback_3_more" not in conf
+    for n in (1, 2, 3):
+        assert f"location @inference_fallback_{n}_last {{" in conf
 
 
 def test_fail_closed_decider_unavailable_answers_json() -> None:
@@ -141,7 +168,7 @@ def test_cli_prints_the_config_and_rejects_bad_flags() -> None:
     )
     assert result.exit_code == 0, result.output
     assert "server 127.0.0.1:9100;" in result.output and "listen 9000;" in result.output
-    assert "location @inference_fallback_2" in result.output
+    assert "location @inference_fallback_2_last" in result.output
     bad = runner.invoke(config_command, ["--location", "v1"])
     assert bad.exit_code == 2 and "--location" in bad.output
 

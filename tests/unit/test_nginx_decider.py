@@ -15,6 +15,7 @@ from inferoute.gateway.decider import (
     echo_status,
     end_session,
     header_variable,
+    nginx_retries,
     parse_report,
     redirect_headers,
     request_headers_for_decision,
@@ -56,12 +57,13 @@ def decided(
 
 
 def test_redirect_headers_carry_upstream_fallbacks_model_and_token() -> None:
-    h = redirect_headers(decided(("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000", "10.0.0.4:8000")), "tok")
-    assert h["X-Accel-Redirect"] == "@inference"
+    four = ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000", "10.0.0.4:8000")
+    h = redirect_headers(decided(four), "tok", max_fallbacks=2)
+    assert h["X-Accel-Redirect"] == "@inference_retry"
     assert h["X-Inference-Upstream"] == "10.0.0.1:8000"
     assert h["X-Inference-Fallback-1"] == "10.0.0.2:8000"
     assert h["X-Inference-Fallback-2"] == "10.0.0.3:8000"
-    assert "X-Inference-Fallback-3" not in h  # default max_fallbacks = 2
+    assert "X-Inference-Fallback-3" not in h  # NGINX can walk only two
     assert h["X-Inference-Fallbacks"] == "10.0.0.2:8000,10.0.0.3:8000"
     assert h["X-Inference-Model"] == "m"
     assert h["X-Inference-Request-Id"] == "tok"
@@ -72,6 +74,7 @@ def test_redirect_headers_carry_upstream_fallbacks_model_and_token() -> None:
 def test_redirect_headers_single_endpoint_no_model_and_picker_mutations() -> None:
     d = decided(("10.0.0.1:8000",), model=None, set_headers={"X-Gateway-Inference-Objective": "critical"})
     h = redirect_headers(d, "t", max_fallbacks=3)
+    assert h["X-Accel-Redirect"] == "@inference"  # nothing to fall back to
     assert h["X-Inference-Model"] == ""
     assert "X-Inference-Fallbacks" not in h and "X-Inference-Fallback-1" not in h
     assert h["X-Inference-Hdr-x-gateway-inference-objective"] == "critical"
@@ -83,6 +86,15 @@ def test_redirect_headers_single_endpoint_no_model_and_picker_mutations() -> Non
 def test_redirect_headers_follow_a_picker_rewrite_of_the_model_header() -> None:
     d = decided(("10.0.0.1:8000",), model="alias", set_headers={"x-gateway-model-name": "real-model"})
     assert redirect_headers(d, "t")["X-Inference-Model"] == "real-model"
+
+
+def test_nginx_retries_header_caps_the_fallbacks() -> None:
+    assert nginx_retries({"X-Inference-Retries": "2"}, 8) == 2
+    assert nginx_retries({"X-Inference-Retries": "5"}, 3) == 3
+    assert nginx_retries({}, 8) == 0  # a hand-written config without fallback locations
+    assert nginx_retries({"X-Inference-Retries": "-1"}, 8) == 0
+    h = redirect_headers(decided(("a:1", "b:2")), "t", max_fallbacks=0)
+    assert h["X-Accel-Redirect"] == "@inference" and "X-Inference-Fallback-1" not in h
 
 
 def test_request_headers_for_decision_drop_hop_by_hop_and_protocol_names() -> None:

@@ -19,9 +19,10 @@ Headers of a redirect answer (the decider -> NGINX protocol; NGINX never forward
 the decider sends nothing else worth leaking):
 
 =============================  =============================================================================
-``X-Accel-Redirect``           ``@inference`` (the named location)
+``X-Accel-Redirect``           ``@inference`` (no fallback) or ``@inference_retry`` (fallbacks follow)
 ``X-Inference-Upstream``       the picked ``ip:port``
-``X-Inference-Fallback-<n>``   the n-th fallback ``ip:port`` (n = 1, 2, ...), walked by NGINX on a 502
+``X-Inference-Fallback-<n>``   the n-th fallback ``ip:port`` (n = 1 .. NGINX's ``X-Inference-Retries``),
+                               tried by NGINX after a 500/502/503 before the first byte (the gateway's rule)
 ``X-Inference-Fallbacks``      all fallbacks, comma separated (for logs)
 ``X-Inference-Model``          the model found by BBR (empty: body-less request, header not set)
 ``X-Inference-Request-Id``     token naming the picker session; echoed back by the completion report
@@ -73,6 +74,9 @@ from inferoute.tasks import TaskSet
 log = logging.getLogger(__name__)
 
 ACCEL_LOCATION = "@inference"
+ACCEL_RETRY_LOCATION = "@inference_retry"
+RETRIES_HEADER = "X-Inference-Retries"
+"""Request header NGINX sends the decider: how many fallbacks its configuration can walk (0 if absent)."""
 UPSTREAM_HEADER = "X-Inference-Upstream"
 FALLBACK_HEADER = "X-Inference-Fallback-"
 FALLBACKS_HEADER = "X-Inference-Fallbacks"
@@ -92,8 +96,8 @@ REPORT_COMPLETION = "x-inference-completion"
 REPORT_CLIENT_STATUS = "x-inference-client-status"
 REPORT_HEADER_TIME = "x-inference-header-time"
 
-DEFAULT_MAX_FALLBACKS = 2
-"""Fallback endpoints announced per decision (NGINX walks as many as ``nginx-config --retries`` allows)."""
+DEFAULT_MAX_FALLBACKS = 8
+"""Upper bound of fallback endpoints announced per decision; NGINX's ``X-Inference-Retries`` lowers it."""
 DEFAULT_COMPLETION_TIMEOUT = 900.0
 """Seconds after which a session without completion report is aborted (longer than any sane generation)."""
 
@@ -145,7 +149,7 @@ def redirect_headers(
         else:
             passed[PASS_HEADER_PREFIX + name.lower()] = value
     out = {
-        "X-Accel-Redirect": ACCEL_LOCATION,
+        "X-Accel-Redirect": ACCEL_RETRY_LOCATION if fallbacks else ACCEL_LOCATION,
         UPSTREAM_HEADER: first,
         MODEL_HEADER: model,
         TOKEN_HEADER: token,
@@ -156,6 +160,12 @@ def redirect_headers(
         out[f"{FALLBACK_HEADER}{i}"] = value
     out.update(passed)
     return out
+
+
+def nginx_retries(headers: Mapping[str, str], cap: int) -> int:
+    """Fallbacks to announce: NGINX's ``X-Inference-Retries`` (0 when absent or invalid), at most ``cap``."""
+    value = headers.get(RETRIES_HEADER, "").strip()
+    return min(int(value), cap) if value.isdigit() else 0
 
 
 def header_variable(name: str) -> str:
@@ -390,7 +400,10 @@ class Decider:
         self.metrics.decisions.labels(decided.source).inc()
         self.metrics.latency.observe(time.perf_counter() - t0)
         return web.Response(
-            status=200, headers=redirect_headers(decided, token, max_fallbacks=self.max_fallbacks)
+            status=200,
+            headers=redirect_headers(
+                decided, token, max_fallbacks=nginx_retries(request.headers, self.max_fallbacks)
+            ),
         )
 
     def _error(self, exc: InferouteError) -> web.Response:

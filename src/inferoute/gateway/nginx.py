@@ -164,6 +164,7 @@ def render(opts: NginxOptions) -> str:
     w("                         'rt=$request_time urt=\"$upstream_response_time\" id=$request_id';")
     w(f"    access_log {access_log} inference;")
     w("")
+    _hop_maps(w, opts)
     w("    # The decider: `inferoute gateway --mode nginx --listen HOST:PORT`. Keep-alive connections to it.")
     w("    upstream inferoute_decider {")
     w(f"        server {opts.decider};")
@@ -234,6 +235,7 @@ def _decider_location(w: _Writer, opts: NginxOptions, loc: str) -> None:
     w('            proxy_set_header Connection "";')
     w("            proxy_set_header Host $host;")
     w("            proxy_set_header X-Request-Id $request_id;")
+    w(f"            proxy_set_header {d.RETRIES_HEADER} {opts.retries};   # fallbacks NGINX can walk")
     w(
         "            # MUST stay on: the body is read completely before the decider is asked, "
         "so NGINX can send"
@@ -274,18 +276,33 @@ def _proxy_to_endpoint(w: _Writer, opts: NginxOptions, target: str) -> None:
     w(f"{i}proxy_connect_timeout {_seconds(opts.connect_timeout)};")
     w(f"{i}proxy_read_timeout {_seconds(opts.read_timeout)};")
     w(f"{i}proxy_send_timeout {_seconds(opts.read_timeout)};")
-    w(f"{i}proxy_intercept_errors off;       # model-server errors reach the client unchanged")
     w(f"{i}proxy_pass http://{target};")
 
 
-def _inference_location(w: _Writer, opts: NginxOptions) -> None:
-    i = "            "
-    w(
-        "        # Step 2: the decider answered `X-Accel-Redirect: @inference`. "
-        "Copy its headers into variables"
-    )
-    w("        # FIRST: once proxy_pass runs, $upstream_http_* describe the model server's response instead.")
-    w(f"        location {d.ACCEL_LOCATION} {{")
+RETRY_STATUSES = "500 502 503"
+"""Statuses (NGINX's own or the model server's, before any byte reached the client) that move on to the next
+endpoint -- the gateway's rule. 504 (a timeout: the model server may be working on it) does not."""
+
+
+def _hop_target(opts: NginxOptions, n: int) -> str:
+    """The named location of fallback ``n``: a map picks ``_more`` (another fallback follows) or ``_last``."""
+    return f"@inference_fallback_{n}_last" if n == opts.retries else f"$inference_hop_{n}"
+
+
+def _hop_maps(w: _Writer, opts: NginxOptions) -> None:
+    if opts.retries < 2:
+        return
+    w("    # Fallback n intercepts 5xx (and walks on) only when fallback n+1 exists; the last hop passes the")
+    w("    # model server's own error through.")
+    for n in range(1, opts.retries):
+        w(
+            f"    map $inference_fallback_{n + 1} $inference_hop_{n} "
+            f'{{ "" @inference_fallback_{n}_last; default @inference_fallback_{n}_more; }}'
+        )
+    w("")
+
+
+def _capture(w: _Writer, opts: NginxOptions, i: str) -> None:
     w(f"{i}set $inference_upstream {_var(d.UPSTREAM_HEADER)};")
     w(f"{i}set $inference_model {_var(d.MODEL_HEADER)};")
     w(f"{i}set $inference_request {_var(d.TOKEN_HEADER)};")
@@ -293,37 +310,52 @@ def _inference_location(w: _Writer, opts: NginxOptions) -> None:
         w(f"{i}set $inference_fallback_{n} {_var(d.FALLBACK_HEADER + str(n))};")
     for n, name in enumerate(opts.pass_headers, start=1):
         w(f"{i}set {_pass_var(n)} {_var(d.PASS_HEADER_PREFIX + name)};")
-    if opts.retries:
-        w(f"{i}# 502 made by NGINX (connection refused/reset before an answer): next endpoint of the list.")
-        w(f"{i}recursive_error_pages on;")
-        w(f"{i}error_page 502 = @inference_fallback_1;")
+
+
+def _hop_errors(w: _Writer, opts: NginxOptions, i: str, next_hop: str | None) -> None:
+    """error_page lines of one hop: walk on to ``next_hop``, or JSON errors for a last hop."""
+    w(f"{i}recursive_error_pages on;")
+    if next_hop is not None:
+        w(f"{i}proxy_intercept_errors on;        # a 5xx before the first byte: next endpoint")
+        w(f"{i}error_page {RETRY_STATUSES} = {next_hop};")
     else:
+        w(f"{i}proxy_intercept_errors off;       # last endpoint: its own errors reach the client unchanged")
         w(f"{i}error_page 502 @inference_upstream_502;")
     w(f"{i}error_page 504 @inference_upstream_504;")
     if opts.accounting:
         w(f"{i}post_action @inference_done;      # report completion to the picker (see below)")
-    _proxy_to_endpoint(w, opts, "$inference_upstream")
-    w("        }")
-    w("")
+
+
+def _inference_location(w: _Writer, opts: NginxOptions) -> None:
+    i = "            "
+    w("        # Step 2: the decider answered `X-Accel-Redirect: @inference` (no fallback) or")
+    w("        # `@inference_retry` (fallbacks follow). Copy its headers into variables FIRST: once")
+    w("        # proxy_pass runs, $upstream_http_* describe the model server's response instead.")
+    entries: list[tuple[str, str | None]] = [(d.ACCEL_LOCATION, None)]
+    if opts.retries:
+        entries.append((d.ACCEL_RETRY_LOCATION, _hop_target(opts, 1)))
+    for name, next_hop in entries:
+        w(f"        location {name} {{")
+        _capture(w, opts, i)
+        _hop_errors(w, opts, i, next_hop)
+        _proxy_to_endpoint(w, opts, "$inference_upstream")
+        w("        }")
+        w("")
 
 
 def _fallback_location(w: _Writer, opts: NginxOptions, n: int) -> None:
     i = "            "
-    w(f"        # Fallback {n}: the decider's X-Inference-Fallback-{n}; none left -> JSON 502.")
-    w(f"        location @inference_fallback_{n} {{")
-    w(f'{i}if ($inference_fallback_{n} = "") {{ return 502; }}   # no fallback left: JSON 502 below')
-    w(f"{i}set $inference_upstream $inference_fallback_{n};")
-    w(f"{i}recursive_error_pages on;")
+    variants: list[tuple[str, str | None]] = [("last", None)]
     if n < opts.retries:
-        w(f"{i}error_page 502 = @inference_fallback_{n + 1};")
-    else:
-        w(f"{i}error_page 502 @inference_upstream_502;")
-    w(f"{i}error_page 504 @inference_upstream_504;")
-    if opts.accounting:
-        w(f"{i}post_action @inference_done;")
-    _proxy_to_endpoint(w, opts, "$inference_upstream")
-    w("        }")
-    w("")
+        variants.insert(0, ("more", _hop_target(opts, n + 1)))
+    for variant, next_hop in variants:
+        w(f"        # Fallback {n} (X-Inference-Fallback-{n}), {variant} hop.")
+        w(f"        location @inference_fallback_{n}_{variant} {{")
+        w(f"{i}set $inference_upstream $inference_fallback_{n};")
+        _hop_errors(w, opts, i, next_hop)
+        _proxy_to_endpoint(w, opts, "$inference_upstream")
+        w("        }")
+        w("")
 
 
 def _done_location(w: _Writer, opts: NginxOptions) -> None:
