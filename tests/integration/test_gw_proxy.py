@@ -424,3 +424,36 @@ async def test_picker_header_mutation_and_body_replacement_are_applied() -> None
     assert doc["headers"]["x-picked-by"] == "test"
     assert "x-inference-upstream" not in doc["headers"]  # a routing header is never taken from a mutation
     assert doc["sha256"] == hashlib.sha256(new_body).hexdigest()
+
+
+async def test_expect_100_continue_is_answered_and_oversize_refused_up_front() -> None:
+    async with backends("a") as (a,):
+        cfg = gateway_config([a], bbr={"max_body_size": 100_000})
+        async with running_gateway(cfg, ScriptedPicker([a.key])) as gw:
+            body = json.dumps({"model": "m", "prompt": "x" * 50_000}).encode()
+            reader, writer = await asyncio.open_connection(gw.host, gw.port)
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+            )
+            await writer.drain()
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert interim.startswith(b"HTTP/1.1 100 Continue")
+            writer.write(body)
+            await writer.drain()
+            final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert final.startswith(b"HTTP/1.1 200")
+            writer.close()
+            await writer.wait_closed()
+
+            reader, writer = await asyncio.open_connection(gw.host, gw.port)
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 200000\r\n\r\n"
+            )
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 413")  # refused before the body was sent
+            writer.close()
+            await writer.wait_closed()
+    assert [r["len"] for r in a.requests] == [len(body)]

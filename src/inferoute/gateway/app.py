@@ -229,6 +229,10 @@ class GatewayHandler:
 
     async def _read_body(self, request: web.BaseRequest, limit: int) -> bytes:
         declared = check_declared_length(request.headers, limit)
+        expect = request.headers.get("expect", "")
+        if expect.lower() == "100-continue" and request.version >= aiohttp.HttpVersion11:
+            # the size is acceptable (checked above): ask for the body now (curl would wait 1 s otherwise)
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if declared is not None:
             if declared == 0:
                 return b""
