@@ -1,0 +1,236 @@
+"""The ext_proc servicer state machine, driven directly (no sockets, no sleeps): protocol edge cases."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from inferoute.epp.server import ExtProcMetrics, ExtProcServicer, HealthServicer
+from inferoute.errors import InferouteError
+from inferoute.extproc import messages as m
+from inferoute.extproc.testing import RecordingPicker
+from inferoute.picking import Decision, Destination, PickRequest, PickSession
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+        raise Aborted(details)
+
+
+class FixedPicker:
+    """Returns a fixed decision (or raises) and records the sessions' events."""
+
+    def __init__(self, decision: Decision | Exception) -> None:
+        self.decision = decision
+        self.events: list[tuple[str, Any]] = []
+        self.requests: list[PickRequest] = []
+
+    async def pick(self, request: PickRequest) -> tuple[Decision, PickSession]:
+        self.requests.append(request)
+        if isinstance(self.decision, Exception):
+            raise self.decision
+        return self.decision, _Rec(self.events)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _Rec:
+    def __init__(self, events: list[tuple[str, Any]]) -> None:
+        self.events = events
+
+    def response_started(self, served: str, status: int, headers: Mapping[str, str]) -> None:
+        self.events.append(("started", (served, status)))
+
+    def response_chunk(self, chunk: bytes) -> None:
+        self.events.append(("chunk", chunk))
+
+    def response_finished(self) -> None:
+        self.events.append(("finished", None))
+
+    def aborted(self, reason: str) -> None:
+        self.events.append(("aborted", reason))
+
+
+async def _run(
+    picker: Any, msgs: Sequence[m.ProcessingRequest]
+) -> tuple[list[m.ProcessingResponse], FakeContext]:
+    ctx = FakeContext()
+    registry = CollectorRegistry()
+    servicer = ExtProcServicer(picker, ExtProcMetrics(registry))
+
+    async def it() -> AsyncIterator[m.ProcessingRequest]:
+        for msg in msgs:
+            yield msg
+
+    out = []
+    try:
+        async for resp in servicer.Process(it(), ctx):
+            out.append(resp)
+    except Aborted:
+        pass
+    return out, ctx
+
+
+def _headers(
+    eos: bool = False,
+    mode: int | None = None,
+    response_mode: int = m.FULL_DUPLEX_STREAMED,
+    extra: Sequence[tuple[str, str]] = (),
+) -> m.ProcessingRequest:
+    cfg = m.protocol_config(mode, response_mode) if mode is not None else None
+    pairs = [
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("x-gateway-destination-endpoint", "6.6.6.6:1"),
+        ("content-length", "9"),
+        *extra,
+    ]
+    return m.headers_request(pairs, end_of_stream=eos, config=cfg)
+
+
+DEST = Destination(("10.0.0.1:8000", "10.0.0.2:8000"), {"x-gateway-model-name": "m2"})
+
+
+async def test_client_routing_headers_never_reach_the_picker_and_control_headers_do() -> None:
+    picker = FixedPicker(DEST)
+    extra = [
+        ("x-gateway-inference-objective", "batch"),
+        ("x-gateway-inference-fairness-id", "t1"),
+        ("x-gateway-model-name-rewrite", "m3"),
+    ]
+    await _run(picker, [_headers(eos=True, extra=extra)])
+    seen = picker.requests[0].headers
+    assert "x-gateway-destination-endpoint" not in seen and "content-length" not in seen
+    assert seen["x-gateway-inference-objective"] == "batch" and seen["x-gateway-model-name-rewrite"] == "m3"
+    assert seen["x-gateway-inference-fairness-id"] == "t1"
+
+
+async def test_picker_headers_and_replaced_body_in_full_duplex() -> None:
+    picker = FixedPicker(Destination(("10.0.0.1:8000",), {"x-extra": "1"}, b'{"model":"m2"}'))
+    out, _ = await _run(picker, [_headers(), m.body_chunk_request(b'{"model":"m"}', end_of_stream=True)])
+    sets = {
+        o.header.key: o.header.raw_value for o in out[0].request_headers.response.header_mutation.set_headers
+    }
+    assert sets["x-extra"] == b"1" and sets["content-length"] == b"14"
+    assert out[1].request_body.response.body_mutation.streamed_response.body == b'{"model":"m2"}'
+
+
+async def test_body_ended_by_trailers_is_decided_at_the_trailers() -> None:
+    picker = FixedPicker(DEST)
+    out, _ = await _run(
+        picker,
+        [
+            _headers(),
+            m.body_chunk_request(b"ab", end_of_stream=False),
+            m.body_chunk_request(b"cd", end_of_stream=False),
+            m.trailers_request(),
+        ],
+    )
+    assert [r.WhichOneof("response") for r in out] == ["request_headers", "request_body", "request_trailers"]
+    sr = out[1].request_body.response.body_mutation.streamed_response
+    assert sr.body == b"abcd" and not sr.end_of_stream  # the trailers end the request, not the body
+    assert picker.requests[0].body == b"abcd"
+
+
+async def test_streamed_mode_acknowledges_chunks_and_decides_on_the_last() -> None:
+    picker = FixedPicker(DEST)
+    out, _ = await _run(
+        picker,
+        [
+            _headers(mode=m.STREAMED),
+            m.body_chunk_request(b"a", end_of_stream=False),
+            m.body_chunk_request(b"b", end_of_stream=True),
+        ],
+    )
+    assert [r.WhichOneof("response") for r in out] == ["request_headers", "request_body", "request_body"]
+    assert not out[1].request_body.response.header_mutation.set_headers
+    meta, header, _ = m.destination_from_response(out[2])
+    assert meta == header == DEST.endpoints
+
+
+async def test_inferoute_error_from_picker_is_immediate_response() -> None:
+    picker = FixedPicker(InferouteError(413, "prompt too long", cause="too-large"))
+    out, ctx = await _run(picker, [_headers(eos=True)])
+    assert out[0].immediate_response.status.code == 413
+    assert b"prompt too long" in out[0].immediate_response.body and ctx.code is None
+
+
+async def test_unexpected_exception_is_internal_grpc_error() -> None:
+    out, ctx = await _run(FixedPicker(RuntimeError("boom")), [_headers(eos=True)])
+    assert out == [] and ctx.code == grpc.StatusCode.INTERNAL and "boom" in ctx.details
+
+
+async def test_empty_destination_from_a_buggy_picker_is_503() -> None:
+    out, _ = await _run(FixedPicker(Destination(())), [_headers(eos=True)])
+    assert out[0].immediate_response.status.code == 503
+
+
+async def test_body_before_headers_is_a_protocol_error() -> None:
+    picker = FixedPicker(DEST)
+    out, ctx = await _run(picker, [m.body_chunk_request(b"x", end_of_stream=True)])
+    assert out == [] and ctx.code == grpc.StatusCode.INVALID_ARGUMENT and not picker.requests
+
+
+async def test_headers_only_response_mode_finishes_on_stream_end() -> None:
+    picker = FixedPicker(DEST)
+    rh = m.headers_request(
+        [(":status", "200")], end_of_stream=False, phase="response_headers", served="10.0.0.2:8000"
+    )
+    await _run(picker, [_headers(eos=True, mode=m.NONE, response_mode=m.NONE), rh])
+    assert picker.events == [("started", ("10.0.0.2:8000", 200)), ("finished", None)]
+
+
+async def test_stream_ending_mid_response_is_aborted_when_a_body_was_announced() -> None:
+    picker = FixedPicker(DEST)
+    rh = m.headers_request([(":status", "200")], end_of_stream=False, phase="response_headers")
+    await _run(
+        picker,
+        [
+            _headers(eos=True),
+            rh,
+            m.body_chunk_request(b"data: 1", end_of_stream=False, phase="response_body"),
+        ],
+    )
+    assert picker.events[-1] == ("aborted", "stream-ended-early")
+    assert ("chunk", b"data: 1") in picker.events
+
+
+async def test_reject_ends_session_and_later_messages_are_harmless() -> None:
+    picker = RecordingPicker(["1.1.1.1:1"])
+    out, _ = await _run(picker, [_headers(eos=True, extra=[("test-epp-reject", "429")])])
+    assert out[0].immediate_response.status.code == 429
+    assert picker.sessions[0].aborted == "rejected"
+
+
+@pytest.mark.parametrize(("ready", "expected"), [(True, 1), (False, 2)])
+def test_health_status_names(ready: bool, expected: int) -> None:
+    h = HealthServicer(lambda: ready)
+    assert h.status("liveness") == 1
+    assert (
+        h.status("readiness")
+        == h.status("")
+        == h.status("envoy.service.ext_proc.v3.ExternalProcessor")
+        == expected
+    )
+    assert h.status("other") == 3
+
+
+def test_health_readiness_exception_is_not_serving() -> None:
+    def broken() -> bool:
+        raise RuntimeError("x")
+
+    assert HealthServicer(broken).status("readiness") == 2
