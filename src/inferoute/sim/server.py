@@ -94,12 +94,12 @@ class _Stream:
         self.waiter = asyncio.get_running_loop().create_future()
         await self.waiter
 
-    def flush(self, now: float) -> None:
+    def flush(self) -> None:
         """The engine produced tokens for this request (called from the timer callback, once per wake-up,
         after every due step was applied, so ``times`` holds a stamp for every generated token)."""
         transport = self.transport
         if transport is not None:
-            data = self.render(now)
+            data = self.render()
             if data and not transport.is_closing():
                 transport.write(b"%x\r\n%b\r\n" % (len(data), data))
             if self.req.done:
@@ -107,8 +107,11 @@ class _Stream:
         elif self.streaming or self.req.done:
             self.wake()
 
-    def render(self, now: float) -> bytes:
-        """SSE bytes for the tokens not sent yet, and the end of the stream when the request is done."""
+    def render(self) -> bytes:
+        """SSE bytes for the tokens not sent yet, and the end of the stream when the request is done.
+
+        With ``emit_schedule`` each token carries its scheduled time and the time of this call.
+        """
         req, writer = self.req, self.writer
         n = req.generated
         parts: list[bytes] = []
@@ -118,6 +121,7 @@ class _Stream:
         reason = req.finish_reason
         if self.schedule:
             times = self.times
+            now = time.monotonic()
             for i in range(self.sent, n):
                 parts.append(writer.token_chunk(i, reason if i == last else None, times[i], now))
         else:
@@ -220,28 +224,28 @@ class Replica:
         now = time.monotonic()
         results = self.engine.advance(now)
         if len(results) == 1:
-            self._deliver(results[0].at, results[0].progressed, now)
+            self._deliver(results[0].at, results[0].progressed, flush=True)
         elif results:  # the timer was late: several steps came due at once; deliver each request once
             touched: dict[SimRequest, None] = {}
             for result in results:
-                self._deliver(result.at, result.progressed, None)
+                self._deliver(result.at, result.progressed, flush=False)
                 touched.update(dict.fromkeys(result.progressed))
             for req in touched:
                 link = req.tag
                 assert isinstance(link, _Stream)
-                link.flush(now)
+                link.flush()
         self._arm()
 
-    def _deliver(self, at: float, progressed: list[SimRequest], now: float | None) -> None:
-        """Stamp each progressed request's new token with ``at``; flush it too unless ``now`` is None."""
+    def _deliver(self, at: float, progressed: list[SimRequest], flush: bool) -> None:
+        """Stamp each progressed request's new token with ``at`` (and flush it to its client)."""
         schedule = self._schedule
         for req in progressed:
             link = req.tag
             assert isinstance(link, _Stream)
             if schedule:
                 link.times.append(at)
-            if now is not None:
-                link.flush(now)
+            if flush:
+                link.flush()
 
     # -- HTTP -----------------------------------------------------------------------------------------
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -386,7 +390,7 @@ class Replica:
         try:
             while req.generated == 0 and not req.done:
                 await link.wait()
-            first = link.render(time.monotonic())
+            first = link.render()
             if not req.done:
                 # aiohttp puts these bytes (and the response head) on the transport before its first await,
                 # so from here on the timer callback may append chunks directly (see _Stream).
