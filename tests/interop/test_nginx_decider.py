@@ -423,6 +423,17 @@ async def test_errors_reach_the_client_as_json(stack: Stack) -> None:
     assert status == 413 and "exceeds" in body["error"]["message"]
     status, body, _ = await post("/v1/completions", b"x" * (BODY_LIMIT + 1))
     assert status == 413 and body["error"]["code"] == 413
+    # a request aiohttp's parser refuses (duplicate Content-Type) still gets a JSON error
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(
+            f"{stack.url}/v1/completions",
+            data=chat(),
+            headers=[("Content-Type", "application/json"), ("Content-Type", "application/json")],
+        ) as resp,
+    ):
+        assert (resp.status, resp.content_type) == (400, "application/json"), await resp.text()
+        assert "Content-Type" in (await resp.json())["error"]["message"]
     # internal paths are not reachable through NGINX
     status, body, _ = await post("/_inferoute/done", b"")
     assert status == 404
@@ -522,3 +533,28 @@ async def test_without_post_action_sessions_end_by_the_completion_timeout(
         assert sum(picker.inflight.values()) == 0
     finally:
         await running.aclose()
+
+
+async def test_an_exception_in_the_decider_is_a_json_500_and_counted() -> None:
+    from inferoute.gateway.decider import Decider, DeciderServer
+
+    def broken_routes(path: str) -> None:
+        raise RuntimeError("bug")
+
+    registry = CollectorRegistry()
+    server = DeciderServer(Decider(broken_routes, registry=registry))
+    port = await server.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(f"http://127.0.0.1:{port}/v1/completions", data=chat(), headers=JSON) as resp,
+        ):
+            assert (resp.status, resp.content_type) == (500, "application/json")
+            body = await resp.json()
+        assert body["error"]["message"] == "internal error in the inference decider"  # no traceback leaks
+        errors = registry.get_sample_value(
+            "inferoute_nginx_decider_errors_total", {"status": "500", "cause": "protocol"}
+        )
+        assert errors == 1.0
+    finally:
+        await server.aclose()

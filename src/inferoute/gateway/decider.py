@@ -59,11 +59,12 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from inferoute.clock import Clock, SystemClock
-from inferoute.errors import InferouteError
+from inferoute.errors import InferouteError, error_body
 from inferoute.gateway.bbr import check_declared_length, too_large
 from inferoute.gateway.config import GatewayConfig, parse_listen
 from inferoute.gateway.decide import Decided, PickerRejected, RouteDecider
@@ -539,6 +540,44 @@ async def read_body(request: web.BaseRequest, limit: int | None) -> bytes:
     return b"".join(chunks)
 
 
+class JsonErrorServer(web.Server):
+    """aiohttp's low-level server whose protocol-level errors (a request its parser refuses, such as a
+    duplicate ``Content-Type``; an exception escaping the handler) are OpenAI-style JSON instead of aiohttp's
+    text/plain. ``on_error(status)`` counts them.
+
+    aiohttp's ``RequestHandler`` has ``__slots__``, so its ``handle_error`` cannot be replaced per instance;
+    each new connection's handler gets a slot-less subclass (same layout) that overrides it.
+    """
+
+    def __init__(self, handler: Any, *, on_error: Callable[[int], None], **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+
+        def handle_error(
+            protocol: RequestHandler,
+            request: web.BaseRequest,
+            status: int = 500,
+            exc: BaseException | None = None,
+            message: str | None = None,
+        ) -> web.StreamResponse:
+            RequestHandler.handle_error(protocol, request, status, exc, message)  # logs; raises if started
+            on_error(status)
+            text = "internal error in the inference decider" if status >= 500 else (message or "bad request")
+            response = web.Response(
+                status=status, body=error_body(status, text), content_type="application/json"
+            )
+            response.force_close()
+            return response
+
+        self._json_protocol = type(
+            "JsonErrorRequestHandler", (RequestHandler,), {"__slots__": (), "handle_error": handle_error}
+        )
+
+    def __call__(self) -> RequestHandler:
+        protocol = super().__call__()
+        protocol.__class__ = self._json_protocol
+        return protocol
+
+
 class DeciderServer:
     """The decider on a TCP socket: :meth:`start` (returns the port), :meth:`aclose`.
 
@@ -553,7 +592,12 @@ class DeciderServer:
 
     async def start(self) -> int:
         """Listen (port 0 picks a free one) and return the port."""
-        server = web.Server(self.decider.handler, access_log=None)
+        metrics = self.decider.metrics
+        server = JsonErrorServer(
+            self.decider.handler,
+            on_error=lambda status: metrics.errors.labels(str(status), "protocol").inc(),
+            access_log=None,
+        )
         self._runner = web.ServerRunner(server)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
