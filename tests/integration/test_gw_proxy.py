@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import shlex
 import time
 
 import aiohttp
@@ -457,3 +458,28 @@ async def test_expect_100_continue_is_answered_and_oversize_refused_up_front() -
             writer.close()
             await writer.wait_closed()
     assert [r["len"] for r in a.requests] == [len(body)]
+
+
+async def test_access_log_cannot_be_forged_through_path_or_model(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="inferoute.gateway.access")
+    async with (
+        backends("a") as (a,),
+        running_gateway(gateway_config([a]), ScriptedPicker([a.key])) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+        evil_model = 'x" status=200 upstream=1.2.3.4:1 method=GET'
+        async with s.post(gw.url + "/v1/a%0Astatus=999", json={"model": evil_model}) as r:
+            assert r.status == 404  # the test backend's router does not match a newline; relayed as is
+        async with s.post(gw.url + "/v1/b", json={"model": "a\r\nx-injected: 1"}) as r:
+            assert r.status == 400  # a model with CR/LF cannot become a header
+            err = (await r.json())["error"]
+            assert err["param"] == "model" and err["type"] == "invalid_request_error"
+    lines = [r.getMessage() for r in caplog.records if r.name == "inferoute.gateway.access"]
+    assert len(lines) == 2 and all("\n" not in ln for ln in lines)
+    first = dict(tok.split("=", 1) for tok in shlex.split(lines[0]))  # a logfmt reader sees one field each
+    assert first["status"] == "404" and first["model"] == evil_model and first["upstream"] == a.key
+    assert first["path"] == "/v1/a\\nstatus=999"
+    second = dict(tok.split("=", 1) for tok in shlex.split(lines[1]))
+    assert second["status"] == "400" and second["cause"] == "bad-model"
+    # the 404 came from the backend's router before its echo handler; the 400 never left the gateway
+    assert a.requests == []

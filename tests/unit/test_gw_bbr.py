@@ -88,3 +88,12 @@ def test_body_limit_while_reading() -> None:
     with pytest.raises(InferouteError) as e:
         lim.feed(1)
     assert e.value.status == 413
+
+
+def test_model_with_control_characters_is_refused() -> None:
+    from inferoute.gateway.bbr import is_header_safe
+
+    assert is_header_safe("llama-3 8b\t(v1)") and not is_header_safe("a\r\nb") and not is_header_safe("a\x00")
+    with pytest.raises(InferouteError) as e:
+        model_or_default(b'{"model": "a\\nb"}', "application/json", "d")
+    assert (e.value.status, e.value.cause, e.value.param) == (400, "bad-model", "model")

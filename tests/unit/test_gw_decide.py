@@ -260,3 +260,22 @@ async def test_remote_bbr_used_and_its_failure_modes() -> None:
     quiet = BBR(result="x")
     d = await decider(Picker(), route, remote_bbr=quiet).decide("GET", "/", [], b"")
     assert d.model is None and quiet.calls == []
+
+
+async def test_invalid_mutations_are_dropped() -> None:
+    dest = Destination(
+        ("10.0.0.1:8000",),
+        set_headers={"x-ok": "1", "x-bad": "a\r\nb", "x-gateway-destination-endpoint-served": "x"},
+    )
+    d = await decider(Picker(decision=dest)).decide("POST", "/", [], BODY)
+    assert d.set_headers == {"X-Gateway-Model-Name": "m1", "x-ok": "1"}
+
+
+async def test_remote_bbr_model_with_control_characters() -> None:
+    route = {"bbr": {"endpoint": "127.0.0.1:9", "default_model": "dflt"}}
+    d = await decider(Picker(), route, remote_bbr=BBR(result="a\nb")).decide("POST", "/", HEADERS, BODY)
+    assert d.model == "dflt" and d.bbr_error == "bbr-error"
+    closed = {"bbr": {**route["bbr"], "failure_mode_allow": False}}
+    with pytest.raises(InferouteError) as e:
+        await decider(Picker(), closed, remote_bbr=BBR(result="a\nb")).decide("POST", "/", HEADERS, BODY)
+    assert (e.value.status, e.value.cause) == (502, "bbr-error")

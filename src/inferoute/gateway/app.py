@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -158,7 +160,7 @@ class GatewayHandler:
         try:
             return await self._handle(request, rec)
         except asyncio.CancelledError:
-            rec.status = rec.status or 499
+            rec.status = 499  # NGINX's code for "the client closed the connection"
             rec.cause = "client-disconnect"
             raise
         finally:
@@ -177,6 +179,14 @@ class GatewayHandler:
             return await self._route(request, rec)
         except InferouteError as exc:
             return self._error(exc, rec)
+        except Exception as exc:
+            if rec.ttfb is not None:  # the answer has started: only closing the connection is left
+                rec.cause = rec.cause or "internal"
+                raise
+            log.exception("%s %s: unexpected error [request_id=%s]", rec.method, rec.path, rec.request_id)
+            return self._error(
+                InferouteError(500, f"internal gateway error ({type(exc).__name__})", cause="internal"), rec
+            )
 
     def _error(self, exc: InferouteError, rec: _Record) -> web.Response:
         rec.status = exc.status
@@ -359,7 +369,7 @@ class GatewayHandler:
                 "method=%s path=%s status=%d route=%s model=%s upstream=%s ttfb_ms=%s duration_ms=%.2f "
                 "bytes_in=%d bytes_out=%d attempts=%d source=%s cause=%s request_id=%s",
                 rec.method,
-                rec.path,
+                _q(rec.path),
                 rec.status,
                 route,
                 _q(rec.model),
@@ -375,12 +385,17 @@ class GatewayHandler:
             )
 
 
+_SAFE_LOG_VALUE = re.compile(r"[A-Za-z0-9._~:/@+%=-]+\Z")
+
+
 def _q(value: str | None) -> str:
+    """A logfmt value: bare when harmless, else a JSON string (quotes, newlines and control characters
+    escaped, so a client cannot forge log lines through its path or model)."""
     if value is None:
         return "-"
-    if value and all(c.isalnum() or c in "-_./:@" for c in value):
+    if _SAFE_LOG_VALUE.match(value):
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return json.dumps(value)
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> socket.socket:

@@ -16,6 +16,7 @@ The remote variant (seed 000: the body streamed over ext_proc to a BBR server) l
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import msgspec
@@ -52,13 +53,31 @@ def is_json_content_type(content_type: str | None) -> bool:
     )
 
 
+_UNSAFE_HEADER_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def is_header_safe(value: str) -> bool:
+    """True when ``value`` can be sent as an HTTP header value (no CR, LF or other control characters)."""
+    return _UNSAFE_HEADER_CHARS.search(value) is None
+
+
 def model_or_default(body: bytes, content_type: str | None, default_model: str) -> str | None:
-    """The model header value for a request: None for a body-less request (no header is set)."""
+    """The model header value for a request: None for a body-less request (no header is set).
+
+    Raises 400 (cause ``bad-model``) when the model contains control characters: it cannot become a header.
+    """
     if not body:
         return None
     if not is_json_content_type(content_type):
         return default_model
-    return extract_model(body) or default_model
+    model = extract_model(body)
+    if model is None:
+        return default_model
+    if not is_header_safe(model):
+        raise InferouteError(
+            400, "the model name contains control characters", cause="bad-model", param="model"
+        )
+    return model
 
 
 def too_large(limit: int, size: int | None = None) -> InferouteError:

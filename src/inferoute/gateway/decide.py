@@ -38,7 +38,7 @@ from typing import Protocol
 from inferoute.clock import Clock, SystemClock
 from inferoute.endpoints import Endpoint
 from inferoute.errors import InferouteError
-from inferoute.gateway.bbr import model_or_default, too_large
+from inferoute.gateway.bbr import is_header_safe, model_or_default, too_large
 from inferoute.gateway.config import RouteConfig
 from inferoute.gateway.destinations import AllowList, split_destinations, strip_headers
 from inferoute.picking import Destination, NullSession, Picker, PickerError, PickRequest, PickSession, Reject
@@ -205,11 +205,7 @@ class RouteDecider:
                 empty, fwd, set_headers, body, model, bbr_error, t1 - t0, picker_seconds
             )
         if decision.set_headers:
-            mutations = {
-                k: v
-                for k, v in decision.set_headers.items()
-                if k.lower() not in self.routing_headers and k.lower() != route.epp.header_name.lower()
-            }
+            mutations = self._mutations(decision.set_headers)
             set_headers.update(mutations)
             fwd = apply_headers(fwd, mutations)
         new_body = decision.body if decision.body is not None else body
@@ -226,6 +222,27 @@ class RouteDecider:
             bbr_seconds=t1 - t0,
             picker_seconds=picker_seconds,
         )
+
+    def _mutations(self, requested: Mapping[str, str]) -> dict[str, str]:
+        """The picker's header mutations minus routing headers (never taken from a picker's mutation: the
+        destination comes from the decision itself) and values that cannot be sent (control characters)."""
+        out: dict[str, str] = {}
+        epp_header = self.route.epp.header_name.lower()
+        for k, v in requested.items():
+            lk = k.lower()
+            if (
+                lk in self.routing_headers
+                or lk == epp_header
+                or lk.startswith("x-gateway-destination-endpoint")
+            ):
+                continue
+            if not is_header_safe(k) or not is_header_safe(v) or not k:
+                log.warning(
+                    "route %s: dropping an invalid header mutation from the picker: %r", self.route.path, k
+                )
+                continue
+            out[k] = v
+        return out
 
     async def _model(self, headers: list[tuple[str, str]], body: bytes) -> tuple[str | None, str | None]:
         bbr = self.route.bbr
@@ -246,6 +263,15 @@ class RouteDecider:
                     504, f"body-based routing timed out after {bbr.timeout_ms} ms", cause=cause
                 ) from exc
             raise InferouteError(502, f"body-based routing failed: {exc}", cause=cause) from exc
+        if model is not None and not is_header_safe(model):
+            log.warning(
+                "route %s: remote BBR returned a model with control characters: %r", self.route.path, model
+            )
+            if bbr.failure_mode_allow:
+                return bbr.default_model, "bbr-error"
+            raise InferouteError(
+                502, "body-based routing returned an invalid model header", cause="bbr-error"
+            )
         return (model or bbr.default_model), None
 
     def _picker_failed(
