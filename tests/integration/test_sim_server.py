@@ -298,3 +298,26 @@ async def test_late_timer_delivers_every_due_token_once(http: aiohttp.ClientSess
     written = [e["sim_written_at"] for e in events]
     assert len(set(written)) < 25  # the overdue tokens went out together
     assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_tokenize_counts_what_usage_reports(http: aiohttp.ClientSession) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is a KV cache?"},
+    ]
+    async with await SimPool.start(SimConfig(time_scale=0.1), replicas=1) as pool:
+        url = pool.urls[0]
+        async with http.post(url + "/tokenize", json={"model": M, "messages": messages}) as r:
+            assert r.status == 200
+            tok = await r.json()
+        async with http.post(
+            url + "/v1/chat/completions", json={"model": M, "messages": messages, "max_tokens": 1}
+        ) as r:
+            usage = (await r.json())["usage"]
+        async with http.post(url + "/tokenize", json={"prompt": "hello world"}) as r:
+            plain = await r.json()
+        async with http.post(url + "/tokenize", json={"model": "other", "prompt": "x"}) as r:
+            await expect_error(r, 404, "sim-0")
+    assert tok["count"] == usage["prompt_tokens"] == len(tok["tokens"])
+    assert tok["max_model_len"] == SimConfig().max_model_len
+    assert plain["count"] == 2

@@ -71,10 +71,11 @@ class SimRequest:
     blocks: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
     last_token_at: float | None = None
+    prompt_len: int = field(init=False)
+    """``len(prompt_tokens)``, read on every step."""
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_tokens)
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.prompt_tokens)
 
     @property
     def done(self) -> bool:

@@ -131,6 +131,27 @@ def parse_completion(raw: bytes) -> tuple[CompletionBody, str | list[int], int |
     return body, prompt, _check_common(body)
 
 
+class TokenizeBody(msgspec.Struct):
+    """``POST /tokenize`` (vLLM's): a completion ``prompt`` or chat ``messages``."""
+
+    model: str | None = None
+    prompt: str | list[Any] | None = None
+    messages: list[_Message] | None = None
+
+
+_tokenize_decoder = msgspec.json.Decoder(TokenizeBody)
+
+
+def parse_tokenize(raw: bytes) -> tuple[str | None, str | list[int]]:
+    """The model (if named) and the text (rendered chat, or prompt) or token ids to count."""
+    body: TokenizeBody = _decode(_tokenize_decoder, raw)
+    if body.messages is not None:
+        return body.model, parse_chat(msgspec.json.encode({"model": "", "messages": body.messages}))[1]
+    if body.prompt is None:
+        raise InferouteError(400, "prompt or messages is required.", cause="invalid-request", param="prompt")
+    return body.model, parse_completion(msgspec.json.encode({"model": "", "prompt": body.prompt}))[1]
+
+
 # -- responses ----------------------------------------------------------------------------------------
 
 WORDS = (

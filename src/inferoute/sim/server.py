@@ -1,15 +1,18 @@
 """The asyncio shell: one aiohttp server per replica around one :class:`~inferoute.sim.engine.Engine`.
 
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models``,
+``POST /tokenize``, ``GET /health``, ``GET /metrics``.
+
 Per replica there is exactly one timer, armed at ``engine.next_event_time()``. When it fires the shell calls
-``engine.advance(now)`` and wakes the handlers of the requests that progressed; each streaming handler then
-writes every token it has not sent yet in one write (tokens that became due together are coalesced). The
-handlers never sleep per token.
+``engine.advance(now)`` and hands each request that progressed to its :class:`_Stream`: a streaming response
+already under way gets its new tokens written straight onto its transport from the callback; other handlers
+are woken once (first write, or completion). Nothing sleeps or wakes per token per request.
 
 Error statuses (all with an OpenAI-style body from :mod:`inferoute.errors`, logged at debug level and counted
 in ``inferoute_sim:errors_total{cause}``): invalid JSON / fields / batched prompts -> 400, unknown model ->
 404, prompt over the context length -> 400, waiting queue full -> 429, injected failures -> 500 or 503,
 unknown path -> 404, wrong method -> 405. Every response carries ``x-inference-pod`` and
-``x-inference-port``.
+``x-inference-port``. A client that disconnects aborts its request (its KV blocks are freed).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
+import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -41,6 +45,7 @@ from inferoute.sim.protocol import (
     new_id,
     parse_chat,
     parse_completion,
+    parse_tokenize,
 )
 from inferoute.sim.tokenizer import Tokenizer
 
@@ -181,6 +186,7 @@ class Replica:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._list_models)
+        app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.on_response_prepare.append(self._add_headers)
@@ -274,6 +280,22 @@ class Replica:
 
     async def _list_models(self, request: web.Request) -> web.Response:
         return web.Response(body=self._models, content_type=_JSON)
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``/tokenize``: the simulator's token ids for a prompt or chat (see ``sim.tokenizer``)."""
+        model, prompt = parse_tokenize(await request.read())
+        if model is not None and model not in self._served:
+            raise InferouteError(
+                404, f"The model `{model}` does not exist.", cause="unknown-model", param="model"
+            )
+        tokens = self._tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        body = {
+            "count": len(tokens),
+            "max_model_len": self.config.max_model_len,
+            "tokens": tokens,
+            "token_strs": None,
+        }
+        return web.Response(body=msgspec.json.encode(body), content_type=_JSON)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
