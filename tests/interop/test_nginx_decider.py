@@ -434,6 +434,16 @@ async def test_errors_reach_the_client_as_json(stack: Stack) -> None:
     ):
         assert (resp.status, resp.content_type) == (400, "application/json"), await resp.text()
         assert "Content-Type" in (await resp.json())["error"]["message"]
+    # a request NGINX itself refuses (invalid Content-Length) gets NGINX's JSON 400
+    host, _, port = stack.url.removeprefix("http://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, raw
+    assert json.loads(payload)["error"]["code"] == 400
     # internal paths are not reachable through NGINX
     status, body, _ = await post("/_inferoute/done", b"")
     assert status == 404

@@ -184,6 +184,7 @@ def render(opts: NginxOptions) -> str:
     w('        set $inference_model "";')
     w("")
     w("        # Errors NGINX itself generates get the same OpenAI-style JSON bodies as the decider's.")
+    w("        error_page 400 @inference_error_400;")
     w("        error_page 413 @inference_error_413;")
     w("        error_page 502 @inference_error_502;")
     w("        error_page 504 @inference_error_504;")
@@ -422,11 +423,12 @@ def _error_locations(w: _Writer, opts: NginxOptions) -> None:
     w("        # the failed attempt to the picker.")
     for prefix, accounting in (("error", False), ("upstream", opts.accounting)):
         for status, message in (
+            (400, "malformed HTTP request"),
             (413, "request body exceeds the size limit"),
             (502, UNREACHABLE),
             (504, "the model server timed out"),
         ):
-            if prefix == "upstream" and status == 413:
+            if prefix == "upstream" and status in (400, 413):
                 continue
             w(f"        location @inference_{prefix}_{status} {{")
             w(f"{i}default_type application/json;")
