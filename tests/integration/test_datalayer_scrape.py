@@ -173,3 +173,30 @@ async def test_connection_refused_is_a_failed_scrape(free_port: Callable[[], int
         assert state.failures >= 1 and "HttpGetError" in state.last_error
     finally:
         await collector.aclose()
+
+
+def test_collector_under_uvloop() -> None:
+    """Production runs on uvloop, whose transports are not asyncio.Transport subclasses."""
+    import uvloop
+
+    async def scenario() -> tuple[bool, float]:
+        servers = Servers()
+        try:
+            ep = await servers.add("uv", page(VLLM))
+            ds = Datastore(SystemClock())
+            ds.set_endpoints([ep])
+            collector = MetricsCollector(ds, interval=0.05, timeout=1.0)
+            await collector.start()
+            try:
+                state = ds.get(ep.key)
+                assert state is not None
+                ok = await collector.scrape_once(state) and await collector.scrape_once(state)
+                return ok, state.metrics.running
+            finally:
+                await collector.aclose()
+        finally:
+            for r in servers.runners:
+                await r.cleanup()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(scenario()) == (True, 5.0)

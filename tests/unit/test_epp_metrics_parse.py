@@ -7,6 +7,7 @@ import pytest
 from inferoute.epp.datalayer.metrics import (
     ENGINES,
     MetricsParseError,
+    ParseCache,
     engine_for,
     find_family,
     parse_metrics,
@@ -126,3 +127,20 @@ def test_unknown_engine_lists_valid_choices() -> None:
     with pytest.raises(InferouteError) as e:
         engine_for("tgi")
     assert e.value.cause == "config" and "sglang" in e.value.message and "vllm" in e.value.message
+
+
+def test_parse_cache_skips_known_absent_and_static_families() -> None:
+    cache = ParseCache(recheck=1.0, static_refresh=10.0)
+    base = b"vllm:num_requests_waiting 0\nvllm:num_requests_running 0\nvllm:kv_cache_usage_perc 0.1\n"
+    lora = b'vllm:lora_requests_info{max_lora="1",running_lora_adapters="a",waiting_lora_adapters=""} 5\n'
+    info = b'vllm:cache_config_info{block_size="16",num_gpu_blocks="100"} 1\n'
+    vllm = ENGINES["vllm"]
+    m = parse_metrics(base + info, vllm, now=0.0, cache=cache)
+    assert m.block_size == 16 and not m.active_adapters
+    # LoRA appears: not looked for until the recheck interval has passed
+    assert not parse_metrics(base + info + lora, vllm, now=0.5, cache=cache).active_adapters
+    assert parse_metrics(base + info + lora, vllm, now=1.1, cache=cache).active_adapters == {"a"}
+    # the cache configuration is static: re-read only every 10 s
+    changed = info.replace(b'"16"', b'"32"')
+    assert parse_metrics(base + changed, vllm, now=5.0, cache=cache).block_size == 16
+    assert parse_metrics(base + changed, vllm, now=10.5, cache=cache).block_size == 32

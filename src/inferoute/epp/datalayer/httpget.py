@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from typing import cast
 
 MAX_BODY = 16 * 1024 * 1024
 
@@ -33,8 +34,8 @@ class _Protocol(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio.Transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -11,6 +11,7 @@ the size of the page (a vLLM page with all its histograms is tens of kilobytes).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -129,28 +130,53 @@ class Sample:
     value: float
 
 
-def find_family(page: bytes, family: str, *, labels: bool = True) -> list[Sample]:
-    """All samples of ``family`` in an exposition-format ``page``.
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """A compiled metric spec: ``family`` or ``family{label="value",...}``."""
 
-    Finds the family's first sample line (skipping longer names that share the prefix, such as
-    ``vllm:num_requests_waiting_by_reason``), then reads the following lines while they belong to the family:
-    the exposition format keeps a family's samples together, so the rest of the page is never scanned.
-    """
+    text: str
+    name: bytes
+    line_start: bytes
+    want: tuple[tuple[str, str], ...]
+
+
+@functools.cache
+def _compile(spec: str) -> _Spec:
+    family, brace, rest = spec.partition("{")
+    want = tuple(_LABEL_RE.findall(rest.rstrip("}"))) if brace else ()
     name = family.encode()
+    return _Spec(spec, name, b"\n" + name, want)
+
+
+def _first_line(page: bytes, spec: _Spec) -> int:
+    """Offset of the family's first sample line, -1 when absent. Longer names sharing the prefix (such as
+    ``vllm:num_requests_waiting_by_reason``) are skipped."""
+    name = spec.name
     n = len(name)
-    size = len(page)
     pos = 0
     while True:
         if pos == 0 and page.startswith(name):
             start = 0
         else:
-            idx = page.find(b"\n" + name, pos)
+            idx = page.find(spec.line_start, pos)
             if idx < 0:
-                return []
+                return -1
             start = idx + 1
         if page[start + n : start + n + 1] in (b"{", b" "):
-            break
+            return start
         pos = start + n
+
+
+def _samples(page: bytes, spec: _Spec, want_labels: bool) -> list[Sample]:
+    """Samples of the family, read line by line from its first line while lines belong to it: the exposition
+    format keeps a family's samples together, so the rest of the page is never scanned."""
+    start = _first_line(page, spec)
+    if start < 0:
+        return []
+    name = spec.name
+    n = len(name)
+    size = len(page)
+    want = spec.want
     out: list[Sample] = []
     while start < size:
         end = page.find(b"\n", start)
@@ -158,74 +184,80 @@ def find_family(page: bytes, family: str, *, labels: bool = True) -> list[Sample
             end = size
         after = start + n
         nxt = page[after : after + 1]
-        if not page.startswith(name, start) or nxt not in (b"{", b" "):
+        if nxt not in (b"{", b" ") or not page.startswith(name, start):
             break
-        sample = _sample(page, after, end, nxt == b"{", labels)
-        if sample is not None:
-            out.append(sample)
         start = end + 1
+        labels: dict[str, str] = {}
+        if nxt == b"{":
+            close = page.rfind(b"}", after, end)
+            if close < 0:
+                continue
+            if want_labels or want:
+                labels = dict(_LABEL_RE.findall(page[after + 1 : close].decode("utf-8", "replace")))
+                if want and any(labels.get(k) != v for k, v in want):
+                    continue
+            rest = page[close + 1 : end]
+        else:
+            if want:
+                continue
+            rest = page[after:end]
+        parts = rest.split(None, 1)
+        if not parts:
+            continue
+        try:
+            out.append(Sample(labels, float(parts[0])))
+        except ValueError:
+            continue
     return out
 
 
-def _sample(page: bytes, after: int, end: int, has_labels: bool, want_labels: bool) -> Sample | None:
-    labels: dict[str, str] = {}
-    if has_labels:
-        close = page.rfind(b"}", after, end)
-        if close < 0:
-            return None
-        if want_labels:
-            labels = dict(_LABEL_RE.findall(page[after + 1 : close].decode("utf-8", "replace")))
-        rest = page[close + 1 : end]
-    else:
-        rest = page[after:end]
-    parts = rest.split()
-    if not parts:
-        return None
-    try:
-        return Sample(labels, float(parts[0]))
-    except ValueError:
-        return None
+def find_family(page: bytes, family: str, *, labels: bool = True) -> list[Sample]:
+    """All samples of ``family`` (a name, optionally with ``{label="value"}`` filters) in a text page."""
+    return _samples(page, _compile(family), labels)
 
 
 class ParseCache:
-    """Per-endpoint memory of optional families the page lacks, so each scrape does not rescan the whole page
-    looking for them (e.g. ``vllm:lora_requests_info`` on a server without LoRA); rechecked every
-    ``recheck`` seconds."""
+    """Per-endpoint memory that keeps repeated scrapes cheap.
 
-    __slots__ = ("absent", "recheck")
+    * Optional families the page lacks (e.g. ``vllm:lora_requests_info`` without LoRA) are not searched for
+      again for ``recheck`` seconds: a miss scans the whole page.
+    * Static families (the cache configuration) are re-read every ``static_refresh`` seconds, not on every
+      scrape.
+    """
 
-    def __init__(self, recheck: float = 1.0) -> None:
+    __slots__ = ("absent", "recheck", "static", "static_refresh")
+
+    def __init__(self, recheck: float = 1.0, static_refresh: float = 10.0) -> None:
         self.recheck = recheck
+        self.static_refresh = static_refresh
         self.absent: dict[str, float] = {}
+        self.static: dict[str, tuple[float, list[Sample]]] = {}
 
-    def lookup(self, page: bytes, family: str, now: float) -> list[Sample]:
-        until = self.absent.get(family)
+    def lookup(self, page: bytes, spec: str, now: float) -> list[Sample]:
+        until = self.absent.get(spec)
         if until is not None and now < until:
             return []
-        samples = find_family(page, family)
+        samples = _samples(page, _compile(spec), True)
         if samples:
-            self.absent.pop(family, None)
+            self.absent.pop(spec, None)
         else:
-            self.absent[family] = now + self.recheck
+            self.absent[spec] = now + self.recheck
+        return samples
+
+    def lookup_static(self, page: bytes, spec: str, now: float) -> list[Sample]:
+        hit = self.static.get(spec)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        samples = self.lookup(page, spec, now)
+        self.static[spec] = (now + (self.static_refresh if samples else self.recheck), samples)
         return samples
 
 
-def _split_spec(spec: str) -> tuple[str, dict[str, str]]:
-    family, brace, rest = spec.partition("{")
-    if not brace:
-        return family, {}
-    return family, dict(_LABEL_RE.findall(rest.rstrip("}")))
-
-
-def _value(page: bytes, spec: str) -> float | None:
-    family, want = _split_spec(spec)
-    samples = find_family(page, family, labels=bool(want))
-    if want:
-        samples = [s for s in samples if all(s.labels.get(k) == v for k, v in want.items())]
+def _value(samples: list[Sample]) -> float | None:
+    # Several series (e.g. one per model_name): counts add up.
     if not samples:
         return None
-    # Several series (e.g. one per model_name): queue and running add up, utilisation takes the max.
-    return sum(s.value for s in samples) if len(samples) > 1 else samples[0].value
+    return samples[0].value if len(samples) == 1 else sum(s.value for s in samples)
 
 
 def _adapters(raw: str) -> frozenset[str]:
@@ -249,27 +281,21 @@ def parse_metrics(
     """Read an :class:`EndpointMetrics` snapshot from a Prometheus text page.
 
     Raises :class:`MetricsParseError` when a required family is missing (the endpoint then counts as a failed
-    scrape). Optional families (LoRA, cache config) default to "unknown"; with a ``cache`` their absence is
-    remembered for a second.
+    scrape). Optional families (LoRA, cache config) default to "unknown". A per-endpoint ``cache`` remembers
+    missing optional families and re-reads static ones only every few seconds.
     """
-    optional = cache.lookup if cache is not None else (lambda p, f, t: find_family(p, f))
-    waiting = _value(page, engine.waiting)
-    running = _value(page, engine.running)
-    kv_family, kv_want = _split_spec(engine.kv_usage)
-    kv_samples = [
-        s
-        for s in find_family(page, kv_family, labels=bool(kv_want))
-        if all(s.labels.get(k) == v for k, v in kv_want.items())
-    ]
+    cache = cache or ParseCache(recheck=0.0, static_refresh=0.0)
+    waiting_s = _samples(page, _compile(engine.waiting), False)
+    running_s = _samples(page, _compile(engine.running), False)
+    kv_s = _samples(page, _compile(engine.kv_usage), False)
     missing = [
         spec
-        for spec, got in ((engine.waiting, waiting), (engine.running, running), (engine.kv_usage, kv_samples))
-        if got is None or got == []
+        for spec, got in ((engine.waiting, waiting_s), (engine.running, running_s), (engine.kv_usage, kv_s))
+        if not got
     ]
     if missing:
         raise MetricsParseError(f"missing metric(s) {', '.join(missing)} for engine {engine.name}")
-    assert waiting is not None and running is not None
-    kv = max(s.value for s in kv_samples)
+    kv = max(s.value for s in kv_s)  # utilisation of several series: the fullest
     if kv > 1.0:  # some engines report a percentage
         kv = kv / 100.0
 
@@ -277,7 +303,7 @@ def parse_metrics(
     pending: frozenset[str] = frozenset()
     max_lora = 0
     if engine.lora_info:
-        lora = optional(page, engine.lora_info, now)
+        lora = cache.lookup(page, engine.lora_info, now)
         if lora:
             newest = max(lora, key=lambda s: s.value)  # the value is a timestamp: newest series wins
             active = _adapters(newest.labels.get("running_lora_adapters", ""))
@@ -287,20 +313,20 @@ def parse_metrics(
     block_size: int | None = None
     num_blocks: int | None = None
     if engine.cache_info:
-        info = optional(page, engine.cache_info, now)
+        info = cache.lookup_static(page, engine.cache_info, now)
         if info:
             block_size = _int_label(info[0].labels, engine.block_size_label)
             num_blocks = _int_label(info[0].labels, engine.num_blocks_label)
     if engine.block_size_metric:
-        v = _value(page, engine.block_size_metric)
+        v = _value(cache.lookup_static(page, engine.block_size_metric, now))
         block_size = int(v) if v else None
     if engine.num_blocks_metric:
-        v = _value(page, engine.num_blocks_metric)
+        v = _value(cache.lookup_static(page, engine.num_blocks_metric, now))
         num_blocks = int(v) if v else None
 
     return EndpointMetrics(
-        waiting=waiting,
-        running=running,
+        waiting=_value(waiting_s) or 0.0,
+        running=_value(running_s) or 0.0,
         kv_usage=min(max(kv, 0.0), 1.0),
         active_adapters=active,
         waiting_adapters=pending,
