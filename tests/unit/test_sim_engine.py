@@ -183,6 +183,7 @@ def test_lora_requests_wait_for_a_slot_and_pay_the_load() -> None:
     run(e)
     assert rb.admitted_at == pytest.approx(ra.finished_at)  # type: ignore[arg-type]
     assert e.loaded_loras == ["b"]
+    assert e.stats.lora_loads == 2 and e.stats.lora_slot_waits == 1  # b waited (counted once over many steps)
     # b's admission step paid one load: TTFT = its queue wait + the loading prefill step
     assert rb.first_token_at - rb.admitted_at == pytest.approx(  # type: ignore[operator]
         BASE + PER_SEQ + PREFILL_BASE + 4 * PER_TOKEN + LORA

@@ -82,6 +82,9 @@ def test_gauges_counters_and_histograms_use_vllm_names() -> None:
     assert value(s, "vllm:request_queue_time_seconds_count") == 2
     assert value(s, "vllm:request_queue_time_seconds_sum") > 0  # b waited for a's adapter slot
     assert value(s, "vllm:num_requests_running") == 0
+    assert value(s, "inferoute_sim:lora_loads_total") == 2
+    assert value(s, "inferoute_sim:lora_slot_waits_total") == 1
+    assert value(s, "vllm:num_preemptions_total") == 0
 
 
 def test_lora_info_absent_without_adapters() -> None:

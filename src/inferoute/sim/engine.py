@@ -71,6 +71,8 @@ class SimRequest:
     blocks: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
     last_token_at: float | None = None
+    lora_waited: bool = False
+    """Whether the request ever had to wait for a LoRA slot."""
     prompt_len: int = field(init=False)
     """``len(prompt_tokens)``, read on every step."""
 
@@ -310,6 +312,9 @@ class Engine:
                 lora_load = self._lora_slot(req.lora)
                 if lora_load < 0:
                     kept.append(req)  # skipped: keeps its place, later requests may go first
+                    if not req.lora_waited:
+                        req.lora_waited = True
+                        self.stats.lora_slot_waits += 1
                     continue
             need = self.kv_need_blocks(req.prompt_len, req.output_tokens)
             got = self.kv.allocate(req.hashes, need, (req.prompt_len - 1) // cfg.block_size)
@@ -321,6 +326,7 @@ class Engine:
                 continue
             req.blocks, hit_blocks = got
             loads += lora_load
+            self.stats.lora_loads += lora_load
             req.cached_tokens = hit_blocks * cfg.block_size
             req.prefilled = req.cached_tokens
             req.state = RUNNING

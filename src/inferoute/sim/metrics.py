@@ -98,6 +98,13 @@ class EngineCollector(Collector):
             "Requests answered 429 because the queue was full.",
             s.rejected_queue_full,
         )
+        yield counter("vllm:num_preemptions", "Cumulative number of preemptions (never: see docs).", 0)
+        yield counter("inferoute_sim:lora_loads", "Adapters loaded into a LoRA slot.", s.lora_loads)
+        yield counter(
+            "inferoute_sim:lora_slot_waits",
+            "Requests that waited because every LoRA slot was busy (each counted once).",
+            s.lora_slot_waits,
+        )
         yield counter(
             "inferoute_sim:aborted_requests",
             "Requests dropped because the client went away.",

@@ -121,6 +121,10 @@ class EngineStats:
     success: dict[str, int] = field(default_factory=dict)
     """Finished requests by ``finished_reason`` (stop, length, abort)."""
     rejected_queue_full: int = 0
+    lora_loads: int = 0
+    """Adapters loaded into a slot."""
+    lora_slot_waits: int = 0
+    """Requests that had to wait because no adapter slot was free (each counted once)."""
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     e2e: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
