@@ -20,9 +20,13 @@ from inferoute.picking import Destination, PickRequest
 from inferoute.sim import SimConfig, SimPool
 
 
-async def _serving(port: int, proc: asyncio.subprocess.Process) -> None:
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+async def _serving(port: int, proc: asyncio.subprocess.Process, log: Path) -> None:
     for _ in range(300):
-        assert proc.returncode is None, f"inferoute epp exited with {proc.returncode}"
+        assert proc.returncode is None, f"inferoute epp exited ({proc.returncode}): {_tail(log)}"
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 resp = await health_pb2_grpc.HealthStub(ch).Check(
@@ -33,7 +37,7 @@ async def _serving(port: int, proc: asyncio.subprocess.Process) -> None:
         except grpc.aio.AioRpcError:
             pass
         await asyncio.sleep(0.1)
-    raise AssertionError("inferoute epp never became ready")
+    raise AssertionError("inferoute epp never became ready; log tail:\n" + _tail(log))
 
 
 async def test_epp_command_serves_tls_health_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -48,6 +52,7 @@ async def test_epp_command_serves_tls_health_metrics_and_stops_on_sigterm(tmp_pa
     eps = [{"name": e.name, "address": e.address, "port": e.port} for e in pool.endpoints]
     (tmp_path / "endpoints.yaml").write_text(json.dumps({"endpoints": eps}))  # JSON is YAML
     grpc_port, health_port, metrics_port = free_ports(3)
+    log_file = (tmp_path / "epp.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -68,14 +73,14 @@ async def test_epp_command_serves_tls_health_metrics_and_stops_on_sigterm(tmp_pa
         "--cert-path",
         str(certs),
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=log_file,  # a file, not a pipe nobody reads: a chatty log must not block the process
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     client = GrpcPicker(
         ChannelOptions(f"127.0.0.1:{grpc_port}", ca_file=str(tmp_path / "ca.pem")), timeout_ms=5000
     )
     try:
-        await _serving(health_port, proc)
+        await _serving(health_port, proc, tmp_path / "epp.log")
         body = json.dumps({"model": SimConfig().model, "prompt": "hi"}).encode()
         seen = set()
         for _ in range(4):
@@ -97,6 +102,7 @@ async def test_epp_command_serves_tls_health_metrics_and_stops_on_sigterm(tmp_pa
             proc.kill()
             await proc.wait()
         await pool.aclose()
+        log_file.close()
 
 
 async def test_epp_command_rejects_conflicting_tls_flags(tmp_path: Path) -> None:

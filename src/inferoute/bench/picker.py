@@ -94,6 +94,9 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str]) -> No
             if picker.ready():
                 break
             await asyncio.sleep(0.05)
+        if not picker.ready():
+            await picker.aclose()
+            raise SystemExit("the embedded picker did not become ready within 10 s (backends not scraped)")
     server = await EppServer.start(
         picker,
         ServerOptions(host="127.0.0.1", grpc_port=port, health_port=None, insecure=True),
