@@ -243,7 +243,10 @@ def _serve_metrics(n: int, queue: Any) -> None:  # child process
         queue.put(ports)
         await asyncio.Event().wait()
 
-    asyncio.run(main())
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
 
 
 @dataclass
@@ -360,7 +363,10 @@ def command(
     click.echo(_table(rows))
     result: dict[str, Any] = {"calibration_loop_ms": calib, "latency": [asdict(r) for r in rows]}
     if scrape_endpoints:
-        scrape = asyncio.run(measure_scrape(scrape_endpoints, 0.05, scrape_seconds))
+        import uvloop  # as in production (the gateway and `inferoute epp` run on uvloop)
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            scrape = runner.run(measure_scrape(scrape_endpoints, 0.05, scrape_seconds))
         result["scrape"] = asdict(scrape)
         click.echo(
             f"scrape: {scrape.endpoints} endpoints @ {1 / scrape.interval_s:.0f} Hz: "

@@ -157,7 +157,7 @@ class EmbeddedPicker:
         self._closed = True
         await self._tasks.aclose()
         await self.collector.aclose()
-        self.metrics.unwatch_pool()
+        self.metrics.close()
 
 
 async def start_picker(opts: EppOptions) -> EmbeddedPicker:

@@ -229,6 +229,16 @@ class EppMetrics:
             self.registry.unregister(self._pool)
             self._pool = None
 
+    def close(self) -> None:
+        """Unregister every series of this picker, so the registry can host a new one (config reloads)."""
+        self.unwatch_pool()
+        for value in list(vars(self).values()):
+            if isinstance(value, Counter | Gauge | Histogram):
+                try:
+                    self.registry.unregister(value)
+                except KeyError:
+                    continue
+
     def plugin_observer(
         self, extension_point: str, plugin_type: str, plugin_name: str
     ) -> Callable[[float], None]:
