@@ -85,6 +85,10 @@ def test_gauges_counters_and_histograms_use_vllm_names() -> None:
     assert value(s, "inferoute_sim:lora_loads_total") == 2
     assert value(s, "inferoute_sim:lora_slot_waits_total") == 1
     assert value(s, "vllm:num_preemptions_total") == 0
+    assert value(s, "vllm:request_prefill_time_seconds_count") == 2
+    assert value(s, "vllm:request_time_per_output_token_seconds_count") == 2
+    assert value(s, "vllm:request_generation_tokens_sum") == 55
+    assert value(s, "vllm:request_params_max_tokens_sum") == 55
 
 
 def test_lora_info_absent_without_adapters() -> None:

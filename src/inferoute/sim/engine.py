@@ -400,5 +400,16 @@ class Engine:
         req.finished_at = now
         req.finish_reason = reason
         self.stats.success[reason] = self.stats.success.get(reason, 0) + 1
-        if reason != "abort":
-            self.stats.e2e.observe(now - req.arrival)
+        if reason == "abort":
+            return
+        stats = self.stats
+        stats.e2e.observe(now - req.arrival)
+        stats.prompt_len.observe(req.prompt_len)
+        stats.generation_len.observe(req.generated)
+        stats.max_tokens_param.observe(req.max_tokens)
+        if req.admitted_at is not None and req.first_token_at is not None:
+            stats.prefill.observe(req.first_token_at - req.admitted_at)
+            stats.decode.observe(now - req.first_token_at)
+            stats.inference.observe(now - req.admitted_at)
+            if req.generated > 1:
+                stats.tpot.observe((now - req.first_token_at) / (req.generated - 1))

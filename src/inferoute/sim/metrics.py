@@ -124,6 +124,36 @@ class EngineCollector(Collector):
             "Histogram of time spent in WAITING phase for request.",
             s.queue,
         )
+        for name, doc, h in (
+            (
+                "vllm:request_prefill_time_seconds",
+                "Histogram of time spent in PREFILL phase for request.",
+                s.prefill,
+            ),
+            (
+                "vllm:request_decode_time_seconds",
+                "Histogram of time spent in DECODE phase for request.",
+                s.decode,
+            ),
+            (
+                "vllm:request_inference_time_seconds",
+                "Histogram of time spent in RUNNING phase for request.",
+                s.inference,
+            ),
+            (
+                "vllm:request_time_per_output_token_seconds",
+                "Histogram of time_per_output_token_seconds per request.",
+                s.tpot,
+            ),
+            ("vllm:request_prompt_tokens", "Number of prefill tokens processed.", s.prompt_len),
+            ("vllm:request_generation_tokens", "Number of generation tokens processed.", s.generation_len),
+            (
+                "vllm:request_params_max_tokens",
+                "Histogram of the max_tokens request parameter.",
+                s.max_tokens_param,
+            ),
+        ):
+            yield histogram(name, doc, h)
 
 
 def engine_registry(engine: Engine, wall_clock: Callable[[], float] = time.time) -> CollectorRegistry:

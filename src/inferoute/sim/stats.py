@@ -56,6 +56,28 @@ ITL_BUCKETS = (
     40.0,
     80.0,
 )
+TPOT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 REQUEST_LATENCY_BUCKETS = (
     0.3,
     0.5,
@@ -102,7 +124,7 @@ class Histogram:
         """``(le, cumulative count)`` pairs ending with ``+Inf``, as Prometheus wants them."""
         out: list[tuple[str, int]] = []
         acc = 0
-        for bound, c in zip((*map(repr, self.bounds), "+Inf"), self.counts, strict=True):
+        for bound, c in zip((*(repr(float(b)) for b in self.bounds), "+Inf"), self.counts, strict=True):
             acc += c
             out.append((bound, acc))
         return out
@@ -129,3 +151,14 @@ class EngineStats:
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     e2e: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
     queue: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    prefill: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    """Admission to first token."""
+    decode: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    """First token to the last."""
+    inference: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    """Admission to the last token."""
+    tpot: Histogram = field(default_factory=lambda: Histogram(TPOT_BUCKETS))
+    """Mean time per output token after the first, per request."""
+    prompt_len: Histogram = field(default_factory=lambda: Histogram(TOKEN_COUNT_BUCKETS))
+    generation_len: Histogram = field(default_factory=lambda: Histogram(TOKEN_COUNT_BUCKETS))
+    max_tokens_param: Histogram = field(default_factory=lambda: Histogram(TOKEN_COUNT_BUCKETS))
