@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "gateway": ("inferoute.bench.gateway:command", "Gateway overhead vs direct, NGINX, vllm-router."),
     "nginx": ("inferoute.bench.nginx:command", "NGINX + decider vs NGINX proxy_pass vs gateway."),
     "routing": ("inferoute.bench.routing:command", "Routing quality: TTFT/throughput per contender and rate."),
+    "routing-crosscheck": ("inferoute.bench.crosscheck:command", "Routing point: loadgen vs GuideLLM."),
 }
 
 

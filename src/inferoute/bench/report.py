@@ -133,6 +133,7 @@ def markdown_tables(
 ) -> str:
     """One markdown table per workload: a row per contender x rate, then the knees."""
     series = by_contender(p for p in points if p.workload == workload)
+    server_columns = [c for c in server_columns if any(c[0] in p.server for p in points)]
     head = [
         "contender",
         "rate/s",

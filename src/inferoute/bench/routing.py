@@ -57,7 +57,7 @@ from inferoute.errors import InferouteError
 log = logging.getLogger(__name__)
 
 DEFAULT_RATES: dict[str, tuple[float, ...]] = {
-    "shared-prefix": (2.0, 4.0, 6.0, 8.0, 10.0),
+    "shared-prefix": (3.0, 6.0, 9.0, 12.0, 15.0),
     "multi-lora": (2.0, 4.0, 6.0, 8.0),
     "long-prompt": (0.5, 1.0, 2.0, 3.0),
     "bursty": (2.0, 4.0, 6.0, 8.0),
@@ -76,7 +76,7 @@ class RunConfig:
     duration: float = 25.0
     warmup: float = 5.0
     replicas: int = 4
-    time_scale: float = 0.2
+    time_scale: float = 1.0
     seed: int = 42
     out_dir: Path = Path("bench-out/routing")
     quick: bool = False
@@ -163,7 +163,7 @@ async def run_point(
     finally:
         await router.stop()
         await sim.stop()
-    summary = summarize(contender.name, workload.name, rate, results, cfg.warmup)
+    summary = summarize(contender.name, workload.name, rate, results, cfg.warmup, cfg.duration)
     summary.server = server_delta(before, after)
     if sizing.lora_adapters:
         summary.server[scrape.LORA_WAIT_SECONDS] = sampler.adapter_seconds
@@ -293,9 +293,8 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
 @click.option(
     "--time-scale",
     type=float,
-    default=0.2,
-    show_default=True,
-    help="Simulator speed-up: latencies are multiplied by this factor.",
+    default=None,
+    help="Multiplies every simulated duration (default 1 = modelled H100 speed; quick 0.2).",
 )
 @click.option(
     "--contenders",
@@ -321,7 +320,7 @@ def command(
     duration: float | None,
     warmup: float | None,
     replicas: int | None,
-    time_scale: float,
+    time_scale: float | None,
     contenders: str | None,
     seed: int,
     quick: bool,
@@ -342,7 +341,7 @@ def command(
         duration=duration if duration is not None else (4.0 if quick else 25.0),
         warmup=warmup if warmup is not None else (1.0 if quick else 5.0),
         replicas=replicas if replicas is not None else (2 if quick else 4),
-        time_scale=time_scale,
+        time_scale=time_scale if time_scale is not None else (0.2 if quick else 1.0),
         seed=seed,
         out_dir=out_dir,
         quick=quick,

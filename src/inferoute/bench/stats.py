@@ -39,6 +39,8 @@ class PointSummary:
     rate: float
     planned: int = 0
     measured: int = 0
+    offered_rate: float = 0.0
+    """Measured requests / length of the measured window (the Poisson draw's actual rate)."""
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     ttft_p50: float = math.nan
@@ -77,12 +79,22 @@ def _clean(value: Any) -> Any:
 
 
 def summarize(
-    contender: str, workload: str, rate: float, results: Sequence[RequestResult], warmup: float
+    contender: str,
+    workload: str,
+    rate: float,
+    results: Sequence[RequestResult],
+    warmup: float,
+    duration: float | None = None,
 ) -> PointSummary:
-    """Reduce one point's results; requests planned before ``warmup`` seconds are left out."""
+    """Reduce one point's results; requests planned before ``warmup`` seconds are left out.
+
+    ``duration`` (the plan's length) gives the offered rate of the measured window; without it the
+    nominal ``rate`` is used.
+    """
     s = PointSummary(contender, workload, rate, planned=len(results))
     measured = [r for r in results if r.scheduled >= warmup]
     s.measured = len(measured)
+    s.offered_rate = len(measured) / (duration - warmup) if duration and duration > warmup else rate
     ok = [r for r in measured if r.ok]
     s.ok = len(ok)
     s.errors = dict(Counter(r.error for r in measured if r.error is not None))
@@ -139,7 +151,7 @@ def knee(points: Sequence[PointSummary], ttft_factor: float = 3.0, min_goodput: 
 def _saturation(p: PointSummary, base_ttft: float, ttft_factor: float, min_goodput: float) -> str:
     if p.measured and p.error_count > 0.01 * p.measured:
         return f"errors {p.error_count}/{p.measured}"
-    offered = p.rate * (p.measured / p.planned if p.planned else 1.0)
+    offered = p.offered_rate if p.offered_rate > 0 else p.rate
     if offered > 0 and p.request_tps < min_goodput * offered:
         return f"completed {p.request_tps:.2f}/s < {min_goodput:.0%} of offered {offered:.2f}/s"
     if not math.isnan(base_ttft) and p.ttft_p90 > ttft_factor * base_ttft:

@@ -263,7 +263,7 @@ class MultiLora(Workload):
     max_loras: int = 2
     skew: float = 0.8
     prompt_len: int = 256
-    output_len: int = 32
+    output_len: int = 64
     name: str = "multi-lora"
     summary: str = "a skewed adapter mix with more adapters than the pool has adapter slots"
 

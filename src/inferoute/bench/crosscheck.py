@@ -1,0 +1,268 @@
+"""Cross-check of :mod:`inferoute.bench.loadgen` against an external load generator (GuideLLM).
+
+The same point is measured twice, each time on a fresh simulator pool behind a fresh router: once by
+``guidellm run`` (Poisson profile, the plan's prompts as a JSON-lines dataset with ``output_tokens_count`` so
+GuideLLM sends ``max_tokens`` with ``ignore_eos``), once by our load generator with the same prompts in the
+same order at the same rate. The two must agree within a tolerance on median and p90 TTFT, mean inter-token
+latency and output throughput; :func:`compare` is the pure judgement.
+
+GuideLLM needs a tokenizer directory. None is downloaded: :data:`TOKENIZER_SCRIPT` builds a word-level
+Hugging Face tokenizer for the workloads' synthetic vocabulary (every three-letter lowercase word is one
+token, exactly as the simulator counts them) with the ``tokenizers``/``transformers`` packages GuideLLM
+itself depends on, inside GuideLLM's environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from inferoute.bench.loadgen import run_plan
+from inferoute.bench.peers import (
+    Contender,
+    ManagedProcess,
+    SimPool,
+    consecutive_free_ports,
+    free_port,
+    select_contenders,
+    sim_argv,
+)
+from inferoute.bench.stats import PointSummary, summarize
+from inferoute.bench.workloads import PlannedRequest, Workload, get_workload
+
+TOKENIZER_SCRIPT = """
+import itertools, string, sys
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+words = ["".join(t) for t in itertools.product(string.ascii_lowercase, repeat=3)]
+vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
+fast.save_pretrained(sys.argv[1])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Agreement:
+    metric: str
+    ours: float
+    theirs: float
+    tolerance: float
+
+    @property
+    def relative_difference(self) -> float:
+        if self.theirs == 0:
+            return math.inf if self.ours else 0.0
+        return abs(self.ours - self.theirs) / abs(self.theirs)
+
+    @property
+    def agrees(self) -> bool:
+        return self.relative_difference <= self.tolerance
+
+
+def compare(
+    ours: Mapping[str, float], theirs: Mapping[str, float], tolerance: float = 0.10
+) -> list[Agreement]:
+    """Per-metric agreement of two measurements of the same point (pure)."""
+    return [Agreement(k, ours[k], theirs[k], tolerance) for k in ours if k in theirs]
+
+
+def our_metrics(s: PointSummary, itl_mean: float) -> dict[str, float]:
+    return {
+        "ttft_median_s": s.ttft_p50,
+        "ttft_p90_s": s.ttft_p90,
+        "itl_mean_ms": itl_mean * 1000,
+        "output_tokens_per_s": s.output_tps,
+        "requests_per_s": s.request_tps,
+    }
+
+
+def guidellm_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """The comparable figures of the first benchmark in a GuideLLM ``benchmarks.json`` (pure)."""
+    bench = report["benchmarks"][0]
+    m = bench["metrics"]
+
+    def dist(name: str) -> Mapping[str, Any]:
+        d: Mapping[str, Any] = m[name]
+        inner: Mapping[str, Any] = d.get("successful", d)
+        return inner
+
+    ttft, itl = dist("time_to_first_token_ms"), dist("inter_token_latency_ms")
+    return {
+        "ttft_median_s": float(ttft["median"]) / 1000,
+        "ttft_p90_s": float(ttft["percentiles"]["p90"]) / 1000,
+        "itl_mean_ms": float(itl["mean"]),
+        "output_tokens_per_s": float(dist("output_tokens_per_second")["mean"]),
+        "requests_per_s": float(dist("requests_per_second")["mean"]),
+    }
+
+
+def write_dataset(plan: Sequence[PlannedRequest], path: Path) -> None:
+    """The plan's prompts as GuideLLM JSON lines (``prompt``, ``output_tokens_count``)."""
+    with path.open("w") as f:
+        for p in plan:
+            body = json.loads(p.body)
+            f.write(json.dumps({"prompt": body["prompt"], "output_tokens_count": p.max_tokens}) + "\n")
+
+
+def guidellm_argv(
+    guidellm: str,
+    target: str,
+    model: str,
+    rate: float,
+    duration: float,
+    data: Path,
+    tokenizer: Path,
+    out: Path,
+) -> list[str]:
+    return [
+        guidellm, "run",
+        "--backend", f"kind=openai_http,target={target},model={model},request_format=/v1/completions,"
+                     "http2=false,timeout=600",
+        "--profile", f"kind=poisson,rate={rate}",
+        "--constraint", f"kind=max_duration,seconds={duration}",
+        "--data", f"kind=json_file,path={data}",
+        "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
+        "--seed", "kind=static,value=42",
+        "--output", f"kind=json,path={out}",
+        "--disable-console-interactive",
+    ]  # fmt: skip
+
+
+async def _with_stack(
+    workload: Workload,
+    contender: Contender,
+    replicas: int,
+    time_scale: float,
+    seed: int,
+    workdir: Path,
+    tag: str,
+) -> tuple[ManagedProcess, ManagedProcess, str, list[str]]:
+    sizing = workload.sizing(replicas)
+    pool = SimPool(consecutive_free_ports(replicas), replicas)
+    sim = ManagedProcess(
+        f"sim[{tag}]", sim_argv(sizing, pool.base_port, time_scale, seed), workdir / "logs" / f"{tag}-sim.log"
+    )
+    port = free_port()
+    router = ManagedProcess(
+        f"router[{tag}]", contender.argv(port, pool.urls, workdir), workdir / "logs" / f"{tag}-router.log"
+    )
+    try:
+        await sim.start()
+        await sim.wait_http([f"{u}/health" for u in pool.urls], within=60)
+        await router.start()
+        await router.wait_http(contender.ready_urls(port), within=60)
+    except BaseException:
+        await router.stop()
+        await sim.stop()
+        raise
+    return sim, router, f"http://127.0.0.1:{port}", pool.urls
+
+
+def prepare(
+    guidellm_python: str, workload: Workload, rate: float, duration: float, seed: int, workdir: Path
+) -> tuple[list[PlannedRequest], Path, Path]:
+    """Write the dataset and build the tokenizer directory; returns (plan, dataset, tokenizer dir)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan = workload.plan(rate, duration * 3, seed)  # more prompts than GuideLLM will use
+    data, tokenizer = workdir / "prompts.jsonl", workdir / "tokenizer"
+    write_dataset(plan, data)
+    subprocess.run([guidellm_python, "-c", TOKENIZER_SCRIPT, str(tokenizer)], check=True, timeout=300)
+    return plan, data, tokenizer
+
+
+async def run_crosscheck(
+    guidellm: str,
+    prepared: tuple[list[PlannedRequest], Path, Path],
+    workload: Workload,
+    contender: Contender,
+    rate: float,
+    duration: float,
+    replicas: int,
+    time_scale: float,
+    seed: int,
+    workdir: Path,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Measure one point with GuideLLM, then with our load generator; returns (ours, theirs)."""
+    plan, data, tokenizer = prepared
+    out = workdir / "guidellm.json"
+    sim, router, url, _ = await _with_stack(
+        workload, contender, replicas, time_scale, seed, workdir, "guidellm"
+    )
+    try:
+        with (workdir / "guidellm.log").open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *guidellm_argv(guidellm, url, plan[0].model, rate, duration, data, tokenizer, out),
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            if await proc.wait() != 0:
+                raise click.ClickException(f"guidellm failed ({proc.returncode}); see {workdir}/guidellm.log")
+    finally:
+        await router.stop()
+        await sim.stop()
+    theirs = guidellm_metrics(json.loads(out.read_text()))
+
+    mine = [p for p in plan if p.at < duration]
+    sim, router, url, _ = await _with_stack(workload, contender, replicas, time_scale, seed, workdir, "ours")
+    try:
+        results = await run_plan(url, mine)
+    finally:
+        await router.stop()
+        await sim.stop()
+    summary = summarize(contender.name, workload.name, rate, results, 0.0, duration)
+    itls = [gap for r in results if r.ok for gap in r.itls]
+    ours = our_metrics(summary, sum(itls) / len(itls) if itls else math.nan)
+    return ours, theirs
+
+
+def markdown(agreements: Sequence[Agreement]) -> str:
+    lines = [
+        "| metric | inferoute loadgen | GuideLLM | difference | within tolerance |",
+        "|---|---|---|---|---|",
+    ]
+    for a in agreements:
+        lines.append(
+            f"| {a.metric} | {a.ours:.3f} | {a.theirs:.3f} | {a.relative_difference:.1%} | "
+            f"{'yes' if a.agrees else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@click.command("routing-crosscheck")
+@click.option("--guidellm", "guidellm", required=True, help="Path of the guidellm executable.")
+@click.option("--workload", default="shared-prefix", show_default=True)
+@click.option("--contender", default="inferoute/gie-default", show_default=True)
+@click.option("--rate", type=float, default=6.0, show_default=True)
+@click.option("--duration", type=float, default=30.0, show_default=True)
+@click.option("--replicas", type=int, default=4, show_default=True)
+@click.option("--time-scale", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--tolerance", type=float, default=0.10, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out/crosscheck"))
+def command(
+    guidellm: str, workload: str, contender: str, rate: float, duration: float, replicas: int,
+    time_scale: float, seed: int, tolerance: float, out_dir: Path,
+) -> None:  # fmt: skip
+    """Measure one routing point with GuideLLM and with inferoute's load generator; compare."""
+    [chosen] = select_contenders(contender)[:1]
+    python = str(Path(guidellm).with_name("python"))
+    wl = get_workload(workload)
+    prepared = prepare(python, wl, rate, duration, seed, out_dir)
+    ours, theirs = asyncio.run(
+        run_crosscheck(guidellm, prepared, wl, chosen, rate, duration, replicas, time_scale, seed, out_dir)
+    )
+    agreements = compare(ours, theirs, tolerance)
+    text = markdown(agreements)
+    (out_dir / "crosscheck.md").write_text(text)
+    (out_dir / "crosscheck.json").write_text(json.dumps({"ours": ours, "guidellm": theirs}, indent=2) + "\n")
+    click.echo(text)
