@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -66,19 +67,23 @@ class MetricsCollector:
                 if getter is not None:
                     getter.close()
                 self._caches.pop(key, None)
-        for key, state in states.items():
+        for key in states:
             if key not in self._loops:
-                self._loops[key] = self._tasks.spawn(self._loop(state), name=key)
+                self._loops[key] = self._tasks.spawn(self._loop(key), name=key)
 
-    async def _loop(self, state: EndpointState) -> None:
+    async def _loop(self, key: str) -> None:
+        """Scrape ``key`` now, then every ``interval`` at a per-endpoint phase, so the pool's scrapes spread
+        over the interval instead of arriving as one burst (the event loop is shared with picks)."""
         loop = asyncio.get_running_loop()
-        next_at = loop.time()
+        next_at = loop.time() + (zlib.crc32(key.encode()) % 1000) / 1000 * self.interval
         while True:
+            state = self.datastore.get(key)
+            if state is None:
+                return
             await self.scrape_once(state)
-            next_at += self.interval
             now = loop.time()
-            if next_at < now:  # overran (slow pod): skip missed ticks instead of bursting
-                next_at = now
+            while next_at <= now:  # overran (slow pod): skip missed ticks instead of bursting
+                next_at += self.interval
             await asyncio.sleep(next_at - now)
 
     def _getter(self, state: EndpointState) -> HttpGetter:
