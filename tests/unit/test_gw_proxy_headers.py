@@ -18,6 +18,7 @@ def test_upstream_request_headers() -> None:
             ("Content-Length", "12"),
             ("TE", "trailers"),
             ("Upgrade", "h2c"),
+            ("Expect", "100-continue"),
             ("X-Forwarded-For", "1.1.1.1"),
             ("X-Request-Id", "client"),
             ("Authorization", "Bearer k"),

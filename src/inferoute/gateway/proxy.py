@@ -42,7 +42,9 @@ HOP_BY_HOP: frozenset[str] = frozenset(
         "upgrade",
     }
 )
-_RECOMPUTED = frozenset({"host", "content-length", "x-request-id", "x-forwarded-for"})
+_RECOMPUTED = frozenset(
+    {"host", "content-length", "x-request-id", "x-forwarded-for", "expect"}
+)  # expect: answered here
 
 
 def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
