@@ -8,6 +8,10 @@ the bottleneck) and driven by ``wrk`` with small JSON POSTs:
 * ``nginx + decider`` -- stock NGINX, one worker, the configuration of ``inferoute nginx-config``:
   every request is buffered, sent to ``inferoute gateway --mode nginx`` (BBR + the embedded picker),
   redirected to ``@inference`` and proxied to the backend; plus the post_action completion report;
+* ``nginx + decider, --no-accounting`` -- the same without the post_action completion reports (what the
+  report costs);
+* ``decider alone`` -- wrk straight at the decider: decisions per second of the Python process, no
+  proxying and no reports (the sessions stay open; the process is stopped afterwards);
 * ``inferoute gateway`` -- ``inferoute gateway`` alone (one worker process): BBR + the same embedded picker +
   its own Python proxy.
 
@@ -220,63 +224,59 @@ def run(duration: float, connections: int, out: Path) -> list[ContenderResult]:
         "  location / { proxy_pass http://backend; proxy_http_version 1.1; "
         'proxy_set_header Connection ""; } }'
     )
-    front_conf = render(
-        NginxOptions(
+    no_report = free_port()
+
+    def front_conf(port: int, accounting: bool) -> str:
+        opts = NginxOptions(
             decider=f"127.0.0.1:{decider}",
-            listen=f"127.0.0.1:{front}",
+            listen=f"127.0.0.1:{port}",
             self_contained=True,
             worker_processes="1",
             access_log="off",
+            accounting=accounting,
         )
-    ).replace("access_log off inference;", "access_log off;")
+        return render(opts).replace("access_log off inference;", "access_log off;")
+
+    def url(port: int) -> str:
+        return f"http://127.0.0.1:{port}{path}"
+
+    load_before = os.getloadavg()
     with nginx_server(work / "backend", backend_conf, backend):
-        results.append(
-            measure(
-                "direct (NGINX return 200)",
-                f"http://127.0.0.1:{backend}{path}",
-                connections,
-                duration,
-                script,
-            )
-        )
+        results.append(measure("direct (NGINX return 200)", url(backend), connections, duration, script))
         with nginx_server(work / "proxy", proxy_conf, proxy):
-            results.append(
-                measure("nginx proxy_pass", f"http://127.0.0.1:{proxy}{path}", connections, duration, script)
-            )
-        with (
-            inferoute_process(
-                ["gateway", "--mode", "nginx", "--config", str(cfg), "--listen", f"127.0.0.1:{decider}"],
-                decider,
-                work / "decider.log",
-            ),
-            nginx_server(work / "front", front_conf, front),
-        ):
-            results.append(
-                measure(
-                    "nginx + inferoute decider",
-                    f"http://127.0.0.1:{front}{path}",
-                    connections,
-                    duration,
-                    script,
+            results.append(measure("nginx proxy_pass", url(proxy), connections, duration, script))
+        decider_args = [
+            "gateway",
+            "--mode",
+            "nginx",
+            "--config",
+            str(cfg),
+            "--listen",
+            f"127.0.0.1:{decider}",
+        ]
+        with inferoute_process(decider_args, decider, work / "decider.log"):
+            with nginx_server(work / "front", front_conf(front, True), front):
+                results.append(
+                    measure("nginx + inferoute decider", url(front), connections, duration, script)
                 )
-            )
-        with inferoute_process(
-            ["gateway", "--config", str(cfg), "--listen", f"127.0.0.1:{gateway}"],
-            gateway,
-            work / "gateway.log",
-        ):
-            results.append(
-                measure(
-                    "inferoute gateway", f"http://127.0.0.1:{gateway}{path}", connections, duration, script
+            with nginx_server(work / "front-noreport", front_conf(no_report, False), no_report):
+                results.append(
+                    measure("nginx + decider, --no-accounting", url(no_report), connections, duration, script)
                 )
+            results.append(
+                measure("decider alone (decisions only)", url(decider), connections, duration, script)
             )
+        gateway_args = ["gateway", "--config", str(cfg), "--listen", f"127.0.0.1:{gateway}"]
+        with inferoute_process(gateway_args, gateway, work / "gateway.log"):
+            results.append(measure("inferoute gateway", url(gateway), connections, duration, script))
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "duration_s": duration,
         "connections": connections,
         "cpus": os.cpu_count(),
         "machine": platform.platform(),
-        "load_avg": os.getloadavg(),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
         "results": [asdict(r) for r in results],
     }
     (out / "nginx.json").write_text(json.dumps(meta, indent=2))
