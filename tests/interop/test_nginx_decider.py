@@ -251,6 +251,7 @@ async def test_client_routing_headers_are_ignored(stack: Stack) -> None:
         "X-Gateway-Model-Name": "spoofed-model",
         "X-Inference-Upstream": stack.backends[0].key,
         "X-Gateway-Destination-Endpoint": stack.backends[2].key,
+        "X-Gateway-Destination-Endpoint-Served": stack.backends[2].key,
         "X-Inference-Model": "spoofed",
         "X-Accel-Redirect": "@inference",
     }
@@ -265,6 +266,7 @@ async def test_client_routing_headers_are_ignored(stack: Stack) -> None:
     assert headers["x-gateway-model-name"] == "real-model"
     assert headers["x-gateway-destination-endpoint"] == stack.backends[1].key
     assert "x-inference-upstream" not in headers
+    assert "x-gateway-destination-endpoint-served" not in headers
     picked = stack.picker.requests[-1]
     assert picked.headers.get("x-gateway-model-name") == "real-model"
     assert "x-gateway-destination-endpoint" not in picked.headers

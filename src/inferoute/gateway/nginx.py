@@ -265,8 +265,9 @@ def _proxy_to_endpoint(w: _Writer, opts: NginxOptions, target: str) -> None:
     i = "            "
     w(f"{i}proxy_set_header {opts.model_header} $inference_model;   # empty value = header not sent")
     w(f"{i}proxy_set_header {opts.upstream_header} {target};")
-    if opts.upstream_header.lower() != d.UPSTREAM_HEADER.lower():
-        w(f'{i}proxy_set_header {d.UPSTREAM_HEADER} "";              # a client cannot pass routing headers')
+    for name in CLEARED_HEADERS:  # a client cannot pass routing headers on
+        if name.lower() != opts.upstream_header.lower():
+            w(f'{i}proxy_set_header {name} "";')
     for n, name in enumerate(opts.pass_headers, start=1):
         w(f"{i}proxy_set_header {name} {_pass_var(n)};")
     w(f"{i}proxy_set_header Host $host;")
@@ -279,6 +280,14 @@ def _proxy_to_endpoint(w: _Writer, opts: NginxOptions, target: str) -> None:
     w(f"{i}proxy_send_timeout {_seconds(opts.read_timeout)};")
     w(f"{i}proxy_pass http://{target};")
 
+
+CLEARED_HEADERS = (
+    d.UPSTREAM_HEADER,
+    "X-Gateway-Destination-Endpoint",
+    "X-Gateway-Destination-Endpoint-Served",
+    "X-Gateway-Destination-Endpoint-Subset",
+)
+"""Routing headers a client might send that never reach the model server (an empty value drops them)."""
 
 RETRY_STATUSES = "500 502 503"
 """Statuses (NGINX's own or the model server's, before any byte reached the client) that move on to the next
