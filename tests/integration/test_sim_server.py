@@ -321,3 +321,27 @@ async def test_tokenize_counts_what_usage_reports(http: aiohttp.ClientSession) -
     assert tok["count"] == usage["prompt_tokens"] == len(tok["tokens"])
     assert tok["max_model_len"] == SimConfig().max_model_len
     assert plain["count"] == 2
+
+
+async def test_http10_client_gets_an_unchunked_stream() -> None:
+    # HTTP/1.0 has no chunked encoding: the stream is written through aiohttp and ends with the connection.
+    async with await SimPool.start(SimConfig(time_scale=0.2), replicas=1) as pool:
+        ep = pool.endpoints[0]
+        reader, writer = await asyncio.open_connection(ep.address, ep.port)
+        try:
+            body = json.dumps(
+                {"model": M, "prompt": "old client", "max_tokens": 6, "ignore_eos": True, "stream": True}
+            ).encode()
+            writer.write(
+                b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+            )
+            raw = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+    events = [line for line in payload.split(b"\n\n") if line]
+    assert len(events) == 7 and events[-1] == b"data: [DONE]"
+    assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])

@@ -409,17 +409,25 @@ class Replica:
         )
         await response.prepare(request)
         req = link.req
+        # Direct writes frame HTTP/1.1 chunks themselves: only when aiohttp chose chunked encoding.
+        transport = request.transport
+        direct = response.headers.get("Transfer-Encoding") == "chunked" and transport is not None
         try:
-            while req.generated == 0 and not req.done:
-                await link.wait()
-            first = link.render()
-            if not req.done:
-                # aiohttp puts these bytes (and the response head) on the transport before its first await,
-                # so from here on the timer callback may append chunks directly (see _Stream).
-                link.transport = request.transport
-            await response.write(first)
-            while not req.done:
-                await link.wait()
+            while True:
+                while req.generated == link.sent and not req.done:
+                    await link.wait()
+                data = link.render()
+                if not req.done and direct:
+                    # aiohttp puts these bytes (and the response head) on the transport before its first
+                    # await, so from here on the timer callback may append chunks directly (see _Stream).
+                    link.transport = transport
+                    await response.write(data)
+                    while not req.done:
+                        await link.wait()
+                    break
+                await response.write(data)
+                if req.done:
+                    break
             await response.write_eof()
         except ConnectionResetError:
             log.debug("%s: client went away during %s", self.name, req.request_id)  # `_serve` aborts it
