@@ -345,3 +345,21 @@ async def test_http10_client_gets_an_unchunked_stream() -> None:
     events = [line for line in payload.split(b"\n\n") if line]
     assert len(events) == 7 and events[-1] == b"data: [DONE]"
     assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
+
+
+async def test_heterogeneous_pool_one_config_per_replica(http: aiohttp.ClientSession) -> None:
+    fast, slow = SimConfig(time_scale=0.1), SimConfig(time_scale=0.1, step_base_s=0.5, model="slow-model")
+    async with await SimPool.start([fast, slow]) as pool:
+        assert len(pool.endpoints) == 2
+        elapsed = []
+        for url, model in zip(pool.urls, (M, "slow-model"), strict=True):
+            t0 = time.monotonic()
+            async with http.post(
+                url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2}
+            ) as r:
+                assert r.status == 200
+            elapsed.append(time.monotonic() - t0)
+    assert elapsed[1] >= 0.1  # two steps of >= 50 ms each (0.5 s x time_scale 0.1)
+    assert elapsed[1] > elapsed[0]  # the default replica's steps take ~3 ms
+    with pytest.raises(ValueError):
+        await SimPool.start([fast, slow], replicas=3)

@@ -24,7 +24,7 @@ import random
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 
 import msgspec
@@ -227,8 +227,15 @@ class Replica:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        now = time.monotonic()
-        results = self.engine.advance(now)
+        try:
+            self._step_due()
+        except Exception:  # a bug in the engine must not silently stall the replica forever
+            log.exception("%s: engine step failed", self.name)
+            self._errors["engine-error"] += 1
+        self._arm()
+
+    def _step_due(self) -> None:
+        results = self.engine.advance(time.monotonic())
         if len(results) == 1:
             self._deliver(results[0].at, results[0].progressed, flush=True)
         elif results:  # the timer was late: several steps came due at once; deliver each request once
@@ -240,7 +247,6 @@ class Replica:
                 link = req.tag
                 assert isinstance(link, _Stream)
                 link.flush()
-        self._arm()
 
     def _deliver(self, at: float, progressed: list[SimRequest], flush: bool) -> None:
         """Stamp each progressed request's new token with ``at`` (and flush it to its client)."""
@@ -457,17 +463,29 @@ class SimPool:
     @classmethod
     async def start(
         cls,
-        config: SimConfig | None = None,
+        config: SimConfig | Sequence[SimConfig] | None = None,
         replicas: int = 1,
         host: str = "127.0.0.1",
         base_port: int = 0,
         name_prefix: str = "sim",
     ) -> SimPool:
         """Bind and start ``replicas`` replicas: on ports ``base_port..base_port+N-1``, or on free ports
-        chosen by the OS when ``base_port`` is 0. Replica ``i`` is named ``f"{name_prefix}-{i}"``."""
-        config = config or SimConfig()
+        chosen by the OS when ``base_port`` is 0. Replica ``i`` is named ``f"{name_prefix}-{i}"``.
+
+        ``config`` may be one config for all, or one per replica (a heterogeneous pool, e.g. one slow
+        replica: ``[SimConfig(), SimConfig(step_base_s=0.05)]``); its length then sets the replica count.
+        """
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
+        if config is None:
+            configs = [SimConfig()] * replicas
+        elif isinstance(config, SimConfig):
+            configs = [config] * replicas
+        else:
+            configs = list(config)
+            if replicas not in (1, len(configs)) or not configs:
+                raise ValueError(f"{len(configs)} configs for {replicas} replicas")
+            replicas = len(configs)
         socks: list[socket.socket] = []
         try:
             for i in range(replicas):
@@ -476,7 +494,12 @@ class SimPool:
             for s in socks:
                 s.close()
             raise
-        pool = cls([Replica(config, f"{name_prefix}-{i}", s, i) for i, s in enumerate(socks)])
+        pool = cls(
+            [
+                Replica(c, f"{name_prefix}-{i}", s, i)
+                for i, (c, s) in enumerate(zip(configs, socks, strict=True))
+            ]
+        )
         try:
             for r in pool.replicas:
                 await r.start()
