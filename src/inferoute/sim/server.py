@@ -104,7 +104,13 @@ class _Stream:
         after every due step was applied, so ``times`` holds a stamp for every generated token)."""
         transport = self.transport
         if transport is not None:
-            data = self.render()
+            req = self.req
+            sent = self.sent
+            if req.generated == sent + 1 and not req.done and not self.schedule:  # the common case
+                self.sent = sent + 1
+                data = self.writer.token_chunk(sent, None)
+            else:
+                data = self.render()
             if data and not transport.is_closing():
                 transport.write(b"%x\r\n%b\r\n" % (len(data), data))
             if self.req.done:
