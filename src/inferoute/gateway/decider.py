@@ -346,8 +346,9 @@ RouteLookup = Callable[[str], RouteDecider | None]
 class Decider:
     """The decider's request handling; :meth:`handler` is an aiohttp low-level handler.
 
-    ``routes`` maps a request path to its :class:`RouteDecider`. ``relay_session`` is the HTTP client used for
-    the rare relayed requests (created lazily when None).
+    ``routes`` maps a request path to its :class:`RouteDecider`; ``relay_timeouts`` bound the rare relayed
+    requests (their HTTP client is created on first use). Every session handed out is ended exactly once: by a
+    completion report, the completion timeout, the relay, or :meth:`aclose`.
     """
 
     def __init__(
@@ -498,6 +499,9 @@ class Decider:
                 last_error = exc
                 log.warning("decider relay: %s failed: %s", upstream, exc)
                 continue
+            except asyncio.CancelledError:
+                session.aborted("cancelled")
+                raise
             async with upstream_resp:
                 session.response_started(upstream, upstream_resp.status, dict(upstream_resp.headers))
                 out = web.StreamResponse(status=upstream_resp.status)
@@ -514,6 +518,9 @@ class Decider:
                 except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
                     session.aborted("relay-error")
                     log.warning("decider relay: stream from %s broken: %s", upstream, exc)
+                    raise
+                except asyncio.CancelledError:
+                    session.aborted("cancelled")
                     raise
                 session.response_finished()
                 return out
