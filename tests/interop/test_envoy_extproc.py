@@ -98,6 +98,7 @@ async def _stack(
     insecure: bool = False,
     failure_mode_allow: bool = False,
     request_body: str = "full_duplex",
+    response_phase: str = "full",
 ) -> tuple[EppServer, RecordingPicker, EnvoyProcess, str]:
     picker = RecordingPicker(backends.endpoints)
     epp = await EppServer.start(
@@ -115,6 +116,7 @@ async def _stack(
         failure_mode_allow=failure_mode_allow,
         health_check_interval=0.5,
         request_body=request_body,
+        response_phase=response_phase,
     )
     try:
         envoy = await EnvoyProcess.start(cfg, str(tmp_path))
@@ -283,6 +285,30 @@ async def test_buffered_request_body_mode(tmp_path: Path, backends: Backends) ->
         assert log.request.body == body
         await asyncio.wait_for(log.ended.wait(), 10)
         assert log.finished and log.served == f"127.0.0.1:{target}"
+    finally:
+        await envoy.aclose()
+        await epp.aclose(0)
+
+
+@pytest.mark.parametrize("phase", ["headers", "none"])
+async def test_lighter_response_phases(tmp_path: Path, backends: Backends, phase: str) -> None:
+    """``--response-phase headers``: status and served endpoint, session finished when Envoy closes the
+    stream; ``none``: no response messages, the session still ends (so in-flight counts cannot leak)."""
+    epp, picker, envoy, url = await _stack(tmp_path, backends, insecure=True, response_phase=phase)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(3):
+                async with http.post(f"{url}/v1/completions", data=_payload()) as r:
+                    assert r.status == 200
+                    await r.read()
+        for log in picker.sessions:
+            await asyncio.wait_for(log.ended.wait(), 10)
+            assert not log.chunks
+            if phase == "headers":
+                assert log.finished and log.status == 200 and log.served == log.decision.endpoints[0]  # type: ignore[union-attr]
+            else:
+                # Envoy half-closes or resets the stream when the request is done: either way it ends
+                assert log.status is None and log.aborted in ("stream-ended-early", "stream-cancelled")
     finally:
         await envoy.aclose()
         await epp.aclose(0)

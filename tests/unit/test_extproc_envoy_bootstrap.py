@@ -47,8 +47,13 @@ def test_ext_proc_full_duplex_with_trailers_metadata_and_served_attribute() -> N
     assert ext["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy.lb"]
     assert ext["response_attributes"] == ["upstream.address"]
     assert ext["failure_mode_allow"] is False and ext["message_timeout"] == "10s"
-    light = _filters(bootstrap("epp:9002", 8080, response_body=False))[1]["typed_config"]["processing_mode"]
+    light = _filters(bootstrap("epp:9002", 8080, response_phase="headers"))[1]["typed_config"][
+        "processing_mode"
+    ]
     assert light["response_body_mode"] == "NONE" and light["response_trailer_mode"] == "SKIP"
+    assert light["response_header_mode"] == "SEND"
+    off = _filters(bootstrap("epp:9002", 8080, response_phase="none"))[1]["typed_config"]["processing_mode"]
+    assert off["response_header_mode"] == "SKIP" and off["response_body_mode"] == "NONE"
 
 
 def test_epp_cluster_http2_tls_health_checked_unless_insecure() -> None:

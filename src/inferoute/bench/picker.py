@@ -499,7 +499,6 @@ async def _run(opts: argparse.Namespace | Any) -> str:
                         )
                     )
                     click.echo(f"decisions/s: {decisions[-1]}", err=True)
-                click.echo(f"decisions/s {picker}: {decisions[-1]}", err=True)
         if shutil.which("wrk"):
             modes: list[tuple[str | None, str]] = [(None, "full_duplex")]
             modes += [(p, mode) for p in pickers for mode in ("full_duplex", "buffered")]

@@ -6,7 +6,8 @@ What the generated configuration does (verified with Envoy 1.40, see docs/envoy.
   clients, then the ``ext_proc`` filter talks to the EPP: request headers SEND, request body
   FULL_DUPLEX_STREAMED with request trailers SEND (Envoy refuses full duplex without it), response headers
   SEND, response body FULL_DUPLEX_STREAMED with response trailers SEND (so the picker sees the end of every
-  response and releases its in-flight accounting), ``failure_mode_allow: false`` (fail closed: 500),
+  response and releases its in-flight accounting; ``--response-phase headers|none`` is lighter),
+  ``failure_mode_allow: false`` (fail closed: 500),
   ``message_timeout`` 10 s by default (the 200 ms default is too short for flow control and big bodies);
 * ``metadata_options.receiving_namespaces.untyped: [envoy.lb]`` so the picker's dynamic metadata is kept, and
   ``response_attributes: [upstream.address]`` so the response-phase messages name the endpoint that served;
@@ -56,7 +57,7 @@ def bootstrap(
     admin_address: str = "127.0.0.1",
     insecure: bool = False,
     message_timeout: float = 10.0,
-    response_body: bool = True,
+    response_phase: str = "full",
     failure_mode_allow: bool = False,
     route_timeout: float = 600.0,
     health_check_interval: float = 2.0,
@@ -64,6 +65,10 @@ def bootstrap(
     max_body_bytes: int = 64 * 1024 * 1024,
 ) -> dict[str, Any]:
     """The Envoy bootstrap as a dict (see module docstring). ``epp`` is ``host:port``.
+
+    ``response_phase``: ``full`` (headers, body, trailers: exact in-flight accounting and usage),
+    ``headers`` (status and served endpoint only; the session ends when Envoy closes the stream) or
+    ``none`` (no response messages at all; cheapest, no served endpoint).
 
     ``request_body="buffered"`` sends the whole body in one ext_proc message (inferoute's EPP supports it;
     GIE EPPs do not): far fewer gRPC messages for big prompts, at the price of Envoy buffering up to
@@ -75,6 +80,9 @@ def bootstrap(
     epp_host, epp_port = split_hostport(epp)
     if epp_port is None:
         raise click.BadParameter(f"--epp needs HOST:PORT, got {epp!r}")
+    if response_phase not in ("full", "headers", "none"):
+        raise click.BadParameter(f"response phase must be full, headers or none, not {response_phase!r}")
+    response_body = response_phase == "full"
     body_mode = "FULL_DUPLEX_STREAMED" if response_body else "NONE"
     ext_proc: dict[str, Any] = {
         "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}, "timeout": "10s"},
@@ -84,7 +92,7 @@ def bootstrap(
             "request_header_mode": "SEND",
             "request_body_mode": "BUFFERED" if buffered else "FULL_DUPLEX_STREAMED",
             "request_trailer_mode": "SKIP" if buffered else "SEND",
-            "response_header_mode": "SEND",
+            "response_header_mode": "SKIP" if response_phase == "none" else "SEND",
             "response_body_mode": body_mode,
             "response_trailer_mode": "SEND" if response_body else "SKIP",
         },
@@ -198,9 +206,11 @@ def bootstrap(
     "--message-timeout", default=10.0, show_default=True, type=float, help="Seconds per ext_proc reply."
 )
 @click.option(
-    "--no-response-body",
-    is_flag=True,
-    help="Do not stream response bodies through the picker (faster; in-flight accounting ends at headers).",
+    "--response-phase",
+    type=click.Choice(["full", "headers", "none"]),
+    default="full",
+    show_default=True,
+    help="What of the response the picker sees: everything (exact accounting), headers, or nothing.",
 )
 @click.option("--failure-mode-allow", is_flag=True, help="Fail open when the picker is down (default: 500).")
 @click.option(
@@ -217,7 +227,7 @@ def command(
     admin_port: int,
     insecure: bool,
     message_timeout: float,
-    no_response_body: bool,
+    response_phase: str,
     failure_mode_allow: bool,
     request_body: str,
 ) -> None:
@@ -230,7 +240,7 @@ def command(
         listen_address=listen_address,
         insecure=insecure,
         message_timeout=message_timeout,
-        response_body=not no_response_body,
+        response_phase=response_phase,
         failure_mode_allow=failure_mode_allow,
         request_body=request_body,
     )

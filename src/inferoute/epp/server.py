@@ -111,6 +111,12 @@ class _Exchange:
     response_seen: bool = False
     ended: bool = False
 
+    def stream_closed(self, reason: str) -> None:
+        """The proxy closed or reset the stream. Envoy resets it once the response is done when it was told
+        not to send the response body, so then a seen response counts as finished; otherwise the request or
+        the response was cut short."""
+        self.end(self.response_seen and not self.response_body_expected, reason)
+
     def end(self, finished: bool, reason: str = "") -> None:
         if self.ended or self.session is None:
             self.ended = True
@@ -206,10 +212,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             # The request iterator ends on a half-close AND when the proxy cancels the call (grpc.aio does
             # not tell them apart), so a response counts as finished only when no body was announced.
             if ex is not None:
-                if ex.response_seen and not ex.response_body_expected:
-                    ex.end(True)
-                else:
-                    ex.end(False, "stream-ended-early")
+                ex.stream_closed("stream-ended-early")
         except _ProtocolError as exc:
             metrics.errors.labels("protocol").inc()
             log.warning("ext_proc protocol error: %s", exc)
@@ -218,7 +221,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except asyncio.CancelledError:
             if ex is not None:
-                ex.end(False, "stream-cancelled")
+                ex.stream_closed("stream-cancelled")
             raise
         finally:
             metrics.active.dec()
