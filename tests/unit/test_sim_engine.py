@@ -156,17 +156,52 @@ def test_full_waiting_queue_rejects_with_429() -> None:
 
 
 def test_admission_waits_for_kv_blocks_head_of_line() -> None:
-    # 6 blocks of 4 tokens. A needs 4 blocks, B needs 3 (does not fit beside A), C needs 1 (would fit).
-    e = Engine(config(kv_cache_blocks=6))
-    a, b, c = req(12, 4), req(8, 4), req(2, 2)
+    # 4 blocks of 4 tokens. A's prompt takes 3, B's needs 2 (does not fit beside A), C's needs 1 (would fit).
+    e = Engine(config(kv_cache_blocks=4))
+    a, b, c = req(12, 1), req(8, 1), req(2, 1)
     for r in (a, b, c):
         e.submit(r, 0.0)
     e.advance(0.0)
     assert a.state == "running" and b.state == "waiting" and c.state == "waiting"
-    assert e.kv.num_free == 2
+    assert e.kv.num_free == 1
     run(e)
     assert b.admitted_at == pytest.approx(a.finished_at)  # type: ignore[arg-type]
     assert c.admitted_at == pytest.approx(a.finished_at)  # type: ignore[arg-type]  # FIFO: not before B
+    assert e.stats.preemptions == 0
+
+
+def test_kv_usage_grows_with_the_output() -> None:
+    e = Engine(config(kv_cache_blocks=100))
+    r = req(4, 20)
+    e.submit(r, 0.0)
+    e.advance(0.0)
+    assert e.kv_usage == pytest.approx(1 / 100)  # the prompt's block only
+    while r.generated < 10:
+        t = e.next_event_time()
+        assert t is not None
+        e.advance(t)
+    e.advance(e.next_event_time())  # type: ignore[arg-type]  # the step feeding token 10 needs block 4
+    assert e.kv_usage == pytest.approx(4 / 100)  # 4 prompt + 10 fed tokens -> ceil(14 / 4) blocks
+    run(e)
+    assert e.kv_usage == 0.0
+
+
+def test_running_out_of_blocks_preempts_the_newest_and_recomputes() -> None:
+    # 5 blocks of 4 tokens; A and B each take 2 for their prompt, then both grow while decoding.
+    e = Engine(config(kv_cache_blocks=5))
+    a, b = req(8, 8), req(8, 8)
+    e.submit(a, 0.0)
+    e.submit(b, 0.0)
+    results = run(e)
+    assert e.stats.preemptions >= 1 and b.preemptions >= 1 and a.preemptions == 0
+    assert a.finished_at < b.finished_at  # type: ignore[operator]  # the older request keeps running
+    for r in (a, b):
+        assert r.done and r.finish_reason == "length" and r.generated == 8
+        times = token_times(results, r)
+        assert len(times) == 8 and times == sorted(times)  # no token lost or repeated across the preemption
+    assert b.cached_tokens == 0  # reported from the first admission
+    assert e.kv_usage == 0.0 and e.num_waiting == 0
+    assert e.stats.generation_tokens == 16 and e.stats.prompt_tokens == 16  # prompts counted once
 
 
 def test_lora_requests_wait_for_a_slot_and_pay_the_load() -> None:

@@ -55,7 +55,7 @@ def test_gauges_counters_and_histograms_use_vllm_names() -> None:
     s = scrape(e)
     assert value(s, "vllm:num_requests_running") == 1
     assert value(s, "vllm:num_requests_waiting") == 1
-    assert value(s, "vllm:kv_cache_usage_perc") == pytest.approx(6 / 100)  # ceil(90 / 16) blocks
+    assert value(s, "vllm:kv_cache_usage_perc") == pytest.approx(3 / 100)  # the prompt's ceil(40 / 16) blocks
     (info,) = s["vllm:cache_config_info"]
     assert info[1]["block_size"] == "16" and info[1]["num_gpu_blocks"] == "100" and info[2] == 1
     (lora,) = s["vllm:lora_requests_info"]

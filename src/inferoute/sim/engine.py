@@ -73,11 +73,15 @@ class SimRequest:
     last_token_at: float | None = None
     lora_waited: bool = False
     """Whether the request ever had to wait for a LoRA slot."""
+    preemptions: int = 0
     prompt_len: int = field(init=False)
     """``len(prompt_tokens)``, read on every step."""
+    prefill_target: int = field(init=False)
+    """Tokens to compute before decoding (re)starts: the prompt, plus the output so far after a preemption."""
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.prompt_tokens)
+        self.prefill_target = self.prompt_len
 
     @property
     def done(self) -> bool:
@@ -176,10 +180,6 @@ class Engine:
         draw = random.Random(digest).expovariate(1.0 / self.config.mean_output_tokens)
         return max(1, min(max_tokens, round(draw)))
 
-    def kv_need_blocks(self, prompt_len: int, output_tokens: int) -> int:
-        """KV blocks a request reserves at admission."""
-        return self.kv.blocks_for(prompt_len + output_tokens)
-
     # -- public state ---------------------------------------------------------------------------------
     @property
     def num_running(self) -> int:
@@ -226,7 +226,7 @@ class Engine:
             raise InferouteError(404, f"The model `{req.lora}` does not exist.", cause="unknown-model")
         capacity = self.config.kv_cache_blocks * self.config.block_size
         if req.prompt_len + req.output_tokens > capacity:
-            # vLLM would preempt; the simulator reserves up front, so it shortens the answer instead.
+            # A sequence longer than the whole cache could never finish (vLLM caps max_model_len instead).
             req.output_tokens = max(1, capacity - req.prompt_len)
         req.state = WAITING
         req.arrival = now
@@ -274,15 +274,19 @@ class Engine:
     def _begin_step(self, t: float) -> None:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
-        decoding = [r for r in self._running if r.prefilled >= r.prompt_len]
+        preempted = self.stats.preemptions
+        decoding = self._grow_for_decode([r for r in self._running if r.prefilled >= r.prefill_target], t)
         budget -= len(decoding)
         prefilling: list[tuple[SimRequest, int]] = []
         for r in self._running:
-            if r.prefilled < r.prompt_len and budget > 0:
-                chunk = min(r.prompt_len - r.prefilled, budget)
+            if r.prefilled < r.prefill_target and budget > 0:
+                chunk = min(r.prefill_target - r.prefilled, budget)
                 prefilling.append((r, chunk))
                 budget -= chunk
-        admitted, loads = self._admit(t, budget, prefilling)
+        if self.stats.preemptions == preempted:
+            admitted, loads = self._admit(t, budget, prefilling)
+        else:  # as vLLM: a step that had to preempt admits nobody
+            admitted, loads = [], 0
         batch = len(decoding) + len(prefilling)
         if batch == 0:
             self._step = None
@@ -292,6 +296,33 @@ class Engine:
         if prefill_tokens:
             duration += cfg.prefill_base_s + cfg.prefill_per_token_s * prefill_tokens
         self._step = _Step(t, t + duration * self._scale, decoding, prefilling, admitted)
+
+    def _grow_for_decode(self, decoding: list[SimRequest], t: float) -> list[SimRequest]:
+        """Give each decoding sequence (oldest first) a block for the token it feeds this step, preempting
+        the most recently admitted running request while none is free. Returns those still running."""
+        kv = self.kv
+        for r in decoding:
+            if r.state != RUNNING:
+                continue  # preempted for an older sequence earlier in this loop
+            need = kv.blocks_for(r.prompt_len + r.generated)
+            while len(r.blocks) < need and not kv.grow(r.blocks):
+                victim = self._running[-1]
+                self._preempt(victim, t)
+                if victim is r:
+                    break
+        return [r for r in decoding if r.state == RUNNING]
+
+    def _preempt(self, req: SimRequest, t: float) -> None:
+        """vLLM's recompute preemption: free the blocks, go back to the head of the queue; on re-admission
+        the prompt and the output so far are prefilled again (cached prompt blocks still hit)."""
+        self._running.remove(req)
+        self._release(req)
+        req.state = WAITING
+        req.prefilled = 0
+        req.prefill_target = req.prompt_len + req.generated
+        req.preemptions += 1
+        self.stats.preemptions += 1
+        self._waiting.insert(0, req)
 
     def _admit(
         self, t: float, budget: int, prefilling: list[tuple[SimRequest, int]]
@@ -316,7 +347,7 @@ class Engine:
                         req.lora_waited = True
                         self.stats.lora_slot_waits += 1
                     continue
-            need = self.kv_need_blocks(req.prompt_len, req.output_tokens)
+            need = self.kv.blocks_for(req.prefill_target)
             got = self.kv.allocate(req.hashes, need, (req.prompt_len - 1) // cfg.block_size)
             if got is None:
                 if lora_load and req.lora is not None:
@@ -326,23 +357,24 @@ class Engine:
                 continue
             req.blocks, hit_blocks = got
             loads += lora_load
-            self.stats.lora_loads += lora_load
-            req.cached_tokens = hit_blocks * cfg.block_size
-            req.prefilled = req.cached_tokens
+            stats = self.stats
+            stats.lora_loads += lora_load
+            req.prefilled = hit_blocks * cfg.block_size
+            stats.prefix_queries += req.prompt_len
+            stats.prefix_hits += req.prefilled
+            if req.admitted_at is None:  # first admission (not a resumption after preemption)
+                req.admitted_at = t
+                req.cached_tokens = req.prefilled
+                stats.prompt_tokens += req.prompt_len
+                stats.queue.observe(t - req.arrival)
             req.state = RUNNING
-            req.admitted_at = t
             if req.lora is not None:
                 self._lora_running[req.lora] += 1
             self._running.append(req)
             admitted.append(req)
-            chunk = min(req.prompt_len - req.prefilled, budget)
+            chunk = min(req.prefill_target - req.prefilled, budget)
             prefilling.append((req, chunk))
             budget -= chunk
-            stats = self.stats
-            stats.prefix_queries += req.prompt_len
-            stats.prefix_hits += req.cached_tokens
-            stats.prompt_tokens += req.prompt_len
-            stats.queue.observe(t - req.arrival)
         if admitted:
             self._waiting = kept
         return admitted, loads
@@ -375,11 +407,13 @@ class Engine:
             stats.itl.observe(at - step.start, len(step.decoding))
         for r, chunk in step.prefilling:
             r.prefilled += chunk
-            if r.prefilled >= r.prompt_len:
-                r.generated = 1
-                r.first_token_at = r.last_token_at = at
+            if r.prefilled >= r.prefill_target:
+                r.generated += 1  # the step that completes a (re)prefill also samples the next token
+                r.last_token_at = at
                 progressed.append(r)
-                stats.ttft.observe(at - r.arrival)
+                if r.first_token_at is None:
+                    r.first_token_at = at
+                    stats.ttft.observe(at - r.arrival)
         stats.generation_tokens += len(progressed)
         for r in progressed:
             if r.generated >= r.output_tokens:

@@ -132,6 +132,21 @@ class PrefixKVCache:
             blocks.append(b)
         return blocks, hit
 
+    def grow(self, blocks: list[int]) -> bool:
+        """Append one fresh block to a sequence's ``blocks`` (decode growth); False when none is free."""
+        if not self._free:
+            return False
+        b, _ = self._free.popitem(last=False)
+        old = self._hash[b]
+        if old is not None:
+            if self._cached.get(old) == b:
+                del self._cached[old]
+            self._hash[b] = None
+            self.evictions += 1
+        self._ref[b] = 1
+        blocks.append(b)
+        return True
+
     def release(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; unreferenced blocks join the free queue tail-block first."""
         ref = self._ref

@@ -98,7 +98,7 @@ class EngineCollector(Collector):
             "Requests answered 429 because the queue was full.",
             s.rejected_queue_full,
         )
-        yield counter("vllm:num_preemptions", "Cumulative number of preemptions (never: see docs).", 0)
+        yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", s.preemptions)
         yield counter("inferoute_sim:lora_loads", "Adapters loaded into a LoRA slot.", s.lora_loads)
         yield counter(
             "inferoute_sim:lora_slot_waits",

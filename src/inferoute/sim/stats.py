@@ -143,6 +143,8 @@ class EngineStats:
     success: dict[str, int] = field(default_factory=dict)
     """Finished requests by ``finished_reason`` (stop, length, abort)."""
     rejected_queue_full: int = 0
+    preemptions: int = 0
+    """Running requests sent back to the queue because the KV cache ran out (recompute preemption)."""
     lora_loads: int = 0
     """Adapters loaded into a slot."""
     lora_slot_waits: int = 0
