@@ -38,9 +38,11 @@ def test_markdown_has_added_latency_and_per_cpu_figures() -> None:
         "envoy + trivial picker, full-duplex", 500.0, 3.5, 9.0, 5000, 0, picker_cpu_seconds=5.0
     )
     assert picked.picker_cpu_ms_per_request == 1.0
+    base.connections = picked.connections = 50
     text = render_markdown(
         [d], [base, picked], [base, picked], command="inferoute bench picker", conditions="c"
     )
+    assert "50 concurrent request(s)" in text
     assert "| trivial | 64 | 1,200 | 3,000 | 0 |" in text
     assert "+1.50 | +4.00 | 1.00 | 0 |" in text
     assert "`inferoute bench picker`" in text

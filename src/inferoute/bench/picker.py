@@ -264,6 +264,7 @@ class WrkResult:
     non_2xx: int
     envoy_cpu_seconds: float = 0.0
     picker_cpu_seconds: float = 0.0
+    connections: int = 0
 
     @property
     def picker_cpu_ms_per_request(self) -> float:
@@ -361,11 +362,14 @@ async def _through_envoy(
     workdir: str,
     *,
     request_body: str = "full_duplex",
+    response_phase: str = "full",
 ) -> WrkResult:
     from inferoute.epp.envoy import EnvoyProcess, bootstrap
 
     listen, admin, epp_port = _free_ports(3)
     label = f"envoy + {picker} picker, {request_body.replace('_', '-')}" if picker else "envoy direct"
+    if picker and response_phase != "full":
+        label += f", response {response_phase}"
     sub = Path(tempfile.mkdtemp(dir=workdir))
     if picker is None:
         envoy = await EnvoyProcess.start(_direct_bootstrap(listen, admin, backends[0]), str(sub))
@@ -392,6 +396,7 @@ async def _through_envoy(
             insecure=True,
             health_check_interval=0.5,
             request_body=request_body,
+            response_phase=response_phase,
         )
         envoy = await EnvoyProcess.start(cfg, str(sub))
         try:
@@ -452,16 +457,17 @@ def render_markdown(
             for w in throughput
         ]
         lines.append("")
-    if latency:
-        base = next((w for w in latency if w.label == "envoy direct"), None)
+    for connections in sorted({w.connections for w in latency}):
+        rows = [w for w in latency if w.connections == connections]
+        base = next((w for w in rows if w.label == "envoy direct"), None)
         lines += [
-            "### Added latency, 200 KB prompts, 50 concurrent requests",
+            f"### Added latency, 200 KB prompts, {connections} concurrent request(s) (closed loop)",
             "",
             "| path | requests/s | p50 ms | p99 ms | added p50 ms | added p99 ms | picker CPU ms/request "
             "| non-2xx |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for w in latency:
+        for w in rows:
             add50 = w.p50_ms - base.p50_ms if base else float("nan")
             add99 = w.p99_ms - base.p99_ms if base else float("nan")
             lines.append(
@@ -500,9 +506,12 @@ async def _run(opts: argparse.Namespace | Any) -> str:
                     )
                     click.echo(f"decisions/s: {decisions[-1]}", err=True)
         if shutil.which("wrk"):
-            modes: list[tuple[str | None, str]] = [(None, "full_duplex")]
-            modes += [(p, mode) for p in pickers for mode in ("full_duplex", "buffered")]
-            for picker, mode in modes:
+            # (picker, request body mode, response phase); None = Envoy routing directly to one backend
+            tput: list[tuple[str | None, str, str]] = [(None, "full_duplex", "full")]
+            for p in pickers:
+                tput += [(p, "full_duplex", "full"), (p, "buffered", "full"), (p, "full_duplex", "headers")]
+            tput += [(pickers[0], "full_duplex", "none")] if pickers else []
+            for picker, body_mode, resp_phase in tput:
                 throughput.append(
                     await _through_envoy(
                         picker,
@@ -511,17 +520,27 @@ async def _run(opts: argparse.Namespace | Any) -> str:
                         16,
                         int(opts.seconds),
                         workdir,
-                        request_body=mode,
+                        request_body=body_mode,
+                        response_phase=resp_phase,
                     )
                 )
                 click.echo(f"throughput: {throughput[-1]}", err=True)
-            for picker, mode in modes:
-                latency.append(
-                    await _through_envoy(
-                        picker, backend_ports, 200 * 1024, 50, int(opts.seconds), workdir, request_body=mode
+            lat: list[tuple[str | None, str]] = [(None, "full_duplex")]
+            lat += [(p, mode) for p in pickers for mode in ("full_duplex", "buffered")]
+            for connections in (1, 50):
+                for picker, body_mode in lat:
+                    res = await _through_envoy(
+                        picker,
+                        backend_ports,
+                        200 * 1024,
+                        connections,
+                        int(opts.seconds),
+                        workdir,
+                        request_body=body_mode,
                     )
-                )
-                click.echo(f"latency: {latency[-1]}", err=True)
+                    res.connections = connections
+                    latency.append(res)
+                    click.echo(f"latency: {latency[-1]}", err=True)
         else:
             click.echo("wrk not found: skipping the Envoy measurements", err=True)
     shutil.rmtree(workdir, ignore_errors=True)
