@@ -161,8 +161,11 @@ async def backends() -> AsyncIterator[list[EchoBackend]]:
             await b.aclose()
 
 
-@pytest.fixture
-async def stack(backends: list[EchoBackend], nginx: NginxFactory) -> AsyncIterator[Stack]:
+@pytest.fixture(params=["post_action", "syslog"])
+async def stack(
+    backends: list[EchoBackend], nginx: NginxFactory, request: pytest.FixtureRequest
+) -> AsyncIterator[Stack]:
+    """The whole stack; every test using it runs with both completion-report transports."""
     dead_port, nginx_port = free_ports(2)
     dead = f"127.0.0.1:{dead_port}"
     pool = [b.key for b in backends] + [dead]
@@ -182,10 +185,11 @@ async def stack(backends: list[EchoBackend], nginx: NginxFactory) -> AsyncIterat
                 retries=2,
                 self_contained=True,
                 worker_processes="1",
+                report=request.param,
             )
         )
-        nginx = await asyncio.to_thread(nginx, conf, [nginx_port])
-        yield Stack(nginx, f"http://127.0.0.1:{nginx_port}", backends, dead, picker, running)
+        server = await asyncio.to_thread(nginx, conf, [nginx_port])
+        yield Stack(server, f"http://127.0.0.1:{nginx_port}", backends, dead, picker, running)
     finally:
         await running.aclose()
 

@@ -43,23 +43,27 @@ async def pool() -> AsyncIterator[SimPool]:
         await sim.aclose()
 
 
-def nginx_conf(decider_port: int, nginx_port: int) -> str:
+def nginx_conf(decider_port: int, nginx_port: int, report: str = "post_action") -> str:
     return render(
         NginxOptions(
             decider=f"127.0.0.1:{decider_port}",
             listen=f"127.0.0.1:{nginx_port}",
             self_contained=True,
             worker_processes="1",
+            report=report,
         )
     )
 
 
-async def test_openai_sdk_through_nginx_with_the_embedded_picker(pool: SimPool, nginx: NginxFactory) -> None:
+@pytest.mark.parametrize("report", ["post_action", "syslog"])
+async def test_openai_sdk_through_nginx_with_the_embedded_picker(
+    pool: SimPool, nginx: NginxFactory, report: str
+) -> None:
     cfg = default_config(pool.endpoints, "127.0.0.1:0", path="/v1/")
     running = await start_decider(cfg)
     try:
         (nginx_port,) = free_ports(1)
-        server = await asyncio.to_thread(nginx, nginx_conf(running.port, nginx_port), [nginx_port])
+        server = await asyncio.to_thread(nginx, nginx_conf(running.port, nginx_port, report), [nginx_port])
         client = openai.AsyncOpenAI(
             base_url=f"http://127.0.0.1:{nginx_port}/v1", api_key="unused", max_retries=0
         )
@@ -79,7 +83,7 @@ async def test_openai_sdk_through_nginx_with_the_embedded_picker(pool: SimPool, 
         assert len(chunks) >= 2
         await client.close()
         assert served <= {e.key for e in pool.endpoints}
-        # The picker's response-phase accounting reached zero again for every endpoint (post_action reports).
+        # The picker's response-phase accounting reached zero again for every endpoint (completion reports).
         embedded = running.deciders.embedded
         assert embedded is not None
         learned = embedded.learned  # type: ignore[attr-defined]
@@ -160,6 +164,7 @@ async def test_cli_gateway_mode_nginx(pool: SimPool, nginx: NginxFactory, tmp_pa
     [
         NginxOptions(),
         NginxOptions(retries=0, accounting=False),
+        NginxOptions(report="syslog", access_log="off"),
         NginxOptions(
             retries=4, default_upstream="127.0.0.1:9", pass_headers=("X-Gateway-Inference-Objective",)
         ),

@@ -103,6 +103,21 @@ def test_three_retries_chain_more_and_last_hops_through_maps() -> None:
         assert f"location @inference_fallback_{n}_last {{" in conf
 
 
+def test_syslog_reports_replace_post_action() -> None:
+    conf = render(NginxOptions(report="syslog", decider="127.0.0.1:9100"))
+    assert "post_action" not in conf and "location @inference_done" not in conf
+    assert (
+        "access_log syslog:server=127.0.0.1:9100,nohostname,tag=inferoute inference_report "
+        "if=$inference_request;" in conf
+    )
+    assert "'inferoute-report|$inference_request|$upstream_addr|$upstream_status|'" in conf
+    assert 'set $inference_request "";' in conf  # requests not routed by the decider send no report
+    with pytest.raises(ValueError, match="--report"):
+        render(NginxOptions(report="carrier-pigeon"))
+    with pytest.raises(ValueError, match="decider-tls"):
+        render(NginxOptions(report="syslog", decider_tls=True))
+
+
 def test_fail_closed_decider_unavailable_answers_json() -> None:
     unavailable = block(render(NginxOptions()), "location @inference_decider_unavailable")
     assert "return 502" in unavailable and "return 504" in unavailable

@@ -17,6 +17,7 @@ from inferoute.gateway.decider import (
     header_variable,
     nginx_retries,
     parse_report,
+    parse_syslog_report,
     redirect_headers,
     request_headers_for_decision,
 )
@@ -192,3 +193,22 @@ def test_pending_sessions_expire_in_order_with_an_injected_clock() -> None:
     c = Recorder()
     pending.open(c)
     assert pending.drain() == [c] and len(pending) == 0
+
+
+def test_parse_syslog_report() -> None:
+    datagram = (
+        b"<190>Nov 22 21:30:00 inferoute: inferoute-report|abc123|127.0.0.1:9 : 10.0.0.1:8000|200 : 200|"
+        b"0.001 : 0.020|OK|200"
+    )
+    assert parse_syslog_report(datagram) == (
+        "abc123",
+        CompletionReport("10.0.0.1:8000", 200, True, 200, True),
+    )
+    aborted = (
+        b"<190>x inferoute: inferoute-report|t|127.0.0.1:9 : 10.0.0.1:8000|200 : 200|0.001 : 0.002||200\n"
+    )
+    token, report = parse_syslog_report(aborted) or ("", CompletionReport(None, None, False))
+    assert token == "t" and report.outcome == "incomplete"
+    assert parse_syslog_report(b"<190>x nginx: something else") is None
+    assert parse_syslog_report(b"inferoute-report||a|200|0|OK|200") is None  # no token
+    assert parse_syslog_report(b"inferoute-report|t|a|200") is None  # truncated

@@ -51,6 +51,7 @@ import contextlib
 import logging
 import secrets
 import signal
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -97,8 +98,14 @@ REPORT_COMPLETION = "x-inference-completion"
 REPORT_CLIENT_STATUS = "x-inference-client-status"
 REPORT_HEADER_TIME = "x-inference-header-time"
 
+SYSLOG_MARKER = b"inferoute-report|"
+"""Start of a completion report sent by NGINX's access log over syslog (UDP); fields are ``|``-separated:
+token, ``$upstream_addr``, ``$upstream_status``, ``$upstream_header_time``, ``$request_completion``,
+``$status`` (see :func:`parse_syslog_report`)."""
+
 DEFAULT_MAX_FALLBACKS = 8
 """Upper bound of fallback endpoints announced per decision; NGINX's ``X-Inference-Retries`` lowers it."""
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 DEFAULT_COMPLETION_TIMEOUT = 900.0
 """Seconds after which a session without completion report is aborted (longer than any sane generation)."""
 
@@ -228,6 +235,28 @@ def parse_report(headers: Mapping[str, str]) -> CompletionReport:
         client_status=_int_or_none(headers.get(REPORT_CLIENT_STATUS)),
         answered=_last_token(headers.get(REPORT_HEADER_TIME, "0")) is not None,
     )
+
+
+def parse_syslog_report(datagram: bytes) -> tuple[str, CompletionReport] | None:
+    """``(token, report)`` from one syslog datagram of NGINX's ``inference_report`` log format, None when the
+    datagram is not one. Pure; never raises."""
+    at = datagram.find(SYSLOG_MARKER)
+    if at < 0:
+        return None
+    fields = datagram[at + len(SYSLOG_MARKER) :].decode("utf-8", "replace").rstrip("\r\n").split("|")
+    if len(fields) != 6 or not fields[0]:
+        return None
+    token, served, status, header_time, completion, client_status = fields
+    report = parse_report(
+        {
+            REPORT_SERVED: served,
+            REPORT_STATUS: status,
+            REPORT_HEADER_TIME: header_time,
+            REPORT_COMPLETION: completion,
+            REPORT_CLIENT_STATUS: client_status,
+        }
+    )
+    return token, report
 
 
 def echo_status(status: int | None) -> int:
@@ -430,15 +459,8 @@ class Decider:
 
     async def _internal(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path == DONE_PATH:
-            token = request.headers.get(TOKEN_HEADER, "")
-            session = self.pending.pop(token) if token else None
-            self.metrics.pending.set(len(self.pending))
             report = parse_report({k.lower(): v for k, v in request.headers.items()})
-            if session is None:
-                self.metrics.completions.labels("unknown-token").inc()
-                return web.Response(status=echo_status(report.client_status))
-            outcome = end_session(session, report)
-            self.metrics.completions.labels(outcome).inc()
+            self.complete(request.headers.get(TOKEN_HEADER, ""), report)
             # NGINX logs the post_action's status as the request's $status: echo the client's status back.
             return web.Response(status=echo_status(report.client_status))
         if request.path == HEALTH_PATH:
@@ -448,6 +470,22 @@ class Decider:
                 body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
             )
         return self._error(InferouteError(404, f"no such internal path {request.path}", cause="no-route"))
+
+    def complete(self, token: str, report: CompletionReport) -> str:
+        """End the session of ``token`` with ``report`` (from post_action or syslog). Returns the outcome."""
+        session = self.pending.pop(token) if token else None
+        self.metrics.pending.set(len(self.pending))
+        outcome = "unknown-token" if session is None else end_session(session, report)
+        self.metrics.completions.labels(outcome).inc()
+        return outcome
+
+    def datagram(self, data: bytes) -> None:
+        """One syslog datagram from NGINX's access log (``nginx-config --report syslog``)."""
+        parsed = parse_syslog_report(data)
+        if parsed is None:
+            self.metrics.completions.labels("unparsable").inc()
+            return
+        self.complete(*parsed)
 
     def expire_sessions(self) -> int:
         """Abort sessions whose completion report is overdue. Returns how many."""
@@ -595,6 +633,7 @@ class DeciderServer:
         self.host = host
         self.port = port
         self._runner: web.ServerRunner | None = None
+        self._udp: asyncio.DatagramTransport | None = None
         self._tasks = TaskSet("nginx-decider")
 
     async def start(self) -> int:
@@ -610,12 +649,37 @@ class DeciderServer:
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
+        await self._listen_udp()
         self._tasks.spawn(self.decider.sweep(), name="sweep")
         log.info("NGINX decider listening on %s:%d", self.host, self.port)
         return self.port
 
+    async def _listen_udp(self) -> None:
+        """Completion reports over syslog arrive on UDP, same address and port number as the HTTP listener."""
+        decider = self.decider
+
+        class Reports(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                decider.datagram(data)
+
+        loop = asyncio.get_running_loop()
+        try:
+            self._udp, _ = await loop.create_datagram_endpoint(Reports, local_addr=(self.host, self.port))
+        except OSError as exc:
+            log.warning(
+                "syslog completion reports disabled: cannot bind UDP %s:%d: %s", self.host, self.port, exc
+            )
+            return
+        sock = self._udp.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # bursts of reports while the loop is busy: a deep buffer
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+
     async def aclose(self) -> None:
         """Stop listening and abort every session still waiting for its report."""
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
         await self._tasks.aclose()
         if self._runner is not None:
             await self._runner.cleanup()

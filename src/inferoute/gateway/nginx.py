@@ -64,7 +64,11 @@ class NginxOptions:
     """Idle keep-alive connections to the decider per worker."""
     worker_processes: str = "auto"
     accounting: bool = True
-    """``post_action`` completion reports (releases the picker's in-flight accounting promptly)."""
+    """Completion reports to the decider (release the picker's in-flight accounting when a response ends)."""
+    report: str = "post_action"
+    """How reports travel: ``post_action`` (an HTTP request per response, reliable) or ``syslog`` (a UDP
+    datagram from the access log: much cheaper, may be lost under overload -- the session then ends by the
+    decider's completion timeout)."""
     self_contained: bool = False
     """Pid file, logs and temp directories relative to NGINX's prefix (``nginx -p DIR``), for local runs."""
     access_log: str | None = None
@@ -104,6 +108,11 @@ def _pass_var(index: int) -> str:
     return f"$inference_hdr_{index}"
 
 
+def _reports(opts: NginxOptions) -> str | None:
+    """``post_action`` | ``syslog`` | None (no completion reports)."""
+    return opts.report if opts.accounting else None
+
+
 def validate_options(opts: NginxOptions) -> None:
     """Raise ValueError for options NGINX would reject or that cannot work."""
     host, port = split_hostport(opts.decider)
@@ -125,6 +134,12 @@ def validate_options(opts: NginxOptions) -> None:
             raise ValueError(f"invalid header name {name!r}")
     if not 0 <= opts.retries <= 8:
         raise ValueError("--retries: 0..8")
+    if opts.report not in ("post_action", "syslog"):
+        raise ValueError(f"--report: post_action or syslog, got {opts.report!r}")
+    if opts.report == "syslog" and opts.decider_tls:
+        raise ValueError(
+            "--report syslog sends plain UDP to the decider; it cannot be combined with --decider-tls"
+        )
     if opts.max_body_size <= 0:
         raise ValueError("--max-body-size must be > 0")
 
@@ -157,12 +172,30 @@ def render(opts: NginxOptions) -> str:
     )
     w("    # One line per request: the model and $inference_upstream, the endpoint that served it")
     w("    # (the picker's choice, or the fallback used). $upstream_addr and $upstream_status list, in")
-    w("    # order: the decider, every endpoint tried, then the completion report to the decider.")
+    if _reports(opts) == "post_action":
+        w("    # order: the decider, every endpoint tried, then the completion report to the decider.")
+    else:
+        w("    # order: the decider, then every endpoint tried.")
     w("    log_format inference '$remote_addr [$time_local] \"$request\" $status $body_bytes_sent '")
     w('                         \'model="$inference_model" upstream="$inference_upstream" \'')
     w('                         \'upstream_addr="$upstream_addr" upstream_status="$upstream_status" \'')
     w("                         'rt=$request_time urt=\"$upstream_response_time\" id=$request_id';")
-    w(f"    access_log {access_log} inference;")
+    if access_log != "off":
+        w(f"    access_log {access_log} inference;")
+    if _reports(opts) == "syslog":
+        w("    # Completion reports: one UDP datagram per request routed by the decider, sent in NGINX's log")
+        w("    # phase (after the response ended or the client went away) to the decider's port number.")
+        w(
+            "    log_format inference_report "
+            "'inferoute-report|$inference_request|$upstream_addr|$upstream_status|'"
+        )
+        w("                                '$upstream_header_time|$request_completion|$status';")
+        w(
+            f"    access_log syslog:server={opts.decider},nohostname,tag=inferoute inference_report "
+            "if=$inference_request;"
+        )
+    elif access_log == "off":
+        w("    access_log off;")
     w("")
     _hop_maps(w, opts)
     w("    # The decider: `inferoute gateway --mode nginx --listen HOST:PORT`. Keep-alive connections to it.")
@@ -182,6 +215,7 @@ def render(opts: NginxOptions) -> str:
     w("        # Defaults for the log format (requests answered before @inference have no upstream).")
     w('        set $inference_upstream "";')
     w('        set $inference_model "";')
+    w('        set $inference_request "";')
     w("")
     w("        # Errors NGINX itself generates get the same OpenAI-style JSON bodies as the decider's.")
     w("        error_page 400 @inference_error_400;")
@@ -194,7 +228,7 @@ def render(opts: NginxOptions) -> str:
     _inference_location(w, opts)
     for i in range(1, opts.retries + 1):
         _fallback_location(w, opts, i)
-    if opts.accounting:
+    if _reports(opts) == "post_action":
         _done_location(w, opts)
     _decider_down_location(w, opts)
     _error_locations(w, opts)
@@ -332,7 +366,7 @@ def _hop_errors(w: _Writer, opts: NginxOptions, i: str, next_hop: str | None) ->
         w(f"{i}proxy_intercept_errors off;       # last endpoint: its own errors reach the client unchanged")
         w(f"{i}error_page 502 @inference_upstream_502;")
     w(f"{i}error_page 504 @inference_upstream_504;")
-    if opts.accounting:
+    if _reports(opts) == "post_action":
         w(f"{i}post_action @inference_done;      # report completion to the picker (see below)")
 
 
@@ -430,7 +464,7 @@ def _error_locations(w: _Writer, opts: NginxOptions) -> None:
         "The @inference_upstream_* variants also report"
     )
     w("        # the failed attempt to the picker.")
-    for prefix, accounting in (("error", False), ("upstream", opts.accounting)):
+    for prefix, accounting in (("error", False), ("upstream", _reports(opts) == "post_action")):
         for status, message in (
             (400, "malformed HTTP request"),
             (413, "request body exceeds the size limit"),
@@ -495,7 +529,16 @@ def options_from_gateway_config(path: str, base: NginxOptions) -> NginxOptions:
 @click.option("--default-upstream", default=None, help="Fail-open HOST:PORT when the decider is unreachable.")
 @click.option("--decider-timeout", type=float, default=10.0, show_default=True, help="Seconds.")
 @click.option("--read-timeout", type=float, default=300.0, show_default=True, help="Seconds (model server).")
-@click.option("--no-accounting", is_flag=True, help="Omit post_action completion reports.")
+@click.option(
+    "--report",
+    type=click.Choice(["post_action", "syslog"]),
+    default="post_action",
+    show_default=True,
+    help="How completion reports reach the decider: an HTTP post_action (reliable) or a syslog UDP datagram.",
+)
+@click.option(
+    "--no-accounting", is_flag=True, help="No completion reports (sessions end by the decider's timeout)."
+)
 @click.option("--self-contained", is_flag=True, help="pid/logs/temp paths relative to `nginx -p PREFIX`.")
 @click.option("--workers", default="auto", show_default=True, help="worker_processes.")
 @click.option("--decider-tls", is_flag=True, help="HTTPS to the decider.")
@@ -512,6 +555,7 @@ def config_command(
     default_upstream: str | None,
     decider_timeout: float,
     read_timeout: float,
+    report: str,
     no_accounting: bool,
     self_contained: bool,
     workers: str,
@@ -528,6 +572,7 @@ def config_command(
         decider_timeout=decider_timeout,
         read_timeout=read_timeout,
         accounting=not no_accounting,
+        report=report,
         self_contained=self_contained,
         worker_processes=workers,
         decider_tls=decider_tls,
