@@ -212,7 +212,11 @@ def bootstrap(
     show_default=True,
     help="What of the response the picker sees: everything (exact accounting), headers, or nothing.",
 )
-@click.option("--failure-mode-allow", is_flag=True, help="Fail open when the picker is down (default: 500).")
+@click.option(
+    "--failure-mode-allow",
+    is_flag=True,
+    help="Ask Envoy to fail open when the picker is down (in full duplex Envoy 1.40 still answers 500).",
+)
 @click.option(
     "--request-body",
     type=click.Choice(["full_duplex", "buffered"]),
