@@ -7,12 +7,15 @@ Time only moves when the caller says so: ``submit(request, now)``, ``advance(now
 One *engine step* works like vLLM V1's scheduler iteration:
 
 1. Scheduling, at the step's start time ``t``, with a token budget of ``max_num_batched_tokens``:
-   every running sequence that finished prefill decodes one token (1 budget unit each); sequences still in
-   prefill get the next chunk of their uncached prompt; then waiting requests are admitted in FIFO order
-   while fewer than ``max_num_seqs`` run and budget remains. Admission needs the request's KV blocks
-   (prompt + planned output; cached prefix blocks are shared) -- if they do not fit, admission stops
-   (head-of-line, like vLLM). A request for a LoRA adapter needs the adapter active: it is, or a slot is
-   free, or an idle adapter can be swapped out; otherwise the request is skipped and keeps its place.
+   every running sequence that finished prefill decodes one token (1 budget unit each) and gets a new KV
+   block when its tokens fill the last one; when no block is free, the most recently admitted running
+   request is preempted (blocks freed, back to the head of the queue, recomputed later: vLLM's recompute
+   preemption) and nobody is admitted in that step. Sequences still in prefill get the next chunk of their
+   uncached prompt. Then waiting requests are admitted in FIFO order while fewer than ``max_num_seqs`` run
+   and budget remains. Admission needs the blocks of the prompt (cached prefix blocks are shared); if they
+   do not fit, admission stops (head-of-line, as vLLM). A request for a LoRA adapter needs the adapter
+   active: it is, or a slot is free, or an idle adapter can be swapped out; otherwise the request is skipped
+   and keeps its place.
 2. The step lasts ``step_base + step_per_seq * batch + [prefill_base + prefill_per_token * prefilled tokens]
    + lora_load * adapters loaded``, all multiplied by ``time_scale``.
 3. At ``t + duration`` every decoding sequence has one more token, a sequence whose prefill completed has
@@ -20,8 +23,8 @@ One *engine step* works like vLLM V1's scheduler iteration:
    work (a request arriving mid-step waits for the next step, as in vLLM).
 
 So time to first token = queue wait + the steps that prefill the uncached prompt, and inter-token latency
-grows with the batch. Simplifications (documented in docs/simulator.md): no preemption (a request reserves
-its whole KV footprint at admission), generated tokens are not added to the prefix cache, decode cost does
+grows with the batch. Simplifications (documented in docs/simulator.md): generated tokens are not added to
+the prefix cache, a prompt's blocks are all allocated at admission (not chunk by chunk), decode cost does
 not depend on context length.
 """
 
