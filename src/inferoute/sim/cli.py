@@ -51,9 +51,23 @@ async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Served base model name.")
 @click.option("--lora-adapters", default="", help="Comma-separated LoRA adapter names.")
-@click.option("--max-loras", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-num-seqs", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-num-batched-tokens", default=8192, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--max-loras", default=1, show_default=True, type=click.IntRange(min=1), help="Adapters active at once."
+)
+@click.option(
+    "--max-num-seqs",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Sequences running at once.",
+)
+@click.option(
+    "--max-num-batched-tokens",
+    default=8192,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Token budget of one engine step (chunked prefill).",
+)
 @click.option(
     "--max-waiting",
     default=1000,
@@ -61,9 +75,23 @@ async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None
     type=click.IntRange(min=0),
     help="Waiting-queue length; beyond it requests get 429.",
 )
-@click.option("--max-model-len", default=32768, show_default=True, type=click.IntRange(min=1))
-@click.option("--kv-cache-blocks", default=27000, show_default=True, type=click.IntRange(min=1))
-@click.option("--block-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--max-model-len",
+    default=32768,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Context length (prompt + max_tokens).",
+)
+@click.option(
+    "--kv-cache-blocks",
+    default=27000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="KV-cache blocks (num_gpu_blocks).",
+)
+@click.option(
+    "--block-size", default=16, show_default=True, type=click.IntRange(min=1), help="Tokens per KV block."
+)
 @click.option(
     "--time-scale",
     default=1.0,
@@ -71,7 +99,9 @@ async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None
     type=click.FloatRange(min=0, min_open=True),
     help="Multiply every simulated duration (0.1 = ten times faster).",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seeds output lengths, text and failures."
+)
 @click.option(
     "--failure-rate",
     default=0.0,
@@ -79,7 +109,13 @@ async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None
     type=click.FloatRange(0, 1),
     help="Probability that a completion request fails with 500 or 503.",
 )
-@click.option("--mean-output-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--mean-output-tokens",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Mean output length without ignore_eos.",
+)
 @click.option("--allow-forced-errors", is_flag=True, help="Honour the x-sim-force-status request header.")
 @click.option("--emit-schedule", is_flag=True, help="Add sim_scheduled_at to streamed chunks (benchmarks).")
 @click.option("--uvloop/--no-uvloop", default=True, show_default=True)
