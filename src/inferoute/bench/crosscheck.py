@@ -2,9 +2,10 @@
 
 The same point is measured twice, each time on a fresh simulator pool behind a fresh router: once by
 ``guidellm run`` (Poisson profile, the plan's prompts as a JSON-lines dataset with ``output_tokens_count`` so
-GuideLLM sends ``max_tokens`` with ``ignore_eos``), once by our load generator with the same prompts in the
-same order at the same rate. The two must agree within a tolerance on median and p90 TTFT, mean inter-token
-latency and output throughput; :func:`compare` is the pure judgement.
+GuideLLM sends ``max_tokens`` with ``ignore_eos``), then by our load generator replaying exactly the requests
+GuideLLM sent (its arrival times and prompts, read back from its report). The two must agree within a
+tolerance on median and p90 TTFT, mean inter-token latency and output throughput; :func:`compare` is the
+pure judgement.
 
 GuideLLM needs a tokenizer directory. None is downloaded: :data:`TOKENIZER_SCRIPT` builds a word-level
 Hugging Face tokenizer for the workloads' synthetic vocabulary (every three-letter lowercase word is one
@@ -25,6 +26,7 @@ from typing import Any
 
 import click
 
+from inferoute.bench import scrape
 from inferoute.bench.loadgen import run_plan
 from inferoute.bench.peers import (
     Contender,
@@ -104,6 +106,31 @@ def guidellm_metrics(report: Mapping[str, Any]) -> dict[str, float]:
         "output_tokens_per_s": float(dist("output_tokens_per_second")["mean"]),
         "requests_per_s": float(dist("requests_per_second")["mean"]),
     }
+
+
+def guidellm_schedule(report: Mapping[str, Any]) -> list[tuple[float, str]]:
+    """(arrival offset, prompt) of every request GuideLLM sent, in arrival order (pure)."""
+    requests = report["benchmarks"][0]["requests"]
+    sent: list[tuple[float, str]] = []
+    for kind in ("successful", "incomplete", "errored"):
+        for r in requests.get(kind) or []:
+            body = json.loads(r["request_args"])["body"]
+            sent.append((float(r["info"]["timings"]["targeted_start"]), str(body["prompt"])))
+    sent.sort()
+    start = sent[0][0] if sent else 0.0
+    return [(t - start, prompt) for t, prompt in sent]
+
+
+def replay_plan(
+    schedule: Sequence[tuple[float, str]], plan: Sequence[PlannedRequest]
+) -> list[PlannedRequest]:
+    """Our requests with GuideLLM's arrival times and prompts (bodies taken from ``plan``) (pure)."""
+    by_prompt = {json.loads(p.body)["prompt"]: p for p in plan}
+    out: list[PlannedRequest] = []
+    for i, (at, prompt) in enumerate(schedule):
+        p = by_prompt[prompt]
+        out.append(PlannedRequest(i, at, p.path, p.body, p.model, p.max_tokens, p.group, p.prompt_tokens))
+    return out
 
 
 def write_dataset(plan: Sequence[PlannedRequest], path: Path) -> None:
@@ -195,7 +222,7 @@ async def run_crosscheck(
     """Measure one point with GuideLLM, then with our load generator; returns (ours, theirs)."""
     plan, data, tokenizer = prepared
     out = workdir / "guidellm.json"
-    sim, router, url, _ = await _with_stack(
+    sim, router, url, pool = await _with_stack(
         workload, contender, replicas, time_scale, seed, workdir, "guidellm"
     )
     try:
@@ -207,22 +234,35 @@ async def run_crosscheck(
             )
             if await proc.wait() != 0:
                 raise click.ClickException(f"guidellm failed ({proc.returncode}); see {workdir}/guidellm.log")
+        their_server = await scrape.pool_counters(pool)
     finally:
         await router.stop()
         await sim.stop()
-    theirs = guidellm_metrics(json.loads(out.read_text()))
-
-    mine = [p for p in plan if p.at < duration]
-    sim, router, url, _ = await _with_stack(workload, contender, replicas, time_scale, seed, workdir, "ours")
+    report = json.loads(out.read_text())
+    theirs = guidellm_metrics(report)
+    # Same arrivals, same prompts: any difference is the measurement, not the traffic.
+    mine = replay_plan(guidellm_schedule(report), plan)
+    sim, router, url, pool = await _with_stack(
+        workload, contender, replicas, time_scale, seed, workdir, "ours"
+    )
     try:
         results = await run_plan(url, mine)
+        our_server = await scrape.pool_counters(pool)
     finally:
         await router.stop()
         await sim.stop()
     summary = summarize(contender.name, workload.name, rate, results, 0.0, duration)
     itls = [gap for r in results if r.ok for gap in r.itls]
     ours = our_metrics(summary, sum(itls) / len(itls) if itls else math.nan)
+    # The simulator's own mean TTFT in each run tells server-side time from client-side overhead.
+    ours["server_ttft_mean_s"] = _server_ttft(our_server)
+    theirs["server_ttft_mean_s"] = _server_ttft(their_server)
     return ours, theirs
+
+
+def _server_ttft(counters: Mapping[str, float]) -> float:
+    count = counters.get("server_ttft_count", 0.0)
+    return counters.get("server_ttft_sum_s", 0.0) / count if count else math.nan
 
 
 def markdown(agreements: Sequence[Agreement]) -> str:

@@ -21,6 +21,8 @@ SERVER_SAMPLES: Mapping[str, str] = {
     "vllm:request_success_total": "requests_finished",
     "vllm:prompt_tokens_total": "prompt_tokens",
     "vllm:generation_tokens_total": "generation_tokens",
+    "vllm:time_to_first_token_seconds_sum": "server_ttft_sum_s",
+    "vllm:time_to_first_token_seconds_count": "server_ttft_count",
     "inferoute_sim:rejected_queue_full_total": "rejected_queue_full",
     # Asked of the simulator (not exported yet when this was written): requests that found no free adapter
     # slot, and adapter loads. When absent, LoRA waits are measured by sampling (LoraWaitSampler).
