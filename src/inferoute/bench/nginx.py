@@ -5,11 +5,12 @@ the bottleneck) and driven by ``wrk`` with small JSON POSTs:
 
 * ``direct`` -- the backend itself (the floor);
 * ``nginx proxy_pass`` -- stock NGINX, one worker, ``proxy_pass`` to an ``upstream`` with keep-alive;
-* ``nginx + decider`` -- stock NGINX, one worker, the configuration of ``inferoute nginx-config``:
-  every request is buffered, sent to ``inferoute gateway --mode nginx`` (BBR + the embedded picker),
-  redirected to ``@inference`` and proxied to the backend; plus the post_action completion report;
-* ``nginx + decider, --no-accounting`` -- the same without the post_action completion reports (what the
-  report costs);
+* ``nginx + decider (post_action reports)`` -- stock NGINX, one worker, the configuration of
+  ``inferoute nginx-config``: every request is buffered, sent to ``inferoute gateway --mode nginx`` (BBR + the
+  embedded picker), redirected to ``@inference`` and proxied to the backend; plus the post_action report;
+* ``nginx + decider (syslog reports)`` -- the same with ``--report syslog`` (a UDP datagram per request);
+* ``nginx + decider, --no-accounting`` -- the same without completion reports (what reporting
+  costs);
 * ``decider alone`` -- wrk straight at the decider: decisions per second of the Python process, no
   proxying and no reports (the sessions stay open; the process is stopped afterwards);
 * ``inferoute gateway`` -- ``inferoute gateway`` alone (one worker process): BBR + the same embedded picker +
@@ -224,9 +225,9 @@ def run(duration: float, connections: int, out: Path) -> list[ContenderResult]:
         "  location / { proxy_pass http://backend; proxy_http_version 1.1; "
         'proxy_set_header Connection ""; } }'
     )
-    no_report = free_port()
+    no_report, syslog = free_port(), free_port()
 
-    def front_conf(port: int, accounting: bool) -> str:
+    def front_conf(port: int, accounting: bool, report: str = "post_action") -> str:
         opts = NginxOptions(
             decider=f"127.0.0.1:{decider}",
             listen=f"127.0.0.1:{port}",
@@ -234,8 +235,9 @@ def run(duration: float, connections: int, out: Path) -> list[ContenderResult]:
             worker_processes="1",
             access_log="off",
             accounting=accounting,
+            report=report,
         )
-        return render(opts).replace("access_log off inference;", "access_log off;")
+        return render(opts)
 
     def url(port: int) -> str:
         return f"http://127.0.0.1:{port}{path}"
@@ -257,7 +259,13 @@ def run(duration: float, connections: int, out: Path) -> list[ContenderResult]:
         with inferoute_process(decider_args, decider, work / "decider.log"):
             with nginx_server(work / "front", front_conf(front, True), front):
                 results.append(
-                    measure("nginx + inferoute decider", url(front), connections, duration, script)
+                    measure(
+                        "nginx + decider (post_action reports)", url(front), connections, duration, script
+                    )
+                )
+            with nginx_server(work / "front-syslog", front_conf(syslog, True, "syslog"), syslog):
+                results.append(
+                    measure("nginx + decider (syslog reports)", url(syslog), connections, duration, script)
                 )
             with nginx_server(work / "front-noreport", front_conf(no_report, False), no_report):
                 results.append(

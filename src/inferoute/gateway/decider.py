@@ -30,14 +30,15 @@ the decider sends nothing else worth leaking):
                                it was generated with (``nginx-config --pass-header``)
 =============================  =============================================================================
 
-Response-phase accounting: the picker's in-flight counts must be released when the response ends. The
-generated ``@inference`` location carries ``post_action @inference_done``: after the response has been
-sent (or the client went away) NGINX makes one body-less request to ``/_inferoute/done`` with the token,
-``$upstream_addr``, ``$upstream_status``, ``$upstream_header_time`` and ``$request_completion``; the decider
-then calls ``response_started`` and ``response_finished`` (or ``aborted``) on the session. A session whose
-report never arrives (NGINX killed, a config without post_action) is aborted after ``completion_timeout``
-seconds. Lost compared with the gateway: per-chunk reporting (``response_chunk``) and response headers, so
-the picker sees neither token usage nor time-to-first-token.
+Response-phase accounting: the picker's in-flight counts must be released when the response ends. After
+the response has been sent (or the client went away) NGINX reports the token, ``$upstream_addr``,
+``$upstream_status``, ``$upstream_header_time`` and ``$request_completion`` -- either with ``post_action
+@inference_done`` (one body-less HTTP request to ``/_inferoute/done``; reliable) or from its access log as a
+syslog UDP datagram to the decider's port number (``nginx-config --report syslog``; far cheaper, lost only
+under overload). The decider then calls ``response_started`` and ``response_finished`` (or ``aborted``) on
+the session. A session whose report never arrives (NGINX killed, a lost datagram, a config without reports)
+is aborted after ``completion_timeout`` seconds. Lost compared with the gateway: per-chunk reporting
+(``response_chunk``) and response headers, so the picker sees neither token usage nor time-to-first-token.
 
 A request whose decision NGINX cannot express -- the picker replaced the body (model rewrite) -- is
 *relayed*: the decider proxies that request itself and streams the answer back (``X-Accel-Buffering: no``),
