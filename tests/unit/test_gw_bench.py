@@ -52,6 +52,15 @@ def test_best_rate_under_bound_ignores_slow_and_failing_runs() -> None:
     assert best_rate_under([WrkResult(1, 10, 50.0, 90.0, 0)], 10.0) is None
 
 
+def test_tree_cpu_seconds_of_this_process() -> None:
+    import os
+
+    from inferoute.bench.gateway import tree_cpu_seconds
+
+    assert tree_cpu_seconds(os.getpid()) > 0
+    assert math.isnan(tree_cpu_seconds(2**22 + 12345))  # no such process
+
+
 def test_render_markdown_reports_added_latency() -> None:
     paths = {
         "direct": {
@@ -65,6 +74,7 @@ def test_render_markdown_reports_added_latency() -> None:
             "fixed_rate_p99_ms": 2.5,
             "wrk": [{"connections": 4, "requests_per_s": 50.0, "p50_ms": 1.0, "p99_ms": 20.0, "errors": 0}],
             "sse_events_per_s": 900.0,
+            "wrk_cpu_us_per_request": [250.0],
         },
     }
     result = {
@@ -75,6 +85,6 @@ def test_render_markdown_reports_added_latency() -> None:
         "bbr": {"body_mb": 10.0, "extract_model_gb_s": 3.0, "json_loads_gb_s": 0.5},
     }
     text = render_markdown(result)
-    assert "| gw | 0.900 ms | 2.500 ms | +0.700 ms | +2.000 ms | none | 50 | 900 |" in text
-    assert "| direct | 0.200 ms | 0.500 ms | - | - | 100 (1) | 100 | 1,000 |" in text
+    assert "| gw | 0.900 ms | 2.500 ms | +0.700 ms | +2.000 ms | none | 50 | 250 µs | 900 |" in text
+    assert "| direct | 0.200 ms | 0.500 ms | - | - | 100 (1) | 100 | - | 1,000 |" in text
     assert "(6.0x)" in text

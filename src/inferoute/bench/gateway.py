@@ -35,6 +35,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import platform
 import re
 import shutil
@@ -140,9 +141,28 @@ class PathReport:
     fixed_rate_p99_ms: float = math.nan
     fixed_rate_errors: int = 0
     wrk: list[WrkResult] = field(default_factory=list)
+    wrk_cpu_us_per_request: list[float] = field(default_factory=list)
+    """CPU (user + system) of the path's processes per request in each wrk run (NaN: not measured)."""
     sse_events_per_s: float = math.nan
     sse_errors: int = 0
     note: str = ""
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and all its descendants (Linux ``/proc``); NaN when unreadable."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    stack = [pid]
+    try:
+        while stack:
+            p = stack.pop()
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+    except (OSError, ValueError, IndexError):
+        return math.nan
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -445,6 +465,7 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
             procs, sse_backend_process(work, sse_port, opts.sse_events), f"http://127.0.0.1:{sse_port}/health"
         )
         json_url = {"direct": f"http://{backend}"}
+        json_pid = {"direct": procs[0].proc.pid if procs[0].proc else -1}
         sse_url = {"direct": f"http://127.0.0.1:{sse_port}"}
         starters: dict[str, Callable[[int, str], tuple[ManagedProcess, str]]] = {
             "inferoute": lambda p, up: (
@@ -471,6 +492,8 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
                 proc.name = f"{name}-{kind}"
                 await _start(procs, proc, f"http://127.0.0.1:{port}{ready}")
                 (sse_url if kind == "sse" else json_url)[name] = f"http://127.0.0.1:{port}"
+                if kind == "json" and proc.proc is not None:
+                    json_pid[name] = proc.proc.pid
             if name == "inferoute-2w":
                 await asyncio.sleep(1.0)  # both workers listening
         for name in opts.paths:
@@ -492,11 +515,16 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
         echo(f"wrk sweep, connections {list(opts.connections)}, {opts.wrk_duration:g}s each")
         for name in opts.paths:
             for c in opts.connections:
+                cpu0 = tree_cpu_seconds(json_pid[name])
                 res = await asyncio.to_thread(run_wrk, json_url[name] + chat, c, opts.wrk_duration, work)
+                cpu_us = (tree_cpu_seconds(json_pid[name]) - cpu0) / max(
+                    1.0, res.requests_per_s * opts.wrk_duration
+                )
                 reports[name].wrk.append(res)
+                reports[name].wrk_cpu_us_per_request.append(cpu_us * 1e6)
                 echo(
                     f"  {name:20s} c={c:<3d} {res.requests_per_s:9.0f} req/s  p50 {res.p50_ms:7.3f} ms"
-                    f"  p99 {res.p99_ms:7.3f} ms  errors {res.errors}"
+                    f"  p99 {res.p99_ms:7.3f} ms  errors {res.errors}  cpu {cpu_us * 1e6:6.0f} us/req"
                 )
         echo(f"SSE relay: {opts.sse_streams} streams x {opts.sse_events} events x {opts.sse_rounds} rounds")
         for name in opts.paths:
@@ -548,8 +576,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         f"| path | p50 at {rate:g}/s | p99 at {rate:g}/s | added p50 | added p99 "
         "| best req/s with p99 < 10 ms "
-        "(connections) | max req/s (wrk) | SSE events/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "(connections) | max req/s (wrk) | CPU per request | SSE events/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in paths.items():
         wrk = [WrkResult(**w) for w in r["wrk"]]
@@ -558,10 +586,12 @@ def render_markdown(result: dict[str, Any]) -> str:
         added50 = "-" if name == "direct" else f"{r['fixed_rate_p50_ms'] - d50:+.3f} ms"
         added99 = "-" if name == "direct" else f"{r['fixed_rate_p99_ms'] - d99:+.3f} ms"
         best_txt = f"{best.requests_per_s:,.0f} ({best.connections})" if best else "none"
+        cpu_values = [v for v in r.get("wrk_cpu_us_per_request", []) if not math.isnan(v)]
+        cpu_txt = f"{percentile(cpu_values, 0.5):,.0f} µs" if cpu_values else "-"
         lines.append(
             f"| {name} | {r['fixed_rate_p50_ms']:.3f} ms | {r['fixed_rate_p99_ms']:.3f} ms "
             f"| {added50} | {added99} "
-            f"| {best_txt} | {top:,.0f} | {r['sse_events_per_s']:,.0f} |"
+            f"| {best_txt} | {top:,.0f} | {cpu_txt} | {r['sse_events_per_s']:,.0f} |"
         )
     bbr = result["bbr"]
     lines += [
