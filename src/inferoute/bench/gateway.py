@@ -305,7 +305,7 @@ async def _serve_sse(port: int, events: int) -> None:
 # ---------------------------------------------------------------------------------------------- load
 
 
-async def fixed_rate(url: str, rate: float, duration: float) -> tuple[list[float], int]:
+async def fixed_rate(url: str, rate: float, duration: float, warmup: int = 20) -> tuple[list[float], int]:
     """Open loop: one request every ``1/rate`` s for ``duration`` s; latencies (ms) and error count."""
     latencies: list[float] = []
     errors = 0
@@ -327,7 +327,7 @@ async def fixed_rate(url: str, rate: float, duration: float) -> tuple[list[float
                 return
             latencies.append((time.perf_counter() - t0) * 1000)
 
-        for _ in range(20):  # warm the connection pool and the path
+        for _ in range(warmup):  # warm the connection pool and the path
             await one()
         latencies.clear()
         n = int(rate * duration)
@@ -499,10 +499,20 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
         for name in opts.paths:
             reports[name] = PathReport(name)
         chat = "/v1/chat/completions"
-        echo(f"fixed rate {opts.rate:g} req/s for {opts.fixed_duration:g}s per path")
+        echo(
+        echo(f"fixed rate {opts.rate:g} req/s, {opts.fixed_duration:g}s per path (1 s slices, interleaved)")
+        )
+        lats: dict[str, list[float]] = {n: [] for n in opts.paths}
+        errors: dict[str, int] = dict.fromkeys(opts.paths, 0)
+        for _ in range(max(1, round(opts.fixed_duration))):
+            # interleaving spreads the machine's load swings over every path alike
+            for name in opts.paths:
+                lat, errs = await fixed_rate(json_url[name] + chat, opts.rate, 1.0, warmup=5)
+                lats[name].extend(lat)
+                errors[name] += errs
         for name in opts.paths:
-            lat, errs = await fixed_rate(json_url[name] + chat, opts.rate, opts.fixed_duration)
             r = reports[name]
+            lat, errs = lats[name], errors[name]
             r.fixed_rate_p50_ms, r.fixed_rate_p99_ms, r.fixed_rate_errors = (
                 percentile(lat, 0.5),
                 percentile(lat, 0.99),
