@@ -499,9 +499,7 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
         for name in opts.paths:
             reports[name] = PathReport(name)
         chat = "/v1/chat/completions"
-        echo(
         echo(f"fixed rate {opts.rate:g} req/s, {opts.fixed_duration:g}s per path (1 s slices, interleaved)")
-        )
         lats: dict[str, list[float]] = {n: [] for n in opts.paths}
         errors: dict[str, int] = dict.fromkeys(opts.paths, 0)
         for _ in range(max(1, round(opts.fixed_duration))):
