@@ -225,3 +225,20 @@ def test_scheduling_metrics_are_recorded() -> None:
         == 1
     )
     assert rig.value("inference_extension_prefix_indexer_hit_ratio_count") == 1
+
+
+def test_pending_prefill_counts_only_the_uncached_part() -> None:
+    rig = Rig(3)
+    prompt = "shared system prompt " * 100  # ~2 KB: 33 blocks of 64 bytes
+    d1, s1 = rig.director.decide(pick_request(body(prompt=prompt)))
+    assert isinstance(d1, Destination) and isinstance(s1, Session)
+    warm = d1.endpoints[0]
+    assert s1.prefill_tokens == s1.prompt_tokens  # nothing cached anywhere yet
+    s1.response_finished()
+    d2, s2 = rig.director.decide(pick_request(body(prompt=prompt + " and a question")))
+    assert isinstance(d2, Destination) and isinstance(s2, Session) and d2.endpoints[0] == warm
+    assert 0 < s2.prefill_tokens < s2.prompt_tokens // 10  # most of it is in warm's cache
+    assert rig.learned.inflight(warm).pending_tokens == s2.prefill_tokens
+    s2.response_chunk(b"data: {}\n\n")
+    assert rig.learned.inflight(warm).pending_tokens == 0
+    s2.response_finished()

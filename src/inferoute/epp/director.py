@@ -77,6 +77,17 @@ def _rewrite_model(body: bytes, target: str) -> bytes:
     return msgspec.json.encode(doc)
 
 
+def uncached_tokens(ctx: CycleContext, endpoint: str) -> int:
+    """Prompt tokens ``endpoint`` probably has to prefill: the prompt scaled by the fraction of its hashed
+    prefix blocks the endpoint does not hold (the whole prompt when no plugin computed prefix hashes). The
+    fraction extrapolates past the hashed region (``maxPrefixBlocksToMatch``) for long prompts."""
+    tokens = ctx.request.prompt_tokens
+    hashes = ctx.hashes_computed
+    if not hashes:
+        return tokens
+    return round(tokens * (1.0 - ctx.matched_blocks(endpoint) / len(hashes)))
+
+
 class Director:
     """Glue of the picker's layers for one request (see module docstring)."""
 
@@ -206,9 +217,10 @@ class Director:
         self._observe_prefix(ctx, result)
 
         primary = result.endpoints[0].key
-        self.learned.begin(primary, prompt_tokens)
+        prefill_tokens = uncached_tokens(ctx, primary)
+        self.learned.begin(primary, prompt_tokens, prefill_tokens)
         series.running.inc()
-        session = Session(self, series, primary, prompt_tokens, now)
+        session = Session(self, series, primary, prompt_tokens, prefill_tokens, now)
         return Destination(tuple(c.key for c in result.endpoints), set_headers, body), session
 
     def _candidates(self, states: list[EndpointState]) -> list[Candidate]:
@@ -236,7 +248,7 @@ class Director:
         hashes = ctx.hashes_computed
         if not hashes:
             return
-        matched = ctx.prefix_match([]).get(result.endpoints[0].key, 0)
+        matched = ctx.matched_blocks(result.endpoints[0].key)
         self.metrics.prefix_hit_ratio.observe(matched / len(hashes))
         block_bytes = ctx.block_size_tokens([result.endpoints[0]]) * CHARS_PER_TOKEN
         self.metrics.prefix_hit_bytes.observe(min(matched * block_bytes, len(ctx.request.prompt)))
@@ -268,19 +280,28 @@ class Session:
         "_started_at",
         "_tail",
         "endpoint",
+        "prefill_tokens",
         "prompt_tokens",
         "status",
         "usage",
     )
 
     def __init__(
-        self, director: Director, series: ModelSeries, endpoint: str, prompt_tokens: int, started_at: float
+        self,
+        director: Director,
+        series: ModelSeries,
+        endpoint: str,
+        prompt_tokens: int,
+        prefill_tokens: int,
+        started_at: float,
     ) -> None:
         self._director = director
         self._series = series
         self.endpoint = endpoint
         """Where the in-flight count is held: the primary pick, moved to the served endpoint when reported."""
         self.prompt_tokens = prompt_tokens
+        self.prefill_tokens = prefill_tokens
+        """Tokens the endpoint is expected to prefill (prompt minus its probable prefix-cache hit)."""
         self._started_at = started_at
         self._tail = TailBuffer()
         self._first = False
@@ -295,8 +316,9 @@ class Session:
             self.status = status
             if served and served != self.endpoint:
                 learned = self._director.learned
-                learned.end(self.endpoint, self.prompt_tokens, 0, started=False)
-                learned.begin(served, self.prompt_tokens)
+                learned.end(self.endpoint, self.prompt_tokens, self.prefill_tokens, started=False)
+                self.prefill_tokens = self.prompt_tokens  # the fallback's cache is unknown: assume cold
+                learned.begin(served, self.prompt_tokens, self.prefill_tokens)
                 self.endpoint = served
         except Exception:
             log.exception("session response_started")
@@ -308,7 +330,7 @@ class Session:
             if not self._first and chunk:
                 self._first = True
                 d = self._director
-                d.learned.first_byte(self.endpoint, self.prompt_tokens)
+                d.learned.first_byte(self.endpoint, self.prefill_tokens)
                 self._series.ttft.observe(d.clock.now() - self._started_at)
             self._tail.feed(chunk)
         except Exception:
@@ -342,7 +364,7 @@ class Session:
         self._done = True
         try:
             d = self._director
-            d.learned.end(self.endpoint, self.prompt_tokens, 0, started=self._first)
+            d.learned.end(self.endpoint, self.prompt_tokens, self.prefill_tokens, started=self._first)
             self._series.running.dec()
             self._series.duration.observe(d.clock.now() - self._started_at)
         except Exception:

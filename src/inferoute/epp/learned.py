@@ -31,9 +31,9 @@ class InflightCounts:
         self.pending = 0
         """Picked and no response byte yet (queued or prefilling)."""
         self.pending_tokens = 0
-        """Prompt tokens of the pending requests."""
+        """Prompt tokens the pending requests still have to prefill there (the uncached part)."""
         self.tokens = 0
-        """Prompt tokens (estimate) plus output tokens seen so far, of unfinished requests."""
+        """Prompt tokens (estimate) of the unfinished requests."""
 
 
 class LearnedState(Protocol):
@@ -43,15 +43,16 @@ class LearnedState(Protocol):
         """The live counts object of ``endpoint`` (updated in place; callers may keep it)."""
         ...
 
-    def begin(self, endpoint: str, prompt_tokens: int) -> None:
-        """A request was sent to ``endpoint``."""
+    def begin(self, endpoint: str, prompt_tokens: int, prefill_tokens: int) -> None:
+        """A request of ``prompt_tokens`` was sent to ``endpoint``, which must prefill ``prefill_tokens`` of
+        them (the rest is expected in its prefix cache)."""
         ...
 
-    def first_byte(self, endpoint: str, prompt_tokens: int) -> None:
+    def first_byte(self, endpoint: str, prefill_tokens: int) -> None:
         """Its response started (prefill done)."""
         ...
 
-    def end(self, endpoint: str, prompt_tokens: int, output_tokens: int, *, started: bool) -> None:
+    def end(self, endpoint: str, prompt_tokens: int, prefill_tokens: int, *, started: bool) -> None:
         """It finished or was aborted; ``started`` says whether ``first_byte`` was reported."""
         ...
 
@@ -76,25 +77,25 @@ class LocalLearnedState:
             c = self._inflight[endpoint] = InflightCounts()
         return c
 
-    def begin(self, endpoint: str, prompt_tokens: int) -> None:
+    def begin(self, endpoint: str, prompt_tokens: int, prefill_tokens: int) -> None:
         c = self._counts(endpoint)
         c.requests += 1
         c.pending += 1
-        c.pending_tokens += prompt_tokens
+        c.pending_tokens += prefill_tokens
         c.tokens += prompt_tokens
 
-    def first_byte(self, endpoint: str, prompt_tokens: int) -> None:
+    def first_byte(self, endpoint: str, prefill_tokens: int) -> None:
         c = self._counts(endpoint)
         c.pending = max(0, c.pending - 1)
-        c.pending_tokens = max(0, c.pending_tokens - prompt_tokens)
+        c.pending_tokens = max(0, c.pending_tokens - prefill_tokens)
 
-    def end(self, endpoint: str, prompt_tokens: int, output_tokens: int, *, started: bool) -> None:
+    def end(self, endpoint: str, prompt_tokens: int, prefill_tokens: int, *, started: bool) -> None:
         c = self._inflight.get(endpoint)
         if c is None:
             return
         if not started:
             c.pending = max(0, c.pending - 1)
-            c.pending_tokens = max(0, c.pending_tokens - prompt_tokens)
+            c.pending_tokens = max(0, c.pending_tokens - prefill_tokens)
         c.requests = max(0, c.requests - 1)
         c.tokens = max(0, c.tokens - prompt_tokens)
         if c.requests == 0:

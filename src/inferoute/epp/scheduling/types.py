@@ -123,6 +123,15 @@ class CycleContext:
             )
         return self._match
 
+    def matched_blocks(self, endpoint: str) -> int:
+        """Leading prefix blocks ``endpoint`` holds (0 when no plugin computed the prefix hashes)."""
+        if self._hashes is None:
+            return 0
+        match = (
+            self._match if self._match is not None else self.learned.prefix.match(self._hashes, [endpoint])
+        )
+        return match.get(endpoint, 0)
+
     @property
     def hashes_computed(self) -> list[int] | None:
         return self._hashes

@@ -5,13 +5,14 @@ Like NVIDIA Dynamo's KV-router cost (prefill blocks still to compute + decode lo
     ahead      = max(waiting, pending)                      requests queued before ours
     queue_wait = max(waiting x queuedRequestSeconds,
                      pending_tokens x prefillSecondsPerToken + pending x requestOverheadSeconds)
-    uncached   = max(0, prompt_tokens - matched_blocks x block_tokens)
+    uncached   = prompt_tokens x (1 - matched_blocks / hashed_blocks)
     prefill    = requestOverheadSeconds + uncached x prefillSecondsPerToken
     decode     = running x decodeSecondsPerRunning x (1 + ahead)
     predicted  = queue_wait + prefill + decode  (+ kvPenaltySeconds when kv_usage ≥ kvThreshold)
 
 ``waiting`` / ``running`` / ``kv_usage`` are scraped; ``pending`` / ``pending_tokens`` are this picker's own
-not-yet-answered requests (fresher than any scrape); ``matched_blocks`` comes from the approximate prefix
+not-yet-answered requests (fresher than any scrape) and the tokens they still have to prefill there;
+``matched_blocks`` comes from the approximate prefix
 index.
 Score: min-max normalised so the lowest prediction scores 1 and the highest 0 (all 1 when equal).
 
@@ -59,7 +60,7 @@ class PredictedTTFTScorer:
         req = ctx.request
         hashes = ctx.prefix_hashes(candidates)
         match = ctx.prefix_match(candidates) if hashes else {}
-        block_tokens = ctx.block_size_tokens(candidates)
+        per_block = req.prompt_tokens / len(hashes) if hashes else 0.0
         out: list[float] = []
         for c in candidates:
             met = c.metrics
@@ -69,9 +70,7 @@ class PredictedTTFTScorer:
                 met.waiting * m.queued_request_s,
                 inf.pending_tokens * m.prefill_s_per_token + inf.pending * m.request_overhead_s,
             )
-            uncached = req.prompt_tokens - match.get(c.key, 0) * block_tokens
-            if uncached < 0:
-                uncached = 0
+            uncached = req.prompt_tokens - match.get(c.key, 0) * per_block
             t = queue_wait + m.request_overhead_s + uncached * m.prefill_s_per_token
             t += met.running * m.decode_s_per_running * (1.0 + ahead)
             if met.kv_usage >= m.kv_threshold:
