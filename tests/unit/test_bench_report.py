@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from inferoute.bench.report import (
+    load_points,
     markdown_tables,
     markdown_targets,
     plot_workload,
@@ -66,11 +68,18 @@ def test_files_and_plots(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["meta"] == {"seed": 1} and len(data["points"]) == 6
     assert data["knees"]["shared-prefix"]["c"]["rate"] == 4.0
-    written = plot_workload(tmp_path, "shared-prefix", points, "note")
+    meta, back = load_points(tmp_path / "r.json")
+    assert meta == {"seed": 1}
+    assert [(p.contender, p.rate, p.ttft_p90, p.server) for p in back] == [
+        (p.contender, p.rate, p.ttft_p90, p.server) for p in points
+    ]
+    assert math.isnan(back[0].itl_p90)  # NaN survives the round trip (null in JSON)
+    written = plot_workload(tmp_path, "shared-prefix", points, "note", [("lora_slot_waits", "waits")])
     assert [p.name for p in written] == [
         "shared-prefix-ttft-p90.png",
         "shared-prefix-throughput.png",
         "shared-prefix-cache-hit.png",
+        "shared-prefix-lora-slot-waits.png",
     ]
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -185,23 +185,33 @@ def markdown_targets(checks: Sequence[TargetCheck]) -> str:
 
 
 def plot_workload(
-    out_dir: Path, workload: str, points: Sequence[PointSummary], title_note: str = ""
+    out_dir: Path,
+    workload: str,
+    points: Sequence[PointSummary],
+    title_note: str = "",
+    server_charts: Sequence[tuple[str, str]] = (),
 ) -> list[Path]:
-    """Three PNGs for a workload: p90 TTFT vs rate, output throughput vs rate, cache hit rate vs rate."""
+    """PNGs for a workload: p90 TTFT vs rate, output throughput vs rate, cache hit rate vs rate (when any
+    point had a hit), and one chart per ``(server counter, label)`` in ``server_charts``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = by_contender(p for p in points if p.workload == workload)
+    mine = [p for p in points if p.workload == workload]
+    series = by_contender(mine)
     charts: list[tuple[str, str, Any, bool]] = [
         ("ttft-p90", "p90 time to first token (s)", lambda p: p.ttft_p90, True),
         ("throughput", "output tokens/s", lambda p: p.output_tps, False),
-        ("cache-hit", "prompt cache hit rate (%)", lambda p: p.cache_hit_rate * 100, False),
     ]
+    if any(p.cache_hit_rate > 0 for p in mine):
+        charts.append(("cache-hit", "prompt cache hit rate (%)", lambda p: p.cache_hit_rate * 100, False))
+    for key, label in server_charts:
+        if any(key in p.server for p in mine):
+            charts.append((key.replace("_", "-"), label, lambda p, k=key: p.server.get(k, math.nan), False))
     written: list[Path] = []
     for slug, ylabel, get, log_y in charts:
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=80)
         for i, (name, rows) in enumerate(series.items()):
             style = "-" if name.startswith("inferoute/") else "--"
             marker = "osD^vP*X"[i % 8]
@@ -220,10 +230,20 @@ def plot_workload(
             ax.set_yscale("log")
         ax.set_title(f"{workload}: {ylabel}" + (f"\n{title_note}" if title_note else ""), fontsize=9)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, ncol=2, loc="best", framealpha=0.7)
         fig.tight_layout()
         path = out_dir / f"{workload}-{slug}.png"
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def load_points(path: Path) -> tuple[dict[str, Any], list[PointSummary]]:
+    """Read back ``run.json``: (meta, point summaries)."""
+    data = json.loads(path.read_text())
+    points: list[PointSummary] = []
+    for raw in data["points"]:
+        fields: dict[str, Any] = {k: (math.nan if v is None else v) for k, v in raw.items()}
+        points.append(PointSummary(**fields))
+    return dict(data["meta"]), points

@@ -82,6 +82,7 @@ class RunConfig:
     quick: bool = False
     request_timeout: float = 180.0
     command: str = ""
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def points(self) -> list[tuple[str, float, Contender]]:
         return [(w, r, c) for w in self.workloads for r in self.rates[w] for c in self.contenders]
@@ -98,7 +99,7 @@ class RunConfig:
             "time_scale": self.time_scale,
             "seed": self.seed,
             "quick": self.quick,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "started": self.started,
             "machine": f"{platform.system()} {platform.machine()}, python {platform.python_version()}",
         }
 
@@ -245,11 +246,36 @@ def write_reports(
             sections.append("Targets:\n\n" + report.markdown_targets(targets[w]))
         if plots and any(p.workload == w for p in points):
             note = f"{cfg.replicas} sim replicas, time-scale {cfg.time_scale:g}"
-            for path in report.plot_workload(cfg.out_dir, w, points, note):
+            charts = [
+                (scrape.LORA_WAITS, "adapter-slot waits"),
+                (scrape.LORA_WAIT_SECONDS, "adapter-seconds waiting for a slot (sampled)"),
+            ]
+            for path in report.plot_workload(cfg.out_dir, w, points, note, charts):
                 sections.append(f"![{path.stem}]({path.name})\n")
     text = "\n".join(sections)
     (cfg.out_dir / "summary.md").write_text(text)
     return text
+
+
+def rebuild_reports(run_json: Path) -> str:
+    """Re-write summary.md, summary.csv and the plots of a finished run from its ``run.json``."""
+    meta, points = report.load_points(run_json)
+    cfg = RunConfig(
+        workloads=list(meta["workloads"]),
+        rates={w: list(r) for w, r in meta["rates"].items()},
+        contenders=select_contenders(",".join(meta["contenders"])),
+        duration=float(meta["duration_s"]),
+        warmup=float(meta["warmup_s"]),
+        replicas=int(meta["replicas"]),
+        time_scale=float(meta["time_scale"]),
+        seed=int(meta["seed"]),
+        out_dir=run_json.parent,
+        quick=bool(meta["quick"]),
+        command=str(meta["command"]),
+        started=str(meta["started"]),
+    )
+    workloads = {name: get_workload(name, quick=cfg.quick) for name in cfg.workloads}
+    return write_reports(cfg, workloads, points, plots=True)
 
 
 def _parse_rates(values: Sequence[str]) -> list[float]:
@@ -304,6 +330,13 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
 )
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option(
+    "--from-json",
+    "from_json",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Do not run: rebuild summary.md, summary.csv and plots from an earlier run.json.",
+)
+@click.option(
     "--quick", is_flag=True, help="Smoke test: small workload, two rates, three contenders (<1 min)."
 )
 @click.option(
@@ -323,10 +356,15 @@ def command(
     time_scale: float | None,
     contenders: str | None,
     seed: int,
+    from_json: Path | None,
     quick: bool,
     out_dir: Path,
 ) -> None:
     """Routing quality: TTFT, ITL, throughput and cache hits of every contender at every rate."""
+    if from_json is not None:
+        rebuild_reports(from_json)
+        click.echo(f"rebuilt {from_json.parent}/summary.md, summary.csv and plots")
+        return
     names = list(workload_names) or (["shared-prefix"] if quick else list(WORKLOADS))
     explicit = _parse_rates(rate_values)
     rates = {w: explicit or list(QUICK_RATES if quick else DEFAULT_RATES[w]) for w in names}
