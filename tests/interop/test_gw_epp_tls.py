@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -139,3 +141,40 @@ async def test_gateway_with_remote_epp_over_tls_and_wrong_ca(
             warnings = "\n".join(caplog.messages)
             # the root cause reaches the log (certificate verification), not just "unavailable"
             assert "failed (tls)" in warnings and "CERTIFICATE_VERIFY_FAILED" in warnings
+
+
+async def test_ca_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:
+    """A gateway started with the wrong CA file recovers, without a restart, once the file is fixed."""
+    from inferoute.epp.server import EppServer, ServerOptions
+    from inferoute.extproc.testing import RecordingPicker
+
+    ca, other_ca = trustme.CA(), trustme.CA()
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    (cert_dir / "tls.crt").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    (cert_dir / "tls.key").write_bytes(leaf.private_key_pem.bytes())
+    ca_file = tmp_path / "ca.pem"
+    other_ca.cert_pem.write_to_path(str(ca_file))  # wrong at first
+    async with await SimPool.start(SimConfig(time_scale=0.02), replicas=1) as pool:
+        picker = RecordingPicker([e.key for e in pool.endpoints])
+        opts = ServerOptions(host="127.0.0.1", grpc_port=0, health_port=None, cert_path=str(cert_dir))
+        server = await EppServer.start(picker, opts, CollectorRegistry())
+        try:
+            epp = {"endpoint": f"127.0.0.1:{server.grpc_port}", "ca_file": str(ca_file)}
+            async with gateway(pool, epp, CollectorRegistry()) as gw, aiohttp.ClientSession() as s:
+                async with s.post(gw.url + "/v1/chat/completions", json=CHAT) as r:
+                    assert r.status == 502
+                ca.cert_pem.write_to_path(str(ca_file))
+                later = time.time() + 5
+                os.utime(ca_file, (later, later))  # a new mtime even on coarse-grained file systems
+                status = 0
+                for _ in range(60):  # the channel re-checks its files about once a second
+                    await asyncio.sleep(0.1)
+                    async with s.post(gw.url + "/v1/chat/completions", json=CHAT) as r:
+                        status = r.status
+                    if status == 200:
+                        break
+                assert status == 200
+        finally:
+            await server.aclose(0)
