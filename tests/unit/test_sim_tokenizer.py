@@ -46,7 +46,8 @@ def test_pieces() -> None:
     assert pieces("Hello, world!") == ["Hello", ",", " world", "!"]
     assert pieces("2025") == ["2", "0", "2", "5"]
     assert pieces("<|user|>\nhi") == ["<|user|>", "\n", "hi"]
-    assert pieces(" internationalization") == [" int", "erna", "tion", "aliz", "atio", "n"]
+    assert pieces(" internationalization") == [" int", "erna", "tion", "aliz", "ation"]
+    assert pieces("Tokenizers are fun") == ["Toke", "nizers", " are", " fun"]  # the tail is a short word
     assert "".join(pieces(PROSE)) == PROSE  # lossless split
 
 

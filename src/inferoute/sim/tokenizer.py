@@ -2,13 +2,13 @@
 
 How text becomes token ids:
 
-1. Split into pieces with one regular expression: chat special tokens (``<|user|>``), runs of letters
-   with their leading space (``" hello"``), single digits (as Llama-3 and GPT tokenizers do, digit groups
-   are short), runs of other symbols with their leading space, and runs of whitespace.
-2. Letter runs longer than 6 characters are cut into 4-character pieces, so long words cost several
-   tokens like BPE sub-words do. On English prose this gives ~4-5 characters per token, close to the
-   ~4 of real BPE tokenizers.
-3. Each piece maps to a stable id in ``[0, VOCAB_SIZE)`` via xxh32 of its UTF-8 bytes (seed 0), so the same
+1. Split into pieces with one regular expression: chat special tokens (``<|user|>``), words of at most 6
+   characters with their leading space (``" hello"``), longer words cut into 4-character pieces (the
+   first keeps the space: ``" int" "erna" "tion" "aliz" "ation"``, like BPE sub-words), single digits (as
+   Llama-3 and GPT tokenizers do, digit groups are short), runs of other symbols with their leading
+   space, and runs of whitespace. On English prose this gives ~4-5 characters per token, close to the ~4
+   of real BPE tokenizers.
+2. Each piece maps to a stable id in ``[0, VOCAB_SIZE)`` via xxh32 of its UTF-8 bytes (seed 0), so the same
    text always gives the same ids, in every process and on every run (Python's ``hash`` is salted; this
    is not). Collisions are harmless: ids only feed token counts and prefix-cache block hashes.
 
@@ -25,20 +25,20 @@ import xxhash
 VOCAB_SIZE = 128_256
 """Llama-3's vocabulary size; ids are taken modulo it."""
 
-_PIECES = re.compile(r"<\|[a-z_]+\|>| ?[^\W\d_]+| ?\d| ?[^\w\s]+|\s+|_+")
-_LONG_WORD = 6
-_SUBWORD = 4
+_L = r"[^\W\d_]"  # a letter (any script)
+_PIECES = re.compile(
+    r"<\|[a-z_]+\|>"  # chat special tokens
+    rf"|(?: {_L}{{1,5}}|{_L}{{1,6}})(?!{_L})"  # a whole word of at most 6 characters with its space
+    rf"| {_L}{{3}}|{_L}{{1,4}}"  # else 4-character pieces of a longer word (the first keeps the space)
+    r"| ?\d"  # one digit
+    r"| ?[^\w\s]+"  # a run of symbols
+    r"|\s+|_+"
+)
 
 
 def pieces(text: str) -> list[str]:
     """Split ``text`` into token strings (see the module docstring)."""
-    out: list[str] = []
-    for piece in _PIECES.findall(text):
-        if len(piece) > _LONG_WORD and piece[-1].isalpha():
-            out.extend(piece[i : i + _SUBWORD] for i in range(0, len(piece), _SUBWORD))
-        else:
-            out.append(piece)
-    return out
+    return _PIECES.findall(text)
 
 
 class Tokenizer:
@@ -52,17 +52,20 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; deterministic."""
+        found = _PIECES.findall(text)
         ids = self._ids
-        out: list[int] = []
-        append = out.append
-        for piece in pieces(text):
-            tid = ids.get(piece)
-            if tid is None:
-                tid = piece_id(piece)
-                if len(ids) >= self._max_memo:
-                    ids.clear()
-                ids[piece] = tid
-            append(tid)
+        out = [ids.get(p, -1) for p in found]
+        if -1 in out:
+            if len(ids) >= self._max_memo:
+                ids.clear()
+            room = self._max_memo - len(ids)
+            for i, tid in enumerate(out):
+                if tid == -1:
+                    piece = found[i]
+                    out[i] = tid = piece_id(piece)
+                    if room > 0 and piece not in ids:
+                        ids[piece] = tid
+                        room -= 1
         return out
 
     def count(self, text: str) -> int:
