@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import aiohttp
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
@@ -60,17 +61,16 @@ async def test_openai_sdk_non_streaming_and_streaming(model: str) -> None:
             assert completion.choices[0].text
         finally:
             await client.close()
-    served = reg.get_sample_value("inferoute_gateway_requests_total", {"route": "/", "code": "200"})
-    assert served == 3
-    # the embedded picker's own series are on the gateway's registry too
-    scheduled = sum(
-        s.value
-        for m in reg.collect()
-        if m.name == "inference_objective_request"
-        for s in m.samples
-        if s.name == "inference_objective_request_total"
-    )
-    assert scheduled == 3
+        # while it runs, the gateway's /metrics shows its own series and the embedded picker's
+        async with aiohttp.ClientSession() as s, s.get(gw.url + "/metrics") as r:
+            text = await r.text()
+    assert 'inferoute_gateway_requests_total{code="200",route="/"} 3.0' in text
+    scheduled = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("inference_objective_request_total{") and f'model_name="{model}"' in line
+    ]
+    assert sum(scheduled) == 3
 
 
 async def test_openai_sdk_sees_openai_errors() -> None:
