@@ -483,3 +483,22 @@ async def test_access_log_cannot_be_forged_through_path_or_model(caplog: pytest.
     assert second["status"] == "400" and second["cause"] == "bad-model"
     # the 404 came from the backend's router before its echo handler; the 400 never left the gateway
     assert a.requests == []
+
+
+async def test_upstream_timeouts() -> None:
+    reg = CollectorRegistry()
+    async with backends("a") as (a,):
+        cfg = gateway_config([a], top={"timeouts": {"response_headers": 0.3, "read_idle": 0.3}})
+        async with running_gateway(cfg, ScriptedPicker([a.key]), reg) as gw, aiohttp.ClientSession() as s:
+            t0 = time.monotonic()
+            async with s.post(gw.url + "/v1/slow?s=3", json=CHAT) as r:
+                assert r.status == 504
+                assert (await r.json())["error"]["type"] == "timeout_error"
+            assert time.monotonic() - t0 < 2.5
+            # a stream that goes silent longer than read_idle is cut off: the client sees a truncated body
+            async with s.get(gw.url + "/v1/sse?n=3&gap=1.5") as r:
+                assert r.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()
+    assert metric_value(reg, "inferoute_gateway_errors_total", {"cause": "upstream-timeout"}) == 1
+    assert metric_value(reg, "inferoute_gateway_errors_total", {"cause": "upstream-aborted"}) == 1

@@ -26,7 +26,8 @@ from inferoute.picking import Decision, Destination, PickerError, PickRequest, P
 class Backend:
     """A model-server stand-in. ``POST`` echoes what it received as JSON; ``"stream": true`` answers SSE.
 
-    Paths: ``/status/<code>`` answers that status; ``.../sse?n=N&gap=S`` streams N events S seconds apart.
+    Paths: ``/status/<code>`` answers that status; ``.../sse?n=N&gap=S`` streams N events S seconds apart;
+    ``.../slow?s=S`` waits S seconds before answering.
     """
 
     def __init__(self, name: str) -> None:
@@ -104,6 +105,8 @@ class Backend:
     async def _echo(self, request: web.Request) -> web.StreamResponse:
         if request.path.endswith("/sse"):
             return await self._sse(request)
+        if request.path.endswith("/slow"):
+            await asyncio.sleep(float(request.query.get("s", "1")))
         body = await request.read()
         rec = self._record(request, body)
         try:
