@@ -136,7 +136,9 @@ def _scored(*pairs: tuple[str, float]) -> tuple[list[Candidate], list[float]]:
 def test_max_score_picker_picks_the_best_and_breaks_ties_at_random() -> None:
     picker = MaxScorePicker("p")
     assert [c.key for c in picker.pick(ctx(), *_scored(("a", 1), ("b", 3), ("c", 2)))] == ["b"]
-    wins = Counter(picker.pick(ctx(seed=s), *_scored(("a", 2), ("b", 2), ("c", 1)))[0].key for s in range(200))
+    wins = Counter(
+        picker.pick(ctx(seed=s), *_scored(("a", 2), ("b", 2), ("c", 1)))[0].key for s in range(200)
+    )
     assert set(wins) == {"a", "b"} and min(wins.values()) > 50
 
 
@@ -178,7 +180,22 @@ def test_pickers_are_reproducible_with_a_seed() -> None:
         c = ctx()
         c.rng = random.Random(seed)
         return [
-            WeightedRandomPicker("w").pick(c, *_scored(("a", 1), ("b", 1), ("c", 1)))[0].key for _ in range(20)
+            WeightedRandomPicker("w").pick(c, *_scored(("a", 1), ("b", 1), ("c", 1)))[0].key
+            for _ in range(20)
         ]
 
     assert run(3) == run(3)
+
+
+def test_predicted_ttft_prices_adapter_loading() -> None:
+    scorer = PredictedTTFTScorer("t")
+    lora = dict(max_lora=2)
+    running = cand("running", active_adapters=frozenset({"sql"}), **lora)
+    free_slot = cand("free", active_adapters=frozenset({"x"}), **lora)
+    full = cand("full", active_adapters=frozenset({"x", "y"}), **lora)
+    t_run, t_free, t_full = scorer.predict(ctx(model="sql", prompt=b"q" * 40), [running, free_slot, full])
+    assert t_run < t_free < t_full
+    assert t_free - t_run == pytest.approx(0.05) and t_full - t_run == pytest.approx(0.7)
+    # a base-model request (no candidate runs it as an adapter) is not charged for adapters
+    base = scorer.predict(ctx(model="base", prompt=b"q" * 40), [running, free_slot, full])
+    assert base[0] == pytest.approx(base[1]) == pytest.approx(base[2])

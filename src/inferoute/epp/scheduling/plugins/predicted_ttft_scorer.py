@@ -8,7 +8,10 @@ Like NVIDIA Dynamo's KV-router cost (prefill blocks still to compute + decode lo
     uncached   = prompt_tokens x (1 - matched_blocks / hashed_blocks)
     prefill    = requestOverheadSeconds + uncached x prefillSecondsPerToken
     decode     = running x decodeSecondsPerRunning x (1 + ahead)
-    predicted  = queue_wait + prefill + decode  (+ kvPenaltySeconds when kv_usage ≥ kvThreshold)
+    lora       = 0 if the adapter is running there; loraLoadSeconds if a slot is free;
+                 loraSlotWaitSeconds if it must wait for a slot (only for models some candidate reports as
+                 a running or waiting adapter)
+    predicted  = queue_wait + prefill + decode + lora  (+ kvPenaltySeconds when kv_usage ≥ kvThreshold)
 
 ``waiting`` / ``running`` / ``kv_usage`` are scraped; ``pending`` / ``pending_tokens`` are this picker's own
 not-yet-answered requests (fresher than any scrape) and the tokens they still have to prefill there;
@@ -20,7 +23,9 @@ Parameters (defaults: a 7-8B model on one H100, the same profile the simulator m
 ``prefillSecondsPerToken`` (0.00008, ~12.5k prompt tokens/s), ``requestOverheadSeconds`` (0.03: the engine
 step that carries the prefill), ``queuedRequestSeconds`` (0.07: prefill of a queued request we know nothing
 about, ~500 tokens), ``decodeSecondsPerRunning`` (0.00005: each running sequence lengthens every engine step),
-``kvThreshold`` (0.95) and ``kvPenaltySeconds`` (1.0: preemption/queueing risk when the KV cache is full).
+``kvThreshold`` (0.95), ``kvPenaltySeconds`` (1.0: preemption/queueing risk when the KV cache is full),
+``loraLoadSeconds`` (0.05: loading an adapter into a free slot) and ``loraSlotWaitSeconds`` (0.7: waiting for
+a busy adapter slot to drain, about one request's decode).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class TTFTModel:
     decode_s_per_running: float = 0.00005
     kv_threshold: float = 0.95
     kv_penalty_s: float = 1.0
+    lora_load_s: float = 0.05
+    lora_slot_wait_s: float = 0.7
 
 
 class PredictedTTFTScorer:
@@ -61,6 +68,10 @@ class PredictedTTFTScorer:
         hashes = ctx.prefix_hashes(candidates)
         match = ctx.prefix_match(candidates) if hashes else {}
         per_block = req.prompt_tokens / len(hashes) if hashes else 0.0
+        target = req.target_model
+        is_adapter = any(
+            target in c.metrics.active_adapters or target in c.metrics.waiting_adapters for c in candidates
+        )
         out: list[float] = []
         for c in candidates:
             met = c.metrics
@@ -75,6 +86,13 @@ class PredictedTTFTScorer:
             t += met.running * m.decode_s_per_running * (1.0 + ahead)
             if met.kv_usage >= m.kv_threshold:
                 t += m.kv_penalty_s
+            if is_adapter and target not in met.active_adapters:
+                if target in met.waiting_adapters or len(met.active_adapters) + len(met.waiting_adapters) >= (
+                    met.max_lora or 1
+                ):
+                    t += m.lora_slot_wait_s
+                else:
+                    t += m.lora_load_s
             out.append(t)
         return out
 
@@ -92,5 +110,7 @@ def create(name: str, params: Params, deps: PluginDeps) -> PredictedTTFTScorer:
             decode_s_per_running=params.number("decodeSecondsPerRunning", 0.00005, minimum=0),
             kv_threshold=params.number("kvThreshold", 0.95, minimum=0, maximum=1),
             kv_penalty_s=params.number("kvPenaltySeconds", 1.0, minimum=0),
+            lora_load_s=params.number("loraLoadSeconds", 0.05, minimum=0),
+            lora_slot_wait_s=params.number("loraSlotWaitSeconds", 0.7, minimum=0),
         ),
     )
