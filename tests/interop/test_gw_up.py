@@ -135,3 +135,56 @@ def test_make_up_defaults_to_127_0_0_1_8080() -> None:
     assert UpOptions().sim_base_port == 8100 and UpOptions().replicas == 4
     help_text = CliRunner().invoke(up_command, ["--help"]).output
     assert "127.0.0.1:8080" in help_text
+
+
+async def test_up_with_a_config_file_serves_that_config(tmp_path: Path, free_port) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import aiohttp
+
+    from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
+
+    async with await SimPool.start(SimConfig(time_scale=0.02), replicas=2) as pool:
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(
+            "pool:\n  endpoints:\n"
+            + "".join(
+                f"    - {{name: {e.name}, address: {e.address}, port: {e.port}}}\n" for e in pool.endpoints
+            )
+            + "routes:\n  - {path: /v1/, bbr: {default_model: fallback}}\n"
+        )
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            str(INFEROUTE),
+            "up",
+            "--config",
+            str(cfg),
+            "--listen",
+            f"127.0.0.1:{port}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            banner = ""
+            while "stop: Ctrl-C" not in banner:
+                line = await asyncio.wait_for(proc.stdout.readline(), 60)
+                assert line, banner
+                banner += line.decode()
+            assert "replicas" not in banner  # no simulator: the file's pool is served
+            assert "/v1/ -> embedded" in banner
+            body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r,
+            ):
+                assert r.status == 200
+                assert (await r.json())["object"] == "chat.completion"
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/other") as r:
+                assert r.status == 404  # only the file's route exists
+            proc.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
