@@ -16,12 +16,12 @@ At the end it writes ``run.json``, ``summary.csv``, ``requests.csv``, PNG plots 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
 import platform
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -414,13 +414,28 @@ def _run_with_progress(cfg: RunConfig) -> list[PointSummary]:
         def on_requests(tag: str, done: int, planned: int) -> None:
             bar.update(current, description=tag, completed=done, total=max(planned, 1))
 
+        done: list[PointSummary] = []
+
         def on_point(p: PointSummary) -> None:
+            done.append(p)
             bar.advance(overall)
             console.log(
                 f"{p.workload} {p.contender} @ {p.rate:g}/s: p90 TTFT {p.ttft_p90:.3f}s, "
                 f"{p.output_tps:.0f} tok/s, hit {p.cache_hit_rate:.0%}, errors {p.error_count}"
             )
 
-        with contextlib.suppress(KeyboardInterrupt):
-            return asyncio.run(run_benchmark(cfg, on_requests, on_point))
-    return []
+        async def main() -> list[PointSummary]:
+            # Ctrl-C / SIGTERM cancel the run; run_point's finally blocks stop the simulator and router, and
+            # the reports written after each finished point stay.
+            loop = asyncio.get_running_loop()
+            me = asyncio.current_task()
+            assert me is not None
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, me.cancel)
+            try:
+                return await run_benchmark(cfg, on_requests, on_point)
+            except asyncio.CancelledError:
+                console.log(f"interrupted after {len(done)} point(s); partial reports in {cfg.out_dir}")
+                return done
+
+        return asyncio.run(main())
