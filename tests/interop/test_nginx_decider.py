@@ -82,6 +82,8 @@ class ScriptedPicker:
             raise PickerError("scripted failure", cause="unavailable")
         if behavior == "timeout":
             raise PickerError("scripted timeout", timeout=True)
+        if behavior == "slow":
+            await asyncio.sleep(0.5)
         picks = [self.pool[int(i)] for i in request.headers.get("x-test-pick", "0").split(",")]
         session = Session(self, picks[0])
         self.sessions.append(session)
@@ -405,6 +407,25 @@ async def test_client_disconnect_mid_stream_releases_the_session(stack: Stack) -
         resp.close()  # drop the connection mid-stream
     await stack.wait_idle()
     assert stack.picker.sessions[-1].events[-1] == ("aborted", "incomplete")
+    assert sum(stack.picker.inflight.values()) == 0
+
+
+async def test_client_gone_while_the_picker_decides_ends_the_session(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(TimeoutError):
+            async with client.post(
+                f"{stack.url}/v1/completions",
+                data=chat(),
+                headers={**JSON, "x-test-picker": "slow"},
+                timeout=aiohttp.ClientTimeout(total=0.15),
+            ):
+                pass
+    for _ in range(250):  # the picker is still deciding: wait for its session
+        if stack.picker.sessions:
+            break
+        await asyncio.sleep(0.02)
+    await stack.wait_idle()
+    assert stack.picker.sessions[-1].events == [("aborted", "client-disconnect")]
     assert sum(stack.picker.inflight.values()) == 0
 
 

@@ -427,6 +427,13 @@ class Decider:
                 self.metrics.swallowed.labels(cause).inc()
         if decided.body is not body:
             return await self._relay(request, decided)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            # NGINX gave up on this request (the client went away while the picker decided): nobody will
+            # report its completion, so end the session now instead of at the completion timeout.
+            decided.session.aborted("client-disconnect")
+            self.metrics.completions.labels("client-disconnect").inc()
+            return web.Response(status=499)
         token = self.pending.open(decided.session)
         self.metrics.pending.set(len(self.pending))
         self.metrics.decisions.labels(decided.source).inc()
