@@ -118,7 +118,8 @@ async def _serve_backend(port: int) -> None:
     answer = json.dumps({"id": "cmpl-1", "object": "text_completion", "choices": [{"text": "ok"}]}).encode()
 
     async def completion(request: web.Request) -> web.Response:
-        await request.read()
+        with contextlib.suppress(ConnectionResetError):  # wrk drops its connections when it stops
+            await request.read()
         return web.Response(body=answer, content_type="application/json")
 
     async def metrics(_: web.Request) -> web.Response:
