@@ -212,3 +212,38 @@ def test_parse_syslog_report() -> None:
     assert parse_syslog_report(b"<190>x nginx: something else") is None
     assert parse_syslog_report(b"inferoute-report||a|200|0|OK|200") is None  # no token
     assert parse_syslog_report(b"inferoute-report|t|a|200") is None  # truncated
+
+
+def test_decider_completes_sessions_from_datagrams_and_expires_the_rest() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from inferoute.gateway.decider import Decider
+
+    clock = FakeClock()
+    registry = CollectorRegistry()
+    decider = Decider(lambda path: None, registry=registry, clock=clock, completion_timeout=60.0)
+    done, lost = Recorder(), Recorder()
+    token = decider.pending.open(done)
+    decider.pending.open(lost)
+    decider.datagram(
+        b"<190>t inferoute: inferoute-report|" + token.encode() + b"|d:1 : e:2|200 : 200|0 : 0.1|OK|200"
+    )
+    assert done.events == [("started", "e:2", 200), ("finished",)]
+    decider.datagram(
+        b"<190>t inferoute: inferoute-report|" + token.encode() + b"|d:1 : e:2|200 : 200|0 : 0.1|OK|200"
+    )
+    decider.datagram(b"garbage")
+    clock.advance(61)
+    assert decider.expire_sessions() == 1
+    assert lost.events == [("aborted", "completion-timeout")]
+
+    def count(outcome: str) -> float | None:
+        return registry.get_sample_value("inferoute_nginx_completions_total", {"outcome": outcome})
+
+    assert (count("ok"), count("unknown-token"), count("unparsable"), count("completion-timeout")) == (
+        1,
+        1,
+        1,
+        1,
+    )
+    assert registry.get_sample_value("inferoute_nginx_pending_sessions") == 0
