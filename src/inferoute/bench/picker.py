@@ -12,7 +12,8 @@ serve``):
 3. **added latency** -- 200 KB prompts at 50 concurrent requests through Envoy with the picker vs Envoy
    routing directly to the same backend; p50/p99 from ``wrk --latency``.
 
-Pickers: ``trivial`` (round robin, :class:`~inferoute.extproc.testing.RecordingPicker`) and ``embedded``
+Pickers: ``floor`` (grpc.aio alone: prebuilt replies, no picker -- the cost no Python ext_proc server can
+go below), ``trivial`` (round robin, :class:`~inferoute.extproc.testing.RecordingPicker`) and ``embedded``
 (the real :class:`~inferoute.epp.assembly.EmbeddedPicker`, GIE default profile: queue + KV + prefix scorers,
 scraping the backends' /metrics).
 """
@@ -82,6 +83,9 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str]) -> No
     from inferoute.epp.server import EppServer, ServerOptions
     from inferoute.extproc.testing import RecordingPicker
 
+    if picker_kind == "floor":
+        await _serve_floor(port, endpoints[0])
+        return
     picker: Any
     if picker_kind == "trivial":
         picker = RecordingPicker(endpoints, record=False)
@@ -109,6 +113,41 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str]) -> No
     await stop.wait()
     await server.aclose(0)
     await picker.aclose()
+
+
+async def _serve_floor(port: int, endpoint: str) -> None:
+    """Child: the gRPC floor -- a minimal servicer answering the same messages with prebuilt replies (no
+    picker, no metrics, no parsing): what grpc.aio itself costs for one ext_proc lifecycle."""
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
+
+    from inferoute.extproc import messages as m
+
+    decision = m.headers_response(destination=(endpoint,), content_length=0)
+    resp_headers = m.headers_response("response_headers")
+    resp_body = m.body_response("response_body")
+
+    class Floor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+        async def Process(self, it: Any, context: Any) -> AsyncIterator[Any]:
+            async for req in it:
+                phase = req.WhichOneof("request")
+                if phase == "request_body" and req.request_body.end_of_stream:
+                    yield decision
+                    yield next(m.body_chunks(req.request_body.body))
+                elif phase == "response_headers":
+                    yield resp_headers
+                elif phase == "response_body":
+                    yield resp_body
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    ext_grpc.add_ExternalProcessorServicer_to_server(Floor(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("READY", flush=True)
+    await stop.wait()
+    await server.stop(0)
 
 
 async def _serve_backend(port: int) -> None:
@@ -485,6 +524,7 @@ async def _run(opts: argparse.Namespace | Any) -> str:
     throughput: list[WrkResult] = []
     latency: list[WrkResult] = []
     pickers = [p for p in opts.pickers.split(",") if p]
+    envoy_pickers = [p for p in pickers if p != "floor"]  # the floor only answers the load generator
     backend_ports = _free_ports(3)
     async with contextlib.AsyncExitStack() as stack:
         for p in backend_ports:
@@ -509,9 +549,9 @@ async def _run(opts: argparse.Namespace | Any) -> str:
         if shutil.which("wrk"):
             # (picker, request body mode, response phase); None = Envoy routing directly to one backend
             tput: list[tuple[str | None, str, str]] = [(None, "full_duplex", "full")]
-            for p in pickers:
+            for p in envoy_pickers:
                 tput += [(p, "full_duplex", "full"), (p, "buffered", "full"), (p, "full_duplex", "headers")]
-            tput += [(pickers[0], "full_duplex", "none")] if pickers else []
+            tput += [(envoy_pickers[0], "full_duplex", "none")] if envoy_pickers else []
             for picker, body_mode, resp_phase in tput:
                 throughput.append(
                     await _through_envoy(
@@ -527,7 +567,7 @@ async def _run(opts: argparse.Namespace | Any) -> str:
                 )
                 click.echo(f"throughput: {throughput[-1]}", err=True)
             lat: list[tuple[str | None, str]] = [(None, "full_duplex")]
-            lat += [(p, mode) for p in pickers for mode in ("full_duplex", "buffered")]
+            lat += [(p, mode) for p in envoy_pickers for mode in ("full_duplex", "buffered")]
             for connections in (1, 50):
                 for picker, body_mode in lat:
                     res = await _through_envoy(
@@ -555,7 +595,10 @@ async def _run(opts: argparse.Namespace | Any) -> str:
 
 @click.command(name="picker")
 @click.option(
-    "--pickers", default="trivial,embedded", show_default=True, help="Comma list: trivial, embedded."
+    "--pickers",
+    default="floor,trivial,embedded",
+    show_default=True,
+    help="Comma list: floor (grpc.aio alone; decisions/s only), trivial, embedded.",
 )
 @click.option("--seconds", default=10.0, show_default=True, type=float, help="Measured seconds per point.")
 @click.option("--concurrency", default=64, show_default=True, type=int, help="Concurrent ext_proc streams.")
@@ -588,7 +631,7 @@ def _main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     serve = sub.add_parser("serve")
     serve.add_argument("--port", type=int, required=True)
-    serve.add_argument("--picker", choices=["trivial", "embedded"], default="trivial")
+    serve.add_argument("--picker", choices=["floor", "trivial", "embedded"], default="trivial")
     serve.add_argument("--endpoints", required=True, help="comma list of ip:port")
     backend = sub.add_parser("backend")
     backend.add_argument("--port", type=int, required=True)
