@@ -66,7 +66,7 @@ def test_scorer_contract(type_name: str, n: int) -> None:
     scorer = _make(type_name, learned)
     assert isinstance(scorer, Scorer) and scorer.type_name == type_name
     pool = _pool(n, seed=n)
-    learned.learn_prefix(pool[0].key, prefix_hashes("a", prompt))
+    learned.learn_prefix(pool[0].key, prefix_hashes("a", prompt), 16)
     c = ctx(model="a", prompt=prompt, headers={"x-session-id": "s"}, learned=learned)
     scores = list(scorer.score(c, pool))
     assert len(scores) == n, "one score per candidate"

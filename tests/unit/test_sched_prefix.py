@@ -76,3 +76,17 @@ def test_many_endpoints_and_reused_slots() -> None:
     idx.add("newcomer", h[:4])  # takes the freed slot
     got = idx.match(h)
     assert "ep-5" not in got and got["newcomer"] == 4 and len(got) == 200
+
+
+def test_lru_is_weighted_in_tokens() -> None:
+    idx = PrefixIndex(default_capacity=1000)
+    doc_a = prefix_hashes("m", b"a" * 64 * 4, block_size_tokens=16)  # 4 blocks
+    doc_b = prefix_hashes("m", b"b" * 64 * 4, block_size_tokens=16)
+    idx.add("r", doc_a, tokens_per_block=200)  # a long prompt hashed in 4 blocks: 800 tokens
+    assert idx.endpoint_tokens("r") == 800 and idx.match(doc_a) == {"r": 4}
+    idx.add("r", doc_b, tokens_per_block=200)  # 1600 > 1000: the oldest blocks (doc a) go
+    assert idx.endpoint_tokens("r") <= 1000
+    assert idx.match(doc_a) == {} and idx.match(doc_b) == {"r": 4}
+    idx.set_capacity("r", 10_000)
+    idx.add("r", doc_a, tokens_per_block=200)
+    assert idx.match(doc_a) == {"r": 4} and idx.match(doc_b) == {"r": 4}

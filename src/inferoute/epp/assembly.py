@@ -172,7 +172,7 @@ async def start_picker(opts: EppOptions) -> EmbeddedPicker:
     deps = PluginDeps(learned=learned, clock=opts.clock, seed=opts.seed)
     config = parse_config(text, deps=deps, observer=metrics.plugin_observer, source=where)
     if config.prefix.lru_capacity:
-        learned.prefix.default_capacity = config.prefix.lru_capacity
+        learned.prefix.default_capacity = config.prefix.lru_capacity * config.prefix.block_size_tokens
 
     source: EndpointSource
     if opts.endpoints_file is not None:

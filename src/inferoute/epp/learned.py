@@ -56,7 +56,9 @@ class LearnedState(Protocol):
         """It finished or was aborted; ``started`` says whether ``first_byte`` was reported."""
         ...
 
-    def learn_prefix(self, endpoint: str, hashes: Sequence[int]) -> None: ...
+    def learn_prefix(self, endpoint: str, hashes: Sequence[int], tokens_per_block: int) -> None:
+        """``endpoint`` now caches these prefix blocks, each standing for ``tokens_per_block`` tokens."""
+        ...
 
     def forget_endpoints(self, endpoints: Iterable[str]) -> None: ...
 
@@ -103,8 +105,8 @@ class LocalLearnedState:
             c.pending = 0
             c.pending_tokens = 0
 
-    def learn_prefix(self, endpoint: str, hashes: Sequence[int]) -> None:
-        self.prefix.add(endpoint, hashes)
+    def learn_prefix(self, endpoint: str, hashes: Sequence[int], tokens_per_block: int) -> None:
+        self.prefix.add(endpoint, hashes, tokens_per_block)
 
     def forget_endpoints(self, endpoints: Iterable[str]) -> None:
         for ep in endpoints:

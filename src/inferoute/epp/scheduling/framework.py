@@ -140,7 +140,11 @@ class Scheduler:
         hashes = ctx.hashes_computed
         if hashes:
             picked = result.endpoints[0]
-            if ctx.prefix_settings.auto_tune and picked.metrics.num_gpu_blocks:
-                ctx.learned.prefix.set_capacity(picked.key, picked.metrics.num_gpu_blocks)
-            ctx.learned.learn_prefix(picked.key, hashes)
+            met = picked.metrics
+            if ctx.prefix_settings.auto_tune and met.num_gpu_blocks:
+                block = met.block_size or ctx.prefix_settings.block_size_tokens
+                ctx.learned.prefix.set_capacity(picked.key, met.num_gpu_blocks * block)
+            # each hashed block stands for its share of the whole prompt (the server caches all of it)
+            per_block = -(-ctx.request.prompt_tokens // len(hashes))
+            ctx.learned.learn_prefix(picked.key, hashes, max(per_block, 1))
         return result

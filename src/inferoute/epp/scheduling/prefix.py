@@ -5,8 +5,11 @@ characters) and hashed as a chain: ``h[0] = xxh64(block 0, seed=xxh64(model))``,
 seed=h[i-1])``; a trailing partial block is hashed too. A block hash therefore identifies the whole prefix up
 to and including that block, for that model.
 
-After each pick the request's hashes are recorded for the chosen endpoint. Each endpoint keeps an LRU of at
-most ``capacity`` hashes (GIE's ``lruCapacityPerServer``, or the endpoint's ``num_gpu_blocks`` with autoTune),
+After each pick the request's hashes are recorded for the chosen endpoint. Each endpoint keeps an LRU weighted
+in tokens: every block carries the prompt tokens it stands for (more than ``block_size_tokens`` when a long
+prompt was hashed only up to ``max_blocks``, since the server caches the whole prompt), and the LRU holds at
+most ``capacity`` tokens — GIE's ``lruCapacityPerServer`` x block size, or with autoTune the server's real
+KV capacity ``num_gpu_blocks x block_size`` —
 and a reverse map ``hash → endpoints`` answers "how many leading blocks of this prompt does each endpoint
 probably still have cached?" in one pass that stops at the first block nobody holds.
 """
@@ -21,6 +24,7 @@ import xxhash
 DEFAULT_BLOCK_SIZE_TOKENS = 16
 DEFAULT_MAX_PREFIX_BLOCKS = 256
 DEFAULT_LRU_CAPACITY = 31250
+"""Blocks per endpoint (GIE's ``lruCapacityPerServer``)."""
 CHARS_PER_TOKEN = 4
 
 
@@ -58,9 +62,11 @@ class PrefixIndex:
     :meth:`add` and :meth:`match`, so a KV-event-fed or shared implementation can replace it.
     """
 
-    def __init__(self, default_capacity: int = DEFAULT_LRU_CAPACITY) -> None:
+    def __init__(self, default_capacity: int = DEFAULT_LRU_CAPACITY * DEFAULT_BLOCK_SIZE_TOKENS) -> None:
         self.default_capacity = default_capacity
-        self._lru: dict[str, OrderedDict[int, None]] = {}
+        """Tokens remembered per endpoint unless :meth:`set_capacity` says otherwise."""
+        self._lru: dict[str, OrderedDict[int, int]] = {}
+        self._used: dict[str, int] = {}
         self._capacity: dict[str, int] = {}
         self._holders: dict[int, int] = {}
         self._bit: dict[str, int] = {}
@@ -76,7 +82,7 @@ class PrefixIndex:
         return bit
 
     def set_capacity(self, endpoint: str, capacity: int | None) -> None:
-        """Per-endpoint LRU size (autoTune from ``num_gpu_blocks``); None restores the default."""
+        """Per-endpoint LRU size in tokens (autoTune: ``num_gpu_blocks x block_size``); None: the default."""
         cap = max(1, capacity) if capacity else self.default_capacity
         if self._capacity.get(endpoint) == cap:
             return
@@ -85,8 +91,9 @@ class PrefixIndex:
         if lru is not None:
             self._evict(endpoint, lru, cap)
 
-    def add(self, endpoint: str, hashes: Sequence[int]) -> None:
-        """Record that ``endpoint`` now holds these blocks (most recently used)."""
+    def add(self, endpoint: str, hashes: Sequence[int], tokens_per_block: int = 1) -> None:
+        """Record that ``endpoint`` now holds these blocks (most recently used), each standing for
+        ``tokens_per_block`` tokens of its KV cache."""
         if not hashes:
             return
         lru = self._lru.get(endpoint)
@@ -94,24 +101,35 @@ class PrefixIndex:
             lru = self._lru[endpoint] = OrderedDict()
         bit = self._bit_of(endpoint)
         holders = self._holders
+        weight = max(1, tokens_per_block)
+        used = self._used.get(endpoint, 0)
         for h in hashes:
-            if h in lru:
+            old = lru.get(h)
+            if old is not None:
                 lru.move_to_end(h)
+                if old != weight:
+                    lru[h] = weight
+                    used += weight - old
             else:
-                lru[h] = None
+                lru[h] = weight
+                used += weight
                 holders[h] = holders.get(h, 0) | bit
+        self._used[endpoint] = used
         self._evict(endpoint, lru, self._capacity.get(endpoint, self.default_capacity))
 
-    def _evict(self, endpoint: str, lru: OrderedDict[int, None], cap: int) -> None:
+    def _evict(self, endpoint: str, lru: OrderedDict[int, int], cap: int) -> None:
         holders = self._holders
         keep = ~self._bit_of(endpoint)
-        while len(lru) > cap:
-            h, _ = lru.popitem(last=False)
+        used = self._used.get(endpoint, 0)
+        while used > cap and lru:
+            h, weight = lru.popitem(last=False)
+            used -= weight
             mask = holders.get(h, 0) & keep
             if mask:
                 holders[h] = mask
             else:
                 holders.pop(h, None)
+        self._used[endpoint] = used
 
     def match(self, hashes: Sequence[int], endpoints: Iterable[str] | None = None) -> dict[str, int]:
         """Leading blocks of ``hashes`` each endpoint holds (endpoints with no match are absent).
@@ -154,6 +172,7 @@ class PrefixIndex:
     def remove_endpoint(self, endpoint: str) -> None:
         lru = self._lru.pop(endpoint, None)
         self._capacity.pop(endpoint, None)
+        self._used.pop(endpoint, None)
         bit = self._bit.pop(endpoint, None)
         if bit is None:
             return
@@ -174,5 +193,10 @@ class PrefixIndex:
         return len(self._holders)
 
     def endpoint_size(self, endpoint: str) -> int:
+        """Blocks remembered for ``endpoint``."""
         lru = self._lru.get(endpoint)
         return len(lru) if lru is not None else 0
+
+    def endpoint_tokens(self, endpoint: str) -> int:
+        """Tokens those blocks stand for."""
+        return self._used.get(endpoint, 0)

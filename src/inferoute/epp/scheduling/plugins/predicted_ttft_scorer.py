@@ -17,7 +17,9 @@ Like NVIDIA Dynamo's KV-router cost (prefill blocks still to compute + decode lo
 not-yet-answered requests (fresher than any scrape) and the tokens they still have to prefill there;
 ``matched_blocks`` comes from the approximate prefix
 index.
-Score: min-max normalised so the lowest prediction scores 1 and the highest 0 (all 1 when equal).
+Score: ``min_predicted / predicted`` — the fastest endpoint scores 1, one predicted twice as slow 0.5. A ratio
+(not min-max) keeps near-ties near-equal, so a small-weight scorer such as ``prefix-cache-scorer`` can break
+them toward cache affinity instead of a 1% difference deciding.
 
 Parameters (defaults: a 7-8B model on one H100, the same profile the simulator models):
 ``prefillSecondsPerToken`` (0.00008, ~12.5k prompt tokens/s), ``requestOverheadSeconds`` (0.03: the engine
@@ -34,7 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from inferoute.epp.scheduling.plugins._minmax import lower_is_better
 from inferoute.epp.scheduling.registry import Params, PluginDeps
 from inferoute.epp.scheduling.types import Candidate, CycleContext
 
@@ -97,7 +98,13 @@ class PredictedTTFTScorer:
         return out
 
     def score(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
-        return lower_is_better(self.predict(ctx, candidates))
+        predicted = self.predict(ctx, candidates)
+        if not predicted:
+            return []
+        best = min(predicted)
+        if best <= 0.0:
+            return [1.0 if t <= 0.0 else 0.0 for t in predicted]
+        return [best / t for t in predicted]
 
 
 def create(name: str, params: Params, deps: PluginDeps) -> PredictedTTFTScorer:
