@@ -206,3 +206,31 @@ async def test_self_signed_default_serves_tls(tmp_path: Path) -> None:
     finally:
         await plaintext.aclose()
         await server.aclose(0)
+
+
+async def test_server_reloads_its_certificate_when_the_files_change(tmp_path: Path) -> None:
+    first, second = trustme.CA(), trustme.CA()
+    srv = tmp_path / "srv"
+    _write_pair(srv, first.issue_cert("localhost", "127.0.0.1"))
+    first.cert_pem.write_to_path(str(tmp_path / "first.pem"))
+    second.cert_pem.write_to_path(str(tmp_path / "second.pem"))
+    server = await _start(RecordingPicker(PODS), cert_path=str(srv))
+    target = f"127.0.0.1:{server.grpc_port}"
+    old = GrpcPicker(ChannelOptions(target, ca_file=str(tmp_path / "first.pem")), timeout_ms=5000)
+    new = GrpcPicker(ChannelOptions(target, ca_file=str(tmp_path / "second.pem")), timeout_ms=5000)
+    try:
+        assert isinstance((await old.pick(_request()))[0], Destination)
+        with pytest.raises(PickerError) as info:
+            await new.pick(_request())
+        assert info.value.cause == "tls"
+        _write_pair(srv, second.issue_cert("localhost", "127.0.0.1"))  # rotate (e.g. a renewed secret)
+        for f in ("tls.crt", "tls.key"):
+            st = os.stat(srv / f)
+            os.utime(srv / f, (st.st_atime, st.st_mtime + 5))
+        await new.aclose()
+        new = GrpcPicker(ChannelOptions(target, ca_file=str(tmp_path / "second.pem")), timeout_ms=5000)
+        assert isinstance((await new.pick(_request()))[0], Destination)  # new handshakes use the new cert
+    finally:
+        await old.aclose()
+        await new.aclose()
+        await server.aclose(0)
