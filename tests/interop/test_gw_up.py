@@ -88,6 +88,30 @@ def test_up_is_answered_by_curl_and_stops_cleanly_on_ctrl_c(free_port) -> None: 
         doc = json.loads(payload)
         assert doc["object"] == "chat.completion" and doc["choices"][0]["message"]["content"]
         assert "x-request-id" in head.lower()
+        streaming = re.search(r"curl -sN (\S+) .* -d '(.+)'", banner)
+        assert streaming, banner
+        sbody = json.loads(streaming.group(2))
+        assert sbody["stream"] is True and sbody["model"] == "sql-lora"
+        sbody["max_tokens"] = 5
+        sse = subprocess.run(
+            [
+                curl,
+                "-sN",
+                "--max-time",
+                "30",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                json.dumps(sbody),
+                streaming.group(1),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        events = [ln for ln in sse.splitlines() if ln.startswith("data: ")]
+        assert len(events) >= 3 and events[-1] == "data: [DONE]"
         metrics = subprocess.run(
             [curl, "-s", f"http://127.0.0.1:{port}/metrics"],
             capture_output=True,
@@ -95,7 +119,7 @@ def test_up_is_answered_by_curl_and_stops_cleanly_on_ctrl_c(free_port) -> None: 
             timeout=30,
             check=True,
         ).stdout
-        assert 'inferoute_gateway_requests_total{code="200",route="/"} 1.0' in metrics
+        assert 'inferoute_gateway_requests_total{code="200",route="/"} 2.0' in metrics
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=30)
         stderr = proc.stderr.read() if proc.stderr else ""

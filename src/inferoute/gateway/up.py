@@ -44,6 +44,13 @@ def banner(gw: RunningGateway, cfg: GatewayConfig, models: list[str], replicas: 
     body = {"model": models[0] if models else "MODEL", "messages": [{"role": "user", "content": "Hello!"}]}
     data = json.dumps(body, separators=(",", ":"))
     curl = f"curl -s {gw.url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(data)}"
+    adapter = models[1] if len(models) > 1 else body["model"]
+    stream_body = {**body, "model": adapter, "stream": True}
+    stream_data = json.dumps(stream_body, separators=(",", ":"))
+    curl_stream = (
+        f"curl -sN {gw.url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-d {shlex.quote(stream_data)}"
+    )
     routes = ", ".join(f"{r.path} -> {r.epp.endpoint if r.epp.enabled else 'static'}" for r in cfg.routes)
     lines = [
         "",
@@ -58,6 +65,9 @@ def banner(gw: RunningGateway, cfg: GatewayConfig, models: list[str], replicas: 
         f"  metrics   {gw.url}{cfg.metrics_path}   health {gw.url}/healthz   ready {gw.url}/readyz",
         "  try it:",
         f"    {curl}",
+        "  streaming, token by token"
+        + (f", through the LoRA adapter {adapter}:" if adapter != body["model"] else ":"),
+        f"    {curl_stream}",
         "  stop: Ctrl-C",
         "",
     ]
