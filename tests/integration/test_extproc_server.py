@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from inferoute.epp.server import EppServer, ServerOptions
+from inferoute.errors import InferouteError
 from inferoute.extproc import messages as m
 from inferoute.extproc.testing import FAIL_HEADER, REJECT_HEADER, SELECTION_HEADER, RecordingPicker
 from inferoute.picking import DESTINATION_HEADER, LB_NAMESPACE
@@ -306,3 +307,14 @@ async def test_health_services_on_both_ports(epp) -> None:  # type: ignore[no-un
             for name in ("", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
                 assert await status(name) == health_pb2.HealthCheckResponse.NOT_SERVING, name
             assert await status("nope") == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+async def test_port_in_use_is_a_clear_bind_error(epp) -> None:  # type: ignore[no-untyped-def]
+    taken = epp[0].grpc_port
+    with pytest.raises(InferouteError) as info:
+        await EppServer.start(
+            RecordingPicker(PODS),
+            ServerOptions(host="127.0.0.1", grpc_port=taken, health_port=None, insecure=True),
+            CollectorRegistry(),
+        )
+    assert info.value.cause == "bind" and "127.0.0.1" in info.value.message
