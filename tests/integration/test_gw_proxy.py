@@ -25,7 +25,7 @@ async def test_routes_sets_model_header_and_request_id(caplog: pytest.LogCapture
         picker = ScriptedPicker([a.key, b.key])
         async with running_gateway(gateway_config([a, b]), picker) as gw, aiohttp.ClientSession() as s:
             async with s.post(
-                gw.url + "/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "req-1"}
+                gw.url + "/v1/chat/completions?x=1", json=CHAT, headers={"X-Request-Id": "req-1"}
             ) as r:
                 assert r.status == 200
                 doc = await r.json()
@@ -38,7 +38,7 @@ async def test_routes_sets_model_header_and_request_id(caplog: pytest.LogCapture
     assert h["x-gateway-model-name"] == "llama-3"
     assert h["x-request-id"] == "req-1"
     assert h["x-gateway-destination-endpoint"] == (a.key if doc["served_by"] == "a" else b.key)
-    assert picker.requests[0].model == "llama-3"
+    assert picker.requests[0].model == "llama-3" and picker.requests[0].path == "/v1/chat/completions?x=1"
     assert json.loads(picker.requests[0].body)["model"] == "llama-3"  # full-duplex: the picker saw the body
     assert picker.sessions[0].kinds()[0] == "started" and picker.sessions[0].kinds()[-1] == "finished"
     lines = [r.getMessage() for r in caplog.records if r.name == "inferoute.gateway.access"]

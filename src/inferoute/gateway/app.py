@@ -231,8 +231,9 @@ class GatewayHandler:
         body = await self._read_body(request, route.bbr.max_body_size)
         rec.bytes_in = len(body)
         self.metrics.bytes_in.inc(len(body))
+        # the picker sees the path as sent (with its query string), like Envoy's :path
         decided = await decider.decide(
-            request.method, rec.path, request.headers.items(), body, rec.request_id
+            request.method, request.raw_path, request.headers.items(), body, rec.request_id
         )
         self._note_decision(decided, rec)
         return await self._forward(request, decided, rec)
