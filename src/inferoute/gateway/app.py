@@ -464,6 +464,8 @@ async def start_gateway(
 ) -> RunningGateway:
     """Start one gateway process-part on ``cfg.listen`` (or the given listening ``sock``)."""
     registry = registry if registry is not None else CollectorRegistry()
+    if not cfg.routes:
+        log.warning("the configuration has no routes: every request will get 404")
     metrics = GatewayMetrics(registry)
     deciders = await Deciders.build(cfg, registry, embedded_factory=embedded_factory, clock=clock)
     forwarder = Forwarder(cfg, metrics)

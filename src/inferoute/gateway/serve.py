@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from inferoute.gateway.app import RunningGateway, start_gateway
-from inferoute.gateway.config import GatewayConfig, parse_listen, with_listen
+from inferoute.gateway.config import EMBEDDED, GatewayConfig, parse_listen, with_listen
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,13 @@ def run_gateway(cfg: GatewayConfig, workers: int | None = None) -> int:
     n = workers or cfg.workers
     if n <= 1:
         return run_async(lambda: serve_one(cfg))
+    if any(r.epp.enabled and r.epp.endpoint == EMBEDDED for r in cfg.routes):
+        log.warning(
+            "%d workers, each with its own embedded picker: what the picker learns (prefix cache, in-flight "
+            "counts) is split %d ways; point epp.endpoint at one 'inferoute epp' to share it",
+            n,
+            n,
+        )
     host, port = parse_listen(cfg.listen)
     holder = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
