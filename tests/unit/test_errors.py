@@ -5,8 +5,14 @@ from inferoute.errors import InferouteError, error_body, error_type
 
 def test_error_body_is_openai_shape() -> None:
     body = json.loads(error_body(503, "no ready endpoints"))
-    assert body == {"error": {"message": "no ready endpoints", "type": "service_unavailable_error",
-                              "param": None, "code": 503}}
+    assert body == {
+        "error": {
+            "message": "no ready endpoints",
+            "type": "service_unavailable_error",
+            "param": None,
+            "code": 503,
+        }
+    }
 
 
 def test_error_types() -> None:
