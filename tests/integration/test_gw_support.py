@@ -27,7 +27,7 @@ class Backend:
     """A model-server stand-in. ``POST`` echoes what it received as JSON; ``"stream": true`` answers SSE.
 
     Paths: ``/status/<code>`` answers that status; ``.../sse?n=N&gap=S`` streams N events S seconds apart;
-    ``.../slow?s=S`` waits S seconds before answering.
+    ``.../slow?s=S`` waits S seconds before answering; ``.../upload`` signals ``first_bytes`` on arrival.
     """
 
     def __init__(self, name: str) -> None:
@@ -35,6 +35,7 @@ class Backend:
         self.requests: list[dict[str, Any]] = []
         self.disconnects = 0
         self.sse_started = asyncio.Event()
+        self.first_bytes = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -102,9 +103,20 @@ class Backend:
             raise
         return resp
 
+    async def _upload(self, request: web.Request) -> web.Response:
+        """Reads the body chunk by chunk and signals ``first_bytes`` as soon as any arrived."""
+        parts = [await request.content.readany()]
+        self.first_bytes.set()
+        async for chunk in request.content.iter_any():
+            parts.append(chunk)
+        rec = self._record(request, b"".join(parts))
+        return web.json_response({k: v for k, v in rec.items() if k != "header_list"})
+
     async def _echo(self, request: web.Request) -> web.StreamResponse:
         if request.path.endswith("/sse"):
             return await self._sse(request)
+        if request.path.endswith("/upload"):
+            return await self._upload(request)
         if request.path.endswith("/slow"):
             await asyncio.sleep(float(request.query.get("s", "1")))
         body = await request.read()

@@ -24,6 +24,7 @@ import logging
 import re
 import socket
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ from inferoute.gateway.metrics import GatewayMetrics
 from inferoute.gateway.pickers import Deciders, EmbeddedFactory, start_embedded_picker
 from inferoute.gateway.proxy import (
     Forwarder,
+    StreamedBody,
     client_response_headers,
     lower_headers,
     upstream_request_headers,
@@ -110,6 +112,39 @@ class _SessionEnd:
         if not self.done:
             self.done = True
             self.session.aborted(reason)
+
+
+class _LimitedStream:
+    """The client's body as it arrives, counted against the route's limit (413 once it is passed)."""
+
+    __slots__ = ("_limit", "_metrics", "_rec", "_request", "declared", "too_large")
+
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        limit: int,
+        declared: int | None,
+        rec: _Record,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._request = request
+        self._limit = limit
+        self.declared = declared
+        self._rec = rec
+        self._metrics = metrics
+        self.too_large: InferouteError | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        counter = BodyLimit(self._limit)
+        async for chunk in self._request.content.iter_any():
+            try:
+                counter.feed(len(chunk))
+            except InferouteError as exc:
+                self.too_large = exc  # remembered: the upload to the upstream fails, the client gets 413
+                raise
+            self._rec.bytes_in += len(chunk)
+            self._metrics.bytes_in.inc(len(chunk))
+            yield chunk
 
 
 class GatewayHandler:
@@ -228,6 +263,15 @@ class GatewayHandler:
             raise InferouteError(404, f"no route for {rec.path}", cause="no-route")
         route = decider.route
         rec.route = route.path
+        epp = route.epp
+        if not route.bbr.enabled and not (epp.enabled and epp.body == "full_duplex") and request.body_exists:
+            # nothing needs the body before the upstream does: pass it through as it arrives
+            streamed = await self._stream_body(request, route.bbr.max_body_size, rec)
+            decided = await decider.decide(
+                request.method, request.raw_path, request.headers.items(), b"", rec.request_id
+            )
+            self._note_decision(decided, rec)
+            return await self._forward(request, decided, rec, streamed)
         body = await self._read_body(request, route.bbr.max_body_size)
         rec.bytes_in = len(body)
         self.metrics.bytes_in.inc(len(body))
@@ -238,12 +282,21 @@ class GatewayHandler:
         self._note_decision(decided, rec)
         return await self._forward(request, decided, rec)
 
-    async def _read_body(self, request: web.BaseRequest, limit: int) -> bytes:
+    async def _stream_body(self, request: web.BaseRequest, limit: int, rec: _Record) -> _LimitedStream:
         declared = check_declared_length(request.headers, limit)
+        await self._continue(request)
+        return _LimitedStream(request, limit, declared, rec, self.metrics)
+
+    @staticmethod
+    async def _continue(request: web.BaseRequest) -> None:
+        """Answer ``Expect: 100-continue`` (the size was accepted): curl would otherwise wait a second."""
         expect = request.headers.get("expect", "")
         if expect.lower() == "100-continue" and request.version >= aiohttp.HttpVersion11:
-            # the size is acceptable (checked above): ask for the body now (curl would wait 1 s otherwise)
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    async def _read_body(self, request: web.BaseRequest, limit: int) -> bytes:
+        declared = check_declared_length(request.headers, limit)
+        await self._continue(request)
         if declared is not None:
             if declared == 0:
                 return b""
@@ -276,11 +329,16 @@ class GatewayHandler:
         if d.bbr_error:
             rec.extra_causes.append(d.bbr_error)
 
-    async def _forward(self, request: web.BaseRequest, d: Decided, rec: _Record) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.BaseRequest, d: Decided, rec: _Record, streamed: _LimitedStream | None = None
+    ) -> web.StreamResponse:
         end = _SessionEnd(d.session)
         try:
-            return await self._relay(request, d, rec, end)
+            return await self._relay(request, d, rec, end, streamed)
         except InferouteError:
+            if streamed is not None and streamed.too_large is not None:
+                end.aborted("body-too-large")
+                raise streamed.too_large from None
             end.aborted("upstream-error")
             raise
         except asyncio.CancelledError:
@@ -293,7 +351,12 @@ class GatewayHandler:
             end.aborted("incomplete")  # no-op when already ended
 
     async def _relay(
-        self, request: web.BaseRequest, d: Decided, rec: _Record, end: _SessionEnd
+        self,
+        request: web.BaseRequest,
+        d: Decided,
+        rec: _Record,
+        end: _SessionEnd,
+        streamed: _LimitedStream | None,
     ) -> web.StreamResponse:
         client_ip = request.remote
         peer_headers = d.upstream_headers  # bound method: headers naming the endpoint being tried
@@ -301,9 +364,20 @@ class GatewayHandler:
         def headers_for(up: str) -> CIMultiDict[str]:
             return upstream_request_headers(peer_headers(up), rec.request_id, client_ip)
 
-        opened = await self.forwarder.open(
-            request.method, request.raw_path, d.upstreams, headers_for, d.body, route=rec.route
-        )
+        body: bytes | StreamedBody = d.body
+        if streamed is not None:
+            body = StreamedBody(streamed.chunks(), streamed.declared)
+        try:
+            opened = await self.forwarder.open(
+                request.method, request.raw_path, d.upstreams, headers_for, body, route=rec.route
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            if streamed is not None and streamed.too_large is not None:
+                raise streamed.too_large from exc
+            raise
+        if streamed is not None and streamed.too_large is not None:
+            opened.response.close()
+            raise streamed.too_large
         up = opened.response
         rec.upstream = opened.served
         rec.attempts = opened.attempts

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -87,6 +87,27 @@ def client_response_headers(headers: CIMultiDictProxy[str], request_id: str) -> 
     return out
 
 
+class StreamedBody:
+    """A request body passed through as it arrives (routes where neither BBR nor the picker needs it).
+
+    It can be sent once: :meth:`Forwarder.open` still walks past endpoints that refuse the connection (nothing
+    was read yet), but stops at the first endpoint that received any of it.
+    """
+
+    __slots__ = ("_chunks", "length", "started")
+
+    def __init__(self, chunks: AsyncIterator[bytes], length: int | None) -> None:
+        self._chunks = chunks
+        self.length = length
+        """The declared ``Content-Length`` (None: chunked)."""
+        self.started = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started = True
+        async for chunk in self._chunks:
+            yield chunk
+
+
 @dataclass(slots=True)
 class Opened:
     """An upstream response whose status line and headers arrived."""
@@ -141,7 +162,7 @@ class Forwarder:
         path_qs: str,
         upstreams: tuple[str, ...],
         headers_for: Callable[[str], CIMultiDict[str]],
-        body: bytes,
+        body: bytes | StreamedBody,
         route: str = "-",
     ) -> Opened:
         """Send the request to the first endpoint that answers (see module docstring)."""
@@ -152,14 +173,20 @@ class Forwarder:
         last_error = "no endpoint"
         for i, up in enumerate(upstreams):
             last = i == len(upstreams) - 1
+            headers = headers_for(up)
+            data: bytes | AsyncIterator[bytes] | None
+            if isinstance(body, StreamedBody):
+                if body.started:  # part of it went to the previous endpoint: it cannot be replayed
+                    break
+                data = body.__aiter__()
+                if body.length is not None:
+                    headers["Content-Length"] = str(body.length)
+            else:
+                data = body or None
             try:
                 async with asyncio.timeout(t.response_headers):
                     resp = await session.request(
-                        method,
-                        f"http://{up}{path_qs}",
-                        headers=headers_for(up),
-                        data=body if body else None,
-                        allow_redirects=False,
+                        method, f"http://{up}{path_qs}", headers=headers, data=data, allow_redirects=False
                     )
             except TimeoutError as exc:
                 raise InferouteError(
@@ -174,7 +201,7 @@ class Forwarder:
                 else:
                     log.warning("route %s: upstream %s failed before answering: %r", route, up, exc)
                 continue
-            if resp.status >= 500 and not last:
+            if resp.status >= 500 and not last and not (isinstance(body, StreamedBody) and body.started):
                 self._fallback(route, up, "5xx", f"status {resp.status}")
                 resp.release()
                 continue
