@@ -7,7 +7,8 @@ workers share the port). :class:`GatewayHandler` handles one request:
 
 1. ``/healthz`` (alive), ``/readyz`` (the embedded picker is ready), ``metrics_path`` (Prometheus text).
 2. Limits: concurrent requests (503 ``overloaded``), header count/bytes (431), route match (404 ``no-route``),
-   body size from ``Content-Length`` up front and while reading chunked uploads (413).
+   body size from ``Content-Length`` up front and while reading chunked uploads (413). The body is read whole
+   when BBR or a full-duplex picker needs it, else passed through as it arrives.
 3. :meth:`RouteDecider.decide` (BBR + picker), then :meth:`Forwarder.open` (fallback walking), then the
    response is streamed to the client and reported to the picker session.
 4. Whatever happens: one access-log line, the request/latency/TTFB metrics, and for every error an

@@ -2,10 +2,11 @@
 
 :class:`Forwarder` owns one aiohttp ``ClientSession`` per process (one ``TCPConnector``: a keep-alive pool per
 ``ip:port``). :meth:`Forwarder.open` walks a decision's ordered endpoint list: a connect error, a dropped
-keep-alive connection or a 5xx status *before any byte went to the client* moves on to the next endpoint (the
-body was buffered, so it can be replayed); the last endpoint's 5xx is passed through as is. What it returns is
-the open upstream response; :func:`relay` streams it to the client chunk by chunk (``iter_any``: an SSE event
-is written as soon as it arrives) and reports it to the picker session.
+keep-alive connection or a 5xx status *before any byte went to the client* moves on to the next endpoint (a
+buffered body is replayed; a :class:`StreamedBody` only until an endpoint started to receive it); the last
+endpoint's 5xx is passed through as is. What it returns is the open upstream response, which the gateway
+handler streams to the client chunk by chunk (``iter_any``: an SSE event is written as soon as it arrives)
+while reporting it to the picker session.
 
 Header rules (RFC 9110 §7.6.1): hop-by-hop headers and those named in ``Connection`` are dropped both ways;
 ``Host`` and ``Content-Length`` are recomputed for the upstream; ``x-request-id`` and ``x-forwarded-for`` are
