@@ -32,10 +32,11 @@ async def test_unreachable_pool_still_schedules_blind_then_close(free_port: Call
         text = generate_latest(registry).decode()
         assert "inferoute_epp_stale_fallback_total 1.0" in text
         assert 'inference_pool_ready_pods{name="default"} 0.0' in text
-        assert len(picker.collector._loops) == 2
+        assert len(picker.collector._scrapers) == 2
     finally:
         await picker.aclose()
-    assert len(picker.collector._loops) == 0 and len(picker._tasks) == 0
+    assert len(picker.collector._scrapers) == 0 and len(picker.collector.tasks) == 0
+    assert len(picker._tasks) == 0
     assert not picker.ready()
     with pytest.raises(PickerError, match="closed"):
         await picker.pick(PickRequest("POST", "/v1/completions", {}, BODY))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from inferoute.epp.datalayer.httpget import HttpGetError, _parse_response
+from inferoute.epp.datalayer.httpget import HttpGetError, parse_response
 
 
 def parse(raw: bytes) -> tuple[int, bytes] | None:
-    return _parse_response(bytearray(raw))
+    return parse_response(bytearray(raw))
 
 
 def test_content_length_framing_waits_for_the_whole_body() -> None:
