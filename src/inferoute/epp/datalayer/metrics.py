@@ -167,7 +167,9 @@ def _first_line(page: bytes, spec: _Spec) -> int:
         pos = start + n
 
 
-def _samples(page: bytes, spec: _Spec, want_labels: bool) -> list[Sample]:
+def _samples(
+    page: bytes, spec: _Spec, want_labels: bool, memo: dict[bytes, dict[str, str]] | None = None
+) -> list[Sample]:
     """Samples of the family, read line by line from its first line while lines belong to it: the exposition
     format keeps a family's samples together, so the rest of the page is never scanned."""
     start = _first_line(page, spec)
@@ -193,7 +195,15 @@ def _samples(page: bytes, spec: _Spec, want_labels: bool) -> list[Sample]:
             if close < 0:
                 continue
             if want_labels or want:
-                labels = dict(_LABEL_RE.findall(page[after + 1 : close].decode("utf-8", "replace")))
+                raw = page[after + 1 : close]
+                cached = memo.get(raw) if memo is not None else None
+                if cached is None:
+                    cached = dict(_LABEL_RE.findall(raw.decode("utf-8", "replace")))
+                    if memo is not None:
+                        if len(memo) > 64:
+                            memo.clear()
+                        memo[raw] = cached
+                labels = cached
                 if want and any(labels.get(k) != v for k, v in want):
                     continue
             rest = page[close + 1 : end]
@@ -225,19 +235,21 @@ class ParseCache:
       scrape.
     """
 
-    __slots__ = ("absent", "recheck", "static", "static_refresh")
+    __slots__ = ("absent", "labels", "recheck", "static", "static_refresh")
 
     def __init__(self, recheck: float = 1.0, static_refresh: float = 10.0) -> None:
         self.recheck = recheck
         self.static_refresh = static_refresh
         self.absent: dict[str, float] = {}
         self.static: dict[str, tuple[float, list[Sample]]] = {}
+        self.labels: dict[bytes, dict[str, str]] = {}
+        """Parsed label sets by raw bytes (LoRA info changes its value every scrape, its labels rarely)."""
 
     def lookup(self, page: bytes, spec: str, now: float) -> list[Sample]:
         until = self.absent.get(spec)
         if until is not None and now < until:
             return []
-        samples = _samples(page, _compile(spec), True)
+        samples = _samples(page, _compile(spec), True, self.labels)
         if samples:
             self.absent.pop(spec, None)
         else:
@@ -260,6 +272,7 @@ def _value(samples: list[Sample]) -> float | None:
     return samples[0].value if len(samples) == 1 else sum(s.value for s in samples)
 
 
+@functools.lru_cache(maxsize=256)
 def _adapters(raw: str) -> frozenset[str]:
     return frozenset(a.strip() for a in raw.split(",") if a.strip())
 
