@@ -12,11 +12,10 @@ in-flight counts) is then per process. A remote ``inferoute epp`` keeps one brai
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -27,6 +26,9 @@ from inferoute.gateway.decide import ModelExtractor, RouteDecider
 from inferoute.gateway.destinations import AllowList, routing_header_names
 from inferoute.picking import Picker
 
+if TYPE_CHECKING:  # imported lazily at run time: a gateway without remote pickers never loads gRPC
+    from inferoute.extproc.channel import ChannelOptions
+
 log = logging.getLogger(__name__)
 
 
@@ -34,8 +36,9 @@ async def start_embedded_picker(
     cfg: GatewayConfig, endpoints: list[Endpoint], registry: CollectorRegistry
 ) -> Picker:
     """The EPP's director in process (no gRPC hop)."""
-    assembly: Any = importlib.import_module("inferoute.epp.assembly")
-    opts = assembly.EppOptions(
+    from inferoute.epp.assembly import EppOptions, start_picker
+
+    opts = EppOptions(
         config_file=cfg.picker.config_file,
         config_text=cfg.picker.config_text,
         endpoints=endpoints,
@@ -45,16 +48,16 @@ async def start_embedded_picker(
         registry=registry,
         pool_name=cfg.picker.pool_name,
     )
-    picker: Picker = await assembly.start_picker(opts)
-    return picker
+    return await start_picker(opts)
 
 
 def _channel_options(
     endpoint: str, tls: bool, ca: str | None, cert: str | None, key: str | None, server_name: str | None
-) -> Any:
-    client: Any = importlib.import_module("inferoute.extproc.client")
+) -> ChannelOptions:
+    from inferoute.extproc.channel import ChannelOptions
+
     target, explicit_tls = target_of(endpoint)
-    return client.ChannelOptions(
+    return ChannelOptions(
         target,
         tls=tls if explicit_tls is None else explicit_tls,
         ca_file=ca,
@@ -66,24 +69,20 @@ def _channel_options(
 
 def grpc_picker(epp: EPPConfig) -> Picker:
     """An ext_proc client for ``epp.endpoint``."""
-    client: Any = importlib.import_module("inferoute.extproc.client")
+    from inferoute.extproc.client import GrpcPicker
+
     assert epp.endpoint is not None
     opts = _channel_options(epp.endpoint, epp.tls, epp.ca_file, epp.cert_file, epp.key_file, epp.server_name)
-    picker: Picker = client.GrpcPicker(
-        opts, timeout_ms=epp.timeout_ms, body_mode=epp.body, header_name=epp.header_name
-    )
-    return picker
+    return GrpcPicker(opts, timeout_ms=epp.timeout_ms, body_mode=epp.body, header_name=epp.header_name)
 
 
 def remote_bbr(bbr: BBRConfig) -> ModelExtractor:
     """A streaming ext_proc BBR client for ``bbr.endpoint``."""
-    bbr_client: Any = importlib.import_module("inferoute.extproc.bbr_client")
+    from inferoute.extproc.bbr_client import RemoteBBR
+
     assert bbr.endpoint is not None
     opts = _channel_options(bbr.endpoint, bbr.tls, bbr.ca_file, bbr.cert_file, bbr.key_file, bbr.server_name)
-    extractor: ModelExtractor = bbr_client.RemoteBBR(
-        opts, header_name=bbr.header_name, chunk_size=bbr.chunk_size, timeout_ms=bbr.timeout_ms
-    )
-    return extractor
+    return RemoteBBR(opts, header_name=bbr.header_name, chunk_size=bbr.chunk_size, timeout_ms=bbr.timeout_ms)
 
 
 EmbeddedFactory = Callable[[GatewayConfig, list[Endpoint], CollectorRegistry], Awaitable[Picker]]

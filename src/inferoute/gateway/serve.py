@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -32,7 +32,7 @@ from inferoute.gateway.config import EMBEDDED, GatewayConfig, parse_listen, with
 log = logging.getLogger(__name__)
 
 
-def run_async(main: Callable[[], Awaitable[int]]) -> int:
+def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run ``main`` on uvloop (asyncio if uvloop is missing)."""
     try:
         import uvloop
@@ -41,7 +41,7 @@ def run_async(main: Callable[[], Awaitable[int]]) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())  # type: ignore[arg-type]
+        return runner.run(main())
 
 
 async def wait_for_signal() -> str:
