@@ -133,7 +133,17 @@ async def test_cli_gateway_mode_nginx(pool: SimPool, nginx: NginxFactory, tmp_pa
     proc = await asyncio.to_thread(_start_process, args, tmp_path / "decider.log")
     try:
         await asyncio.to_thread(_wait_port, decider_port, proc)
-        await asyncio.to_thread(nginx, nginx_conf(decider_port, nginx_port), [nginx_port])
+        # the NGINX configuration comes from the real command line, reading the same gateway file
+        printed = await asyncio.to_thread(
+            subprocess.run,
+            [
+                str(exe), "nginx-config", "--config", str(cfg), "--decider", f"127.0.0.1:{decider_port}",
+                "--listen", f"127.0.0.1:{nginx_port}", "--self-contained", "--workers", "1",
+            ],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        assert "location /v1/ {" in printed.stdout
+        await asyncio.to_thread(nginx, printed.stdout, [nginx_port])
         async with aiohttp.ClientSession() as http:
             body = {"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 4}
             async with http.post(f"http://127.0.0.1:{nginx_port}/v1/completions", json=body) as resp:
