@@ -221,6 +221,8 @@ async def test_model_header_reaches_the_picked_backend(stack: Stack) -> None:
             assert got["headers"]["x-gateway-model-name"] == "llama-3"
             assert got["headers"]["x-gateway-destination-endpoint"] == backend.key
             assert got["path"] == "/v1/chat/completions?x=1"
+            assert got["headers"]["x-forwarded-for"] == "127.0.0.1"
+            assert len(got["headers"]["x-request-id"]) == 32  # NGINX's $request_id, also in the access log
             assert got["sha256"] == hashlib.sha256(chat("llama-3")).hexdigest()
     # the picker saw the model BBR extracted
     assert [r.model for r in stack.picker.requests] == ["llama-3"] * 4

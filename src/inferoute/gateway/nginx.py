@@ -305,6 +305,8 @@ def _proxy_to_endpoint(w: _Writer, opts: NginxOptions, target: str) -> None:
     for n, name in enumerate(opts.pass_headers, start=1):
         w(f"{i}proxy_set_header {name} {_pass_var(n)};")
     w(f"{i}proxy_set_header Host $host;")
+    w(f"{i}proxy_set_header X-Request-Id $request_id;        # as the gateway does")
+    w(f"{i}proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;")
     w(f"{i}proxy_http_version 1.1;")
     w(f'{i}proxy_set_header Connection "";')
     w(f"{i}proxy_buffering off;              # stream SSE token by token")
