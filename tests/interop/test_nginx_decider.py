@@ -83,7 +83,7 @@ class ScriptedPicker:
         if behavior == "timeout":
             raise PickerError("scripted timeout", timeout=True)
         if behavior == "slow":
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
         picks = [self.pool[int(i)] for i in request.headers.get("x-test-pick", "0").split(",")]
         session = Session(self, picks[0])
         self.sessions.append(session)
@@ -419,7 +419,7 @@ async def test_client_gone_while_the_picker_decides_ends_the_session(stack: Stac
                 f"{stack.url}/v1/completions",
                 data=chat(),
                 headers={**JSON, "x-test-picker": "slow"},
-                timeout=aiohttp.ClientTimeout(total=0.15),
+                timeout=aiohttp.ClientTimeout(total=0.1),
             ):
                 pass
     for _ in range(250):  # the picker is still deciding: wait for its session
