@@ -99,6 +99,7 @@ async def _stack(
     failure_mode_allow: bool = False,
     request_body: str = "full_duplex",
     response_phase: str = "full",
+    static_endpoints: bool = False,
 ) -> tuple[EppServer, RecordingPicker, EnvoyProcess, str]:
     picker = RecordingPicker(backends.endpoints)
     epp = await EppServer.start(
@@ -117,6 +118,7 @@ async def _stack(
         health_check_interval=0.5,
         request_body=request_body,
         response_phase=response_phase,
+        endpoints=backends.endpoints if static_endpoints else None,
     )
     try:
         envoy = await EnvoyProcess.start(cfg, str(tmp_path))
@@ -309,6 +311,80 @@ async def test_lighter_response_phases(tmp_path: Path, backends: Backends, phase
             else:
                 # Envoy half-closes or resets the stream when the request is done: either way it ends
                 assert log.status is None and log.aborted in ("stream-ended-early", "stream-cancelled")
+    finally:
+        await envoy.aclose()
+        await epp.aclose(0)
+
+
+async def test_conformance_like_following_epp_routing_under_concurrency(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """GIE GatewayFollowingEPPRouting(WithDataParallelism): 100 requests at concurrency 10 only hit the
+    endpoints the picker was told to use (two of three data-parallel ranks on one IP; the picker answers
+    with both, comma-separated, so this runs on the override_host cluster)."""
+    epp, _, envoy, url = await _stack(tmp_path, backends, insecure=True, static_endpoints=True)
+    try:
+        await _follow_epp_routing(url, backends)
+    finally:
+        await envoy.aclose()
+        await epp.aclose(0)
+
+
+async def test_original_dst_cannot_take_a_fallback_list(stack: Stack, backends: Backends) -> None:
+    """The documented limit of the default (ORIGINAL_DST) config: a comma list is not an address."""
+    sel = f"127.0.0.1:{backends.ports[0]},127.0.0.1:{backends.ports[1]}"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stack.url}/v1/completions", data=_payload(), headers={SELECTION_HEADER: sel}) as r,
+    ):
+        assert r.status == 503
+    assert not backends.seen
+
+
+async def _follow_epp_routing(url: str, backends: Backends) -> None:
+    allowed = {backends.ports[0], backends.ports[2]}
+    selection = ",".join(f"127.0.0.1:{p}" for p in sorted(allowed))
+    sem = asyncio.Semaphore(10)
+    hits: list[int] = []
+
+    async def one(http: aiohttp.ClientSession, i: int) -> None:
+        async with (
+            sem,
+            http.post(f"{url}/v1/completions", data=_payload(), headers={SELECTION_HEADER: selection}) as r,
+        ):
+            assert r.status == 200
+            hits.append((await r.json())["port"])
+
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(one(http, i) for i in range(100)))
+    assert len(hits) == 100 and set(hits) <= allowed
+
+
+async def test_override_host_cluster_walks_fallbacks(tmp_path: Path, backends: Backends) -> None:
+    """With ``--endpoints``, Envoy's override_host policy accepts the picker's comma list: the first listed
+    endpoint serves, and a dead first endpoint is skipped on retry to the next one (fallback order)."""
+    epp, picker, envoy, url = await _stack(tmp_path, backends, insecure=True, static_endpoints=True)
+    try:
+        a, b, c = backends.ports
+        async with aiohttp.ClientSession() as http:
+            for first in (c, a):
+                sel = f"127.0.0.1:{first},127.0.0.1:{b}"
+                async with http.post(
+                    f"{url}/v1/completions", data=_payload(), headers={SELECTION_HEADER: sel}
+                ) as r:
+                    assert r.status == 200, await r.text()
+                    assert (await r.json())["port"] == first
+            await backends.runners[0].cleanup()  # the first listed endpoint goes away
+            backends.runners.pop(0)
+            sel = f"127.0.0.1:{a},127.0.0.1:{c}"
+            async with http.post(
+                f"{url}/v1/completions", data=_payload(), headers={SELECTION_HEADER: sel}
+            ) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["port"] == c
+        log = picker.sessions[-1]
+        await asyncio.wait_for(log.ended.wait(), 10)
+        assert log.served == f"127.0.0.1:{c}"  # the served endpoint is the fallback that answered
     finally:
         await envoy.aclose()
         await epp.aclose(0)

@@ -91,3 +91,24 @@ def test_self_signed_certificate_names(host: str) -> None:
     }
     assert {"localhost", "127.0.0.1", host} <= names
     assert b"PRIVATE KEY" in pair.key_pem
+
+
+def test_static_endpoints_use_override_host_on_metadata_with_retries(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = bootstrap("epp:9002", 8080, endpoints=["10.0.0.1:8000", "10.0.0.2:8000"], retries=3)
+    pool = _cluster(cfg, "inference_pool")
+    assert pool["type"] == "STATIC"
+    policy = pool["load_balancing_policy"]["policies"][0]["typed_extension_config"]
+    assert policy["name"] == "envoy.load_balancing_policies.override_host"
+    assert policy["typed_config"]["override_host_sources"] == [
+        {"metadata": {"key": "envoy.lb", "path": [{"key": "x-gateway-destination-endpoint"}]}}
+    ]
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["retry_policy"]["num_retries"] == 3
+    f = tmp_path / "eps.yaml"
+    f.write_text("endpoints:\n  - {address: 10.0.0.9, port: 8001}\n")
+    out = CliRunner().invoke(command, ["--epp", "e:1", "--listen", "1", "--endpoints", str(f)])
+    assert out.exit_code == 0, out.output
+    assert "10.0.0.9" in out.output and "override_host" in out.output
+    f.write_text("endpoints:\n  - {address: 10.0.0.9}\n")
+    bad = CliRunner().invoke(command, ["--epp", "e:1", "--listen", "1", "--endpoints", str(f)])
+    assert bad.exit_code != 0 and "port" in bad.output

@@ -234,3 +234,27 @@ def test_health_readiness_exception_is_not_serving() -> None:
         raise RuntimeError("x")
 
     assert HealthServicer(broken).status("readiness") == 2
+
+
+async def test_session_finished_even_if_the_proxy_resets_right_after_the_last_reply() -> None:
+    """Envoy resets the ext_proc stream as soon as it has the last response-body echo; gRPC then closes the
+    servicer at that yield. The session must already be finished (seen flaky with Envoy before the fix)."""
+    picker = FixedPicker(DEST)
+    msgs = [
+        _headers(eos=True),
+        m.headers_request([(":status", "200")], end_of_stream=False, phase="response_headers"),
+        m.body_chunk_request(b"", end_of_stream=True, phase="response_body"),
+    ]
+
+    async def it() -> AsyncIterator[m.ProcessingRequest]:
+        for msg in msgs:
+            yield msg
+
+    gen = ExtProcServicer(picker, ExtProcMetrics(CollectorRegistry())).Process(it(), FakeContext())
+    phases = []
+    async for resp in gen:
+        phases.append(resp.WhichOneof("response"))
+        if phases[-1] == "response_body":
+            break
+    await gen.aclose()  # what grpc does when the call is reset while the generator waits at a yield
+    assert picker.events[-1] == ("finished", None)

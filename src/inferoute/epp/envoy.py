@@ -17,7 +17,9 @@ What the generated configuration does (verified with Envoy 1.40, see docs/envoy.
   GIE charts) unless ``--insecure``, and is health checked with gRPC health service
   ``envoy.service.ext_proc.v3.ExternalProcessor``.
 
-ORIGINAL_DST reads one address: the picker must return a single endpoint for Envoy (no comma fallbacks).
+ORIGINAL_DST reads one address: the picker must return a single endpoint. With ``--endpoints FILE`` the pool
+is a static cluster with Envoy's ``override_host`` load-balancing policy on the same metadata instead: it
+takes the picker's comma list and the route's retries walk it in order.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -63,12 +66,18 @@ def bootstrap(
     health_check_interval: float = 2.0,
     request_body: str = "full_duplex",
     max_body_bytes: int = 64 * 1024 * 1024,
+    endpoints: Sequence[str] | None = None,
+    retries: int = 2,
 ) -> dict[str, Any]:
     """The Envoy bootstrap as a dict (see module docstring). ``epp`` is ``host:port``.
 
     ``response_phase``: ``full`` (headers, body, trailers: exact in-flight accounting and usage),
     ``headers`` (status and served endpoint only; the session ends when Envoy closes the stream) or
     ``none`` (no response messages at all; cheapest, no served endpoint).
+
+    ``endpoints`` (``ip:port`` list): instead of ORIGINAL_DST, a static cluster of those endpoints with
+    Envoy's ``override_host`` load-balancing policy reading the same metadata -- it accepts the picker's
+    comma list, and the route retries (``retries``) walk the fallbacks in order.
 
     ``request_body="buffered"`` sends the whole body in one ext_proc message (inferoute's EPP supports it;
     GIE EPPs do not): far fewer gRPC messages for big prompts, at the price of Envoy buffering up to
@@ -108,7 +117,7 @@ def bootstrap(
             },
         },
     }
-    hcm = {
+    hcm: dict[str, Any] = {
         "@type": _HCM,
         "stat_prefix": "inference_gateway",
         "codec_type": "AUTO",
@@ -166,7 +175,7 @@ def bootstrap(
                 "common_tls_context": {"alpn_protocols": ["h2"]},
             },
         }
-    pool_cluster = {
+    pool_cluster: dict[str, Any] = {
         "name": "inference_pool",
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
@@ -176,6 +185,15 @@ def bootstrap(
             "metadata_key": {"key": LB_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]},
         },
     }
+    if endpoints:
+        pool_cluster = _override_host_cluster(endpoints)
+        route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+        route["retry_policy"] = {
+            "retry_on": "connect-failure,reset,refused-stream,retriable-status-codes",
+            "retriable_status_codes": [503],
+            "num_retries": retries,
+            # the override_host policy hands out the next listed endpoint on each retry
+        }
     listener: dict[str, Any] = {
         "name": "inference_gateway",
         "address": _address(listen_address, listen_port),
@@ -218,6 +236,14 @@ def bootstrap(
     help="Ask Envoy to fail open when the picker is down (in full duplex Envoy 1.40 still answers 500).",
 )
 @click.option(
+    "--endpoints",
+    "endpoints_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Endpoints YAML (as for `inferoute epp`): a static pool with Envoy's override_host policy, which "
+    "accepts the picker's fallback list and retries down it. Default: ORIGINAL_DST (one endpoint).",
+)
+@click.option("--retries", default=2, show_default=True, type=int, help="Retries down the fallback list.")
+@click.option(
     "--request-body",
     type=click.Choice(["full_duplex", "buffered"]),
     default="full_duplex",
@@ -234,6 +260,8 @@ def command(
     response_phase: str,
     failure_mode_allow: bool,
     request_body: str,
+    endpoints_file: str | None,
+    retries: int,
 ) -> None:
     """Print an Envoy bootstrap (YAML-compatible JSON) that routes through the picker; run it with
     ``envoy -c FILE``."""
@@ -247,6 +275,8 @@ def command(
         response_phase=response_phase,
         failure_mode_allow=failure_mode_allow,
         request_body=request_body,
+        endpoints=_load_endpoints(endpoints_file) if endpoints_file else None,
+        retries=retries,
     )
     click.echo(json.dumps(cfg, indent=2))
 
@@ -259,6 +289,63 @@ def _prepare(config: dict[str, Any], workdir: str, envoy_bin: str | None) -> tup
     with open(cfg_path, "w") as f:
         json.dump(config, f)
     return binary, cfg_path, os.path.join(workdir, "envoy.log")
+
+
+def _load_endpoints(path: str) -> list[str]:
+    import yaml
+
+    from inferoute.endpoints import parse_endpoints
+    from inferoute.errors import InferouteError
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        items = raw.get("endpoints") if isinstance(raw, dict) else raw
+        return [e.key for e in parse_endpoints(items, where=f"{path}: endpoints")]
+    except (OSError, yaml.YAMLError, InferouteError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--endpoints") from exc
+
+
+def _override_host_cluster(endpoints: Sequence[str]) -> dict[str, Any]:
+    lb_endpoints = []
+    for ep in endpoints:
+        host, port = split_hostport(ep)
+        if port is None:
+            raise click.BadParameter(f"endpoint {ep!r}: expected ip:port")
+        lb_endpoints.append({"endpoint": {"address": _address(host, port)}})
+    policy = "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost"
+    rr = "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin"
+    return {
+        "name": "inference_pool",
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        "load_assignment": {"cluster_name": "inference_pool", "endpoints": [{"lb_endpoints": lb_endpoints}]},
+        "load_balancing_policy": {
+            "policies": [
+                {
+                    "typed_extension_config": {
+                        "name": "envoy.load_balancing_policies.override_host",
+                        "typed_config": {
+                            "@type": policy,
+                            "override_host_sources": [
+                                {"metadata": {"key": LB_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}}
+                            ],
+                            "fallback_policy": {
+                                "policies": [
+                                    {
+                                        "typed_extension_config": {
+                                            "name": "envoy.load_balancing_policies.round_robin",
+                                            "typed_config": {"@type": rr},
+                                        }
+                                    }
+                                ]
+                            },
+                        },
+                    }
+                }
+            ]
+        },
+    }
 
 
 class EnvoyProcess:

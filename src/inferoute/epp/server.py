@@ -182,13 +182,15 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     rb = req.response_body
                     if rb.body and ex is not None and ex.session is not None and not ex.ended:
                         ex.session.response_chunk(rb.body)
+                    if rb.end_of_stream and ex is not None:
+                        # Before the last reply: Envoy may reset the stream as soon as it has it, and the
+                        # generator is then closed at that yield.
+                        ex.end(True)
                     if ex is not None and ex.full_duplex_response:
                         for resp in m.body_chunks(rb.body, "response_body", end_of_stream=rb.end_of_stream):
                             yield resp
                     else:
                         yield m.body_response("response_body")
-                    if rb.end_of_stream and ex is not None:
-                        ex.end(True)
                 elif phase == "response_headers":
                     if ex is not None:
                         self._response_started(ex, req)
@@ -225,8 +227,8 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             raise
         finally:
             metrics.active.dec()
-            if ex is not None and not ex.ended:
-                ex.end(False, "stream-closed")
+            if ex is not None and not ex.ended:  # closed by gRPC at a yield (the proxy reset the stream)
+                ex.stream_closed("stream-closed")
 
     # ------------------------------------------------------------------------------------------------ helpers
 
