@@ -15,6 +15,7 @@ import asyncio
 import json
 import multiprocessing
 import random
+import resource
 import statistics
 import time
 from collections.abc import Sequence
@@ -272,6 +273,10 @@ class ScrapeRow:
     scrapes: int
     errors: int
     cpu_fraction_of_one_core: float
+    user_fraction: float
+    """Python and event-loop work (user time)."""
+    system_fraction: float
+    """Kernel time: loopback TCP send/receive and epoll, paid by any implementation."""
     cpu_us_per_scrape: float
     page_bytes: int
     parse_us_per_page: float
@@ -308,9 +313,11 @@ async def measure_scrape(n: int, interval: float, seconds: float) -> ScrapeRow:
         try:
             await asyncio.sleep(1.0)  # connect and settle
             c0 = dict(counts)
-            cpu0, t0 = time.process_time(), time.perf_counter()
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             await asyncio.sleep(seconds)
-            cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+            r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+            user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+            cpu = user + system
             scrapes = counts["ok"] - c0["ok"]
             errors = counts["err"] - c0["err"]
         finally:
@@ -326,6 +333,8 @@ async def measure_scrape(n: int, interval: float, seconds: float) -> ScrapeRow:
         scrapes,
         errors,
         cpu / wall,
+        user / wall,
+        system / wall,
         cpu / max(1, scrapes) * 1e6,
         len(page),
         measure_parse(page),

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable
 
 from inferoute.epp.datalayer.datastore import Datastore, EndpointState
-from inferoute.epp.datalayer.httpget import HttpGetError, client_ssl_context, parse_response
+from inferoute.epp.datalayer.httpget import HttpGetError, ResponseReader, client_ssl_context
 from inferoute.epp.datalayer.metrics import MetricsParseError, ParseCache, parse_metrics
 from inferoute.tasks import TaskSet
 
@@ -53,7 +53,6 @@ class _Scraper:
     """Scrape state of one endpoint: connection, pending request, next tick, parse cache."""
 
     __slots__ = (
-        "buf",
         "closed",
         "collector",
         "conn",
@@ -62,6 +61,7 @@ class _Scraper:
         "key",
         "next_at",
         "parse_cache",
+        "reader",
         "request",
         "sent_at",
         "waiters",
@@ -72,7 +72,7 @@ class _Scraper:
         self.key = key
         self.conn: _Conn | None = None
         self.connecting = False
-        self.buf = bytearray()
+        self.reader = ResponseReader()
         self.sent_at: float | None = None
         """Loop time the pending scrape started (None: idle)."""
         self.handle: asyncio.TimerHandle | None = None
@@ -126,7 +126,7 @@ class _Scraper:
                 self.connecting = True
                 self.collector.tasks.spawn(self._connect(), name=f"connect:{self.key}")
             return
-        self.buf.clear()
+        self.reader.reset()
         conn.transport.write(self.request)
 
     async def _connect(self) -> None:
@@ -151,15 +151,14 @@ class _Scraper:
             return
         self.conn = conn
         if self.sent_at is not None and conn.transport is not None:
-            self.buf.clear()
+            self.reader.reset()
             conn.transport.write(self.request)
 
     def on_data(self, data: bytes) -> None:
         if self.sent_at is None:
             return  # unsolicited bytes
-        self.buf += data
         try:
-            result = parse_response(self.buf)
+            result = self.reader.feed(data)
         except HttpGetError as exc:
             self.drop_connection()
             self.finish(None, f"HttpGetError: {exc}")

@@ -21,8 +21,47 @@ class HttpGetError(Exception):
     """Connection, framing or timeout failure of one GET."""
 
 
-def parse_response(buf: bytearray) -> tuple[int, bytes] | None:
-    """(status, body) once ``buf`` holds a whole response, None while more bytes are needed."""
+class ResponseReader:
+    """Frames one response at a time from the bytes of a keep-alive connection; the head is parsed once."""
+
+    __slots__ = ("buf", "chunked", "length", "start", "status")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.status = 0
+        self.start = -1
+        self.length = 0
+        self.chunked = False
+
+    def reset(self) -> None:
+        """Forget the previous response (call before each request)."""
+        self.buf.clear()
+        self.start = -1
+
+    def feed(self, data: bytes) -> tuple[int, bytes] | None:
+        """Add received bytes: (status, body) once the response is complete, else None.
+        Raises :class:`HttpGetError` on a malformed or oversized response."""
+        buf = self.buf
+        buf += data
+        if self.start < 0:
+            head = _parse_head(buf)
+            if head is None:
+                return None
+            self.status, self.length, self.chunked, self.start = head
+        if self.chunked:
+            return _dechunk(buf, self.start, self.status)
+        if len(buf) - self.start < self.length:
+            return None
+        return self.status, bytes(buf[self.start : self.start + self.length])
+
+
+def parse_response(buf: bytes | bytearray) -> tuple[int, bytes] | None:
+    """(status, body) when ``buf`` holds a whole response, None while more bytes are needed."""
+    return ResponseReader().feed(bytes(buf))
+
+
+def _parse_head(buf: bytearray) -> tuple[int, int, bool, int] | None:
+    """(status, content length, chunked, body offset) once the head is complete."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         if len(buf) > 65536:
@@ -49,16 +88,12 @@ def parse_response(buf: bytearray) -> tuple[int, bytes] | None:
                 raise HttpGetError("bad content-length") from None
         elif lname == "transfer-encoding" and "chunked" in value.lower():
             chunked = True
-    start = end + 4
-    if chunked:
-        return _dechunk(buf, start, status)
-    if length is None:
-        raise HttpGetError("response without content-length or chunked encoding")
-    if length > MAX_BODY:
-        raise HttpGetError(f"body of {length} bytes is too large")
-    if len(buf) - start < length:
-        return None
-    return status, bytes(buf[start : start + length])
+    if not chunked:
+        if length is None:
+            raise HttpGetError("response without content-length or chunked encoding")
+        if length > MAX_BODY:
+            raise HttpGetError(f"body of {length} bytes is too large")
+    return status, length or 0, chunked, end + 4
 
 
 def _dechunk(buf: bytearray, pos: int, status: int) -> tuple[int, bytes] | None:
