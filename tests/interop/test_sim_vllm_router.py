@@ -4,6 +4,7 @@ replicas, then routes OpenAI SDK traffic to them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import sys
 from collections import Counter
@@ -115,3 +116,47 @@ async def test_router_relays_simulator_errors(routed: str) -> None:
         assert r.status == 404
         body = await r.json()
     assert body["error"]["message"] == "The model `nope` does not exist."
+
+
+async def test_sglang_router_probes_are_answered_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """sglang-router (the Rust router vllm-router forked) also probes its workers over HTTP/2 for gRPC and
+    asks for SGLang's /get_model_info: the replicas refuse both (as vLLM does) without error tracebacks,
+    and plain OpenAI traffic flows."""
+    caplog.set_level(logging.DEBUG)
+    async with await SimPool.start(SimConfig(time_scale=0.1), replicas=2) as pool:
+        (port,) = free_ports(1)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sglang_router.launch_router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--worker-urls",
+            *pool.urls,
+            "--policy",
+            "round_robin",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await _wait_healthy(url, proc)
+            pods = set()
+            async with aiohttp.ClientSession() as http:
+                for _ in range(4):
+                    async with http.post(
+                        url + "/v1/completions",
+                        json={"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 2},
+                    ) as r:
+                        assert r.status == 200
+                        assert (await r.json())["usage"]["completion_tokens"] >= 1
+                        pods.add(r.headers["x-inference-pod"])
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
+    assert pods == {"sim-0", "sim-1"}
+    errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []

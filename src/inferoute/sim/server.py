@@ -26,9 +26,11 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
+from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -146,6 +148,17 @@ class _Stream:
         return b"".join(parts)
 
 
+class _ProtocolLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's per-connection logger, with malformed requests (e.g. the HTTP/2 preface a router sends to
+    probe for gRPC) logged at debug level instead of as tracebacks; real handler failures stay errors."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self.debug(msg, *args, **kwargs)
+            return
+        self.error(msg, *args, exc_info=exc_info, **kwargs)
+
+
 class _ErrorCollector(Collector):
     def __init__(self, counts: Counter[str], model: str) -> None:
         self._counts = counts
@@ -205,6 +218,7 @@ class Replica:
             handle_signals=False,
             shutdown_timeout=0.5,
             handler_cancellation=True,
+            logger=_ProtocolLogger(logging.getLogger("inferoute.sim.http"), {}),
         )
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock).start()
