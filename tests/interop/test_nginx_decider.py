@@ -597,3 +597,38 @@ async def test_an_exception_in_the_decider_is_a_json_500_and_counted() -> None:
         assert errors == 1.0
     finally:
         await server.aclose()
+
+
+async def test_decider_timeout_gives_json_504_or_fails_open(
+    backends: list[EchoBackend], nginx: NginxFactory
+) -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(-1)
+        finally:
+            writer.close()
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    silent_port = silent.sockets[0].getsockname()[1]
+    closed_port, open_port = free_ports(2)
+    common: dict[str, Any] = dict(
+        decider=f"127.0.0.1:{silent_port}", decider_timeout=1.0, self_contained=True, worker_processes="1"
+    )
+    try:
+        await asyncio.to_thread(
+            nginx, render(NginxOptions(listen=f"127.0.0.1:{closed_port}", **common)), [closed_port]
+        )
+        opened = NginxOptions(listen=f"127.0.0.1:{open_port}", default_upstream=backends[0].key, **common)
+        await asyncio.to_thread(nginx, render(opened), [open_port])
+        async with aiohttp.ClientSession() as client:
+            url = f"http://127.0.0.1:{closed_port}/v1/completions"
+            async with client.post(url, data=chat(), headers=JSON) as resp:
+                assert (resp.status, resp.content_type) == (504, "application/json")
+                assert (await resp.json())["error"]["message"] == "the inference decider timed out"
+            url = f"http://127.0.0.1:{open_port}/v1/completions"
+            async with client.post(url, data=chat(), headers=JSON) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["port"] == backends[0].port
+    finally:
+        silent.close()
+        await silent.wait_closed()
