@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
 
 import grpc
@@ -121,3 +122,32 @@ async def test_timeout_and_unavailable(free_port) -> None:  # type: ignore[no-un
         await c.aclose()
         await down.aclose()
         await slow.aclose(0)
+
+
+async def test_bbr_server_runs_as_a_process(free_port) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "inferoute.extproc.bbr_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    client = RemoteBBR(ChannelOptions(f"127.0.0.1:{port}", tls=False), timeout_ms=2000)
+    try:
+        for _ in range(100):  # until it listens (import + bind take a moment)
+            try:
+                assert await client.model_header(HEADERS, b'{"model":"from-process"}') == "from-process"
+                break
+            except PickerError:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the BBR server process never answered")
+    finally:
+        await client.aclose()
+        proc.terminate()
+        await proc.wait()
