@@ -236,7 +236,7 @@ def test_active_adapter_is_reused_without_load_cost() -> None:
 
 
 def test_long_prompts_are_prefilled_in_chunks() -> None:
-    e = Engine(config(max_num_batched_tokens=100))
+    e = Engine(config(max_num_batched_tokens=100, max_num_seqs=8))
     r = req(250, 1)
     e.submit(r, 0.0)
     results = run(e)
@@ -329,3 +329,15 @@ def test_unknown_adapter_is_rejected() -> None:
     with pytest.raises(InferouteError) as info:
         e.submit(req(4, 1, lora="nope"), 0.0)
     assert info.value.status == 404
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= max_num_seqs"):
+        SimConfig(max_num_seqs=100, max_num_batched_tokens=50)
+    with pytest.raises(ValueError, match="time_scale"):
+        SimConfig(time_scale=0)
+    with pytest.raises(ValueError, match="failure_rate"):
+        SimConfig(failure_rate=1.5)
+    with pytest.raises(ValueError, match="base model"):
+        SimConfig(model="m", lora_adapters=("m",))
+    assert SimConfig(lora_adapters=("a",)).served_models == (SimConfig().model, "a")

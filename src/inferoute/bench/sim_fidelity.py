@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import select
 import selectors
 import socket
 import struct
@@ -290,6 +291,8 @@ def _start_sim(
         str(time_scale),
         "--max-num-seqs",
         str(max_seqs),
+        "--max-num-batched-tokens",
+        str(max(8192, max_seqs)),
         "--max-waiting",
         "100000",
         "--emit-schedule",
@@ -299,6 +302,9 @@ def _start_sim(
         if cpu is not None:
             os.sched_setaffinity(proc.pid, {cpu})
         assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        if not ready:
+            raise click.ClickException("the simulator did not start listening within 30 s")
         line = proc.stdout.readline().decode()
         if not line:
             raise click.ClickException("the simulator exited before listening")

@@ -88,6 +88,8 @@ class SimConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            problems.append("max_num_batched_tokens must be >= max_num_seqs (as vLLM requires)")
         if self.max_waiting < 0:
             problems.append("max_waiting must be >= 0")
         if not self.time_scale > 0:
