@@ -129,3 +129,11 @@ def test_models_body() -> None:
     assert [m["id"] for m in body["data"]] == ["base", "a", "b"]
     assert body["data"][0]["parent"] is None and body["data"][0]["max_model_len"] == 4096
     assert body["data"][1]["parent"] == "base"
+
+
+def test_ids_from_client_headers_are_escaped() -> None:
+    rid = 'chatcmpl-a"b\\c'
+    w = ResponseWriter(chat=True, response_id=rid, model="m", text_seed=0)
+    assert sse(w.role_chunk())["id"] == rid
+    assert sse(w.token_chunk(0, "stop"))["id"] == rid
+    assert json.loads(w.full_response(1, "stop", 1, 0))["id"] == rid

@@ -221,7 +221,7 @@ class ResponseWriter:
         self._created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         self._head = (
-            f'data: {{"id":"{response_id}","object":"{obj}","created":{self._created},'
+            f'data: {{"id":{json.dumps(response_id)},"object":"{obj}","created":{self._created},'
             f'"model":{json.dumps(model)},"choices":[{{"index":0,'
         ).encode()
         self._head += b'"delta":{"content":' if chat else b'"text":'
