@@ -258,3 +258,9 @@ async def test_session_finished_even_if_the_proxy_resets_right_after_the_last_re
             break
     await gen.aclose()  # what grpc does when the call is reset while the generator waits at a yield
     assert picker.events[-1] == ("finished", None)
+
+
+async def test_second_request_headers_on_one_stream_is_a_protocol_error() -> None:
+    picker = FixedPicker(DEST)
+    out, ctx = await _run(picker, [_headers(eos=False), _headers(eos=True)])
+    assert out == [] and ctx.code == grpc.StatusCode.INVALID_ARGUMENT and not picker.requests

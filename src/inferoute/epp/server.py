@@ -63,6 +63,13 @@ DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
 # Headers a client must not be able to pass to the picker as if the proxy had set them.
 _STRIPPED = frozenset({DESTINATION_HEADER, DESTINATION_SERVED_KEY, "content-length"})
+# Constant replies, built once and never mutated (gRPC only serialises them).
+_ACK_REQUEST_HEADERS = m.headers_response("request_headers")
+_ACK_REQUEST_BODY = m.body_response("request_body")
+_ACK_REQUEST_TRAILERS = m.trailers_response("request_trailers")
+_ACK_RESPONSE_HEADERS = m.headers_response("response_headers")
+_ACK_RESPONSE_BODY = m.body_response("response_body")
+_ACK_RESPONSE_TRAILERS = m.trailers_response("response_trailers")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -161,7 +168,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     chunks.append(req.request_body.body)
                     if not req.request_body.end_of_stream:
                         if not ex.full_duplex_request:
-                            yield m.body_response("request_body")  # STREAMED: acknowledge each chunk
+                            yield _ACK_REQUEST_BODY  # STREAMED: acknowledge each chunk
                         continue
                     body = b"".join(chunks)
                     chunks.clear()
@@ -172,12 +179,14 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         for resp in await self._decide(ex, body, context, "request_body", eos=True):
                             yield resp
                 elif phase == "request_headers":
+                    if ex is not None:
+                        raise _ProtocolError("a second request_headers message on one stream")
                     ex = self._start(req)
                     if req.request_headers.end_of_stream:
                         for resp in await self._decide(ex, None, context, "request_headers", eos=True):
                             yield resp
                     elif not ex.full_duplex_request:
-                        yield m.headers_response("request_headers")
+                        yield _ACK_REQUEST_HEADERS
                 elif phase == "response_body":
                     rb = req.response_body
                     if rb.body and ex is not None and ex.session is not None and not ex.ended:
@@ -190,13 +199,13 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         for resp in m.body_chunks(rb.body, "response_body", end_of_stream=rb.end_of_stream):
                             yield resp
                     else:
-                        yield m.body_response("response_body")
+                        yield _ACK_RESPONSE_BODY
                 elif phase == "response_headers":
                     if ex is not None:
                         self._response_started(ex, req)
                         if req.response_headers.end_of_stream:
                             ex.end(True)
-                    yield m.headers_response("response_headers")
+                    yield _ACK_RESPONSE_HEADERS
                 elif phase == "request_trailers":
                     if ex is not None and not ex.decided:
                         body = b"".join(chunks)
@@ -204,11 +213,11 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         phase_out = "request_headers" if ex.full_duplex_request else "request_body"
                         for resp in await self._decide(ex, body, context, phase_out, eos=False):
                             yield resp
-                    yield m.trailers_response("request_trailers")
+                    yield _ACK_REQUEST_TRAILERS
                 elif phase == "response_trailers":
                     if ex is not None:
                         ex.end(True)
-                    yield m.trailers_response("response_trailers")
+                    yield _ACK_RESPONSE_TRAILERS
                 else:
                     raise _ProtocolError(f"unsupported ext_proc message {phase!r}")
             # The request iterator ends on a half-close AND when the proxy cancels the call (grpc.aio does
