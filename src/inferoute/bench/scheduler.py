@@ -238,10 +238,24 @@ def vllm_metrics_page(model: str = "meta-llama/Llama-3.1-8B-Instruct") -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def _serve_metrics(n: int, queue: Any) -> None:  # child process
+def filtered_page(page: bytes) -> bytes:
+    """Only the families the picker reads: what ``/metrics?name[]=...`` returns from vLLM (prometheus_client
+    endpoints honour ``name[]`` filters)."""
+    keep = (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:lora_requests_info",
+        "vllm:cache_config_info",
+    )
+    lines = [ln for ln in page.split(b"\n") if ln.split(b"{")[0].split(b" ")[0].decode() in keep]
+    return b"\n".join(lines) + b"\n"
+
+
+def _serve_metrics(n: int, queue: Any, filtered: bool = False) -> None:  # child process
     from aiohttp import web
 
-    body = vllm_metrics_page()
+    body = filtered_page(vllm_metrics_page()) if filtered else vllm_metrics_page()
 
     async def main() -> None:
         async def handler(request: web.Request) -> web.Response:
@@ -267,6 +281,8 @@ def _serve_metrics(n: int, queue: Any) -> None:  # child process
 
 @dataclass
 class ScrapeRow:
+    page: str
+    """``full`` (vLLM's whole page) or ``filtered`` (only the families the picker reads)."""
     endpoints: int
     interval_s: float
     seconds: float
@@ -294,10 +310,10 @@ def measure_parse(page: bytes, rounds: int = 2000, *, cached: bool = True) -> fl
     return (time.perf_counter() - t0) / rounds * 1e6
 
 
-async def measure_scrape(n: int, interval: float, seconds: float) -> ScrapeRow:
+async def measure_scrape(n: int, interval: float, seconds: float, filtered: bool = False) -> ScrapeRow:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_serve_metrics, args=(n, queue), daemon=True)
+    proc = ctx.Process(target=_serve_metrics, args=(n, queue, filtered), daemon=True)
     proc.start()
     try:
         ports: list[int] = await asyncio.get_running_loop().run_in_executor(None, queue.get, True, 30)
@@ -325,8 +341,9 @@ async def measure_scrape(n: int, interval: float, seconds: float) -> ScrapeRow:
     finally:
         proc.terminate()
         proc.join(5)
-    page = vllm_metrics_page()
+    page = filtered_page(vllm_metrics_page()) if filtered else vllm_metrics_page()
     return ScrapeRow(
+        "filtered" if filtered else "full",
         n,
         interval,
         wall,
@@ -397,16 +414,20 @@ def command(
     if scrape_endpoints:
         import uvloop  # as in production (the gateway and `inferoute epp` run on uvloop)
 
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            scrape = runner.run(measure_scrape(scrape_endpoints, 0.05, scrape_seconds))
-        result["scrape"] = asdict(scrape)
-        click.echo(
-            f"scrape: {scrape.endpoints} endpoints @ {1 / scrape.interval_s:.0f} Hz: "
-            f"{scrape.scrapes} scrapes "
-            f"in {scrape.seconds:.1f}s ({scrape.errors} errors), CPU {scrape.cpu_fraction_of_one_core:.1%} "
-            f"of one core, {scrape.cpu_us_per_scrape:.0f} µs/scrape; page {scrape.page_bytes} B parsed in "
-            f"{scrape.parse_us_per_page:.1f} µs ({scrape.parse_us_per_page_cold:.1f} µs cold)"
-        )
+        scrapes = []
+        for filtered in (False, True):
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                scrape = runner.run(measure_scrape(scrape_endpoints, 0.05, scrape_seconds, filtered))
+            scrapes.append(scrape)
+            click.echo(
+                f"scrape ({scrape.page} page, {scrape.page_bytes} B): {scrape.endpoints} endpoints @ "
+                f"{1 / scrape.interval_s:.0f} Hz: {scrape.scrapes} scrapes in {scrape.seconds:.1f}s "
+                f"({scrape.errors} errors), CPU {scrape.cpu_fraction_of_one_core:.1%} of one core (user "
+                f"{scrape.user_fraction:.1%}, system {scrape.system_fraction:.1%}), "
+                f"{scrape.cpu_us_per_scrape:.0f} µs/scrape; parse {scrape.parse_us_per_page:.1f} µs/page "
+                f"({scrape.parse_us_per_page_cold:.1f} µs cold)"
+            )
+        result["scrape"] = [asdict(s) for s in scrapes]
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
