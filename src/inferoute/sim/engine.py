@@ -186,14 +186,17 @@ class Engine:
     # -- public state ---------------------------------------------------------------------------------
     @property
     def num_running(self) -> int:
+        """Sequences in the batch (``vllm:num_requests_running``)."""
         return len(self._running)
 
     @property
     def num_waiting(self) -> int:
+        """Requests queued, preempted ones included (``vllm:num_requests_waiting``)."""
         return len(self._waiting)
 
     @property
     def kv_usage(self) -> float:
+        """Fraction of KV blocks referenced by requests (``vllm:kv_cache_usage_perc``)."""
         return self.kv.usage
 
     @property
@@ -278,7 +281,7 @@ class Engine:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         preempted = self.stats.preemptions
-        decoding = self._grow_for_decode([r for r in self._running if r.prefilled >= r.prefill_target], t)
+        decoding = self._grow_for_decode([r for r in self._running if r.prefilled >= r.prefill_target])
         budget -= len(decoding)
         prefilling: list[tuple[SimRequest, int]] = []
         for r in self._running:
@@ -300,7 +303,7 @@ class Engine:
             duration += cfg.prefill_base_s + cfg.prefill_per_token_s * prefill_tokens
         self._step = _Step(t, t + duration * self._scale, decoding, prefilling, admitted)
 
-    def _grow_for_decode(self, decoding: list[SimRequest], t: float) -> list[SimRequest]:
+    def _grow_for_decode(self, decoding: list[SimRequest]) -> list[SimRequest]:
         """Give each decoding sequence (oldest first) a block for the token it feeds this step, preempting
         the most recently admitted running request while none is free. Returns those still running."""
         kv = self.kv
@@ -310,12 +313,12 @@ class Engine:
             need = kv.blocks_for(r.prompt_len + r.generated)
             while len(r.blocks) < need and not kv.grow(r.blocks):
                 victim = self._running[-1]
-                self._preempt(victim, t)
+                self._preempt(victim)
                 if victim is r:
                     break
         return [r for r in decoding if r.state == RUNNING]
 
-    def _preempt(self, req: SimRequest, t: float) -> None:
+    def _preempt(self, req: SimRequest) -> None:
         """vLLM's recompute preemption: free the blocks, go back to the head of the queue; on re-admission
         the prompt and the output so far are prefilled again (cached prompt blocks still hit)."""
         self._running.remove(req)

@@ -197,10 +197,12 @@ class Replica:
 
     @property
     def endpoint(self) -> Endpoint:
+        """This replica as a pool member (``name``, listening address and port, ``extra_labels``)."""
         return Endpoint(self.name, self.host, self.port, dict(self.config.extra_labels))
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def make_app(self) -> web.Application:
+        """The aiohttp application of this replica (routes, error middleware, pod headers)."""
         app = web.Application(middlewares=[self._error_middleware], client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
@@ -212,6 +214,7 @@ class Replica:
         return app
 
     async def start(self) -> None:
+        """Serve on the bound socket."""
         self._runner = web.AppRunner(
             self.make_app(),
             access_log=None,
@@ -224,6 +227,7 @@ class Replica:
         await web.SockSite(self._runner, self._sock).start()
 
     async def aclose(self) -> None:
+        """Stop the timer, close connections (in-flight requests are cut) and the listening socket."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -530,6 +534,7 @@ class SimPool:
 
     @property
     def endpoints(self) -> list[Endpoint]:
+        """One :class:`~inferoute.endpoints.Endpoint` per replica, in replica order."""
         return [r.endpoint for r in self.replicas]
 
     @property
@@ -538,6 +543,7 @@ class SimPool:
         return [f"http://{r.endpoint.key}" for r in self.replicas]
 
     async def aclose(self) -> None:
+        """Stop every replica (idempotent)."""
         for r in self.replicas:
             with contextlib.suppress(Exception):
                 await r.aclose()
