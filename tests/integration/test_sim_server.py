@@ -363,3 +363,35 @@ async def test_heterogeneous_pool_one_config_per_replica(http: aiohttp.ClientSes
     assert elapsed[1] > elapsed[0]  # the default replica's steps take ~3 ms
     with pytest.raises(ValueError):
         await SimPool.start([fast, slow], replicas=3)
+
+
+async def test_lora_slot_wait_is_visible_in_metrics(http: aiohttp.ClientSession) -> None:
+    cfg = SimConfig(lora_adapters=("sql", "chat"), max_loras=1, time_scale=0.2)
+    async with await SimPool.start(cfg, replicas=1) as pool:
+        url = pool.urls[0]
+        body = {"prompt": "q", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        running = await http.post(url + "/v1/completions", json={**body, "model": "sql"})
+        waiting = asyncio.create_task(http.post(url + "/v1/completions", json={**body, "model": "chat"}))
+        try:
+            assert (await running.content.readline()).startswith(b"data: ")
+
+            async def lora_info() -> dict[str, str]:
+                async with http.get(url + "/metrics") as r:
+                    text = await r.text()
+                for fam in text_string_to_metric_families(text):
+                    if fam.name == "vllm:lora_requests_info":
+                        return dict(fam.samples[0].labels)
+                return {}
+
+            async def chat_waits() -> bool:
+                return (await lora_info()).get("waiting_lora_adapters") == "chat"
+
+            await wait_for(chat_waits)
+            info = await lora_info()
+            assert info["running_lora_adapters"] == "sql" and info["max_lora"] == "1"
+            m = await metrics(http, url)
+            assert m["inferoute_sim:lora_slot_waits_total"] == 1
+            assert m["vllm:num_requests_running"] == 1 and m["vllm:num_requests_waiting"] == 1
+        finally:
+            waiting.cancel()
+            running.close()
