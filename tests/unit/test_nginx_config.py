@@ -171,12 +171,16 @@ def test_options_follow_the_gateway_config(tmp_path: Path) -> None:
         "  - {path: /responses, bbr: {max_body_size: 5000}}\n"
     )
     opts = options_from_gateway_config(str(cfg), NginxOptions())
+    assert opts.decider == "127.0.0.1:8080"  # the gateway's default listen
+    cfg.write_text("listen: 0.0.0.0:9101\n" + cfg.read_text())
+    assert options_from_gateway_config(str(cfg), NginxOptions()).decider == "127.0.0.1:9101"
+    opts = options_from_gateway_config(str(cfg), NginxOptions())
     assert opts.locations == ("/v1/", "/responses")
     assert opts.max_body_size == 5000
     assert opts.model_header == "X-Model"
 
 
-def test_cli_prints_the_config_and_rejects_bad_flags() -> None:
+def test_cli_prints_the_config_and_rejects_bad_flags(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(
         config_command, ["--decider", "127.0.0.1:9100", "--listen", "9000", "--retries", "2"]
@@ -184,6 +188,12 @@ def test_cli_prints_the_config_and_rejects_bad_flags() -> None:
     assert result.exit_code == 0, result.output
     assert "server 127.0.0.1:9100;" in result.output and "listen 9000;" in result.output
     assert "location @inference_fallback_2_last" in result.output
+    gw = tmp_path / "gw.yaml"
+    gw.write_text("listen: 127.0.0.1:9200\nroutes: [{path: /v1/}]\n")
+    from_file = runner.invoke(config_command, ["--config", str(gw)])
+    assert "server 127.0.0.1:9200;" in from_file.output
+    overridden = runner.invoke(config_command, ["--config", str(gw), "--decider", "127.0.0.1:9300"])
+    assert "server 127.0.0.1:9300;" in overridden.output
     bad = runner.invoke(config_command, ["--location", "v1"])
     assert bad.exit_code == 2 and "--location" in bad.output
 

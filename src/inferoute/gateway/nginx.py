@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import click
 
-from inferoute.endpoints import split_hostport
+from inferoute.endpoints import hostport, split_hostport
 from inferoute.errors import error_body
 from inferoute.gateway import decider as d
 
@@ -488,10 +488,15 @@ def _error_locations(w: _Writer, opts: NginxOptions) -> None:
 
 
 def options_from_gateway_config(path: str, base: NginxOptions) -> NginxOptions:
-    """Locations, body limit and header names from the gateway YAML the decider runs with."""
-    from inferoute.gateway.config import load_config
+    """The decider address (the file's ``listen``), locations, body limit and header names from the gateway
+    YAML the decider runs with."""
+    from inferoute.gateway.config import load_config, parse_listen
 
     cfg = load_config(path)
+    host, port = parse_listen(cfg.listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    base = replace(base, decider=hostport(host, port))  # where `inferoute gateway --mode nginx` listens
     if not cfg.routes:
         return base
     limit = max(r.bbr.max_body_size for r in cfg.routes)
@@ -506,7 +511,11 @@ def options_from_gateway_config(path: str, base: NginxOptions) -> NginxOptions:
 
 
 @click.command("nginx-config")
-@click.option("--decider", default=DEFAULT_DECIDER, show_default=True, help="HOST:PORT of the decider.")
+@click.option(
+    "--decider",
+    default=None,
+    help=f"HOST:PORT of the decider [default: the --config file's listen, else {DEFAULT_DECIDER}].",
+)
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="NGINX listen argument.")
 @click.option(
     "--config",
@@ -546,7 +555,7 @@ def options_from_gateway_config(path: str, base: NginxOptions) -> NginxOptions:
 @click.option("--decider-tls", is_flag=True, help="HTTPS to the decider.")
 @click.option("--decider-ca", default=None, help="CA file to verify the decider's certificate.")
 def config_command(
-    decider: str,
+    decider: str | None,
     listen: str,
     config_path: str | None,
     locations: tuple[str, ...],
@@ -566,7 +575,6 @@ def config_command(
 ) -> None:
     """Print an NGINX configuration that routes with inferoute (the seed module's $inference_upstream)."""
     opts = NginxOptions(
-        decider=decider,
         listen=listen,
         pass_headers=pass_headers,
         retries=retries,
@@ -582,6 +590,8 @@ def config_command(
     )
     if config_path:
         opts = options_from_gateway_config(config_path, opts)
+    if decider is not None:
+        opts = replace(opts, decider=decider)
     if locations:
         opts = replace(opts, locations=locations)
     if max_body_size is not None:
