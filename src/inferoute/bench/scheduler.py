@@ -393,9 +393,18 @@ def _table(rows: Sequence[LatencyRow]) -> str:
 @click.option("--picks", default=3000, show_default=True, help="Timed picks per small-prompt cell.")
 @click.option("--scrape-endpoints", default=100, show_default=True, help="0 skips the scrape measurement.")
 @click.option("--scrape-seconds", default=5.0, show_default=True)
+@click.option(
+    "--scrape-interval", default=0.05, show_default=True, help="Seconds between scrapes of one endpoint."
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write results as JSON here.")
 def command(
-    sizes: str, profiles: str, picks: int, scrape_endpoints: int, scrape_seconds: float, out: Path | None
+    sizes: str,
+    profiles: str,
+    picks: int,
+    scrape_endpoints: int,
+    scrape_seconds: float,
+    scrape_interval: float,
+    out: Path | None,
 ) -> None:
     """Scheduling latency p50/p99 at 10/100/1,000 endpoints, and scrape CPU for 100 endpoints at 20 Hz."""
     calib = calibration_ms()
@@ -417,7 +426,9 @@ def command(
         scrapes = []
         for filtered in (False, True):
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                scrape = runner.run(measure_scrape(scrape_endpoints, 0.05, scrape_seconds, filtered))
+                scrape = runner.run(
+                    measure_scrape(scrape_endpoints, scrape_interval, scrape_seconds, filtered)
+                )
             scrapes.append(scrape)
             click.echo(
                 f"scrape ({scrape.page} page, {scrape.page_bytes} B): {scrape.endpoints} endpoints @ "
