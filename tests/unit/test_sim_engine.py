@@ -22,6 +22,7 @@ def config(**kw: object) -> SimConfig:
         prefill_base_s=PREFILL_BASE,
         prefill_per_token_s=PER_TOKEN,
         lora_load_s=LORA,
+        step_per_context_token_s=0.0,
         block_size=4,
         kv_cache_blocks=1000,
         max_model_len=4096,
@@ -341,3 +342,18 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="base model"):
         SimConfig(model="m", lora_adapters=("m",))
     assert SimConfig(lora_adapters=("a",)).served_models == (SimConfig().model, "a")
+
+
+def test_long_contexts_slow_decoding() -> None:
+    per_ctx = 0.00001
+    e = Engine(config(step_per_context_token_s=per_ctx))
+    short, long = req(4, 3), req(1000, 3)
+    e.submit(short, 0.0)
+    results = run(e)
+    itl_short = _steady_itl(results, short)
+    e.submit(long, 10.0)
+    results = run(e)
+    itl_long = _steady_itl(results, long)
+    # the third token's step reads the prompt plus the two tokens already generated
+    assert itl_short == pytest.approx(BASE + PER_SEQ + per_ctx * (4 + 2))
+    assert itl_long == pytest.approx(BASE + PER_SEQ + per_ctx * (1000 + 2))

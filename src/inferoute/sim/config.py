@@ -4,7 +4,8 @@ Defaults resemble a 7-8B model (Llama-3.1-8B class) served by vLLM on one H100 8
 
 * KV cache: ~56 GB left for KV after weights at 0.9 memory utilisation, 128 KiB of KV per token
   (32 layers x 8 KV heads x 128 dims x 2 (K,V) x 2 bytes) -> ~440k tokens -> 27,000 blocks of 16 tokens.
-* Latency: a decode step of 10 ms plus 0.05 ms per running sequence (ITL 10 ms alone, ~23 ms at 256 running);
+* Latency: a decode step of 10 ms plus 0.05 ms per running sequence (ITL 10 ms alone, ~23 ms at 256 running)
+  plus 40 ns per token of context each decoding sequence attends to (+4 ms for 100 sequences of 1,000 tokens);
   a step that prefills pays 20 ms plus 0.08 ms per uncached prompt token (~12.5k prompt tokens/s), so a
   500-token prompt on an idle replica sees a time to first token of ~70 ms and a 1,000-token one ~110 ms
   (the llm-d simulator's reference profile for 7-8B on H100: TTFT 60-120 ms, ITL 10-15 ms).
@@ -53,6 +54,9 @@ class SimConfig:
     """Fixed cost of one engine step (one decode token for every running sequence)."""
     step_per_seq_s: float = 0.00005
     """Extra step cost per sequence in the batch."""
+    step_per_context_token_s: float = 0.00000004
+    """Extra step cost per token of context (prompt + output so far) of each decoding sequence: reading its
+    KV (128 KiB per token for Llama-3-8B at ~3.3 TB/s of HBM is ~40 ns)."""
     prefill_base_s: float = 0.020
     """Extra cost of a step that prefills any prompt tokens."""
     prefill_per_token_s: float = 0.00008
@@ -96,7 +100,14 @@ class SimConfig:
             problems.append("time_scale must be > 0")
         if not 0.0 <= self.failure_rate <= 1.0:
             problems.append("failure_rate must be within [0, 1]")
-        for name in ("step_base_s", "step_per_seq_s", "prefill_base_s", "prefill_per_token_s", "lora_load_s"):
+        for name in (
+            "step_base_s",
+            "step_per_seq_s",
+            "step_per_context_token_s",
+            "prefill_base_s",
+            "prefill_per_token_s",
+            "lora_load_s",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         if problems:

@@ -16,16 +16,16 @@ One *engine step* works like vLLM V1's scheduler iteration:
    do not fit, admission stops (head-of-line, as vLLM). A request for a LoRA adapter needs the adapter
    active: it is, or a slot is free, or an idle adapter can be swapped out; otherwise the request is skipped
    and keeps its place.
-2. The step lasts ``step_base + step_per_seq * batch + [prefill_base + prefill_per_token * prefilled tokens]
-   + lora_load * adapters loaded``, all multiplied by ``time_scale``.
+2. The step lasts ``step_base + step_per_seq * batch + step_per_context_token * context tokens of the
+   decoding sequences + [prefill_base + prefill_per_token * prefilled tokens] + lora_load * adapters
+   loaded``, all multiplied by ``time_scale``.
 3. At ``t + duration`` every decoding sequence has one more token, a sequence whose prefill completed has
    its first token, finished sequences release their blocks, and the next step starts at once if there is
    work (a request arriving mid-step waits for the next step, as in vLLM).
 
 So time to first token = queue wait + the steps that prefill the uncached prompt, and inter-token latency
 grows with the batch. Simplifications (documented in docs/simulator.md): generated tokens are not added to
-the prefix cache, a prompt's blocks are all allocated at admission (not chunk by chunk), decode cost does
-not depend on context length.
+the prefix cache, a prompt's blocks are all allocated at admission (not chunk by chunk).
 """
 
 from __future__ import annotations
@@ -299,6 +299,8 @@ class Engine:
             return
         prefill_tokens = sum(n for _, n in prefilling)
         duration = cfg.step_base_s + cfg.step_per_seq_s * batch + cfg.lora_load_s * loads
+        if cfg.step_per_context_token_s:  # attention reads every decoding sequence's whole KV
+            duration += cfg.step_per_context_token_s * sum(r.prompt_len + r.generated for r in decoding)
         if prefill_tokens:
             duration += cfg.prefill_base_s + cfg.prefill_per_token_s * prefill_tokens
         self._step = _Step(t, t + duration * self._scale, decoding, prefilling, admitted)
