@@ -242,3 +242,20 @@ def test_pending_prefill_counts_only_the_uncached_part() -> None:
     s2.response_chunk(b"data: {}\n\n")
     assert rig.learned.inflight(warm).pending_tokens == 0
     s2.response_finished()
+
+
+def test_model_label_cardinality_is_capped() -> None:
+    rig = Rig(2)
+    rig.metrics.MAX_MODEL_SERIES = 3
+    for i in range(6):
+        decide(rig, body(model=f"m{i}"))
+    assert (
+        rig.value("inference_objective_request_total", {"model_name": "m2", "target_model_name": "m2"}) == 1
+    )
+    assert (
+        rig.value("inference_objective_request_total", {"model_name": "m3", "target_model_name": "m3"}) == 0
+    )
+    assert (
+        rig.value("inference_objective_request_total", {"model_name": "other", "target_model_name": "other"})
+        == 3
+    )

@@ -201,3 +201,8 @@ def test_predicted_ttft_prices_adapter_loading() -> None:
     # a base-model request (no candidate runs it as an adapter) is not charged for adapters
     base = scorer.predict(ctx(model="base", prompt=b"q" * 40), [running, free_slot, full])
     assert base[0] == pytest.approx(base[1]) == pytest.approx(base[2])
+
+
+def test_auto_tuned_block_size_has_a_floor() -> None:
+    cs = [cand("a", block_size=16), cand("b", block_size=16)]
+    assert ctx(prompt=b"p" * 1024).block_size_tokens(cs) == 64  # not 16: bounded index size and hashing

@@ -214,9 +214,18 @@ class EppMetrics:
         self.attempt_success = self.scheduler_attempts.labels("success")
         self.attempt_failure = self.scheduler_attempts.labels("failure")
 
+    MAX_MODEL_SERIES = 1000
+    """Distinct (model, target) label pairs before further ones share ``other`` (model names come from
+    clients: unbounded label values would let any client grow the picker's memory and /metrics forever)."""
+
     def series(self, model: str, target: str) -> ModelSeries:
         s = self._series.get((model, target))
         if s is None:
+            if len(self._series) >= self.MAX_MODEL_SERIES:
+                model, target = "other", "other"
+                s = self._series.get((model, target))
+                if s is not None:
+                    return s
             s = self._series[(model, target)] = ModelSeries(self, model, target)
         return s
 

@@ -52,6 +52,10 @@ class Candidate:
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
+MIN_AUTO_BLOCK_TOKENS = 64
+"""Smallest prefix block size autoTune derives from a server's ``cache_config_info``."""
+
+
 @dataclass(slots=True)
 class PrefixSettings:
     """How requests are cut into prefix blocks (the approx-prefix-cache producer's parameters)."""
@@ -95,13 +99,15 @@ class CycleContext:
         s = self.prefix_settings
         block = s.block_size_tokens
         if s.auto_tune:
+            # the servers' KV block size, but at least MIN_AUTO_BLOCK_TOKENS (as llm-d): 16-token blocks would
+            # mean four times the index entries and hashing for the same prompt
             counts: dict[int, int] = {}
             for c in candidates[:16]:  # a sample is enough: pools run one engine configuration
                 b = c.metrics.block_size
                 if b:
                     counts[b] = counts.get(b, 0) + 1
             if counts:
-                block = max(counts, key=lambda b: counts[b])
+                block = max(MIN_AUTO_BLOCK_TOKENS, max(counts, key=lambda b: counts[b]))
         self._block = block
         return block
 
