@@ -1,6 +1,6 @@
 """Run Debian's stock NGINX in tests: own prefix directory, own config, free ports, stopped by pid.
 
-Usage (synchronous; safe to call from async tests, start-up polls with short sleeps)::
+Usage (synchronous: from async tests call it through ``asyncio.to_thread``; start-up polls the ports)::
 
     from nginx_harness import NginxServer, self_contained_main
 
@@ -8,8 +8,13 @@ Usage (synchronous; safe to call from async tests, start-up polls with short sle
     with NginxServer.start(tmp_path / "nginx", conf, ports=[port]) as nginx:
         ...                                          # nginx.error_log() for diagnostics
 
-or, as a pytest fixture factory, ``nginx_factory`` (import it into a test module or conftest): it stops every
-server it started and prints each error log when the test failed.
+or :class:`NginxFactory` (``with NginxFactory(tmp_path) as start: start(conf, [port])``; also exposed as the
+``nginx_factory`` fixture): it stops every server it started and prints their error logs, which pytest shows
+for failed tests. :class:`EchoBackend` is an aiohttp backend that answers with the sha256 of the body it
+received and the request headers (or an SSE stream, or a chosen error status).
+
+When running as root, ``user root;`` is prepended to configs without a ``user`` directive: workers running as
+``nobody`` could not write body temp files under pytest's 0700 temp directories.
 
 The master runs in the foreground (``-g 'daemon off;'``) so that ``Popen.pid`` *is* the master: stopping sends
 SIGQUIT (graceful), then SIGTERM, then SIGKILL to that pid only. Workers exit with their master.
