@@ -763,6 +763,12 @@ async def serve(cfg: GatewayConfig, listen: str | None = None) -> None:
 
 def run_decider(config: GatewayConfig, listen: str | None = None) -> None:
     """Blocking entry point of ``inferoute gateway --mode nginx``: serve until SIGINT/SIGTERM."""
+    if config.workers > 1:
+        log.warning(
+            "workers: %d ignored in nginx mode: the decider is one process (completion reports must "
+            "reach the process that holds the picker session)",
+            config.workers,
+        )
     try:
         import uvloop
 
