@@ -127,6 +127,7 @@ class Director:
     ) -> Reject:
         err = InferouteError(status, message, cause=cause, param=param)
         log.info("reject %s: %s", status, message)
+        model, target = self.metrics.bounded(model, target)
         self.metrics.request_error_total.labels(model, target, str(status)).inc()
         return Reject(status, err.body(), {"content-type": "application/json"}, cause)
 
@@ -148,7 +149,7 @@ class Director:
         if target != model:
             body = _rewrite_model(request.body, target)
             set_headers["x-gateway-model-name"] = target
-            self.metrics.model_rewrite_total.labels(model, target).inc()
+            self.metrics.model_rewrite_total.labels(*self.metrics.bounded(model, target)).inc()
         objective = headers.get(OBJECTIVE_HEADER) or None
         priority = self.objectives.get(objective, 0) if objective else 0
         series = self.metrics.series(model, target)

@@ -218,6 +218,12 @@ class EppMetrics:
     """Distinct (model, target) label pairs before further ones share ``other`` (model names come from
     clients: unbounded label values would let any client grow the picker's memory and /metrics forever)."""
 
+    def bounded(self, model: str, target: str) -> tuple[str, str]:
+        """The label pair to use for (model, target): itself, or ``other`` once the cap is reached."""
+        if (model, target) in self._series or len(self._series) < self.MAX_MODEL_SERIES:
+            return model, target
+        return "other", "other"
+
     def series(self, model: str, target: str) -> ModelSeries:
         s = self._series.get((model, target))
         if s is None:
