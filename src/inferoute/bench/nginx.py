@@ -25,12 +25,19 @@ is kept in the JSON output.
 The decider and the gateway run the real embedded picker (the GIE default profile); the backend answers
 ``/metrics`` with idle vLLM metrics so the picker sees a fresh, ready endpoint.
 
+Then the streaming part: ``--sse-requests`` responses of ``--sse-events`` SSE events each (one write per event,
+``--sse-gap-ms`` apart), 16 at a time, through NGINX + decider and through the gateway; reported is the CPU
+time the inferoute process (``/proc/PID/stat``) spent per response -- the decider's is one decision and one
+report whatever the length, the gateway relays every event.
+
 Every process is started by this command on free ports and stopped by its pid before it returns.
 Needs ``wrk`` (Debian package ``wrk``) and ``nginx``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -152,14 +159,14 @@ def nginx_server(prefix: Path, http_body: str, port: int) -> Iterator[None]:
 
 
 @contextmanager
-def inferoute_process(args: list[str], port: int, log_path: Path) -> Iterator[None]:
+def inferoute_process(args: list[str], port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     exe = Path(sys.executable).with_name("inferoute")
     with open(log_path, "wb") as err:
         proc = subprocess.Popen([str(exe), *args], stderr=err)
     try:
         wait_port(port, proc)
         time.sleep(0.5)  # first metrics scrape of the picker
-        yield
+        yield proc
     finally:
         stop(proc)
 
@@ -312,6 +319,141 @@ def run(duration: float, connections: int, out: Path, rounds: int = 1) -> list[C
     return results
 
 
+# --- streaming: Python CPU per streamed response ---------------------------------------------------------
+
+SSE_EVENT = b'data: {"choices":[{"delta":{"content":"tok"},"index":0}]}\n\n'
+
+
+async def _sse_backend(port: int, events: int, gap: float) -> None:
+    """A model-server stand-in streaming ``events`` SSE chunks per request, ``gap`` seconds apart (token by
+    token, as a model server does: every event is its own write, usually its own TCP segment)."""
+    from aiohttp import web
+
+    async def stream(request: web.BaseRequest) -> web.StreamResponse:
+        await request.read()
+        if request.path == "/metrics":
+            return web.Response(text=IDLE_METRICS.replace("\\n", "\n"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(events):
+            await resp.write(SSE_EVENT)
+            await asyncio.sleep(gap)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    runner = web.ServerRunner(web.Server(stream, access_log=None))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _stream_all(url: str, requests: int, concurrency: int) -> tuple[float, int]:
+    """Send ``requests`` streaming POSTs, ``concurrency`` at a time; (wall seconds, bytes received)."""
+    import aiohttp
+
+    received = 0
+    queue = list(range(requests))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal received
+        while queue:
+            queue.pop()
+            async with session.post(url, data=BODY, headers={"Content-Type": "application/json"}) as resp:
+                if resp.status != 200:
+                    raise click.ClickException(f"{url}: HTTP {resp.status}")
+                async for chunk in resp.content.iter_any():
+                    received += len(chunk)
+
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return time.perf_counter() - t0, received
+
+
+@dataclass(slots=True)
+class StreamResult:
+    name: str
+    requests: int
+    events_per_request: int
+    wall_s: float
+    python_cpu_ms_per_request: float
+
+
+def run_streaming(
+    work: Path, requests: int, concurrency: int, events: int, gap: float = 0.001
+) -> list[StreamResult]:
+    """CPU the inferoute process spends per streamed response: decider (NGINX streams) vs gateway (Python)."""
+    sse, decider, front, gateway = (free_port() for _ in range(4))
+    cfg = work / "sse.yaml"
+    cfg.write_text(gateway_yaml(sse))
+    path = "/v1/chat/completions"
+    results: list[StreamResult] = []
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "inferoute.bench.nginx", "--sse-backend", str(sse), str(events), str(gap)]
+    )
+    try:
+        wait_port(sse, backend)
+        front_conf = render(
+            NginxOptions(
+                decider=f"127.0.0.1:{decider}",
+                listen=f"127.0.0.1:{front}",
+                self_contained=True,
+                worker_processes="1",
+                access_log="off",
+            )
+        )
+        decider_args = [
+            "gateway",
+            "--mode",
+            "nginx",
+            "--config",
+            str(cfg),
+            "--listen",
+            f"127.0.0.1:{decider}",
+        ]
+        gateway_args = ["gateway", "--config", str(cfg), "--listen", f"127.0.0.1:{gateway}"]
+        with (
+            inferoute_process(decider_args, decider, work / "sse-decider.log") as decider_proc,
+            nginx_server(work / "sse-front", front_conf, front),
+            inferoute_process(gateway_args, gateway, work / "sse-gateway.log") as gateway_proc,
+        ):
+            for name, port, proc in (
+                ("nginx + inferoute decider", front, decider_proc),
+                ("inferoute gateway", gateway, gateway_proc),
+            ):
+                url = f"http://127.0.0.1:{port}{path}"
+                asyncio.run(_stream_all(url, concurrency, concurrency))  # warm-up
+                cpu0 = cpu_seconds(proc.pid)
+                wall, _ = asyncio.run(_stream_all(url, requests, concurrency))
+                cpu = cpu_seconds(proc.pid) - cpu0
+                results.append(StreamResult(name, requests, events, wall, 1000 * cpu / requests))
+                log.info("%s: %.2f ms of Python CPU per streamed response", name, 1000 * cpu / requests)
+    finally:
+        stop(backend)
+    return results
+
+
+def streaming_markdown(results: list[StreamResult], concurrency: int) -> str:
+    lines = [
+        f"| path ({concurrency} concurrent streams) | responses | SSE events each | wall s "
+        "| inferoute process CPU ms per response |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.requests} | {r.events_per_request} | {r.wall_s:.2f} "
+            f"| {r.python_cpu_ms_per_request:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: list[ContenderResult], connections: int) -> str:
     """The results table (added latency relative to the first contender, the direct backend)."""
     base = results[0].latency
@@ -334,18 +476,59 @@ def markdown(results: list[ContenderResult], connections: int) -> str:
 @click.option("--duration", type=float, default=5.0, show_default=True, help="Seconds per measurement.")
 @click.option("--connections", type=int, default=16, show_default=True, help="Concurrent connections.")
 @click.option(
-    "--rounds", type=int, default=3, show_default=True, help="Interleaved rounds; the best is kept."
+    "--rounds",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Interleaved rounds; the best is kept (0: streaming part only).",
 )
+@click.option("--sse-events", type=int, default=500, show_default=True, help="Events per streamed response.")
+@click.option(
+    "--sse-requests", type=int, default=400, show_default=True, help="Streamed responses (0: skip)."
+)
+@click.option("--sse-gap-ms", type=float, default=1.0, show_default=True, help="Milliseconds between events.")
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("bench-results"),
     show_default=True,
 )
-def command(duration: float, connections: int, rounds: int, out: Path) -> None:
+def command(
+    duration: float,
+    connections: int,
+    rounds: int,
+    sse_events: int,
+    sse_requests: int,
+    sse_gap_ms: float,
+    out: Path,
+) -> None:
     """NGINX + decider vs NGINX proxy_pass vs the inferoute gateway: added latency and requests/s."""
-    results = run(duration, connections, out, rounds)
-    click.echo(markdown(results, connections))
+    if rounds > 0:
+        results = run(duration, connections, out, rounds)
+        click.echo(markdown(results, connections))
+    if sse_requests:
+        work = Path(tempfile.mkdtemp(prefix="inferoute-bench-nginx-sse-"))
+        streaming = run_streaming(work, sse_requests, connections, sse_events, sse_gap_ms / 1000)
+        text = streaming_markdown(streaming, connections)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "nginx-streaming.md").write_text(text)
+        (out / "nginx-streaming.json").write_text(json.dumps([asdict(r) for r in streaming], indent=2))
+        shutil.rmtree(work, ignore_errors=True)
+        click.echo(text)
 
 
-__all__ = ["ContenderResult", "WrkResult", "command", "markdown", "run"]
+def _main() -> None:
+    """``python -m inferoute.bench.nginx --sse-backend PORT EVENTS`` (the streaming benchmark's backend)."""
+    if len(sys.argv) == 5 and sys.argv[1] == "--sse-backend":
+        import uvloop
+
+        with contextlib.suppress(KeyboardInterrupt):
+            uvloop.run(_sse_backend(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])))
+        return
+    raise SystemExit("usage: python -m inferoute.bench.nginx --sse-backend PORT EVENTS GAP_SECONDS")
+
+
+__all__ = ["ContenderResult", "StreamResult", "WrkResult", "command", "markdown", "run", "run_streaming"]
+
+if __name__ == "__main__":
+    _main()
