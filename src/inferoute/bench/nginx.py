@@ -25,10 +25,10 @@ is kept in the JSON output.
 The decider and the gateway run the real embedded picker (the GIE default profile); the backend answers
 ``/metrics`` with idle vLLM metrics so the picker sees a fresh, ready endpoint.
 
-Then the streaming part: ``--sse-requests`` responses of ``--sse-events`` SSE events each (one write per event,
-``--sse-gap-ms`` apart), 16 at a time, through NGINX + decider and through the gateway; reported is the CPU
-time the inferoute process (``/proc/PID/stat``) spent per response -- the decider's is one decision and one
-report whatever the length, the gateway relays every event.
+Then the streaming part: ``--sse-requests`` responses of ``--sse-events`` SSE events each (one write per
+event, ``--sse-gap-ms`` apart), 16 at a time, through NGINX + decider and through the gateway; reported is the
+CPU time the inferoute process (``/proc/PID/stat``) spent per response -- the decider's is one decision and
+one report whatever the length, the gateway relays every event.
 
 Every process is started by this command on free ports and stopped by its pid before it returns.
 Needs ``wrk`` (Debian package ``wrk``) and ``nginx``.
