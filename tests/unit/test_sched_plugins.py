@@ -206,3 +206,16 @@ def test_predicted_ttft_prices_adapter_loading() -> None:
 def test_auto_tuned_block_size_has_a_floor() -> None:
     cs = [cand("a", block_size=16), cand("b", block_size=16)]
     assert ctx(prompt=b"p" * 1024).block_size_tokens(cs) == 64  # not 16: bounded index size and hashing
+
+
+def test_predicted_ttft_remembers_where_it_sent_an_adapter() -> None:
+    scorer = PredictedTTFTScorer("t")
+    lora = dict(max_lora=2)
+    elsewhere = cand("elsewhere", active_adapters=frozenset({"sql"}), **lora)  # evidence "sql" is an adapter
+    a, b = cand("a", **lora), cand("b", **lora)
+    c = ctx(model="sql", prompt=b"q" * 40)
+    t_a, t_b = scorer.predict(c, [a, b, elsewhere])[:2]
+    assert t_a == pytest.approx(t_b)  # both would load it
+    scorer.on_picked(c, b, [a, b, elsewhere])
+    t_a, t_b = scorer.predict(c, [a, b, elsewhere])[:2]
+    assert t_b == pytest.approx(t_a - 0.05)  # b probably still has it loaded

@@ -8,9 +8,10 @@ Like NVIDIA Dynamo's KV-router cost (prefill blocks still to compute + decode lo
     uncached   = prompt_tokens x (1 - matched_blocks / hashed_blocks)
     prefill    = requestOverheadSeconds + uncached x prefillSecondsPerToken
     decode     = running x decodeSecondsPerRunning x (1 + ahead)
-    lora       = 0 if the adapter is running there; loraLoadSeconds if a slot is free;
-                 loraSlotWaitSeconds if it must wait for a slot (only for models some candidate reports as
-                 a running or waiting adapter)
+    lora       = 0 if the adapter is running there, or was sent there recently and a slot is free (servers
+                 keep recently used adapters loaded, which ``running_lora_adapters`` does not show);
+                 loraLoadSeconds if a slot is free; loraSlotWaitSeconds if it must wait for a slot
+                 (only for models some candidate reports as a running or waiting adapter)
     predicted  = queue_wait + prefill + decode + lora  (+ kvPenaltySeconds when kv_usage ≥ kvThreshold)
 
 ``waiting`` / ``running`` / ``kv_usage`` are scraped; ``pending`` / ``pending_tokens`` are this picker's own
@@ -32,6 +33,7 @@ a busy adapter slot to drain, about one request's decode).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -61,6 +63,25 @@ class PredictedTTFTScorer:
     def __init__(self, name: str, model: TTFTModel | None = None) -> None:
         self.name = name
         self.model = model or TTFTModel()
+        self._sent: dict[str, OrderedDict[str, None]] = {}
+        """Adapters recently sent to each endpoint (most recent last, at most its ``max_lora``)."""
+
+    def _is_adapter(self, target: str, candidates: Sequence[Candidate]) -> bool:
+        return any(
+            target in c.metrics.active_adapters or target in c.metrics.waiting_adapters for c in candidates
+        ) or any(target in sent for sent in self._sent.values())
+
+    def on_picked(self, ctx: CycleContext, picked: Candidate, candidates: Sequence[Candidate]) -> None:
+        target = ctx.request.target_model
+        if not self._is_adapter(target, candidates):
+            return
+        sent = self._sent.get(picked.key)
+        if sent is None:
+            sent = self._sent[picked.key] = OrderedDict()
+        sent[target] = None
+        sent.move_to_end(target)
+        while len(sent) > max(1, picked.metrics.max_lora):
+            sent.popitem(last=False)
 
     def predict(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
         """Predicted seconds to first token on each candidate."""
@@ -70,9 +91,8 @@ class PredictedTTFTScorer:
         match = ctx.prefix_match(candidates) if hashes else {}
         per_block = req.prompt_tokens / len(hashes) if hashes else 0.0
         target = req.target_model
-        is_adapter = any(
-            target in c.metrics.active_adapters or target in c.metrics.waiting_adapters for c in candidates
-        )
+        is_adapter = self._is_adapter(target, candidates)
+        sent_to = self._sent
         out: list[float] = []
         for c in candidates:
             met = c.metrics
@@ -88,11 +108,10 @@ class PredictedTTFTScorer:
             if met.kv_usage >= m.kv_threshold:
                 t += m.kv_penalty_s
             if is_adapter and target not in met.active_adapters:
-                if target in met.waiting_adapters or len(met.active_adapters) + len(met.waiting_adapters) >= (
-                    met.max_lora or 1
-                ):
+                busy = len(met.active_adapters) + len(met.waiting_adapters)
+                if target in met.waiting_adapters or busy >= (met.max_lora or 1):
                     t += m.lora_slot_wait_s
-                else:
+                elif target not in sent_to.get(c.key, ()):
                     t += m.lora_load_s
             out.append(t)
         return out
