@@ -103,3 +103,13 @@ def test_listen_and_targets() -> None:
     assert target_of("https://epp:9002") == ("epp:9002", True)
     assert target_of("http://epp:9002/") == ("epp:9002", False)
     assert target_of("epp:9002") == ("epp:9002", None)
+
+
+def test_the_documented_example_loads() -> None:
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", doc, re.S)
+    assert block, "docs/configuration.md lost its example"
+    cfg = load_config_text(block.group(1))
+    assert cfg.routes[0].path == "/v1/" and len(cfg.endpoints()) == 2
