@@ -104,16 +104,18 @@ def test_shared_prefix_targets_are_judged_at_round_robin_knee() -> None:
     ]
     rate, checks = check_shared_prefix(pts, "rr", ["ours"], ["peer"])
     assert rate == 2
-    assert [c.passed for c in checks] == [True, True, True, True]
+    assert [c.passed for c in checks] == [True, True, True, True, True]
     assert "ratio 0.13" in checks[0].detail
     assert "knee, 2/s" in checks[2].name and "ratio 1.39" in checks[2].detail
     # throughput is also compared where round-robin saturates (4/s): 400 vs 200
     assert "saturates, 4/s" in checks[3].name and "ratio 2.00" in checks[3].detail
-    # a worse configuration misses, and the miss names the ratio (no ours2 point at 4/s: no fourth check)
+    assert "peak" in checks[4].name and "ratio 2.00" in checks[4].detail
+    # a worse configuration misses, and the miss names the ratio (no ours2 point at 4/s: no "saturates" check)
     pts.append(point("ours2", 2, 1.0, tps=150))
     _, checks = check_shared_prefix([p for p in pts if p.contender != "ours"], "rr", ["ours2"], ["peer"])
-    assert [c.passed for c in checks] == [False, False, False]
+    assert [c.passed for c in checks] == [False, False, False, False]
     assert "ratio 0.67" in checks[0].detail
+    assert "150 tok/s vs rr 200 tok/s at 2/s vs 4/s" in checks[3].detail
 
 
 def test_lora_waits_target_compares_totals_over_rates() -> None:
