@@ -200,3 +200,26 @@ def test_collector_under_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(scenario()) == (True, 5.0)
+
+
+async def test_scrape_rate_matches_the_interval(servers: Servers) -> None:
+    """Fast responses must not make a tick fire twice (timers may run up to a clock tick early)."""
+    eps = [await servers.add(f"r{i}", page(VLLM)) for i in range(5)]
+    ds = Datastore(SystemClock())
+    ds.set_endpoints(eps)
+    count = {"n": 0}
+
+    def hook(key: str, ok: bool, seconds: float) -> None:
+        count["n"] += ok
+
+    collector = MetricsCollector(ds, interval=0.05, timeout=1.0, on_scrape=hook)
+    await collector.start()
+    try:
+        await asyncio.sleep(0.3)
+        start = count["n"]
+        await asyncio.sleep(1.0)
+        done = count["n"] - start
+    finally:
+        await collector.aclose()
+    # 5 endpoints x 20 Hz x 1 s = 100 expected; generous bounds for a busy machine
+    assert 60 <= done <= 105, done

@@ -119,7 +119,13 @@ class _Scraper:
 
     # -- one scrape ---------------------------------------------------------------------------------------
     def send(self) -> None:
-        self.sent_at = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        self.sent_at = now
+        # This scrape uses the current slot. Timers may fire up to a clock tick early and a loopback response
+        # can arrive within that tick, so advance here rather than trusting "now" when the response lands.
+        half = self.collector.interval / 2
+        while self.next_at <= now + half:
+            self.next_at += self.collector.interval
         conn = self.conn
         if conn is None or conn.transport is None:
             if not self.connecting:
