@@ -39,8 +39,14 @@ lint: $(TESTSTAMP)
 	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy
 
-bench: $(TESTSTAMP)
-	$(VENV)/bin/inferoute bench sim
+# Quick benchmarks (minutes). The full runs and their commands are in docs/benchmarks.md.
+# wrk (Debian) drives the gateway/NGINX benchmarks; installed only when missing.
+bench: test-deps
+	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null) ; }
+	$(VENV)/bin/inferoute bench scheduler --out bench-results/scheduler.json
+	$(VENV)/bin/inferoute bench gateway --bbr-only --out bench-results/gateway
+	$(VENV)/bin/inferoute bench routing --quick --out bench-results/routing-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
