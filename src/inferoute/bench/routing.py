@@ -209,6 +209,17 @@ def evaluate_targets(cfg: RunConfig, points: Sequence[PointSummary]) -> dict[str
     return out
 
 
+LORA_COLUMNS = [
+    (scrape.LORA_WAITS, "slot waits"),
+    (scrape.LORA_LOADS, "adapter loads"),
+    (scrape.LORA_WAIT_SECONDS, "adapter-wait s"),
+]
+LORA_CHARTS = [
+    (scrape.LORA_WAITS, "requests that waited for a LoRA slot"),
+    (scrape.LORA_WAIT_SECONDS, "adapter-seconds waiting for a slot (sampled)"),
+]
+
+
 def lora_wait_measure(points: Sequence[PointSummary]) -> str:
     """The simulator's slot-wait counter when it exports one, else the sampled adapter-seconds."""
     if any(scrape.LORA_WAITS in p.server for p in points):
@@ -234,9 +245,8 @@ def write_reports(
     ]
     for w in cfg.workloads:
         wl = workloads[w]
-        columns = []
-        if w == "multi-lora":
-            columns = [(scrape.LORA_WAITS, "slot waits"), (scrape.LORA_WAIT_SECONDS, "adapter-wait s")]
+        lora = bool(wl.sizing(cfg.replicas).lora_adapters)
+        columns = LORA_COLUMNS if lora else []
         sections.append(
             f"## {w}\n\n{wl.summary}. Parameters: `{json.dumps(wl.parameters())}`. Pool: "
             f"{wl.sizing(cfg.replicas).describe()}.\n"
@@ -246,10 +256,7 @@ def write_reports(
             sections.append("Targets:\n\n" + report.markdown_targets(targets[w]))
         if plots and any(p.workload == w for p in points):
             note = f"{cfg.replicas} sim replicas, time-scale {cfg.time_scale:g}"
-            charts = [
-                (scrape.LORA_WAITS, "adapter-slot waits"),
-                (scrape.LORA_WAIT_SECONDS, "adapter-seconds waiting for a slot (sampled)"),
-            ]
+            charts = LORA_CHARTS if lora else []
             for path in report.plot_workload(cfg.out_dir, w, points, note, charts):
                 sections.append(f"![{path.stem}]({path.name})\n")
     text = "\n".join(sections)

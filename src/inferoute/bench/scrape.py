@@ -24,12 +24,14 @@ SERVER_SAMPLES: Mapping[str, str] = {
     "vllm:time_to_first_token_seconds_sum": "server_ttft_sum_s",
     "vllm:time_to_first_token_seconds_count": "server_ttft_count",
     "inferoute_sim:rejected_queue_full_total": "rejected_queue_full",
-    # Asked of the simulator (not exported yet when this was written): requests that found no free adapter
-    # slot, and adapter loads. When absent, LoRA waits are measured by sampling (LoraWaitSampler).
+    # Requests that found no free adapter slot, and adapter loads (inferoute's simulator). For servers
+    # without these counters, LoRA waits are measured by sampling (LoraWaitSampler).
     "inferoute_sim:lora_slot_waits_total": "lora_slot_waits",
     "inferoute_sim:lora_loads_total": "lora_loads",
 }
 LORA_WAITS = "lora_slot_waits"
+"""Requests that found every adapter slot busy (the simulator counts each request once)."""
+LORA_LOADS = "lora_loads"
 LORA_WAIT_SECONDS = "lora_waiting_adapter_seconds"
 """Sampled: sum over replicas and time of the number of adapters that waiting requests ask for."""
 
