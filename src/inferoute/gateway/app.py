@@ -22,12 +22,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import socket
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -79,9 +78,25 @@ class _Record:
 
 
 def _request_id(value: str | None) -> str:
+    """The client's ``X-Request-Id`` when it is short printable ASCII, else 32 random hex digits."""
     if value and len(value) <= _MAX_REQUEST_ID and value.isprintable() and value.isascii():
         return value
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as unique as a uuid4, a quarter of its cost
+
+
+BUFFERED_ANSWER_MAX = 64 * 1024
+"""Answers up to this size with a known ``Content-Length`` are read whole and sent in one write."""
+
+
+def buffered_answer(method: str, status: int, length: int | None, content_type: str | None) -> bool:
+    """True when an upstream answer can be relayed as one plain response: a known length of at most
+    :data:`BUFFERED_ANSWER_MAX` bytes, a body to send (not HEAD, 1xx, 204 or 304) and not an event stream.
+    Anything else is streamed chunk by chunk."""
+    if length is None or length > BUFFERED_ANSWER_MAX or method == "HEAD":
+        return False
+    if status < 200 or status in (204, 304):
+        return False
+    return not (content_type and content_type.lstrip().lower().startswith("text/event-stream"))
 
 
 def error_response(exc: InferouteError, request_id: str) -> web.Response:
@@ -144,7 +159,7 @@ class _LimitedStream:
                 self.too_large = exc  # remembered: the upload to the upstream fails, the client gets 413
                 raise
             self._rec.bytes_in += len(chunk)
-            self._metrics.bytes_in.inc(len(chunk))
+            self._metrics.totals.bytes_in += len(chunk)
             yield chunk
 
 
@@ -166,17 +181,13 @@ class GatewayHandler:
         self.metrics = metrics
         self.registry = registry
         self.clock = clock or SystemClock()
-        self.in_flight = 0
+        self._totals = metrics.totals
         self._limits = cfg.limits
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-    def _series(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, memoised (prometheus-client's own lookup costs microseconds)."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    @property
+    def in_flight(self) -> int:
+        """Requests being handled by this process."""
+        return self._totals.in_flight
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
@@ -191,8 +202,8 @@ class GatewayHandler:
         rec = _Record(
             request.method, path, _request_id(request.headers.get("x-request-id")), self.clock.now()
         )
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
+        totals = self._totals
+        totals.in_flight += 1
         try:
             return await self._handle(request, rec)
         except asyncio.CancelledError:
@@ -200,8 +211,7 @@ class GatewayHandler:
             rec.cause = "client-disconnect"
             raise
         finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
+            totals.in_flight -= 1
             self._finish(rec)
 
     async def _readyz(self) -> web.Response:
@@ -243,7 +253,7 @@ class GatewayHandler:
 
     async def _route(self, request: web.BaseRequest, rec: _Record) -> web.StreamResponse:
         lim = self._limits
-        if self.in_flight > lim.max_concurrent_requests:
+        if self._totals.in_flight > lim.max_concurrent_requests:
             raise InferouteError(
                 503, f"too many concurrent requests (limit {lim.max_concurrent_requests})", cause="overloaded"
             )
@@ -275,7 +285,7 @@ class GatewayHandler:
             return await self._forward(request, decided, rec, streamed)
         body = await self._read_body(request, route.bbr.max_body_size)
         rec.bytes_in = len(body)
-        self.metrics.bytes_in.inc(len(body))
+        self._totals.bytes_in += len(body)
         # the picker sees the path as sent (with its query string), like Envoy's :path
         decided = await decider.decide(
             request.method, request.raw_path, request.headers.items(), body, rec.request_id
@@ -319,14 +329,14 @@ class GatewayHandler:
     def _note_decision(self, d: Decided, rec: _Record) -> None:
         rec.model = d.model
         rec.source = d.source
-        m = self.metrics
+        series = self.metrics.for_route(rec.route)
         if d.route.bbr.enabled:
-            self._series(m.bbr, rec.route).observe(d.bbr_seconds)
+            series.bbr.observe(d.bbr_seconds)
         if d.route.epp.enabled:
-            self._series(m.picker, rec.route).observe(d.picker_seconds)
+            series.picker.observe(d.picker_seconds)
         if d.picker_error:
             rec.extra_causes.append(d.picker_error)
-            self._series(m.fail_open, rec.route).inc()
+            series.fail_open.inc()
         if d.bbr_error:
             rec.extra_causes.append(d.bbr_error)
 
@@ -385,39 +395,10 @@ class GatewayHandler:
         rec.status = up.status
         try:
             hdrs = client_response_headers(up.headers, rec.request_id)
-            resp = web.StreamResponse(status=up.status, reason=up.reason, headers=hdrs)
-            if up.content_length is not None:
-                resp.content_length = up.content_length
             d.session.response_started(opened.served, up.status, lower_headers(up.headers))
-            await resp.prepare(request)
-            rec.ttfb = self.clock.now() - rec.start
-            out = 0
-            try:
-                async for chunk in up.content.iter_any():
-                    d.session.response_chunk(chunk)
-                    await resp.write(chunk)
-                    out += len(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-                rec.bytes_out = out
-                rec.cause = "upstream-aborted"
-                log.warning(
-                    "upstream %s broke off the response: %r [request_id=%s]",
-                    opened.served,
-                    exc,
-                    rec.request_id,
-                )
-                end.aborted("upstream-aborted")
-                raise
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                rec.bytes_out = out
-                rec.cause = "client-disconnect"
-                rec.status = 499
-                end.aborted("client-disconnect")
-                raise
-            rec.bytes_out = out
-            await resp.write_eof()
-            end.finished()
-            return resp
+            if buffered_answer(request.method, up.status, up.content_length, up.headers.get("content-type")):
+                return await self._answer_whole(request, up, hdrs, opened.served, d.session, rec, end)
+            return await self._answer_streamed(request, up, hdrs, opened.served, d.session, rec, end)
         finally:
             if not up.closed:
                 if end.done and rec.cause is None:
@@ -425,20 +406,97 @@ class GatewayHandler:
                 else:
                     up.close()
 
+    async def _answer_whole(
+        self,
+        request: web.BaseRequest,
+        up: aiohttp.ClientResponse,
+        hdrs: CIMultiDict[str],
+        served: str,
+        session: PickSession,
+        rec: _Record,
+        end: _SessionEnd,
+    ) -> web.StreamResponse:
+        """A small answer of known length: read it whole, then send status, headers and body in one write
+        (nothing reached the client yet, so an upstream that breaks off gets a clean 502)."""
+        try:
+            data = await up.content.read()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            rec.cause = "upstream-aborted"
+            log.warning("upstream %s broke off the response: %r [request_id=%s]", served, exc, rec.request_id)
+            end.aborted("upstream-aborted")
+            raise InferouteError(
+                502, f"upstream {served} broke off its response", cause="upstream-aborted"
+            ) from exc
+        if data:
+            session.response_chunk(data)
+        resp = web.Response(status=up.status, reason=up.reason, headers=hdrs, body=data)
+        await resp.prepare(request)  # headers wait for the body: one write in write_eof
+        rec.ttfb = self.clock.now() - rec.start
+        try:
+            await resp.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            rec.cause = "client-disconnect"
+            rec.status = 499
+            end.aborted("client-disconnect")
+            raise
+        rec.bytes_out = len(data)
+        end.finished()
+        return resp
+
+    async def _answer_streamed(
+        self,
+        request: web.BaseRequest,
+        up: aiohttp.ClientResponse,
+        hdrs: CIMultiDict[str],
+        served: str,
+        session: PickSession,
+        rec: _Record,
+        end: _SessionEnd,
+    ) -> web.StreamResponse:
+        """Headers now, then every chunk as it arrives (SSE events are not held back)."""
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=hdrs)
+        if up.content_length is not None:
+            resp.content_length = up.content_length
+        await resp.prepare(request)
+        rec.ttfb = self.clock.now() - rec.start
+        out = 0
+        try:
+            async for chunk in up.content.iter_any():
+                session.response_chunk(chunk)
+                await resp.write(chunk)
+                out += len(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            rec.bytes_out = out
+            rec.cause = "upstream-aborted"
+            log.warning("upstream %s broke off the response: %r [request_id=%s]", served, exc, rec.request_id)
+            end.aborted("upstream-aborted")
+            raise
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            rec.bytes_out = out
+            rec.cause = "client-disconnect"
+            rec.status = 499
+            end.aborted("client-disconnect")
+            raise
+        rec.bytes_out = out
+        await resp.write_eof()
+        end.finished()
+        return resp
+
     def _finish(self, rec: _Record) -> None:
         now = self.clock.now()
         duration = now - rec.start
         m = self.metrics
         route = rec.route
-        self._series(m.requests, route, str(rec.status)).inc()
-        self._series(m.duration, route).observe(duration)
+        series = m.for_route(route)
+        series.requests(rec.status).inc()
+        series.duration.observe(duration)
         if rec.ttfb is not None:
-            self._series(m.ttfb, route).observe(rec.ttfb)
+            series.ttfb.observe(rec.ttfb)
         if rec.cause:
-            self._series(m.errors, rec.cause).inc()
+            m.error(rec.cause).inc()
         for c in rec.extra_causes:
-            self._series(m.errors, c).inc()
-        m.bytes_out.inc(rec.bytes_out)
+            m.error(c).inc()
+        self._totals.bytes_out += rec.bytes_out
         if self.cfg.access_log and access_log.isEnabledFor(logging.INFO):
             ttfb = f"{rec.ttfb * 1000:.2f}" if rec.ttfb is not None else "-"
             access_log.info(

@@ -12,11 +12,20 @@ Names (all ``inferoute_gateway_*``):
 * ``fail_open_total{route}`` — requests sent to the fail-open destination after a picker failure.
 * ``in_flight_requests`` — requests being handled by this process.
 * ``request_bytes_total`` / ``response_bytes_total`` — body bytes in and out.
+
+Cost on the request path: the labelled series of a route are bound once (:meth:`GatewayMetrics.for_route`;
+prometheus-client's ``.labels()`` costs microseconds), and the three unlabelled figures are plain integers
+on :class:`Totals` that a collector reads at scrape time (no lock, no metric call per request).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -38,6 +47,55 @@ _LATENCY_BUCKETS = (
     300,
 )
 _FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class Totals:
+    """The process's unlabelled figures, updated in place by the handler (one event loop: no lock)."""
+
+    __slots__ = ("bytes_in", "bytes_out", "in_flight")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
+class _TotalsCollector(Collector):
+    """Exposes :class:`Totals`: ``in_flight_requests``, ``request_bytes_total``, ``response_bytes_total``."""
+
+    def __init__(self, prefix: str, totals: Totals) -> None:
+        self._prefix = prefix
+        self._totals = totals
+
+    def collect(self) -> Iterator[Metric]:
+        p, t = self._prefix, self._totals
+        yield GaugeMetricFamily(p + "in_flight_requests", "Requests being handled.", value=t.in_flight)
+        yield CounterMetricFamily(p + "request_bytes", "Request body bytes received.", value=t.bytes_in)
+        yield CounterMetricFamily(p + "response_bytes", "Response body bytes sent.", value=t.bytes_out)
+
+
+class RouteSeries:
+    """The labelled series of one route, bound once; ``requests`` and ``errors`` children by status / cause
+    are bound on first use (a handful of values each)."""
+
+    __slots__ = ("_requests", "bbr", "codes", "duration", "fail_open", "picker", "route", "ttfb")
+
+    def __init__(self, m: GatewayMetrics, route: str) -> None:
+        self.route = route
+        self.duration = m.duration.labels(route)
+        self.ttfb = m.ttfb.labels(route)
+        self.bbr = m.bbr.labels(route)
+        self.picker = m.picker.labels(route)
+        self.fail_open = m.fail_open.labels(route)
+        self._requests = m.requests
+        self.codes: dict[int, Any] = {}
+
+    def requests(self, status: int) -> Any:
+        """The ``requests_total{route, code}`` child for ``status``."""
+        child = self.codes.get(status)
+        if child is None:
+            child = self.codes[status] = self._requests.labels(self.route, str(status))
+        return child
 
 
 class GatewayMetrics:
@@ -84,6 +142,21 @@ class GatewayMetrics:
         self.fail_open = Counter(
             p + "fail_open", "Requests routed fail-open after a picker failure.", ["route"], registry=registry
         )
-        self.in_flight = Gauge(p + "in_flight_requests", "Requests being handled.", registry=registry)
-        self.bytes_in = Counter(p + "request_bytes", "Request body bytes received.", registry=registry)
-        self.bytes_out = Counter(p + "response_bytes", "Response body bytes sent.", registry=registry)
+        self.totals = Totals()
+        registry.register(_TotalsCollector(p, self.totals))
+        self._routes: dict[str, RouteSeries] = {}
+        self._errors: dict[str, Any] = {}
+
+    def for_route(self, route: str) -> RouteSeries:
+        """The bound series of ``route`` (a configured route path, or ``-`` before one matched)."""
+        series = self._routes.get(route)
+        if series is None:
+            series = self._routes[route] = RouteSeries(self, route)
+        return series
+
+    def error(self, cause: str) -> Any:
+        """The ``errors_total{cause}`` child (causes: a fixed vocabulary of the gateway and its pickers)."""
+        child = self._errors.get(cause)
+        if child is None:
+            child = self._errors[cause] = self.errors.labels(cause)
+        return child

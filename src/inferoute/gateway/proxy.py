@@ -48,42 +48,68 @@ _RECOMPUTED = frozenset(
 )  # expect: answered here
 
 
-def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
-    tokens: set[str] = set()
-    for k, v in headers:
-        if k.lower() == "connection":
-            tokens.update(t.strip().lower() for t in v.split(",") if t.strip())
-    return tokens
+_REQUEST_SKIPPED = HOP_BY_HOP | _RECOMPUTED
+_RESPONSE_SKIPPED = HOP_BY_HOP | {"content-length"}
+
+
+def _connection_tokens(value: str, into: set[str]) -> None:
+    """Add the header names listed in one ``Connection`` value (lower case) to ``into``."""
+    for t in value.split(","):
+        t = t.strip()
+        if t:
+            into.add(t.lower())
 
 
 def upstream_request_headers(
-    headers: list[tuple[str, str]], request_id: str, client_ip: str | None
+    headers: Iterable[tuple[str, str]], request_id: str, client_ip: str | None
 ) -> CIMultiDict[str]:
-    """Headers for the upstream request: hop-by-hop removed, ``x-request-id`` and ``x-forwarded-for`` set."""
-    drop = HOP_BY_HOP | _connection_tokens(headers)
+    """Headers for the upstream request: hop-by-hop removed, ``x-request-id`` and ``x-forwarded-for`` set.
+
+    One pass over the headers (this runs for every request): names listed in ``Connection`` are removed
+    afterwards, so they may come before or after it."""
     out: CIMultiDict[str] = CIMultiDict()
-    forwarded_for: str | None = None
+    forwarded: list[str] = []
+    named: set[str] | None = None
     for k, v in headers:
         lk = k.lower()
-        if lk in drop:
-            continue
-        if lk in _RECOMPUTED:
+        if lk in _REQUEST_SKIPPED:
             if lk == "x-forwarded-for":
-                forwarded_for = v if forwarded_for is None else f"{forwarded_for}, {v}"
+                forwarded.append(v)
+            elif lk == "connection":
+                if named is None:
+                    named = set()
+                _connection_tokens(v, named)
             continue
         out.add(k, v)
+    if named:
+        for name in named:
+            out.popall(name, None)
+        if "x-forwarded-for" in named:
+            forwarded.clear()  # a hop-by-hop X-Forwarded-For is the previous hop's business
     if client_ip:
-        forwarded_for = f"{forwarded_for}, {client_ip}" if forwarded_for else client_ip
-    if forwarded_for:
-        out["X-Forwarded-For"] = forwarded_for
+        forwarded.append(client_ip)
+    if forwarded:
+        out["X-Forwarded-For"] = ", ".join(forwarded)
     out["X-Request-Id"] = request_id
     return out
 
 
 def client_response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """The upstream's response headers minus hop-by-hop ones and ``Content-Length`` (set separately)."""
-    drop = HOP_BY_HOP | _connection_tokens(headers.items()) | {"content-length"}
-    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    out: CIMultiDict[str] = CIMultiDict()
+    named: set[str] | None = None
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk in _RESPONSE_SKIPPED:
+            if lk == "connection":
+                if named is None:
+                    named = set()
+                _connection_tokens(v, named)
+            continue
+        out.add(k, v)
+    if named:
+        for name in named:
+            out.popall(name, None)
     out["X-Request-Id"] = request_id
     return out
 
