@@ -223,3 +223,95 @@ async def test_scrape_rate_matches_the_interval(servers: Servers) -> None:
         await collector.aclose()
     # 5 endpoints x 20 Hz x 1 s = 100 expected; generous bounds for a busy machine
     assert 60 <= done <= 105, done
+
+
+async def test_unchanged_page_is_restamped_and_a_changed_one_parsed(servers: Servers) -> None:
+    """An identical page skips the parser but still refreshes the snapshot's time; a new page is parsed."""
+    body = {"page": VLLM}
+
+    async def current(request: web.Request) -> web.Response:
+        return web.Response(body=body["page"], content_type="text/plain")
+
+    ep = await servers.add("idle", current)
+    ds = Datastore(SystemClock())
+    ds.set_endpoints([ep])
+    collector = MetricsCollector(ds, interval=10.0, timeout=1.0)  # only the scrapes we ask for
+    await collector.start()
+    try:
+        state = ds.get(ep.key)
+        assert state is not None
+        assert await collector.scrape_once(state)
+        first = state.metrics
+        await asyncio.sleep(0.01)
+        assert await collector.scrape_once(state)
+        second = state.metrics
+        assert second is not first and second.scraped_at > first.scraped_at
+        assert (second.waiting, second.running, second.kv_usage) == (2, 5, 0.25)
+        body["page"] = VLLM.replace(b"running 5", b"running 9")
+        assert await collector.scrape_once(state)
+        assert state.metrics.running == 9
+        body["page"] = b"vllm:num_requests_waiting 2\n"  # broken page: failure, then the good page again
+        assert not await collector.scrape_once(state)
+        body["page"] = VLLM
+        assert await collector.scrape_once(state)
+        assert state.metrics.running == 5 and state.failures == 0
+    finally:
+        await collector.aclose()
+
+
+async def test_request_asks_for_identity_encoding(servers: Servers) -> None:
+    seen: list[str] = []
+
+    async def h(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Accept-Encoding", ""))
+        return web.Response(body=VLLM, content_type="text/plain")
+
+    ep = await servers.add("enc", h)
+    ds = Datastore(SystemClock())
+    ds.set_endpoints([ep])
+    collector = MetricsCollector(ds, interval=10.0, timeout=1.0)
+    await collector.start()
+    try:
+        state = ds.get(ep.key)
+        assert state is not None
+        assert await collector.scrape_once(state)
+    finally:
+        await collector.aclose()
+    assert seen and set(seen) == {"identity"}
+
+
+async def test_server_restart_reconnects(free_port: Callable[[], int]) -> None:
+    """A model server that restarts on the same port: scrapes fail while it is down, then recover on a new
+    connection."""
+    port = free_port()
+
+    async def serve() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get("/metrics", page(VLLM))
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    runner = await serve()
+    ds = Datastore(SystemClock())
+    ep = Endpoint("phoenix", "127.0.0.1", port)
+    ds.set_endpoints([ep])
+    collector = MetricsCollector(ds, interval=0.05, timeout=0.5)
+    await collector.start()
+    try:
+        state = ds.get(ep.key)
+        assert state is not None
+        assert await collector.scrape_once(state)
+        await runner.cleanup()
+        assert not await collector.scrape_once(state)
+        assert "HttpGetError" in state.last_error
+        runner = await serve()
+        for _ in range(100):  # the wheel keeps trying: it recovers on its own
+            if state.failures == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert state.failures == 0 and state.metrics.running == 5
+    finally:
+        await collector.aclose()
+        await runner.cleanup()

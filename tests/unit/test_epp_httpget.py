@@ -45,3 +45,49 @@ def test_bad_responses_fail_clearly(raw: bytes, fragment: str) -> None:
 def test_oversized_headers() -> None:
     with pytest.raises(HttpGetError, match="headers too large"):
         parse(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: a\r\n" * 10000)
+
+
+def test_byte_by_byte_feeding_equals_one_read() -> None:
+    """The one-read fast path and the buffered path frame the same responses the same way."""
+    from inferoute.epp.datalayer.httpget import ResponseReader
+
+    responses = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nX: y\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH:  3 \r\n\r\nabc",
+        b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nno\r\n0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    ]
+    for raw in responses:
+        whole = ResponseReader().feed(raw)
+        assert whole is not None
+        reader = ResponseReader()
+        got = None
+        for i in range(len(raw)):
+            got = reader.feed(raw[i : i + 1])
+            if got is not None:
+                assert i == len(raw) - 1, "complete before the last byte"
+        assert got == whole
+
+
+def test_reader_is_reusable_after_reset() -> None:
+    from inferoute.epp.datalayer.httpget import ResponseReader
+
+    reader = ResponseReader()
+    assert reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nab") == (200, b"ab")
+    reader.reset()
+    assert reader.feed(b"HTTP/1.1 503 Busy\r\nContent-Len") is None
+    assert reader.feed(b"gth: 1\r\n\r\nz") == (503, b"z")
+
+
+def test_negative_content_length_is_rejected() -> None:
+    with pytest.raises(HttpGetError, match="content-length"):
+        parse(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n")
+
+
+def test_wheel_slots() -> None:
+    from inferoute.epp.datalayer.collector import wheel_slots
+
+    assert wheel_slots(0.05, 1.0) == 10  # 5 ms ticks
+    assert wheel_slots(10.0, 1.0) == 40  # ticks of a quarter of the timeout
+    assert wheel_slots(0.004, 1.0) == 2  # never under 2 ms
+    assert wheel_slots(0.001, 1.0) == 1

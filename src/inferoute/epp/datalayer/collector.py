@@ -1,30 +1,57 @@
 """The metrics collector: scrape every endpoint's Prometheus page on a short tick.
 
-Every endpoint has its own :class:`_Scraper`, a small state machine driven by event-loop callbacks — a timer
-fires, the pre-built GET goes out on the endpoint's keep-alive connection, ``data_received`` frames the
-response, parses it and records the snapshot, and the next tick is scheduled. No task, coroutine or future
+Every endpoint has its own :class:`_Scraper`, a small state machine driven by event-loop callbacks on one
+keep-alive connection: the pre-built GET goes out with one ``transport.write``, ``data_received`` frames the
+response (:mod:`.httpget`), parses it and records the snapshot. No task, coroutine, future or timer handle
 exists per scrape (only connecting runs as a task), which is what makes 100 endpoints x 20 Hz affordable in
-Python (see docs/benchmarks/scheduler.md). A slow or dead pod only delays itself; a reaper callback enforces
-each scrape's timeout. Ticks are spread over the interval by a per-endpoint phase so the pool's scrapes do
-not arrive as one burst on the event loop the picks share.
+Python (see docs/benchmarks/scheduler.md).
+
+Timing is one **wheel** for the whole pool: the interval is cut into ``slots`` ticks and each endpoint owns
+one slot (a hash of its key), so the pool's scrapes are spread over the interval and one timer callback sends
+the requests of several endpoints. An endpoint whose previous scrape is still in flight when its slot comes
+round is skipped: a slow or dead pod only delays itself. Every tick also enforces the timeout of the scrapes
+in flight (at most one tick late).
+
+A page whose bytes did not change since the endpoint's last successful scrape (an idle server, or a
+filtered ``/metrics?name[]=...`` page) is not parsed again: the previous values are re-stamped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import zlib
 from collections.abc import Callable
 
+import xxhash
+
 from inferoute.epp.datalayer.datastore import Datastore, EndpointState
 from inferoute.epp.datalayer.httpget import HttpGetError, ResponseReader, client_ssl_context
-from inferoute.epp.datalayer.metrics import MetricsParseError, ParseCache, parse_metrics
+from inferoute.epp.datalayer.metrics import (
+    EndpointMetrics,
+    EngineMapping,
+    MetricsParseError,
+    ParseCache,
+    parse_metrics,
+    restamp,
+)
 from inferoute.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
 ScrapeHook = Callable[[str, bool, float], None]
 """Called after every scrape with (endpoint key, ok, seconds)."""
+
+MIN_TICK = 0.002
+"""Shortest wheel tick (seconds): the event loop's timers have millisecond resolution."""
+
+
+def wheel_slots(interval: float, timeout: float) -> int:
+    """Ticks per interval: 10, more when the timeout is short against the interval (timeouts are enforced
+    on ticks, so a tick is at most a quarter of the timeout), never ticks shorter than :data:`MIN_TICK`."""
+    slots = max(10, math.ceil(4 * interval / timeout)) if timeout > 0 else 10
+    return max(1, min(slots, int(interval / MIN_TICK)))
 
 
 class _Conn(asyncio.Protocol):
@@ -50,41 +77,45 @@ class _Conn(asyncio.Protocol):
 
 
 class _Scraper:
-    """Scrape state of one endpoint: connection, pending request, next tick, parse cache."""
+    """Scrape state of one endpoint: connection, pending request, parse cache, last page digest."""
 
     __slots__ = (
         "closed",
         "collector",
         "conn",
         "connecting",
-        "handle",
+        "digest",
         "key",
-        "next_at",
+        "last",
         "parse_cache",
         "reader",
         "request",
         "sent_at",
+        "slot",
         "waiters",
     )
 
     def __init__(self, collector: MetricsCollector, key: str) -> None:
         self.collector = collector
         self.key = key
+        self.slot = zlib.crc32(key.encode()) % collector.slots
         self.conn: _Conn | None = None
         self.connecting = False
         self.reader = ResponseReader()
         self.sent_at: float | None = None
         """Loop time the pending scrape started (None: idle)."""
-        self.handle: asyncio.TimerHandle | None = None
-        self.next_at = 0.0
         self.parse_cache = ParseCache()
+        self.digest = -1
+        """xxh3 of the last page that parsed successfully (-1: none)."""
+        self.last: tuple[EngineMapping, EndpointMetrics] | None = None
+        """What that page parsed to, and with which engine mapping."""
         self.waiters: list[asyncio.Future[bool]] = []
         self.closed = False
         host, port = self._address()
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.request = (
             f"GET {collector.path} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/plain\r\n"
-            "User-Agent: inferoute-epp\r\n\r\n"
+            "Accept-Encoding: identity\r\nUser-Agent: inferoute-epp\r\n\r\n"
         ).encode("latin-1")
 
     def _address(self) -> tuple[str, int]:
@@ -92,40 +123,11 @@ class _Scraper:
         assert state is not None
         return state.endpoint.address.strip("[]"), state.endpoint.port
 
-    # -- scheduling ---------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """First scrape now, then every interval at this endpoint's phase."""
-        loop = asyncio.get_running_loop()
-        interval = self.collector.interval
-        self.next_at = loop.time() + (zlib.crc32(self.key.encode()) % 1000) / 1000 * interval
-        self.send()
-
-    def tick(self) -> None:
-        self.handle = None
-        if not self.closed and self.sent_at is None:
-            self.send()
-
-    def schedule_next(self) -> None:
-        if self.closed:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        interval = self.collector.interval
-        while self.next_at <= now:  # overran (slow pod): skip missed ticks instead of bursting
-            self.next_at += interval
-        if self.handle is not None:
-            self.handle.cancel()
-        self.handle = loop.call_at(self.next_at, self.tick)
-
     # -- one scrape ---------------------------------------------------------------------------------------
-    def send(self) -> None:
-        now = asyncio.get_running_loop().time()
+    def send(self, now: float) -> None:
+        """Start a scrape (the caller checked that none is in flight)."""
         self.sent_at = now
-        # This scrape uses the current slot. Timers may fire up to a clock tick early and a loopback response
-        # can arrive within that tick, so advance here rather than trusting "now" when the response lands.
-        half = self.collector.interval / 2
-        while self.next_at <= now + half:
-            self.next_at += self.collector.interval
+        self.collector.inflight[self.key] = self
         conn = self.conn
         if conn is None or conn.transport is None:
             if not self.connecting:
@@ -191,19 +193,19 @@ class _Scraper:
     def finish(self, result: tuple[int, bytes] | None, error: str) -> None:
         started = self.sent_at
         self.sent_at = None
-        seconds = asyncio.get_running_loop().time() - started if started is not None else 0.0
-        ok = self.collector.record(self, result, error, seconds)
-        waiters, self.waiters = self.waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(ok)
-        self.schedule_next()
+        collector = self.collector
+        collector.inflight.pop(self.key, None)
+        seconds = collector.loop_time() - started if started is not None else 0.0
+        ok = collector.record(self, result, error, seconds)
+        if self.waiters:
+            waiters, self.waiters = self.waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(ok)
 
     def close(self) -> None:
         self.closed = True
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
+        self.collector.inflight.pop(self.key, None)
         self.drop_connection()
         for w in self.waiters:
             if not w.done():
@@ -233,48 +235,83 @@ class MetricsCollector:
         self.ssl_context = client_ssl_context(insecure_skip_verify) if scheme == "https" else None
         self._on_scrape = on_scrape
         self.tasks = TaskSet("scrape")
+        self.slots = wheel_slots(interval, timeout)
+        self.tick_seconds = interval / self.slots
+        self._wheel: list[dict[str, _Scraper]] = [{} for _ in range(self.slots)]
         self._scrapers: dict[str, _Scraper] = {}
-        self._reaper: asyncio.TimerHandle | None = None
+        self.inflight: dict[str, _Scraper] = {}
+        """Scrapers with a request in flight (whose timeouts the ticks enforce)."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_tick = 0.0
+        self._slot = 0
         self._started = False
 
-    async def start(self) -> None:
-        """Start scraping every known endpoint (and the timeout reaper)."""
-        self._started = True
-        self.sync()
-        self._reap()
+    def loop_time(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
 
-    def _reap(self) -> None:
-        now = asyncio.get_running_loop().time()
-        for s in list(self._scrapers.values()):
-            s.check_deadline(now)
-        self._reaper = asyncio.get_running_loop().call_later(min(self.interval, self.timeout / 4), self._reap)
+    async def start(self) -> None:
+        """Start scraping every known endpoint (each one at once, then in its slot of the wheel)."""
+        self._loop = asyncio.get_running_loop()
+        self._started = True
+        self._next_tick = self._loop.time()
+        self.sync()
+        self._tick()
+
+    def _tick(self) -> None:
+        """One wheel tick: time out overdue scrapes, start the idle ones of this slot, schedule the next."""
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        if self.inflight:
+            timeout = self.timeout
+            for scraper in [s for s in self.inflight.values() if now - (s.sent_at or now) > timeout]:
+                scraper.check_deadline(now)
+        for scraper in self._wheel[self._slot].values():
+            if scraper.sent_at is None:
+                scraper.send(now)
+        self._slot = (self._slot + 1) % self.slots
+        step = self.tick_seconds
+        self._next_tick += step
+        if self._next_tick <= now:  # the loop was blocked: skip the missed ticks instead of bursting
+            missed = math.floor((now - self._next_tick) / step) + 1
+            self._next_tick += missed * step
+            self._slot = (self._slot + missed) % self.slots
+        self._timer = loop.call_at(self._next_tick, self._tick)
 
     def sync(self) -> None:
         """Start scrapers for new endpoints and stop those of removed ones (call after the set changes)."""
         states = self.datastore.states
         for key in list(self._scrapers):
             if key not in states:
-                self._scrapers.pop(key).close()
+                scraper = self._scrapers.pop(key)
+                self._wheel[scraper.slot].pop(key, None)
+                scraper.close()
         if not self._started:
             return
+        now = self.loop_time()
         for key in states:
             if key not in self._scrapers:
-                scraper = self._scrapers[key] = _Scraper(self, key)
-                scraper.start()
+                scraper = self._add(key)
+                if scraper.sent_at is None:
+                    scraper.send(now)  # first scrape now: readiness should not wait for the slot
+
+    def _add(self, key: str) -> _Scraper:
+        scraper = self._scrapers[key] = _Scraper(self, key)
+        self._wheel[scraper.slot][key] = scraper
+        return scraper
 
     async def scrape_once(self, state: EndpointState) -> bool:
         """Scrape one endpoint now (or join its scrape in flight) and return whether it succeeded."""
         assert self._started, "start() first"
         scraper = self._scrapers.get(state.key)
         if scraper is None:
-            scraper = self._scrapers[state.key] = _Scraper(self, state.key)
+            scraper = self._add(state.key)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         scraper.waiters.append(fut)
         if scraper.sent_at is None:
-            if scraper.handle is not None:
-                scraper.handle.cancel()
-                scraper.handle = None
-            scraper.send()
+            scraper.send(self.loop_time())
         return await fut
 
     def record(self, scraper: _Scraper, result: tuple[int, bytes] | None, error: str, seconds: float) -> bool:
@@ -285,16 +322,25 @@ class MetricsCollector:
         ok = False
         if result is not None:
             status, body = result
+            now = self.datastore.clock.now()
             try:
                 if status != 200:
                     raise MetricsParseError(f"HTTP {status}")
-                metrics = parse_metrics(body, state.engine, self.datastore.clock.now(), scraper.parse_cache)
+                digest = xxhash.xxh3_64_intdigest(body)
+                last = scraper.last
+                if digest == scraper.digest and last is not None and last[0] is state.engine:
+                    metrics = restamp(last[1], now)  # same page as last time: same values
+                else:
+                    metrics = parse_metrics(body, state.engine, now, scraper.parse_cache)
+                    scraper.digest = digest
+                    scraper.last = (state.engine, metrics)
             except MetricsParseError as exc:
                 error = f"MetricsParseError: {exc}"
+                scraper.digest = -1
             else:
                 if state.failures:
                     log.info("scrape %s%s recovered", state.key, self.path)
-                self.datastore.record_scrape(state.key, metrics)
+                self.datastore.record_scrape(state.key, metrics, now=now)
                 ok = True
         if not ok:
             if state.failures == 0:  # log transitions, not every tick
@@ -305,11 +351,14 @@ class MetricsCollector:
         return ok
 
     async def aclose(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            self._reaper = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for s in self._scrapers.values():
             s.close()
         self._scrapers.clear()
+        for slot in self._wheel:
+            slot.clear()
+        self.inflight.clear()
         await self.tasks.aclose()
         self._started = False

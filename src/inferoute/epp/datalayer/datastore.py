@@ -101,12 +101,16 @@ class Datastore:
     def get(self, key: str) -> EndpointState | None:
         return self._states.get(key)
 
-    def record_scrape(self, key: str, metrics: EndpointMetrics | None, error: str = "") -> None:
-        """Store a scrape result (``metrics`` None means the scrape failed with ``error``)."""
+    def record_scrape(
+        self, key: str, metrics: EndpointMetrics | None, error: str = "", *, now: float | None = None
+    ) -> None:
+        """Store a scrape result (``metrics`` None means the scrape failed with ``error``) at clock time
+        ``now`` (default: the clock's now)."""
         state = self._states.get(key)
         if state is None:  # removed while the scrape was in flight
             return
-        now = self.clock.now()
+        if now is None:
+            now = self.clock.now()
         state.last_attempt = now
         if metrics is None:
             state.failures += 1

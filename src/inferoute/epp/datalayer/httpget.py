@@ -7,7 +7,7 @@ docs/benchmarks/scheduler.md). The collector keeps one connection per endpoint: 
 ``Content-Length`` or chunked encoding.
 
 It does exactly what scraping needs: GET, HTTP/1.1 keep-alive, optional TLS, no redirects, no compression
-(we never send ``Accept-Encoding``), bodies up to ``max_body`` bytes.
+(``Accept-Encoding: identity``), bodies up to ``max_body`` bytes.
 """
 
 from __future__ import annotations
@@ -42,12 +42,25 @@ class ResponseReader:
         """Add received bytes: (status, body) once the response is complete, else None.
         Raises :class:`HttpGetError` on a malformed or oversized response."""
         buf = self.buf
-        buf += data
-        if self.start < 0:
-            head = _parse_head(buf)
+        if self.start < 0 and not buf:
+            # Fast path: a small response usually arrives in one read; frame it without copying it into the
+            # buffer first (the body is sliced out of ``data`` once).
+            head = _parse_head(data)
             if head is None:
+                buf += data
                 return None
             self.status, self.length, self.chunked, self.start = head
+            if not self.chunked and len(data) - self.start >= self.length:
+                start = self.start
+                return self.status, data[start : start + self.length]
+            buf += data
+        else:
+            buf += data
+            if self.start < 0:
+                head = _parse_head(buf)
+                if head is None:
+                    return None
+                self.status, self.length, self.chunked, self.start = head
         if self.chunked:
             return _dechunk(buf, self.start, self.status)
         if len(buf) - self.start < self.length:
@@ -60,34 +73,37 @@ def parse_response(buf: bytes | bytearray) -> tuple[int, bytes] | None:
     return ResponseReader().feed(bytes(buf))
 
 
-def _parse_head(buf: bytearray) -> tuple[int, int, bool, int] | None:
-    """(status, content length, chunked, body offset) once the head is complete."""
+def _parse_head(buf: bytes | bytearray) -> tuple[int, int, bool, int] | None:
+    """(status, content length, chunked, body offset) once the head is complete. Header names are matched
+    on a lower-cased copy of the head with ``bytes.find`` (no per-line Python loop)."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         if len(buf) > 65536:
             raise HttpGetError("response headers too large")
         return None
-    head = bytes(buf[:end]).decode("latin-1")
-    status_line, _, rest = head.partition("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
-        raise HttpGetError(f"bad status line {status_line[:80]!r}")
+    head = bytes(buf[: end + 2]).lower()
+    line_end = head.find(b"\r\n")
+    status_line = head[:line_end]
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"http/1."):
+        raise HttpGetError(f"bad status line {bytes(buf[:line_end])[:80]!r}")
     try:
         status = int(parts[1])
     except ValueError:
-        raise HttpGetError(f"bad status line {status_line[:80]!r}") from None
-    length: int | None = None
+        raise HttpGetError(f"bad status line {bytes(buf[:line_end])[:80]!r}") from None
     chunked = False
-    for line in rest.split("\r\n"):
-        name, _, value = line.partition(":")
-        lname = name.strip().lower()
-        if lname == "content-length":
-            try:
-                length = int(value.strip())
-            except ValueError:
-                raise HttpGetError("bad content-length") from None
-        elif lname == "transfer-encoding" and "chunked" in value.lower():
-            chunked = True
+    te = head.find(b"\r\ntransfer-encoding:", line_end)
+    if te >= 0:
+        chunked = b"chunked" in head[te + 20 : head.find(b"\r\n", te + 20)]
+    length: int | None = None
+    cl = head.find(b"\r\ncontent-length:", line_end)
+    if cl >= 0:
+        try:
+            length = int(head[cl + 17 : head.find(b"\r\n", cl + 17)])
+        except ValueError:
+            raise HttpGetError("bad content-length") from None
+        if length < 0:
+            raise HttpGetError("bad content-length")
     if not chunked:
         if length is None:
             raise HttpGetError("response without content-length or chunked encoding")

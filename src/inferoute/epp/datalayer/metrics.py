@@ -41,6 +41,21 @@ class EndpointMetrics:
 EMPTY_METRICS = EndpointMetrics()
 
 
+def restamp(m: EndpointMetrics, now: float) -> EndpointMetrics:
+    """The same values scraped again at ``now`` (cheaper than :func:`dataclasses.replace`)."""
+    return EndpointMetrics(
+        m.waiting,
+        m.running,
+        m.kv_usage,
+        m.active_adapters,
+        m.waiting_adapters,
+        m.max_lora,
+        m.block_size,
+        m.num_gpu_blocks,
+        now,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class EngineMapping:
     """Where one engine reports each Model Server Protocol metric.
@@ -221,6 +236,46 @@ def _samples(
     return out
 
 
+def _values(page: bytes, spec: _Spec, memo: dict[bytes, dict[str, str]] | None = None) -> list[float]:
+    """Values of the family's series that match ``spec`` (:func:`_samples` without building samples or label
+    dicts unless the spec filters on labels): the required gauges are read this way on every scrape."""
+    want = spec.want
+    if want:
+        return [s.value for s in _samples(page, spec, False, memo)]
+    start = _first_line(page, spec)
+    if start < 0:
+        return []
+    name = spec.name
+    n = len(name)
+    size = len(page)
+    out: list[float] = []
+    while start < size:
+        end = page.find(b"\n", start)
+        if end < 0:
+            end = size
+        after = start + n
+        nxt = page[after : after + 1]
+        if nxt == b"{":
+            value_at = page.rfind(b"}", after, end) + 1
+            if value_at == 0:
+                start = end + 1
+                continue
+        elif nxt == b" ":
+            value_at = after
+        else:
+            break
+        if not page.startswith(name, start):
+            break
+        start = end + 1
+        parts = page[value_at:end].split(None, 1)
+        if parts:
+            try:
+                out.append(float(parts[0]))
+            except ValueError:
+                continue
+    return out
+
+
 def find_family(page: bytes, family: str, *, labels: bool = True) -> list[Sample]:
     """All samples of ``family`` (a name, optionally with ``{label="value"}`` filters) in a text page."""
     return _samples(page, _compile(family), labels)
@@ -235,7 +290,7 @@ class ParseCache:
       scrape.
     """
 
-    __slots__ = ("absent", "labels", "recheck", "static", "static_refresh")
+    __slots__ = ("absent", "labels", "lora", "recheck", "static", "static_refresh")
 
     def __init__(self, recheck: float = 1.0, static_refresh: float = 10.0) -> None:
         self.recheck = recheck
@@ -244,6 +299,8 @@ class ParseCache:
         self.static: dict[str, tuple[float, list[Sample]]] = {}
         self.labels: dict[bytes, dict[str, str]] = {}
         """Parsed label sets by raw bytes (LoRA info changes its value every scrape, its labels rarely)."""
+        self.lora: tuple[dict[str, str], frozenset[str], frozenset[str], int] | None = None
+        """The newest LoRA series' label set (the memoised dict itself) and what was read from it."""
 
     def lookup(self, page: bytes, spec: str, now: float) -> list[Sample]:
         until = self.absent.get(spec)
@@ -298,17 +355,15 @@ def parse_metrics(
     missing optional families and re-reads static ones only every few seconds.
     """
     cache = cache or ParseCache(recheck=0.0, static_refresh=0.0)
-    waiting_s = _samples(page, _compile(engine.waiting), False)
-    running_s = _samples(page, _compile(engine.running), False)
-    kv_s = _samples(page, _compile(engine.kv_usage), False)
-    missing = [
-        spec
-        for spec, got in ((engine.waiting, waiting_s), (engine.running, running_s), (engine.kv_usage, kv_s))
-        if not got
-    ]
-    if missing:
+    memo = cache.labels
+    waiting_v = _values(page, _compile(engine.waiting), memo)
+    running_v = _values(page, _compile(engine.running), memo)
+    kv_v = _values(page, _compile(engine.kv_usage), memo)
+    if not (waiting_v and running_v and kv_v):
+        found = ((engine.waiting, waiting_v), (engine.running, running_v), (engine.kv_usage, kv_v))
+        missing = [spec for spec, got in found if not got]
         raise MetricsParseError(f"missing metric(s) {', '.join(missing)} for engine {engine.name}")
-    kv = max(s.value for s in kv_s)  # utilisation of several series: the fullest
+    kv = kv_v[0] if len(kv_v) == 1 else max(kv_v)  # utilisation of several series: the fullest
     if kv > 1.0:  # some engines report a percentage
         kv = kv / 100.0
 
@@ -318,10 +373,16 @@ def parse_metrics(
     if engine.lora_info:
         lora = cache.lookup(page, engine.lora_info, now)
         if lora:
-            newest = max(lora, key=lambda s: s.value)  # the value is a timestamp: newest series wins
-            active = _adapters(newest.labels.get("running_lora_adapters", ""))
-            pending = _adapters(newest.labels.get("waiting_lora_adapters", ""))
-            max_lora = _int_label(newest.labels, "max_lora") or 0
+            # the value is a timestamp: the newest series wins
+            newest = lora[0] if len(lora) == 1 else max(lora, key=lambda s: s.value)
+            seen = cache.lora
+            if seen is not None and seen[0] is newest.labels:  # same label set as last scrape
+                _, active, pending, max_lora = seen
+            else:
+                active = _adapters(newest.labels.get("running_lora_adapters", ""))
+                pending = _adapters(newest.labels.get("waiting_lora_adapters", ""))
+                max_lora = _int_label(newest.labels, "max_lora") or 0
+                cache.lora = (newest.labels, active, pending, max_lora)
 
     block_size: int | None = None
     num_blocks: int | None = None
@@ -338,8 +399,8 @@ def parse_metrics(
         num_blocks = int(v) if v else None
 
     return EndpointMetrics(
-        waiting=_value(waiting_s) or 0.0,
-        running=_value(running_s) or 0.0,
+        waiting=waiting_v[0] if len(waiting_v) == 1 else sum(waiting_v),
+        running=running_v[0] if len(running_v) == 1 else sum(running_v),
         kv_usage=min(max(kv, 0.0), 1.0),
         active_adapters=active,
         waiting_adapters=pending,
