@@ -125,6 +125,10 @@ def _fmt(value: float, scale: float = 1.0, digits: int = 3) -> str:
     return f"{value * scale:.{digits}f}"
 
 
+def _count(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
 def markdown_tables(
     workload: str,
     points: Sequence[PointSummary],
@@ -161,7 +165,7 @@ def markdown_tables(
                 f"{p.output_tps:.0f}",
                 _fmt(p.cache_hit_rate, 100, 0) + ("%" if not math.isnan(p.cache_hit_rate) else ""),
             ]
-            cells += [f"{p.server.get(key, 0):.1f}" for key, _ in server_columns]
+            cells += [_count(p.server.get(key, 0.0)) for key, _ in server_columns]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Knees (last rate before saturation):")
