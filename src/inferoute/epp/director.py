@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, ValuesView
 
 import msgspec
 
@@ -113,7 +113,8 @@ class Director:
         self.saturation = saturation
         self.objectives: Mapping[str, int] = objectives or {}
         self.rng = rng or random.Random()
-        self._cands: dict[str, tuple[EndpointState, Candidate]] = {}
+        self._cands: dict[EndpointState, Candidate] = {}
+        """Scheduling view of each endpoint state, keyed by the state object (replaced state: new view)."""
 
     # -- rejections -------------------------------------------------------------------------------------
     def _reject(
@@ -155,9 +156,9 @@ class Director:
         series = self.metrics.series(model, target)
         series.request_total.inc()
 
-        states = list(self.datastore.states.values())
+        states: Sequence[EndpointState] | ValuesView[EndpointState] = self.datastore.states.values()
         if request.subset is not None:
-            states = match_subset(states, request.subset)
+            states = match_subset(list(states), request.subset)
             if not states:
                 return self._reject(
                     503,
@@ -171,15 +172,14 @@ class Director:
                 503, "no ready endpoints in the pool", "no-endpoints", model, target
             ), NullSession()
         now = self.clock.now()
-        staleness = self.datastore.staleness
-        fresh = [s for s in states if s.last_ok is not None and now - s.last_ok <= staleness]
-        if not fresh:
+        candidates = self._candidates(states, now, self.datastore.staleness)
+        if not candidates:
             # Nothing has fresh metrics (e.g. servers without /metrics): schedule blind rather than refuse.
             self.metrics.stale_fallbacks.inc()
-            fresh = states
+            candidates = self._candidates(states, now, None)
 
         if priority < 0 and self.saturation is not None:
-            level = self.saturation.saturation([s.metrics for s in fresh])
+            level = self.saturation.saturation([c.metrics for c in candidates])
             if level >= 1.0:
                 return self._reject(
                     429,
@@ -190,7 +190,6 @@ class Director:
                     target,
                 ), NullSession()
 
-        candidates = self._candidates(fresh)
         prompt_tokens = (len(parsed.prompt) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
         ireq = InferenceRequest(
             model=model,
@@ -224,25 +223,34 @@ class Director:
         session = Session(self, series, primary, prompt_tokens, prefill_tokens, now)
         return Destination(tuple(c.key for c in result.endpoints), set_headers, body), session
 
-    def _candidates(self, states: list[EndpointState]) -> list[Candidate]:
-        """Scheduling views of ``states``, reused across picks (only the metrics snapshot is refreshed)."""
+    def _candidates(
+        self,
+        states: Iterable[EndpointState],
+        now: float,
+        staleness: float | None,
+    ) -> list[Candidate]:
+        """Scheduling views of the ``states`` scraped within ``staleness`` seconds (all of them when None),
+        in one pass. Views are reused across picks; only the metrics snapshot pointer is refreshed."""
         cache = self._cands
         out: list[Candidate] = []
+        append = out.append
         for s in states:
-            entry = cache.get(s.key)
-            if entry is None or entry[0] is not s:
-                c = Candidate(
+            if staleness is not None:
+                last = s.last_ok
+                if last is None or now - last > staleness:
+                    continue
+            c = cache.get(s)
+            if c is None:
+                c = cache[s] = Candidate(
                     s.key, s.endpoint.name, s.metrics, self.learned.inflight(s.key), s.endpoint.labels
                 )
-                cache[s.key] = (s, c)
             else:
-                c = entry[1]
                 c.metrics = s.metrics
-            out.append(c)
+            append(c)
         if len(cache) > 2 * len(self.datastore.states) + 16:  # endpoints came and went: drop the dead
             live = self.datastore.states
-            for key in [k for k, (s, _) in cache.items() if live.get(k) is not s]:
-                del cache[key]
+            for dead in [st for st in cache if live.get(st.key) is not st]:
+                del cache[dead]
         return out
 
     def _observe_prefix(self, ctx: CycleContext, result: ProfileResult) -> None:
