@@ -7,39 +7,45 @@ import json
 import pytest
 
 from inferoute.errors import InferouteError
-from inferoute.gateway.bbr import BodyLimit, check_declared_length, extract_model, model_or_default
-
-
-@pytest.mark.parametrize(
-    ("body", "expected"),
-    [
-        (b'{"model": "llama-3"}', "llama-3"),
-        (b'{"messages": [{"role": "user", "content": "x"}], "model": "m", "stream": true}', "m"),
-        (b'  {"model":"with spaces ok"}  ', "with spaces ok"),
-        ('{"model": "модель-ü"}'.encode(), "модель-ü"),
-        (b'{"model": "a\\"b"}', 'a"b'),
-        (b'{"nested": {"model": "inner"}, "model": "outer"}', "outer"),
-        (b'{"nested": {"model": "inner"}}', None),
-        (b'{"Model": "case"}', None),
-        (b'{"model": null}', None),
-        (b'{"model": ""}', None),
-        (b'{"model": 3}', None),
-        (b'{"model": true}', None),
-        (b'{"model": ["a"]}', None),
-        (b'{"model": {"name": "a"}}', None),
-        (b'["model", "x"]', None),
-        (b'"model"', None),
-        (b'{"model": "x",}', None),
-        (b'{"model": "x"', None),
-        (b'{"model": "x"} trailing', None),
-        (
-            b'{"model": "x", "other": [1, 2,]}',
-            None,
-        ),  # invalid anywhere = invalid: the decode validates it all
-        (b"\xff\xfe", None),
-        (b"", None),
-    ],
+from inferoute.gateway.bbr import (
+    SIMD_MIN_BODY,
+    BodyLimit,
+    ModelReader,
+    check_declared_length,
+    extract_model,
+    model_or_default,
 )
+
+_CASES = [
+    (b'{"model": "llama-3"}', "llama-3"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "model": "m", "stream": true}', "m"),
+    (b'  {"model":"with spaces ok"}  ', "with spaces ok"),
+    ('{"model": "модель-ü"}'.encode(), "модель-ü"),
+    (b'{"model": "a\\"b"}', 'a"b'),
+    (b'{"nested": {"model": "inner"}, "model": "outer"}', "outer"),
+    (b'{"nested": {"model": "inner"}}', None),
+    (b'{"Model": "case"}', None),
+    (b'{"model": null}', None),
+    (b'{"model": ""}', None),
+    (b'{"model": 3}', None),
+    (b'{"model": true}', None),
+    (b'{"model": ["a"]}', None),
+    (b'{"model": {"name": "a"}}', None),
+    (b'["model", "x"]', None),
+    (b'"model"', None),
+    (b'{"model": "x",}', None),
+    (b'{"model": "x"', None),
+    (b'{"model": "x"} trailing', None),
+    (
+        b'{"model": "x", "other": [1, 2,]}',
+        None,
+    ),  # invalid anywhere = invalid: the decode validates it all
+    (b"\xff\xfe", None),
+    (b"", None),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), _CASES)
 def test_extract_model(body: bytes, expected: str | None) -> None:
     assert extract_model(body) == expected
 
@@ -97,3 +103,43 @@ def test_model_with_control_characters_is_refused() -> None:
     with pytest.raises(InferouteError) as e:
         model_or_default(b'{"model": "a\\nb"}', "application/json", "d")
     assert (e.value.status, e.value.cause, e.value.param) == (400, "bad-model", "model")
+
+
+_EDGE_BODIES = [
+    b'{"model": "a", "model": "b"}',  # duplicate keys: the last wins (as Python's json on the model server)
+    b'{"model": null, "model": "b"}',
+    b'{"model": "a", "model": 3}',
+    b'{"x": "\xff\xfe", "model": "bad-utf8-elsewhere"}',
+    b'{"x": "\\ud800", "model": "lone-surrogate-elsewhere"}',
+    b'{"x": 123456789012345678901234567890, "model": "big-int-elsewhere"}',
+    b'{"x": 1e999, "model": "huge-float-elsewhere"}',
+    b'{"x": ' + b"[" * 1500 + b"]" * 1500 + b', "model": "deep"}',
+    b'{"model": "tab\\tin-it"}',
+    b'{"model": "raw\x01control"}',
+]
+
+
+@pytest.mark.parametrize("body", [*(b for b, _ in _CASES), *_EDGE_BODIES])
+def test_model_reader_agrees_with_extract_model(body: bytes) -> None:
+    reader = ModelReader()
+    padded = b" " * SIMD_MIN_BODY + body  # leading whitespace: the same document, on the simdjson path
+    assert reader.extract(padded) == extract_model(padded) == extract_model(body)
+    assert reader.extract(body) == extract_model(body)
+
+
+def test_too_deep_a_document_is_no_model_not_a_crash() -> None:
+    body = b'{"x": ' + b"[" * 1500 + b"]" * 1500 + b', "model": "deep"}'
+    assert extract_model(body) is None
+    assert model_or_default(body, "application/json", "d", ModelReader()) == "d"
+
+
+def test_model_reader_on_a_large_body_and_after_it() -> None:
+    reader = ModelReader()
+    doc = {"messages": [{"role": "user", "content": "w " * 1000}] * 600, "model": "big"}
+    body = json.dumps(doc).encode()
+    assert reader.extract(body) == "big"
+    assert reader.extract(body[:-1]) is None
+    assert reader.extract(b'{"model": "small"}') == "small"  # the reused parser is not confused
+    assert reader.extract(b" " * SIMD_MIN_BODY + b'{"model": "again"}') == "again"
+    assert model_or_default(body, "application/json", "d", reader) == "big"
+    assert model_or_default(body[:-1], "application/json", "d", reader) == "d"

@@ -88,3 +88,12 @@ def test_render_markdown_reports_added_latency() -> None:
     assert "| gw | 0.900 ms | 2.500 ms | +0.700 ms | +2.000 ms | none | 50 | 250 µs | 900 |" in text
     assert "| direct | 0.200 ms | 0.500 ms | - | - | 100 (1) | 100 | - | 1,000 |" in text
     assert "(6.0x)" in text
+    result["bbr"] = {
+        "body_mb": 10.0,
+        "model_reader_gb_s": 4.0,
+        "extract_model_gb_s": 2.0,
+        "json_loads_gb_s": 0.5,
+    }
+    text = render_markdown(result)
+    assert "`ModelReader` (simdjson) 4.00 GB/s, `extract_model` (msgspec) 2.00 GB/s" in text
+    assert "(8.0x)" in text

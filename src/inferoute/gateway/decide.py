@@ -38,7 +38,7 @@ from typing import Protocol
 from inferoute.clock import Clock, SystemClock
 from inferoute.endpoints import Endpoint
 from inferoute.errors import InferouteError
-from inferoute.gateway.bbr import is_header_safe, model_or_default, too_large
+from inferoute.gateway.bbr import ModelReader, is_header_safe, model_or_default, too_large
 from inferoute.gateway.config import RouteConfig
 from inferoute.gateway.destinations import AllowList, split_destinations, strip_headers
 from inferoute.picking import Destination, NullSession, Picker, PickerError, PickRequest, PickSession, Reject
@@ -118,6 +118,7 @@ class RouteDecider:
         routing_headers: frozenset[str],
         remote_bbr: ModelExtractor | None = None,
         clock: Clock | None = None,
+        model_reader: ModelReader | None = None,
     ) -> None:
         self.route = route
         self.pool = tuple(pool)
@@ -126,6 +127,8 @@ class RouteDecider:
         self.routing_headers = routing_headers
         self.remote_bbr = remote_bbr if route.bbr.endpoint else None
         self.clock = clock or SystemClock()
+        self.model_reader = model_reader or ModelReader()
+        """In-process BBR's JSON reader; one per process, shared by its routes (see :class:`ModelReader`)."""
         self._rr = 0
 
     async def decide(
@@ -250,7 +253,7 @@ class RouteDecider:
             return None, None
         if self.remote_bbr is None:
             ctype = next((v for k, v in headers if k.lower() == "content-type"), None)
-            return model_or_default(body, ctype, bbr.default_model), None
+            return model_or_default(body, ctype, bbr.default_model, self.model_reader), None
         try:
             model = await self.remote_bbr.model_header({k.lower(): v for k, v in headers}, body)
         except PickerError as exc:

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from inferoute.clock import Clock
 from inferoute.endpoints import Endpoint
+from inferoute.gateway.bbr import ModelReader
 from inferoute.gateway.config import EMBEDDED, BBRConfig, EPPConfig, GatewayConfig, target_of
 from inferoute.gateway.decide import ModelExtractor, RouteDecider
 from inferoute.gateway.destinations import AllowList, routing_header_names
@@ -121,6 +122,7 @@ class Deciders:
         remote_pickers: dict[tuple[object, ...], Picker] = {}
         bbrs: dict[tuple[object, ...], ModelExtractor] = {}
         deciders: list[RouteDecider] = []
+        reader = ModelReader()  # one per process: its parser buffers grow to the largest body seen
         try:
             for route in cfg.routes:
                 picker: Picker | None = None
@@ -173,6 +175,7 @@ class Deciders:
                         routing_headers=names,
                         remote_bbr=bbr_client,
                         clock=clock,
+                        model_reader=reader,
                     )
                 )
         except BaseException:
