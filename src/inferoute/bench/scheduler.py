@@ -4,9 +4,10 @@ Part 1 (pure, in process): a :class:`~inferoute.epp.director.Director` over a da
 randomised metrics, driven with small (~1 KB) and large (200 KB) completion prompts drawn from 8 shared
 prefixes; we time ``decide`` (parse, candidates, schedule, learn, metrics) per call and report p50/p99.
 
-Part 2 (real sockets): a child process serves a realistic vLLM ``/metrics`` page on 100 ports; the picker's
-collector scrapes all 100 every 50 ms (20 Hz) for a few seconds, and we report the collector process's CPU
-time as a fraction of one core, plus the parse cost of one page.
+Part 2 (real sockets): a child process serves a realistic vLLM ``/metrics`` page on 100 ports — the same
+page every time (idle server), a page whose values change on every scrape (busy server), or the filtered
+page; the picker's collector scrapes all 100 every 50 ms (20 Hz) for a few seconds, and we report the
+collector process's CPU time as a fraction of one core, plus the parse cost of one page.
 """
 
 from __future__ import annotations
@@ -252,13 +253,37 @@ def filtered_page(page: bytes) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-def _serve_metrics(n: int, queue: Any, filtered: bool = False) -> None:  # child process
+PAGE_KINDS = ("full", "busy", "filtered")
+"""``full``: vLLM's whole page, the same bytes every time (an idle server); ``busy``: the whole page with the
+gauges, a counter and the process CPU time changing on every scrape (a loaded server: every page is parsed);
+``filtered``: only the families the picker reads (``/metrics?name[]=...``), unchanging."""
+
+
+def busy_page(page: bytes, i: int) -> bytes:
+    """The ``i``-th page of a busy server: running, waiting, KV usage and two counters differ every time."""
+    return (
+        page.replace(b"} 12\n", b"} %d\n" % (i % 50), 1)
+        .replace(b"} 3\n", b"} %d\n" % (i % 7), 1)
+        .replace(b"} 0.37\n", b"} 0.%02d\n" % (i % 100), 1)
+        .replace(
+            b"process_cpu_seconds_total 1.23e+09", b"process_cpu_seconds_total %d.%d" % (i // 10, i % 10), 1
+        )
+        .replace(b"vllm:prompt_tokens_total{", b'vllm:prompt_tokens_total{n="%d",' % i, 1)
+    )
+
+
+def _serve_metrics(n: int, queue: Any, kind: str = "full") -> None:  # child process
     from aiohttp import web
 
-    body = filtered_page(vllm_metrics_page()) if filtered else vllm_metrics_page()
+    full = vllm_metrics_page()
+    body = filtered_page(full) if kind == "filtered" else full
+    served = [0]
 
     async def main() -> None:
         async def handler(request: web.Request) -> web.Response:
+            if kind == "busy":
+                served[0] += 1
+                return web.Response(body=busy_page(full, served[0]), content_type="text/plain")
             return web.Response(body=body, content_type="text/plain")
 
         app = web.Application()
@@ -282,7 +307,7 @@ def _serve_metrics(n: int, queue: Any, filtered: bool = False) -> None:  # child
 @dataclass
 class ScrapeRow:
     page: str
-    """``full`` (vLLM's whole page) or ``filtered`` (only the families the picker reads)."""
+    """One of :data:`PAGE_KINDS`."""
     endpoints: int
     interval_s: float
     seconds: float
@@ -310,10 +335,10 @@ def measure_parse(page: bytes, rounds: int = 2000, *, cached: bool = True) -> fl
     return (time.perf_counter() - t0) / rounds * 1e6
 
 
-async def measure_scrape(n: int, interval: float, seconds: float, filtered: bool = False) -> ScrapeRow:
+async def measure_scrape(n: int, interval: float, seconds: float, kind: str = "full") -> ScrapeRow:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_serve_metrics, args=(n, queue, filtered), daemon=True)
+    proc = ctx.Process(target=_serve_metrics, args=(n, queue, kind), daemon=True)
     proc.start()
     try:
         ports: list[int] = await asyncio.get_running_loop().run_in_executor(None, queue.get, True, 30)
@@ -341,9 +366,9 @@ async def measure_scrape(n: int, interval: float, seconds: float, filtered: bool
     finally:
         proc.terminate()
         proc.join(5)
-    page = filtered_page(vllm_metrics_page()) if filtered else vllm_metrics_page()
+    page = filtered_page(vllm_metrics_page()) if kind == "filtered" else vllm_metrics_page()
     return ScrapeRow(
-        "filtered" if filtered else "full",
+        kind,
         n,
         interval,
         wall,
@@ -424,11 +449,9 @@ def command(
         import uvloop  # as in production (the gateway and `inferoute epp` run on uvloop)
 
         scrapes = []
-        for filtered in (False, True):
+        for kind in PAGE_KINDS:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                scrape = runner.run(
-                    measure_scrape(scrape_endpoints, scrape_interval, scrape_seconds, filtered)
-                )
+                scrape = runner.run(measure_scrape(scrape_endpoints, scrape_interval, scrape_seconds, kind))
             scrapes.append(scrape)
             click.echo(
                 f"scrape ({scrape.page} page, {scrape.page_bytes} B): {scrape.endpoints} endpoints @ "
