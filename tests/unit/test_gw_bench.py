@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,20 @@ def test_render_markdown_reports_added_latency() -> None:
     text = render_markdown(result)
     assert "`ModelReader` (simdjson) 4.00 GB/s, `extract_model` (msgspec) 2.00 GB/s" in text
     assert "(8.0x)" in text
+
+
+def test_baseline_paths_need_a_baseline_source(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from inferoute.bench.gateway import command
+
+    res = CliRunner().invoke(command, ["--out", str(tmp_path), "--paths", "inferoute-baseline"])
+    assert res.exit_code == 2 and "--baseline" in res.output
+
+
+def test_gateway_process_runs_a_baseline_source(tmp_path: Path) -> None:
+    from inferoute.bench.gateway import gateway_process
+
+    base = gateway_process(tmp_path, "b", 1234, "127.0.0.1:9", picker=False, source=tmp_path / "src")
+    assert base.env == {"PYTHONPATH": str(tmp_path / "src")}
+    assert gateway_process(tmp_path, "c", 1235, "127.0.0.1:9", picker=True).env is None

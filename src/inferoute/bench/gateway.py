@@ -11,6 +11,8 @@ to it, all started by this command on free 127.0.0.1 ports and stopped by proces
 * ``inferoute``: ``inferoute gateway`` with BBR and the embedded picker (GIE default profile), 1 worker;
 * ``inferoute-nopicker``: the same gateway with ``epp.enabled: false`` (BBR + proxy only);
 * ``inferoute-2w``: the embedded-picker gateway with ``--workers 2``;
+* ``inferoute-baseline`` / ``inferoute-nopicker-baseline`` (only with ``--baseline SRC``): the same two
+  gateways run from another version's ``src`` directory, for before/after comparisons in one interleaved run;
 * ``nginx``: NGINX ``proxy_pass`` with an upstream keep-alive pool, 1 worker process;
 * ``vllm-router``: the Rust router from PyPI, round robin, retries off.
 
@@ -225,8 +227,17 @@ def proxy_nginx(workdir: Path, port: int, upstream: str) -> ManagedProcess:
 
 
 def gateway_process(
-    workdir: Path, name: str, port: int, upstream: str, *, picker: bool, workers: int = 1
+    workdir: Path,
+    name: str,
+    port: int,
+    upstream: str,
+    *,
+    picker: bool,
+    workers: int = 1,
+    source: Path | None = None,
 ) -> ManagedProcess:
+    """``inferoute gateway`` on ``port`` in front of ``upstream``; ``source``: run the ``inferoute`` package
+    found in that ``src`` directory instead of this installation's (a baseline, see ``--baseline``)."""
     host, _, up_port = upstream.rpartition(":")
     cfg = {
         "listen": f"127.0.0.1:{port}",
@@ -237,7 +248,8 @@ def gateway_process(
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     argv = inferoute_argv("--log-level", "WARNING", "gateway", "--config", str(path))
-    return ManagedProcess(name, argv, workdir / f"{name}.log")
+    env = {"PYTHONPATH": str(source)} if source is not None else None
+    return ManagedProcess(name, argv, workdir / f"{name}.log", env=env)
 
 
 def vllm_router_process(workdir: Path, port: int, upstream: str) -> ManagedProcess:
@@ -448,6 +460,8 @@ class BenchOptions:
     sse_events: int = 500
     sse_rounds: int = 3
     paths: tuple[str, ...] = DEFAULT_PATHS
+    baseline: Path | None = None
+    """A ``src`` directory of another inferoute version: enables the ``*-baseline`` paths."""
 
 
 async def _start(procs: list[ManagedProcess], proc: ManagedProcess, ready_url: str) -> None:
@@ -483,6 +497,14 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
             "inferoute-2w": lambda p, up: (
                 gateway_process(work, f"inferoute2w-{p}", p, up, picker=True, workers=2),
                 "/readyz",
+            ),
+            "inferoute-baseline": lambda p, up: (
+                gateway_process(work, f"base-{p}", p, up, picker=True, source=opts.baseline),
+                "/readyz",
+            ),
+            "inferoute-nopicker-baseline": lambda p, up: (
+                gateway_process(work, f"basenop-{p}", p, up, picker=False, source=opts.baseline),
+                "/healthz",
             ),
             "nginx": lambda p, up: (proxy_nginx(work / f"nginx-{p}", p, up), "/health"),
             "vllm-router": lambda p, up: (vllm_router_process(work, p, up), "/health"),
@@ -640,8 +662,21 @@ def render_markdown(result: dict[str, Any]) -> str:
     help="Comma-separated paths to measure (direct is always included).",
 )
 @click.option("--bbr-only", is_flag=True, help="Only the BBR extraction speed (no processes).")
+@click.option(
+    "--baseline",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="A src/ directory of another inferoute version (e.g. from `git archive COMMIT src`): adds the paths "
+    "inferoute-baseline and inferoute-nopicker-baseline, measured interleaved with the others.",
+)
 def command(
-    out: Path, rate: float, fixed_duration: float, wrk_duration: float, paths: str, bbr_only: bool
+    out: Path,
+    rate: float,
+    fixed_duration: float,
+    wrk_duration: float,
+    paths: str,
+    bbr_only: bool,
+    baseline: Path | None,
 ) -> None:
     """Gateway overhead vs a direct connection, NGINX proxy_pass and vllm-router; SSE relay; BBR speed."""
     from inferoute.gateway.serve import run_async
@@ -651,8 +686,15 @@ def command(
         click.echo(json.dumps(bbr, indent=2))
         return
     chosen = tuple(dict.fromkeys(["direct", *[p.strip() for p in paths.split(",") if p.strip()]]))
+    if any(p.endswith("-baseline") for p in chosen) and baseline is None:
+        raise click.UsageError("the *-baseline paths need --baseline SRC_DIR")
     opts = BenchOptions(
-        out=out, rate=rate, fixed_duration=fixed_duration, wrk_duration=wrk_duration, paths=chosen
+        out=out,
+        rate=rate,
+        fixed_duration=fixed_duration,
+        wrk_duration=wrk_duration,
+        paths=chosen,
+        baseline=baseline.resolve() if baseline is not None else None,
     )
 
     async def main() -> int:

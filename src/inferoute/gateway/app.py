@@ -47,7 +47,7 @@ from inferoute.gateway.proxy import (
     lower_headers,
     upstream_request_headers,
 )
-from inferoute.picking import PickSession
+from inferoute.picking import NullSession, PickSession
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("inferoute.gateway.access")
@@ -395,7 +395,8 @@ class GatewayHandler:
         rec.status = up.status
         try:
             hdrs = client_response_headers(up.headers, rec.request_id)
-            d.session.response_started(opened.served, up.status, lower_headers(up.headers))
+            if type(d.session) is not NullSession:  # no picker (static / fail-open): nothing to report
+                d.session.response_started(opened.served, up.status, lower_headers(up.headers))
             if buffered_answer(request.method, up.status, up.content_length, up.headers.get("content-type")):
                 return await self._answer_whole(request, up, hdrs, opened.served, d.session, rec, end)
             return await self._answer_streamed(request, up, hdrs, opened.served, d.session, rec, end)
