@@ -7,6 +7,7 @@ import json
 import pytest
 from test_epp_rig import Rig, body, pick_request
 
+from inferoute.endpoints import Endpoint
 from inferoute.epp.director import Session
 from inferoute.picking import Destination, Reject
 
@@ -259,3 +260,33 @@ def test_model_label_cardinality_is_capped() -> None:
         rig.value("inference_objective_request_total", {"model_name": "other", "target_model_name": "other"})
         == 3
     )
+
+
+def test_reused_pool_follows_scrapes_staleness_and_endpoint_changes() -> None:
+    """The director reuses the pool's candidate list between picks; it must still see every new snapshot,
+    drop endpoints that went stale, take back recovered ones and follow endpoint-set changes."""
+    rig = Rig(2, "plugins:\n- type: queue-scorer\n- type: max-score-picker\n")
+    a, b = (ep.key for ep in rig.endpoints)
+    rig.scrape(a, waiting=0)
+    rig.scrape(b, waiting=5)
+    assert decide(rig, body()).endpoints == (a,)
+    rig.scrape(a, waiting=9)  # new snapshot between picks
+    assert decide(rig, body()).endpoints == (b,)
+    rig.clock.advance(1.5)
+    rig.scrape(a, waiting=0)  # b's last good scrape is now 1.5 s old, still fresh
+    rig.scrape(b, waiting=5)
+    rig.clock.advance(1.0)
+    rig.scrape(b, waiting=5)
+    rig.clock.advance(1.5)  # a: 2.5 s since its last good scrape (stale), b: 1.5 s
+    assert decide(rig, body()).endpoints == (b,)
+    rig.scrape(a, waiting=0)  # a recovers
+    assert decide(rig, body()).endpoints == (a,)
+    c = Endpoint("pod-new", "10.0.0.99", 8000)
+    rig.datastore.set_endpoints([*rig.endpoints, c])
+    rig.scrape(c.key, waiting=0)
+    rig.scrape(a, waiting=3)
+    assert decide(rig, body()).endpoints == (c.key,)
+    relabelled = Endpoint("pod-new", "10.0.0.99", 8000, {"tier": "x"})  # same key, new state object
+    rig.datastore.set_endpoints([*rig.endpoints, relabelled])
+    rig.scrape(relabelled.key, waiting=0)
+    assert decide(rig, body()).endpoints == (relabelled.key,)

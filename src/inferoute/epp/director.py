@@ -114,6 +114,11 @@ class Director:
         self.objectives: Mapping[str, int] = objectives or {}
         self.rng = rng or random.Random()
         self._cands: dict[EndpointState, Candidate] = {}
+        self._pool: list[Candidate] | None = None
+        """The fresh candidates of the whole pool, reused while valid (see :meth:`_pool_candidates`)."""
+        self._pool_version = -1
+        self._pool_oldest = 0.0
+        datastore.add_metrics_listener(self._on_metrics)
         """Scheduling view of each endpoint state, keyed by the state object (replaced state: new view)."""
 
     # -- rejections -------------------------------------------------------------------------------------
@@ -172,7 +177,10 @@ class Director:
                 503, "no ready endpoints in the pool", "no-endpoints", model, target
             ), NullSession()
         now = self.clock.now()
-        candidates = self._candidates(states, now, self.datastore.staleness)
+        if request.subset is None:
+            candidates = self._pool_candidates(now)
+        else:
+            candidates = self._candidates(states, now, self.datastore.staleness)
         if not candidates:
             # Nothing has fresh metrics (e.g. servers without /metrics): schedule blind rather than refuse.
             self.metrics.stale_fallbacks.inc()
@@ -222,6 +230,35 @@ class Director:
         series.running.inc()
         session = Session(self, series, primary, prompt_tokens, prefill_tokens, now)
         return Destination(tuple(c.key for c in result.endpoints), set_headers, body), session
+
+    def _on_metrics(self, state: EndpointState, became_fresh: bool) -> None:
+        """Datastore listener: keep the endpoint's view current; a newly fresh endpoint changes the pool."""
+        view = self._cands.get(state)
+        if view is not None:
+            view.metrics = state.metrics
+        if became_fresh:
+            self._pool = None
+
+    def _pool_candidates(self, now: float) -> list[Candidate]:
+        """The fresh candidates of the whole pool (a new list each time: plugins may keep or reorder it).
+
+        The list is rebuilt only when it may be wrong: the endpoint set changed (datastore version), an
+        endpoint became fresh (listener), or the oldest included scrape passed the staleness threshold. In
+        between, the metrics listener keeps each view's snapshot current, so a pick costs one list copy
+        instead of a pass over every endpoint."""
+        ds = self.datastore
+        staleness = ds.staleness
+        pool = self._pool
+        if pool is None or self._pool_version != ds.version or now - self._pool_oldest > staleness:
+            pool = self._candidates(ds.states.values(), now, staleness)
+            oldest = now
+            for s in ds.states.values():
+                last = s.last_ok
+                if last is not None and last < oldest and now - last <= staleness:
+                    oldest = last
+            self._pool_oldest = oldest
+            self._pool, self._pool_version = pool, ds.version
+        return list(pool)
 
     def _candidates(
         self,

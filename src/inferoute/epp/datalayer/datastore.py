@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from inferoute.clock import Clock
 from inferoute.endpoints import Endpoint
@@ -16,6 +16,10 @@ from inferoute.epp.datalayer.metrics import (
 )
 
 log = logging.getLogger(__name__)
+
+MetricsListener = Callable[["EndpointState", bool], None]
+"""Called after each successful scrape with (state, became_fresh): ``became_fresh`` is True when the endpoint
+was not fresh before this scrape (never scraped, or its last good scrape older than the staleness)."""
 
 
 class EndpointState:
@@ -56,6 +60,13 @@ class Datastore:
         self._synced = False
         self.generation = 0
         """Bumped on every change of the endpoint set."""
+        self.version = 0
+        """Bumped on every :meth:`set_endpoints` (states may be replaced even when the set of keys stays)."""
+        self._listeners: list[MetricsListener] = []
+
+    def add_metrics_listener(self, listener: MetricsListener) -> None:
+        """Call ``listener`` after every successful scrape (see :data:`MetricsListener`); it must be cheap."""
+        self._listeners.append(listener)
 
     def engine_of(self, endpoint: Endpoint) -> EngineMapping:
         for label in ENGINE_LABELS:
@@ -83,6 +94,7 @@ class Datastore:
         removed = [k for k in self._states if k not in new]
         self._states = new
         self._synced = True
+        self.version += 1
         if added or removed:
             self.generation += 1
             log.info(
@@ -116,10 +128,15 @@ class Datastore:
             state.failures += 1
             state.last_error = error
             return
+        previous = state.last_ok
         state.metrics = metrics
         state.last_ok = now
         state.failures = 0
         state.last_error = ""
+        if self._listeners:
+            became_fresh = previous is None or now - previous > self.staleness
+            for listener in self._listeners:
+                listener(state, became_fresh)
 
     def ready(self) -> bool:
         """Endpoints known and each one scraped (or tried) at least once."""
