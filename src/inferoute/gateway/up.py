@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from inferoute.errors import InferouteError
 from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import DEFAULT_LISTEN, GatewayConfig, default_config, load_config, with_listen
-from inferoute.gateway.serve import wait_for_signal
+from inferoute.gateway.serve import freeze_startup_objects, wait_for_signal
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ async def run_up(opts: UpOptions, echo: Callable[[str], None] = print) -> int:
         except OSError as exc:
             raise _bind_error("the gateway", cfg.listen, exc, "--listen 127.0.0.1:0") from exc
         await _wait_ready(gw)
+        freeze_startup_objects()
         echo(banner(gw, cfg, models, replicas))
         name = await wait_for_signal()
         echo(f"{name}: stopping")
