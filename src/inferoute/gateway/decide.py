@@ -130,6 +130,7 @@ class RouteDecider:
         self.model_reader = model_reader or ModelReader()
         """In-process BBR's JSON reader; one per process, shared by its routes (see :class:`ModelReader`)."""
         self._rr = 0
+        self._keys = tuple(e.key for e in self.pool)
 
     async def decide(
         self,
@@ -153,7 +154,7 @@ class RouteDecider:
             if model is not None:
                 set_headers[route.bbr.header_name] = model
         t1 = self.clock.now()
-        fwd = apply_headers(stripped, set_headers)
+        fwd = apply_headers(stripped, set_headers) if set_headers else stripped
         if self.picker is None:
             session: PickSession = NullSession()
             return Decided(
@@ -324,8 +325,8 @@ class RouteDecider:
             )
         i = self._rr % len(self.pool)
         self._rr += 1
-        keys = [e.key for e in self.pool]
-        return tuple(keys[i:] + keys[:i])
+        keys = self._keys
+        return keys[i:] + keys[:i]
 
 
 def _reject_message(r: Reject) -> str:
