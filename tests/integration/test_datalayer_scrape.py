@@ -315,3 +315,24 @@ async def test_server_restart_reconnects(free_port: Callable[[], int]) -> None:
     finally:
         await collector.aclose()
         await runner.cleanup()
+
+
+async def test_wheel_grows_with_the_pool(servers: Servers) -> None:
+    """The wheel is re-cut when the pool grows; every endpoint keeps being scraped at the interval."""
+    eps = [await servers.add(f"w{i}", page(VLLM)) for i in range(25)]
+    ds = Datastore(SystemClock())
+    ds.set_endpoints(eps[:1])
+    collector = MetricsCollector(ds, interval=0.05, timeout=1.0)
+    await collector.start()
+    try:
+        assert collector.slots == 1
+        ds.set_endpoints(eps)
+        collector.sync()
+        assert collector.slots == 3
+        await asyncio.sleep(0.1)
+        before = dict(servers.hits)
+        await asyncio.sleep(0.5)
+        rates = [servers.hits.get(ep.name, 0) - before.get(ep.name, 0) for ep in eps]
+    finally:
+        await collector.aclose()
+    assert all(3 <= r <= 12 for r in rates), rates  # 10 expected in 0.5 s at 20 Hz; a busy machine is slower

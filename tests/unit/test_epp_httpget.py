@@ -87,7 +87,8 @@ def test_negative_content_length_is_rejected() -> None:
 def test_wheel_slots() -> None:
     from inferoute.epp.datalayer.collector import wheel_slots
 
-    assert wheel_slots(0.05, 1.0) == 10  # 5 ms ticks
-    assert wheel_slots(10.0, 1.0) == 40  # ticks of a quarter of the timeout
-    assert wheel_slots(0.004, 1.0) == 2  # never under 2 ms
-    assert wheel_slots(0.001, 1.0) == 1
+    assert wheel_slots(0.05, 1.0, 100) == 10  # ~10 endpoints per 5 ms tick at 20 Hz
+    assert wheel_slots(0.05, 1.0, 5) == 1  # a small pool: one tick per interval
+    assert wheel_slots(0.05, 1.0, 1000) == 25  # never under 2 ms
+    assert wheel_slots(10.0, 1.0, 5) == 40  # ticks of a quarter of the timeout
+    assert wheel_slots(0.001, 1.0, 100) == 1
