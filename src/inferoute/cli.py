@@ -50,8 +50,12 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default=lambda: os.environ.get("INFEROUTE_LOG_LEVEL", "INFO"),
-              show_default="INFO", help="DEBUG, INFO, WARNING or ERROR.")
+@click.option(
+    "--log-level",
+    default=lambda: os.environ.get("INFEROUTE_LOG_LEVEL", "INFO"),
+    show_default="INFO",
+    help="DEBUG, INFO, WARNING or ERROR.",
+)
 @click.version_option(package_name="inferoute")
 def main(log_level: str) -> None:
     """inferoute: send each LLM request to the model-server replica that will answer it fastest."""

@@ -67,8 +67,10 @@ def parse_endpoints(raw: Any, where: str = "endpoints") -> list[Endpoint]:
         unknown = set(item) - {"name", "address", "port", "labels", "namespace"}
         if unknown:
             raise InferouteError(
-                500, f"{at}: unknown key(s) {sorted(unknown)}; valid: name, address, port, labels, namespace",
-                cause="config")
+                500,
+                f"{at}: unknown key(s) {sorted(unknown)}; valid: name, address, port, labels, namespace",
+                cause="config",
+            )
         address = item.get("address")
         port = item.get("port")
         if not isinstance(address, str) or not address:

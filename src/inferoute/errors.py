@@ -35,8 +35,14 @@ def error_type(status: int) -> str:
     return "invalid_request_error" if status < 500 else "internal_server_error"
 
 
-def error_body(status: int, message: str, *, type: str | None = None, param: str | None = None,
-               code: str | int | None = None) -> bytes:
+def error_body(
+    status: int,
+    message: str,
+    *,
+    type: str | None = None,
+    param: str | None = None,
+    code: str | int | None = None,
+) -> bytes:
     """Serialise an OpenAI-style error body (UTF-8 JSON)."""
     payload = {
         "error": {

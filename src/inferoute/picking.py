@@ -2,7 +2,8 @@
 
 A data plane (our gateway, the NGINX decider) asks a :class:`Picker` where a request should go. Two pickers
 implement it: the embedded one (the EPP's director called in process, no gRPC hop) and the ext_proc client
-(the Endpoint Picker Protocol over gRPC to ``inferoute epp``, Envoy's way). The data plane cannot tell them apart.
+(the Endpoint Picker Protocol over gRPC to ``inferoute epp``, Envoy's way). The data plane cannot tell them
+apart.
 
 Lifecycle of one request::
 

@@ -1,4 +1,7 @@
-"""``inferoute bench``: one lazily imported subcommand per benchmark (``module:attribute`` of a click.Command)."""
+"""``inferoute bench``: one lazily imported subcommand per benchmark.
+
+Each entry names the ``module:attribute`` of a click.Command.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,17 @@ import click
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "sim": ("inferoute.bench.sim_fidelity:command", "Simulator fidelity: token timing delay vs streams."),
-    "picker": ("inferoute.bench.picker:command", "Picker: scheduling latency, ext_proc decisions/s, big prompts."),
+    "picker": (
+        "inferoute.bench.picker:command",
+        "Picker: scheduling latency, ext_proc decisions/s, big prompts.",
+    ),
     "scheduler": ("inferoute.bench.scheduler:command", "Scheduling latency at 10/100/1000 endpoints."),
     "gateway": ("inferoute.bench.gateway:command", "Gateway overhead vs direct, NGINX, vllm-router."),
     "nginx": ("inferoute.bench.nginx:command", "NGINX + decider vs NGINX proxy_pass vs gateway."),
-    "routing": ("inferoute.bench.routing:command", "Routing quality: TTFT/throughput per contender and rate."),
+    "routing": (
+        "inferoute.bench.routing:command",
+        "Routing quality: TTFT/throughput per contender and rate.",
+    ),
     "routing-crosscheck": ("inferoute.bench.crosscheck:command", "Routing point: loadgen vs GuideLLM."),
 }
 
