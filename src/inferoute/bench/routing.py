@@ -57,10 +57,11 @@ from inferoute.errors import InferouteError
 log = logging.getLogger(__name__)
 
 DEFAULT_RATES: dict[str, tuple[float, ...]] = {
+    # Light load to past round-robin's saturation on 4 simulated H100s (docs/benchmarks/routing.md).
     "shared-prefix": (3.0, 6.0, 9.0, 12.0, 15.0),
-    "multi-lora": (2.0, 4.0, 6.0, 8.0),
-    "long-prompt": (0.5, 1.0, 2.0, 3.0),
-    "bursty": (2.0, 4.0, 6.0, 8.0),
+    "multi-lora": (4.0, 8.0, 12.0),
+    "long-prompt": (0.5, 1.0, 2.0),
+    "bursty": (3.0, 6.0, 9.0),
 }
 QUICK_RATES: tuple[float, ...] = (2.0, 5.0)
 QUICK_CONTENDERS = "inferoute/round-robin,inferoute/gie-default,vllm-router/round_robin"
@@ -73,8 +74,8 @@ class RunConfig:
     workloads: list[str]
     rates: dict[str, list[float]]
     contenders: list[Contender]
-    duration: float = 25.0
-    warmup: float = 5.0
+    duration: float = 20.0
+    warmup: float = 6.0
     replicas: int = 4
     time_scale: float = 1.0
     seed: int = 42
@@ -312,13 +313,13 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
     help="Offered rates in requests/s (comma-separated or repeated); default: per workload.",
 )
 @click.option(
-    "--duration", type=float, default=None, help="Seconds of traffic per point (default 25; quick 4)."
+    "--duration", type=float, default=None, help="Seconds of traffic per point (default 20; quick 4)."
 )
 @click.option(
     "--warmup",
     type=float,
     default=None,
-    help="Seconds at the start of each point left out of the statistics (default 5; quick 1).",
+    help="Seconds at the start of each point left out of the statistics (default 6; quick 1).",
 )
 @click.option(
     "--replicas", type=int, default=None, help="Simulated model-server replicas (default 4; quick 2)."
@@ -383,8 +384,8 @@ def command(
         workloads=names,
         rates=rates,
         contenders=chosen,
-        duration=duration if duration is not None else (4.0 if quick else 25.0),
-        warmup=warmup if warmup is not None else (1.0 if quick else 5.0),
+        duration=duration if duration is not None else (4.0 if quick else 20.0),
+        warmup=warmup if warmup is not None else (1.0 if quick else 6.0),
         replicas=replicas if replicas is not None else (2 if quick else 4),
         time_scale=time_scale if time_scale is not None else (0.2 if quick else 1.0),
         seed=seed,
