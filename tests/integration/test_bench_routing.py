@@ -8,8 +8,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from inferoute.bench.peers import select_contenders
@@ -86,3 +88,43 @@ def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "positive" in bad.stderr
     bad = run("--duration", "2", "--warmup", "3")
     assert bad.returncode == 2 and "warm-up" in bad.stderr
+
+
+def test_children_die_with_a_killed_benchmark(tmp_path: Path) -> None:
+    """Even a SIGKILLed run leaves no simulator or router behind (PR_SET_PDEATHSIG)."""
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from inferoute.bench.peers import ManagedProcess\n"
+        "async def main():\n"
+        f"    p = ManagedProcess('sleeper', ['sleep', '60'], Path({str(tmp_path / 'log')!r}))\n"
+        "    await p.start()\n"
+        "    print(p.proc.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert process_state(child) not in (None, "Z")
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while process_state(child) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process_state(child) in (None, "Z")  # dead (a zombie only until init reaps it)
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+        if child and process_state(child) not in (None, "Z"):
+            os.kill(child, signal.SIGKILL)  # the test failed: still clean up
+
+
+def process_state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]

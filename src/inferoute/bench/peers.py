@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import random
@@ -69,6 +70,17 @@ def consecutive_free_ports(n: int, attempts: int = 500) -> int:
     raise RuntimeError(f"no {n} consecutive free ports")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it if the benchmark process dies (even by SIGKILL),
+    so a killed run leaves no simulator or router behind. A no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 class ManagedProcess:
     """A child process we own: started in its own process group, logged to a file, always stopped."""
 
@@ -91,6 +103,7 @@ class ManagedProcess:
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
                 env={**os.environ, **(self.env or {})},
+                preexec_fn=_die_with_parent,
             )
         log.debug("started %s pid %d: %s", self.name, self.proc.pid, " ".join(self.argv))
 
