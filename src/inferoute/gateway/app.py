@@ -10,10 +10,14 @@ workers share the port). :class:`GatewayHandler` handles one request:
    body size from ``Content-Length`` up front and while reading chunked uploads (413). The body is read whole
    when BBR or a full-duplex picker needs it, else passed through as it arrives.
 3. :meth:`RouteDecider.decide` (BBR + picker), then :meth:`Forwarder.open` (fallback walking), then the
-   response is streamed to the client and reported to the picker session.
+   response is streamed to the client and reported to the picker session; a small answer of known length
+   (:func:`buffered_answer`) is read whole and sent in one write instead.
 4. Whatever happens: one access-log line, the request/latency/TTFB metrics, and for every error an
    OpenAI-style JSON body and ``errors_total{cause}``. A client that goes away cancels the handler (aiohttp
    ``handler_cancellation``): the upstream request is closed and the picker session ``aborted``.
+
+Every request pays for this path, so it is kept lean and measured (docs/benchmarks/gateway.md): metric series
+bound once per route, no lock per metric update, header rules in one pass, one write for small answers.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ keep-alive connection or a 5xx status *before any byte went to the client* moves
 buffered body is replayed; a :class:`StreamedBody` only until an endpoint started to receive it); the last
 endpoint's 5xx is passed through as is. What it returns is the open upstream response, which the gateway
 handler streams to the client chunk by chunk (``iter_any``: an SSE event is written as soon as it arrives)
-while reporting it to the picker session.
+while reporting it to the picker session (small answers of known length are relayed whole, in one write).
 
 Header rules (RFC 9110 §7.6.1): hop-by-hop headers and those named in ``Connection`` are dropped both ways;
 ``Host`` and ``Content-Length`` are recomputed for the upstream; ``x-request-id`` and ``x-forwarded-for`` are
