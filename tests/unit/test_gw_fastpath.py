@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 
-import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from inferoute.gateway.app import BUFFERED_ANSWER_MAX, _request_id, buffered_answer
@@ -71,48 +70,3 @@ def test_freeze_startup_objects() -> None:
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
-
-
-def _samples(reg: CollectorRegistry, prefix: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for metric in reg.collect()
-        for s in metric.samples
-        if s.name.startswith(prefix) and not s.name.endswith("_created")
-    }
-
-
-def test_loop_metrics_expose_what_prometheus_client_would() -> None:
-    from prometheus_client import Counter, Histogram
-
-    from inferoute.gateway.metrics import LoopCounter, LoopHistogram
-
-    ours, theirs = CollectorRegistry(), CollectorRegistry()
-    buckets = (0.001, 0.01, 0.1, 1.0)
-    h1 = LoopHistogram("x_seconds", "doc", ["route"], buckets, ours)
-    h2 = Histogram("x_seconds", "doc", ["route"], buckets=buckets, registry=theirs)
-    c1 = LoopCounter("x_events", "doc", ["route", "code"], ours)
-    c2 = Counter("x_events", "doc", ["route", "code"], registry=theirs)
-    for v in (
-        0.0,
-        0.0005,
-        0.001,
-        0.002,
-        0.01,
-        0.5,
-        1.0,
-        3.0,
-        100.0,
-    ):  # edges: a value equal to a bound is in it
-        h1.labels("/a").observe(v)
-        h2.labels("/a").observe(v)
-    h1.labels("/b").observe(0.05)
-    h2.labels("/b").observe(0.05)
-    c1.labels("/a", "200").inc()
-    c1.labels("/a", "200").inc(2)
-    c2.labels("/a", "200").inc()
-    c2.labels("/a", "200").inc(2)
-    assert _samples(ours, "x_") == _samples(theirs, "x_")
-    assert generate_latest(ours).decode().count("x_seconds_bucket") == 10
-    with pytest.raises(ValueError, match="expected labels"):
-        c1.labels("/a")

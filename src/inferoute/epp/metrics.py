@@ -4,158 +4,31 @@ Pool gauges (``inference_pool_*``) are computed when the registry is collected, 
 scrape loop and the pick path pay nothing for them.
 
 Every series a pick or a response updates (about twenty per request: plugin timings, scheduler latency,
-prefix hit ratio, request count, in-flight gauge, TTFT, duration, token histograms) is a :class:`HotFamily`:
-plain Python numbers, children resolved once per label set, exported by one collector when the registry is
-collected. ``prometheus_client``'s ``observe`` takes a lock and checks its arguments (~1.7 µs here against
-~0.3 µs); the exposition (names, labels, buckets) is the same, without the ``_created`` series. Updates are
-not locked: the picker updates them from its one event-loop thread, and a collection from another thread
-reads at worst a sum and a count one observation apart. Rare events (errors, rewrites, aborts) stay on
-``prometheus_client``.
+prefix hit ratio, request count, in-flight gauge, TTFT, duration, token histograms) is a
+:class:`~inferoute.fastmetrics.FastFamily`: plain Python numbers, children resolved once per label set,
+exported by one collector when the registry is collected. ``prometheus_client``'s ``observe`` takes a lock
+and checks its arguments (~1.7 µs here against ~0.3 µs); the exposition (names, labels, buckets) is the
+same, without the ``_created`` series. Updates are not locked: the picker updates them from its one
+event-loop thread, and a collection from another thread reads at worst a sum and a count one observation
+apart. Rare events (errors, rewrites, aborts) stay on ``prometheus_client``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import cast
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString as _float_to_go_string
 
 from inferoute.epp.datalayer.datastore import Datastore
+from inferoute.fastmetrics import DescribedFastCollector, FastFamily
 
 _LATENCY = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
 _PLUGIN = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
 _REQ_DURATION = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
 _TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-
-_le = cast(Callable[[float], str], _float_to_go_string)
-"""A bucket bound as prometheus_client prints it (``0.005``, ``1.0``)."""
-
-
-class HotValue:
-    """One counter or gauge series: ``inc``, ``dec``, ``set`` on a plain float."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.value -= amount
-
-    def set(self, value: float) -> None:
-        self.value = float(value)
-
-
-class HotHistogram:
-    """One histogram series: per-bucket counts (not cumulative) and the sum."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        """counts[i]: observations in (bounds[i-1], bounds[i]]; the last one is +Inf."""
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-
-class HotFamily:
-    """A counter, gauge or histogram family of :class:`HotValue` / :class:`HotHistogram` children."""
-
-    def __init__(
-        self,
-        kind: str,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        buckets: Sequence[float] = (),
-    ) -> None:
-        self.kind = kind
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self.bounds = tuple(float(b) for b in buckets)
-        self.children: dict[tuple[str, ...], HotValue | HotHistogram] = {}
-
-    def _child(self, values: tuple[str, ...]) -> HotValue | HotHistogram:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-        child = self.children.get(values)
-        if child is None:
-            child = HotHistogram(self.bounds) if self.kind == "histogram" else HotValue()
-            self.children[values] = child
-        return child
-
-    def value(self, *labelvalues: str) -> HotValue:
-        """The counter/gauge child for these label values (resolve once, keep it)."""
-        child = self._child(tuple(labelvalues))
-        assert isinstance(child, HotValue)
-        return child
-
-    def histogram(self, *labelvalues: str) -> HotHistogram:
-        """The histogram child for these label values (resolve once, keep it)."""
-        child = self._child(tuple(labelvalues))
-        assert isinstance(child, HotHistogram)
-        return child
-
-    def collect(self) -> Metric:
-        labels = list(self.labelnames)
-        if self.kind == "histogram":
-            hist = HistogramMetricFamily(self.name, self.documentation, labels=labels)
-            les = [_le(b) for b in self.bounds] + ["+Inf"]
-            for values, child in list(self.children.items()):
-                assert isinstance(child, HotHistogram)
-                cumulative, buckets = 0.0, []
-                for le, count in zip(les, list(child.counts), strict=True):
-                    cumulative += count
-                    buckets.append((le, cumulative))
-                hist.add_metric(list(values), buckets, child.sum)
-            return hist
-        family: CounterMetricFamily | GaugeMetricFamily
-        if self.kind == "counter":
-            family = CounterMetricFamily(self.name, self.documentation, labels=labels)
-        else:
-            family = GaugeMetricFamily(self.name, self.documentation, labels=labels)
-        for values, child in list(self.children.items()):
-            assert isinstance(child, HotValue)
-            family.add_metric(list(values), child.value)
-        return family
-
-
-class _HotCollector(Collector):
-    def __init__(self, families: Iterable[HotFamily]) -> None:
-        self.families = list(families)
-
-    def collect(self) -> Iterator[Metric]:
-        for f in self.families:
-            yield f.collect()
-
-    def describe(self) -> Iterator[Metric]:
-        """Names only (lets the registry detect duplicates without collecting)."""
-        for f in self.families:
-            kind = f.kind
-            if kind == "histogram":
-                yield HistogramMetricFamily(f.name, f.documentation, labels=list(f.labelnames))
-            elif kind == "counter":
-                yield CounterMetricFamily(f.name, f.documentation, labels=list(f.labelnames))
-            else:
-                yield GaugeMetricFamily(f.name, f.documentation, labels=list(f.labelnames))
 
 
 class _PoolCollector(Collector):
@@ -234,88 +107,88 @@ class EppMetrics:
         self.registry = registry
         r = registry
         mt = ("model_name", "target_model_name")
-        self.request_total = HotFamily(
+        self.request_total = FastFamily(
             "counter", "inference_objective_request_total", "Requests scheduled (or rejected) per model.", mt
         )
-        self.request_duration = HotFamily(
+        self.request_duration = FastFamily(
             "histogram",
             "inference_objective_request_duration_seconds",
             "Pick to end of response.",
             mt,
             _REQ_DURATION,
         )
-        self.request_ttft = HotFamily(
+        self.request_ttft = FastFamily(
             "histogram",
             "inference_objective_request_ttft_seconds",
             "Pick to first response byte.",
             mt,
             _REQ_DURATION,
         )
-        self.input_tokens = HotFamily(
+        self.input_tokens = FastFamily(
             "histogram",
             "inference_objective_input_tokens",
             "Prompt tokens (from response usage).",
             mt,
             _TOKENS,
         )
-        self.output_tokens = HotFamily(
+        self.output_tokens = FastFamily(
             "histogram",
             "inference_objective_output_tokens",
             "Completion tokens (from response usage).",
             mt,
             _TOKENS,
         )
-        self.cached_tokens = HotFamily(
+        self.cached_tokens = FastFamily(
             "histogram",
             "inference_objective_prompt_cached_tokens",
             "Cached prompt tokens (from response usage).",
             mt,
             _TOKENS,
         )
-        self.running_requests = HotFamily(
+        self.running_requests = FastFamily(
             "gauge",
             "inference_objective_running_requests",
             "Requests picked and not finished.",
             ["model_name"],
         )
-        scheduler_e2e = HotFamily(
+        scheduler_e2e = FastFamily(
             "histogram",
             "inference_extension_scheduler_e2e_duration_seconds",
             "One scheduling cycle.",
             (),
             _LATENCY,
         )
-        self.scheduler_attempts = HotFamily(
+        self.scheduler_attempts = FastFamily(
             "counter",
             "inference_extension_scheduler_attempts_total",
             "Scheduling cycles by outcome.",
             ["status"],
         )
-        self.plugin_duration = HotFamily(
+        self.plugin_duration = FastFamily(
             "histogram",
             "inference_extension_plugin_duration_seconds",
             "One plugin call.",
             ("extension_point", "plugin_type", "plugin_name"),
             _PLUGIN,
         )
-        prefix_indexer_size = HotFamily(
+        prefix_indexer_size = FastFamily(
             "gauge", "inference_extension_prefix_indexer_size", "Distinct prefix blocks in the index."
         )
-        prefix_hit_ratio = HotFamily(
+        prefix_hit_ratio = FastFamily(
             "histogram",
             "inference_extension_prefix_indexer_hit_ratio",
             "Matched / total prefix blocks of the picked endpoint.",
             (),
             (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
         )
-        prefix_hit_bytes = HotFamily(
+        prefix_hit_bytes = FastFamily(
             "histogram",
             "inference_extension_prefix_indexer_hit_bytes",
             "Matched prefix bytes of the picked endpoint.",
             (),
             (0, 64, 256, 1024, 4096, 16384, 65536, 262144),
         )
-        self._hot = _HotCollector(
+        self._hot = DescribedFastCollector(
             [
                 self.request_total,
                 self.request_duration,

@@ -14,21 +14,22 @@ Names (all ``inferoute_gateway_*``):
 * ``request_bytes_total`` / ``response_bytes_total`` — body bytes in and out.
 
 Cost on the request path: the labelled series of a route are bound once (:meth:`GatewayMetrics.for_route`;
-prometheus-client's ``.labels()`` costs microseconds); counters and histograms are :class:`LoopCounter` /
-:class:`LoopHistogram` families, plain numbers updated without a lock (one event loop per process updates
-them; prometheus-client takes a lock per increment, two for a histogram observation) and exposed by a
-collector at scrape time in the usual format; the three unlabelled figures are plain
+prometheus-client's ``.labels()`` costs microseconds); counters and histograms are
+:class:`~inferoute.fastmetrics.FastFamily` families, plain numbers updated without a lock (one event loop per
+process updates them; prometheus-client takes a lock per increment, two for a histogram observation) and
+exposed by a collector at scrape time in the usual format; the three unlabelled figures are plain
 integers on :class:`Totals`.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from inferoute.fastmetrics import FastCollector, FastFamily, FastValue
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -50,104 +51,6 @@ _LATENCY_BUCKETS = (
     300,
 )
 _FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
-
-
-class CounterChild:
-    """One labelled counter series."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-
-class HistogramChild:
-    """One labelled histogram series: per-bucket (non-cumulative) counts, the last one for ``+Inf``."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # the first bound >= value: Prometheus' "le"
-        self.sum += value
-
-
-class LoopCounter(Collector):
-    """A labelled counter family for one event loop (see module docstring); ``labels(...)`` like
-    prometheus-client's, exposed as ``<name>_total``."""
-
-    def __init__(self, name: str, doc: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
-        self.name = name
-        self.doc = doc
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> CounterChild:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = CounterChild()
-        return child
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
-        for values, child in list(self._children.items()):
-            family.add_metric(list(values), child.value)
-        yield family
-
-
-class LoopHistogram(Collector):
-    """A labelled histogram family for one event loop (see module docstring); ``labels(...)`` like
-    prometheus-client's, exposed as ``_bucket{le}`` (cumulative), ``_count`` and ``_sum``."""
-
-    def __init__(
-        self,
-        name: str,
-        doc: str,
-        labelnames: Sequence[str],
-        buckets: Sequence[float],
-        registry: CollectorRegistry,
-    ) -> None:
-        self.name = name
-        self.doc = doc
-        self.labelnames = tuple(labelnames)
-        self.bounds = tuple(float(b) for b in buckets)
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> HistogramChild:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = HistogramChild(self.bounds)
-        return child
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
-        les = [*(_le(b) for b in self.bounds), "+Inf"]
-        for values, child in list(self._children.items()):
-            running = 0
-            buckets: list[tuple[str, float]] = []
-            for le, n in zip(les, child.counts, strict=True):
-                running += n
-                buckets.append((le, running))
-            family.add_metric(list(values), buckets, child.sum)
-        yield family
-
-
-def _le(bound: float) -> str:
-    """A bucket bound as prometheus-client writes it (``0.005``, ``1.0``)."""
-    return repr(float(bound))
 
 
 class Totals:
@@ -183,19 +86,19 @@ class RouteSeries:
 
     def __init__(self, m: GatewayMetrics, route: str) -> None:
         self.route = route
-        self.duration = m.duration.labels(route)
-        self.ttfb = m.ttfb.labels(route)
-        self.bbr = m.bbr.labels(route)
-        self.picker = m.picker.labels(route)
-        self.fail_open = m.fail_open.labels(route)
+        self.duration = m.duration.histogram(route)
+        self.ttfb = m.ttfb.histogram(route)
+        self.bbr = m.bbr.histogram(route)
+        self.picker = m.picker.histogram(route)
+        self.fail_open = m.fail_open.value(route)
         self._requests = m.requests
-        self.codes: dict[int, CounterChild] = {}
+        self.codes: dict[int, FastValue] = {}
 
-    def requests(self, status: int) -> CounterChild:
+    def requests(self, status: int) -> FastValue:
         """The ``requests_total{route, code}`` child for ``status``."""
         child = self.codes.get(status)
         if child is None:
-            child = self.codes[status] = self._requests.labels(self.route, str(status))
+            child = self.codes[status] = self._requests.value(self.route, str(status))
         return child
 
 
@@ -204,51 +107,64 @@ class GatewayMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         p = "inferoute_gateway_"
-        self.requests = LoopCounter(
-            p + "requests", "Finished requests.", ["route", "code"], registry=registry
-        )
-        self.duration = LoopHistogram(
+        self.requests = FastFamily("counter", p + "requests", "Finished requests.", ["route", "code"])
+        self.duration = FastFamily(
+            "histogram",
             p + "request_duration_seconds",
             "Request duration.",
             ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
+            _LATENCY_BUCKETS,
         )
-        self.ttfb = LoopHistogram(
+        self.ttfb = FastFamily(
+            "histogram",
             p + "ttfb_seconds",
             "Time to first response byte.",
             ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
+            _LATENCY_BUCKETS,
         )
-        self.picker = LoopHistogram(
+        self.picker = FastFamily(
+            "histogram",
             p + "picker_duration_seconds",
             "Endpoint picker latency.",
             ["route"],
-            buckets=_FAST_BUCKETS,
-            registry=registry,
+            _FAST_BUCKETS,
         )
-        self.bbr = LoopHistogram(
+        self.bbr = FastFamily(
+            "histogram",
             p + "bbr_duration_seconds",
             "Body-based routing latency.",
             ["route"],
-            buckets=_FAST_BUCKETS,
-            registry=registry,
+            _FAST_BUCKETS,
         )
-        self.errors = LoopCounter(p + "errors", "Failures by cause.", ["cause"], registry=registry)
-        self.fallbacks = LoopCounter(
+        self.errors = FastFamily("counter", p + "errors", "Failures by cause.", ["cause"])
+        self.fallbacks = FastFamily(
+            "counter",
             p + "upstream_fallbacks",
             "Endpoints skipped for the next in the list.",
             ["route", "reason"],
-            registry=registry,
         )
-        self.fail_open = LoopCounter(
-            p + "fail_open", "Requests routed fail-open after a picker failure.", ["route"], registry=registry
+        self.fail_open = FastFamily(
+            "counter", p + "fail_open", "Requests routed fail-open after a picker failure.", ["route"]
+        )
+        # One collector without ``describe``, registered where the eight families used to register one by one.
+        registry.register(
+            FastCollector(
+                [
+                    self.requests,
+                    self.duration,
+                    self.ttfb,
+                    self.picker,
+                    self.bbr,
+                    self.errors,
+                    self.fallbacks,
+                    self.fail_open,
+                ]
+            )
         )
         self.totals = Totals()
         registry.register(_TotalsCollector(p, self.totals))
         self._routes: dict[str, RouteSeries] = {}
-        self._errors: dict[str, CounterChild] = {}
+        self._errors: dict[str, FastValue] = {}
 
     def for_route(self, route: str) -> RouteSeries:
         """The bound series of ``route`` (a configured route path, or ``-`` before one matched)."""
@@ -257,9 +173,9 @@ class GatewayMetrics:
             series = self._routes[route] = RouteSeries(self, route)
         return series
 
-    def error(self, cause: str) -> CounterChild:
+    def error(self, cause: str) -> FastValue:
         """The ``errors_total{cause}`` child (causes: a fixed vocabulary of the gateway and its pickers)."""
         child = self._errors.get(cause)
         if child is None:
-            child = self._errors[cause] = self.errors.labels(cause)
+            child = self._errors[cause] = self.errors.value(cause)
         return child

@@ -155,7 +155,7 @@ class Forwarder:
     def _fallback(self, route: str, upstream: str, reason: str, detail: str) -> None:
         log.warning("route %s: upstream %s failed (%s); trying the next endpoint", route, upstream, detail)
         if self._metrics is not None:
-            self._metrics.fallbacks.labels(route, reason).inc()
+            self._metrics.fallbacks.value(route, reason).inc()
 
     async def start(self) -> None:
         t = self._cfg.timeouts
