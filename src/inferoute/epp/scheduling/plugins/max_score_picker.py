@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from inferoute.epp.scheduling.plugins._picker import BoundedPicker, max_endpoints
 from inferoute.epp.scheduling.registry import Params, PluginDeps
 from inferoute.epp.scheduling.types import Candidate, CycleContext
 
@@ -17,12 +18,8 @@ TYPE = "max-score-picker"
 ROLE = "picker"
 
 
-class MaxScorePicker:
+class MaxScorePicker(BoundedPicker):
     type_name: ClassVar[str] = TYPE
-
-    def __init__(self, name: str, max_endpoints: int = 1) -> None:
-        self.name = name
-        self.max_endpoints = max_endpoints
 
     def pick(
         self, ctx: CycleContext, candidates: Sequence[Candidate], scores: Sequence[float]
@@ -40,4 +37,4 @@ class MaxScorePicker:
 
 
 def create(name: str, params: Params, deps: PluginDeps) -> MaxScorePicker:
-    return MaxScorePicker(name, params.integer("maxNumOfEndpoints", 1, minimum=1))
+    return MaxScorePicker(name, max_endpoints(params))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from inferoute.epp.scheduling.plugins._picker import BoundedPicker, max_endpoints
 from inferoute.epp.scheduling.registry import Params, PluginDeps
 from inferoute.epp.scheduling.types import Candidate, CycleContext
 
@@ -16,12 +17,8 @@ TYPE = "random-picker"
 ROLE = "picker"
 
 
-class RandomPicker:
+class RandomPicker(BoundedPicker):
     type_name: ClassVar[str] = TYPE
-
-    def __init__(self, name: str, max_endpoints: int = 1) -> None:
-        self.name = name
-        self.max_endpoints = max_endpoints
 
     def pick(
         self, ctx: CycleContext, candidates: Sequence[Candidate], scores: Sequence[float]
@@ -31,4 +28,4 @@ class RandomPicker:
 
 
 def create(name: str, params: Params, deps: PluginDeps) -> RandomPicker:
-    return RandomPicker(name, params.integer("maxNumOfEndpoints", 1, minimum=1))
+    return RandomPicker(name, max_endpoints(params))
