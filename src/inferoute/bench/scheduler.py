@@ -38,6 +38,7 @@ from inferoute.epp.learned import LocalLearnedState
 from inferoute.epp.metrics import EppMetrics
 from inferoute.epp.scheduling.registry import PluginDeps
 from inferoute.picking import Destination, PickRequest
+from inferoute.sim.stats import TOKEN_COUNT_BUCKETS, TTFT_BUCKETS
 
 # -- part 1: scheduling latency ---------------------------------------------------------------------------
 
@@ -187,31 +188,9 @@ def vllm_metrics_page(model: str = "meta-llama/Llama-3.1-8B-Instruct") -> bytes:
         lines += [f"# TYPE vllm:{name}_total counter", f"vllm:{name}_total{{{lab}}} 123456.0"]
     for reason in ("stop", "length", "abort"):
         lines.append(f'vllm:request_success_total{{finished_reason="{reason}",{lab}}} 99.0')
-    latency = [
-        0.001,
-        0.005,
-        0.01,
-        0.02,
-        0.04,
-        0.06,
-        0.08,
-        0.1,
-        0.25,
-        0.5,
-        0.75,
-        1.0,
-        2.5,
-        5.0,
-        7.5,
-        10.0,
-        20.0,
-        40.0,
-        80.0,
-        160.0,
-        640.0,
-        2560.0,
-    ]
-    tokens: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
+    # vLLM's own bucket boundaries, as the simulator exports them.
+    latency: list[float] = list(TTFT_BUCKETS)
+    tokens: list[float] = list(TOKEN_COUNT_BUCKETS)
     hists: dict[str, list[float]] = {
         "time_to_first_token_seconds": latency,
         "inter_token_latency_seconds": latency,
