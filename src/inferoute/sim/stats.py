@@ -56,27 +56,8 @@ ITL_BUCKETS = (
     40.0,
     80.0,
 )
-TPOT_BUCKETS = (
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
+# vLLM uses the same boundaries for time per output token as for inter-token latency.
+TPOT_BUCKETS = ITL_BUCKETS
 TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 REQUEST_LATENCY_BUCKETS = (
     0.3,
