@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from inferoute.epp.scheduling.plugins._picker import BoundedPicker, max_endpoints
 from inferoute.epp.scheduling.registry import Params, PluginDeps
 from inferoute.epp.scheduling.types import Candidate, CycleContext
 
@@ -16,12 +17,11 @@ TYPE = "round-robin-picker"
 ROLE = "picker"
 
 
-class RoundRobinPicker:
+class RoundRobinPicker(BoundedPicker):
     type_name: ClassVar[str] = TYPE
 
     def __init__(self, name: str, max_endpoints: int = 1) -> None:
-        self.name = name
-        self.max_endpoints = max_endpoints
+        super().__init__(name, max_endpoints)
         self._next = 0
 
     def pick(
@@ -37,4 +37,4 @@ class RoundRobinPicker:
 
 
 def create(name: str, params: Params, deps: PluginDeps) -> RoundRobinPicker:
-    return RoundRobinPicker(name, params.integer("maxNumOfEndpoints", 1, minimum=1))
+    return RoundRobinPicker(name, max_endpoints(params))
