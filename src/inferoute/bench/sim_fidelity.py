@@ -40,6 +40,8 @@ from pathlib import Path
 
 import click
 
+from inferoute.bench.stats import percentile
+
 _SCHED = re.compile(rb'"sim_scheduled_at":([0-9.]+),"sim_written_at":([0-9.]+)')
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; Python does not always export it
 _TIMESPEC = struct.Struct("@qq")
@@ -48,16 +50,6 @@ Read = tuple[float, float, bytes]
 """(kernel receive time, user-space receive time, bytes), CLOCK_MONOTONIC seconds."""
 Stamp = tuple[float, float, float, float]
 """(kernel arrival, user arrival, scheduled, written) of one token."""
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of already sorted ``values``, linear interpolation; NaN if empty."""
-    if not values:
-        return math.nan
-    pos = (len(values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
 def token_stamps(reads: Sequence[Read]) -> list[Stamp]:
