@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-from inferoute.bench.scheduler import build_director, measure_latency, prompts, vllm_metrics_page
+from inferoute.bench.scheduler import (
+    build_director,
+    build_picker,
+    chat_bodies,
+    lifecycle,
+    measure_latency,
+    measure_lifecycle,
+    prompts,
+    usage_chunk,
+    vllm_metrics_page,
+)
 from inferoute.epp.datalayer.metrics import ENGINES, ParseCache, parse_metrics
+from inferoute.epp.director import Session
 from inferoute.picking import Destination, PickRequest
 
 
@@ -24,3 +35,22 @@ def test_director_rig_and_latency_row() -> None:
     assert isinstance(d, Destination)
     row = measure_latency(20, "predicted-ttft", 1000, picks=50)
     assert row.endpoints == 20 and row.picks == 50 and 0 < row.p50_us <= row.p99_us
+
+
+def test_lifecycle_rig_runs_the_whole_session_and_reads_usage() -> None:
+    picker = build_picker(5, "predicted-ttft")
+    bodies = chat_bodies(4096, 3)
+    assert all(3900 < len(b) < 4300 for b in bodies)
+    assert bodies[0] != bodies[1]  # unique questions
+    chunk = usage_chunk(1000)
+    served = lifecycle(picker, PickRequest("POST", "/v1/chat/completions", {}, bodies[0]), chunk)
+    assert served in picker.datastore.states
+    assert picker.learned.inflight(served).requests == 0  # released
+    assert picker.learned.prefix.endpoint_size(served) > 0  # learned
+    _, s = picker.director.decide(PickRequest("POST", "/v1/chat/completions", {}, bodies[1]))
+    assert isinstance(s, Session)
+    s.response_chunk(chunk)
+    s.response_finished()
+    assert s.usage is not None and (s.usage.prompt_tokens, s.usage.cached_tokens) == (1000, 500)
+    row = measure_lifecycle(3, "gie-default", 4096, 20, batches=2, warm=10)
+    assert row.requests == 20 and 0 < row.cpu_us <= row.cpu_us_median and row.prefix_blocks > 0

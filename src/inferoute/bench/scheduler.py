@@ -4,6 +4,13 @@ Part 1 (pure, in process): a :class:`~inferoute.epp.director.Director` over a da
 randomised metrics, driven with small (~1 KB) and large (200 KB) completion prompts drawn from 8 shared
 prefixes; we time ``decide`` (parse, candidates, schedule, learn, metrics) per call and report p50/p99.
 
+Part 1b (pure, in process): the **full pick lifecycle** per request, as a data plane drives an
+:class:`~inferoute.epp.assembly.EmbeddedPicker`: ``pick`` (parse, candidates, schedule, learn, metrics),
+then the session's ``response_started``, one response chunk carrying the SSE ``usage`` object, and
+``response_finished``. Chat requests of ~4 KB (one of 16 shared 3 KB system prompts + a unique question) and
+~200 KB (one of 16 shared documents + a unique question) against a prefix index warmed by earlier requests of
+the same workload; we report process CPU time per request (``time.process_time`` over batches, best batch).
+
 Part 2 (real sockets): a child process serves a realistic vLLM ``/metrics`` page on 100 ports — the same
 page every time (idle server), a page whose values change on every scrape (busy server), or the filtered
 page; the picker's collector scrapes all 100 every 50 ms (20 Hz) for a few seconds, and we report the
@@ -19,61 +26,82 @@ import random
 import resource
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from prometheus_client import CollectorRegistry
 
 from inferoute.clock import FakeClock, SystemClock
 from inferoute.endpoints import Endpoint
-from inferoute.epp.config import builtin_profile_text, parse_config
+from inferoute.epp.assembly import EmbeddedPicker, EppOptions
+from inferoute.epp.config import PickerConfig, builtin_profile_text, parse_config
 from inferoute.epp.datalayer.collector import MetricsCollector
 from inferoute.epp.datalayer.datastore import Datastore
 from inferoute.epp.datalayer.metrics import ENGINES, EndpointMetrics, ParseCache, parse_metrics
+from inferoute.epp.datalayer.sources import StaticSource
 from inferoute.epp.director import Director
 from inferoute.epp.learned import LocalLearnedState
 from inferoute.epp.metrics import EppMetrics
 from inferoute.epp.scheduling.registry import PluginDeps
-from inferoute.picking import Destination, PickRequest
+from inferoute.picking import Decision, Destination, PickRequest, PickSession
 from inferoute.sim.stats import TOKEN_COUNT_BUCKETS, TTFT_BUCKETS
 
 # -- part 1: scheduling latency ---------------------------------------------------------------------------
 
 
+@dataclass
+class Rig:
+    """A picker's parts over ``n`` endpoints with random (but fixed) metrics, on a fake clock."""
+
+    clock: FakeClock
+    metrics: EppMetrics
+    learned: LocalLearnedState
+    config: PickerConfig
+    datastore: Datastore
+    endpoints: list[Endpoint]
+
+    @classmethod
+    def build(cls, n: int, profile: str, seed: int = 1, registry: CollectorRegistry | None = None) -> Rig:
+        clock = FakeClock(10.0)
+        metrics = EppMetrics(registry or CollectorRegistry())
+        learned = LocalLearnedState()
+        cfg = parse_config(
+            builtin_profile_text(profile),
+            deps=PluginDeps(learned, clock, seed),
+            observer=metrics.plugin_observer,
+        )
+        ds = Datastore(clock)
+        eps = [Endpoint(f"pod-{i}", f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", 8000) for i in range(n)]
+        ds.set_endpoints(eps)
+        rng = random.Random(seed)
+        for e in eps:
+            ds.record_scrape(
+                e.key,
+                EndpointMetrics(
+                    waiting=rng.randint(0, 10),
+                    running=rng.randint(0, 64),
+                    kv_usage=rng.random(),
+                    block_size=16,
+                    num_gpu_blocks=27000,
+                ),
+            )
+        return cls(clock, metrics, learned, cfg, ds, eps)
+
+
 def build_director(n: int, profile: str, seed: int = 1) -> Director:
     """A director over ``n`` endpoints with random (but fixed) metrics, on a fake clock."""
-    clock = FakeClock(10.0)
-    metrics = EppMetrics(CollectorRegistry())
-    learned = LocalLearnedState()
-    cfg = parse_config(
-        builtin_profile_text(profile), deps=PluginDeps(learned, clock, seed), observer=metrics.plugin_observer
-    )
-    ds = Datastore(clock)
-    eps = [Endpoint(f"pod-{i}", f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", 8000) for i in range(n)]
-    ds.set_endpoints(eps)
-    rng = random.Random(seed)
-    for e in eps:
-        ds.record_scrape(
-            e.key,
-            EndpointMetrics(
-                waiting=rng.randint(0, 10),
-                running=rng.randint(0, 64),
-                kv_usage=rng.random(),
-                block_size=16,
-                num_gpu_blocks=27000,
-            ),
-        )
+    r = Rig.build(n, profile, seed)
     return Director(
-        ds,
-        cfg.scheduler,
-        learned,
-        metrics,
-        clock,
-        prefix=cfg.prefix,
-        saturation=cfg.saturation,
+        r.datastore,
+        r.config.scheduler,
+        r.learned,
+        r.metrics,
+        r.clock,
+        prefix=r.config.prefix,
+        saturation=r.config.saturation,
         rng=random.Random(seed),
     )
 
@@ -140,6 +168,156 @@ def measure_latency(n: int, profile: str, size: int, picks: int) -> LatencyRow:
         pct(cpu, 0.5),
         pct(cpu, 0.99),
     )
+
+
+# -- part 1b: the full pick lifecycle ---------------------------------------------------------------------
+
+LIFECYCLE_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def build_picker(n: int, profile: str, seed: int = 1) -> EmbeddedPicker:
+    """An :class:`EmbeddedPicker` (not started: no scraping) over ``n`` endpoints with random (but fixed)
+    metrics, on a fake clock: the object a gateway or the ext_proc server calls ``pick`` on."""
+    opts = EppOptions(profile=profile, seed=seed)
+    r = Rig.build(n, profile, seed, opts.registry)
+    opts.clock = r.clock
+    return EmbeddedPicker(opts, r.config, StaticSource(r.endpoints), r.datastore, r.learned, r.metrics)
+
+
+def chat_bodies(size: int, count: int, start: int = 0, shared: int = 16) -> list[bytes]:
+    """Streaming chat bodies of ~``size`` bytes: one of ``shared`` system prompts (3/4 of a 4 KB body, all
+    but ~600 bytes of a large one) and a unique user question (request number ``start + i``)."""
+    system_len = size * 3 // 4 if size < 16_000 else size - 600
+    out = []
+    for i in range(start, start + count):
+        k = i % shared
+        head = f"System prompt {k}: you answer questions about document {k}, precisely, with sources. "
+        system = (head * (system_len // len(head) + 1))[:system_len]
+        q = f"Question {i}: what does section {i % 97} say about item {i * 7919 % 10007}? "
+        user = (q * ((size - system_len - 250) // len(q) + 1))[: max(20, size - system_len - 250)]
+        body = {
+            "model": LIFECYCLE_MODEL,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": 256,
+            "temperature": 0.7,
+        }
+        out.append(json.dumps(body).encode())
+    return out
+
+
+def usage_chunk(prompt_tokens: int) -> bytes:
+    """The last SSE chunk of a streamed chat completion with ``include_usage``, then ``[DONE]``."""
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 256,
+        "total_tokens": prompt_tokens + 256,
+        "prompt_tokens_details": {"cached_tokens": prompt_tokens // 2},
+    }
+    event = {
+        "id": "chatcmpl-0123456789abcdef",
+        "object": "chat.completion.chunk",
+        "created": 1763850000,
+        "model": LIFECYCLE_MODEL,
+        "choices": [],
+        "usage": usage,
+    }
+    return b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+_RESPONSE_HEADERS = {"content-type": "text/event-stream", "x-inference-pod": "pod-0"}
+
+
+def run_pick(picker: EmbeddedPicker, request: PickRequest) -> tuple[Decision, PickSession]:
+    """``await picker.pick(request)`` without an event loop (the embedded picker never suspends)."""
+    coro = picker.pick(request)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        result: tuple[Decision, PickSession] = done.value
+        return result
+    coro.close()
+    raise RuntimeError("EmbeddedPicker.pick suspended")
+
+
+def lifecycle(picker: EmbeddedPicker, request: PickRequest, chunk: bytes) -> str:
+    """One request's picker work, as a data plane drives it; returns the primary endpoint."""
+    decision, session = run_pick(picker, request)
+    assert isinstance(decision, Destination)
+    served = decision.endpoints[0]
+    session.response_started(served, 200, _RESPONSE_HEADERS)
+    session.response_chunk(chunk)
+    session.response_finished()
+    return served
+
+
+@dataclass
+class LifecycleRow:
+    profile: str
+    endpoints: int
+    prompt_bytes: int
+    warm_requests: int
+    requests: int
+    """Timed requests per batch."""
+    batches: int
+    cpu_us: float
+    """Process CPU per request, best batch."""
+    cpu_us_median: float
+    """Median over batches."""
+    prefix_blocks: int
+    """Distinct blocks in the prefix index after the run."""
+
+
+def measure_lifecycle(
+    n: int, profile: str, size: int, requests: int, *, batches: int = 5, warm: int | None = None
+) -> LifecycleRow:
+    """CPU per request of the full lifecycle (see module docstring), best of ``batches`` batches of
+    ``requests`` unique requests after ``warm`` earlier ones of the same workload."""
+    picker = build_picker(n, profile)
+    warm = warm if warm is not None else max(4 * n, 4 * requests)
+    chunk = usage_chunk(size // 4)
+    number = 0
+    for i in range(0, warm, 256):
+        for body in chat_bodies(size, min(256, warm - i), number):
+            lifecycle(picker, PickRequest("POST", "/v1/chat/completions", {}, body), chunk)
+        number += min(256, warm - i)
+    per_batch: list[float] = []
+    clock = time.process_time
+    for _ in range(batches):
+        reqs = [
+            PickRequest("POST", "/v1/chat/completions", {}, b) for b in chat_bodies(size, requests, number)
+        ]
+        number += requests
+        c0 = clock()
+        for r in reqs:
+            lifecycle(picker, r, chunk)
+        per_batch.append((clock() - c0) / requests * 1e6)
+        del reqs
+    return LifecycleRow(
+        profile,
+        n,
+        len(chat_bodies(size, 1)[0]),
+        warm,
+        requests,
+        batches,
+        min(per_batch),
+        statistics.median(per_batch),
+        picker.learned.prefix.size(),
+    )
+
+
+def _lifecycle_table(rows: Sequence[LifecycleRow]) -> str:
+    out = [
+        "| profile | endpoints | prompt | CPU per request (best batch) | median batch | index blocks |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r.profile} | {r.endpoints} | {r.prompt_bytes / 1000:.0f} KB | {r.cpu_us:.0f} µs | "
+            f"{r.cpu_us_median:.0f} µs | {r.prefix_blocks:,} |"
+        )
+    return "\n".join(out)
 
 
 # -- part 2: scrape cost ------------------------------------------------------------------------------------
@@ -391,6 +569,26 @@ def _table(rows: Sequence[LatencyRow]) -> str:
     return "\n".join(out)
 
 
+_Row = TypeVar("_Row")
+
+
+def _grid(
+    profiles: str,
+    sizes: str,
+    cells: Sequence[tuple[int, int]],
+    measure: Callable[[int, str, int, int], _Row],
+    describe: Callable[[_Row], str],
+) -> list[_Row]:
+    """``measure(n, profile, prompt_bytes, count)`` for every profile x pool size x (prompt, count) cell."""
+    rows: list[_Row] = []
+    for profile in profiles.split(",") if profiles.strip() else ():
+        for n in (int(s) for s in sizes.split(",")):
+            for size, k in cells:
+                rows.append(measure(n, profile, size, k))
+                click.echo(f"{profile:15s} n={n:5d} prompt={size:7d}B {describe(rows[-1])}")
+    return rows
+
+
 @click.command()
 @click.option("--endpoints", "sizes", default="10,100,1000", show_default=True, help="Pool sizes.")
 @click.option("--profiles", default="gie-default,predicted-ttft", show_default=True)
@@ -400,6 +598,16 @@ def _table(rows: Sequence[LatencyRow]) -> str:
 @click.option(
     "--scrape-interval", default=0.05, show_default=True, help="Seconds between scrapes of one endpoint."
 )
+@click.option(
+    "--lifecycle-endpoints",
+    default="3,10,100",
+    show_default=True,
+    help="Pool sizes of the full-lifecycle CPU table (empty: skip it).",
+)
+@click.option(
+    "--lifecycle-requests", default=1000, show_default=True, help="Requests per batch (4 KB; 200 KB: /10)."
+)
+@click.option("--latency/--no-latency", default=True, show_default=True, help="The decision latency table.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write results as JSON here.")
 def command(
     sizes: str,
@@ -408,22 +616,36 @@ def command(
     scrape_endpoints: int,
     scrape_seconds: float,
     scrape_interval: float,
+    lifecycle_endpoints: str,
+    lifecycle_requests: int,
+    latency: bool,
     out: Path | None,
 ) -> None:
-    """Scheduling latency p50/p99 at 10/100/1,000 endpoints, and scrape CPU for 100 endpoints at 20 Hz."""
+    """Scheduling latency p50/p99 at 10/100/1,000 endpoints, CPU per request of the full pick lifecycle at
+    3/10/100 endpoints, and scrape CPU for 100 endpoints at 20 Hz."""
     calib = calibration_ms()
     click.echo(f"calibration: 1M-iteration Python loop {calib:.0f} ms (lower = a quieter machine)")
-    rows: list[LatencyRow] = []
-    for profile in profiles.split(","):
-        for n in (int(s) for s in sizes.split(",")):
-            for size, k in ((1000, picks), (200_000, max(200, picks // 10))):
-                rows.append(measure_latency(n, profile, size, k))
-                click.echo(
-                    f"{profile:15s} n={n:5d} prompt={size:7d}B p50={rows[-1].p50_us:8.0f}µs "
-                    f"p99={rows[-1].p99_us:8.0f}µs"
-                )
-    click.echo(_table(rows))
-    result: dict[str, Any] = {"calibration_loop_ms": calib, "latency": [asdict(r) for r in rows]}
+    result: dict[str, Any] = {"calibration_loop_ms": calib}
+    rows = _grid(
+        profiles if latency else "",
+        sizes,
+        ((1000, picks), (200_000, max(200, picks // 10))),
+        measure_latency,
+        lambda r: f"p50={r.p50_us:8.0f}µs p99={r.p99_us:8.0f}µs",
+    )
+    if rows:
+        click.echo(_table(rows))
+        result["latency"] = [asdict(r) for r in rows]
+    life = _grid(
+        profiles if lifecycle_endpoints.strip() else "",
+        lifecycle_endpoints,
+        ((4096, lifecycle_requests), (200_000, max(20, lifecycle_requests // 10))),
+        measure_lifecycle,
+        lambda r: f"lifecycle CPU {r.cpu_us:7.1f} µs/request (median batch {r.cpu_us_median:.1f})",
+    )
+    if life:
+        click.echo(_lifecycle_table(life))
+        result["lifecycle"] = [asdict(r) for r in life]
     if scrape_endpoints:
         import uvloop  # as in production (the gateway and `inferoute epp` run on uvloop)
 
