@@ -1,4 +1,4 @@
-"""Pure helpers of ``inferoute bench gateway``: wrk output parsing, percentiles, the p99-bounded best rate."""
+"""Pure helpers of ``inferoute bench gateway``: wrk output parsing, the report, the p99-bounded best rate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from inferoute.bench.gateway import WrkResult, best_rate_under, parse_wrk, percentile, render_markdown
+from inferoute.bench.gateway import WrkResult, best_rate_under, parse_wrk, render_markdown
 
 WRK = """Running 4s test @ http://127.0.0.1:8080/v1/chat/completions
   2 threads and 16 connections
@@ -32,13 +32,6 @@ def test_parse_wrk() -> None:
     assert r == WrkResult(16, 31000.5, 0.48, 1.2, 7)
     with pytest.raises(ValueError):
         parse_wrk("garbage", 1)
-
-
-def test_percentile_nearest_rank() -> None:
-    values = [float(v) for v in range(1, 101)]
-    assert percentile(values, 0.5) == 50 and percentile(values, 0.99) == 99 and percentile(values, 1.0) == 100
-    assert percentile([3.0], 0.99) == 3.0
-    assert math.isnan(percentile([], 0.5))
 
 
 def test_best_rate_under_bound_ignores_slow_and_failing_runs() -> None:
@@ -75,7 +68,7 @@ def test_render_markdown_reports_added_latency() -> None:
             "fixed_rate_p99_ms": 2.5,
             "wrk": [{"connections": 4, "requests_per_s": 50.0, "p50_ms": 1.0, "p99_ms": 20.0, "errors": 0}],
             "sse_events_per_s": 900.0,
-            "wrk_cpu_us_per_request": [250.0],
+            "wrk_cpu_us_per_request": [200.0, 300.0, math.nan],  # median interpolated, NaN skipped
         },
     }
     result = {

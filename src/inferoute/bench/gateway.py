@@ -54,6 +54,7 @@ import click
 import yaml
 
 from inferoute.bench.peers import ManagedProcess, free_port, inferoute_argv
+from inferoute.bench.stats import percentile
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,6 @@ DEFAULT_PATHS = ("direct", "inferoute", "inferoute-nopicker", "inferoute-2w", "n
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-quantile (0..1) by nearest rank; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,8 +530,8 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
             r = reports[name]
             lat, errs = lats[name], errors[name]
             r.fixed_rate_p50_ms, r.fixed_rate_p99_ms, r.fixed_rate_errors = (
-                percentile(lat, 0.5),
-                percentile(lat, 0.99),
+                percentile(lat, 50),
+                percentile(lat, 99),
                 errs,
             )
             echo(
@@ -621,7 +613,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         added99 = "-" if name == "direct" else f"{r['fixed_rate_p99_ms'] - d99:+.3f} ms"
         best_txt = f"{best.requests_per_s:,.0f} ({best.connections})" if best else "none"
         cpu_values = [v for v in r.get("wrk_cpu_us_per_request", []) if not math.isnan(v)]
-        cpu_txt = f"{percentile(cpu_values, 0.5):,.0f} µs" if cpu_values else "-"
+        cpu_txt = f"{percentile(cpu_values, 50):,.0f} µs" if cpu_values else "-"
         lines.append(
             f"| {name} | {r['fixed_rate_p50_ms']:.3f} ms | {r['fixed_rate_p99_ms']:.3f} ms "
             f"| {added50} | {added99} "
