@@ -2,13 +2,20 @@
 
 OpenAI servers put ``usage`` in the JSON body (non-streaming) or in the last data chunk before
 ``data: [DONE]`` (streaming with ``stream_options.include_usage``). Both sit at the end of the response, so a
-bounded tail buffer is enough and the per-chunk cost is one bytes concatenation at most.
+bounded tail buffer is enough: each chunk is kept by reference (no copy) until newer chunks hold the last
+8 KB, and the tail is joined once, at the end. The ``usage`` object is found from the end (one regex visits
+only its braces, quotes and backslashes) and decoded with a typed msgspec decoder; a usage with other value
+types (numbers as strings, floats) falls back to ``json`` and loose conversion, with the same result.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import deque
 from dataclasses import dataclass
+
+import msgspec
 
 TAIL_BYTES = 8192
 
@@ -21,40 +28,73 @@ class Usage:
 
 
 class TailBuffer:
-    """The last ``limit`` bytes of a stream."""
+    """The last ``limit`` bytes of a stream.
 
-    __slots__ = ("_buf", "limit", "total")
+    Chunks are kept as they come (no concatenation per chunk: a streamed answer is hundreds of small
+    chunks) and the oldest are dropped once the newer ones alone hold ``limit`` bytes; :attr:`data` joins
+    them once."""
+
+    __slots__ = ("_chunks", "_data", "_size", "limit", "total")
 
     def __init__(self, limit: int = TAIL_BYTES) -> None:
+        if limit < 1:
+            raise ValueError("a tail buffer keeps at least one byte")
         self.limit = limit
-        self._buf = b""
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        """Bytes in ``_chunks``."""
+        self._data: bytes | None = b""
+        """The joined tail, cached (None: to be joined)."""
         self.total = 0
 
     def feed(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        if len(chunk) >= self.limit:
-            self._buf = bytes(chunk[-self.limit :])
-        else:
-            buf = self._buf + chunk
-            self._buf = buf[-self.limit :] if len(buf) > self.limit else buf
+        n = len(chunk)
+        if not n:
+            return
+        self.total += n
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)  # the caller may reuse its buffer
+        chunks = self._chunks
+        chunks.append(chunk)
+        size = self._size + n
+        limit = self.limit
+        while size - len(chunks[0]) >= limit:
+            size -= len(chunks.popleft())
+        self._size = size
+        self._data = None
 
     @property
     def data(self) -> bytes:
-        return self._buf
+        data = self._data
+        if data is None:
+            data = b"".join(self._chunks)
+            if len(data) > self.limit:
+                data = data[-self.limit :]
+            self._chunks.clear()
+            self._chunks.append(data)
+            self._size = len(data)
+            self._data = data
+        return data
+
+
+_STRUCTURE = re.compile(rb'[{}"\\]')
+"""The bytes that matter to the extent of a JSON object: braces, quotes and backslashes."""
 
 
 def _object_at(data: bytes, start: int) -> bytes | None:
-    """The balanced ``{...}`` starting at ``data[start]`` (strings are respected)."""
+    """The balanced ``{...}`` starting at ``data[start]`` (strings are respected). Visits only the
+    structural bytes (found by one regex), not every byte."""
     depth = 0
     in_str = False
-    esc = False
-    for i in range(start, len(data)):
+    skip = -1  # the byte after a backslash in a string is escaped, whatever it is
+    for m in _STRUCTURE.finditer(data, start):
+        i = m.start()
+        if i == skip:
+            continue
         ch = data[i]
         if in_str:
-            if esc:
-                esc = False
-            elif ch == 0x5C:  # backslash
-                esc = True
+            if ch == 0x5C:  # backslash
+                skip = i + 1
             elif ch == 0x22:
                 in_str = False
         elif ch == 0x22:
@@ -66,6 +106,48 @@ def _object_at(data: bytes, start: int) -> bytes | None:
             if depth == 0:
                 return data[start : i + 1]
     return None
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = 0
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = 0
+    completion_tokens: int | None = 0
+    prompt_tokens_details: _Details | None = None
+
+
+_usage_decoder = msgspec.json.Decoder(_Usage)
+
+
+def _usage_of(obj: bytes) -> Usage | bool | None:
+    """The usage in one ``{...}`` object: a :class:`Usage`, None when its values are unusable, False when it
+    is not a JSON object (look further back)."""
+    try:  # the common shape, typed: integers (or null) and a details object
+        u = _usage_decoder.decode(obj)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _usage_of_any(obj)
+    details = u.prompt_tokens_details
+    cached = details.cached_tokens if details is not None else 0
+    return Usage(u.prompt_tokens or 0, u.completion_tokens or 0, cached or 0)
+
+
+def _usage_of_any(obj: bytes) -> Usage | bool | None:
+    """:func:`_usage_of` for any JSON: the rules OpenAI-compatible servers are held to, loosely (numbers
+    as strings or floats are converted, anything else gives None)."""
+    try:
+        u = json.loads(obj)
+    except ValueError:
+        return False
+    if not isinstance(u, dict):
+        return False
+    details = u.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    try:
+        return Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0), int(cached or 0))
+    except (TypeError, ValueError):
+        return None
 
 
 def parse_usage(tail: bytes) -> Usage | None:
@@ -82,17 +164,6 @@ def parse_usage(tail: bytes) -> Usage | None:
         obj = _object_at(tail, brace)
         if obj is None:
             continue
-        try:
-            u = json.loads(obj)
-        except ValueError:
-            continue
-        if not isinstance(u, dict):
-            continue
-        details = u.get("prompt_tokens_details") or {}
-        cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
-        try:
-            return Usage(
-                int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0), int(cached or 0)
-            )
-        except (TypeError, ValueError):
-            return None
+        usage = _usage_of(obj)
+        if usage is not False:
+            return usage if isinstance(usage, Usage) else None
