@@ -186,11 +186,13 @@ def build_picker(n: int, profile: str, seed: int = 1) -> EmbeddedPicker:
 
 def chat_bodies(size: int, count: int, start: int = 0, shared: int = 16) -> list[bytes]:
     """Streaming chat bodies of ~``size`` bytes: one of ``shared`` system prompts (3/4 of a 4 KB body, all
-    but ~600 bytes of a large one) and a unique user question (request number ``start + i``)."""
+    but ~600 bytes of a large one) and a unique user question (request number ``start + i``). Popularity is
+    skewed as in real traffic: request ``i`` uses system prompt ``min(shared - 1, E)`` with ``E`` exponential
+    of mean ``shared / 4`` (seeded by ``i``), so a few prompts are hot and the tail churns the LRUs."""
     system_len = size * 3 // 4 if size < 16_000 else size - 600
     out = []
     for i in range(start, start + count):
-        k = i % shared
+        k = min(shared - 1, int(random.Random(i).expovariate(4 / shared)))
         head = f"System prompt {k}: you answer questions about document {k}, precisely, with sources. "
         system = (head * (system_len // len(head) + 1))[:system_len]
         q = f"Question {i}: what does section {i % 97} say about item {i * 7919 % 10007}? "
