@@ -9,6 +9,7 @@ import pytest
 from test_epp_rig import cand, ctx
 
 from inferoute.clock import FakeClock
+from inferoute.epp.datalayer.metrics import EndpointMetrics
 from inferoute.epp.learned import LocalLearnedState
 from inferoute.epp.scheduling.plugins.kv_cache_scorer import KVCacheUtilizationScorer
 from inferoute.epp.scheduling.plugins.lora_affinity_scorer import LoraAffinityScorer
@@ -219,3 +220,20 @@ def test_predicted_ttft_remembers_where_it_sent_an_adapter() -> None:
     scorer.on_picked(c, b, [a, b, elsewhere])
     t_a, t_b = scorer.predict(c, [a, b, elsewhere])[:2]
     assert t_b == pytest.approx(t_a - 0.05)  # b probably still has it loaded
+
+
+def test_predicted_ttft_decides_adapter_or_not_once_per_cycle() -> None:
+    # the answer is kept for on_picked of the same cycle (same candidate list), and only for it
+    scorer = PredictedTTFTScorer("t")
+    lora = dict(max_lora=2)
+    a, b = cand("a", **lora), cand("b", **lora)
+    c = ctx(model="sql", prompt=b"q" * 40)
+    cands = [a, b]
+    scorer.predict(c, cands)  # nobody reports "sql": a base model
+    b.metrics = EndpointMetrics(active_adapters=frozenset({"sql"}), max_lora=2)  # a scrape lands later
+    scorer.on_picked(c, a, cands)
+    assert scorer._sent == {}  # the cycle was scored as a base-model request
+    t_a, t_b = scorer.predict(c, cands)  # a new cycle sees the new scrape
+    assert t_a == pytest.approx(t_b + 0.05)
+    scorer.on_picked(c, a, cands)
+    assert list(scorer._sent) == ["a"]

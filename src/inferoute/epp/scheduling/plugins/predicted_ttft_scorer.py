@@ -65,16 +65,36 @@ class PredictedTTFTScorer:
         self.model = model or TTFTModel()
         self._sent: dict[str, OrderedDict[str, None]] = {}
         """Adapters recently sent to each endpoint (most recent last, at most its ``max_lora``)."""
+        self._cycle: tuple[CycleContext, Sequence[Candidate], bool] | None = None
+        """(cycle, candidates, is the target an adapter) of the cycle being scored."""
 
-    def _is_adapter(self, target: str, candidates: Sequence[Candidate]) -> bool:
-        return any(
-            target in c.metrics.active_adapters or target in c.metrics.waiting_adapters for c in candidates
-        ) or any(target in sent for sent in self._sent.values())
+    def _is_adapter(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> bool:
+        """Whether the target model is a LoRA adapter: some candidate reports it running or waiting, or we
+        sent it somewhere as one. Computed once per cycle (``predict`` and ``on_picked`` see the same
+        candidate list)."""
+        if self._cycle is not None and self._cycle[0] is ctx and self._cycle[1] is candidates:
+            return self._cycle[2]
+        target = ctx.request.target_model
+        found = False
+        for sent in self._sent.values():
+            if target in sent:
+                found = True
+                break
+        else:
+            for c in candidates:
+                met = c.metrics
+                if target in met.active_adapters or target in met.waiting_adapters:
+                    found = True
+                    break
+        self._cycle = (ctx, candidates, found)
+        return found
 
     def on_picked(self, ctx: CycleContext, picked: Candidate, candidates: Sequence[Candidate]) -> None:
-        target = ctx.request.target_model
-        if not self._is_adapter(target, candidates):
+        is_adapter = self._is_adapter(ctx, candidates)
+        self._cycle = None
+        if not is_adapter:
             return
+        target = ctx.request.target_model
         sent = self._sent.get(picked.key)
         if sent is None:
             sent = self._sent[picked.key] = OrderedDict()
@@ -88,33 +108,45 @@ class PredictedTTFTScorer:
         m = self.model
         req = ctx.request
         hashes = ctx.prefix_hashes(candidates)
-        match = ctx.prefix_match(candidates) if hashes else {}
+        matched = (ctx.prefix_match(candidates) if hashes else {}).get
         per_block = req.prompt_tokens / len(hashes) if hashes else 0.0
-        target = req.target_model
-        is_adapter = self._is_adapter(target, candidates)
-        sent_to = self._sent
+        prompt_tokens = req.prompt_tokens
+        queued_s, overhead_s, prefill_s = m.queued_request_s, m.request_overhead_s, m.prefill_s_per_token
+        decode_s, kv_threshold, kv_penalty_s = m.decode_s_per_running, m.kv_threshold, m.kv_penalty_s
         out: list[float] = []
-        for c in candidates:
+        append = out.append
+        for c in candidates:  # the formula of the module docstring, operation for operation
             met = c.metrics
             inf = c.inflight
-            ahead = max(met.waiting, inf.pending)
-            queue_wait = max(
-                met.waiting * m.queued_request_s,
-                inf.pending_tokens * m.prefill_s_per_token + inf.pending * m.request_overhead_s,
-            )
-            uncached = req.prompt_tokens - match.get(c.key, 0) * per_block
-            t = queue_wait + m.request_overhead_s + uncached * m.prefill_s_per_token
-            t += met.running * m.decode_s_per_running * (1.0 + ahead)
-            if met.kv_usage >= m.kv_threshold:
-                t += m.kv_penalty_s
-            if is_adapter and target not in met.active_adapters:
-                busy = len(met.active_adapters) + len(met.waiting_adapters)
-                if target in met.waiting_adapters or busy >= (met.max_lora or 1):
-                    t += m.lora_slot_wait_s
-                elif target not in sent_to.get(c.key, ()):
-                    t += m.lora_load_s
-            out.append(t)
+            waiting = met.waiting
+            pending = inf.pending
+            ahead = pending if pending > waiting else waiting  # max(waiting, pending)
+            by_count = waiting * queued_s
+            by_tokens = inf.pending_tokens * prefill_s + pending * overhead_s
+            queue_wait = by_tokens if by_tokens > by_count else by_count
+            uncached = prompt_tokens - matched(c.key, 0) * per_block
+            t = queue_wait + overhead_s + uncached * prefill_s
+            t += met.running * decode_s * (1.0 + ahead)
+            if met.kv_usage >= kv_threshold:
+                t += kv_penalty_s
+            append(t)
+        if self._is_adapter(ctx, candidates):
+            self._add_lora(req.target_model, candidates, out)
         return out
+
+    def _add_lora(self, target: str, candidates: Sequence[Candidate], predicted: list[float]) -> None:
+        """Add the adapter's loading or slot wait where it is not loaded."""
+        m = self.model
+        sent_to = self._sent
+        for i, c in enumerate(candidates):
+            met = c.metrics
+            if target in met.active_adapters:
+                continue
+            busy = len(met.active_adapters) + len(met.waiting_adapters)
+            if target in met.waiting_adapters or busy >= (met.max_lora or 1):
+                predicted[i] += m.lora_slot_wait_s
+            elif target not in sent_to.get(c.key, ()):
+                predicted[i] += m.lora_load_s
 
     def score(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
         predicted = self.predict(ctx, candidates)
