@@ -28,9 +28,15 @@ class QueueScorer:
         self.count_inflight = count_inflight
 
     def score(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
-        if self.count_inflight:
-            return lower_is_better([max(c.metrics.waiting, c.inflight.pending) for c in candidates])
-        return lower_is_better([c.metrics.waiting for c in candidates])
+        if not self.count_inflight:
+            return lower_is_better([c.metrics.waiting for c in candidates])
+        queues: list[float] = []
+        append = queues.append
+        for c in candidates:  # max(waiting, pending) without a call to max() per candidate
+            waiting = c.metrics.waiting
+            pending = c.inflight.pending
+            append(pending if pending > waiting else waiting)
+        return lower_is_better(queues)
 
 
 def create(name: str, params: Params, deps: PluginDeps) -> QueueScorer:
