@@ -28,7 +28,7 @@ from inferoute.epp.datalayer.datastore import Datastore, EndpointState
 from inferoute.epp.flowcontrol import SaturationDetector
 from inferoute.epp.learned import LearnedState
 from inferoute.epp.metrics import EppMetrics, ModelSeries
-from inferoute.epp.requestcontrol.parse import CHARS_PER_TOKEN, parse_body
+from inferoute.epp.requestcontrol.parse import CHARS_PER_TOKEN, BodyParser
 from inferoute.epp.requestcontrol.usage import TailBuffer, Usage, parse_usage
 from inferoute.epp.scheduling.framework import NoEndpoints, ProfileResult, Scheduler
 from inferoute.epp.scheduling.types import Candidate, CycleContext, InferenceRequest, PrefixSettings
@@ -113,6 +113,7 @@ class Director:
         self.saturation = saturation
         self.objectives: Mapping[str, int] = objectives or {}
         self.rng = rng or random.Random()
+        self._body_parser = BodyParser()
         self._cands: dict[EndpointState, Candidate] = {}
         self._pool: list[Candidate] | None = None
         """The fresh candidates of the whole pool, reused while valid (see :meth:`_pool_candidates`)."""
@@ -142,7 +143,7 @@ class Director:
         if not request.body and request.method.upper() in ("GET", "HEAD", "DELETE", "OPTIONS"):
             return self._bodyless(request), NullSession()
         try:
-            parsed = parse_body(request.body)
+            parsed = self._body_parser.parse(request.body)
         except InferouteError as exc:
             return self._reject(
                 exc.status, exc.message, exc.cause, request.model or "", param=exc.param

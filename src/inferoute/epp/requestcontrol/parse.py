@@ -4,14 +4,24 @@ msgspec decodes into a struct that keeps ``prompt`` and ``messages`` as raw JSON
 strings are built for the prompt, the prefix hash runs over the raw bytes, and a 200 KB prompt costs a
 validating scan only. Chat prompts are the JSON of the ``messages`` array, as GIE's approximate prefix
 producer.
+
+:class:`BodyParser` gives the same answers faster for large bodies (from :data:`SIMD_MIN_BODY`): simdjson
+validates the document and decodes ``model`` and ``stream`` (~0.15 ns per byte against msgspec's ~0.6), and
+the prompt's raw bytes are cut out by :func:`~inferoute.epp.requestcontrol.spans.member_value`, which skips
+the small members around it. Whenever simdjson refuses the body, a key of interest repeats, ``model`` is not a
+non-empty string or the cut needs too many steps, :func:`parse_body` decides, so errors and edge cases are
+msgspec's, as before.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import msgspec
+import simdjson
 
+from inferoute.epp.requestcontrol.spans import member_value
 from inferoute.errors import InferouteError
 
 CHARS_PER_TOKEN = 4
@@ -53,5 +63,58 @@ def parse_body(body: bytes) -> ParsedBody:
     if not isinstance(parsed.model, str) or not parsed.model:
         raise InferouteError(400, "model must be a non-empty string", cause="bad-request", param="model")
     raw = parsed.prompt or parsed.messages or parsed.input
-    prompt = bytes(raw) if raw and bytes(raw) != b"null" else b""
-    return ParsedBody(parsed.model, prompt, parsed.stream is True)
+    prompt = bytes(raw) if raw else b""
+    return ParsedBody(parsed.model, b"" if prompt == b"null" else prompt, parsed.stream is True)
+
+
+SIMD_MIN_BODY = 64 * 1024
+"""Bodies from this size on try simdjson first (below it msgspec alone is as quick: the cut costs µs)."""
+PROMPT_KEYS = ("prompt", "messages", "input")
+"""Where the prompt is, in order of preference (the first present one is used)."""
+_KEYS_OF_INTEREST = ("model", "stream", *PROMPT_KEYS)
+_OBJECT_START = re.compile(rb"[ \t\n\r]*\{")
+
+
+class BodyParser:
+    """:func:`parse_body`, quicker for large bodies (see the module docstring); same answers.
+
+    Owns one simdjson parser, reused: one per event loop, never used from several threads at once."""
+
+    __slots__ = ("_parser",)
+
+    def __init__(self) -> None:
+        self._parser = simdjson.Parser()
+
+    def parse(self, body: bytes) -> ParsedBody:
+        if len(body) >= SIMD_MIN_BODY:
+            parsed = self._large(body)
+            if parsed is not None:
+                return parsed
+        return parse_body(body)
+
+    def _large(self, body: bytes) -> ParsedBody | None:
+        if _OBJECT_START.match(body) is None:
+            return None  # e.g. a byte-order mark, which simdjson skips and msgspec refuses
+        try:
+            doc = self._parser.parse(body)
+        except (ValueError, RuntimeError):  # invalid, or outside simdjson's limits: msgspec decides
+            return None
+        if not isinstance(doc, simdjson.Object):
+            return None
+        keys = list(doc.keys())
+        if any(keys.count(k) > 1 for k in _KEYS_OF_INTEREST):
+            return None  # msgspec takes the last duplicate, simdjson the first
+        model = doc.get("model")
+        stream = doc.get("stream") is True
+        del doc  # the parser is reused: no proxy of this document may outlive the call
+        if not isinstance(model, str) or not model:
+            return None  # msgspec words the error
+        for key in PROMPT_KEYS:
+            if key in keys:
+                raw = member_value(
+                    body, keys.index(key), len(keys), key.encode(), steps=16 + len(body) // 2048
+                )
+                if raw is None:
+                    return None
+                return ParsedBody(model, b"" if raw == b"null" else raw, stream)
+        return ParsedBody(model, b"", stream)
