@@ -234,3 +234,37 @@ async def test_server_reloads_its_certificate_when_the_files_change(tmp_path: Pa
         await old.aclose()
         await new.aclose()
         await server.aclose(0)
+
+
+async def test_server_requires_client_certificates_with_client_ca(tmp_path: Path) -> None:
+    """``--client-ca``: a client without a certificate, or with one from another CA, cannot reach the picker;
+    one signed by the configured CA can."""
+    server_ca, client_ca, rogue_ca = trustme.CA(), trustme.CA(), trustme.CA()
+    srv = tmp_path / "srv"
+    _write_pair(srv, server_ca.issue_cert("localhost", "127.0.0.1"))
+    server_ca.cert_pem.write_to_path(str(tmp_path / "server-ca.pem"))
+    client_ca.cert_pem.write_to_path(str(tmp_path / "client-ca.pem"))
+    for name, ca in (("good", client_ca), ("rogue", rogue_ca)):
+        leaf = ca.issue_cert("gateway.example")
+        leaf.cert_chain_pems[0].write_to_path(str(tmp_path / f"{name}.crt"))
+        leaf.private_key_pem.write_to_path(str(tmp_path / f"{name}.key"))
+    server = await _start(
+        RecordingPicker(PODS), cert_path=str(srv), client_ca=str(tmp_path / "client-ca.pem")
+    )
+    target = f"127.0.0.1:{server.grpc_port}"
+
+    def picker(cert: str | None) -> GrpcPicker:
+        files = {"cert_file": str(tmp_path / f"{cert}.crt"), "key_file": str(tmp_path / f"{cert}.key")}
+        opts = ChannelOptions(target, ca_file=str(tmp_path / "server-ca.pem"), **(files if cert else {}))
+        return GrpcPicker(opts, timeout_ms=5000)
+
+    pickers = [picker("good"), picker(None), picker("rogue")]
+    try:
+        assert isinstance((await pickers[0].pick(_request()))[0], Destination)
+        for refused in pickers[1:]:
+            with pytest.raises(PickerError):
+                await refused.pick(_request())
+    finally:
+        for p in pickers:
+            await p.aclose()
+        await server.aclose(0)

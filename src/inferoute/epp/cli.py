@@ -40,6 +40,8 @@ class EppRunOptions:
     refresh_interval: float
     pool_name: str
     grace: float
+    client_ca: str | None = None
+    transport: str = "h2"
 
 
 async def _serve_metrics(registry: CollectorRegistry, host: str, port: int) -> web.AppRunner:
@@ -85,6 +87,8 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
                 health_port=opts.health_port,
                 insecure=opts.insecure,
                 cert_path=opts.cert_path,
+                client_ca=opts.client_ca,
+                transport=opts.transport,
             ),
             registry,
         )
@@ -127,6 +131,19 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
 )
 @click.option("--insecure-serving", "insecure", is_flag=True, help="Serve ext_proc in plain text.")
 @click.option(
+    "--client-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM CA bundle: require client certificates signed by it (mTLS; reloaded on change).",
+)
+@click.option(
+    "--grpc-transport",
+    "transport",
+    type=click.Choice(["h2", "grpcio"]),
+    default="h2",
+    show_default=True,
+    help="gRPC server: inferoute's HTTP/2 server (h2, ~3x the decisions per CPU-second) or grpc.aio.",
+)
+@click.option(
     "--refresh-metrics-interval",
     "refresh_interval",
     default=0.05,
@@ -149,10 +166,12 @@ def command(
     refresh_interval: float,
     pool_name: str,
     grace: float,
+    client_ca: str | None,
+    transport: str,
 ) -> None:
     """Run the endpoint picker (Endpoint Picker Protocol over Envoy ext_proc)."""
-    if insecure and cert_path:
-        raise click.UsageError("--cert-path and --insecure-serving are mutually exclusive")
+    if insecure and (cert_path or client_ca):
+        raise click.UsageError("--cert-path/--client-ca and --insecure-serving are mutually exclusive")
     if endpoints is None:
         raise click.UsageError("--endpoints FILE is required (static endpoint discovery)")
     opts = EppRunOptions(
@@ -168,6 +187,8 @@ def command(
         refresh_interval,
         pool_name,
         grace,
+        client_ca,
+        transport,
     )
     try:
         uvloop.run(run(opts))

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inferoute.errors import InferouteError, error_body
+from inferoute.extproc import h2server as h2s
 from inferoute.extproc import messages as m
+from inferoute.extproc.h2server import GrpcAbort
 from inferoute.picking import (
     DESTINATION_HEADER,
     DESTINATION_SERVED_KEY,
@@ -135,8 +137,122 @@ class _Exchange:
             self.session.aborted(reason)
 
 
+class ExtProcStream:
+    """The protocol state of one ext_proc stream, independent of the gRPC library that carries it.
+
+    :meth:`feed` answers each message at once, or returns None when the picker must be asked: the transport
+    then awaits :meth:`resume` before feeding the next message. Failures raise
+    :class:`~inferoute.extproc.h2server.GrpcAbort` (the stream ends with that gRPC status).
+    """
+
+    __slots__ = ("_chunks", "_core", "_ex", "_pending", "_tail")
+
+    def __init__(self, core: ExtProcServicer) -> None:
+        self._core = core
+        self._ex: _Exchange | None = None
+        self._chunks: list[bytes] = []
+        self._pending: tuple[bytes | None, str, bool] | None = None
+        self._tail: tuple[m.ProcessingResponse, ...] = ()
+        core.metrics.streams.inc()
+        core.metrics.active.inc()
+
+    def feed(self, req: m.ProcessingRequest) -> Sequence[m.ProcessingResponse] | None:
+        try:
+            return self._feed(req)
+        except _ProtocolError as exc:
+            self._core.metrics.errors.labels("protocol").inc()
+            log.warning("ext_proc protocol error: %s", exc)
+            if self._ex is not None:
+                self._ex.end(False, "protocol-error")
+            raise GrpcAbort(h2s.INVALID_ARGUMENT, str(exc)) from exc
+
+    def _feed(self, req: m.ProcessingRequest) -> Sequence[m.ProcessingResponse] | None:
+        phase = req.WhichOneof("request")
+        ex = self._ex
+        if phase == "request_body":
+            if ex is None or ex.decided:
+                raise _ProtocolError("request body before headers or after the decision")
+            rb = req.request_body
+            if not rb.end_of_stream:
+                self._chunks.append(rb.body)
+                return () if ex.full_duplex_request else (_ACK_REQUEST_BODY,)  # STREAMED: ack each chunk
+            if self._chunks:
+                self._chunks.append(rb.body)
+                body = b"".join(self._chunks)
+                self._chunks.clear()
+            else:
+                body = rb.body
+            self._pending = (body, "request_headers" if ex.full_duplex_request else "request_body", True)
+            return None
+        if phase == "request_headers":
+            if ex is not None:
+                raise _ProtocolError("a second request_headers message on one stream")
+            ex = self._ex = self._core.start(req)
+            if req.request_headers.end_of_stream:
+                self._pending = (None, "request_headers", True)
+                return None
+            return () if ex.full_duplex_request else (_ACK_REQUEST_HEADERS,)
+        if phase == "response_body":
+            rb = req.response_body
+            if rb.body and ex is not None and ex.session is not None and not ex.ended:
+                ex.session.response_chunk(rb.body)
+            if rb.end_of_stream and ex is not None:
+                # Before the last reply: Envoy may reset the stream as soon as it has it.
+                ex.end(True)
+            if ex is not None and ex.full_duplex_response:
+                return tuple(m.body_chunks(rb.body, "response_body", end_of_stream=rb.end_of_stream))
+            return (_ACK_RESPONSE_BODY,)
+        if phase == "response_headers":
+            if ex is not None:
+                self._core.response_started(ex, req)
+                if req.response_headers.end_of_stream:
+                    ex.end(True)
+            return (_ACK_RESPONSE_HEADERS,)
+        if phase == "request_trailers":
+            if ex is not None and not ex.decided:
+                body = b"".join(self._chunks)
+                self._chunks.clear()
+                self._pending = (body, "request_headers" if ex.full_duplex_request else "request_body", False)
+                self._tail = (_ACK_REQUEST_TRAILERS,)
+                return None
+            return (_ACK_REQUEST_TRAILERS,)
+        if phase == "response_trailers":
+            if ex is not None:
+                ex.end(True)
+            return (_ACK_RESPONSE_TRAILERS,)
+        raise _ProtocolError(f"unsupported ext_proc message {phase!r}")
+
+    async def resume(self) -> Sequence[m.ProcessingResponse]:
+        assert self._ex is not None and self._pending is not None
+        body, phase, eos = self._pending
+        self._pending = None
+        replies = await self._core.decide(self._ex, body, phase, eos=eos)
+        if self._tail:
+            replies = [*replies, *self._tail]
+            self._tail = ()
+        return replies
+
+    def end_of_input(self) -> Sequence[m.ProcessingResponse]:
+        """The proxy half-closed the stream."""
+        if self._ex is not None:
+            # grpc.aio cannot tell a half-close from a cancellation, so a response counts as finished only
+            # when no body was announced (see _Exchange.stream_closed).
+            self._ex.stream_closed("stream-ended-early")
+        return ()
+
+    def close(self, cancelled: bool) -> None:
+        self._core.metrics.active.dec()
+        ex = self._ex
+        if ex is not None and not ex.ended:
+            ex.stream_closed("stream-cancelled" if cancelled else "stream-closed")
+
+
+_GRPC_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
 class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    """``envoy.service.ext_proc.v3.ExternalProcessor`` over any :class:`~inferoute.picking.Picker`."""
+    """``envoy.service.ext_proc.v3.ExternalProcessor`` over any :class:`~inferoute.picking.Picker`: the
+    shared per-stream logic (:class:`ExtProcStream`) and the ``grpc.aio`` adapter of it."""
 
     def __init__(
         self,
@@ -147,101 +263,40 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._picker = picker
-        self._metrics = metrics
+        self.metrics = metrics
         self._header = destination_header
         self._clock = clock
+
+    def open(self, _writer: object = None) -> ExtProcStream:
+        """A new stream's state (also the h2 server's method factory)."""
+        return ExtProcStream(self)
 
     async def Process(
         self, request_iterator: AsyncIterator[m.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[m.ProcessingResponse]:
-        metrics = self._metrics
-        metrics.streams.inc()
-        metrics.active.inc()
-        ex: _Exchange | None = None
-        chunks: list[bytes] = []
+        stream = self.open()
+        closed = False
         try:
             async for req in request_iterator:
-                phase = req.WhichOneof("request")
-                if phase == "request_body":
-                    if ex is None or ex.decided:
-                        raise _ProtocolError("request body before headers or after the decision")
-                    chunks.append(req.request_body.body)
-                    if not req.request_body.end_of_stream:
-                        if not ex.full_duplex_request:
-                            yield _ACK_REQUEST_BODY  # STREAMED: acknowledge each chunk
-                        continue
-                    body = b"".join(chunks)
-                    chunks.clear()
-                    if ex.full_duplex_request:
-                        for resp in await self._decide(ex, body, context, "request_headers", eos=True):
-                            yield resp
-                    else:
-                        for resp in await self._decide(ex, body, context, "request_body", eos=True):
-                            yield resp
-                elif phase == "request_headers":
-                    if ex is not None:
-                        raise _ProtocolError("a second request_headers message on one stream")
-                    ex = self._start(req)
-                    if req.request_headers.end_of_stream:
-                        for resp in await self._decide(ex, None, context, "request_headers", eos=True):
-                            yield resp
-                    elif not ex.full_duplex_request:
-                        yield _ACK_REQUEST_HEADERS
-                elif phase == "response_body":
-                    rb = req.response_body
-                    if rb.body and ex is not None and ex.session is not None and not ex.ended:
-                        ex.session.response_chunk(rb.body)
-                    if rb.end_of_stream and ex is not None:
-                        # Before the last reply: Envoy may reset the stream as soon as it has it, and the
-                        # generator is then closed at that yield.
-                        ex.end(True)
-                    if ex is not None and ex.full_duplex_response:
-                        for resp in m.body_chunks(rb.body, "response_body", end_of_stream=rb.end_of_stream):
-                            yield resp
-                    else:
-                        yield _ACK_RESPONSE_BODY
-                elif phase == "response_headers":
-                    if ex is not None:
-                        self._response_started(ex, req)
-                        if req.response_headers.end_of_stream:
-                            ex.end(True)
-                    yield _ACK_RESPONSE_HEADERS
-                elif phase == "request_trailers":
-                    if ex is not None and not ex.decided:
-                        body = b"".join(chunks)
-                        chunks.clear()
-                        phase_out = "request_headers" if ex.full_duplex_request else "request_body"
-                        for resp in await self._decide(ex, body, context, phase_out, eos=False):
-                            yield resp
-                    yield _ACK_REQUEST_TRAILERS
-                elif phase == "response_trailers":
-                    if ex is not None:
-                        ex.end(True)
-                    yield _ACK_RESPONSE_TRAILERS
-                else:
-                    raise _ProtocolError(f"unsupported ext_proc message {phase!r}")
-            # The request iterator ends on a half-close AND when the proxy cancels the call (grpc.aio does
-            # not tell them apart), so a response counts as finished only when no body was announced.
-            if ex is not None:
-                ex.stream_closed("stream-ended-early")
-        except _ProtocolError as exc:
-            metrics.errors.labels("protocol").inc()
-            log.warning("ext_proc protocol error: %s", exc)
-            if ex is not None:
-                ex.end(False, "protocol-error")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except asyncio.CancelledError:
-            if ex is not None:
-                ex.stream_closed("stream-cancelled")
-            raise
+                out = stream.feed(req)
+                if out is None:
+                    out = await stream.resume()
+                for resp in out:
+                    yield resp
+            stream.end_of_input()
+            closed = True
+            stream.close(False)
+        except GrpcAbort as exc:
+            closed = True
+            stream.close(False)
+            await context.abort(_GRPC_CODES.get(exc.code, grpc.StatusCode.UNKNOWN), exc.details)
         finally:
-            metrics.active.dec()
-            if ex is not None and not ex.ended:  # closed by gRPC at a yield (the proxy reset the stream)
-                ex.stream_closed("stream-closed")
+            if not closed:  # cancelled, or closed by gRPC at a yield (the proxy reset the stream)
+                stream.close(True)
 
     # ------------------------------------------------------------------------------------------------ helpers
 
-    def _start(self, req: m.ProcessingRequest) -> _Exchange:
+    def start(self, req: m.ProcessingRequest) -> _Exchange:
         headers = m.parse_headers(req.request_headers.headers)
         full_duplex_req = full_duplex_resp = body_expected = True
         if req.HasField("protocol_config"):
@@ -265,21 +320,15 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             subset=ex.subset,
         )
 
-    async def _decide(
-        self,
-        ex: _Exchange,
-        body: bytes | None,
-        context: grpc.aio.ServicerContext,
-        phase: str,
-        *,
-        eos: bool,
+    async def decide(
+        self, ex: _Exchange, body: bytes | None, phase: str, *, eos: bool
     ) -> list[m.ProcessingResponse]:
         """Ask the picker and build the replies: headers (or body) mutation, then the body echo.
 
         ``body`` is None for a request without a body (decided on its headers).
         """
         ex.decided = True
-        metrics = self._metrics
+        metrics = self.metrics
         start = self._clock()
         try:
             decision, session = await self._picker.pick(self._pick_request(ex, body or b""))
@@ -290,9 +339,8 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             metrics.errors.labels(cause).inc()
             log.error("picker failed: %r", exc, exc_info=not isinstance(exc, PickerError))
             ex.ended = True
-            code = grpc.StatusCode.UNAVAILABLE if isinstance(exc, PickerError) else grpc.StatusCode.INTERNAL
-            await context.abort(code, f"picker failed: {exc}")
-            raise AssertionError("unreachable") from exc  # context.abort raises
+            code = h2s.UNAVAILABLE if isinstance(exc, PickerError) else h2s.INTERNAL
+            raise GrpcAbort(code, f"picker failed: {exc}") from exc
         metrics.decision_seconds.observe(self._clock() - start)
         ex.session = session
         if isinstance(decision, Reject):
@@ -308,10 +356,10 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     ) -> list[m.ProcessingResponse]:
         if not decision.endpoints:
             # A picker bug, not a client error: never send an empty destination.
-            self._metrics.errors.labels("empty-destination").inc()
+            self.metrics.errors.labels("empty-destination").inc()
             ex.end(False, "empty-destination")
             return [m.immediate_response(503, error_body(503, "the picker returned no endpoint"))]
-        self._metrics.destination.inc()
+        self.metrics.destination.inc()
         if phase == "request_body":  # BUFFERED / STREAMED: the decision rides on the body reply
             return [
                 m.headers_response(
@@ -346,7 +394,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return replies
 
     @staticmethod
-    def _response_started(ex: _Exchange, req: m.ProcessingRequest) -> None:
+    def response_started(ex: _Exchange, req: m.ProcessingRequest) -> None:
         ex.response_seen = True
         if ex.session is None or ex.ended:
             return
@@ -366,7 +414,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
     def __init__(self, ready: Callable[[], bool], *, watch_interval: float = 1.0) -> None:
         self._ready = ready
-        self._interval = watch_interval
+        self.interval = watch_interval
 
     def status(self, service: str) -> int:
         if service == "liveness":
@@ -393,7 +441,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             if now != last:
                 last = now
                 yield health_pb2.HealthCheckResponse(status=now)
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self.interval)
 
 
 def picker_readiness(picker: Picker) -> Callable[[], bool]:
@@ -415,8 +463,16 @@ class ServerOptions:
     insecure: bool = False
     cert_path: str | None = None
     """Directory with tls.crt / tls.key (reloaded on change); None with TLS: a generated self-signed pair."""
+    client_ca: str | None = None
+    """PEM bundle: require and verify client certificates signed by it (mTLS). Reloaded on change."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     destination_header: str = DESTINATION_HEADER
+    transport: str = "h2"
+    """``h2``: inferoute's own gRPC-over-HTTP/2 server (extproc/h2server.py, the fast one); ``grpcio``:
+    ``grpc.aio``."""
+
+
+TRANSPORTS = ("h2", "grpcio")
 
 
 def _grpc_options(max_bytes: int) -> list[tuple[str, Any]]:
@@ -430,28 +486,62 @@ def _grpc_options(max_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+def _h2_methods(servicer: ExtProcServicer | None, health: HealthServicer) -> dict[str, h2s.Method]:
+    async def watch(req: health_pb2.HealthCheckRequest, writer: h2s.StreamWriter) -> None:
+        last = -1
+        while True:
+            now = health.status(req.service)
+            if now != last:
+                last = now
+                writer.send((health_pb2.HealthCheckResponse(status=now),))
+            await asyncio.sleep(health.interval)
+
+    methods = {
+        "/grpc.health.v1.Health/Check": h2s.unary(
+            health_pb2.HealthCheckRequest,
+            lambda req: health_pb2.HealthCheckResponse(status=health.status(req.service)),
+        ),
+        "/grpc.health.v1.Health/Watch": h2s.server_streaming(health_pb2.HealthCheckRequest, watch),
+    }
+    if servicer is not None:
+        methods[f"/{EXT_PROC_SERVICE}/Process"] = h2s.Method(m.ProcessingRequest, servicer.open)
+    return methods
+
+
 class EppServer:
     """The running gRPC servers (ext_proc + health on one port, health alone on another)."""
 
     def __init__(
-        self, servers: list[grpc.aio.Server], grpc_port: int, health_port: int | None, metrics: ExtProcMetrics
+        self,
+        servers: list[grpc.aio.Server | h2s.GrpcServer],
+        grpc_port: int,
+        health_port: int | None,
+        metrics: ExtProcMetrics,
     ) -> None:
         self._servers = servers
         self.grpc_port = grpc_port
         self.health_port = health_port
+        self.transport = "h2" if isinstance(servers[0], h2s.GrpcServer) else "grpcio"
         self.metrics = metrics
 
     @classmethod
     async def start(cls, picker: Picker, opts: ServerOptions, registry: CollectorRegistry) -> EppServer:
         """Bind and start; raises InferouteError(500, cause="bind") when a port is taken."""
+        if opts.transport not in TRANSPORTS:
+            raise InferouteError(
+                500, f"transport {opts.transport!r}: choose one of {', '.join(TRANSPORTS)}", cause="config"
+            )
         metrics = ExtProcMetrics(registry)
         health = HealthServicer(picker_readiness(picker))
+        servicer = ExtProcServicer(picker, metrics, destination_header=opts.destination_header)
+        if opts.transport == "h2":
+            return await cls._start_h2(servicer, health, opts, metrics)
+        if opts.client_ca is not None:
+            raise InferouteError(500, "client certificates (mTLS) need the h2 transport", cause="config")
         main = grpc.aio.server(options=_grpc_options(opts.max_message_bytes))
-        ext_grpc.add_ExternalProcessorServicer_to_server(
-            ExtProcServicer(picker, metrics, destination_header=opts.destination_header), main
-        )
+        ext_grpc.add_ExternalProcessorServicer_to_server(servicer, main)
         health_pb2_grpc.add_HealthServicer_to_server(health, main)
-        servers = [main]
+        servers: list[grpc.aio.Server | h2s.GrpcServer] = [main]
         addr = f"{opts.host}:{opts.grpc_port}"
         try:
             if opts.insecure:
@@ -469,15 +559,46 @@ class EppServer:
         except RuntimeError as exc:
             raise InferouteError(500, f"cannot listen on {opts.host}: {exc}", cause="bind") from exc
         for s in servers:
-            await s.start()
+            await s.start()  # type: ignore[call-arg]
+        cls._log_listening(opts, port, health_port)
+        return cls(servers, port, health_port, metrics)
+
+    @classmethod
+    async def _start_h2(
+        cls, servicer: ExtProcServicer, health: HealthServicer, opts: ServerOptions, metrics: ExtProcMetrics
+    ) -> EppServer:
+        ctx = None
+        if not opts.insecure:
+            from inferoute.epp.tls import server_ssl_context
+
+            ctx = server_ssl_context(opts.cert_path, opts.client_ca)
+        main = h2s.GrpcServer(_h2_methods(servicer, health), max_message_bytes=opts.max_message_bytes)
+        servers: list[grpc.aio.Server | h2s.GrpcServer] = [main]
+        try:
+            port = await main.start(opts.host, opts.grpc_port, ctx)
+            health_port: int | None = None
+            if opts.health_port is not None:
+                hs = h2s.GrpcServer(_h2_methods(None, health))
+                health_port = await hs.start(opts.host, opts.health_port)
+                servers.append(hs)
+        except OSError as exc:
+            for s in servers:
+                await s.stop(0)
+            raise InferouteError(500, f"cannot listen on {opts.host}: {exc}", cause="bind") from exc
+        cls._log_listening(opts, port, health_port)
+        return cls(servers, port, health_port, metrics)
+
+    @staticmethod
+    def _log_listening(opts: ServerOptions, port: int, health_port: int | None) -> None:
         log.info(
-            "ext_proc listening on %s:%d (%s), health on %s",
+            "ext_proc listening on %s:%d (%s, %s%s), health on %s",
             opts.host,
             port,
+            opts.transport,
             "plaintext" if opts.insecure else "TLS",
+            ", client certificates required" if opts.client_ca else "",
             health_port,
         )
-        return cls(servers, port, health_port, metrics)
 
     async def aclose(self, grace: float = 1.0) -> None:
         """Stop accepting, let open streams finish for ``grace`` seconds, then cancel them."""
@@ -486,4 +607,8 @@ class EppServer:
                 await s.stop(grace)
 
     async def wait(self) -> None:
-        await self._servers[0].wait_for_termination()
+        main = self._servers[0]
+        if isinstance(main, h2s.GrpcServer):
+            await main.wait()
+        else:
+            await main.wait_for_termination()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import socket
+import ssl
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from inferoute.errors import InferouteError
+
+log = logging.getLogger(__name__)
 
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
@@ -110,3 +115,67 @@ def _reloader(d: Path) -> Callable[[], grpc.ServerCertificateConfiguration | Non
         return grpc.ssl_server_certificate_configuration([(pair.key_pem, pair.cert_pem)])
 
     return fetch
+
+
+def server_ssl_context(
+    cert_dir: str | os.PathLike[str] | None, client_ca: str | os.PathLike[str] | None = None
+) -> ssl.SSLContext:
+    """An ``ssl.SSLContext`` for the h2 gRPC server (TLS 1.2+, ALPN ``h2``).
+
+    The certificate comes from ``cert_dir`` (``tls.crt`` / ``tls.key``) or is a generated self-signed pair.
+    With ``client_ca`` the server requires client certificates signed by that bundle (mTLS). The files are
+    checked before every handshake (a ``stat`` each) and a changed set is loaded for that connection and the
+    following ones; a set that fails to load is logged and the previous one kept.
+    """
+    files: list[Path] = []
+    if cert_dir is not None:
+        files += [Path(cert_dir) / CERT_FILE, Path(cert_dir) / KEY_FILE]
+    if client_ca is not None:
+        files.append(Path(client_ca))
+
+    def build() -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(["h2"])
+        if cert_dir is None:
+            pair = self_signed()
+            with tempfile.TemporaryDirectory() as tmp:  # load_cert_chain reads files only
+                cert, key = Path(tmp) / CERT_FILE, Path(tmp) / KEY_FILE
+                cert.write_bytes(pair.cert_pem)
+                key.touch(mode=0o600)
+                key.write_bytes(pair.key_pem)
+                ctx.load_cert_chain(cert, key)
+        else:
+            ctx.load_cert_chain(Path(cert_dir) / CERT_FILE, Path(cert_dir) / KEY_FILE)
+        if client_ca is not None:
+            ctx.load_verify_locations(cafile=client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def stamp() -> tuple[float, ...]:
+        return tuple(f.stat().st_mtime_ns for f in files)
+
+    try:
+        base = build()
+        last = [stamp()]
+    except (OSError, ssl.SSLError) as exc:
+        raise InferouteError(
+            500, f"TLS material for the picker cannot be loaded: {exc}", cause="tls"
+        ) from exc
+    current = [base]
+
+    def on_hello(sslobj: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        try:
+            now = stamp()
+            if now != last[0]:
+                current[0] = build()
+                last[0] = now
+                log.info("picker TLS material reloaded from %s", ", ".join(map(str, files)))
+        except (OSError, ssl.SSLError) as exc:  # e.g. caught between writing the key and the certificate
+            log.error("picker TLS material changed but cannot be loaded (keeping the previous): %s", exc)
+        if current[0] is not base:
+            sslobj.context = current[0]
+
+    if files:
+        base.sni_callback = on_hello
+    return base
