@@ -79,8 +79,10 @@ def test_large_body_path_agrees_on_random_documents(every_body_is_large: BodyPar
 
 def test_member_value_cuts_without_reading_the_value() -> None:
     body = b'{"model": "m", "messages": [' + b'{"content": "' + b"x" * 100_000 + b'"}], "stream": true}'
-    raw = member_value(body, 1, 3, b"messages", steps=20)
-    assert raw is not None and raw.startswith(b"[{") and raw.endswith(b'"}]') and len(raw) == 100_017
+    view = member_value(body, 1, 3, b"messages", steps=20)
+    assert view is not None and view.obj is body  # a view, not a copy
+    raw = view.tobytes()
+    assert raw.startswith(b"[{") and raw.endswith(b'"}]') and len(raw) == 100_017
     assert member_value(body, 1, 3, b"prompt", steps=20) is None  # not the key expected there
     assert member_value(body, 1, 3, b"messages", steps=1) is None  # over budget: the caller decodes
 

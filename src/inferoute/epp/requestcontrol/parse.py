@@ -41,8 +41,9 @@ _decoder = msgspec.json.Decoder(_Body)
 @dataclass(frozen=True, slots=True)
 class ParsedBody:
     model: str
-    prompt: bytes
-    """Raw JSON bytes of ``prompt`` (completions), ``messages`` (chat) or ``input`` (responses/embeddings)."""
+    prompt: bytes | memoryview
+    """Raw JSON bytes of ``prompt`` (completions), ``messages`` (chat) or ``input`` (responses/embeddings): a
+    view into the request body, not a copy."""
     stream: bool
 
     @property
@@ -63,7 +64,7 @@ def parse_body(body: bytes) -> ParsedBody:
     if not isinstance(parsed.model, str) or not parsed.model:
         raise InferouteError(400, "model must be a non-empty string", cause="bad-request", param="model")
     raw = parsed.prompt or parsed.messages or parsed.input
-    prompt = bytes(raw) if raw else b""
+    prompt = memoryview(raw) if raw else b""
     return ParsedBody(parsed.model, b"" if prompt == b"null" else prompt, parsed.stream is True)
 
 
@@ -116,5 +117,6 @@ class BodyParser:
                 )
                 if raw is None:
                     return None
-                return ParsedBody(model, b"" if raw == b"null" else raw, stream)
+                null = len(raw) == 4 and raw.tobytes() == b"null"
+                return ParsedBody(model, b"" if null else raw, stream)
         return ParsedBody(model, b"", stream)

@@ -167,11 +167,11 @@ def _ws_start(body: bytes, end: int) -> int:
     return end
 
 
-def member_value(body: bytes, index: int, count: int, key: bytes, *, steps: int) -> bytes | None:
-    """The raw bytes of the value of the ``index``-th of the ``count`` top-level members of the valid JSON
-    object ``body``, whose key is ``key`` (a key spelled with escapes is accepted as it is: the caller knows
-    the order of the decoded keys). None when the scan needs more than ``steps`` steps or meets anything it
-    does not follow."""
+def member_value(body: bytes, index: int, count: int, key: bytes, *, steps: int) -> memoryview | None:
+    """The raw bytes (a view into ``body``) of the value of the ``index``-th of the ``count`` top-level
+    members of the valid JSON object ``body``, whose key is ``key`` (a key spelled with escapes is accepted as
+    it is: the caller knows the order of the decoded keys). None when the scan needs more than ``steps`` steps
+    or meets anything it does not follow."""
     scan = _Scanner(body, steps)
     try:
         i = _ws_end(body, 0)
@@ -210,6 +210,6 @@ def member_value(body: bytes, index: int, count: int, key: bytes, *, steps: int)
             end = _ws_start(body, end - 1)
         if end <= start:
             return None
-        return body[start:end]
+        return memoryview(body)[start:end]
     except (_GiveUp, IndexError):
         return None

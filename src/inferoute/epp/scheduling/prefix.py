@@ -30,7 +30,7 @@ CHARS_PER_TOKEN = 4
 
 def prefix_hashes(
     model: str,
-    prompt: bytes,
+    prompt: bytes | memoryview,
     *,
     block_size_tokens: int = DEFAULT_BLOCK_SIZE_TOKENS,
     max_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS,

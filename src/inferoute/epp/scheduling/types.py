@@ -28,8 +28,9 @@ class InferenceRequest:
     """Client-facing model name (from the body)."""
     target_model: str
     """Model (or LoRA adapter) the server will run: ``model`` after rewrites."""
-    prompt: bytes = b""
-    """The raw prompt bytes used for prefix matching (completions ``prompt`` or chat ``messages`` JSON)."""
+    prompt: bytes | memoryview = b""
+    """The raw prompt bytes used for prefix matching (completions ``prompt`` or chat ``messages`` JSON), often
+    a view into the request body."""
     prompt_tokens: int = 0
     """Prompt length estimate in tokens (bytes / 4)."""
     headers: Mapping[str, str] = field(default_factory=dict)
