@@ -27,7 +27,10 @@ class LoraAffinityScorer:
 
     def score(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
         model = ctx.request.target_model
-        if not any(c.metrics.max_lora for c in candidates):
+        for c in candidates:  # a loop, not any(generator): this runs for every request, LoRA or not
+            if c.metrics.max_lora:
+                break
+        else:
             return [1.0] * len(candidates)  # no LoRA-capable endpoint reports adapters
         out: list[float] = []
         for c in candidates:

@@ -26,10 +26,12 @@ class MaxScorePicker(BoundedPicker):
     ) -> list[Candidate]:
         if not candidates:
             return []
-        if self.max_endpoints == 1:  # fast path: one pass, reservoir-style random tie-break
+        if self.max_endpoints == 1:  # fast path: C-level passes, random tie-break only when there is a tie
             best = max(scores)
+            if scores.count(best) == 1:
+                return [candidates[scores.index(best)]]
             ties = [i for i, s in enumerate(scores) if s == best]
-            return [candidates[ties[0] if len(ties) == 1 else ctx.rng.choice(ties)]]
+            return [candidates[ctx.rng.choice(ties)]]
         order = list(range(len(candidates)))
         ctx.rng.shuffle(order)
         order.sort(key=lambda i: scores[i], reverse=True)  # stable: ties keep their random order
