@@ -55,6 +55,21 @@ def test_tree_cpu_seconds_of_this_process() -> None:
     assert math.isnan(tree_cpu_seconds(2**22 + 12345))  # no such process
 
 
+def test_run_delay_and_cpu_counters_of_this_machine() -> None:
+    import os
+
+    from inferoute.bench.gateway import busy_and_steal, cpu_times, tree_run_delay_seconds
+
+    assert tree_run_delay_seconds(os.getpid(), descendants=False) >= 0
+    assert math.isnan(tree_run_delay_seconds(2**22 + 12345))
+    before = cpu_times()
+    assert len(before) == 8
+    # user nice system idle iowait irq softirq steal: 30 busy + 10 stolen out of 100
+    assert busy_and_steal((0,) * 8, (20, 0, 10, 50, 10, 0, 0, 10)) == (0.4, 0.1)
+    assert all(math.isnan(v) for v in busy_and_steal(before, before))
+    assert all(math.isnan(v) for v in busy_and_steal((), before))
+
+
 def test_render_markdown_reports_added_latency() -> None:
     paths = {
         "direct": {
@@ -82,6 +97,13 @@ def test_render_markdown_reports_added_latency() -> None:
     assert "| gw | 0.900 ms | 2.500 ms | +0.700 ms | +2.000 ms | none | 50 | 250 µs | 900 |" in text
     assert "| direct | 0.200 ms | 0.500 ms | - | - | 100 (1) | 100 | - | 1,000 |" in text
     assert "(6.0x)" in text
+    assert "waiting for a CPU" not in text  # results of older versions have no scheduler figures
+    paths["direct"] |= {"fixed_rate_wait_us": 3.0, "fixed_rate_client_wait_us": 40.0}
+    paths["gw"] |= {"fixed_rate_wait_us": 1234.0, "fixed_rate_client_wait_us": 50.0}
+    result["machine"] |= {"fixed_rate_cpu_busy": 0.25, "fixed_rate_cpu_steal": 0.012}
+    text = render_markdown(result)
+    assert "CPUs were 25% busy (1.2% stolen by the hypervisor)" in text
+    assert "`direct` 3 / 40 µs, `gw` 1,234 / 50 µs." in text
     result["bbr"] = {
         "body_mb": 10.0,
         "model_reader_gb_s": 4.0,

@@ -134,6 +134,11 @@ class PathReport:
     fixed_rate_p50_ms: float = math.nan
     fixed_rate_p99_ms: float = math.nan
     fixed_rate_errors: int = 0
+    fixed_rate_wait_us: float = math.nan
+    """Mean time per request that the path's processes (for ``direct``: the backend) spent runnable but
+    waiting for a CPU during the fixed-rate test (Linux ``schedstat`` run delay)."""
+    fixed_rate_client_wait_us: float = math.nan
+    """The same for the load generator (this process) while it measured this path."""
     wrk: list[WrkResult] = field(default_factory=list)
     wrk_cpu_us_per_request: list[float] = field(default_factory=list)
     """CPU (user + system) of the path's processes per request in each wrk run (NaN: not measured)."""
@@ -157,6 +162,43 @@ def tree_cpu_seconds(pid: int) -> float:
     except (OSError, ValueError, IndexError):
         return math.nan
     return total
+
+
+def tree_run_delay_seconds(pid: int, *, descendants: bool = True) -> float:
+    """Seconds the threads of ``pid`` (and of its descendants) spent runnable but waiting for a CPU: the
+    scheduler's run delay, the second field of Linux ``/proc/PID/task/TID/schedstat``; NaN when unreadable."""
+    total_ns = 0
+    stack = [pid]
+    try:
+        while stack:
+            for task in Path(f"/proc/{stack.pop()}/task").iterdir():
+                total_ns += int((task / "schedstat").read_text().split()[1])
+                if descendants:
+                    stack.extend(int(c) for c in (task / "children").read_text().split())
+    except (OSError, ValueError, IndexError):
+        return math.nan
+    return total_ns / 1e9
+
+
+def cpu_times() -> tuple[int, ...]:
+    """The machine's CPU time counters (``/proc/stat`` first line: user nice system idle iowait irq softirq
+    steal), in clock ticks; empty when unreadable."""
+    try:
+        return tuple(int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    except (OSError, ValueError):
+        return ()
+
+
+def busy_and_steal(before: Sequence[int], after: Sequence[int]) -> tuple[float, float]:
+    """Fractions of CPU time between two :func:`cpu_times` readings that were busy (not idle or iowait) and
+    stolen by the hypervisor; NaN when unknown."""
+    if len(before) < 8 or len(after) < 8:
+        return math.nan, math.nan
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(delta)
+    if total <= 0:
+        return math.nan, math.nan
+    return (total - delta[3] - delta[4]) / total, delta[7] / total
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -463,6 +505,8 @@ async def _start(procs: list[ManagedProcess], proc: ManagedProcess, ready_url: s
 
 
 async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
+    load_before = _loadavg()
+    busy = steal = math.nan
     work = opts.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     procs: list[ManagedProcess] = []
@@ -520,12 +564,20 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
         echo(f"fixed rate {opts.rate:g} req/s, {opts.fixed_duration:g}s per path (1 s slices, interleaved)")
         lats: dict[str, list[float]] = {n: [] for n in opts.paths}
         errors: dict[str, int] = dict.fromkeys(opts.paths, 0)
+        waits: dict[str, list[float]] = {n: [0.0, 0.0] for n in opts.paths}
+        cpu_before = cpu_times()
         for _ in range(max(1, round(opts.fixed_duration))):
             # interleaving spreads the machine's load swings over every path alike
             for name in opts.paths:
+                path_wait = tree_run_delay_seconds(json_pid[name])
+                client_wait = tree_run_delay_seconds(os.getpid(), descendants=False)
                 lat, errs = await fixed_rate(json_url[name] + chat, opts.rate, 1.0, warmup=5)
+                waits[name][0] += tree_run_delay_seconds(json_pid[name]) - path_wait
+                waits[name][1] += tree_run_delay_seconds(os.getpid(), descendants=False) - client_wait
                 lats[name].extend(lat)
                 errors[name] += errs
+        busy, steal = busy_and_steal(cpu_before, cpu_times())
+        echo(f"  machine during the fixed-rate test: CPU busy {busy:.0%}, stolen {steal:.1%}")
         for name in opts.paths:
             r = reports[name]
             lat, errs = lats[name], errors[name]
@@ -534,9 +586,12 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
                 percentile(lat, 99),
                 errs,
             )
+            n = max(1, len(lat) + errs)
+            r.fixed_rate_wait_us, r.fixed_rate_client_wait_us = (w / n * 1e6 for w in waits[name])
             echo(
                 f"  {name:20s} p50 {r.fixed_rate_p50_ms:7.3f} ms  p99 {r.fixed_rate_p99_ms:7.3f} ms"
-                f"  errors {errs}"
+                f"  errors {errs}  waited for a CPU per request: path {r.fixed_rate_wait_us:5.0f} us,"
+                f" client {r.fixed_rate_client_wait_us:5.0f} us"
             )
         echo(f"wrk sweep, connections {list(opts.connections)}, {opts.wrk_duration:g}s each")
         for name in opts.paths:
@@ -567,7 +622,13 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
     )
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": {"cpus": _cpus(), "python": platform.python_version(), "load_before": _loadavg()},
+        "machine": {
+            "cpus": _cpus(),
+            "python": platform.python_version(),
+            "load_before": load_before,
+            "fixed_rate_cpu_busy": busy,
+            "fixed_rate_cpu_steal": steal,
+        },
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "paths": {n: asdict(r) for n, r in reports.items()},
         "bbr": bbr,
@@ -619,6 +680,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"| {added50} | {added99} "
             f"| {best_txt} | {top:,.0f} | {cpu_txt} | {r['sse_events_per_s']:,.0f} |"
         )
+    lines += _scheduler_lines(result)
     bbr = result["bbr"]
     reader = bbr.get("model_reader_gb_s")
     reader_txt = f"`ModelReader` (simdjson) {reader:.2f} GB/s, " if reader is not None else ""
@@ -631,6 +693,25 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _scheduler_lines(result: dict[str, Any]) -> list[str]:
+    """What the scheduler did during the fixed-rate test (absent from results of older versions)."""
+    machine = result["machine"]
+    waits = [
+        f"`{name}` {r['fixed_rate_wait_us']:,.0f} / {r['fixed_rate_client_wait_us']:,.0f} µs"
+        for name, r in result["paths"].items()
+        if not math.isnan(r.get("fixed_rate_wait_us", math.nan))
+    ]
+    if not waits:
+        return []
+    busy, steal = machine.get("fixed_rate_cpu_busy", math.nan), machine.get("fixed_rate_cpu_steal", math.nan)
+    return [
+        "",
+        f"During the fixed-rate test the machine's CPUs were {busy:.0%} busy ({steal:.1%} stolen by the "
+        "hypervisor). Time spent runnable but waiting for a CPU, per request, by the path's processes (for "
+        "`direct`: the backend) / by the load generator: " + ", ".join(waits) + ".",
+    ]
 
 
 @click.command("gateway")
