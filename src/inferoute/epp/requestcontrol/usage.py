@@ -108,6 +108,20 @@ def _object_at(data: bytes, start: int) -> bytes | None:
     return None
 
 
+def _braces_only(data: bytes, start: int) -> bytes | None:
+    """``data[start:]`` up to where its braces balance, counting braces inside strings too (C-level finds
+    and counts; usage objects have no braces in strings). Only a candidate: see :func:`parse_usage`."""
+    depth = 1
+    pos = start + 1
+    while depth:
+        close = data.find(b"}", pos)
+        if close < 0:
+            return None
+        depth += data.count(b"{", pos, close) - 1
+        pos = close + 1
+    return data[start:pos]
+
+
 class _Details(msgspec.Struct):
     cached_tokens: int | None = 0
 
@@ -125,9 +139,12 @@ def _usage_of(obj: bytes) -> Usage | bool | None:
     """The usage in one ``{...}`` object: a :class:`Usage`, None when its values are unusable, False when it
     is not a JSON object (look further back)."""
     try:  # the common shape, typed: integers (or null) and a details object
-        u = _usage_decoder.decode(obj)
+        return _typed(_usage_decoder.decode(obj))
     except (msgspec.DecodeError, msgspec.ValidationError):
         return _usage_of_any(obj)
+
+
+def _typed(u: _Usage) -> Usage:
     details = u.prompt_tokens_details
     cached = details.cached_tokens if details is not None else 0
     return Usage(u.prompt_tokens or 0, u.completion_tokens or 0, cached or 0)
@@ -161,6 +178,12 @@ def parse_usage(tail: bytes) -> Usage | None:
         brace = tail.find(b"{", idx + 7, idx + 64)
         if brace < 0 or tail[idx + 7 : brace].strip(b" \t\r\n:") != b"":
             continue  # "usage": null or not an object
+        quick = _braces_only(tail, brace)
+        if quick is not None:
+            try:  # a valid object that ends where the braces balance is the one _object_at would find
+                return _typed(_usage_decoder.decode(quick))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                pass
         obj = _object_at(tail, brace)
         if obj is None:
             continue
