@@ -1,7 +1,9 @@
 """``inferoute bench picker``: what the ext_proc picker costs.
 
 Three measurements, each with the picker server in its own process (``python -m inferoute.bench.picker
-serve``):
+serve``), on each gRPC transport (``--transports h2,grpcio``: inferoute's HTTP/2 server and grpc.aio). With
+``--pin`` (default) the picker runs alone on the first CPU and everything else (load generator, Envoy, wrk,
+backends) on the others, so "per core" is literal.
 
 1. **decisions/s** -- a load process drives full ext_proc lifecycles over one gRPC channel with many
    concurrent streams, as Envoy would (request headers, a 4 KB JSON body, the held decision + echoed body,
@@ -9,13 +11,15 @@ serve``):
    from ``/proc``), the latter being "decisions per second on one core" even when other work shares the CPUs.
 2. **through Envoy** -- ``wrk`` → Envoy (1 worker) → picker → a trivial backend, 4 KB POSTs: end-to-end
    requests/s of the whole Envoy + Python picker stack.
-3. **added latency** -- 200 KB prompts at 50 concurrent requests through Envoy with the picker vs Envoy
-   routing directly to the same backend; p50/p99 from ``wrk --latency``.
+3. **added latency** -- 200 KB prompts through Envoy with the picker vs Envoy routing directly to the same
+   backends; p50/p99 from ``wrk --latency``: 1 connection, then 50 connections with backends answering at
+   once (a saturation test: the closed loop runs as fast as the slowest stage) and after a mean delay
+   (``--backend-delays``, each answer 0.5-1.5x the mean) standing in for a model server's prefill time.
 
-Pickers: ``floor`` (grpc.aio alone: prebuilt replies, no picker -- the cost no Python ext_proc server can
-go below), ``trivial`` (round robin, :class:`~inferoute.extproc.testing.RecordingPicker`) and ``embedded``
-(the real :class:`~inferoute.epp.assembly.EmbeddedPicker`, GIE default profile: queue + KV + prefix scorers,
-scraping the backends' /metrics).
+Pickers: ``floor`` (the transport alone: prebuilt replies, no picker -- the cost no ext_proc server on that
+transport can go below), ``trivial`` (round robin, :class:`~inferoute.extproc.testing.RecordingPicker`) and
+``embedded`` (the real :class:`~inferoute.epp.assembly.EmbeddedPicker`, GIE default profile: queue + KV +
+prefix scorers, scraping the backends' /metrics).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -38,6 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+DELAY_HEADER = "x-bench-delay-ms"
+"""The trivial backend answers after about this many milliseconds (uniformly 0.5-1.5x; set by the wrk
+script), so 50 closed-loop clients do not march in lockstep."""
 
 VLLM_ZERO_METRICS = (
     '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="m"} 0\n'
@@ -75,8 +84,8 @@ def _body(size: int) -> bytes:
 # ----------------------------------------------------------------------------------------- child processes
 
 
-async def _serve_picker(port: int, picker_kind: str, endpoints: list[str]) -> None:
-    """Child: the ext_proc server with the chosen picker, plain text, until SIGTERM."""
+async def _serve_picker(port: int, picker_kind: str, endpoints: list[str], transport: str = "h2") -> None:
+    """Child: the ext_proc server with the chosen picker and transport, plain text, until SIGTERM."""
     from prometheus_client import CollectorRegistry
 
     from inferoute.endpoints import Endpoint
@@ -84,7 +93,7 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str]) -> No
     from inferoute.extproc.testing import RecordingPicker
 
     if picker_kind == "floor":
-        await _serve_floor(port, endpoints[0])
+        await _serve_floor(port, endpoints[0], transport)
         return
     picker: Any
     if picker_kind == "trivial":
@@ -103,7 +112,7 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str]) -> No
             raise SystemExit("the embedded picker did not become ready within 10 s (backends not scraped)")
     server = await EppServer.start(
         picker,
-        ServerOptions(host="127.0.0.1", grpc_port=port, health_port=None, insecure=True),
+        ServerOptions(host="127.0.0.1", grpc_port=port, health_port=None, insecure=True, transport=transport),
         CollectorRegistry(),
     )
     stop = asyncio.Event()
@@ -115,9 +124,9 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str]) -> No
     await picker.aclose()
 
 
-async def _serve_floor(port: int, endpoint: str) -> None:
+async def _serve_floor(port: int, endpoint: str, transport: str) -> None:
     """Child: the gRPC floor -- a minimal servicer answering the same messages with prebuilt replies (no
-    picker, no metrics, no parsing): what grpc.aio itself costs for one ext_proc lifecycle."""
+    picker, no metrics, no parsing): what the gRPC transport itself costs for one ext_proc lifecycle."""
     import grpc
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
@@ -126,6 +135,9 @@ async def _serve_floor(port: int, endpoint: str) -> None:
     decision = m.headers_response(destination=(endpoint,), content_length=0)
     resp_headers = m.headers_response("response_headers")
     resp_body = m.body_response("response_body")
+    if transport == "h2":
+        await _serve_h2_floor(port, decision, resp_headers, resp_body)
+        return
 
     class Floor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         async def Process(self, it: Any, context: Any) -> AsyncIterator[Any]:
@@ -150,15 +162,57 @@ async def _serve_floor(port: int, endpoint: str) -> None:
     await server.stop(0)
 
 
+async def _serve_h2_floor(port: int, decision: Any, resp_headers: Any, resp_body: Any) -> None:
+    from inferoute.extproc import h2server as h2s
+    from inferoute.extproc import messages as m
+
+    class Floor:
+        def __init__(self, _writer: Any) -> None:
+            pass
+
+        def feed(self, req: Any) -> Any:
+            phase = req.WhichOneof("request")
+            if phase == "request_body" and req.request_body.end_of_stream:
+                return (decision, next(m.body_chunks(req.request_body.body)))
+            if phase == "response_headers":
+                return (resp_headers,)
+            if phase == "response_body":
+                return (resp_body,)
+            return ()
+
+        async def resume(self) -> Any:
+            return ()
+
+        def end_of_input(self) -> Any:
+            return ()
+
+        def close(self, cancelled: bool) -> None:
+            return None
+
+    server = h2s.GrpcServer(
+        {"/envoy.service.ext_proc.v3.ExternalProcessor/Process": h2s.Method(m.ProcessingRequest, Floor)}
+    )
+    await server.start("127.0.0.1", port)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("READY", flush=True)
+    await stop.wait()
+    await server.stop(0)
+
+
 async def _serve_backend(port: int) -> None:
     """Child: a trivial model server (small JSON answer, zero-load vLLM metrics) until SIGTERM."""
     from aiohttp import web
 
     answer = json.dumps({"id": "cmpl-1", "object": "text_completion", "choices": [{"text": "ok"}]}).encode()
+    rng = random.Random(port)
 
     async def completion(request: web.Request) -> web.Response:
         with contextlib.suppress(ConnectionResetError):  # wrk drops its connections when it stops
             await request.read()
+        delay = request.headers.get(DELAY_HEADER)
+        if delay:  # a model server's time to answer (prefill of a long prompt), varying like real ones do
+            await asyncio.sleep(float(delay) / 1000 * rng.uniform(0.5, 1.5))
         return web.Response(body=answer, content_type="application/json")
 
     async def metrics(_: web.Request) -> web.Response:
@@ -196,6 +250,23 @@ async def _child(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+def _serve_child(
+    port: int, picker: str, endpoints: str, transport: str, cpu: int | None
+) -> contextlib.AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    args = [
+        "serve",
+        "--port",
+        str(port),
+        "--picker",
+        picker,
+        "--endpoints",
+        endpoints,
+        "--transport",
+        transport,
+    ]
+    return _child(*args, *(["--cpu", str(cpu)] if cpu is not None else []))
 
 
 # ----------------------------------------------------------------------------------------------- 1. gRPC load
@@ -305,6 +376,7 @@ class WrkResult:
     envoy_cpu_seconds: float = 0.0
     picker_cpu_seconds: float = 0.0
     connections: int = 0
+    delay_ms: int = 0
 
     @property
     def picker_cpu_ms_per_request(self) -> float:
@@ -335,13 +407,14 @@ def parse_wrk(label: str, text: str) -> WrkResult:
 
 
 async def _wrk(
-    url: str, body_size: int, connections: int, seconds: int, label: str, workdir: str
+    url: str, body_size: int, connections: int, seconds: int, label: str, workdir: str, delay_ms: int = 0
 ) -> WrkResult:
-    script = Path(workdir) / f"post-{body_size}.lua"
+    script = Path(workdir) / f"post-{body_size}-{delay_ms}.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
-        'wrk.body = \'{"model":"m","max_tokens":8,"prompt":"\' .. '
+        + (f'wrk.headers["{DELAY_HEADER}"] = "{delay_ms}"\n' if delay_ms else "")
+        + 'wrk.body = \'{"model":"m","max_tokens":8,"prompt":"\' .. '
         f'string.rep("a", {max(0, body_size - 50)}) .. \'"}}\'\n'
     )
     proc = await asyncio.create_subprocess_exec(
@@ -403,11 +476,18 @@ async def _through_envoy(
     *,
     request_body: str = "full_duplex",
     response_phase: str = "full",
+    transport: str = "h2",
+    delay_ms: int = 0,
+    cpu: int | None = None,
 ) -> WrkResult:
     from inferoute.epp.envoy import EnvoyProcess, bootstrap
 
     listen, admin, epp_port = _free_ports(3)
-    label = f"envoy + {picker} picker, {request_body.replace('_', '-')}" if picker else "envoy direct"
+    label = (
+        f"envoy + {picker} picker ({transport}), {request_body.replace('_', '-')}"
+        if picker
+        else "envoy direct"
+    )
     if picker and response_phase != "full":
         label += f", response {response_phase}"
     sub = Path(tempfile.mkdtemp(dir=workdir))
@@ -415,19 +495,16 @@ async def _through_envoy(
         envoy = await EnvoyProcess.start(_direct_bootstrap(listen, admin, backends[0]), str(sub))
         try:
             await envoy.wait_ready(30, epp_healthy=False)
-            await _wrk(
-                f"http://127.0.0.1:{listen}/v1/completions", body_size, connections, 2, label, str(sub)
-            )
+            url = f"http://127.0.0.1:{listen}/v1/completions"
+            await _wrk(url, body_size, connections, 2, label, str(sub), delay_ms)
             cpu0 = _cpu_seconds(envoy.proc.pid)
-            res = await _wrk(
-                f"http://127.0.0.1:{listen}/v1/completions", body_size, connections, seconds, label, str(sub)
-            )
+            res = await _wrk(url, body_size, connections, seconds, label, str(sub), delay_ms)
             res.envoy_cpu_seconds = _cpu_seconds(envoy.proc.pid) - cpu0
             return res
         finally:
             await envoy.aclose()
     eps = ",".join(f"127.0.0.1:{p}" for p in backends)
-    async with _child("serve", "--port", str(epp_port), "--picker", picker, "--endpoints", eps) as server:
+    async with _serve_child(epp_port, picker, eps, transport, cpu) as server:
         cfg = bootstrap(
             f"127.0.0.1:{epp_port}",
             listen,
@@ -441,13 +518,10 @@ async def _through_envoy(
         envoy = await EnvoyProcess.start(cfg, str(sub))
         try:
             await envoy.wait_ready(30)
-            await _wrk(
-                f"http://127.0.0.1:{listen}/v1/completions", body_size, connections, 2, label, str(sub)
-            )
+            url = f"http://127.0.0.1:{listen}/v1/completions"
+            await _wrk(url, body_size, connections, 2, label, str(sub), delay_ms)
             cpu_e, cpu_p = _cpu_seconds(envoy.proc.pid), _cpu_seconds(server.pid)
-            res = await _wrk(
-                f"http://127.0.0.1:{listen}/v1/completions", body_size, connections, seconds, label, str(sub)
-            )
+            res = await _wrk(url, body_size, connections, seconds, label, str(sub), delay_ms)
             res.envoy_cpu_seconds = _cpu_seconds(envoy.proc.pid) - cpu_e
             res.picker_cpu_seconds = _cpu_seconds(server.pid) - cpu_p
             return res
@@ -497,11 +571,13 @@ def render_markdown(
             for w in throughput
         ]
         lines.append("")
-    for connections in sorted({w.connections for w in latency}):
-        rows = [w for w in latency if w.connections == connections]
+    for connections, delay in sorted({(w.connections, w.delay_ms) for w in latency}):
+        rows = [w for w in latency if w.connections == connections and w.delay_ms == delay]
         base = next((w for w in rows if w.label == "envoy direct"), None)
+        backend = f"backends answer after {delay} ms" if delay else "backends answer at once"
         lines += [
-            f"### Added latency, 200 KB prompts, {connections} concurrent request(s) (closed loop)",
+            f"### Added latency, 200 KB prompts, {connections} concurrent request(s) "
+            f"(closed loop; {backend})",
             "",
             "| path | requests/s | p50 ms | p99 ms | added p50 ms | added p99 ms | picker CPU ms/request "
             "| non-2xx |",
@@ -524,52 +600,66 @@ async def _run(opts: argparse.Namespace | Any) -> str:
     throughput: list[WrkResult] = []
     latency: list[WrkResult] = []
     pickers = [p for p in opts.pickers.split(",") if p]
+    transports = [t for t in opts.transports.split(",") if t]
     envoy_pickers = [p for p in pickers if p != "floor"]  # the floor only answers the load generator
+    cpu: int | None = None
+    if opts.pin and len(os.sched_getaffinity(0)) >= 2:
+        # The picker alone on the first CPU; this process and everything it starts (load generator, Envoy,
+        # wrk, backends) on the others: "per core" is then literal and the load never steals the picker's CPU.
+        cpus = sorted(os.sched_getaffinity(0))
+        cpu = cpus[0]
+        os.sched_setaffinity(0, set(cpus[1:]))
     backend_ports = _free_ports(3)
     async with contextlib.AsyncExitStack() as stack:
         for p in backend_ports:
             await stack.enter_async_context(_child("backend", "--port", str(p)))
         eps = ",".join(f"127.0.0.1:{p}" for p in backend_ports)
         for picker in pickers:
-            (port,) = _free_ports(1)
-            async with _child("serve", "--port", str(port), "--picker", picker, "--endpoints", eps) as server:
-                for phase in (True, False):
-                    decisions.append(
-                        await _grpc_load(
+            for transport in transports:
+                (port,) = _free_ports(1)
+                async with _serve_child(port, picker, eps, transport, cpu) as server:
+                    for phase in (True, False):
+                        dres = await _grpc_load(
                             port,
                             server.pid,
-                            picker,
+                            f"{picker} ({transport})",
                             opts.concurrency,
                             opts.seconds,
                             opts.prompt_bytes,
                             response_phase=phase,
                         )
-                    )
-                    click.echo(f"decisions/s: {decisions[-1]}", err=True)
+                        decisions.append(dres)
+                        click.echo(f"decisions/s: {dres}", err=True)
         if shutil.which("wrk"):
-            # (picker, request body mode, response phase); None = Envoy routing directly to one backend
-            tput: list[tuple[str | None, str, str]] = [(None, "full_duplex", "full")]
+            # (picker, transport, request body mode, response phase); None = Envoy direct to one backend
+            main_t = transports[0]
+            tput: list[tuple[str | None, str, str, str]] = [(None, main_t, "full_duplex", "full")]
             for p in envoy_pickers:
-                tput += [(p, "full_duplex", "full"), (p, "buffered", "full"), (p, "full_duplex", "headers")]
-            tput += [(envoy_pickers[0], "full_duplex", "none")] if envoy_pickers else []
-            for picker, body_mode, resp_phase in tput:
-                throughput.append(
-                    await _through_envoy(
-                        picker,
-                        backend_ports,
-                        opts.prompt_bytes,
-                        16,
-                        int(opts.seconds),
-                        workdir,
-                        request_body=body_mode,
-                        response_phase=resp_phase,
-                    )
+                for t in transports:
+                    tput += [(p, t, "full_duplex", "full")]
+                tput += [(p, main_t, "buffered", "full"), (p, main_t, "full_duplex", "headers")]
+            tput += [(envoy_pickers[0], main_t, "full_duplex", "none")] if envoy_pickers else []
+            for picker, transport, body_mode, resp_phase in tput:
+                tres = await _through_envoy(
+                    picker,
+                    backend_ports,
+                    opts.prompt_bytes,
+                    16,
+                    int(opts.seconds),
+                    workdir,
+                    request_body=body_mode,
+                    response_phase=resp_phase,
+                    transport=transport,
+                    cpu=cpu,
                 )
-                click.echo(f"throughput: {throughput[-1]}", err=True)
-            lat: list[tuple[str | None, str]] = [(None, "full_duplex")]
-            lat += [(p, mode) for p in envoy_pickers for mode in ("full_duplex", "buffered")]
-            for connections in (1, 50):
-                for picker, body_mode in lat:
+                throughput.append(tres)
+                click.echo(f"throughput: {tres}", err=True)
+            lat: list[tuple[str | None, str, str]] = [(None, main_t, "full_duplex")]
+            lat += [(p, t, "full_duplex") for p in envoy_pickers for t in transports]
+            lat += [(p, main_t, "buffered") for p in envoy_pickers]
+            points = [(1, 0), (50, 0)] + [(50, d) for d in opts.backend_delays if d]
+            for connections, delay in points:
+                for picker, transport, body_mode in lat:
                     res = await _through_envoy(
                         picker,
                         backend_ports,
@@ -578,17 +668,25 @@ async def _run(opts: argparse.Namespace | Any) -> str:
                         int(opts.seconds),
                         workdir,
                         request_body=body_mode,
+                        transport=transport,
+                        delay_ms=delay,
+                        cpu=cpu,
                     )
                     res.connections = connections
+                    res.delay_ms = delay
                     latency.append(res)
-                    click.echo(f"latency: {latency[-1]}", err=True)
+                    click.echo(f"latency: {res}", err=True)
         else:
             click.echo("wrk not found: skipping the Envoy measurements", err=True)
     shutil.rmtree(workdir, ignore_errors=True)
+    placement = (
+        f"the picker pinned to CPU {cpu}, everything else (load generator, Envoy, wrk, backends) on the other"
+        if cpu is not None
+        else "picker, load generator, Envoy, wrk and backends sharing the CPUs"
+    )
     conditions = (
-        f"{os.cpu_count()} CPUs shared with other work; picker, load generator, Envoy (1 worker), "
-        f"wrk and 3 trivial backends all on this machine, loopback; {opts.seconds:g} s per point "
-        "after a warm-up."
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; {placement}; "
+        f"Envoy 1 worker, 3 trivial backends, loopback; {opts.seconds:g} s per point after a warm-up."
     )
     return render_markdown(decisions, throughput, latency, command=opts.command_line, conditions=conditions)
 
@@ -598,19 +696,50 @@ async def _run(opts: argparse.Namespace | Any) -> str:
     "--pickers",
     default="floor,trivial,embedded",
     show_default=True,
-    help="Comma list: floor (grpc.aio alone; decisions/s only), trivial, embedded.",
+    help="Comma list: floor (the transport alone; decisions/s only), trivial, embedded.",
 )
 @click.option("--seconds", default=10.0, show_default=True, type=float, help="Measured seconds per point.")
 @click.option("--concurrency", default=64, show_default=True, type=int, help="Concurrent ext_proc streams.")
 @click.option(
     "--prompt-bytes", default=4096, show_default=True, type=int, help="Request body size for 1 and 2."
 )
+@click.option(
+    "--transports",
+    default="h2,grpcio",
+    show_default=True,
+    help="Comma list of the picker server's gRPC transports: h2 (inferoute's, the default), grpcio.",
+)
+@click.option(
+    "--backend-delays",
+    default="0,250,2000",
+    show_default=True,
+    help="Comma list of mean backend answer delays (ms; each answer 0.5-1.5x) for the 50-concurrent 200 KB "
+    "runs; 0 = answer at once (saturation). A 200 KB prompt (~50k tokens) takes seconds to prefill.",
+)
+@click.option(
+    "--pin/--no-pin",
+    default=True,
+    show_default=True,
+    help="Pin the picker to one CPU and everything else to the others.",
+)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the Markdown section here.")
-def command(pickers: str, seconds: float, concurrency: int, prompt_bytes: int, out: str | None) -> None:
+def command(
+    pickers: str,
+    seconds: float,
+    concurrency: int,
+    prompt_bytes: int,
+    transports: str,
+    backend_delays: str,
+    pin: bool,
+    out: str | None,
+) -> None:
     """ext_proc decisions/s, Envoy + picker throughput, and added latency for 200 KB prompts."""
     import uvloop
 
     opts = argparse.Namespace(
+        transports=transports,
+        backend_delays=[int(d) for d in backend_delays.split(",") if d.strip()],
+        pin=pin,
         pickers=pickers,
         seconds=seconds,
         concurrency=concurrency,
@@ -633,11 +762,15 @@ def _main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port", type=int, required=True)
     serve.add_argument("--picker", choices=["floor", "trivial", "embedded"], default="trivial")
     serve.add_argument("--endpoints", required=True, help="comma list of ip:port")
+    serve.add_argument("--transport", choices=["h2", "grpcio"], default="h2")
+    serve.add_argument("--cpu", type=int, help="pin the picker to this CPU")
     backend = sub.add_parser("backend")
     backend.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     if args.what == "serve":
-        uvloop.run(_serve_picker(args.port, args.picker, args.endpoints.split(",")))
+        if args.cpu is not None:
+            os.sched_setaffinity(0, {args.cpu})
+        uvloop.run(_serve_picker(args.port, args.picker, args.endpoints.split(","), args.transport))
     else:
         uvloop.run(_serve_backend(args.port))
 

@@ -126,6 +126,7 @@ class _Call:
         "inbuf",
         "input_ended",
         "method",
+        "need",
         "pending",
         "recv_unacked",
         "send_window",
@@ -140,6 +141,7 @@ class _Call:
         self.sid = sid
         self.method = method
         self.inbuf = bytearray()
+        self.need = 5  # bytes ``inbuf`` must hold before the next message can be complete
         self.held: collections.deque[Any] = collections.deque()
         self.pending = bytearray()  # reply bytes waiting for the peer's flow-control window
         self.trailers: bytes | None = None  # the trailer block, waiting behind ``pending``
@@ -256,6 +258,7 @@ class _Connection(asyncio.Protocol):
         self._buf = b""
         self._preface = False
         self._decoder = hpack.Decoder(max_header_list_size=_MAX_HEADER_LIST)
+        self._blocks: dict[bytes, list[tuple[bytes, bytes]]] = {}  # see _decode
         self._block: bytearray | None = None  # a header block waiting for CONTINUATION frames
         self._block_sid = 0
         self._block_end_stream = False
@@ -315,6 +318,7 @@ class _Connection(asyncio.Protocol):
                 self._preface = True
                 data = data[len(_PREFACE) :]
             pos, end = 0, len(data)
+            view = memoryview(data)  # DATA payloads are sliced from it without a copy
             while end - pos >= 9:
                 length = int.from_bytes(data[pos : pos + 3], "big")
                 if length > _RECV_FRAME_MAX:
@@ -323,13 +327,14 @@ class _Connection(asyncio.Protocol):
                     break
                 ftype, flags = data[pos + 3], data[pos + 4]
                 sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                payload = data[pos + 9 : pos + 9 + length]
-                pos += 9 + length
+                start, pos = pos + 9, pos + 9 + length
                 if self._block is not None and (ftype != _CONT or sid != self._block_sid):
                     raise _ConnectionError(_E_PROTOCOL, "header block interrupted")
                 if ftype == _DATA:
-                    self._on_data(sid, flags, payload)
-                elif ftype == _HEADERS:
+                    self._on_data(sid, flags, view[start:pos])
+                    continue
+                payload = data[start:pos]
+                if ftype == _HEADERS:
                     self._on_headers(sid, flags, payload)
                 elif ftype == _CONT:
                     self._on_continuation(sid, flags, payload)
@@ -368,7 +373,7 @@ class _Connection(asyncio.Protocol):
         self.flush()
 
     # frames in ------------------------------------------------------------------------------------------
-    def _on_data(self, sid: int, flags: int, payload: bytes) -> None:
+    def _on_data(self, sid: int, flags: int, payload: memoryview) -> None:
         if sid == 0:
             raise _ConnectionError(_E_PROTOCOL, "DATA on stream 0")
         self._recv_unacked += len(payload)
@@ -415,10 +420,9 @@ class _Connection(asyncio.Protocol):
             self._header_block(sid, block, self._block_end_stream)
 
     def _header_block(self, sid: int, block: bytes, end_stream: bool) -> None:
-        try:  # always decoded: the HPACK table must stay in step even for streams we refuse
-            headers = cast(list[tuple[bytes, bytes]], self._decoder.decode(block, raw=True))
-        except Exception as exc:
-            raise _ConnectionError(_E_COMPRESSION, f"cannot decode a header block: {exc}") from exc
+        headers = self._blocks.get(block)
+        if headers is None:
+            headers = self._decode(block)
         call = self.calls.get(sid)
         if call is not None:  # trailers from the client (gRPC clients send none): end of its input
             if end_stream:
@@ -436,6 +440,26 @@ class _Connection(asyncio.Protocol):
         call = self.calls.get(sid)
         if call is not None and end_stream:
             self._input_ended(call)
+
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """HPACK-decode ``block`` (always, even for streams we refuse: the table must stay in step).
+
+        Proxies send the same block for every call (Envoy: the method path as a Huffman literal, the rest
+        indexed), so a block that left the dynamic table untouched is remembered until the table changes.
+        """
+        table = self._decoder.header_table
+        entries = table.dynamic_entries
+        size, first, maxsize = len(entries), entries[0] if entries else None, table.maxsize
+        try:
+            headers = cast(list[tuple[bytes, bytes]], self._decoder.decode(block, raw=True))
+        except Exception as exc:
+            raise _ConnectionError(_E_COMPRESSION, f"cannot decode a header block: {exc}") from exc
+        # an insertion puts a new tuple first (identity, not equality: the same header may be added again)
+        if len(entries) != size or (entries[0] if entries else None) is not first or table.maxsize != maxsize:
+            self._blocks.clear()
+        elif len(self._blocks) < 64:
+            self._blocks[block] = headers
+        return headers
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -518,10 +542,12 @@ class _Connection(asyncio.Protocol):
         if not call.waiting and not call.finished:
             self._end_of_input(call)
 
-    def _data(self, call: _Call, data: bytes) -> None:
+    def _data(self, call: _Call, data: bytes | memoryview) -> None:
         buf = call.inbuf
-        if buf:
+        if buf:  # the rest of a message that spans frames: append, parse only once it is complete
             buf += data
+            if len(buf) < call.need:
+                return
             data = bytes(buf)
             buf.clear()
         off, end = 0, len(data)
@@ -536,6 +562,7 @@ class _Connection(asyncio.Protocol):
                 return
             stop = off + 5 + size
             if end < stop:
+                call.need = 5 + size
                 break
             try:
                 msg = call.method.request_type.FromString(data[off + 5 : stop])
@@ -549,6 +576,8 @@ class _Connection(asyncio.Protocol):
                 self._feed(call, msg)
                 if call.finished:
                     return
+        else:
+            call.need = 5
         if off < end:
             buf += data[off:]
 
@@ -729,7 +758,7 @@ class _Connection(asyncio.Protocol):
         self.flush()
 
 
-def _unpad(payload: bytes) -> bytes:
+def _unpad(payload: bytes | memoryview) -> Any:
     pad = payload[0] if payload else 0
     if 1 + pad > len(payload):
         raise _ConnectionError(_E_PROTOCOL, "padding longer than the frame")
