@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import inferoute
 from inferoute.bench.scheduler import (
     build_director,
     build_picker,
     chat_bodies,
+    compare_lifecycle,
+    import_tree,
     lifecycle,
     measure_latency,
     measure_lifecycle,
@@ -54,3 +59,12 @@ def test_lifecycle_rig_runs_the_whole_session_and_reads_usage() -> None:
     assert s.usage is not None and (s.usage.prompt_tokens, s.usage.cached_tokens) == (1000, 500)
     row = measure_lifecycle(3, "gie-default", 4096, 20, batches=2, warm=10)
     assert row.requests == 20 and 0 < row.cpu_us <= row.cpu_us_median and row.prefix_blocks > 0
+
+
+def test_compare_lifecycle_runs_another_tree_in_the_same_process() -> None:
+    src = Path(inferoute.__file__).parent.parent
+    other = import_tree(src, "inferoute_selftest")
+    assert other.__name__ == "inferoute_selftest.bench.scheduler"
+    assert other.Destination is not Destination  # its own classes, not ours
+    row = compare_lifecycle(other, 3, "gie-default", 4096, 2, batch=5, warm=5)
+    assert row.rounds == 2 and row.other_us > 0 and row.this_us > 0

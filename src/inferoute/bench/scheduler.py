@@ -20,15 +20,22 @@ collector process's CPU time as a fraction of one core, plus the parse cost of o
 from __future__ import annotations
 
 import asyncio
+import atexit
+import importlib
 import json
 import multiprocessing
 import random
+import re
 import resource
+import shutil
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import click
@@ -309,17 +316,123 @@ def measure_lifecycle(
     )
 
 
+def import_tree(src: Path, name: str = "inferoute_before") -> ModuleType:
+    """The ``bench.scheduler`` module of the ``inferoute`` package in ``src`` (another checkout's ``src/``,
+    e.g. ``git archive REV src | tar -x -C DIR``), imported as package ``name`` with its own absolute imports
+    rewritten: two versions of the picker in one process. The tree must have the lifecycle helpers."""
+    root = Path(tempfile.mkdtemp(prefix="inferoute-compare-"))
+    atexit.register(shutil.rmtree, root, True)  # modules import lazily: keep the copy while we run
+    shutil.copytree(src / "inferoute", root / name)
+    rename = re.compile(r"\binferoute(?=\.|\s+import\b)")
+    for path in (root / name).rglob("*.py"):
+        path.write_text(rename.sub(name, path.read_text()))
+    sys.path.insert(0, str(root))
+    return importlib.import_module(f"{name}.bench.scheduler")
+
+
+@dataclass
+class CompareRow:
+    profile: str
+    endpoints: int
+    prompt_bytes: int
+    rounds: int
+    other_us: float
+    """The other tree: lower quartile of its batches, CPU µs per request."""
+    other_median_us: float
+    this_us: float
+    this_median_us: float
+
+
+def compare_lifecycle(
+    other: ModuleType,
+    n: int,
+    profile: str,
+    size: int,
+    rounds: int = 20,
+    *,
+    batch: int | None = None,
+    warm: int | None = None,
+) -> CompareRow:
+    """The lifecycle of :func:`measure_lifecycle` on this tree and on ``other`` (see :func:`import_tree`),
+    batches alternating between the two pickers in one process, so both see the same machine load; the
+    figures are the lower quartile (and the median) of the batches."""
+    batch = batch or (100 if size < 100_000 else 20)
+    warm = warm if warm is not None else max(4 * n, 400 if size < 100_000 else 80)
+    sides: list[tuple[Any, Any, Any, bytes, list[float]]] = []
+    for mod in (other, sys.modules[__name__]):
+        picker = mod.build_picker(n, profile)
+        chunk = mod.usage_chunk(size // 4)
+        request = importlib.import_module(mod.__name__.split(".")[0] + ".picking").PickRequest
+        for body in mod.chat_bodies(size, warm, 0):
+            mod.lifecycle(picker, request("POST", "/v1/chat/completions", {}, body), chunk)
+        sides.append((mod, picker, request, chunk, []))
+    number = warm
+    for r in range(rounds):
+        for mod, picker, request, chunk, times in sides if r % 2 else sides[::-1]:
+            reqs = [
+                request("POST", "/v1/chat/completions", {}, b) for b in mod.chat_bodies(size, batch, number)
+            ]
+            c0 = time.process_time()
+            for q in reqs:
+                mod.lifecycle(picker, q, chunk)
+            times.append((time.process_time() - c0) / batch * 1e6)
+        number += batch
+
+    def quartile(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 4]
+
+    theirs, ours = sides[0][4], sides[1][4]
+    return CompareRow(
+        profile,
+        n,
+        size,
+        rounds,
+        quartile(theirs),
+        statistics.median(theirs),
+        quartile(ours),
+        statistics.median(ours),
+    )
+
+
+def _compare_table(rows: Sequence[CompareRow]) -> str:
+    return _markdown(
+        ("profile", "endpoints", "prompt", "other tree: CPU per request", "this tree", "change"),
+        (
+            (
+                r.profile,
+                str(r.endpoints),
+                f"{r.prompt_bytes / 1000:.0f} KB",
+                f"{r.other_us:.0f} µs ({r.other_median_us:.0f})",
+                f"{r.this_us:.0f} µs ({r.this_median_us:.0f})",
+                f"{(r.this_us - r.other_us) / r.other_us:+.0%}",
+            )
+            for r in rows
+        ),
+    )
+
+
+def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table: the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
 def _lifecycle_table(rows: Sequence[LifecycleRow]) -> str:
-    out = [
-        "| profile | endpoints | prompt | CPU per request (best batch) | median batch | index blocks |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        out.append(
-            f"| {r.profile} | {r.endpoints} | {r.prompt_bytes / 1000:.0f} KB | {r.cpu_us:.0f} µs | "
-            f"{r.cpu_us_median:.0f} µs | {r.prefix_blocks:,} |"
-        )
-    return "\n".join(out)
+    return _markdown(
+        ("profile", "endpoints", "prompt", "CPU per request (best batch)", "median batch", "index blocks"),
+        (
+            (
+                r.profile,
+                str(r.endpoints),
+                f"{r.prompt_bytes / 1000:.0f} KB",
+                f"{r.cpu_us:.0f} µs",
+                f"{r.cpu_us_median:.0f} µs",
+                f"{r.prefix_blocks:,}",
+            )
+            for r in rows
+        ),
+    )
 
 
 # -- part 2: scrape cost ------------------------------------------------------------------------------------
@@ -610,6 +723,13 @@ def _grid(
     "--lifecycle-requests", default=1000, show_default=True, help="Requests per batch (4 KB; 200 KB: /10)."
 )
 @click.option("--latency/--no-latency", default=True, show_default=True, help="The decision latency table.")
+@click.option(
+    "--compare-with",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="Another checkout's src/ (from the lifecycle benchmark on): its lifecycle against this tree's, "
+    "interleaved in one process.",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write results as JSON here.")
 def command(
     sizes: str,
@@ -621,6 +741,7 @@ def command(
     lifecycle_endpoints: str,
     lifecycle_requests: int,
     latency: bool,
+    compare_with: Path | None,
     out: Path | None,
 ) -> None:
     """Scheduling latency p50/p99 at 10/100/1,000 endpoints, CPU per request of the full pick lifecycle at
@@ -648,6 +769,17 @@ def command(
     if life:
         click.echo(_lifecycle_table(life))
         result["lifecycle"] = [asdict(r) for r in life]
+    if compare_with is not None:
+        other = import_tree(compare_with)
+        compared = _grid(
+            profiles,
+            lifecycle_endpoints,
+            ((4096, 20), (200_000, 20)),
+            lambda n, profile, size, rounds: compare_lifecycle(other, n, profile, size, rounds),
+            lambda r: f"other {r.other_us:7.1f} µs, this {r.this_us:7.1f} µs per request",
+        )
+        click.echo(_compare_table(compared))
+        result["compare"] = [asdict(r) for r in compared]
     if scrape_endpoints:
         import uvloop  # as in production (the gateway and `inferoute epp` run on uvloop)
 
