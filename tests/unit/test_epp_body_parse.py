@@ -95,3 +95,10 @@ def test_big_bodies_take_the_simdjson_path() -> None:
     assert parsed == parse_body(body.encode())
     assert parsed == ParsedBody("m", json.dumps([{"role": "user", "content": prompt}]).encode(), True)
     assert parser._large(body.encode()) is not None
+
+
+def test_body_buffers_other_than_bytes_take_the_msgspec_path() -> None:
+    body = json.dumps({"model": "m", "prompt": "p" * 70_000}).encode()
+    parser = BodyParser()
+    for buffer in (bytearray(body), memoryview(body)):
+        assert parser.parse(buffer) == parse_body(body)  # type: ignore[arg-type]

@@ -87,7 +87,7 @@ class BodyParser:
         self._parser = simdjson.Parser()
 
     def parse(self, body: bytes) -> ParsedBody:
-        if len(body) >= SIMD_MIN_BODY:
+        if len(body) >= SIMD_MIN_BODY and type(body) is bytes:  # (the cut needs bytes.find / rfind)
             parsed = self._large(body)
             if parsed is not None:
                 return parsed
