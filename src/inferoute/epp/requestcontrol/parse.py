@@ -113,7 +113,7 @@ class BodyParser:
         for key in PROMPT_KEYS:
             if key in keys:
                 raw = member_value(
-                    body, keys.index(key), len(keys), key.encode(), steps=16 + len(body) // 2048
+                    body, keys.index(key), len(keys), key.encode(), steps=16 + len(body) // 8192
                 )
                 if raw is None:
                     return None

@@ -79,6 +79,7 @@ class _Scanner:
                 if m is None:
                     raise _GiveUp
                 j = m.start()
+                self.steps -= (j - pos) >> 8  # a regex search costs by the byte: charge long gaps
                 c = body[j]
                 if c == QUOTE:
                     pos = self.string_end(j)
@@ -120,6 +121,7 @@ class _Scanner:
                     j = k
             if j < 0:
                 raise _GiveUp
+            self.steps -= (pos - j) >> 8  # five searches over the gap: charge long ones
             c = body[j]
             if c == QUOTE:
                 pos = self.string_start(j + 1)
