@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
@@ -170,3 +171,14 @@ def test_body_chunk_request_and_phase() -> None:
     assert m.request_phase(m.trailers_request()) == "request_trailers"
     cfg = m.protocol_config(m.BUFFERED, m.STREAMED)
     assert cfg.request_body_mode == m.BUFFERED and cfg.response_body_mode == m.STREAMED
+
+
+@pytest.mark.parametrize("phase", ["request_body", "response_body"])
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 62_000, 62_001, 200_000, 327_683])
+@pytest.mark.parametrize("eos", [True, False])
+def test_body_chunks_wire_is_byte_identical_to_protobuf(phase: str, size: int, eos: bool) -> None:
+    """The h2 transport sends the hand-encoded echo; it must be exactly what protobuf would send."""
+    body = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    expected = [r.SerializeToString() for r in m.body_chunks(body, phase, end_of_stream=eos)]
+    wire = [b"".join(pieces) for pieces in m.body_chunks_wire(body, phase, end_of_stream=eos)]
+    assert wire == expected

@@ -770,6 +770,9 @@ def _main(argv: list[str] | None = None) -> None:
     if args.what == "serve":
         if args.cpu is not None:
             os.sched_setaffinity(0, {args.cpu})
+        from inferoute.malloc import keep_large_buffers
+
+        keep_large_buffers()  # as `inferoute epp` does
         uvloop.run(_serve_picker(args.port, args.picker, args.endpoints.split(","), args.transport))
     else:
         uvloop.run(_serve_backend(args.port))

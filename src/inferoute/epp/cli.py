@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from inferoute.epp.server import EppServer, ServerOptions
 from inferoute.errors import InferouteError
+from inferoute.malloc import keep_large_buffers
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
     """Start picker, gRPC servers and metrics; run until ``stop`` is set (or a signal arrives)."""
     from inferoute.epp.assembly import EppOptions, start_picker
 
+    keep_large_buffers()  # big prompts: no mmap/page faults per request (inferoute/malloc.py)
     registry = CollectorRegistry()
     picker = await start_picker(
         EppOptions(

@@ -145,10 +145,12 @@ class ExtProcStream:
     :class:`~inferoute.extproc.h2server.GrpcAbort` (the stream ends with that gRPC status).
     """
 
-    __slots__ = ("_chunks", "_core", "_ex", "_pending", "_tail")
+    __slots__ = ("_chunks", "_core", "_echo", "_ex", "_pending", "_tail")
 
-    def __init__(self, core: ExtProcServicer) -> None:
+    def __init__(self, core: ExtProcServicer, *, encoded: bool = False) -> None:
         self._core = core
+        # body echoes as pre-encoded views of the body (h2 transport) or as protobuf messages (grpc.aio)
+        self._echo = _echo_encoded if encoded else _echo_messages
         self._ex: _Exchange | None = None
         self._chunks: list[bytes] = []
         self._pending: tuple[bytes | None, str, bool] | None = None
@@ -200,7 +202,7 @@ class ExtProcStream:
                 # Before the last reply: Envoy may reset the stream as soon as it has it.
                 ex.end(True)
             if ex is not None and ex.full_duplex_response:
-                return tuple(m.body_chunks(rb.body, "response_body", end_of_stream=rb.end_of_stream))
+                return self._echo(rb.body, "response_body", rb.end_of_stream)
             return (_ACK_RESPONSE_BODY,)
         if phase == "response_headers":
             if ex is not None:
@@ -226,7 +228,7 @@ class ExtProcStream:
         assert self._ex is not None and self._pending is not None
         body, phase, eos = self._pending
         self._pending = None
-        replies = await self._core.decide(self._ex, body, phase, eos=eos)
+        replies = await self._core.decide(self._ex, body, phase, eos=eos, echo=self._echo)
         if self._tail:
             replies = [*replies, *self._tail]
             self._tail = ()
@@ -249,6 +251,16 @@ class ExtProcStream:
 
 _GRPC_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
+_Echo = Callable[[bytes, str, bool], Sequence[Any]]
+
+
+def _echo_messages(body: bytes, phase: str, eos: bool) -> Sequence[m.ProcessingResponse]:
+    return tuple(m.body_chunks(body, phase, end_of_stream=eos))
+
+
+def _echo_encoded(body: bytes, phase: str, eos: bool) -> Sequence[h2s.Encoded]:
+    return [h2s.Encoded(pieces) for pieces in m.body_chunks_wire(body, phase, end_of_stream=eos)]
+
 
 class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """``envoy.service.ext_proc.v3.ExternalProcessor`` over any :class:`~inferoute.picking.Picker`: the
@@ -268,8 +280,12 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self._clock = clock
 
     def open(self, _writer: object = None) -> ExtProcStream:
-        """A new stream's state (also the h2 server's method factory)."""
+        """A new stream's state (grpc.aio)."""
         return ExtProcStream(self)
+
+    def open_encoded(self, _writer: object = None) -> ExtProcStream:
+        """A new stream's state for the h2 server (its body echoes are not copied into messages)."""
+        return ExtProcStream(self, encoded=True)
 
     async def Process(
         self, request_iterator: AsyncIterator[m.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -321,8 +337,8 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         )
 
     async def decide(
-        self, ex: _Exchange, body: bytes | None, phase: str, *, eos: bool
-    ) -> list[m.ProcessingResponse]:
+        self, ex: _Exchange, body: bytes | None, phase: str, *, eos: bool, echo: _Echo | None = None
+    ) -> list[Any]:
         """Ask the picker and build the replies: headers (or body) mutation, then the body echo.
 
         ``body`` is None for a request without a body (decided on its headers).
@@ -349,11 +365,11 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return [
                 m.immediate_response(decision.status, decision.body, decision.headers, details=decision.cause)
             ]
-        return self._destination_replies(ex, decision, body, phase, eos)
+        return self._destination_replies(ex, decision, body, phase, eos, echo or _echo_messages)
 
     def _destination_replies(
-        self, ex: _Exchange, decision: Destination, body: bytes | None, phase: str, eos: bool
-    ) -> list[m.ProcessingResponse]:
+        self, ex: _Exchange, decision: Destination, body: bytes | None, phase: str, eos: bool, echo: _Echo
+    ) -> list[Any]:
         if not decision.endpoints:
             # A picker bug, not a client error: never send an empty destination.
             self.metrics.errors.labels("empty-destination").inc()
@@ -390,7 +406,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 destination_header=self._header,
             )
         ]
-        replies.extend(m.body_chunks(out_body, "request_body", end_of_stream=eos))
+        replies.extend(echo(out_body, "request_body", eos))
         return replies
 
     @staticmethod
@@ -504,7 +520,7 @@ def _h2_methods(servicer: ExtProcServicer | None, health: HealthServicer) -> dic
         "/grpc.health.v1.Health/Watch": h2s.server_streaming(health_pb2.HealthCheckRequest, watch),
     }
     if servicer is not None:
-        methods[f"/{EXT_PROC_SERVICE}/Process"] = h2s.Method(m.ProcessingRequest, servicer.open)
+        methods[f"/{EXT_PROC_SERVICE}/Process"] = h2s.Method(m.ProcessingRequest, servicer.open_encoded)
     return methods
 
 

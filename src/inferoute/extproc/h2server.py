@@ -108,9 +108,38 @@ def percent_encode(text: str) -> bytes:
     return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
 
 
-def _frame(msg: Message) -> bytes:
-    data = msg.SerializeToString()
-    return b"\x00" + len(data).to_bytes(4, "big") + data
+class Encoded:
+    """A reply already in protobuf wire format, as pieces: sent as they are (no re-encoding, no joining), so
+    a large body echoed back is not copied again on its way to the socket."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self, pieces: Sequence[bytes | memoryview]) -> None:
+        self.pieces = pieces
+        self.size = sum(len(p) for p in pieces)
+
+    def SerializeToString(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+Buffer = bytes | memoryview
+
+
+def _wire(messages: Sequence[Message]) -> tuple[list[Buffer], int]:
+    """gRPC length-prefixed messages as a list of buffers, and their total size."""
+    pieces: list[Buffer] = []
+    total = 0
+    for msg in messages:
+        if isinstance(msg, Encoded):
+            pieces.append(b"\x00" + msg.size.to_bytes(4, "big"))
+            pieces.extend(msg.pieces)
+            total += 5 + msg.size
+        else:
+            data = msg.SerializeToString()
+            pieces.append(b"\x00" + len(data).to_bytes(4, "big"))
+            pieces.append(data)
+            total += 5 + len(data)
+    return pieces, total
 
 
 class _Call:
@@ -158,7 +187,7 @@ class _Call:
     # StreamWriter ---------------------------------------------------------------------------------------
     def send(self, messages: Sequence[Message]) -> None:
         if not self.finished and messages:
-            self.conn.send_data(self, b"".join(_frame(m) for m in messages))
+            self.conn.send_data(self, *_wire(messages))
             self.conn.flush()
 
     def finish(self, code: int = OK, details: str = "") -> None:
@@ -254,7 +283,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, _Call] = {}
-        self._out: list[bytes] = []
+        self._out: list[Buffer] = []
         self._buf = b""
         self._preface = False
         self._decoder = hpack.Decoder(max_header_list_size=_MAX_HEADER_LIST)
@@ -600,7 +629,7 @@ class _Connection(asyncio.Protocol):
             call.waiting = True
             call.task = asyncio.get_running_loop().create_task(self._resume(call))
         elif out:
-            self.send_data(call, b"".join(_frame(m) for m in out))
+            self.send_data(call, *_wire(out))
 
     async def _resume(self, call: _Call) -> None:
         try:
@@ -623,7 +652,7 @@ class _Connection(asyncio.Protocol):
         if call.finished:
             return
         if out:
-            self.send_data(call, b"".join(_frame(m) for m in out))
+            self.send_data(call, *_wire(out))
         while call.held and not call.waiting and not call.finished:
             self._feed(call, call.held.popleft())
         if call.input_ended and not call.waiting and not call.finished:
@@ -637,7 +666,7 @@ class _Connection(asyncio.Protocol):
         if out is None:
             return  # the handler ends the call itself
         if out:
-            self.send_data(call, b"".join(_frame(m) for m in out))
+            self.send_data(call, *_wire(out))
         self._close_handler(call, cancelled=False)
         self.finish(call, OK)
 
@@ -681,21 +710,45 @@ class _Connection(asyncio.Protocol):
         body = self._last_sid.to_bytes(4, "big") + code.to_bytes(4, "big") + debug
         self._out.append(_frame_header(len(body), _GOAWAY, 0, 0) + body)
 
-    def send_data(self, call: _Call, data: bytes) -> None:
+    def send_data(self, call: _Call, pieces: list[Buffer], total: int) -> None:
+        """Queue DATA frames carrying ``pieces`` (``total`` bytes) within the peer's windows; what does not
+        fit waits in ``call.pending`` for WINDOW_UPDATE."""
         if not call.headers_sent:
             call.headers_sent = True
             self._out.append(self._headers_frame(call.sid, _BLOCK_RESPONSE, end_stream=False))
-        if call.pending:
-            call.pending += data
+        if not call.pending and total <= call.send_window and total <= self._send_window:
+            call.send_window -= total
+            self._send_window -= total
+            if total <= self._peer_frame_max:
+                self._out.append(_frame_header(total, _DATA, 0, call.sid))
+                self._out.extend(pieces)
+            else:
+                self._split(call.sid, pieces)
             return
-        n = len(data)
-        if n <= call.send_window and n <= self._send_window and n <= self._peer_frame_max:
-            call.send_window -= n
-            self._send_window -= n
-            self._out.append(_frame_header(n, _DATA, 0, call.sid) + data)
-            return
-        call.pending += data
+        for piece in pieces:
+            call.pending += piece
         self._drain(call)
+
+    def _split(self, sid: int, pieces: list[Buffer]) -> None:
+        """DATA frames of at most the peer's frame size, cut from ``pieces`` with memoryviews (no copies)."""
+        limit = self._peer_frame_max
+        out = self._out
+        frame: list[Buffer] = []
+        room = limit
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                part = view[:room]
+                frame.append(part)
+                room -= len(part)
+                view = view[len(part) :]
+                if room == 0:
+                    out.append(_frame_header(limit, _DATA, 0, sid))
+                    out.extend(frame)
+                    frame, room = [], limit
+        if frame:
+            out.append(_frame_header(limit - room, _DATA, 0, sid))
+            out.extend(frame)
 
     def _drain(self, call: _Call) -> None:
         """Send what the windows allow of ``call.pending``; then its trailers once nothing is left."""
@@ -745,11 +798,17 @@ class _Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         out = self._out
-        if out:
-            data = b"".join(out) if len(out) > 1 else out[0]
-            out.clear()
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(data)
+        if not out:
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if len(out) == 1:
+                transport.write(out[0])
+            elif len(out) > 8:  # large replies: the pieces go out as they are (one vectored write on uvloop)
+                transport.writelines(out)
+            else:
+                transport.write(b"".join(out))
+        self._out = []
 
     def goaway(self) -> None:
         """Graceful shutdown: no new calls; the open ones may finish."""

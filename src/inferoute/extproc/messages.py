@@ -241,6 +241,49 @@ def body_chunks(
         yield _chunk(view[start:stop], phase, end_of_stream and stop >= n)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# ProcessingResponse field numbers of the body phases (external_processor.proto)
+_PHASE_FIELD = {"request_body": 3, "response_body": 4}
+
+
+def body_chunks_wire(
+    body: bytes | memoryview,
+    phase: str = "request_body",
+    *,
+    end_of_stream: bool = True,
+    chunk_size: int = BODY_CHUNK_SIZE,
+) -> Iterator[list[bytes | memoryview]]:
+    """:func:`body_chunks` already serialized, each as ``[prefix, body slice, suffix]`` with the slice a view
+    of ``body`` (no copy): the same bytes as ``SerializeToString()`` of the messages ``body_chunks`` yields.
+
+    ProcessingResponse{<phase> 3|4: BodyResponse{response 1: CommonResponse{body_mutation 3:
+    BodyMutation{streamed_response 3: StreamedBodyResponse{body 1, end_of_stream 2}}}}}.
+    """
+    view = memoryview(body)
+    n = len(view)
+    field = _PHASE_FIELD[phase]
+    for start in range(0, max(n, 1), chunk_size):
+        part = view[start : start + chunk_size]
+        eos = end_of_stream and start + chunk_size >= n
+        size = len(part)
+        head = (b"\x0a" + _varint(size)) if size else b""  # proto3: an empty body is not written
+        tail = b"\x10\x01" if eos else b""
+        sbr = len(head) + size + len(tail)
+        mutation = b"\x1a" + _varint(sbr)
+        common = b"\x1a" + _varint(len(mutation) + sbr)
+        response = b"\x0a" + _varint(len(common) + len(mutation) + sbr)
+        outer = bytes(((field << 3) | 2,)) + _varint(len(response) + len(common) + len(mutation) + sbr)
+        yield [outer + response + common + mutation + head, part, tail]
+
+
 def _chunk(data: bytes | memoryview, phase: str, eos: bool) -> pb.ProcessingResponse:
     resp = pb.ProcessingResponse()
     sr = getattr(resp, phase).response.body_mutation.streamed_response
