@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from inferoute.epp.scheduling.prefix import PrefixIndex, prefix_hashes
+from inferoute.epp.scheduling.prefix import PrefixHashCache, PrefixIndex, prefix_hashes
 
 
 def test_hash_chain_identifies_the_whole_prefix() -> None:
@@ -90,3 +90,27 @@ def test_lru_is_weighted_in_tokens() -> None:
     idx.set_capacity("r", 10_000)
     idx.add("r", doc_a, tokens_per_block=200)
     assert idx.match(doc_a) == {"r": 4} and idx.match(doc_b) == {"r": 4}
+
+
+def test_hash_cache_gives_the_chains_prefix_hashes_gives() -> None:
+    cache = PrefixHashCache(capacity=2, min_blocks=4)
+    doc = bytes(range(256)) * 40  # 10 KB: 40 blocks of 256 bytes at 64 tokens a block
+    cases = [
+        ("m", doc, 64, 256),
+        ("m", doc, 64, 256),  # a hit
+        ("other-model", doc, 64, 256),
+        ("m", doc[:-1], 64, 256),  # one byte less: another trailing block
+        ("m", doc + b"tail beyond the cap", 64, 8),  # capped at 8 blocks: the tail is not hashed
+        ("m", doc, 16, 256),
+        ("m", doc[:600], 64, 256),  # fewer than min_blocks blocks: hashed directly
+    ]
+    for model, prompt, block, max_blocks in cases:
+        expected = prefix_hashes(model, prompt, block_size_tokens=block, max_blocks=max_blocks)
+        got = cache.hashes(model, memoryview(prompt), block_size_tokens=block, max_blocks=max_blocks)
+        assert got == expected
+    assert cache.hits == 1 and cache.misses == 5 and len(cache._chains) == 2  # capacity
+    first = cache.hashes("m", doc, block_size_tokens=16)
+    first.append(0)  # callers get their own list
+    assert cache.hashes("m", doc, block_size_tokens=16) == prefix_hashes("m", doc, block_size_tokens=16)
+    capped = prefix_hashes("m", doc + b"x", block_size_tokens=64, max_blocks=8)
+    assert cache.hashes("m", doc + b"y", block_size_tokens=64, max_blocks=8) == capped  # same hashed bytes

@@ -31,6 +31,7 @@ from inferoute.epp.metrics import EppMetrics, ModelSeries
 from inferoute.epp.requestcontrol.parse import CHARS_PER_TOKEN, BodyParser
 from inferoute.epp.requestcontrol.usage import TailBuffer, Usage, parse_usage
 from inferoute.epp.scheduling.framework import NoEndpoints, ProfileResult, Scheduler
+from inferoute.epp.scheduling.prefix import PrefixHashCache
 from inferoute.epp.scheduling.types import Candidate, CycleContext, InferenceRequest, PrefixSettings
 from inferoute.errors import InferouteError
 from inferoute.picking import (
@@ -114,6 +115,8 @@ class Director:
         self.objectives: Mapping[str, int] = objectives or {}
         self.rng = rng or random.Random()
         self._body_parser = BodyParser()
+        self.hash_cache = PrefixHashCache()
+        """Prefix chains of recent long prompts (shared documents are not hashed again)."""
         self._cands: dict[EndpointState, Candidate] = {}
         self._pool: list[Candidate] | None = None
         """The fresh candidates of the whole pool, reused while valid (see :meth:`_pool_candidates`)."""
@@ -212,7 +215,14 @@ class Director:
             priority=priority,
             stream=parsed.stream,
         )
-        ctx = CycleContext(ireq, self.learned, now=now, rng=self.rng, prefix_settings=self.prefix)
+        ctx = CycleContext(
+            ireq,
+            self.learned,
+            now=now,
+            rng=self.rng,
+            prefix_settings=self.prefix,
+            hash_cache=self.hash_cache,
+        )
         t0 = time.perf_counter()
         try:
             result = self.scheduler.schedule(ctx, candidates)

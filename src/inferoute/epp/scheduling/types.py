@@ -16,6 +16,7 @@ from inferoute.epp.learned import InflightCounts, LearnedState
 from inferoute.epp.scheduling.prefix import (
     DEFAULT_BLOCK_SIZE_TOKENS,
     DEFAULT_MAX_PREFIX_BLOCKS,
+    PrefixHashCache,
     prefix_hashes,
 )
 
@@ -73,7 +74,17 @@ class PrefixSettings:
 class CycleContext:
     """Everything one scheduling cycle may read; computed lazily and memoised for all plugins."""
 
-    __slots__ = ("_block", "_hashes", "_match", "learned", "now", "prefix_settings", "request", "rng")
+    __slots__ = (
+        "_block",
+        "_hashes",
+        "_match",
+        "hash_cache",
+        "learned",
+        "now",
+        "prefix_settings",
+        "request",
+        "rng",
+    )
 
     def __init__(
         self,
@@ -83,12 +94,15 @@ class CycleContext:
         now: float,
         rng: random.Random,
         prefix_settings: PrefixSettings | None = None,
+        hash_cache: PrefixHashCache | None = None,
     ) -> None:
         self.request = request
         self.learned = learned
         self.now = now
         self.rng = rng
         self.prefix_settings = prefix_settings or PrefixSettings()
+        self.hash_cache = hash_cache
+        """Chains of recent long prompts (the director's); None: hash every time."""
         self._hashes: list[int] | None = None
         self._match: dict[str, int] | None = None
         self._block: int | None = None
@@ -114,7 +128,8 @@ class CycleContext:
 
     def prefix_hashes(self, candidates: Sequence[Candidate]) -> list[int]:
         if self._hashes is None:
-            self._hashes = prefix_hashes(
+            hash_chain = prefix_hashes if self.hash_cache is None else self.hash_cache.hashes
+            self._hashes = hash_chain(
                 self.request.target_model,
                 self.request.prompt,
                 block_size_tokens=self.block_size_tokens(candidates),
