@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -9,7 +11,13 @@ import pytest
 from test_epp_rig import cand, ctx
 
 from inferoute.epp.learned import LocalLearnedState
-from inferoute.epp.scheduling.framework import NoEndpoints, Scheduler, SchedulerProfile, WeightedScorer
+from inferoute.epp.scheduling.framework import (
+    NoEndpoints,
+    Scheduler,
+    SchedulerProfile,
+    WeightedScorer,
+    weighted_totals,
+)
 from inferoute.epp.scheduling.plugins.max_score_picker import MaxScorePicker
 from inferoute.epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
 from inferoute.epp.scheduling.types import Candidate, CycleContext
@@ -101,3 +109,22 @@ def test_scheduler_learns_the_prefix_for_the_picked_endpoint() -> None:
 def test_single_profile_handler_needs_one_profile() -> None:
     with pytest.raises(ValueError):
         Scheduler([])
+
+
+def test_weighted_totals_one_pass_equals_scorer_by_scorer() -> None:
+    def by_scorer(weights: list[float], scores: list[list[float]], n: int) -> list[float]:
+        totals = [0.0] * n  # the engine's loop before the one-pass version: the oracle
+        for w, column in zip(weights, scores, strict=True):
+            totals = [
+                t + w * (s if 0.0 <= s <= 1.0 else (1.0 if s > 1.0 else 0.0))
+                for t, s in zip(totals, column, strict=True)
+            ]
+        return totals
+
+    rng = random.Random(3)
+    values = [0.0, -0.0, 1.0, 0.5, -2.0, 3.0, math.nan, math.inf, -math.inf, 1, 0]
+    for _ in range(300):
+        k, n = rng.randint(0, 4), rng.randint(1, 6)
+        weights = [rng.choice([1.0, 2.0, 0.3, 10.0]) for _ in range(k)]
+        scores = [[rng.choice([*values, rng.random()]) for _ in range(n)] for _ in range(k)]
+        assert repr(weighted_totals(weights, scores, n)) == repr(by_scorer(weights, scores, n))

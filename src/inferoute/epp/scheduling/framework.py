@@ -64,6 +64,37 @@ class ProfileResult:
         return {c.key: t for c, t in zip(self.candidates, self.totals, strict=True)}
 
 
+def weighted_totals(weights: Sequence[float], scores: Sequence[Sequence[float]], n: int) -> list[float]:
+    """``sum(w * clamp(s))`` per candidate, scorers added in order from 0.0; ``clamp`` maps to [0, 1] and NaN
+    (which fails both comparisons) to 0. One pass for up to three scorers (the built-in profiles), the same
+    float operations in the same order as the general loop."""
+    k = len(weights)
+    if k == 3:
+        w1, w2, w3 = weights
+        return [
+            0.0
+            + w1 * (a if 0.0 <= a <= 1.0 else (1.0 if a > 1.0 else 0.0))
+            + w2 * (b if 0.0 <= b <= 1.0 else (1.0 if b > 1.0 else 0.0))
+            + w3 * (c if 0.0 <= c <= 1.0 else (1.0 if c > 1.0 else 0.0))
+            for a, b, c in zip(*scores, strict=True)
+        ]
+    if k == 2:
+        w1, w2 = weights
+        return [
+            0.0
+            + w1 * (a if 0.0 <= a <= 1.0 else (1.0 if a > 1.0 else 0.0))
+            + w2 * (b if 0.0 <= b <= 1.0 else (1.0 if b > 1.0 else 0.0))
+            for a, b in zip(*scores, strict=True)
+        ]
+    totals = [0.0] * n
+    for w, column in zip(weights, scores, strict=True):
+        totals = [
+            t + w * (s if 0.0 <= s <= 1.0 else (1.0 if s > 1.0 else 0.0))
+            for t, s in zip(totals, column, strict=True)
+        ]
+    return totals
+
+
 class SchedulerProfile:
     """One named pipeline of filters, weighted scorers and a picker."""
 
@@ -86,6 +117,7 @@ class SchedulerProfile:
         self._filter_obs = [observer("filter", f.type_name, f.name) for f in self.filters]
         self._scorer_obs = [observer("scorer", s.scorer.type_name, s.scorer.name) for s in self.scorers]
         self._picker_obs = observer("picker", picker.type_name, picker.name)
+        self._weights = tuple(ws.weight for ws in self.scorers)
         plugins: list[object] = [*self.filters, *(s.scorer for s in self.scorers), picker]
         self._observers = [p for p in plugins if isinstance(p, PickObserver)]
 
@@ -100,7 +132,7 @@ class SchedulerProfile:
         if not candidates:
             raise NoEndpoints("no candidate endpoints")
 
-        totals = [0.0] * len(candidates)
+        all_scores: list[Sequence[float]] = []
         for ws, obs in zip(self.scorers, self._scorer_obs, strict=True):
             t0 = perf()
             scores = ws.scorer.score(ctx, candidates)
@@ -109,12 +141,8 @@ class SchedulerProfile:
                 raise RuntimeError(
                     f"scorer {ws.scorer.name} returned {len(scores)} scores for {len(candidates)}"
                 )
-            w = ws.weight
-            # clamp to [0, 1]; NaN fails both comparisons and becomes 0
-            totals = [
-                t + w * (s if 0.0 <= s <= 1.0 else (1.0 if s > 1.0 else 0.0))
-                for t, s in zip(totals, scores, strict=True)
-            ]
+            all_scores.append(scores)
+        totals = weighted_totals(self._weights, all_scores, len(candidates))
 
         t0 = perf()
         picked = self.picker.pick(ctx, candidates, totals)
