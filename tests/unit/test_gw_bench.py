@@ -46,6 +46,16 @@ def test_best_rate_under_bound_ignores_slow_and_failing_runs() -> None:
     assert best_rate_under([WrkResult(1, 10, 50.0, 90.0, 0)], 10.0) is None
 
 
+def test_scaling_summary_pairs_alternating_rounds() -> None:
+    from inferoute.bench.gateway import scaling_summary
+
+    s = scaling_summary([1000.0, 1100.0, 900.0, 1000.0], [1900.0, 2000.0, 1900.0, math.nan])
+    # the failed last round (NaN) is left out with its partner: medians of three pairs
+    assert s["one_worker_rps"] == 1000.0 and s["two_workers_rps"] == 1900.0 and s["ratio"] == 1.9
+    assert s["ratio_min"] == pytest.approx(2000 / 1100) and s["ratio_max"] == pytest.approx(1900 / 900)
+    assert all(math.isnan(v) for v in scaling_summary([0.0], [10.0]).values())
+
+
 def test_tree_cpu_seconds_of_this_process() -> None:
     import os
 
@@ -98,6 +108,26 @@ def test_render_markdown_reports_added_latency() -> None:
     assert "| direct | 0.200 ms | 0.500 ms | - | - | 100 (1) | 100 | - | 1,000 |" in text
     assert "(6.0x)" in text
     assert "waiting for a CPU" not in text  # results of older versions have no scheduler figures
+    assert "--workers 2" not in text
+    result["scaling"] = {
+        "connections": 32,
+        "rounds": 3,
+        "seconds": 4.0,
+        "one_worker_rps": 2000.0,
+        "two_workers_rps": 3800.0,
+        "ratio": 1.9,
+        "ratio_min": 1.8,
+        "ratio_max": 1.95,
+        "one_worker_cores": 1.0,
+        "two_workers_cores": 1.85,
+        "one_worker_rps_per_core": 2000.0,
+        "two_workers_rps_per_core": 2054.0,
+    }
+    assert (
+        "`--workers 2` against 1 worker (`wrk -c32`, 3 alternating rounds of 4 s, medians): 3,800 vs 2,000 "
+        "req/s, **1.90x** (per round 1.80-1.95x); the gateway's processes got 1.85 vs 1.00 cores (median CPU "
+        "seconds per second), 2,054 vs 2,000 req/s per core." in render_markdown(result)
+    )
     paths["direct"] |= {"fixed_rate_wait_us": 3.0, "fixed_rate_client_wait_us": 40.0}
     paths["gw"] |= {"fixed_rate_wait_us": 1234.0, "fixed_rate_client_wait_us": 50.0}
     result["machine"] |= {"fixed_rate_cpu_busy": 0.25, "fixed_rate_cpu_steal": 0.012}

@@ -128,6 +128,22 @@ def best_rate_under(results: Sequence[WrkResult], p99_bound_ms: float = P99_BOUN
     return max(ok, key=lambda r: r.requests_per_s, default=None)
 
 
+def scaling_summary(one: Sequence[float], two: Sequence[float]) -> dict[str, float]:
+    """``--workers 2`` against one worker from alternating rounds (requests/s of each round): the medians,
+    their ratio and the lowest / highest ratio of one round's pair. Rounds where either side failed (NaN or
+    0) are left out; NaN when none is left."""
+    pairs = [(a, b) for a, b in zip(one, two, strict=True) if a > 0 and b > 0]  # NaN compares False
+    ratios = [b / a for a, b in pairs]
+    one_median, two_median = percentile([a for a, _ in pairs], 50), percentile([b for _, b in pairs], 50)
+    return {
+        "one_worker_rps": one_median,
+        "two_workers_rps": two_median,
+        "ratio": two_median / one_median if pairs else math.nan,
+        "ratio_min": min(ratios, default=math.nan),
+        "ratio_max": max(ratios, default=math.nan),
+    }
+
+
 @dataclass(slots=True)
 class PathReport:
     name: str
@@ -496,6 +512,9 @@ class BenchOptions:
     paths: tuple[str, ...] = DEFAULT_PATHS
     baseline: Path | None = None
     """A ``src`` directory of another inferoute version: enables the ``*-baseline`` paths."""
+    scaling_rounds: int = 3
+    """Alternating wrk rounds of ``inferoute`` and ``inferoute-2w`` for the ``--workers 2`` ratio."""
+    scaling_connections: int = 32
 
 
 async def _start(procs: list[ManagedProcess], proc: ManagedProcess, ready_url: str) -> None:
@@ -507,6 +526,7 @@ async def _start(procs: list[ManagedProcess], proc: ManagedProcess, ready_url: s
 async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
     load_before = _loadavg()
     busy = steal = math.nan
+    scaling: dict[str, float] | None = None
     work = opts.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     procs: list[ManagedProcess] = []
@@ -607,6 +627,8 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
                     f"  {name:20s} c={c:<3d} {res.requests_per_s:9.0f} req/s  p50 {res.p50_ms:7.3f} ms"
                     f"  p99 {res.p99_ms:7.3f} ms  errors {res.errors}  cpu {cpu_us * 1e6:6.0f} us/req"
                 )
+        if {"inferoute", "inferoute-2w"} <= set(opts.paths) and opts.scaling_rounds > 0:
+            scaling = await _scaling(opts, json_url, json_pid, work, echo)
         echo(f"SSE relay: {opts.sse_streams} streams x {opts.sse_events} events x {opts.sse_rounds} rounds")
         for name in opts.paths:
             rate, errs = await sse_rate(sse_url[name] + chat, opts.sse_streams, opts.sse_rounds)
@@ -631,11 +653,65 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
         },
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "paths": {n: asdict(r) for n, r in reports.items()},
+        "scaling": scaling,
         "bbr": bbr,
     }
     (opts.out / "gateway.json").write_text(json.dumps(result, indent=2))
     (opts.out / "gateway.md").write_text(render_markdown(result))
     return result
+
+
+async def _scaling(
+    opts: BenchOptions,
+    json_url: dict[str, str],
+    json_pid: dict[str, int],
+    work: Path,
+    echo: Callable[[str], None],
+) -> dict[str, float]:
+    """``inferoute`` and ``inferoute-2w`` measured in alternating ``wrk`` rounds at one connection count (two
+    wrk threads), so that the machine's load swings hit both alike; also how many cores each got (CPU seconds
+    of its processes per second of the round)."""
+    c, chat = opts.scaling_connections, "/v1/chat/completions"
+    rounds, secs = opts.scaling_rounds, opts.wrk_duration
+    echo(f"--workers 2 vs 1 worker: wrk -c{c}, {rounds} alternating rounds, {secs:g}s each")
+    rps: dict[str, list[float]] = {"inferoute": [], "inferoute-2w": []}
+    cores: dict[str, list[float]] = {"inferoute": [], "inferoute-2w": []}
+    for i in range(opts.scaling_rounds):
+        order = ("inferoute", "inferoute-2w") if i % 2 == 0 else ("inferoute-2w", "inferoute")
+        for name in order:
+            cpu0, t0 = tree_cpu_seconds(json_pid[name]), time.perf_counter()
+            res = await asyncio.to_thread(run_wrk, json_url[name] + chat, c, opts.wrk_duration, work)
+            cores[name].append((tree_cpu_seconds(json_pid[name]) - cpu0) / (time.perf_counter() - t0))
+            rps[name].append(res.requests_per_s if res.errors == 0 else math.nan)
+        one, two = rps["inferoute"][-1], rps["inferoute-2w"][-1]
+        echo(
+            f"  round {i + 1}: 1 worker {one:7.0f} req/s on {cores['inferoute'][-1]:.2f} cores,"
+            f" 2 workers {two:7.0f} req/s on {cores['inferoute-2w'][-1]:.2f} cores"
+        )
+    summary = scaling_summary(rps["inferoute"], rps["inferoute-2w"])
+    summary |= {
+        "connections": c,
+        "rounds": opts.scaling_rounds,
+        "seconds": opts.wrk_duration,
+        "one_worker_cores": _median_finite(cores["inferoute"]),
+        "two_workers_cores": _median_finite(cores["inferoute-2w"]),
+        "one_worker_rps_per_core": _median_finite(_per(rps["inferoute"], cores["inferoute"])),
+        "two_workers_rps_per_core": _median_finite(_per(rps["inferoute-2w"], cores["inferoute-2w"])),
+    }
+    echo(
+        f"  median {summary['one_worker_rps']:.0f} vs {summary['two_workers_rps']:.0f} req/s: "
+        f"{summary['ratio']:.2f}x (rounds {summary['ratio_min']:.2f}-{summary['ratio_max']:.2f}x); per core "
+        f"{summary['one_worker_rps_per_core']:.0f} vs {summary['two_workers_rps_per_core']:.0f} req/s"
+    )
+    return summary
+
+
+def _median_finite(values: Sequence[float]) -> float:
+    return percentile([v for v in values if not math.isnan(v)], 50)
+
+
+def _per(rates: Sequence[float], cores: Sequence[float]) -> list[float]:
+    return [r / c if c > 0 else math.nan for r, c in zip(rates, cores, strict=True)]
 
 
 def _cpus() -> int:
@@ -681,6 +757,19 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"| {best_txt} | {top:,.0f} | {cpu_txt} | {r['sse_events_per_s']:,.0f} |"
         )
     lines += _scheduler_lines(result)
+    scaling = result.get("scaling")
+    if scaling:
+        lines += [
+            "",
+            f"`--workers 2` against 1 worker (`wrk -c{scaling['connections']}`, {scaling['rounds']} "
+            f"alternating rounds of {scaling['seconds']:g} s, medians): {scaling['two_workers_rps']:,.0f} vs "
+            f"{scaling['one_worker_rps']:,.0f} req/s, **{scaling['ratio']:.2f}x** (per round "
+            f"{scaling['ratio_min']:.2f}-{scaling['ratio_max']:.2f}x); the gateway's processes got "
+            f"{scaling.get('two_workers_cores', math.nan):.2f} vs "
+            f"{scaling.get('one_worker_cores', math.nan):.2f} cores (median CPU seconds per second), "
+            f"{scaling.get('two_workers_rps_per_core', math.nan):,.0f} vs "
+            f"{scaling.get('one_worker_rps_per_core', math.nan):,.0f} req/s per core.",
+        ]
     bbr = result["bbr"]
     reader = bbr.get("model_reader_gb_s")
     reader_txt = f"`ModelReader` (simdjson) {reader:.2f} GB/s, " if reader is not None else ""
@@ -729,6 +818,12 @@ def _scheduler_lines(result: dict[str, Any]) -> list[str]:
 )
 @click.option("--wrk-duration", default=4.0, show_default=True, help="Seconds per wrk run.")
 @click.option(
+    "--scaling-rounds",
+    default=3,
+    show_default=True,
+    help="Alternating wrk rounds of inferoute and inferoute-2w for the --workers 2 ratio (0: skip).",
+)
+@click.option(
     "--paths",
     default=",".join(DEFAULT_PATHS),
     show_default=True,
@@ -747,6 +842,7 @@ def command(
     rate: float,
     fixed_duration: float,
     wrk_duration: float,
+    scaling_rounds: int,
     paths: str,
     bbr_only: bool,
     baseline: Path | None,
@@ -766,6 +862,7 @@ def command(
         rate=rate,
         fixed_duration=fixed_duration,
         wrk_duration=wrk_duration,
+        scaling_rounds=scaling_rounds,
         paths=chosen,
         baseline=baseline.resolve() if baseline is not None else None,
     )
