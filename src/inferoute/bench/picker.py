@@ -290,6 +290,125 @@ class DecisionsResult:
         return self.decisions / self.server_cpu_seconds if self.server_cpu_seconds else 0.0
 
 
+class _PipelinedLoad(asyncio.Protocol):
+    """A lean HTTP/2 gRPC client for decisions/s: ``streams`` ext_proc calls in flight on one connection,
+    each sending the whole lifecycle at once (request headers, body, then -- as a proxy would after the
+    decision -- response headers and body, then end of stream), built from precomputed bytes. The server
+    still answers message by message (later messages of a call wait for its decision), so the work per
+    call is Envoy's; the client itself costs a fraction of what ``grpc.aio`` does, so one picker core can be
+    saturated from one other core."""
+
+    def __init__(self, messages: list[bytes], streams: int) -> None:
+        block = (
+            b"\x83\x86"  # :method POST, :scheme http (static table)
+            + b"\x04"
+            + bytes((len(EXT_PROC_PATH),))
+            + EXT_PROC_PATH  # :path, literal without indexing
+            + b"\x01\x05bench"  # :authority
+            + b"\x0f\x10\x10application/grpc"  # content-type (static name 31)
+            + b"\x00\x02te\x08trailers"
+        )
+        payload = b"".join(b"\x00" + len(msg).to_bytes(4, "big") + msg for msg in messages)
+        self._headers, self._payload = block, payload
+        self._streams = streams
+        self._next_sid = 1
+        self._buf = b""
+        self.done = 0
+        self.measuring = False
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    @staticmethod
+    def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes((ftype, flags)) + sid.to_bytes(4, "big") + payload
+
+    def _start(self, n: int) -> None:
+        out = []
+        for _ in range(n):
+            sid = self._next_sid
+            self._next_sid += 2
+            out.append(self._frame(1, 0x4, sid, self._headers))  # HEADERS, END_HEADERS
+            out.append(self._frame(0, 0x1, sid, self._payload))  # DATA, END_STREAM
+        assert self.transport is not None
+        self.transport.write(b"".join(out))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        settings = (4).to_bytes(2, "big") + (1 << 30).to_bytes(4, "big")  # INITIAL_WINDOW_SIZE 1 GiB
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + self._frame(4, 0, 0, settings)
+        preface += self._frame(8, 0, 0, ((1 << 31) - 1 - 65535).to_bytes(4, "big"))  # connection window
+        transport.write(preface)  # type: ignore[attr-defined]
+        self._start(self._streams)
+
+    def data_received(self, data: bytes) -> None:
+        data = self._buf + data if self._buf else data
+        pos, end, finished, received = 0, len(data), 0, 0
+        replies = []
+        while end - pos >= 9:
+            length = int.from_bytes(data[pos : pos + 3], "big")
+            if end - pos - 9 < length:
+                break
+            ftype, flags = data[pos + 3], data[pos + 4]
+            if ftype == 1 and flags & 0x1:  # HEADERS with END_STREAM: the call's trailers
+                finished += 1
+            elif ftype == 0:
+                received += length
+            elif ftype == 4 and not flags & 0x1:
+                replies.append(self._frame(4, 0x1, 0, b""))  # SETTINGS ACK
+            elif ftype == 6 and not flags & 0x1:
+                replies.append(self._frame(6, 0x1, 0, data[pos + 9 : pos + 17]))  # PING ACK
+            pos += 9 + length
+        self._buf = data[pos:]
+        if received:  # keep the connection window open (stream windows are 1 GiB)
+            replies.append(self._frame(8, 0, 0, received.to_bytes(4, "big")))
+        if replies and self.transport is not None:
+            self.transport.write(b"".join(replies))
+        if finished:
+            if self.measuring:
+                self.done += finished
+            if self._next_sid < (1 << 31) - 2 * finished:
+                self._start(finished)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+EXT_PROC_PATH = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
+async def _pipelined_load(
+    port: int, pid: int, picker: str, streams: int, seconds: float, size: int, *, response_phase: bool = True
+) -> DecisionsResult:
+    from inferoute.extproc import messages as m
+
+    body = _body(size)
+    pairs = [(":method", "POST"), (":path", "/v1/completions"), (":authority", "bench")]
+    pairs += [("content-type", "application/json"), ("content-length", str(len(body)))]
+    msgs = [m.headers_request(pairs, end_of_stream=False), m.body_chunk_request(body, end_of_stream=True)]
+    if response_phase:
+        status = [(":status", "200"), ("content-type", "application/json")]
+        msgs.append(
+            m.headers_request(status, end_of_stream=False, phase="response_headers", served="127.0.0.1:1")
+        )
+        msgs.append(m.body_chunk_request(b'{"choices":[]}', end_of_stream=True, phase="response_body"))
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_connection(
+        lambda: _PipelinedLoad([x.SerializeToString() for x in msgs], streams), "127.0.0.1", port
+    )
+    try:
+        await asyncio.sleep(1.5)  # warm-up
+        proto.measuring = True
+        cpu0, t0 = _cpu_seconds(pid), time.perf_counter()
+        await asyncio.sleep(seconds)
+        elapsed, cpu = time.perf_counter() - t0, _cpu_seconds(pid) - cpu0
+        done = proto.done
+    finally:
+        transport.close()
+    label = f"{picker}, pipelined client" + ("" if response_phase else ", request phase only")
+    return DecisionsResult(label, streams, elapsed, done, 0, cpu)
+
+
 async def _grpc_load(
     port: int,
     pid: int,
@@ -618,6 +737,18 @@ async def _run(opts: argparse.Namespace | Any) -> str:
             for transport in transports:
                 (port,) = _free_ports(1)
                 async with _serve_child(port, picker, eps, transport, cpu) as server:
+                    for phase in (True, False):
+                        dres = await _pipelined_load(
+                            port,
+                            server.pid,
+                            f"{picker} ({transport})",
+                            256,
+                            opts.seconds,
+                            opts.prompt_bytes,
+                            response_phase=phase,
+                        )
+                        decisions.append(dres)
+                        click.echo(f"decisions/s: {dres}", err=True)
                     for phase in (True, False):
                         dres = await _grpc_load(
                             port,

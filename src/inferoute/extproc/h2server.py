@@ -188,12 +188,12 @@ class _Call:
     def send(self, messages: Sequence[Message]) -> None:
         if not self.finished and messages:
             self.conn.send_data(self, *_wire(messages))
-            self.conn.flush()
+            self.conn.flush_soon()
 
     def finish(self, code: int = OK, details: str = "") -> None:
         if not self.finished:
             self.conn.abort(self, code, details)
-            self.conn.flush()
+            self.conn.flush_soon()
 
 
 # HTTP/2 (RFC 9113) frame types, flags, settings and error codes used here
@@ -284,6 +284,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, _Call] = {}
         self._out: list[Buffer] = []
+        self._flush_scheduled = False
         self._buf = b""
         self._preface = False
         self._decoder = hpack.Decoder(max_header_list_size=_MAX_HEADER_LIST)
@@ -637,7 +638,7 @@ class _Connection(asyncio.Protocol):
         except GrpcAbort as exc:
             call.task = None
             self.abort(call, exc.code, exc.details)
-            self.flush()
+            self.flush_soon()
             return
         except asyncio.CancelledError:
             return  # the call was cancelled: _cancel closed the handler
@@ -645,7 +646,7 @@ class _Connection(asyncio.Protocol):
             call.task = None
             log.exception("gRPC handler failed")
             self.abort(call, INTERNAL, f"handler failed: {exc}")
-            self.flush()
+            self.flush_soon()
             return
         call.task = None
         call.waiting = False
@@ -657,7 +658,7 @@ class _Connection(asyncio.Protocol):
             self._feed(call, call.held.popleft())
         if call.input_ended and not call.waiting and not call.finished:
             self._end_of_input(call)
-        self.flush()
+        self.flush_soon()
 
     def _end_of_input(self, call: _Call) -> None:
         out = self._guarded(call, call.handler.end_of_input)
@@ -796,7 +797,15 @@ class _Connection(asyncio.Protocol):
         if not call.closed:
             self._close_handler(call, cancelled=True)
 
+    def flush_soon(self) -> None:
+        """Write at the end of this loop iteration: the calls decided in one iteration (one task each)
+        leave in one write instead of one write per call."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
     def flush(self) -> None:
+        self._flush_scheduled = False
         out = self._out
         if not out:
             return
