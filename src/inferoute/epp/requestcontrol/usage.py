@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import deque
 from dataclasses import dataclass
 
 import msgspec
@@ -31,50 +30,41 @@ class TailBuffer:
     """The last ``limit`` bytes of a stream.
 
     Chunks are kept as they come (no concatenation per chunk: a streamed answer is hundreds of small
-    chunks) and the oldest are dropped once the newer ones alone hold ``limit`` bytes; :attr:`data` joins
-    them once."""
+    chunks) and joined every :data:`COMPACT_EVERY` chunks, keeping the last ``limit`` bytes; a chunk of
+    ``limit`` bytes or more replaces everything before it. :attr:`data` joins what is left."""
 
-    __slots__ = ("_chunks", "_data", "_size", "limit", "total")
+    __slots__ = ("_chunks", "limit", "total")
+
+    COMPACT_EVERY = 16
 
     def __init__(self, limit: int = TAIL_BYTES) -> None:
         if limit < 1:
             raise ValueError("a tail buffer keeps at least one byte")
         self.limit = limit
-        self._chunks: deque[bytes] = deque()
-        self._size = 0
-        """Bytes in ``_chunks``."""
-        self._data: bytes | None = b""
-        """The joined tail, cached (None: to be joined)."""
+        self._chunks: list[bytes] = []
         self.total = 0
 
     def feed(self, chunk: bytes) -> None:
-        n = len(chunk)
-        if not n:
-            return
-        self.total += n
         if type(chunk) is not bytes:
             chunk = bytes(chunk)  # the caller may reuse its buffer
+        n = len(chunk)
+        self.total += n
+        if n >= self.limit:
+            self._chunks = [chunk]
+            return
         chunks = self._chunks
         chunks.append(chunk)
-        size = self._size + n
-        limit = self.limit
-        while size - len(chunks[0]) >= limit:
-            size -= len(chunks.popleft())
-        self._size = size
-        self._data = None
+        if len(chunks) >= self.COMPACT_EVERY:
+            self._compact()
+
+    def _compact(self) -> None:
+        data = b"".join(self._chunks)
+        self._chunks = [data[-self.limit :] if len(data) > self.limit else data]
 
     @property
     def data(self) -> bytes:
-        data = self._data
-        if data is None:
-            data = b"".join(self._chunks)
-            if len(data) > self.limit:
-                data = data[-self.limit :]
-            self._chunks.clear()
-            self._chunks.append(data)
-            self._size = len(data)
-            self._data = data
-        return data
+        self._compact()
+        return self._chunks[0]
 
 
 _STRUCTURE = re.compile(rb'[{}"\\]')
