@@ -45,8 +45,7 @@ from typing import Any
 import click
 
 DELAY_HEADER = "x-bench-delay-ms"
-"""The trivial backend answers after about this many milliseconds (uniformly 0.5-1.5x; set by the wrk
-script), so 50 closed-loop clients do not march in lockstep."""
+"""The trivial backend answers after this many milliseconds (set by the open-loop client)."""
 
 VLLM_ZERO_METRICS = (
     '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="m"} 0\n'
@@ -205,14 +204,13 @@ async def _serve_backend(port: int) -> None:
     from aiohttp import web
 
     answer = json.dumps({"id": "cmpl-1", "object": "text_completion", "choices": [{"text": "ok"}]}).encode()
-    rng = random.Random(port)
 
     async def completion(request: web.Request) -> web.Response:
         with contextlib.suppress(ConnectionResetError):  # wrk drops its connections when it stops
             await request.read()
         delay = request.headers.get(DELAY_HEADER)
-        if delay:  # a model server's time to answer (prefill of a long prompt), varying like real ones do
-            await asyncio.sleep(float(delay) / 1000 * rng.uniform(0.5, 1.5))
+        if delay:  # a model server's time to answer (the prefill of a long prompt)
+            await asyncio.sleep(float(delay) / 1000)
         return web.Response(body=answer, content_type="application/json")
 
     async def metrics(_: web.Request) -> web.Response:
@@ -526,13 +524,12 @@ def parse_wrk(label: str, text: str) -> WrkResult:
 
 
 async def _wrk(
-    url: str, body_size: int, connections: int, seconds: int, label: str, workdir: str, delay_ms: int = 0
+    url: str, body_size: int, connections: int, seconds: int, label: str, workdir: str
 ) -> WrkResult:
-    script = Path(workdir) / f"post-{body_size}-{delay_ms}.lua"
+    script = Path(workdir) / f"post-{body_size}.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
-        + (f'wrk.headers["{DELAY_HEADER}"] = "{delay_ms}"\n' if delay_ms else "")
         + 'wrk.body = \'{"model":"m","max_tokens":8,"prompt":"\' .. '
         f'string.rep("a", {max(0, body_size - 50)}) .. \'"}}\'\n'
     )
@@ -596,9 +593,11 @@ async def _through_envoy(
     request_body: str = "full_duplex",
     response_phase: str = "full",
     transport: str = "h2",
-    delay_ms: int = 0,
+    open_loop: tuple[float, int] | None = None,
     cpu: int | None = None,
 ) -> WrkResult:
+    """One path under wrk (``connections``, closed loop) or, with ``open_loop`` = (rate, backend delay ms),
+    under Poisson arrivals (then p50/p99 are the time beyond the backend's delay)."""
     from inferoute.epp.envoy import EnvoyProcess, bootstrap
 
     listen, admin, epp_port = _free_ports(3)
@@ -615,9 +614,8 @@ async def _through_envoy(
         try:
             await envoy.wait_ready(30, epp_healthy=False)
             url = f"http://127.0.0.1:{listen}/v1/completions"
-            await _wrk(url, body_size, connections, 2, label, str(sub), delay_ms)
             cpu0 = _cpu_seconds(envoy.proc.pid)
-            res = await _wrk(url, body_size, connections, seconds, label, str(sub), delay_ms)
+            res = await _measure(url, body_size, connections, seconds, label, str(sub), open_loop)
             res.envoy_cpu_seconds = _cpu_seconds(envoy.proc.pid) - cpu0
             return res
         finally:
@@ -638,14 +636,80 @@ async def _through_envoy(
         try:
             await envoy.wait_ready(30)
             url = f"http://127.0.0.1:{listen}/v1/completions"
-            await _wrk(url, body_size, connections, 2, label, str(sub), delay_ms)
             cpu_e, cpu_p = _cpu_seconds(envoy.proc.pid), _cpu_seconds(server.pid)
-            res = await _wrk(url, body_size, connections, seconds, label, str(sub), delay_ms)
+            res = await _measure(url, body_size, connections, seconds, label, str(sub), open_loop)
             res.envoy_cpu_seconds = _cpu_seconds(envoy.proc.pid) - cpu_e
             res.picker_cpu_seconds = _cpu_seconds(server.pid) - cpu_p
             return res
         finally:
             await envoy.aclose()
+
+
+async def _measure(
+    url: str,
+    body_size: int,
+    connections: int,
+    seconds: int,
+    label: str,
+    workdir: str,
+    open_loop: tuple[float, int] | None,
+) -> WrkResult:
+    """A 2 s warm-up, then the measured run (CPU counters are read around both; requests of the measured
+    run only are counted, so CPU per request is a slight over-estimate)."""
+    if open_loop is None:
+        await _wrk(url, body_size, connections, 2, label, workdir)
+        return await _wrk(url, body_size, connections, seconds, label, workdir)
+    rate, delay_ms = open_loop
+    await _open_loop(url, body_size, rate, 2, delay_ms)
+    over, errors, elapsed = await _open_loop(url, body_size, rate, seconds, delay_ms)
+    from inferoute.bench.stats import percentile
+
+    res = WrkResult(label, len(over) / elapsed, percentile(over, 50), percentile(over, 99), len(over), errors)
+    res.delay_ms = delay_ms
+    return res
+
+
+async def _open_loop(
+    url: str, body_size: int, rate: float, seconds: float, delay_ms: int, seed: int = 1
+) -> tuple[list[float], int, float]:
+    """Poisson arrivals at ``rate`` per second for ``seconds``, each a fresh POST on a pooled keep-alive
+    connection; returns each request's time beyond ``delay_ms`` (ms), the error count and the elapsed time."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    body = _body(body_size)
+    headers = {"content-type": "application/json", DELAY_HEADER: str(delay_ms)}
+    over: list[float] = []
+    errors = 0
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        t0 = time.perf_counter()
+        try:
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    errors += 1
+                    return
+        except (aiohttp.ClientError, OSError):
+            errors += 1
+            return
+        over.append((time.perf_counter() - t0) * 1000 - delay_ms)
+
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks: list[asyncio.Task[None]] = []
+        start = loop.time()
+        due = start
+        while due < start + seconds:
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            tasks.append(loop.create_task(one(session)))
+            due += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+        elapsed = loop.time() - start
+    return over, errors, elapsed
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -693,10 +757,15 @@ def render_markdown(
     for connections, delay in sorted({(w.connections, w.delay_ms) for w in latency}):
         rows = [w for w in latency if w.connections == connections and w.delay_ms == delay]
         base = next((w for w in rows if w.label == "envoy direct"), None)
-        backend = f"backends answer after {delay} ms" if delay else "backends answer at once"
+        if delay:
+            title = (
+                f"### Added latency, 200 KB prompts, open loop: Poisson arrivals, backends answer after "
+                f"{delay} ms (~{connections} requests in flight; p50/p99 = time beyond the {delay} ms)"
+            )
+        else:
+            title = f"### Added latency, 200 KB prompts, {connections} concurrent request(s) (closed loop)"
         lines += [
-            f"### Added latency, 200 KB prompts, {connections} concurrent request(s) "
-            f"(closed loop; {backend})",
+            title,
             "",
             "| path | requests/s | p50 ms | p99 ms | added p50 ms | added p99 ms | picker CPU ms/request "
             "| non-2xx |",
@@ -788,8 +857,14 @@ async def _run(opts: argparse.Namespace | Any) -> str:
             lat: list[tuple[str | None, str, str]] = [(None, main_t, "full_duplex")]
             lat += [(p, t, "full_duplex") for p in envoy_pickers for t in transports]
             lat += [(p, main_t, "buffered") for p in envoy_pickers]
-            points = [(1, 0), (50, 0)] + [(50, d) for d in opts.backend_delays if d]
-            for connections, delay in points:
+            rate, delay = opts.open_loop
+            in_flight = round(rate * delay / 1000)
+            points: list[tuple[int, tuple[float, int] | None]] = [
+                (1, None),
+                (50, None),
+                (in_flight, opts.open_loop),
+            ]
+            for connections, open_loop in points:
                 for picker, transport, body_mode in lat:
                     res = await _through_envoy(
                         picker,
@@ -800,11 +875,10 @@ async def _run(opts: argparse.Namespace | Any) -> str:
                         workdir,
                         request_body=body_mode,
                         transport=transport,
-                        delay_ms=delay,
+                        open_loop=open_loop,
                         cpu=cpu,
                     )
                     res.connections = connections
-                    res.delay_ms = delay
                     latency.append(res)
                     click.echo(f"latency: {res}", err=True)
         else:
@@ -841,11 +915,11 @@ async def _run(opts: argparse.Namespace | Any) -> str:
     help="Comma list of the picker server's gRPC transports: h2 (inferoute's, the default), grpcio.",
 )
 @click.option(
-    "--backend-delays",
-    default="0,250,2000",
+    "--open-loop",
+    default="50:1000",
     show_default=True,
-    help="Comma list of mean backend answer delays (ms; each answer 0.5-1.5x) for the 50-concurrent 200 KB "
-    "runs; 0 = answer at once (saturation). A 200 KB prompt (~50k tokens) takes seconds to prefill.",
+    help="RATE:DELAY_MS of the open-loop 200 KB run: Poisson arrivals at RATE/s, backends answering after "
+    "DELAY_MS (a 200 KB prompt, ~50k tokens, takes a second or more to prefill), ~RATE*DELAY in flight.",
 )
 @click.option(
     "--pin/--no-pin",
@@ -860,7 +934,7 @@ def command(
     concurrency: int,
     prompt_bytes: int,
     transports: str,
-    backend_delays: str,
+    open_loop: str,
     pin: bool,
     out: str | None,
 ) -> None:
@@ -869,7 +943,7 @@ def command(
 
     opts = argparse.Namespace(
         transports=transports,
-        backend_delays=[int(d) for d in backend_delays.split(",") if d.strip()],
+        open_loop=(float(open_loop.split(":")[0]), int(open_loop.split(":")[1])),
         pin=pin,
         pickers=pickers,
         seconds=seconds,
