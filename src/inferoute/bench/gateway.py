@@ -19,9 +19,13 @@ to it, all started by this command on free 127.0.0.1 ports and stopped by proces
 Measurements (small non-streaming ``POST /v1/chat/completions``):
 
 1. **Added latency at a fixed rate** (default 200 req/s, open loop, keep-alive): p50 / p99 of each path
-   minus those of ``direct``.
+   minus those of ``direct``, with what the scheduler did meanwhile: the machine's busy / stolen CPU share
+   and how long each path's processes and the client sat runnable without a CPU (``schedstat`` run delay),
+   since on a shared machine that wait, not the proxy, decides the p99.
 2. **Highest rate with p99 under 10 ms**: ``wrk`` (C, not the bottleneck) at increasing connection counts;
    the best requests/s among runs whose p99 stayed under the bound.
+   With both ``inferoute`` and ``inferoute-2w``: the ``--workers 2`` ratio from alternating ``wrk`` rounds,
+   with the cores each side actually got (a second worker only helps if a second core is free).
 3. **SSE relay rate**: N concurrent streams of M events each from a separate Python SSE backend (one write per
    event), events per second received by the client through each path.
 4. **BBR extraction speed** on a 10 MB chat body: the gateway's :class:`inferoute.gateway.bbr.ModelReader`
