@@ -614,6 +614,7 @@ async def _through_envoy(
         try:
             await envoy.wait_ready(30, epp_healthy=False)
             url = f"http://127.0.0.1:{listen}/v1/completions"
+            await _measure(url, body_size, connections, 2, label, str(sub), open_loop)  # warm-up
             cpu0 = _cpu_seconds(envoy.proc.pid)
             res = await _measure(url, body_size, connections, seconds, label, str(sub), open_loop)
             res.envoy_cpu_seconds = _cpu_seconds(envoy.proc.pid) - cpu0
@@ -636,6 +637,7 @@ async def _through_envoy(
         try:
             await envoy.wait_ready(30)
             url = f"http://127.0.0.1:{listen}/v1/completions"
+            await _measure(url, body_size, connections, 2, label, str(sub), open_loop)  # warm-up
             cpu_e, cpu_p = _cpu_seconds(envoy.proc.pid), _cpu_seconds(server.pid)
             res = await _measure(url, body_size, connections, seconds, label, str(sub), open_loop)
             res.envoy_cpu_seconds = _cpu_seconds(envoy.proc.pid) - cpu_e
@@ -654,13 +656,11 @@ async def _measure(
     workdir: str,
     open_loop: tuple[float, int] | None,
 ) -> WrkResult:
-    """A 2 s warm-up, then the measured run (CPU counters are read around both; requests of the measured
-    run only are counted, so CPU per request is a slight over-estimate)."""
+    """One run: wrk with ``connections`` (closed loop), or Poisson arrivals with ``open_loop``. The CPU per
+    request reported is that of the run (open loop: requests still in flight at its end are waited for)."""
     if open_loop is None:
-        await _wrk(url, body_size, connections, 2, label, workdir)
         return await _wrk(url, body_size, connections, seconds, label, workdir)
     rate, delay_ms = open_loop
-    await _open_loop(url, body_size, rate, 2, delay_ms)
     over, errors, elapsed = await _open_loop(url, body_size, rate, seconds, delay_ms)
     from inferoute.bench.stats import percentile
 
