@@ -38,6 +38,7 @@ numbers move with the load; the relative picture inside one run is what the repo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -371,32 +372,51 @@ async def _serve_sse(port: int, events: int) -> None:
 # ---------------------------------------------------------------------------------------------- load
 
 
-async def fixed_rate(url: str, rate: float, duration: float, warmup: int = 20) -> tuple[list[float], int]:
-    """Open loop: one request every ``1/rate`` s for ``duration`` s; latencies (ms) and error count."""
-    latencies: list[float] = []
-    errors = 0
-    headers = {"Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=64, force_close=False)
-    async with aiohttp.ClientSession(connector=connector) as session:
+class OpenLoopClient:
+    """Small ``POST``s to one URL at a fixed rate, open loop, on one keep-alive session that lives across
+    calls of :meth:`run` (so that short interleaved slices do not reopen connections)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._session: aiohttp.ClientSession | None = None
+        self._headers = {"Content-Type": "application/json"}
+
+    async def __aenter__(self) -> OpenLoopClient:
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _one(self, latencies: list[float]) -> bool:
+        assert self._session is not None, "use OpenLoopClient as an async context manager"
+        t0 = time.perf_counter()
+        try:
+            async with self._session.post(self.url, data=CHAT_BODY, headers=self._headers) as r:
+                await r.read()
+                if r.status != 200:
+                    return False
+        except aiohttp.ClientError:
+            return False
+        latencies.append((time.perf_counter() - t0) * 1000)
+        return True
+
+    async def warm(self, requests: int) -> None:
+        """Requests one after the other, not measured: the connection and the path get warm."""
+        for _ in range(requests):
+            await self._one([])
+
+    async def run(self, rate: float, duration: float) -> tuple[list[float], int]:
+        """One request every ``1/rate`` s for ``duration`` s; latencies (ms) and the error count."""
+        latencies: list[float] = []
+        outcomes: list[bool] = []
 
         async def one() -> None:
-            nonlocal errors
-            t0 = time.perf_counter()
-            try:
-                async with session.post(url, data=CHAT_BODY, headers=headers) as r:
-                    await r.read()
-                    if r.status != 200:
-                        errors += 1
-                        return
-            except aiohttp.ClientError:
-                errors += 1
-                return
-            latencies.append((time.perf_counter() - t0) * 1000)
+            outcomes.append(await self._one(latencies))
 
-        for _ in range(warmup):  # warm the connection pool and the path
-            await one()
-        latencies.clear()
-        n = int(rate * duration)
+        n = max(1, round(rate * duration))
         start = time.perf_counter()
         async with asyncio.TaskGroup() as tg:
             for i in range(n):
@@ -404,7 +424,14 @@ async def fixed_rate(url: str, rate: float, duration: float, warmup: int = 20) -
                 if delay > 0:
                     await asyncio.sleep(delay)
                 tg.create_task(one())
-    return latencies, errors
+        return latencies, outcomes.count(False)
+
+
+def slice_order(paths: Sequence[str], round_index: int) -> list[str]:
+    """The paths of one round of the fixed-rate test, rotated by one each round, so that no path always
+    follows the same neighbour."""
+    k = round_index % len(paths) if paths else 0
+    return [*paths[k:], *paths[:k]]
 
 
 def run_wrk(url: str, connections: int, duration: float, workdir: Path) -> WrkResult:
@@ -508,6 +535,8 @@ class BenchOptions:
     out: Path
     rate: float = 200.0
     fixed_duration: float = 10.0
+    slice_seconds: float = 0.25
+    """Length of one interleaved slice of the fixed-rate test."""
     wrk_duration: float = 4.0
     connections: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     sse_streams: int = 8
@@ -585,22 +614,32 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
         for name in opts.paths:
             reports[name] = PathReport(name)
         chat = "/v1/chat/completions"
-        echo(f"fixed rate {opts.rate:g} req/s, {opts.fixed_duration:g}s per path (1 s slices, interleaved)")
+        slices = max(1, round(opts.fixed_duration / opts.slice_seconds))
+        echo(
+            f"fixed rate {opts.rate:g} req/s, {opts.fixed_duration:g}s per path "
+            f"({slices} interleaved slices of {opts.slice_seconds:g} s)"
+        )
         lats: dict[str, list[float]] = {n: [] for n in opts.paths}
         errors: dict[str, int] = dict.fromkeys(opts.paths, 0)
         waits: dict[str, list[float]] = {n: [0.0, 0.0] for n in opts.paths}
-        cpu_before = cpu_times()
-        for _ in range(max(1, round(opts.fixed_duration))):
-            # interleaving spreads the machine's load swings over every path alike
-            for name in opts.paths:
-                path_wait = tree_run_delay_seconds(json_pid[name])
-                client_wait = tree_run_delay_seconds(os.getpid(), descendants=False)
-                lat, errs = await fixed_rate(json_url[name] + chat, opts.rate, 1.0, warmup=5)
-                waits[name][0] += tree_run_delay_seconds(json_pid[name]) - path_wait
-                waits[name][1] += tree_run_delay_seconds(os.getpid(), descendants=False) - client_wait
-                lats[name].extend(lat)
-                errors[name] += errs
-        busy, steal = busy_and_steal(cpu_before, cpu_times())
+        async with contextlib.AsyncExitStack() as stack:
+            clients = {
+                n: await stack.enter_async_context(OpenLoopClient(json_url[n] + chat)) for n in opts.paths
+            }
+            for client in clients.values():
+                await client.warm(20)
+            cpu_before = cpu_times()
+            for i in range(slices):
+                # short interleaved slices spread the machine's load swings over every path alike
+                for name in slice_order(opts.paths, i):
+                    path_wait = tree_run_delay_seconds(json_pid[name])
+                    client_wait = tree_run_delay_seconds(os.getpid(), descendants=False)
+                    lat, errs = await clients[name].run(opts.rate, opts.slice_seconds)
+                    waits[name][0] += tree_run_delay_seconds(json_pid[name]) - path_wait
+                    waits[name][1] += tree_run_delay_seconds(os.getpid(), descendants=False) - client_wait
+                    lats[name].extend(lat)
+                    errors[name] += errs
+            busy, steal = busy_and_steal(cpu_before, cpu_times())
         echo(f"  machine during the fixed-rate test: CPU busy {busy:.0%}, stolen {steal:.1%}")
         for name in opts.paths:
             r = reports[name]
@@ -820,6 +859,13 @@ def _scheduler_lines(result: dict[str, Any]) -> list[str]:
 @click.option(
     "--duration", "fixed_duration", default=10.0, show_default=True, help="Seconds at the fixed rate."
 )
+@click.option(
+    "--slice",
+    "slice_seconds",
+    default=0.25,
+    show_default=True,
+    help="Length of one interleaved slice of the fixed-rate test (seconds).",
+)
 @click.option("--wrk-duration", default=4.0, show_default=True, help="Seconds per wrk run.")
 @click.option(
     "--scaling-rounds",
@@ -845,6 +891,7 @@ def command(
     out: Path,
     rate: float,
     fixed_duration: float,
+    slice_seconds: float,
     wrk_duration: float,
     scaling_rounds: int,
     paths: str,
@@ -865,6 +912,7 @@ def command(
         out=out,
         rate=rate,
         fixed_duration=fixed_duration,
+        slice_seconds=slice_seconds,
         wrk_duration=wrk_duration,
         scaling_rounds=scaling_rounds,
         paths=chosen,
