@@ -37,12 +37,14 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
+
+from inferoute.extproc.h2server import frame_header, literal_header
 
 DELAY_HEADER = "x-bench-delay-ms"
 """The trivial backend answers after this many milliseconds (set by the open-loop client)."""
@@ -83,6 +85,14 @@ def _body(size: int) -> bytes:
 # ----------------------------------------------------------------------------------------- child processes
 
 
+async def _ready_until_sigterm() -> None:
+    """Child processes: tell the parent we are up, then serve until SIGTERM."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("READY", flush=True)
+    await stop.wait()
+
+
 async def _serve_picker(port: int, picker_kind: str, endpoints: list[str], transport: str = "h2") -> None:
     """Child: the ext_proc server with the chosen picker and transport, plain text, until SIGTERM."""
     from prometheus_client import CollectorRegistry
@@ -114,11 +124,7 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str], trans
         ServerOptions(host="127.0.0.1", grpc_port=port, health_port=None, insecure=True, transport=transport),
         CollectorRegistry(),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    print("READY", flush=True)
-    await stop.wait()
+    await _ready_until_sigterm()
     await server.aclose(0)
     await picker.aclose()
 
@@ -126,58 +132,53 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str], trans
 async def _serve_floor(port: int, endpoint: str, transport: str) -> None:
     """Child: the gRPC floor -- a minimal servicer answering the same messages with prebuilt replies (no
     picker, no metrics, no parsing): what the gRPC transport itself costs for one ext_proc lifecycle."""
-    import grpc
-    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
-
     from inferoute.extproc import messages as m
 
     decision = m.headers_response(destination=(endpoint,), content_length=0)
     resp_headers = m.headers_response("response_headers")
     resp_body = m.body_response("response_body")
+
+    def replies(req: Any) -> tuple[Any, ...]:
+        phase = req.WhichOneof("request")
+        if phase == "request_body" and req.request_body.end_of_stream:
+            return (decision, next(m.body_chunks(req.request_body.body)))
+        if phase == "response_headers":
+            return (resp_headers,)
+        if phase == "response_body":
+            return (resp_body,)
+        return ()
+
     if transport == "h2":
-        await _serve_h2_floor(port, decision, resp_headers, resp_body)
-        return
+        await _serve_h2_floor(port, replies)
+    else:
+        await _serve_grpcio_floor(port, replies)
+
+
+async def _serve_grpcio_floor(port: int, replies: Callable[[Any], tuple[Any, ...]]) -> None:
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
     class Floor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         async def Process(self, it: Any, context: Any) -> AsyncIterator[Any]:
             async for req in it:
-                phase = req.WhichOneof("request")
-                if phase == "request_body" and req.request_body.end_of_stream:
-                    yield decision
-                    yield next(m.body_chunks(req.request_body.body))
-                elif phase == "response_headers":
-                    yield resp_headers
-                elif phase == "response_body":
-                    yield resp_body
+                for reply in replies(req):
+                    yield reply
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ext_grpc.add_ExternalProcessorServicer_to_server(Floor(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("READY", flush=True)
-    await stop.wait()
+    await _ready_until_sigterm()
     await server.stop(0)
 
 
-async def _serve_h2_floor(port: int, decision: Any, resp_headers: Any, resp_body: Any) -> None:
+async def _serve_h2_floor(port: int, replies: Callable[[Any], tuple[Any, ...]]) -> None:
     from inferoute.extproc import h2server as h2s
     from inferoute.extproc import messages as m
 
     class Floor:
         def __init__(self, _writer: Any) -> None:
-            pass
-
-        def feed(self, req: Any) -> Any:
-            phase = req.WhichOneof("request")
-            if phase == "request_body" and req.request_body.end_of_stream:
-                return (decision, next(m.body_chunks(req.request_body.body)))
-            if phase == "response_headers":
-                return (resp_headers,)
-            if phase == "response_body":
-                return (resp_body,)
-            return ()
+            self.feed = replies
 
         async def resume(self) -> Any:
             return ()
@@ -188,14 +189,9 @@ async def _serve_h2_floor(port: int, decision: Any, resp_headers: Any, resp_body
         def close(self, cancelled: bool) -> None:
             return None
 
-    server = h2s.GrpcServer(
-        {"/envoy.service.ext_proc.v3.ExternalProcessor/Process": h2s.Method(m.ProcessingRequest, Floor)}
-    )
+    server = h2s.GrpcServer({EXT_PROC_PATH.decode(): h2s.Method(m.ProcessingRequest, Floor)})
     await server.start("127.0.0.1", port)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("READY", flush=True)
-    await stop.wait()
+    await _ready_until_sigterm()
     await server.stop(0)
 
 
@@ -222,10 +218,7 @@ async def _serve_backend(port: int) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("READY", flush=True)
-    await stop.wait()
+    await _ready_until_sigterm()
     await runner.cleanup()
 
 
@@ -288,6 +281,23 @@ class DecisionsResult:
         return self.decisions / self.server_cpu_seconds if self.server_cpu_seconds else 0.0
 
 
+def _lifecycle(size: int) -> list[Any]:
+    """What a proxy sends on one ext_proc stream for a ``size``-byte JSON POST: request headers, body, then
+    response headers (served endpoint included) and body."""
+    from inferoute.extproc import messages as m
+
+    body = _body(size)
+    pairs = [(":method", "POST"), (":path", "/v1/completions"), (":authority", "bench")]
+    pairs += [("content-type", "application/json"), ("content-length", str(len(body)))]
+    status = [(":status", "200"), ("content-type", "application/json")]
+    return [
+        m.headers_request(pairs, end_of_stream=False),
+        m.body_chunk_request(body, end_of_stream=True),
+        m.headers_request(status, end_of_stream=False, phase="response_headers", served="127.0.0.1:1"),
+        m.body_chunk_request(b'{"choices":[]}', end_of_stream=True, phase="response_body"),
+    ]
+
+
 class _PipelinedLoad(asyncio.Protocol):
     """A lean HTTP/2 gRPC client for decisions/s: ``streams`` ext_proc calls in flight on one connection,
     each sending the whole lifecycle at once (request headers, body, then -- as a proxy would after the
@@ -297,14 +307,14 @@ class _PipelinedLoad(asyncio.Protocol):
     saturated from one other core."""
 
     def __init__(self, messages: list[bytes], streams: int) -> None:
-        block = (
-            b"\x83\x86"  # :method POST, :scheme http (static table)
-            + b"\x04"
-            + bytes((len(EXT_PROC_PATH),))
-            + EXT_PROC_PATH  # :path, literal without indexing
-            + b"\x01\x05bench"  # :authority
-            + b"\x0f\x10\x10application/grpc"  # content-type (static name 31)
-            + b"\x00\x02te\x08trailers"
+        block = b"\x83\x86" + b"".join(  # :method POST, :scheme http (static table), then literals
+            literal_header(name, value)
+            for name, value in (
+                (b":path", EXT_PROC_PATH),
+                (b":authority", b"bench"),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            )
         )
         payload = b"".join(b"\x00" + len(msg).to_bytes(4, "big") + msg for msg in messages)
         self._headers, self._payload = block, payload
@@ -314,11 +324,10 @@ class _PipelinedLoad(asyncio.Protocol):
         self.done = 0
         self.measuring = False
         self.transport: asyncio.Transport | None = None
-        self.lost = asyncio.get_running_loop().create_future()
 
     @staticmethod
     def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
-        return len(payload).to_bytes(3, "big") + bytes((ftype, flags)) + sid.to_bytes(4, "big") + payload
+        return frame_header(len(payload), ftype, flags, sid) + payload
 
     def _start(self, n: int) -> None:
         out = []
@@ -367,10 +376,6 @@ class _PipelinedLoad(asyncio.Protocol):
             if self._next_sid < (1 << 31) - 2 * finished:
                 self._start(finished)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(exc)
-
 
 EXT_PROC_PATH = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 
@@ -378,18 +383,9 @@ EXT_PROC_PATH = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 async def _pipelined_load(
     port: int, pid: int, picker: str, streams: int, seconds: float, size: int, *, response_phase: bool = True
 ) -> DecisionsResult:
-    from inferoute.extproc import messages as m
-
-    body = _body(size)
-    pairs = [(":method", "POST"), (":path", "/v1/completions"), (":authority", "bench")]
-    pairs += [("content-type", "application/json"), ("content-length", str(len(body)))]
-    msgs = [m.headers_request(pairs, end_of_stream=False), m.body_chunk_request(body, end_of_stream=True)]
-    if response_phase:
-        status = [(":status", "200"), ("content-type", "application/json")]
-        msgs.append(
-            m.headers_request(status, end_of_stream=False, phase="response_headers", served="127.0.0.1:1")
-        )
-        msgs.append(m.body_chunk_request(b'{"choices":[]}', end_of_stream=True, phase="response_body"))
+    msgs = _lifecycle(size)
+    if not response_phase:
+        msgs = msgs[:2]
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_connection(
         lambda: _PipelinedLoad([x.SerializeToString() for x in msgs], streams), "127.0.0.1", port
@@ -420,25 +416,7 @@ async def _grpc_load(
     import grpc
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
-    from inferoute.extproc import messages as m
-
-    body = _body(size)
-    pairs = [
-        (":method", "POST"),
-        (":path", "/v1/completions"),
-        (":authority", "bench"),
-        ("content-type", "application/json"),
-        ("content-length", str(len(body))),
-    ]
-    req_headers = m.headers_request(pairs, end_of_stream=False)
-    req_body = m.body_chunk_request(body, end_of_stream=True)
-    resp_headers = m.headers_request(
-        [(":status", "200"), ("content-type", "application/json")],
-        end_of_stream=False,
-        phase="response_headers",
-        served="127.0.0.1:1",
-    )
-    resp_body = m.body_chunk_request(b'{"choices":[]}', end_of_stream=True, phase="response_body")
+    req_headers, req_body, resp_headers, resp_body = _lifecycle(size)
     counts = {"ok": 0, "err": 0}
     measuring = False
 

@@ -221,13 +221,15 @@ _RECV_FRAME_MAX = 1 << 20
 _MAX_HEADER_LIST = 64 * 1024
 
 
-def _frame_header(length: int, ftype: int, flags: int, sid: int) -> bytes:
+def frame_header(length: int, ftype: int, flags: int, sid: int) -> bytes:
+    """The 9-byte HTTP/2 frame header."""
     return length.to_bytes(3, "big") + bytes((ftype, flags)) + sid.to_bytes(4, "big")
 
 
-def _literal(name: bytes, value: bytes) -> bytes:
+def literal_header(name: bytes, value: bytes) -> bytes:
     """HPACK literal header field without indexing, new name, no Huffman (RFC 7541 6.2.2): the bytes are
-    valid whatever the peer's dynamic table holds, so constant blocks can be prebuilt."""
+    valid whatever the peer's dynamic table holds, so constant blocks can be prebuilt (here and by the
+    benchmark's pipelined client)."""
     return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
 
 
@@ -252,9 +254,9 @@ _TABLE_SIZE_ZERO = b"\x20"
 
 
 def _trailer_block(code: int, details: str) -> bytes:
-    block = _literal(b"grpc-status", str(code).encode())
+    block = literal_header(b"grpc-status", str(code).encode())
     if details:
-        block += _literal(b"grpc-message", percent_encode(details[:1024]))
+        block += literal_header(b"grpc-message", percent_encode(details[:1024]))
     return block
 
 
@@ -314,7 +316,7 @@ class _Connection(asyncio.Protocol):
                 (_S_MAX_HEADER_LIST, _MAX_HEADER_LIST),
             )
         )
-        self._out.append(_frame_header(len(settings), _SETTINGS, 0, 0) + settings)
+        self._out.append(frame_header(len(settings), _SETTINGS, 0, 0) + settings)
         self._window_update(0, self._CONN_WINDOW - 65535)
         self.flush()
 
@@ -382,7 +384,7 @@ class _Connection(asyncio.Protocol):
                     if sid != 0 or len(payload) != 8:
                         raise _ConnectionError(_E_PROTOCOL, "bad PING")
                     if not flags & _ACK:
-                        self._out.append(_frame_header(8, _PING, _ACK, 0) + payload)
+                        self._out.append(frame_header(8, _PING, _ACK, 0) + payload)
                 elif ftype == _GOAWAY:
                     self._going_away = True
                 elif ftype == _PUSH_PROMISE:
@@ -535,7 +537,7 @@ class _Connection(asyncio.Protocol):
                 self._peer_frame_max = value
             elif key == _S_ENABLE_PUSH and value > 1:
                 raise _ConnectionError(_E_PROTOCOL, "bad SETTINGS_ENABLE_PUSH")
-        self._out.append(_frame_header(0, _SETTINGS, _ACK, 0))
+        self._out.append(frame_header(0, _SETTINGS, _ACK, 0))
         for call in list(self.calls.values()):
             if call.pending:
                 self._drain(call)
@@ -698,18 +700,18 @@ class _Connection(asyncio.Protocol):
             self._table_zeroed = True
             block = _TABLE_SIZE_ZERO + block
         flags = _END_HEADERS | (_END_STREAM if end_stream else 0)
-        return _frame_header(len(block), _HEADERS, flags, sid) + block
+        return frame_header(len(block), _HEADERS, flags, sid) + block
 
     def _window_update(self, sid: int, increment: int) -> None:
-        self._out.append(_frame_header(4, _WINDOW_UPDATE, 0, sid) + increment.to_bytes(4, "big"))
+        self._out.append(frame_header(4, _WINDOW_UPDATE, 0, sid) + increment.to_bytes(4, "big"))
 
     def _rst(self, sid: int, code: int) -> None:
-        self._out.append(_frame_header(4, _RST_STREAM, 0, sid) + code.to_bytes(4, "big"))
+        self._out.append(frame_header(4, _RST_STREAM, 0, sid) + code.to_bytes(4, "big"))
 
     def _goaway(self, code: int, reason: str = "") -> None:
         debug = reason.encode()[:256]
         body = self._last_sid.to_bytes(4, "big") + code.to_bytes(4, "big") + debug
-        self._out.append(_frame_header(len(body), _GOAWAY, 0, 0) + body)
+        self._out.append(frame_header(len(body), _GOAWAY, 0, 0) + body)
 
     def send_data(self, call: _Call, pieces: list[Buffer], total: int) -> None:
         """Queue DATA frames carrying ``pieces`` (``total`` bytes) within the peer's windows; what does not
@@ -721,7 +723,7 @@ class _Connection(asyncio.Protocol):
             call.send_window -= total
             self._send_window -= total
             if total <= self._peer_frame_max:
-                self._out.append(_frame_header(total, _DATA, 0, call.sid))
+                self._out.append(frame_header(total, _DATA, 0, call.sid))
                 self._out.extend(pieces)
             else:
                 self._split(call.sid, pieces)
@@ -744,11 +746,11 @@ class _Connection(asyncio.Protocol):
                 room -= len(part)
                 view = view[len(part) :]
                 if room == 0:
-                    out.append(_frame_header(limit, _DATA, 0, sid))
+                    out.append(frame_header(limit, _DATA, 0, sid))
                     out.extend(frame)
                     frame, room = [], limit
         if frame:
-            out.append(_frame_header(limit - room, _DATA, 0, sid))
+            out.append(frame_header(limit - room, _DATA, 0, sid))
             out.extend(frame)
 
     def _drain(self, call: _Call) -> None:
@@ -760,7 +762,7 @@ class _Connection(asyncio.Protocol):
                 return
             call.send_window -= n
             self._send_window -= n
-            self._out.append(_frame_header(n, _DATA, 0, call.sid) + bytes(pending[:n]))
+            self._out.append(frame_header(n, _DATA, 0, call.sid) + bytes(pending[:n]))
             del pending[:n]
         if call.trailers is not None:
             self._send_trailers(call, call.trailers)
