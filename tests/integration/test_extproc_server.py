@@ -322,3 +322,17 @@ async def test_port_in_use_is_a_clear_bind_error(epp) -> None:  # type: ignore[n
             CollectorRegistry(),
         )
     assert info.value.cause == "bind" and "127.0.0.1" in info.value.message
+
+
+async def test_health_watch_streams_status_changes(epp) -> None:  # type: ignore[no-untyped-def]
+    """``Watch`` sends the status at once, then each change (on both transports)."""
+    server, picker, _ = epp
+    picker.is_ready = True
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        call = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="readiness"))
+        first = await asyncio.wait_for(call.read(), 5)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        picker.is_ready = False
+        second = await asyncio.wait_for(call.read(), 5)
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        call.cancel()

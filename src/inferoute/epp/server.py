@@ -451,9 +451,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        async for reply in self.changes(request.service):
+            yield reply
+
+    async def changes(self, service: str) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """The status now, then each change (polled every ``interval``): ``Watch`` on either transport."""
         last = -1
         while True:
-            now = self.status(request.service)
+            now = self.status(service)
             if now != last:
                 last = now
                 yield health_pb2.HealthCheckResponse(status=now)
@@ -504,13 +509,8 @@ def _grpc_options(max_bytes: int) -> list[tuple[str, Any]]:
 
 def _h2_methods(servicer: ExtProcServicer | None, health: HealthServicer) -> dict[str, h2s.Method]:
     async def watch(req: health_pb2.HealthCheckRequest, writer: h2s.StreamWriter) -> None:
-        last = -1
-        while True:
-            now = health.status(req.service)
-            if now != last:
-                last = now
-                writer.send((health_pb2.HealthCheckResponse(status=now),))
-            await asyncio.sleep(health.interval)
+        async for reply in health.changes(req.service):
+            writer.send((reply,))
 
     methods = {
         "/grpc.health.v1.Health/Check": h2s.unary(
