@@ -23,6 +23,7 @@ from inferoute.extproc import h2server as h2s
 ECHO = "/test.Echo/Echo"
 HOLD = "/test.Echo/Hold"
 CHECK = "/grpc.health.v1.Health/Check"
+BOOM = "/test.Echo/Boom"
 
 
 class _Echo:
@@ -56,6 +57,16 @@ class _Hold(_Echo):
         return (health_pb2.HealthCheckRequest(service="held:" + self.msg.service),)
 
 
+class _Boom(_Echo):
+    """A handler with a bug: the call must end with INTERNAL, and the connection stay usable."""
+
+    def feed(self, msg: Any) -> Sequence[Any]:
+        raise ValueError(f"bug on {msg.service}")
+
+    async def resume(self) -> Sequence[Any]:
+        raise ValueError("never")
+
+
 CLOSED: list[bool] = []
 RELEASE = asyncio.Event()  # replaced per test (an Event binds to the loop that first waits on it)
 
@@ -70,6 +81,7 @@ def _methods() -> dict[str, h2s.Method]:
     return {
         ECHO: h2s.Method(health_pb2.HealthCheckRequest, _Echo),
         HOLD: h2s.Method(health_pb2.HealthCheckRequest, _Hold),
+        BOOM: h2s.Method(health_pb2.HealthCheckRequest, _Boom),
         CHECK: h2s.unary(health_pb2.HealthCheckRequest, lambda r: health_pb2.HealthCheckResponse(status=1)),
     }
 
@@ -250,6 +262,10 @@ async def test_bad_messages_end_the_call_with_a_status(server: h2s.GrpcServer) -
     c.flush()
     trailers = await c.trailers(sid)
     assert trailers[b"grpc-status"] == b"8" and b"exceeds" in trailers[b"grpc-message"]
+    sid = c.start(BOOM)
+    c.h2.send_data(sid, _msg("z"), end_stream=True)
+    trailers = await c.trailers(sid)
+    assert trailers[b"grpc-status"] == b"13" and b"bug on z" in trailers[b"grpc-message"]
     sid = c.start(ECHO)
     c.h2.send_data(sid, b"\x00\x00\x00\x00\x03\xff\xff\xff", end_stream=True)  # not protobuf
     c.flush()

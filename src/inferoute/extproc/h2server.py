@@ -614,15 +614,20 @@ class _Connection(asyncio.Protocol):
             buf += data[off:]
 
     def _guarded(self, call: _Call, step: Callable[[], Any]) -> Any:
-        """Run a handler step; a failure ends the call (GrpcAbort: its status; else INTERNAL) -> _FAILED."""
+        """Run a handler step; a failure ends the call (see :meth:`_failed`) and gives _FAILED."""
         try:
             return step()
-        except GrpcAbort as exc:
-            self.abort(call, exc.code, exc.details)
         except Exception as exc:
-            log.exception("gRPC handler failed")
-            self.abort(call, INTERNAL, f"handler failed: {exc}")
+            self._failed(call, exc)
         return _FAILED
+
+    def _failed(self, call: _Call, exc: Exception) -> None:
+        """A handler raised: GrpcAbort ends the call with its status, anything else with INTERNAL (logged)."""
+        if isinstance(exc, GrpcAbort):
+            self.abort(call, exc.code, exc.details)
+        else:
+            log.error("gRPC handler failed", exc_info=exc)
+            self.abort(call, INTERNAL, f"handler failed: {exc}")
 
     def _feed(self, call: _Call, msg: Any) -> None:
         out = self._guarded(call, lambda: call.handler.feed(msg))
@@ -637,17 +642,11 @@ class _Connection(asyncio.Protocol):
     async def _resume(self, call: _Call) -> None:
         try:
             out = await call.handler.resume()
-        except GrpcAbort as exc:
-            call.task = None
-            self.abort(call, exc.code, exc.details)
-            self.flush_soon()
-            return
         except asyncio.CancelledError:
             return  # the call was cancelled: _cancel closed the handler
         except Exception as exc:
             call.task = None
-            log.exception("gRPC handler failed")
-            self.abort(call, INTERNAL, f"handler failed: {exc}")
+            self._failed(call, exc)
             self.flush_soon()
             return
         call.task = None
