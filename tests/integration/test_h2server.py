@@ -264,6 +264,7 @@ async def test_bad_messages_end_the_call_with_a_status(server: h2s.GrpcServer) -
     assert trailers[b"grpc-status"] == b"8" and b"exceeds" in trailers[b"grpc-message"]
     sid = c.start(BOOM)
     c.h2.send_data(sid, _msg("z"), end_stream=True)
+    c.flush()
     trailers = await c.trailers(sid)
     assert trailers[b"grpc-status"] == b"13" and b"bug on z" in trailers[b"grpc-message"]
     sid = c.start(ECHO)
