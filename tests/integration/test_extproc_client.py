@@ -208,13 +208,14 @@ async def test_self_signed_default_serves_tls(tmp_path: Path) -> None:
         await server.aclose(0)
 
 
-async def test_server_reloads_its_certificate_when_the_files_change(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["h2", "grpcio"])
+async def test_server_reloads_its_certificate_when_the_files_change(tmp_path: Path, transport: str) -> None:
     first, second = trustme.CA(), trustme.CA()
     srv = tmp_path / "srv"
     _write_pair(srv, first.issue_cert("localhost", "127.0.0.1"))
     first.cert_pem.write_to_path(str(tmp_path / "first.pem"))
     second.cert_pem.write_to_path(str(tmp_path / "second.pem"))
-    server = await _start(RecordingPicker(PODS), cert_path=str(srv))
+    server = await _start(RecordingPicker(PODS), cert_path=str(srv), transport=transport)
     target = f"127.0.0.1:{server.grpc_port}"
     old = GrpcPicker(ChannelOptions(target, ca_file=str(tmp_path / "first.pem")), timeout_ms=5000)
     new = GrpcPicker(ChannelOptions(target, ca_file=str(tmp_path / "second.pem")), timeout_ms=5000)

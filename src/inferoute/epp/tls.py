@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import grpc
 from cryptography import x509
@@ -27,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from inferoute.errors import InferouteError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
@@ -83,38 +85,51 @@ def load_dir(cert_dir: str | os.PathLike[str]) -> KeyPair:
         ) from exc
 
 
+class _Reloading(Generic[T]):
+    """A value built from files, rebuilt when their modification times change (checked on each
+    :meth:`refresh`, a ``stat`` per file). A set that fails to load is logged and the last good value kept;
+    it is tried again at the next refresh."""
+
+    def __init__(self, files: Sequence[Path], load: Callable[[], T]) -> None:
+        self._files = files
+        self._load = load
+        self._stamp = self._mtimes()
+        self.value = load()
+
+    def _mtimes(self) -> tuple[int, ...]:
+        return tuple(f.stat().st_mtime_ns for f in self._files)
+
+    def refresh(self) -> bool:
+        """True when the files changed and the new value loaded."""
+        try:
+            now = self._mtimes()
+            if now == self._stamp:
+                return False
+            value = self._load()
+        except (OSError, ssl.SSLError, InferouteError) as exc:  # e.g. caught between writing key and cert
+            log.error("picker TLS material changed but cannot be loaded (keeping the previous): %s", exc)
+            return False
+        self._stamp, self.value = now, value
+        log.info("picker TLS material reloaded from %s", ", ".join(map(str, self._files)))
+        return True
+
+
 def server_credentials(cert_dir: str | os.PathLike[str] | None) -> grpc.ServerCredentials:
     """Credentials from ``cert_dir`` (reloaded when its files change) or a generated self-signed pair."""
     if cert_dir is None:
         pair = self_signed()
         return grpc.ssl_server_credentials([(pair.key_pem, pair.cert_pem)])
-    initial = load_dir(cert_dir)
-    fetch = _reloader(Path(cert_dir))
-    return grpc.dynamic_ssl_server_credentials(
-        grpc.ssl_server_certificate_configuration([(initial.key_pem, initial.cert_pem)]), fetch
-    )
+    d = Path(cert_dir)
+    loaded = _Reloading([d / CERT_FILE, d / KEY_FILE], lambda: load_dir(d))
 
-
-def _reloader(d: Path) -> Callable[[], grpc.ServerCertificateConfiguration | None]:
-    """gRPC calls this before each handshake: return a new configuration only when the files changed."""
-
-    def stamp() -> tuple[float, float]:
-        return (d / CERT_FILE).stat().st_mtime, (d / KEY_FILE).stat().st_mtime
-
-    last = [stamp()]
+    def configuration() -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(loaded.value.key_pem, loaded.value.cert_pem)])
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
-        try:
-            now = stamp()
-            if now == last[0]:
-                return None
-            pair = load_dir(d)
-        except (OSError, InferouteError):
-            return None  # keep serving the previous certificate
-        last[0] = now
-        return grpc.ssl_server_certificate_configuration([(pair.key_pem, pair.cert_pem)])
+        """gRPC calls this before each handshake: a new configuration only when the files changed."""
+        return configuration() if loaded.refresh() else None
 
-    return fetch
+    return grpc.dynamic_ssl_server_credentials(configuration(), fetch)
 
 
 def server_ssl_context(
@@ -152,29 +167,18 @@ def server_ssl_context(
             ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
-    def stamp() -> tuple[float, ...]:
-        return tuple(f.stat().st_mtime_ns for f in files)
-
     try:
-        base = build()
-        last = [stamp()]
+        current = _Reloading(files, build)
     except (OSError, ssl.SSLError) as exc:
         raise InferouteError(
             500, f"TLS material for the picker cannot be loaded: {exc}", cause="tls"
         ) from exc
-    current = [base]
+    base = current.value
 
     def on_hello(sslobj: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        try:
-            now = stamp()
-            if now != last[0]:
-                current[0] = build()
-                last[0] = now
-                log.info("picker TLS material reloaded from %s", ", ".join(map(str, files)))
-        except (OSError, ssl.SSLError) as exc:  # e.g. caught between writing the key and the certificate
-            log.error("picker TLS material changed but cannot be loaded (keeping the previous): %s", exc)
-        if current[0] is not base:
-            sslobj.context = current[0]
+        current.refresh()
+        if current.value is not base:
+            sslobj.context = current.value
 
     if files:
         base.sni_callback = on_hello
