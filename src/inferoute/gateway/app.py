@@ -426,9 +426,7 @@ class GatewayHandler:
         try:
             data = await up.content.read()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            rec.cause = "upstream-aborted"
-            log.warning("upstream %s broke off the response: %r [request_id=%s]", served, exc, rec.request_id)
-            end.aborted("upstream-aborted")
+            _upstream_broke_off(rec, end, served, exc)
             raise InferouteError(
                 502, f"upstream {served} broke off its response", cause="upstream-aborted"
             ) from exc
@@ -440,9 +438,7 @@ class GatewayHandler:
         try:
             await resp.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            rec.cause = "client-disconnect"
-            rec.status = 499
-            end.aborted("client-disconnect")
+            _client_gone(rec, end)
             raise
         rec.bytes_out = len(data)
         end.finished()
@@ -472,15 +468,11 @@ class GatewayHandler:
                 out += len(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             rec.bytes_out = out
-            rec.cause = "upstream-aborted"
-            log.warning("upstream %s broke off the response: %r [request_id=%s]", served, exc, rec.request_id)
-            end.aborted("upstream-aborted")
+            _upstream_broke_off(rec, end, served, exc)
             raise
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             rec.bytes_out = out
-            rec.cause = "client-disconnect"
-            rec.status = 499
-            end.aborted("client-disconnect")
+            _client_gone(rec, end)
             raise
         rec.bytes_out = out
         await resp.write_eof()
@@ -631,3 +623,17 @@ async def start_gateway(
 
 
 __all__ = ["GatewayHandler", "RunningGateway", "bind_socket", "error_body", "error_response", "start_gateway"]
+
+
+def _upstream_broke_off(rec: _Record, end: _SessionEnd, served: str, exc: BaseException) -> None:
+    """The model server cut its answer short: cause, log line, picker session aborted."""
+    rec.cause = "upstream-aborted"
+    log.warning("upstream %s broke off the response: %r [request_id=%s]", served, exc, rec.request_id)
+    end.aborted("upstream-aborted")
+
+
+def _client_gone(rec: _Record, end: _SessionEnd) -> None:
+    """The client disconnected while the answer was sent: 499 in the log, picker session aborted."""
+    rec.cause = "client-disconnect"
+    rec.status = 499
+    end.aborted("client-disconnect")
