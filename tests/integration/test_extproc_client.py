@@ -13,6 +13,7 @@ import trustme
 from prometheus_client import CollectorRegistry
 
 from inferoute.epp.server import EppServer, ServerOptions
+from inferoute.errors import InferouteError
 from inferoute.extproc.client import ChannelOptions, GrpcPicker
 from inferoute.extproc.testing import FAIL_HEADER, REJECT_HEADER, SELECTION_HEADER, RecordingPicker
 from inferoute.picking import Destination, PickerError, PickRequest, Reject
@@ -269,3 +270,13 @@ async def test_server_requires_client_certificates_with_client_ca(tmp_path: Path
         for p in pickers:
             await p.aclose()
         await server.aclose(0)
+
+
+@pytest.mark.parametrize(
+    ("transport", "client_ca", "needle"),
+    [("carrier-pigeon", None, "choose one of h2, grpcio"), ("grpcio", "ca.pem", "need the h2 transport")],
+)
+async def test_server_option_errors_are_clear(transport: str, client_ca: str | None, needle: str) -> None:
+    with pytest.raises(InferouteError) as info:
+        await _start(RecordingPicker(PODS), insecure=False, transport=transport, client_ca=client_ca)
+    assert info.value.cause == "config" and needle in info.value.message

@@ -143,7 +143,7 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
     type=click.Choice(["h2", "grpcio"]),
     default="h2",
     show_default=True,
-    help="gRPC server: inferoute's HTTP/2 server (h2, ~3x the decisions per CPU-second) or grpc.aio.",
+    help="gRPC server: inferoute's HTTP/2 server (h2, ~6x the decisions per core) or grpc.aio.",
 )
 @click.option(
     "--refresh-metrics-interval",
