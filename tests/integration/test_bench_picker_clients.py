@@ -5,6 +5,7 @@ beyond the backend's delay."""
 from __future__ import annotations
 
 import os
+import statistics
 
 from prometheus_client import CollectorRegistry
 
@@ -34,5 +35,7 @@ async def test_open_loop_reports_time_beyond_the_backend_delay() -> None:
         url = f"http://127.0.0.1:{port}/v1/completions"
         over, errors, elapsed = await bench._open_loop(url, 4096, 40.0, 1.0, 100)
     assert errors == 0 and 20 <= len(over) <= 80  # Poisson at 40/s for 1 s
-    assert all(0 <= x < 100 for x in over)  # the 100 ms delay is taken out, not in
+    # the 100 ms delay is taken out, not in: values sit near 0 (libuv timers may fire up to ~1 ms early, and a
+    # busy machine can delay a few answers)
+    assert min(over) > -2 and statistics.median(over) < 50
     assert elapsed >= 1.0
