@@ -19,8 +19,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "epp": ("inferoute.epp.cli:command", "Run the endpoint picker (ext_proc gRPC server)."),
     "sim": ("inferoute.sim.cli:command", "Run vLLM-compatible simulated model servers."),
     "bench": ("inferoute.bench.cli:command", "Benchmarks (sim fidelity, picker, gateway, routing)."),
-    "envoy-config": ("inferoute.epp.envoy:command", "Print an Envoy bootstrap that uses the picker."),
-    "nginx-config": ("inferoute.gateway.nginx:config_command", "Print an NGINX config driven by inferoute."),
+    "envoy-config": (
+        "inferoute.integrations.envoy:command",
+        "Print an Envoy bootstrap that uses the picker.",
+    ),
+    "nginx-config": (
+        "inferoute.integrations.nginx:config_command",
+        "Print an NGINX config driven by inferoute.",
+    ),
 }
 
 

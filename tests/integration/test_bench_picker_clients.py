@@ -10,7 +10,7 @@ import statistics
 from prometheus_client import CollectorRegistry
 
 from inferoute.bench import picker as bench
-from inferoute.epp.server import EppServer, ServerOptions
+from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.extproc.testing import RecordingPicker
 
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from inferoute.epp.assembly import EmbeddedPicker, EppOptions, start_picker
-from inferoute.epp.server import EppServer, ServerOptions
+from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.extproc.client import ChannelOptions, GrpcPicker
 from inferoute.picking import Destination, PickRequest, Reject
 from inferoute.sim import SimConfig, SimPool

@@ -12,7 +12,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from prometheus_client import CollectorRegistry
 
-from inferoute.epp.server import EppServer, ServerOptions
+from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.errors import InferouteError
 from inferoute.extproc import messages as m
 from inferoute.extproc.bbr_client import RemoteBBR

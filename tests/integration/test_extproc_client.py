@@ -12,7 +12,7 @@ import pytest
 import trustme
 from prometheus_client import CollectorRegistry
 
-from inferoute.epp.server import EppServer, ServerOptions
+from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.errors import InferouteError
 from inferoute.extproc.client import ChannelOptions, GrpcPicker
 from inferoute.extproc.testing import FAIL_HEADER, REJECT_HEADER, SELECTION_HEADER, RecordingPicker

@@ -12,7 +12,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 from test_gw_support import Backend, ScriptedPicker, backends, gateway_config, metric_value, running_gateway
 
-from inferoute.epp.server import EppServer, ServerOptions
+from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.picking import Destination, Reject
 
 CHAT = {"model": "m-1", "messages": [{"role": "user", "content": "hello"}]}

@@ -18,7 +18,7 @@ import h2.settings
 import pytest
 from grpc_health.v1 import health_pb2
 
-from inferoute.extproc import h2server as h2s
+from inferoute.epp.serving import h2server as h2s
 
 ECHO = "/test.Echo/Echo"
 HOLD = "/test.Echo/Hold"

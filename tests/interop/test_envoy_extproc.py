@@ -21,9 +21,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from conftest import free_ports
-from inferoute.epp.envoy import EnvoyProcess, bootstrap
-from inferoute.epp.server import EppServer, ServerOptions
+from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.extproc.testing import FAIL_HEADER, REJECT_HEADER, SELECTION_HEADER, RecordingPicker
+from inferoute.integrations.envoy import EnvoyProcess, bootstrap
 
 
 @dataclass

@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from conftest import free_ports
 from inferoute.epp.assembly import EmbeddedPicker, EppOptions, start_picker
-from inferoute.epp.envoy import EnvoyProcess, bootstrap
-from inferoute.epp.server import EppServer, ServerOptions
+from inferoute.epp.serving.server import EppServer, ServerOptions
+from inferoute.integrations.envoy import EnvoyProcess, bootstrap
 from inferoute.sim import SimConfig, SimPool
 
 MODEL = SimConfig().model

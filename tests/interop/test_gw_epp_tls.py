@@ -145,7 +145,7 @@ async def test_gateway_with_remote_epp_over_tls_and_wrong_ca(
 
 async def test_ca_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:
     """A gateway started with the wrong CA file recovers, without a restart, once the file is fixed."""
-    from inferoute.epp.server import EppServer, ServerOptions
+    from inferoute.epp.serving.server import EppServer, ServerOptions
     from inferoute.extproc.testing import RecordingPicker
 
     ca, other_ca = trustme.CA(), trustme.CA()

@@ -1,9 +1,9 @@
 """Stock NGINX (Debian's nginx) in front of the inferoute decider: routing, bodies, streaming, errors.
 
 Each test starts real processes on free 127.0.0.1 ports: echo backends (aiohttp), the decider
-(:func:`inferoute.gateway.decider.start_decider`, built exactly as the gateway builds its deciders, with a
-scripted picker injected as the "embedded" picker), and an NGINX master running the configuration that
-``inferoute nginx-config`` prints. NGINX is stopped by pid at teardown.
+(:func:`inferoute.gateway.nginx_decider.start_decider`, built exactly as the gateway builds its
+deciders, with a scripted picker injected as the "embedded" picker), and an NGINX master running the
+configuration that ``inferoute nginx-config`` prints. NGINX is stopped by pid at teardown.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry
 
 from conftest import free_ports
 from inferoute.gateway.config import GatewayConfig, parse_config
-from inferoute.gateway.decider import RunningDecider, start_decider
-from inferoute.gateway.nginx import NginxOptions, render
+from inferoute.gateway.nginx_decider import RunningDecider, start_decider
+from inferoute.integrations.nginx import NginxOptions, render
 from inferoute.picking import Destination, PickerError, PickRequest, Reject
 
 MiB = 1024 * 1024
@@ -575,7 +575,7 @@ async def test_without_post_action_sessions_end_by_the_completion_timeout(
 
 
 async def test_an_exception_in_the_decider_is_a_json_500_and_counted() -> None:
-    from inferoute.gateway.decider import Decider, DeciderServer
+    from inferoute.gateway.nginx_decider import Decider, DeciderServer
 
     def broken_routes(path: str) -> None:
         raise RuntimeError("bug")

@@ -7,7 +7,7 @@ import pytest
 from inferoute.clock import FakeClock
 from inferoute.epp.config import BUILTIN_PROFILES, builtin_profile_text, parse_config
 from inferoute.epp.learned import LocalLearnedState
-from inferoute.epp.scheduling.registry import PluginDeps
+from inferoute.epp.plugin import PluginDeps
 from inferoute.errors import InferouteError
 
 DEPS = PluginDeps(LocalLearnedState(), FakeClock(), 1)

@@ -8,7 +8,7 @@ import pytest
 from test_epp_rig import Rig, body, pick_request
 
 from inferoute.endpoints import Endpoint
-from inferoute.epp.director import Session
+from inferoute.epp.requestcontrol.director import Session
 from inferoute.picking import Destination, Reject
 
 

@@ -13,10 +13,10 @@ from inferoute.endpoints import Endpoint
 from inferoute.epp.config import parse_config
 from inferoute.epp.datalayer.datastore import Datastore
 from inferoute.epp.datalayer.metrics import EndpointMetrics
-from inferoute.epp.director import Director
 from inferoute.epp.learned import InflightCounts, LocalLearnedState
 from inferoute.epp.metrics import EppMetrics
-from inferoute.epp.scheduling.registry import PluginDeps
+from inferoute.epp.plugin import PluginDeps
+from inferoute.epp.requestcontrol.director import Director
 from inferoute.epp.scheduling.types import Candidate, CycleContext, InferenceRequest
 from inferoute.picking import PickRequest
 

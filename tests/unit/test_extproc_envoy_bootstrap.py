@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 
-from inferoute.epp.envoy import bootstrap, command
-from inferoute.epp.tls import self_signed
+from inferoute.epp.serving.tls import self_signed
+from inferoute.integrations.envoy import bootstrap, command
 
 
 def _filters(cfg: dict) -> list[dict]:  # type: ignore[type-arg]

@@ -11,8 +11,8 @@ from inferoute.clock import FakeClock
 from inferoute.endpoints import Endpoint
 from inferoute.errors import InferouteError
 from inferoute.gateway.config import parse_config
-from inferoute.gateway.decide import PickerRejected, RouteDecider
 from inferoute.gateway.destinations import AllowList, routing_header_names
+from inferoute.gateway.routing import PickerRejected, RouteDecider
 from inferoute.picking import (
     Decision,
     Destination,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hpack
 
-from inferoute.extproc.h2server import GrpcServer, _Connection
+from inferoute.epp.serving.h2server import GrpcServer, _Connection
 
 
 def test_repeated_blocks_are_reused_until_the_dynamic_table_changes() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from inferoute.gateway.nginx import NginxOptions, config_command, options_from_gateway_config, render
+from inferoute.integrations.nginx import NginxOptions, config_command, options_from_gateway_config, render
 
 
 def block(conf: str, header: str) -> str:

@@ -8,8 +8,7 @@ import pytest
 
 from inferoute.clock import FakeClock
 from inferoute.gateway.config import RouteConfig
-from inferoute.gateway.decide import Decided
-from inferoute.gateway.decider import (
+from inferoute.gateway.nginx_decider import (
     CompletionReport,
     PendingSessions,
     echo_status,
@@ -21,6 +20,7 @@ from inferoute.gateway.decider import (
     redirect_headers,
     request_headers_for_decision,
 )
+from inferoute.gateway.routing import Decided
 from inferoute.picking import NullSession
 
 
@@ -217,7 +217,7 @@ def test_parse_syslog_report() -> None:
 def test_decider_completes_sessions_from_datagrams_and_expires_the_rest() -> None:
     from prometheus_client import CollectorRegistry
 
-    from inferoute.gateway.decider import Decider
+    from inferoute.gateway.nginx_decider import Decider
 
     clock = FakeClock()
     registry = CollectorRegistry()

@@ -19,7 +19,7 @@ from inferoute.bench.scheduler import (
     vllm_metrics_page,
 )
 from inferoute.epp.datalayer.metrics import ENGINES, ParseCache, parse_metrics
-from inferoute.epp.director import Session
+from inferoute.epp.requestcontrol.director import Session
 from inferoute.picking import Destination, PickRequest
 
 

@@ -11,8 +11,9 @@ from test_epp_rig import cand, ctx
 
 from inferoute.clock import FakeClock
 from inferoute.epp.learned import LocalLearnedState
+from inferoute.epp.plugin import Params, PluginDeps
 from inferoute.epp.scheduling.prefix import prefix_hashes
-from inferoute.epp.scheduling.registry import Params, PluginDeps, builtin_registry
+from inferoute.epp.scheduling.registry import builtin_registry
 from inferoute.epp.scheduling.types import Candidate, PickerPlugin, Scorer
 
 REGISTRY = builtin_registry()

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import click
 
-from inferoute.gateway.nginx import NginxOptions, render
+from inferoute.integrations.nginx import NginxOptions, render
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import click
 
-from inferoute.extproc.h2server import frame_header, literal_header
+from inferoute.epp.serving.h2server import frame_header, literal_header
 
 DELAY_HEADER = "x-bench-delay-ms"
 """The trivial backend answers after this many milliseconds (set by the open-loop client)."""
@@ -98,7 +98,7 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str], trans
     from prometheus_client import CollectorRegistry
 
     from inferoute.endpoints import Endpoint
-    from inferoute.epp.server import EppServer, ServerOptions
+    from inferoute.epp.serving.server import EppServer, ServerOptions
     from inferoute.extproc.testing import RecordingPicker
 
     if picker_kind == "floor":
@@ -173,7 +173,7 @@ async def _serve_grpcio_floor(port: int, replies: Callable[[Any], tuple[Any, ...
 
 
 async def _serve_h2_floor(port: int, replies: Callable[[Any], tuple[Any, ...]]) -> None:
-    from inferoute.extproc import h2server as h2s
+    from inferoute.epp.serving import h2server as h2s
     from inferoute.extproc import messages as m
 
     class Floor:
@@ -528,7 +528,7 @@ async def _wrk(
 
 
 def _direct_bootstrap(listen: int, admin: int, backend: int) -> dict[str, Any]:
-    from inferoute.epp.envoy import bootstrap
+    from inferoute.integrations.envoy import bootstrap
 
     cfg = bootstrap("127.0.0.1:1", listen, admin_port=admin, listen_address="127.0.0.1", insecure=True)
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -576,7 +576,7 @@ async def _through_envoy(
 ) -> WrkResult:
     """One path under wrk (``connections``, closed loop) or, with ``open_loop`` = (rate, backend delay ms),
     under Poisson arrivals (then p50/p99 are the time beyond the backend's delay)."""
-    from inferoute.epp.envoy import EnvoyProcess, bootstrap
+    from inferoute.integrations.envoy import EnvoyProcess, bootstrap
 
     listen, admin, epp_port = _free_ports(3)
     label = (

@@ -1,8 +1,9 @@
 """``inferoute bench scheduler``: scheduling latency at 10/100/1,000 endpoints, and the cost of scraping.
 
-Part 1 (pure, in process): a :class:`~inferoute.epp.director.Director` over a datastore of N endpoints with
-randomised metrics, driven with small (~1 KB) and large (200 KB) completion prompts drawn from 8 shared
-prefixes; we time ``decide`` (parse, candidates, schedule, learn, metrics) per call and report p50/p99.
+Part 1 (pure, in process): a :class:`~inferoute.epp.requestcontrol.director.Director` over a datastore
+of N endpoints with randomised metrics, driven with small (~1 KB) and large (200 KB) completion prompts
+drawn from 8 shared prefixes; we time ``decide`` (parse, candidates, schedule, learn, metrics) per call
+and report p50/p99.
 
 Part 1b (pure, in process): the **full pick lifecycle** per request, as a data plane drives an
 :class:`~inferoute.epp.assembly.EmbeddedPicker`: ``pick`` (parse, candidates, schedule, learn, metrics),
@@ -49,10 +50,10 @@ from inferoute.epp.datalayer.collector import MetricsCollector
 from inferoute.epp.datalayer.datastore import Datastore
 from inferoute.epp.datalayer.metrics import ENGINES, EndpointMetrics, ParseCache, parse_metrics
 from inferoute.epp.datalayer.sources import StaticSource
-from inferoute.epp.director import Director
 from inferoute.epp.learned import LocalLearnedState
 from inferoute.epp.metrics import EppMetrics
-from inferoute.epp.scheduling.registry import PluginDeps
+from inferoute.epp.plugin import PluginDeps
+from inferoute.epp.requestcontrol.director import Director
 from inferoute.picking import Decision, Destination, PickRequest, PickSession
 from inferoute.sim.stats import TOKEN_COUNT_BUCKETS, TTFT_BUCKETS
 

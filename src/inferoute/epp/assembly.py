@@ -22,11 +22,11 @@ from inferoute.epp.config import BUILTIN_PROFILES, PickerConfig, builtin_profile
 from inferoute.epp.datalayer.collector import MetricsCollector
 from inferoute.epp.datalayer.datastore import Datastore
 from inferoute.epp.datalayer.sources import EndpointSource, FileSource, StaticSource
-from inferoute.epp.director import Director
 from inferoute.epp.learned import LearnedState, LocalLearnedState
 from inferoute.epp.metrics import EppMetrics
+from inferoute.epp.plugin import PluginDeps
+from inferoute.epp.requestcontrol.director import Director
 from inferoute.epp.scheduling.prefix import DEFAULT_LRU_CAPACITY, PrefixIndex
-from inferoute.epp.scheduling.registry import PluginDeps
 from inferoute.errors import InferouteError
 from inferoute.picking import Decision, PickerError, PickRequest, PickSession
 from inferoute.tasks import TaskSet

@@ -1,6 +1,6 @@
 """``inferoute epp``: run the endpoint picker as an ext_proc gRPC server (Envoy / any GIE gateway in front).
 
-Wires :func:`inferoute.epp.assembly.start_picker` to :class:`inferoute.epp.server.EppServer`, serves
+Wires :func:`inferoute.epp.assembly.start_picker` to :class:`inferoute.epp.serving.server.EppServer`, serves
 Prometheus metrics (the picker's registry plus the ext_proc counters) on ``--metrics-port``, and stops
 cleanly on SIGINT / SIGTERM: stop accepting streams, give open ones a grace period, close the picker.
 """
@@ -18,7 +18,7 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from inferoute.epp.server import EppServer, ServerOptions
+from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.errors import InferouteError
 from inferoute.malloc import keep_large_buffers
 

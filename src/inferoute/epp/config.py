@@ -27,7 +27,10 @@ from typing import Any
 
 import yaml
 
+from inferoute.epp.datalayer.plugins import CoreMetricsExtractor, MetricsDataSource
 from inferoute.epp.flowcontrol import SaturationDetector, UtilizationDetector
+from inferoute.epp.flowcontrol.plugins import UtilizationDetectorConfig as DetectorConfig
+from inferoute.epp.plugin import Params, PluginDeps, config_error
 from inferoute.epp.scheduling.framework import (
     ObserverFactory,
     Scheduler,
@@ -35,22 +38,9 @@ from inferoute.epp.scheduling.framework import (
     WeightedScorer,
     no_observer,
 )
-from inferoute.epp.scheduling.plugins.passive import (
-    CoreMetricsExtractor,
-    MetricsDataSource,
-    PrefixProducer,
-)
-from inferoute.epp.scheduling.plugins.passive import (
-    UtilizationDetector as DetectorConfig,
-)
+from inferoute.epp.scheduling.plugins.config_plugins import PrefixProducer
 from inferoute.epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
-from inferoute.epp.scheduling.registry import (
-    Params,
-    PluginDeps,
-    PluginRegistry,
-    builtin_registry,
-    config_error,
-)
+from inferoute.epp.scheduling.registry import PluginRegistry, builtin_registry
 from inferoute.epp.scheduling.types import Filter, PickerPlugin, PrefixSettings, Scorer
 
 API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")

@@ -41,9 +41,8 @@ from inferoute.clock import Clock, SystemClock
 from inferoute.errors import InferouteError, error_body
 from inferoute.gateway.bbr import BodyLimit, check_declared_length
 from inferoute.gateway.config import GatewayConfig, parse_listen
-from inferoute.gateway.decide import Decided, PickerRejected
 from inferoute.gateway.metrics import GatewayMetrics
-from inferoute.gateway.pickers import Deciders, EmbeddedFactory, start_embedded_picker
+from inferoute.gateway.picker_setup import Deciders, EmbeddedFactory, start_embedded_picker
 from inferoute.gateway.proxy import (
     Forwarder,
     StreamedBody,
@@ -51,6 +50,7 @@ from inferoute.gateway.proxy import (
     lower_headers,
     upstream_request_headers,
 )
+from inferoute.gateway.routing import Decided, PickerRejected
 from inferoute.picking import NullSession, PickSession
 
 log = logging.getLogger(__name__)

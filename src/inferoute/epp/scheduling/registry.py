@@ -1,105 +1,13 @@
-"""Plugin registry: GIE kebab-case type name → factory, plus typed parameter reading with clear errors.
+"""Plugin registry: GIE kebab-case type name → factory. Plugin contracts live in :mod:`inferoute.epp.plugin`.
 
 Nothing registers itself on import; :func:`register_builtins` lists every built-in plugin explicitly.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from inferoute.clock import Clock
-from inferoute.epp.learned import LearnedState
-from inferoute.errors import InferouteError
-
-
-def config_error(message: str) -> InferouteError:
-    return InferouteError(500, message, cause="config")
-
-
-class Params:
-    """Reads a plugin's ``parameters`` mapping; every getter names the key on error; :meth:`done` rejects
-    unknown keys and lists the valid ones."""
-
-    def __init__(self, raw: Any, where: str) -> None:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise config_error(f"{where}: parameters must be a mapping")
-        self.raw: Mapping[str, Any] = raw
-        self.where = where
-        self._known: list[str] = []
-
-    def _get(self, key: str) -> Any:
-        self._known.append(key)
-        return self.raw.get(key)
-
-    def integer(
-        self, key: str, default: int, *, minimum: int | None = None, maximum: int | None = None
-    ) -> int:
-        v = self._get(key)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise config_error(f"{self.where}.{key}: expected an integer, got {v!r}")
-        self._range(key, v, minimum, maximum)
-        return v
-
-    def number(
-        self, key: str, default: float, *, minimum: float | None = None, maximum: float | None = None
-    ) -> float:
-        v = self._get(key)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise config_error(f"{self.where}.{key}: expected a number, got {v!r}")
-        self._range(key, v, minimum, maximum)
-        return float(v)
-
-    def flag(self, key: str, default: bool) -> bool:
-        v = self._get(key)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise config_error(f"{self.where}.{key}: expected true or false, got {v!r}")
-        return v
-
-    def text(self, key: str, default: str, *, choices: tuple[str, ...] | None = None) -> str:
-        v = self._get(key)
-        if v is None:
-            return default
-        if not isinstance(v, str):
-            raise config_error(f"{self.where}.{key}: expected a string, got {v!r}")
-        if choices is not None and v not in choices:
-            raise config_error(f"{self.where}.{key}: {v!r} is not valid; valid: {', '.join(choices)}")
-        return v
-
-    def _range(self, key: str, v: float, minimum: float | None, maximum: float | None) -> None:
-        if minimum is not None and v < minimum:
-            raise config_error(f"{self.where}.{key}: must be >= {minimum}, got {v}")
-        if maximum is not None and v > maximum:
-            raise config_error(f"{self.where}.{key}: must be <= {maximum}, got {v}")
-
-    def done(self) -> None:
-        """Reject parameters no getter asked for."""
-        unknown = sorted(set(self.raw) - set(self._known))
-        if unknown:
-            valid = ", ".join(sorted(set(self._known))) or "(none)"
-            raise config_error(f"{self.where}: unknown parameter(s) {unknown}; valid: {valid}")
-
-
-@dataclass(frozen=True, slots=True)
-class PluginDeps:
-    """What factories may use: shared learned state, the clock and a seeded RNG."""
-
-    learned: LearnedState
-    clock: Clock
-    seed: int | None = None
-
-
-Factory = Callable[[str, Params, PluginDeps], object]
+from inferoute.epp.plugin import Factory, Params, PluginDeps, config_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +50,6 @@ def register_builtins(registry: PluginRegistry) -> PluginRegistry:
         kv_cache_scorer,
         lora_affinity_scorer,
         max_score_picker,
-        passive,
         predicted_ttft_scorer,
         prefix_cache_scorer,
         queue_scorer,
@@ -167,10 +74,27 @@ def register_builtins(registry: PluginRegistry) -> PluginRegistry:
         round_robin_picker,
     ):
         registry.register(module.TYPE, module.create, module.ROLE)
-    for type_name, factory in passive.FACTORIES.items():
-        registry.register(type_name, factory, "other")
+    from inferoute.epp.datalayer import plugins as datalayer_plugins
+    from inferoute.epp.flowcontrol import plugins as flowcontrol_plugins
+    from inferoute.epp.requestcontrol import plugins as requestcontrol_plugins
+    from inferoute.epp.scheduling.plugins import config_plugins
+
+    for module in (datalayer_plugins, flowcontrol_plugins, requestcontrol_plugins, config_plugins):
+        for type_name, factory in module.FACTORIES.items():
+            registry.register(type_name, factory, "other")
     return registry
 
 
 def builtin_registry() -> PluginRegistry:
     return register_builtins(PluginRegistry())
+
+
+__all__ = [
+    "Factory",
+    "Params",
+    "PluginDeps",
+    "PluginRegistry",
+    "PluginSpec",
+    "builtin_registry",
+    "config_error",
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from inferoute.epp.scheduling.registry import Params
+from inferoute.epp.plugin import Params
 
 
 class BoundedPicker:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from inferoute.epp.scheduling.registry import Params, PluginDeps
+from inferoute.epp.plugin import Params, PluginDeps
 from inferoute.epp.scheduling.types import Candidate, CycleContext
 
 TYPE = "lora-affinity-scorer"

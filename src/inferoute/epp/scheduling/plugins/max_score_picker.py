@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from inferoute.epp.plugin import Params, PluginDeps
 from inferoute.epp.scheduling.plugins._picker import BoundedPicker, max_endpoints
-from inferoute.epp.scheduling.registry import Params, PluginDeps
 from inferoute.epp.scheduling.types import Candidate, CycleContext
 
 TYPE = "max-score-picker"

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from inferoute.epp.scheduling.registry import Params, PluginDeps
+from inferoute.epp.plugin import Params, PluginDeps
 from inferoute.epp.scheduling.types import Candidate, CycleContext
 
 TYPE = "predicted-ttft-scorer"

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from inferoute.epp.plugin import Params, PluginDeps
 from inferoute.epp.scheduling.plugins._minmax import lower_is_better
-from inferoute.epp.scheduling.registry import Params, PluginDeps
 from inferoute.epp.scheduling.types import Candidate, CycleContext
 
 TYPE = "running-requests-size-scorer"

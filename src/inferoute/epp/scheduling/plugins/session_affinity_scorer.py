@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from inferoute.clock import Clock
-from inferoute.epp.scheduling.registry import Params, PluginDeps
+from inferoute.epp.plugin import Params, PluginDeps
 from inferoute.epp.scheduling.types import Candidate, CycleContext
 
 TYPE = "session-affinity-scorer"

@@ -41,10 +41,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from inferoute.epp.serving import h2server as h2s
+from inferoute.epp.serving.h2server import GrpcAbort
 from inferoute.errors import InferouteError, error_body
-from inferoute.extproc import h2server as h2s
 from inferoute.extproc import messages as m
-from inferoute.extproc.h2server import GrpcAbort
 from inferoute.picking import (
     DESTINATION_HEADER,
     DESTINATION_SERVED_KEY,
@@ -142,7 +142,7 @@ class ExtProcStream:
 
     :meth:`feed` answers each message at once, or returns None when the picker must be asked: the transport
     then awaits :meth:`resume` before feeding the next message. Failures raise
-    :class:`~inferoute.extproc.h2server.GrpcAbort` (the stream ends with that gRPC status).
+    :class:`~inferoute.epp.serving.h2server.GrpcAbort` (the stream ends with that gRPC status).
     """
 
     __slots__ = ("_chunks", "_core", "_echo", "_ex", "_pending", "_tail")
@@ -489,7 +489,7 @@ class ServerOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     destination_header: str = DESTINATION_HEADER
     transport: str = "h2"
-    """``h2``: inferoute's own gRPC-over-HTTP/2 server (extproc/h2server.py, the fast one); ``grpcio``:
+    """``h2``: inferoute's own gRPC-over-HTTP/2 server (epp/serving/h2server.py, the fast one); ``grpcio``:
     ``grpc.aio``."""
 
 
@@ -563,7 +563,7 @@ class EppServer:
             if opts.insecure:
                 port = main.add_insecure_port(addr)
             else:
-                from inferoute.epp.tls import server_credentials
+                from inferoute.epp.serving.tls import server_credentials
 
                 port = main.add_secure_port(addr, server_credentials(opts.cert_path))
             health_port: int | None = None
@@ -585,7 +585,7 @@ class EppServer:
     ) -> EppServer:
         ctx = None
         if not opts.insecure:
-            from inferoute.epp.tls import server_ssl_context
+            from inferoute.epp.serving.tls import server_ssl_context
 
             ctx = server_ssl_context(opts.cert_path, opts.client_ca)
         main = h2s.GrpcServer(_h2_methods(servicer, health), max_message_bytes=opts.max_message_bytes)

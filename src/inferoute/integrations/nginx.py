@@ -1,6 +1,6 @@
 """``inferoute nginx-config``: a complete, commented NGINX configuration driven by the inferoute decider.
 
-Theory of operation: see :mod:`inferoute.gateway.decider` (the decider's side) and docs/nginx.md. This
+Theory of operation: see :mod:`inferoute.gateway.nginx_decider` (the decider's side) and docs/nginx.md. This
 module is pure text generation: :func:`render` turns :class:`NginxOptions` into an ``nginx.conf``; the click
 command only parses flags (optionally reading the gateway config so body limits and header names agree).
 
@@ -24,7 +24,7 @@ import click
 
 from inferoute.endpoints import hostport, split_hostport
 from inferoute.errors import error_body
-from inferoute.gateway import decider as d
+from inferoute.gateway import nginx_decider as d
 
 DEFAULT_DECIDER = "127.0.0.1:8081"
 DEFAULT_LISTEN = "8080"

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 NGINX buffers the client's request body and proxies the request once to this decider (the ``location``
 that ``inferoute nginx-config`` generates). The decider runs exactly what the gateway runs -- BBR, then the
-picker, then destination validation, through :class:`inferoute.gateway.decide.RouteDecider` -- and answers
+picker, then destination validation, through :class:`inferoute.gateway.routing.RouteDecider` -- and answers
 with *no body*:
 
 * success: ``200`` with ``X-Accel-Redirect: @inference`` plus the decision in headers (table below). NGINX
@@ -69,8 +69,8 @@ from inferoute.clock import Clock, SystemClock
 from inferoute.errors import InferouteError, error_body
 from inferoute.gateway.bbr import check_declared_length, too_large
 from inferoute.gateway.config import GatewayConfig, parse_listen
-from inferoute.gateway.decide import Decided, PickerRejected, RouteDecider
-from inferoute.gateway.pickers import Deciders, EmbeddedFactory, start_embedded_picker
+from inferoute.gateway.picker_setup import Deciders, EmbeddedFactory, start_embedded_picker
+from inferoute.gateway.routing import Decided, PickerRejected, RouteDecider
 from inferoute.picking import PickSession
 from inferoute.tasks import TaskSet
 

@@ -23,8 +23,8 @@ from inferoute.clock import Clock
 from inferoute.endpoints import Endpoint
 from inferoute.gateway.bbr import ModelReader
 from inferoute.gateway.config import EMBEDDED, BBRConfig, EPPConfig, GatewayConfig, target_of
-from inferoute.gateway.decide import ModelExtractor, RouteDecider
 from inferoute.gateway.destinations import AllowList, routing_header_names
+from inferoute.gateway.routing import ModelExtractor, RouteDecider
 from inferoute.picking import Picker
 
 if TYPE_CHECKING:  # imported lazily at run time: a gateway without remote pickers never loads gRPC
