@@ -15,7 +15,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 from test_gw_support import ScriptedPicker, gateway_config, metric_value, running_gateway
 
-from inferoute.gateway.app import BUFFERED_ANSWER_MAX
+from inferoute.gateway.relay import BUFFERED_ANSWER_MAX
 
 CHAT = {"model": "llama-3", "messages": [{"role": "user", "content": "hi"}]}
 BIG = BUFFERED_ANSWER_MAX * 3 + 7

@@ -7,8 +7,8 @@ import gc
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from inferoute.gateway.app import BUFFERED_ANSWER_MAX, _request_id, buffered_answer
 from inferoute.gateway.metrics import GatewayMetrics
+from inferoute.gateway.relay import BUFFERED_ANSWER_MAX, buffered_answer, request_id_from
 from inferoute.gateway.serve import freeze_startup_objects
 
 
@@ -26,8 +26,8 @@ def test_buffered_answer_only_for_small_known_length_bodies() -> None:
 
 
 def test_request_id_kept_when_sane_else_random() -> None:
-    assert _request_id("req-1") == "req-1"
-    made = {_request_id(v) for v in (None, "", "bad\nid", "x" * 129, "é")}
+    assert request_id_from("req-1") == "req-1"
+    made = {request_id_from(v) for v in (None, "", "bad\nid", "x" * 129, "é")}
     assert len(made) == 5
     assert all(len(v) == 32 and int(v, 16) >= 0 for v in made)
 

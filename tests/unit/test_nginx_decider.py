@@ -101,8 +101,11 @@ def test_nginx_retries_header_caps_the_fallbacks() -> None:
 def test_request_headers_for_decision_drop_hop_by_hop_and_protocol_names() -> None:
     given = [
         ("Host", "h"),
-        ("Connection", "keep-alive"),
+        ("Connection", "keep-alive, X-Hop"),
+        ("X-Hop", "named in Connection"),
         ("Transfer-Encoding", "chunked"),
+        ("Trailers", "x"),
+        ("Proxy-Authorization", "Basic x"),
         ("X-Inference-Upstream", "evil:1"),
         ("x-accel-redirect", "@x"),
         ("X-Inference-Request-Id", "forged"),

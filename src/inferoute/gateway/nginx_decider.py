@@ -41,8 +41,10 @@ is aborted after ``completion_timeout`` seconds. Lost compared with the gateway:
 (``response_chunk``) and response headers, so the picker sees neither token usage nor time-to-first-token.
 
 A request whose decision NGINX cannot express -- the picker replaced the body (model rewrite) -- is
-*relayed*: the decider proxies that request itself and streams the answer back (``X-Accel-Buffering: no``),
-walking the same fallback list, and ends the session itself.
+*relayed*: the decider forwards that request itself through the gateway's own forwarding path
+(:class:`inferoute.gateway.relay.Relay`: the same fallback walk on connect errors and on a 5xx before the
+first byte, the same hop-by-hop rules, the answer streamed back with ``X-Accel-Buffering: no``) and the
+relay ends the session.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -67,9 +68,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from inferoute.clock import Clock, SystemClock
 from inferoute.errors import InferouteError, error_body
-from inferoute.gateway.bbr import check_declared_length, too_large
 from inferoute.gateway.config import GatewayConfig, parse_listen
 from inferoute.gateway.picker_setup import Deciders, EmbeddedFactory, start_embedded_picker
+from inferoute.gateway.proxy import Forwarder, end_to_end_headers
+from inferoute.gateway.relay import Relay, RequestRecord, read_body, request_id_from
 from inferoute.gateway.routing import Decided, PickerRejected, RouteDecider
 from inferoute.picking import PickSession
 from inferoute.tasks import TaskSet
@@ -110,22 +112,6 @@ UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 DEFAULT_COMPLETION_TIMEOUT = 900.0
 """Seconds after which a session without completion report is aborted (longer than any sane generation)."""
 
-# Request headers never handed to the decision core: hop-by-hop, and the decider protocol's own names
-# (a client could send them through NGINX).
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    }
-)
-
 
 def is_internal_header(name_lower: str) -> bool:
     """True for names of the decider <-> NGINX protocol (``x-inference-*``, ``x-accel-*``)."""
@@ -133,14 +119,9 @@ def is_internal_header(name_lower: str) -> bool:
 
 
 def request_headers_for_decision(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Client headers as the decision core should see them: hop-by-hop and internal names removed."""
-    out = []
-    for k, v in headers:
-        low = k.lower()
-        if low in _HOP_BY_HOP or is_internal_header(low):
-            continue
-        out.append((k, v))
-    return out
+    """Client headers as the decision core should see them: hop-by-hop (and those named in ``Connection``)
+    and the decider protocol's own names removed (a client could send them through NGINX)."""
+    return [(k, v) for k, v in end_to_end_headers(headers) if not is_internal_header(k.lower())]
 
 
 def redirect_headers(
@@ -376,8 +357,9 @@ RouteLookup = Callable[[str], RouteDecider | None]
 class Decider:
     """The decider's request handling; :meth:`handler` is an aiohttp low-level handler.
 
-    ``routes`` maps a request path to its :class:`RouteDecider`; ``relay_timeouts`` bound the rare relayed
-    requests (their HTTP client is created on first use). Every session handed out is ended exactly once: by a
+    ``routes`` maps a request path to its :class:`RouteDecider`; ``forwarder`` carries the rare relayed
+    requests (the gateway's :class:`~inferoute.gateway.relay.Relay` over it; its timeouts and pool settings
+    come from the gateway configuration). Every session handed out is ended exactly once: by a
     completion report, the completion timeout, the relay, or :meth:`aclose`.
     """
 
@@ -389,7 +371,7 @@ class Decider:
         clock: Clock | None = None,
         max_fallbacks: int = DEFAULT_MAX_FALLBACKS,
         completion_timeout: float = DEFAULT_COMPLETION_TIMEOUT,
-        relay_timeouts: aiohttp.ClientTimeout | None = None,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self.routes = routes
         self.registry = registry
@@ -397,8 +379,17 @@ class Decider:
         self.max_fallbacks = max_fallbacks
         self.pending = PendingSessions(self.clock, completion_timeout)
         self.metrics = DeciderMetrics(registry)
-        self.relay_timeouts = relay_timeouts or aiohttp.ClientTimeout(sock_connect=5.0, sock_read=300.0)
-        self._client: aiohttp.ClientSession | None = None
+        self.forwarder = forwarder or Forwarder(GatewayConfig())
+        self.relay = Relay(
+            self.forwarder,
+            self.clock,
+            max_upstreams=1 + max_fallbacks,
+            answer_headers={"X-Accel-Buffering": "no"},  # NGINX passes a relayed stream on as it arrives
+        )
+
+    async def start(self) -> None:
+        """Open the relay's upstream connection pool."""
+        await self.forwarder.start()
 
     async def handler(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
@@ -415,8 +406,7 @@ class Decider:
             return self._error(InferouteError(404, f"no route for {request.path}", cause="no-route"))
         route = decider.route
         try:
-            limit = route.bbr.max_body_size if route.bbr.enabled else None
-            body = await read_body(request, limit)
+            body = await read_body(request, route.bbr.max_body_size)
             headers = request_headers_for_decision(request.headers.items())
             request_id = request.headers.get("X-Request-Id", "")
             decided = await decider.decide(request.method, request.path_qs, headers, body, request_id)
@@ -454,10 +444,8 @@ class Decider:
         if isinstance(exc, PickerRejected):
             headers = {
                 k: v
-                for k, v in exc.headers.items()
-                if k.lower() not in _HOP_BY_HOP
-                and not is_internal_header(k.lower())
-                and k.lower() not in ("content-length", "content-type")
+                for k, v in end_to_end_headers(exc.headers.items())
+                if not is_internal_header(k.lower()) and k.lower() not in ("content-length", "content-type")
             }
         return web.Response(
             status=exc.status, body=exc.body(), content_type="application/json", headers=headers
@@ -515,82 +503,25 @@ class Decider:
         for session in self.pending.drain():
             session.aborted("shutdown")
         self.metrics.pending.set(0)
-        if self._client is not None:
-            await self._client.close()
+        await self.forwarder.aclose()
 
     # --- relay (decisions NGINX cannot express)
 
     async def _relay(self, request: web.BaseRequest, decided: Decided) -> web.StreamResponse:
-        """Proxy ``request`` with the replacement body ourselves, walking the fallbacks on connect errors."""
+        """Forward ``request`` with the replacement body ourselves, through the gateway's forwarding path
+        (fallback walk, header rules, streamed answer); the relay ends the session."""
         self.metrics.decisions.labels("relay").inc()
-        if self._client is None:
-            self._client = aiohttp.ClientSession(timeout=self.relay_timeouts, auto_decompress=False)
-        session = decided.session
-        last_error: Exception | None = None
-        for upstream in decided.upstreams[: 1 + self.max_fallbacks]:
-            headers = [
-                (k, v)
-                for k, v in decided.upstream_headers(upstream)
-                if k.lower() not in ("content-length", "host")
-            ]
-            try:
-                upstream_resp = await self._client.request(
-                    request.method,
-                    f"http://{upstream}{request.path_qs}",
-                    headers=headers,
-                    data=decided.body,
-                    allow_redirects=False,
-                )
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                last_error = exc
-                log.warning("decider relay: %s failed: %s", upstream, exc)
-                continue
-            except asyncio.CancelledError:
-                session.aborted("cancelled")
-                raise
-            async with upstream_resp:
-                session.response_started(upstream, upstream_resp.status, dict(upstream_resp.headers))
-                out = web.StreamResponse(status=upstream_resp.status)
-                for k, v in upstream_resp.headers.items():
-                    if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
-                        out.headers.add(k, v)
-                out.headers["X-Accel-Buffering"] = "no"
-                try:
-                    await out.prepare(request)
-                    async for chunk in upstream_resp.content.iter_any():
-                        session.response_chunk(chunk)
-                        await out.write(chunk)
-                    await out.write_eof()
-                except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-                    session.aborted("relay-error")
-                    log.warning("decider relay: stream from %s broken: %s", upstream, exc)
-                    raise
-                except asyncio.CancelledError:
-                    session.aborted("cancelled")
-                    raise
-                session.response_finished()
-                return out
-        session.aborted("upstream-error")
-        return self._error(
-            InferouteError(502, f"no upstream reachable: {last_error}", cause="upstream-unreachable")
+        rec = RequestRecord(
+            request.method,
+            request.path,
+            request_id_from(request.headers.get("x-request-id")),
+            self.clock.now(),
+            route=decided.route.path,
         )
-
-
-async def read_body(request: web.BaseRequest, limit: int | None) -> bytes:
-    """The whole request body, 413 past ``limit`` (checked on Content-Length first, then while reading)."""
-    if limit is not None:
-        check_declared_length(request.headers, limit)
-    chunks = []
-    size = 0
-    while True:
-        chunk = await request.content.readany()
-        if not chunk:
-            break
-        size += len(chunk)
-        if limit is not None and size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        try:
+            return await self.relay.forward(request, decided, rec)
+        except InferouteError as exc:
+            return self._error(exc)
 
 
 class JsonErrorServer(web.Server):
@@ -654,6 +585,7 @@ class DeciderServer:
         )
         self._runner = web.ServerRunner(server)
         await self._runner.setup()
+        await self.decider.start()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
@@ -739,9 +671,7 @@ async def start_decider(
         clock=clock,
         max_fallbacks=max_fallbacks,
         completion_timeout=completion_timeout,
-        relay_timeouts=aiohttp.ClientTimeout(
-            sock_connect=cfg.timeouts.connect, sock_read=cfg.timeouts.read_idle
-        ),
+        forwarder=Forwarder(cfg),
     )
     server = DeciderServer(decider, host, port)
     try:

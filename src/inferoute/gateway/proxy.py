@@ -60,6 +60,22 @@ def _connection_tokens(value: str, into: set[str]) -> None:
             into.add(t.lower())
 
 
+def end_to_end_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` without the hop-by-hop ones and those named in ``Connection`` (RFC 9110 §7.6.1)."""
+    named: set[str] = set()
+    out = []
+    for k, v in headers:
+        lk = k.lower()
+        if lk in HOP_BY_HOP:
+            if lk == "connection":
+                _connection_tokens(v, named)
+            continue
+        out.append((k, v))
+    if named:
+        out = [(k, v) for k, v in out if k.lower() not in named]
+    return out
+
+
 def upstream_request_headers(
     headers: Iterable[tuple[str, str]], request_id: str, client_ip: str | None
 ) -> CIMultiDict[str]:

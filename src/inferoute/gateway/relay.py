@@ -1,0 +1,367 @@
+"""The one forwarding path from a decided request to the client's answer, shared by both data planes.
+
+The gateway forwards every request through :class:`Relay`; the NGINX decider forwards through it the requests
+NGINX cannot carry itself (the picker replaced the body). Both therefore read the body, walk the fallbacks
+and apply the header rules the same way:
+
+* **Body reading** (:func:`read_body`, :class:`LimitedStream`): ``Content-Length`` is checked against the
+  route's limit before a byte is read (413), ``Expect: 100-continue`` is answered only then, a chunked upload
+  is counted while it arrives, and a body shorter than its ``Content-Length`` is a 400.
+* **Fallback walk** (:meth:`~inferoute.gateway.proxy.Forwarder.open`): a connect error, a dropped keep-alive
+  connection or a 5xx before the first byte reached the client moves on to the next endpoint; the last
+  endpoint's 5xx is passed through.
+* **Header rules** (:func:`~inferoute.gateway.proxy.upstream_request_headers`,
+  :func:`~inferoute.gateway.proxy.client_response_headers`): hop-by-hop headers and the names listed in
+  ``Connection`` are dropped both ways.
+* **The answer**: a small answer of known length (:func:`buffered_answer`) is read whole and sent in one write
+  (an upstream that breaks off then still gets the client a clean 502); anything else is streamed chunk by
+  chunk, so SSE events are not held back. The picker session sees every chunk and is ended exactly once,
+  whatever happens (finished, upstream broke off, client gone, error).
+
+What each request did is noted in a :class:`RequestRecord` (status, upstream, bytes, time to first byte,
+cause), which the caller turns into its access log line and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from inferoute.clock import Clock
+from inferoute.errors import InferouteError
+from inferoute.gateway.bbr import BodyLimit, check_declared_length
+from inferoute.gateway.metrics import Totals
+from inferoute.gateway.proxy import (
+    Forwarder,
+    StreamedBody,
+    client_response_headers,
+    lower_headers,
+    upstream_request_headers,
+)
+from inferoute.gateway.routing import Decided
+from inferoute.picking import NullSession, PickSession
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_ID = 128
+BUFFERED_ANSWER_MAX = 64 * 1024
+"""Answers up to this size with a known ``Content-Length`` are read whole and sent in one write."""
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What the access log line and the metrics need about one request."""
+
+    method: str
+    path: str
+    request_id: str
+    start: float
+    route: str = "-"
+    model: str | None = None
+    upstream: str | None = None
+    status: int = 0
+    ttfb: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    cause: str | None = None
+    attempts: int = 0
+    source: str = "-"
+    extra_causes: list[str] = field(default_factory=list)
+
+
+def request_id_from(value: str | None) -> str:
+    """The client's ``X-Request-Id`` when it is short printable ASCII, else 32 random hex digits."""
+    if value and len(value) <= MAX_REQUEST_ID and value.isprintable() and value.isascii():
+        return value
+    return os.urandom(16).hex()  # as unique as a uuid4, a quarter of its cost
+
+
+def buffered_answer(method: str, status: int, length: int | None, content_type: str | None) -> bool:
+    """True when an upstream answer can be relayed as one plain response: a known length of at most
+    :data:`BUFFERED_ANSWER_MAX` bytes, a body to send (not HEAD, 1xx, 204 or 304) and not an event stream.
+    Anything else is streamed chunk by chunk."""
+    if length is None or length > BUFFERED_ANSWER_MAX or method == "HEAD":
+        return False
+    if status < 200 or status in (204, 304):
+        return False
+    return not (content_type and content_type.lstrip().lower().startswith("text/event-stream"))
+
+
+async def answer_continue(request: web.BaseRequest) -> None:
+    """Answer ``Expect: 100-continue`` (call it once the declared size was accepted): curl would otherwise
+    wait a second before sending the body."""
+    expect = request.headers.get("expect", "")
+    if expect.lower() == "100-continue" and request.version >= aiohttp.HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The whole request body: 413 past ``limit`` (on ``Content-Length`` before reading, else while reading
+    a chunked upload), 400 when it is shorter than its ``Content-Length``."""
+    declared = check_declared_length(request.headers, limit)
+    await answer_continue(request)
+    if declared is not None:
+        if declared == 0:
+            return b""
+        try:
+            return await request.content.readexactly(declared)
+        except asyncio.IncompleteReadError as exc:
+            raise InferouteError(
+                400, "request body shorter than its Content-Length", cause="bad-request"
+            ) from exc
+    if not request.body_exists:
+        return b""
+    counter = BodyLimit(limit)
+    chunks: list[bytes] = []
+    async for chunk in request.content.iter_any():
+        counter.feed(len(chunk))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class LimitedStream:
+    """The client's body as it arrives, counted against the route's limit (413 once it is passed)."""
+
+    __slots__ = ("_limit", "_rec", "_request", "_totals", "declared", "too_large")
+
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        limit: int,
+        declared: int | None,
+        rec: RequestRecord,
+        totals: Totals | None,
+    ) -> None:
+        self._request = request
+        self._limit = limit
+        self.declared = declared
+        self._rec = rec
+        self._totals = totals
+        self.too_large: InferouteError | None = None
+
+    @classmethod
+    async def accept(
+        cls, request: web.BaseRequest, limit: int, rec: RequestRecord, totals: Totals | None
+    ) -> LimitedStream:
+        """Check the declared length (413 before anything is read), answer ``100-continue``, wrap the body."""
+        declared = check_declared_length(request.headers, limit)
+        await answer_continue(request)
+        return cls(request, limit, declared, rec, totals)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        counter = BodyLimit(self._limit)
+        async for chunk in self._request.content.iter_any():
+            try:
+                counter.feed(len(chunk))
+            except InferouteError as exc:
+                self.too_large = exc  # remembered: the upload to the upstream fails, the client gets 413
+                raise
+            self._rec.bytes_in += len(chunk)
+            if self._totals is not None:
+                self._totals.bytes_in += len(chunk)
+            yield chunk
+
+
+class SessionEnd:
+    """Ends a picker session exactly once."""
+
+    __slots__ = ("done", "session")
+
+    def __init__(self, session: PickSession) -> None:
+        self.session = session
+        self.done = False
+
+    def finished(self) -> None:
+        if not self.done:
+            self.done = True
+            self.session.response_finished()
+
+    def aborted(self, reason: str) -> None:
+        if not self.done:
+            self.done = True
+            self.session.aborted(reason)
+
+
+class Relay:
+    """Forwards decided requests through a :class:`~inferoute.gateway.proxy.Forwarder` and relays the
+    answers (see module docstring). ``answer_headers`` are added to every relayed answer (the NGINX decider
+    sets ``X-Accel-Buffering: no`` so that NGINX passes a stream on as it arrives)."""
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        clock: Clock,
+        *,
+        max_upstreams: int | None = None,
+        answer_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.forwarder = forwarder
+        self.clock = clock
+        self.max_upstreams = max_upstreams
+        """Endpoints tried per request at most (None: the whole list the picker gave)."""
+        self.answer_headers = dict(answer_headers or {})
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        d: Decided,
+        rec: RequestRecord,
+        streamed: LimitedStream | None = None,
+    ) -> web.StreamResponse:
+        """Send ``request`` (the decided body, or ``streamed`` as it arrives) to the decided endpoints and
+        relay the answer. Ends ``d.session``. Raises :class:`InferouteError` when no answer could be
+        started (502 no endpoint reachable, 504 no answer in time, 413 body too large)."""
+        end = SessionEnd(d.session)
+        try:
+            return await self._open_and_answer(request, d, rec, end, streamed)
+        except InferouteError:
+            if streamed is not None and streamed.too_large is not None:
+                end.aborted("body-too-large")
+                raise streamed.too_large from None
+            end.aborted("upstream-error")
+            raise
+        except asyncio.CancelledError:
+            end.aborted("client-disconnect")
+            raise
+        except BaseException:
+            end.aborted("error")
+            raise
+        finally:
+            end.aborted("incomplete")  # no-op when already ended
+
+    async def _open_and_answer(
+        self,
+        request: web.BaseRequest,
+        d: Decided,
+        rec: RequestRecord,
+        end: SessionEnd,
+        streamed: LimitedStream | None,
+    ) -> web.StreamResponse:
+        client_ip = request.remote
+        peer_headers = d.upstream_headers  # bound method: headers naming the endpoint being tried
+
+        def headers_for(up: str) -> CIMultiDict[str]:
+            return upstream_request_headers(peer_headers(up), rec.request_id, client_ip)
+
+        body: bytes | StreamedBody = d.body
+        if streamed is not None:
+            body = StreamedBody(streamed.chunks(), streamed.declared)
+        upstreams = d.upstreams if self.max_upstreams is None else d.upstreams[: self.max_upstreams]
+        try:
+            opened = await self.forwarder.open(
+                request.method, request.raw_path, upstreams, headers_for, body, route=rec.route
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            if streamed is not None and streamed.too_large is not None:
+                raise streamed.too_large from exc
+            raise
+        if streamed is not None and streamed.too_large is not None:
+            opened.response.close()
+            raise streamed.too_large
+        up = opened.response
+        rec.upstream = opened.served
+        rec.attempts = opened.attempts
+        rec.status = up.status
+        try:
+            hdrs = client_response_headers(up.headers, rec.request_id)
+            hdrs.update(self.answer_headers)
+            if type(d.session) is not NullSession:  # no picker (static / fail-open): nothing to report
+                d.session.response_started(opened.served, up.status, lower_headers(up.headers))
+            if buffered_answer(request.method, up.status, up.content_length, up.headers.get("content-type")):
+                return await self._answer_whole(request, up, hdrs, opened.served, d.session, rec, end)
+            return await self._answer_streamed(request, up, hdrs, opened.served, d.session, rec, end)
+        finally:
+            if not up.closed:
+                if end.done and rec.cause is None:
+                    up.release()
+                else:
+                    up.close()
+
+    async def _answer_whole(
+        self,
+        request: web.BaseRequest,
+        up: aiohttp.ClientResponse,
+        hdrs: CIMultiDict[str],
+        served: str,
+        session: PickSession,
+        rec: RequestRecord,
+        end: SessionEnd,
+    ) -> web.StreamResponse:
+        """A small answer of known length: read it whole, then send status, headers and body in one write
+        (nothing reached the client yet, so an upstream that breaks off gets a clean 502)."""
+        try:
+            data = await up.content.read()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            _upstream_broke_off(rec, end, served, exc)
+            raise InferouteError(
+                502, f"upstream {served} broke off its response", cause="upstream-aborted"
+            ) from exc
+        if data:
+            session.response_chunk(data)
+        resp = web.Response(status=up.status, reason=up.reason, headers=hdrs, body=data)
+        await resp.prepare(request)  # headers wait for the body: one write in write_eof
+        rec.ttfb = self.clock.now() - rec.start
+        try:
+            await resp.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            _client_gone(rec, end)
+            raise
+        rec.bytes_out = len(data)
+        end.finished()
+        return resp
+
+    async def _answer_streamed(
+        self,
+        request: web.BaseRequest,
+        up: aiohttp.ClientResponse,
+        hdrs: CIMultiDict[str],
+        served: str,
+        session: PickSession,
+        rec: RequestRecord,
+        end: SessionEnd,
+    ) -> web.StreamResponse:
+        """Headers now, then every chunk as it arrives (SSE events are not held back)."""
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=hdrs)
+        if up.content_length is not None:
+            resp.content_length = up.content_length
+        await resp.prepare(request)
+        rec.ttfb = self.clock.now() - rec.start
+        out = 0
+        try:
+            async for chunk in up.content.iter_any():
+                session.response_chunk(chunk)
+                await resp.write(chunk)
+                out += len(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            rec.bytes_out = out
+            _upstream_broke_off(rec, end, served, exc)
+            raise
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            rec.bytes_out = out
+            _client_gone(rec, end)
+            raise
+        rec.bytes_out = out
+        await resp.write_eof()
+        end.finished()
+        return resp
+
+
+def _upstream_broke_off(rec: RequestRecord, end: SessionEnd, served: str, exc: BaseException) -> None:
+    """The model server cut its answer short: cause, log line, picker session aborted."""
+    rec.cause = "upstream-aborted"
+    log.warning("upstream %s broke off the response: %r [request_id=%s]", served, exc, rec.request_id)
+    end.aborted("upstream-aborted")
+
+
+def _client_gone(rec: RequestRecord, end: SessionEnd) -> None:
+    """The client disconnected while the answer was sent: 499 in the log, picker session aborted."""
+    rec.cause = "client-disconnect"
+    rec.status = 499
+    end.aborted("client-disconnect")
