@@ -290,3 +290,33 @@ def test_reused_pool_follows_scrapes_staleness_and_endpoint_changes() -> None:
     rig.datastore.set_endpoints([*rig.endpoints, relabelled])
     rig.scrape(relabelled.key, waiting=0)
     assert decide(rig, body()).endpoints == (relabelled.key,)
+
+
+def test_yaml_objectives_and_weighted_rewrites_with_current_headers() -> None:
+    config = """
+plugins: [{type: queue-scorer}]
+objectives: [{name: chat, priority: 10}, {name: batch, priority: -1}]
+modelRewrites:
+- name: split
+  rules:
+  - matches: [{model: {type: Exact, value: food}}]
+    targets: [{modelRewrite: food-v1, weight: 70}, {modelRewrite: food-v2, weight: 30}]
+"""
+    rig = Rig(2, config)
+    targets = []
+    for _ in range(400):
+        d = decide(rig, body(model="food"))
+        assert d.body is not None
+        targets.append(json.loads(d.body)["model"])
+    assert 0.62 < targets.count("food-v1") / 400 < 0.78
+    # the x-llm-d-* header beats its x-gateway-* alias and the YAML rule
+    d = decide(
+        rig,
+        body(model="food"),
+        headers={"x-llm-d-model-name-rewrite": "pinned", "x-gateway-model-name-rewrite": "old"},
+    )
+    assert d.body is not None and json.loads(d.body)["model"] == "pinned"
+    for ep in rig.endpoints:
+        rig.scrape(ep.key, waiting=50)
+    assert reject(rig, body(), headers={"x-llm-d-inference-objective": "batch"}).status == 429
+    assert decide(rig, body(), headers={"x-llm-d-inference-objective": "chat"})

@@ -81,6 +81,7 @@ class Rig:
             prefix=self.config.prefix,
             saturation=self.config.saturation,
             objectives=objectives,
+            store=self.config.store,
             rng=random.Random(seed),
         )
         for ep in self.endpoints:

@@ -112,6 +112,7 @@ class EmbeddedPicker:
             prefix=config.prefix,
             saturation=config.saturation,
             objectives=opts.objectives,
+            store=config.store,
             rng=random.Random(opts.seed),
         )
         self.collector = MetricsCollector(

@@ -7,7 +7,10 @@ Accepted shape (``apiVersion: inference.networking.x-k8s.io/v1alpha1`` or ``llm-
     dataLayer:          {sources: [{pluginRef, extractors: [{pluginRef}]}]}   # `data:` also accepted
     saturationDetector: {pluginRef}
     parser:             {pluginRef}
-    featureGates, flowControl                                # accepted, not used yet
+    featureGates: [flowControl]                              # "name", "name=true" or "name=false"
+    flowControl:        {...}                                # parsed by inferoute.epp.flowcontrol.config
+    objectives:         [{name, priority}]                   # inferoute: InferenceObjectives in the YAML
+    modelRewrites:      [{name, rules: [{matches, targets}]}] # inferoute: InferenceModelRewrites in the YAML
 
 Rules (GIE's): without ``schedulingProfiles`` one ``default`` profile references every scorer and picker; a
 profile without a picker gets ``max-score-picker``; a scorer without a weight gets 1 (the engine itself always
@@ -21,7 +24,7 @@ given: queue 2, kv-cache 2, prefix 3), ``predicted-ttft``, ``round-robin``, ``ra
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -31,6 +34,7 @@ from inferoute.epp.datalayer.plugins import CoreMetricsExtractor, MetricsDataSou
 from inferoute.epp.flowcontrol import SaturationDetector, UtilizationDetector
 from inferoute.epp.flowcontrol.plugins import UtilizationDetectorConfig as DetectorConfig
 from inferoute.epp.plugin import Params, PluginDeps, config_error
+from inferoute.epp.requestcontrol.store import RequestControlStore, load_objectives, load_rewrites
 from inferoute.epp.scheduling.framework import (
     ObserverFactory,
     Scheduler,
@@ -55,6 +59,8 @@ TOP_KEYS = (
     "data",
     "flowControl",
     "parser",
+    "objectives",
+    "modelRewrites",
 )
 BUILTIN_PROFILES = ("gie-default", "predicted-ttft", "round-robin", "random")
 
@@ -81,6 +87,13 @@ class PickerConfig:
     default_engine: str = "vllm"
     saturation: SaturationDetector | None = None
     feature_gates: tuple[str, ...] = ()
+    store: RequestControlStore = field(default_factory=RequestControlStore)
+    """Objectives and model rewrites declared in the YAML (other sources add theirs at run time)."""
+    flow_control: Mapping[str, Any] | None = None
+    """The raw ``flowControl:`` section; :mod:`inferoute.epp.flowcontrol.config` parses it."""
+    plugins: Mapping[str, object] = field(default_factory=dict)
+    """Every plugin instance by name (flow control resolves its ``...Ref`` fields here)."""
+    source: str = "config"
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
@@ -253,4 +266,9 @@ def parse_config(
     cfg.saturation = UtilizationDetector(d0.queue_depth_threshold, d0.kv_cache_util_threshold, d0.headroom)
     gates = _list(doc.get("featureGates"), f"{source}.featureGates")
     cfg.feature_gates = tuple(str(g) for g in gates)
+    load_objectives(cfg.store, doc.get("objectives"), f"{source}.objectives")
+    load_rewrites(cfg.store, doc.get("modelRewrites"), f"{source}.modelRewrites")
+    if "flowControl" in doc:
+        cfg.flow_control = _mapping(doc.get("flowControl"), f"{source}.flowControl")
+    cfg.plugins, cfg.source = plugins, source
     return cfg

@@ -28,16 +28,15 @@ from inferoute.epp.datalayer.datastore import Datastore, EndpointState
 from inferoute.epp.flowcontrol import SaturationDetector
 from inferoute.epp.learned import LearnedState
 from inferoute.epp.metrics import EppMetrics, ModelSeries
+from inferoute.epp.requestcontrol import headers as hdr
 from inferoute.epp.requestcontrol.parse import CHARS_PER_TOKEN, BodyParser
+from inferoute.epp.requestcontrol.store import RequestControlStore
 from inferoute.epp.requestcontrol.usage import TailBuffer, Usage, parse_usage
 from inferoute.epp.scheduling.framework import NoEndpoints, ProfileResult, Scheduler
 from inferoute.epp.scheduling.prefix import PrefixHashCache
 from inferoute.epp.scheduling.types import Candidate, CycleContext, InferenceRequest, PrefixSettings
 from inferoute.errors import InferouteError
 from inferoute.picking import (
-    FAIRNESS_HEADER,
-    MODEL_REWRITE_HEADER,
-    OBJECTIVE_HEADER,
     Decision,
     Destination,
     NullSession,
@@ -48,7 +47,7 @@ from inferoute.picking import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FAIRNESS_ID = "default-flow"
+DEFAULT_FAIRNESS_ID = hdr.DEFAULT_FAIRNESS_ID
 
 
 def match_subset(states: Sequence[EndpointState], subset: Sequence[str]) -> list[EndpointState]:
@@ -103,6 +102,7 @@ class Director:
         prefix: PrefixSettings | None = None,
         saturation: SaturationDetector | None = None,
         objectives: Mapping[str, int] | None = None,
+        store: RequestControlStore | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.datastore = datastore
@@ -112,7 +112,10 @@ class Director:
         self.clock = clock
         self.prefix = prefix or PrefixSettings()
         self.saturation = saturation
-        self.objectives: Mapping[str, int] = objectives or {}
+        self.store = store or RequestControlStore()
+        """Objectives and model rewrites (the picker's YAML and, later, Kubernetes objects fill it)."""
+        for name, prio in (objectives or {}).items():
+            self.store.upsert_objective(f"options/{name}", name, prio)
         self.rng = rng or random.Random()
         self._body_parser = BodyParser()
         self.hash_cache = PrefixHashCache()
@@ -153,15 +156,15 @@ class Director:
             ), NullSession()
         model = parsed.model
         headers = request.headers
-        target = headers.get(MODEL_REWRITE_HEADER) or model
+        target = hdr.first(headers, hdr.MODEL_REWRITE) or self.store.rewrite(model, self.rng) or model
         body: bytes | None = None
         set_headers: dict[str, str] = {}
         if target != model:
             body = _rewrite_model(request.body, target)
             set_headers["x-gateway-model-name"] = target
             self.metrics.model_rewrite_total.labels(*self.metrics.bounded(model, target)).inc()
-        objective = headers.get(OBJECTIVE_HEADER) or None
-        priority = self.objectives.get(objective, 0) if objective else 0
+        objective = hdr.first(headers, hdr.OBJECTIVE)
+        priority = self.store.priority(objective)
         series = self.metrics.series(model, target)
         series.request_total.inc()
 
@@ -211,9 +214,11 @@ class Director:
             headers=headers,
             request_id=request.request_id,
             objective=objective,
-            fairness_id=headers.get(FAIRNESS_HEADER) or DEFAULT_FAIRNESS_ID,
+            fairness_id=hdr.first(headers, hdr.FAIRNESS_ID) or DEFAULT_FAIRNESS_ID,
             priority=priority,
             stream=parsed.stream,
+            slo_ttft=hdr.positive_ms(headers, hdr.SLO_TTFT_MS),
+            slo_tpot=hdr.positive_ms(headers, hdr.SLO_TPOT_MS),
         )
         ctx = CycleContext(
             ireq,

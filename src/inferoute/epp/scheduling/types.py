@@ -40,6 +40,10 @@ class InferenceRequest:
     fairness_id: str = "default-flow"
     priority: int = 0
     stream: bool = False
+    slo_ttft: float | None = None
+    """Time-to-first-token objective in seconds (``x-llm-d-slo-ttft-ms``), None when not given."""
+    slo_tpot: float | None = None
+    """Time-per-output-token objective in seconds (``x-llm-d-slo-tpot-ms``)."""
 
 
 @dataclass(slots=True)

@@ -1,0 +1,98 @@
+"""The request-control store: objectives, weighted rewrites (the reference's precedence), header aliases."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from inferoute.epp.requestcontrol import headers as hdr
+from inferoute.epp.requestcontrol.store import (
+    RequestControlStore,
+    RewriteRule,
+    RewriteTarget,
+    load_objectives,
+    load_rewrites,
+    parse_rule,
+)
+from inferoute.errors import InferouteError
+
+
+def _rule(matches: tuple[str, ...], *targets: tuple[str, int]) -> RewriteRule:
+    return RewriteRule(matches, tuple(RewriteTarget(m, w) for m, w in targets))
+
+
+def test_objectives_by_source_unknown_is_zero() -> None:
+    s = RequestControlStore()
+    s.upsert_objective("ns/a", "premium", 5)
+    s.upsert_objective("ns/b", "batch", -1)
+    s.upsert_objective("ns/c", "plain", None)
+    assert (s.priority("premium"), s.priority("batch"), s.priority("plain")) == (5, -1, 0)
+    assert s.priority("nope") == 0 and s.priority(None) == 0
+    s.upsert_objective("ns/a", "premium", 7)  # replaced by the same source
+    assert s.priority("premium") == 7
+    s.delete_objective("ns/a")
+    assert s.priority("premium") == 0
+    s.delete_objective("ns/a")  # deleting twice is harmless
+
+
+def test_weighted_split_is_close_to_the_weights() -> None:
+    s = RequestControlStore()
+    s.upsert_rewrite("ns/r", [_rule(("food",), ("food-v1", 70), ("food-v2", 30))], created=1.0)
+    rng = random.Random(7)
+    picks = [s.rewrite("food", rng) for _ in range(10_000)]
+    share = picks.count("food-v1") / len(picks)
+    assert abs(share - 0.7) < 0.02
+    assert s.rewrite("other", rng) is None
+
+
+def test_precedence_exact_then_oldest_then_first_rule() -> None:
+    s = RequestControlStore()
+    rng = random.Random(0)
+    s.upsert_rewrite("ns/generic", [_rule((), ("catch-all", 1))], created=0.0)
+    s.upsert_rewrite("ns/newer", [_rule(("m",), ("newer", 1))], created=5.0)
+    assert s.rewrite("m", rng) == "newer"  # exact beats an older generic rule
+    assert s.rewrite("x", rng) == "catch-all"
+    s.upsert_rewrite("ns/older", [_rule(("m",), ("older-1", 1)), _rule(("m",), ("older-2", 1))], created=1.0)
+    assert s.rewrite("m", rng) == "older-1"  # oldest object, then its first rule
+    s.delete_rewrite("ns/older")
+    assert s.rewrite("m", rng) == "newer"
+
+
+def test_yaml_sections_and_errors() -> None:
+    s = RequestControlStore()
+    load_objectives(s, [{"name": "chat", "priority": 10}, {"name": "batch", "priority": -1}], "objectives")
+    load_objectives(s, {"bulk": -5}, "objectives")
+    assert s.objectives() == {"chat": 10, "batch": -1, "bulk": -5}
+    load_rewrites(
+        s,
+        [
+            {
+                "name": "r",
+                "rules": [{"matches": [{"model": {"value": "a"}}], "targets": [{"modelRewrite": "b"}]}],
+            }
+        ],
+        "modelRewrites",
+    )
+    assert s.rewrite("a", random.Random(0)) == "b"
+    bad = [
+        {"matches": [], "targets": []},
+        {"targets": [{"modelRewrite": "x", "weight": 1}, {"modelRewrite": "y"}]},
+        {"targets": [{"modelRewrite": "x", "weight": 0}]},
+        {"matches": [{"model": {"type": "Prefix", "value": "a"}}], "targets": [{"modelRewrite": "x"}]},
+    ]
+    for raw in bad:
+        with pytest.raises(InferouteError) as exc:
+            parse_rule(raw, "r")
+        assert exc.value.cause == "config"
+    with pytest.raises(InferouteError, match="priority"):
+        load_objectives(s, [{"name": "x", "priority": "high"}], "objectives")
+
+
+def test_header_aliases_current_name_wins() -> None:
+    h = {"x-gateway-inference-objective": "old", "x-llm-d-inference-objective": "new"}
+    assert hdr.first(h, hdr.OBJECTIVE) == "new"
+    assert hdr.first({"x-gateway-inference-fairness-id": "t1"}, hdr.FAIRNESS_ID) == "t1"
+    assert hdr.positive_ms({"x-slo-ttft-ms": "250"}, hdr.SLO_TTFT_MS) == 0.25
+    for bad in ("abc", "-3", "0", "nan", "inf"):
+        assert hdr.positive_ms({"x-llm-d-slo-ttft-ms": bad}, hdr.SLO_TTFT_MS) is None
