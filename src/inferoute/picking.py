@@ -34,6 +34,9 @@ MODEL_HEADER = "x-gateway-model-name"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+MAX_MODEL_NAME_CHARS = 256
+"""Longest model name (body ``model`` or a rewrite target) accepted; a longer one is answered 400
+``bad-model`` by the picker and by the gateway's BBR (Hugging Face ids are at most 96 + 96 characters)."""
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ apart. Rare events (errors, rewrites, aborts) stay on ``prometheus_client``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -29,6 +29,25 @@ _LATENCY = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.
 _PLUGIN = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
 _REQ_DURATION = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
 _TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+MAX_LABEL_CHARS = 128
+"""Longest client-supplied label value (a model name) exported as itself; longer ones become ``other``."""
+OTHER = "other"
+
+
+def bounded_labels(
+    known: Mapping[tuple[str, str], object], cap: int, model: str, target: str
+) -> tuple[str, str]:
+    """The labels for a client-supplied (model, target) pair, bounded in length and count: the pair itself
+    when it is already ``known`` or there is room (fewer than ``cap`` known) and both names are at most
+    :data:`MAX_LABEL_CHARS` long; otherwise ``(OTHER, OTHER)``. Pure: one rule for every labelled series
+    (the hot-path children in :meth:`EppMetrics.series` and the rare prometheus-client counters)."""
+    if (model, target) in known:
+        return model, target
+    if len(known) >= cap or len(model) > MAX_LABEL_CHARS or len(target) > MAX_LABEL_CHARS:
+        return OTHER, OTHER
+    return model, target
 
 
 class _PoolCollector(Collector):
@@ -246,25 +265,22 @@ class EppMetrics:
         self.attempt_success = self.scheduler_attempts.value("success")
         self.attempt_failure = self.scheduler_attempts.value("failure")
 
-    MAX_MODEL_SERIES = 1000
-    """Distinct (model, target) label pairs before further ones share ``other`` (model names come from
-    clients: unbounded label values would let any client grow the picker's memory and /metrics forever)."""
+    MAX_MODEL_SERIES = 100
+    """Distinct (model, target) label pairs before further ones share ``other``: model names come from
+    clients, and each pair adds ~100 lines (five histograms) to every /metrics page."""
 
     def bounded(self, model: str, target: str) -> tuple[str, str]:
-        """The label pair to use for (model, target): itself, or ``other`` once the cap is reached."""
-        if (model, target) in self._series or len(self._series) < self.MAX_MODEL_SERIES:
-            return model, target
-        return "other", "other"
+        """The label pair to use for (model, target): itself, or ``("other", "other")`` when either name is
+        longer than :data:`MAX_LABEL_CHARS` or the cap of pairs is reached (see :func:`bounded_labels`)."""
+        return bounded_labels(self._series, self.MAX_MODEL_SERIES, model, target)
 
     def series(self, model: str, target: str) -> ModelSeries:
         s = self._series.get((model, target))
         if s is None:
-            if len(self._series) >= self.MAX_MODEL_SERIES:
-                model, target = "other", "other"
-                s = self._series.get((model, target))
-                if s is not None:
-                    return s
-            s = self._series[(model, target)] = ModelSeries(self, model, target)
+            model, target = bounded_labels(self._series, self.MAX_MODEL_SERIES, model, target)
+            s = self._series.get((model, target))
+            if s is None:
+                s = self._series[(model, target)] = ModelSeries(self, model, target)
         return s
 
     def watch_pool(self, datastore: Datastore, pool_name: str) -> None:

@@ -27,6 +27,7 @@ import msgspec
 import simdjson
 
 from inferoute.errors import InferouteError
+from inferoute.picking import MAX_MODEL_NAME_CHARS
 
 
 class _ModelOnly(msgspec.Struct):
@@ -106,7 +107,8 @@ def model_or_default(
     """The model header value for a request: None for a body-less request (no header is set).
 
     ``reader`` (the process's :class:`ModelReader`) makes large bodies cheaper; the answer is the same.
-    Raises 400 (cause ``bad-model``) when the model contains control characters: it cannot become a header.
+    Raises 400 (cause ``bad-model``) when the model contains control characters (it cannot become a header)
+    or is longer than :data:`~inferoute.picking.MAX_MODEL_NAME_CHARS`.
     """
     if not body:
         return None
@@ -115,6 +117,9 @@ def model_or_default(
     model = extract_model(body) if reader is None else reader.extract(body)
     if model is None:
         return default_model
+    if len(model) > MAX_MODEL_NAME_CHARS:
+        message = f"the model name is longer than {MAX_MODEL_NAME_CHARS} characters"
+        raise InferouteError(400, message, cause="bad-model", param="model")
     if not is_header_safe(model):
         raise InferouteError(
             400, "the model name contains control characters", cause="bad-model", param="model"

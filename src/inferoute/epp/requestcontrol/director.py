@@ -37,6 +37,7 @@ from inferoute.epp.scheduling.prefix import PrefixHashCache
 from inferoute.epp.scheduling.types import Candidate, CycleContext, InferenceRequest, PrefixSettings
 from inferoute.errors import InferouteError
 from inferoute.picking import (
+    MAX_MODEL_NAME_CHARS,
     Decision,
     Destination,
     NullSession,
@@ -157,6 +158,9 @@ class Director:
         model = parsed.model
         headers = request.headers
         target = hdr.first(headers, hdr.MODEL_REWRITE) or self.store.rewrite(model, self.rng) or model
+        if len(model) > MAX_MODEL_NAME_CHARS or len(target) > MAX_MODEL_NAME_CHARS:
+            message = f"the model name is longer than {MAX_MODEL_NAME_CHARS} characters"
+            return self._reject(400, message, "bad-model", param="model"), NullSession()
         body: bytes | None = None
         set_headers: dict[str, str] = {}
         if target != model:
