@@ -24,7 +24,7 @@ from test_gw_support import ScriptedPicker
 from inferoute.endpoints import Endpoint
 from inferoute.gateway.app import start_gateway
 from inferoute.gateway.config import GatewayConfig, parse_config
-from inferoute.gateway.nginx_decider import start_decider
+from inferoute.gateway.nginx_decider.server import start_decider
 from inferoute.picking import Destination, PickRequest
 
 CHAT = {"model": "llama-3", "messages": [{"role": "user", "content": "hi"}]}

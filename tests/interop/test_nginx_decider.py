@@ -1,7 +1,7 @@
 """Stock NGINX (Debian's nginx) in front of the inferoute decider: routing, bodies, streaming, errors.
 
 Each test starts real processes on free 127.0.0.1 ports: echo backends (aiohttp), the decider
-(:func:`inferoute.gateway.nginx_decider.start_decider`, built exactly as the gateway builds its
+(:func:`inferoute.gateway.nginx_decider.server.start_decider`, built exactly as the gateway builds its
 deciders, with a scripted picker injected as the "embedded" picker), and an NGINX master running the
 configuration that ``inferoute nginx-config`` prints. NGINX is stopped by pid at teardown.
 """
@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from conftest import free_ports
 from inferoute.gateway.config import GatewayConfig, parse_config
-from inferoute.gateway.nginx_decider import RunningDecider, start_decider
+from inferoute.gateway.nginx_decider.server import RunningDecider, start_decider
 from inferoute.integrations.nginx import NginxOptions, render
 from inferoute.picking import Destination, PickerError, PickRequest, Reject
 
@@ -575,13 +575,14 @@ async def test_without_post_action_sessions_end_by_the_completion_timeout(
 
 
 async def test_an_exception_in_the_decider_is_a_json_500_and_counted() -> None:
-    from inferoute.gateway.nginx_decider import Decider, DeciderServer
+    from inferoute.gateway.nginx_decider.handler import NginxDecider
+    from inferoute.gateway.nginx_decider.server import DeciderServer
 
     def broken_routes(path: str) -> None:
         raise RuntimeError("bug")
 
     registry = CollectorRegistry()
-    server = DeciderServer(Decider(broken_routes, registry=registry))
+    server = DeciderServer(NginxDecider(broken_routes, registry=registry))
     port = await server.start()
     try:
         async with (

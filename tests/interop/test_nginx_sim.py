@@ -23,7 +23,7 @@ from nginx_harness import NginxFactory, nginx_binary, prefix_directives
 
 from conftest import free_ports
 from inferoute.gateway.config import default_config
-from inferoute.gateway.nginx_decider import start_decider
+from inferoute.gateway.nginx_decider.server import start_decider
 from inferoute.integrations.nginx import NginxOptions, render
 from inferoute.sim import DEFAULT_MODEL, POD_HEADER, PORT_HEADER, SimConfig, SimPool
 

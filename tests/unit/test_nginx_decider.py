@@ -8,17 +8,19 @@ import pytest
 
 from inferoute.clock import FakeClock
 from inferoute.gateway.config import RouteConfig
-from inferoute.gateway.nginx_decider import (
+from inferoute.gateway.nginx_decider.protocol import (
+    header_variable,
+    nginx_retries,
+    redirect_headers,
+    request_headers_for_decision,
+)
+from inferoute.gateway.nginx_decider.reports import (
     CompletionReport,
     PendingSessions,
     echo_status,
     end_session,
-    header_variable,
-    nginx_retries,
     parse_report,
     parse_syslog_report,
-    redirect_headers,
-    request_headers_for_decision,
 )
 from inferoute.gateway.routing import Decided
 from inferoute.picking import NullSession
@@ -220,11 +222,11 @@ def test_parse_syslog_report() -> None:
 def test_decider_completes_sessions_from_datagrams_and_expires_the_rest() -> None:
     from prometheus_client import CollectorRegistry
 
-    from inferoute.gateway.nginx_decider import Decider
+    from inferoute.gateway.nginx_decider.handler import NginxDecider
 
     clock = FakeClock()
     registry = CollectorRegistry()
-    decider = Decider(lambda path: None, registry=registry, clock=clock, completion_timeout=60.0)
+    decider = NginxDecider(lambda path: None, registry=registry, clock=clock, completion_timeout=60.0)
     done, lost = Recorder(), Recorder()
     token = decider.pending.open(done)
     decider.pending.open(lost)

@@ -51,7 +51,7 @@ def gateway_command(config_path: str, listen: str | None, workers: int | None, m
     """Run the gateway (data plane) from a config file until Ctrl-C / SIGTERM."""
     cfg = _load(config_path, listen)
     if mode == "nginx":
-        from inferoute.gateway.nginx_decider import run_decider
+        from inferoute.gateway.nginx_decider.server import run_decider
 
         run_decider(cfg, listen)
         return

@@ -24,7 +24,7 @@ import click
 
 from inferoute.endpoints import hostport, split_hostport
 from inferoute.errors import error_body
-from inferoute.gateway import nginx_decider as d
+from inferoute.gateway.nginx_decider import protocol as d
 
 DEFAULT_DECIDER = "127.0.0.1:8081"
 DEFAULT_LISTEN = "8080"
