@@ -41,6 +41,7 @@ from inferoute.gateway.metrics import GatewayMetrics
 from inferoute.gateway.picker_setup import Deciders, EmbeddedFactory, start_embedded_picker
 from inferoute.gateway.proxy import Forwarder
 from inferoute.gateway.relay import LimitedStream, Relay, RequestRecord, read_body, request_id_from
+from inferoute.gateway.reload import Reloader
 from inferoute.gateway.routing import Decided, PickerRejected
 
 log = logging.getLogger(__name__)
@@ -101,15 +102,20 @@ class GatewayHandler:
             request.method, path, request_id_from(request.headers.get("x-request-id")), self.clock.now()
         )
         totals = self._totals
+        deciders = self.deciders  # this request keeps its routes even if a reload swaps them meanwhile
+        deciders.active += 1
         totals.in_flight += 1
         try:
-            return await self._handle(request, rec)
+            return await self._handle(request, rec, deciders)
         except asyncio.CancelledError:
             rec.status = 499  # NGINX's code for "the client closed the connection"
             rec.cause = "client-disconnect"
             raise
         finally:
             totals.in_flight -= 1
+            deciders.active -= 1
+            if deciders.retired and not deciders.active:
+                deciders.drained.set()
             self._finish(rec)
 
     async def _readyz(self) -> web.Response:
@@ -118,9 +124,11 @@ class GatewayHandler:
         exc = InferouteError(503, "the endpoint picker is not ready yet", cause="not-ready")
         return web.Response(status=503, body=exc.body(), content_type=_JSON)
 
-    async def _handle(self, request: web.BaseRequest, rec: RequestRecord) -> web.StreamResponse:
+    async def _handle(
+        self, request: web.BaseRequest, rec: RequestRecord, deciders: Deciders
+    ) -> web.StreamResponse:
         try:
-            return await self._route(request, rec)
+            return await self._route(request, rec, deciders)
         except InferouteError as exc:
             return self._error(exc, rec)
         except Exception as exc:
@@ -149,7 +157,9 @@ class GatewayHandler:
         rec.bytes_out = len(resp.body) if isinstance(resp.body, bytes) else 0
         return resp
 
-    async def _route(self, request: web.BaseRequest, rec: RequestRecord) -> web.StreamResponse:
+    async def _route(
+        self, request: web.BaseRequest, rec: RequestRecord, deciders: Deciders
+    ) -> web.StreamResponse:
         lim = self._limits
         if self._totals.in_flight > lim.max_concurrent_requests:
             raise InferouteError(
@@ -167,7 +177,7 @@ class GatewayHandler:
                 f"request headers too large ({size} > {lim.max_header_bytes} bytes)",
                 cause="headers-too-large",
             )
-        decider = self.deciders.for_path(rec.path)
+        decider = deciders.for_path(rec.path)
         if decider is None:
             raise InferouteError(404, f"no route for {rec.path}", cause="no-route")
         route = decider.route
@@ -283,6 +293,8 @@ class RunningGateway:
         forwarder: Forwarder,
         deciders: Deciders,
         registry: CollectorRegistry,
+        embedded_factory: EmbeddedFactory = start_embedded_picker,
+        clock: Clock | None = None,
     ) -> None:
         self._server = server
         self._web_server = web_server
@@ -290,6 +302,7 @@ class RunningGateway:
         self._forwarder = forwarder
         self.deciders = deciders
         self.registry = registry
+        self._reloader = Reloader(registry, embedded_factory, clock)
         sockname = server.sockets[0].getsockname()
         self.host: str = sockname[0]
         self.port: int = sockname[1]
@@ -299,6 +312,15 @@ class RunningGateway:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    async def reload(self, cfg: GatewayConfig) -> None:
+        """Serve ``cfg``'s routes, pools and pickers from now on (see :mod:`inferoute.gateway.reload`): new
+        requests take the new routes, in-flight ones finish on the old. Raises :class:`InferouteError` and
+        keeps serving the current routes when ``cfg`` cannot be applied."""
+        new = await self._reloader.build(self.deciders, cfg)
+        old, self.deciders = self.deciders, new
+        self.handler.deciders = new
+        self._reloader.retire(old)
+
     async def aclose(self, grace: float = 5.0) -> None:
         self._server.close()
         with contextlib.suppress(Exception):
@@ -306,6 +328,7 @@ class RunningGateway:
         with contextlib.suppress(Exception):
             await self._server.wait_closed()
         await self._forwarder.aclose()
+        await self._reloader.aclose()
         await self.deciders.aclose()
 
 
@@ -345,7 +368,7 @@ async def start_gateway(
         await forwarder.aclose()
         await deciders.aclose()
         raise
-    return RunningGateway(server, web_server, handler, forwarder, deciders, registry)
+    return RunningGateway(server, web_server, handler, forwarder, deciders, registry, embedded_factory, clock)
 
 
 __all__ = ["GatewayHandler", "RunningGateway", "bind_socket", "error_body", "error_response", "start_gateway"]

@@ -47,17 +47,27 @@ def _load(path: str, listen: str | None) -> GatewayConfig:
     show_default=True,
     help="gateway: proxy requests itself; nginx: decide for stock NGINX (X-Accel-Redirect).",
 )
-def gateway_command(config_path: str, listen: str | None, workers: int | None, mode: str) -> None:
+@click.option(
+    "--watch-config",
+    is_flag=True,
+    help="Reload the file's routes, pools and pickers when it changes, without dropping requests in flight "
+    "(gateway mode; used with 'inferoute controller').",
+)
+def gateway_command(
+    config_path: str, listen: str | None, workers: int | None, mode: str, watch_config: bool
+) -> None:
     """Run the gateway (data plane) from a config file until Ctrl-C / SIGTERM."""
     cfg = _load(config_path, listen)
     if mode == "nginx":
+        if watch_config:
+            raise click.UsageError("--watch-config works with --mode gateway only")
         from inferoute.gateway.nginx_decider.server import run_decider
 
         run_decider(cfg, listen)
         return
     from inferoute.gateway.serve import run_gateway
 
-    raise SystemExit(run_gateway(cfg, workers))
+    raise SystemExit(run_gateway(cfg, workers, config_path if watch_config else None))
 
 
 @click.command("up", context_settings={"help_option_names": ["-h", "--help"]})

@@ -106,6 +106,22 @@ class EPPConfig(_Base):
     body: Literal["full_duplex", "headers_only"] = "full_duplex"
 
 
+class BackendConfig(_Base):
+    """One weighted backend of a route: a pool with its own picker (a Gateway API ``backendRef`` to an
+    InferencePool; ``inferoute controller`` writes these). Requests are shared between a route's backends in
+    proportion to ``weight`` (smooth weighted round robin); a backend of weight 0 gets none."""
+
+    name: str = ""
+    """For logs, e.g. ``NAMESPACE/POOL``."""
+    weight: int = 1
+    epp: EPPConfig = msgspec.field(default_factory=EPPConfig)
+    """This backend's picker (``embedded`` is not allowed here: one embedded picker serves ``pool``)."""
+    endpoints: list[EndpointConfig] = msgspec.field(default_factory=list)
+    """The pool's members: the only destinations its picker may return (plus ``pool.allowed_cidrs``), and
+    the round-robin targets when the picker fails open or ``epp.enabled`` is false."""
+    default_upstream: str | None = None
+
+
 class RouteConfig(_Base):
     """A path prefix with its own BBR / EPP settings (an NGINX ``location``)."""
 
@@ -114,6 +130,9 @@ class RouteConfig(_Base):
     epp: EPPConfig = msgspec.field(default_factory=EPPConfig)
     default_upstream: str | None = None
     """``ip:port`` used when the picker fails in fail-open mode, or when ``epp.enabled`` is false."""
+    backends: list[BackendConfig] = msgspec.field(default_factory=list)
+    """Weighted backends; when set they replace ``epp``/``default_upstream`` and the global ``pool`` for
+    this route (``epp.body`` still says whether the body is read before picking)."""
 
 
 class LimitsConfig(_Base):
@@ -240,9 +259,30 @@ def validate(cfg: GatewayConfig) -> GatewayConfig:
             )
         if (r.epp.cert_file is None) != (r.epp.key_file is None):
             raise _fail(f"{at}.epp: cert_file and key_file go together (client certificate for mTLS)")
+        _check_backends(at, r.backends)
     if cfg.limits.max_concurrent_requests < 1:
         raise _fail("limits.max_concurrent_requests: must be >= 1")
     return cfg
+
+
+def _check_backends(at: str, backends: Sequence[BackendConfig]) -> None:
+    if backends and not any(b.weight > 0 for b in backends):
+        raise _fail(f"{at}.backends: at least one backend needs a weight > 0")
+    for j, b in enumerate(backends):
+        where = f"{at}.backends[{j}]"
+        if b.weight < 0:
+            raise _fail(f"{where}.weight: must be >= 0")
+        parse_endpoints([msgspec.to_builtins(e) for e in b.endpoints], f"{where}.endpoints")
+        _check_ipport(f"{where}.default_upstream", b.default_upstream)
+        if not b.epp.enabled:
+            continue
+        if b.epp.endpoint in (None, EMBEDDED):
+            raise _fail(
+                f"{where}.epp.endpoint: a backend needs a remote picker (host:port), got {b.epp.endpoint!r}"
+            )
+        _check_target(f"{where}.epp.endpoint", b.epp.endpoint, allow_embedded=False)
+        if b.epp.timeout_ms <= 0:
+            raise _fail(f"{where}.epp.timeout_ms: must be > 0")
 
 
 def parse_config(data: Any, source: str = "config") -> GatewayConfig:
@@ -348,6 +388,7 @@ __all__ = [
     "DEFAULT_LISTEN",
     "EMBEDDED",
     "BBRConfig",
+    "BackendConfig",
     "EPPConfig",
     "EndpointConfig",
     "GatewayConfig",

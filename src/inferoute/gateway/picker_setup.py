@@ -12,19 +12,22 @@ in-flight counts) is then per process. A remote ``inferoute epp`` keeps one brai
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from prometheus_client import CollectorRegistry
 
 from inferoute.clock import Clock
-from inferoute.endpoints import Endpoint
+from inferoute.endpoints import Endpoint, parse_endpoints
 from inferoute.gateway.bbr import ModelReader
-from inferoute.gateway.config import EMBEDDED, BBRConfig, EPPConfig, GatewayConfig, target_of
+from inferoute.gateway.config import EMBEDDED, BBRConfig, EPPConfig, GatewayConfig, RouteConfig, target_of
 from inferoute.gateway.destinations import AllowList, routing_header_names
 from inferoute.gateway.routing import ModelExtractor, RouteDecider
+from inferoute.gateway.weighted import PathDecider, WeightedDecider
 from inferoute.picking import Picker
 
 if TYPE_CHECKING:  # imported lazily at run time: a gateway without remote pickers never loads gRPC
@@ -89,16 +92,89 @@ def remote_bbr(bbr: BBRConfig) -> ModelExtractor:
 EmbeddedFactory = Callable[[GatewayConfig, list[Endpoint], CollectorRegistry], Awaitable[Picker]]
 
 
-class Deciders:
-    """Every route's decider for one process; owns (and closes) the pickers and BBR clients."""
+class _Clients:
+    """The pickers and remote-BBR clients of one :class:`Deciders`, shared between routes (and backends)
+    with identical settings, so one long-lived channel serves them all."""
 
     def __init__(
-        self, cfg: GatewayConfig, deciders: list[RouteDecider], owned: list[Any], embedded: Picker | None
+        self,
+        cfg: GatewayConfig,
+        registry: CollectorRegistry,
+        embedded_factory: EmbeddedFactory,
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.embedded_factory = embedded_factory
+        self.owned: list[Any] = []
+        self.embedded: Picker | None = None
+        self._pickers: dict[tuple[object, ...], Picker] = {}
+        self._bbrs: dict[tuple[object, ...], ModelExtractor] = {}
+
+    async def picker(self, epp: EPPConfig, endpoints: list[Endpoint]) -> Picker | None:
+        if not epp.enabled:
+            return None
+        if epp.endpoint == EMBEDDED:
+            if self.embedded is None:
+                self.embedded = await self.embedded_factory(self.cfg, endpoints, self.registry)
+                self.owned.append(self.embedded)
+            return self.embedded
+        key = (
+            epp.endpoint,
+            epp.tls,
+            epp.ca_file,
+            epp.cert_file,
+            epp.key_file,
+            epp.server_name,
+            epp.timeout_ms,
+            epp.body,
+            epp.header_name,
+        )
+        if key not in self._pickers:
+            self._pickers[key] = grpc_picker(epp)
+            self.owned.append(self._pickers[key])
+        return self._pickers[key]
+
+    def bbr(self, b: BBRConfig) -> ModelExtractor | None:
+        if not (b.enabled and b.endpoint):
+            return None
+        key = (
+            b.endpoint,
+            b.tls,
+            b.ca_file,
+            b.cert_file,
+            b.key_file,
+            b.server_name,
+            b.header_name,
+            b.chunk_size,
+            b.timeout_ms,
+        )
+        if key not in self._bbrs:
+            self._bbrs[key] = remote_bbr(b)
+            self.owned.append(self._bbrs[key])
+        return self._bbrs[key]
+
+
+class Deciders:
+    """Every route's decider for one process; owns (and closes) the pickers and BBR clients.
+
+    ``active`` counts the requests using this set: after a configuration reload the gateway closes the old
+    set only once its ``active`` count has dropped to zero (in-flight requests keep their pickers)."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        deciders: list[PathDecider],
+        owned: list[Any],
+        embedded: Picker | None,
     ) -> None:
         self.cfg = cfg
         self.deciders = deciders
         self._owned = owned
         self.embedded = embedded
+        self.active = 0
+        self.retired = False
+        """Set when a reload replaced this set; ``drained`` is then set once ``active`` reaches zero."""
+        self.drained = asyncio.Event()
 
     @classmethod
     async def build(
@@ -108,84 +184,64 @@ class Deciders:
         *,
         embedded_factory: EmbeddedFactory = start_embedded_picker,
         clock: Clock | None = None,
+        embedded: Picker | None = None,
     ) -> Deciders:
-        """Start what the routes need. ``embedded_factory`` is injectable (tests use a tiny picker)."""
+        """Start what the routes need. ``embedded_factory`` is injectable (tests use a tiny picker);
+        ``embedded`` is a running embedded picker to use instead (a reload keeps it; the caller owns it)."""
         endpoints = cfg.endpoints()
         allow = AllowList(
             endpoints,
             cfg.pool.allowed_cidrs,
             extra=[r.default_upstream for r in cfg.routes if r.default_upstream],
         )
-        names = routing_header_names(r.epp.header_name for r in cfg.routes)
-        owned: list[Any] = []
-        embedded: Picker | None = None
-        remote_pickers: dict[tuple[object, ...], Picker] = {}
-        bbrs: dict[tuple[object, ...], ModelExtractor] = {}
-        deciders: list[RouteDecider] = []
+        names = routing_header_names(
+            [r.epp.header_name for r in cfg.routes]
+            + [b.epp.header_name for r in cfg.routes for b in r.backends]
+        )
+        clients = _Clients(cfg, registry, embedded_factory)
+        clients.embedded = embedded
+        deciders: list[PathDecider] = []
         reader = ModelReader()  # one per process: its parser buffers grow to the largest body seen
+
+        def decider(
+            route: RouteConfig, pool: list[Endpoint], allowed: AllowList, picker: Picker | None
+        ) -> RouteDecider:
+            return RouteDecider(
+                route,
+                pool,
+                picker,
+                allow=allowed,
+                routing_headers=names,
+                remote_bbr=clients.bbr(route.bbr),
+                clock=clock,
+                model_reader=reader,
+            )
+
         try:
             for route in cfg.routes:
-                picker: Picker | None = None
-                epp = route.epp
-                if epp.enabled and epp.endpoint == EMBEDDED:
-                    if embedded is None:
-                        embedded = await embedded_factory(cfg, endpoints, registry)
-                        owned.append(embedded)
-                    picker = embedded
-                elif epp.enabled:
-                    key = (
-                        epp.endpoint,
-                        epp.tls,
-                        epp.ca_file,
-                        epp.cert_file,
-                        epp.key_file,
-                        epp.server_name,
-                        epp.timeout_ms,
-                        epp.body,
-                        epp.header_name,
+                if not route.backends:
+                    deciders.append(
+                        decider(route, endpoints, allow, await clients.picker(route.epp, endpoints))
                     )
-                    if key not in remote_pickers:
-                        remote_pickers[key] = grpc_picker(epp)
-                        owned.append(remote_pickers[key])
-                    picker = remote_pickers[key]
-                bbr_client: ModelExtractor | None = None
-                b = route.bbr
-                if b.enabled and b.endpoint:
-                    bkey = (
-                        b.endpoint,
-                        b.tls,
-                        b.ca_file,
-                        b.cert_file,
-                        b.key_file,
-                        b.server_name,
-                        b.header_name,
-                        b.chunk_size,
-                        b.timeout_ms,
+                    continue
+                weighted: list[tuple[int, PathDecider]] = []
+                for b in route.backends:
+                    pool = parse_endpoints([msgspec.to_builtins(e) for e in b.endpoints], "backend")
+                    sub = msgspec.structs.replace(
+                        route, epp=b.epp, default_upstream=b.default_upstream, backends=[]
                     )
-                    if bkey not in bbrs:
-                        bbrs[bkey] = remote_bbr(b)
-                        owned.append(bbrs[bkey])
-                    bbr_client = bbrs[bkey]
-                deciders.append(
-                    RouteDecider(
-                        route,
-                        endpoints,
-                        picker,
-                        allow=allow,
-                        routing_headers=names,
-                        remote_bbr=bbr_client,
-                        clock=clock,
-                        model_reader=reader,
-                    )
-                )
+                    extra = [b.default_upstream] if b.default_upstream else []
+                    own = AllowList(pool, cfg.pool.allowed_cidrs, extra=extra)
+                    weighted.append((b.weight, decider(sub, pool, own, await clients.picker(b.epp, pool))))
+                deciders.append(WeightedDecider(route, weighted))
         except BaseException:
-            await _close_all(owned)
+            await _close_all(clients.owned)
             raise
-        return cls(cfg, deciders, owned, embedded)
+        return cls(cfg, deciders, clients.owned, clients.embedded)
 
-    def for_path(self, path: str) -> RouteDecider | None:
+    def for_path(self, path: str) -> PathDecider | None:
         """The decider of the longest matching route prefix."""
-        best: RouteDecider | None = None
+        best: PathDecider | None = None
         for d in self.deciders:
             if path.startswith(d.route.path) and (best is None or len(d.route.path) > len(best.route.path)):
                 best = d
@@ -202,6 +258,13 @@ class Deciders:
         if inspect.isawaitable(result):
             result = await result
         return bool(result)
+
+    def hand_over_embedded(self, successor: Deciders) -> None:
+        """A reload kept the embedded picker: ``successor`` closes it from now on, this set does not."""
+        picker = self.embedded
+        if picker is not None and picker is successor.embedded:
+            self._owned = [o for o in self._owned if o is not picker]
+            successor._owned.append(picker)
 
     async def aclose(self) -> None:
         await _close_all(self._owned)

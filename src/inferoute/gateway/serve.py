@@ -29,6 +29,8 @@ import msgspec
 
 from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import EMBEDDED, GatewayConfig, parse_listen, with_listen
+from inferoute.gateway.reload import ConfigWatcher
+from inferoute.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -72,33 +74,43 @@ def freeze_startup_objects() -> int:
     return gc.get_freeze_count()
 
 
-async def serve_one(cfg: GatewayConfig, *, reuse_port: bool = False, announce: bool = True) -> int:
-    """One gateway process until a signal."""
+async def serve_one(
+    cfg: GatewayConfig, *, reuse_port: bool = False, announce: bool = True, watch: str | None = None
+) -> int:
+    """One gateway process until a signal; with ``watch`` (the config file's path) it reloads the file's
+    routes when it changes (:mod:`inferoute.gateway.reload`)."""
     gw: RunningGateway = await start_gateway(cfg, reuse_port=reuse_port)
     freeze_startup_objects()
+    tasks = TaskSet("gateway")
     try:
+        if watch is not None:
+            watcher = ConfigWatcher(watch, gw.reload, gw.registry)
+            watcher.prime()
+            tasks.spawn(watcher.run(), "watch-config")
         if announce:
             log.info("gateway listening on %s (pid %d)", gw.url, os.getpid())
         name = await wait_for_signal()
         log.info("%s: stopping", name)
     finally:
+        await tasks.aclose()
         await gw.aclose()
     return 0
 
 
-def _worker_main(cfg_json: bytes, log_level: int) -> None:
+def _worker_main(cfg_json: bytes, log_level: int, watch: str | None = None) -> None:
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
     )
     cfg = msgspec.json.decode(cfg_json, type=GatewayConfig)
-    sys.exit(run_async(lambda: serve_one(cfg, reuse_port=True, announce=False)))
+    sys.exit(run_async(lambda: serve_one(cfg, reuse_port=True, announce=False, watch=watch)))
 
 
-def run_gateway(cfg: GatewayConfig, workers: int | None = None) -> int:
-    """Blocking entry point of ``inferoute gateway``: one process, or ``workers`` processes on one port."""
+def run_gateway(cfg: GatewayConfig, workers: int | None = None, watch: str | None = None) -> int:
+    """Blocking entry point of ``inferoute gateway``: one process, or ``workers`` processes on one port;
+    ``watch``: the config file each process reloads when it changes."""
     n = workers or cfg.workers
     if n <= 1:
-        return run_async(lambda: serve_one(cfg))
+        return run_async(lambda: serve_one(cfg, watch=watch))
     if any(r.epp.enabled and r.epp.endpoint == EMBEDDED for r in cfg.routes):
         log.warning(
             "%d workers, each with its own embedded picker: what the picker learns (prefix cache, in-flight "
@@ -128,7 +140,7 @@ def run_gateway(cfg: GatewayConfig, workers: int | None = None) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for i in range(n):
-            proc = ctx.Process(target=_worker_main, args=(blob, level), name=f"gateway-worker-{i}")
+            proc = ctx.Process(target=_worker_main, args=(blob, level, watch), name=f"gateway-worker-{i}")
             proc.start()
             procs.append(proc)
         log.info(

@@ -40,12 +40,13 @@ from inferoute.gateway.nginx_decider.reports import (
 )
 from inferoute.gateway.proxy import Forwarder, end_to_end_headers
 from inferoute.gateway.relay import Relay, RequestRecord, read_body, request_id_from
-from inferoute.gateway.routing import Decided, PickerRejected, RouteDecider
+from inferoute.gateway.routing import Decided, PickerRejected
+from inferoute.gateway.weighted import PathDecider
 
 log = logging.getLogger(__name__)
 
 
-RouteLookup = Callable[[str], RouteDecider | None]
+RouteLookup = Callable[[str], PathDecider | None]
 """path -> the route's decider (longest-prefix match), None when no route matches."""
 
 
