@@ -9,6 +9,7 @@ import signal
 
 import click
 
+from inferoute.kvevents.config import KVEventsConfig, parse_kv_events_config
 from inferoute.sim.config import DEFAULT_MODEL, SimConfig
 from inferoute.sim.server import SimPool
 
@@ -26,8 +27,17 @@ async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None
         loop.add_signal_handler(sig, stop.set)
     try:
         async with await SimPool.start(config, replicas=replicas, host=host, base_port=port) as pool:
-            for ep in pool.endpoints:
+            for ep, replica in zip(pool.endpoints, pool.replicas, strict=True):
                 log.info("replica %s serving %s on http://%s", ep.name, config.model, ep.key)
+                pub = replica.kv_events
+                if pub is not None:
+                    log.info(
+                        "replica %s publishes KV events on %s (replay %s, topic %s)",
+                        ep.name,
+                        pub.endpoint,
+                        pub.replay_endpoint,
+                        pub.topic.decode(),
+                    )
             # One line on stdout per replica so scripts can find the ports (base port 0 picks free ones).
             click.echo(" ".join(f"{ep.name}={ep.key}" for ep in pool.endpoints), nl=True)
             await stop.wait()
@@ -118,6 +128,23 @@ async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None
 )
 @click.option("--allow-forced-errors", is_flag=True, help="Honour the x-sim-force-status request header.")
 @click.option("--emit-schedule", is_flag=True, help="Add sim_scheduled_at to streamed chunks (benchmarks).")
+@click.option(
+    "--kv-events-config",
+    default=None,
+    help="vLLM's KVEventsConfig as JSON, e.g. "
+    '\'{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557",'
+    '"replay_endpoint":"tcp://*:5558"}\'. Replica i publishes on the ports + i (data-parallel rank i).',
+)
+@click.option(
+    "--legacy-kv-events", is_flag=True, help="Encode KV events as vLLM <= 0.23 did (tagged arrays, not maps)."
+)
+@click.option(
+    "--hash-seed",
+    envvar="PYTHONHASHSEED",
+    default="0",
+    show_default=True,
+    help="vLLM's PYTHONHASHSEED: the root of the sha256_cbor block-hash chain (KV events).",
+)
 @click.option("--uvloop/--no-uvloop", default=True, show_default=True)
 def command(
     replicas: int,
@@ -138,9 +165,18 @@ def command(
     mean_output_tokens: int,
     allow_forced_errors: bool,
     emit_schedule: bool,
+    kv_events_config: str | None,
+    legacy_kv_events: bool,
+    hash_seed: str,
     uvloop: bool,
 ) -> None:
     """Run REPLICAS simulated vLLM servers (OpenAI API, SSE, /metrics) until Ctrl-C or SIGTERM."""
+    kv_events = KVEventsConfig()
+    if kv_events_config is not None:
+        try:
+            kv_events = parse_kv_events_config(kv_events_config)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--kv-events-config") from exc
     try:
         config = SimConfig(
             model=model,
@@ -158,6 +194,9 @@ def command(
             mean_output_tokens=mean_output_tokens,
             allow_forced_errors=allow_forced_errors,
             emit_schedule=emit_schedule,
+            kv_events=kv_events,
+            legacy_kv_events=legacy_kv_events,
+            hash_seed=hash_seed,
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from inferoute.kvevents.config import KVEventsConfig
+
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
@@ -71,6 +73,13 @@ class SimConfig:
     """Honour the ``x-sim-force-status: <code>`` request header (tests only)."""
     emit_schedule: bool = False
     """Add ``"sim_scheduled_at"`` (CLOCK_MONOTONIC seconds) to every streamed chunk (fidelity benchmark)."""
+    kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
+    """vLLM's ``--kv-events-config``; when enabled, block hashes are vLLM's ``sha256_cbor`` and every engine
+    step that changes the prefix cache yields a batch of KV events (published by the server shell)."""
+    hash_seed: str = "0"
+    """``PYTHONHASHSEED`` of the modelled vLLM: the root of the ``sha256_cbor`` block-hash chain."""
+    legacy_kv_events: bool = False
+    """Publish events as vLLM <= 0.23 did (tagged arrays) instead of tagged maps."""
     extra_labels: dict[str, str] = field(default_factory=dict)
     """Labels copied into each replica's :class:`~inferoute.endpoints.Endpoint`."""
 

@@ -24,8 +24,16 @@ One *engine step* works like vLLM V1's scheduler iteration:
    work (a request arriving mid-step waits for the next step, as in vLLM).
 
 So time to first token = queue wait + the steps that prefill the uncached prompt, and inter-token latency
-grows with the batch. Simplifications (documented in docs/simulator.md): generated tokens are not added to
-the prefix cache, a prompt's blocks are all allocated at admission (not chunk by chunk).
+grows with the batch. As a block of a running sequence fills with generated tokens (their ids are the
+simulator tokenizer's ids of the generated words), it is hashed and joins the prefix cache, as in vLLM: a
+follow-up turn or a resumed (preempted) sequence reuses it. Simplification (documented in docs/simulator.md):
+a prompt's blocks are all allocated and cached at admission (not chunk by chunk).
+
+KV events: with ``config.kv_events`` enabled the block hashes are vLLM's ``sha256_cbor`` chain
+(:mod:`inferoute.kvevents.hashing`) and the engine records ``BlockStored`` (per run of newly cached
+blocks, each physical copy), ``BlockRemoved`` (per eviction) and ``AllBlocksCleared``
+(:meth:`Engine.reset_prefix_cache`).
+Each completed step closes one batch; :meth:`Engine.take_event_batches` hands them to the publisher shell.
 """
 
 from __future__ import annotations
@@ -38,8 +46,11 @@ from dataclasses import dataclass, field
 import xxhash
 
 from inferoute.errors import InferouteError
+from inferoute.kvevents.hashing import block_digests, none_hash, wire_hash
+from inferoute.kvevents.wire import AllBlocksCleared, BlockStored, KVEvent
 from inferoute.sim.config import SimConfig
 from inferoute.sim.kvcache import PrefixKVCache, block_hashes
+from inferoute.sim.protocol import output_token_id
 from inferoute.sim.stats import EngineStats
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -59,6 +70,8 @@ class SimRequest:
     lora: str | None = None
     tag: object = None
     """Free slot for the shell (its per-request stream)."""
+    output_seed: int = 0
+    """Picks the generated words (``protocol.output_token_id``), so their KV blocks can be hashed."""
 
     state: str = WAITING
     arrival: float = 0.0
@@ -73,6 +86,9 @@ class SimRequest:
     """Prompt tokens computed so far (cached ones count as computed)."""
     blocks: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
+    """Hashes of the sequence's full blocks: the prompt's, then those filled by generated tokens."""
+    digests: list[bytes] = field(default_factory=list)
+    """With KV events: the full ``sha256_cbor`` digests behind ``hashes`` (the chain continues from them)."""
     last_token_at: float | None = None
     lora_waited: bool = False
     """Whether the request ever had to wait for a LoRA slot."""
@@ -89,6 +105,14 @@ class SimRequest:
     @property
     def done(self) -> bool:
         return self.state == FINISHED
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Ids of sequence positions ``start:stop`` (prompt, then generated tokens)."""
+        n = self.prompt_len
+        out = list(self.prompt_tokens[start:stop])
+        seed = self.output_seed
+        out.extend(output_token_id(seed, i - n) for i in range(max(start, n), stop))
+        return out
 
 
 @dataclass(slots=True)
@@ -128,6 +152,10 @@ class Engine:
         self._adapters = frozenset(config.lora_adapters)
         self._loras_loaded: OrderedDict[str, None] = OrderedDict()
         self._lora_running: Counter[str] = Counter()
+        self._events: list[KVEvent] | None = [] if config.kv_events.enabled else None
+        self._batches: list[list[KVEvent]] = []
+        self._root = none_hash(config.hash_seed)
+        self.kv.events = self._events
 
     # -- request preparation (pure, no state change) ------------------------------------------------
     def check_lengths(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -237,12 +265,79 @@ class Engine:
         req.state = WAITING
         req.arrival = now
         if not req.hashes:
-            req.hashes = block_hashes(
-                req.prompt_tokens, self.config.block_size, req.lora or self.config.model, self.config.seed
-            )
+            self._hash_blocks(req, 0)
         self._waiting.append(req)
         if self._step is None and self._wake is None:
             self._wake = now
+
+    def _hash_blocks(self, req: SimRequest, upto: int) -> list[int]:
+        """Hash the sequence's full blocks after those in ``req.hashes`` (the prompt's when ``upto`` is 0,
+        else up to position ``upto``); appends and returns the new hashes."""
+        bs = self.config.block_size
+        start = len(req.hashes)
+        tokens = req.prompt_tokens if upto == 0 else req.token_ids(start * bs, upto)
+        if self._events is None:
+            parent = req.hashes[-1] if req.hashes else None
+            ns = req.lora or self.config.model
+            new = block_hashes(tokens, bs, ns, self.config.seed, parent, 0 if upto else start)
+        else:
+            extra = (req.lora,) if req.lora is not None else None
+            prev = req.digests[-1] if req.digests else None
+            digests = block_digests(tokens, bs, self._root, extra, prev, 0 if upto else start)
+            req.digests.extend(digests)
+            new = [wire_hash(d) for d in digests]
+        req.hashes.extend(new)
+        return new
+
+    def _stored(self, req: SimRequest, first: int, stop: int) -> None:
+        """Record a ``BlockStored`` for the sequence's blocks ``first:stop`` (newly cached)."""
+        if self._events is None or stop <= first:
+            return
+        bs = self.config.block_size
+        n = stop - first
+        extra = (req.lora,) if req.lora is not None else None
+        self._events.append(
+            BlockStored(
+                tuple(req.hashes[first:stop]),
+                req.hashes[first - 1] if first else None,
+                tuple(req.token_ids(first * bs, stop * bs)),
+                bs,
+                req.lora,
+                (extra,) * n,
+            )
+        )
+
+    def _cache_generated(self, req: SimRequest) -> None:
+        """Blocks filled by generated tokens whose KV is computed join the prefix cache."""
+        computed = req.prompt_len + req.generated - 1  # the newest token's KV is written by the next step
+        full = min(computed // self.config.block_size, len(req.blocks))
+        if full <= len(req.hashes):
+            return
+        first = len(req.hashes)
+        new = self._hash_blocks(req, full * self.config.block_size)
+        stored_from = None
+        for i, h in enumerate(new, first):
+            if self.kv.cache_block(req.blocks[i], h):
+                stored_from = i if stored_from is None else stored_from
+        if stored_from is not None:
+            self._stored(req, stored_from, first + len(new))
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's ``/reset_prefix_cache``: refused (False) while requests hold blocks; records
+        ``AllBlocksCleared`` in a batch of its own."""
+        if not self.kv.reset():
+            return False
+        if self._events is not None:
+            if self._events:
+                self._batches.append(list(self._events))
+                self._events.clear()
+            self._batches.append([AllBlocksCleared()])
+        return True
+
+    def take_event_batches(self) -> list[list[KVEvent]]:
+        """The KV-event batches of the steps completed since the last call (oldest first)."""
+        out, self._batches = self._batches, []
+        return out
 
     def abort(self, req: SimRequest, now: float) -> None:
         """Drop a request (client went away). Its blocks are released; idempotent."""
@@ -356,7 +451,7 @@ class Engine:
                         self.stats.lora_slot_waits += 1
                     continue
             need = self.kv.blocks_for(req.prefill_target)
-            got = self.kv.allocate(req.hashes, need, (req.prompt_len - 1) // cfg.block_size)
+            got = self.kv.allocate(req.hashes, need, (req.prefill_target - 1) // cfg.block_size)
             if got is None:
                 if lora_load and req.lora is not None:
                     self._loras_loaded.pop(req.lora, None)
@@ -364,6 +459,7 @@ class Engine:
                 kept.append(req)
                 continue
             req.blocks, hit_blocks = got
+            self._stored(req, hit_blocks, min(need, len(req.hashes)))
             loads += lora_load
             stats = self.stats
             stats.lora_loads += lora_load
@@ -424,11 +520,15 @@ class Engine:
                     stats.ttft.observe(at - r.arrival)
         stats.generation_tokens += len(progressed)
         for r in progressed:
+            self._cache_generated(r)
             if r.generated >= r.output_tokens:
                 self._running.remove(r)
                 self._release(r)
                 self._finish(r, at, "length" if r.generated >= r.max_tokens else "stop")
                 finished.append(r)
+        if self._events:
+            self._batches.append(list(self._events))
+            self._events.clear()
         return StepResult(at, progressed, finished, step.admitted)
 
     def _release(self, req: SimRequest) -> None:

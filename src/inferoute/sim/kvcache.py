@@ -10,6 +10,10 @@
   block that still holds a hash evicts that cached prefix. Requests free their blocks tail first (the last
   block of a sequence is the least likely to be shared), exactly as vLLM does.
 * An allocation is all or nothing: a request is admitted only when all its blocks fit.
+* A hash may be held by several physical blocks (a prefix recomputed after an earlier block of it was
+  evicted); lookups use one copy, and each copy is evicted on its own, as in vLLM.
+* With ``events`` set to a list, every eviction of a hashed block appends a ``BlockRemoved`` for it (the
+  engine appends the ``BlockStored`` events, which need the token ids the cache does not keep).
 
 Pure code: no clock, no I/O.
 """
@@ -22,13 +26,24 @@ from collections.abc import Sequence
 
 import xxhash
 
+from inferoute.kvevents.wire import BlockRemoved, KVEvent
 
-def block_hashes(tokens: Sequence[int], block_size: int, namespace: str, seed: int = 0) -> list[int]:
-    """Chained hashes of the full blocks of ``tokens`` (a trailing partial block has none)."""
-    parent = int(xxhash.xxh64_intdigest(namespace.encode(), seed=seed))
+
+def block_hashes(
+    tokens: Sequence[int],
+    block_size: int,
+    namespace: str,
+    seed: int = 0,
+    parent: int | None = None,
+    start_block: int = 0,
+) -> list[int]:
+    """Chained hashes of the full blocks of ``tokens`` from block ``start_block`` on (a trailing partial block
+    has none); ``parent`` is the hash of block ``start_block - 1`` (None: the namespace root)."""
+    if parent is None:
+        parent = int(xxhash.xxh64_intdigest(namespace.encode(), seed=seed))
     out: list[int] = []
     full = len(tokens) - len(tokens) % block_size
-    packed = array("I", tokens[:full]).tobytes()
+    packed = array("I", tokens[start_block * block_size : full]).tobytes()
     stride = 4 * block_size
     for start in range(0, len(packed), stride):
         parent = int(xxhash.xxh64_intdigest(parent.to_bytes(8, "little") + packed[start : start + stride]))
@@ -39,7 +54,17 @@ def block_hashes(tokens: Sequence[int], block_size: int, namespace: str, seed: i
 class PrefixKVCache:
     """Reference-counted blocks, a hash -> block map of cached prefixes and an LRU free queue."""
 
-    __slots__ = ("_cached", "_free", "_hash", "_ref", "block_size", "evictions", "num_blocks")
+    __slots__ = (
+        "_cached",
+        "_copies",
+        "_free",
+        "_hash",
+        "_ref",
+        "block_size",
+        "events",
+        "evictions",
+        "num_blocks",
+    )
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -49,9 +74,13 @@ class PrefixKVCache:
         self._ref = [0] * num_blocks
         self._hash: list[int | None] = [None] * num_blocks
         self._cached: dict[int, int] = {}
+        self._copies: dict[int, list[int]] = {}
+        """Further physical blocks holding a hash that ``_cached`` maps to another block."""
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.evictions = 0
         """Cached blocks whose content was dropped to make room."""
+        self.events: list[KVEvent] | None = None
+        """Where evictions are reported as ``BlockRemoved`` (None: not reported)."""
 
     # -- queries -------------------------------------------------------------------------------------
     @property
@@ -117,32 +146,65 @@ class PrefixKVCache:
         blocks = hit_ids
         for i in range(hit, total_blocks):
             b, _ = free.popitem(last=False)
-            old = self._hash[b]
-            if old is not None:
-                if self._cached.get(old) == b:
-                    del self._cached[old]
-                self._hash[b] = None
-                self.evictions += 1
+            if self._hash[b] is not None:
+                self._evict(b)
             ref[b] = 1
             if i < len(hashes):
-                h = hashes[i]
-                if h not in self._cached:
-                    self._cached[h] = b
-                    self._hash[b] = h
+                self._store(b, hashes[i])
             blocks.append(b)
         return blocks, hit
+
+    def _store(self, b: int, h: int) -> None:
+        self._hash[b] = h
+        if h not in self._cached:
+            self._cached[h] = b
+        else:
+            self._copies.setdefault(h, []).append(b)
+
+    def _evict(self, b: int) -> None:
+        """Drop block ``b``'s hash (it is being reused for other content)."""
+        old = self._hash[b]
+        assert old is not None
+        self._hash[b] = None
+        self.evictions += 1
+        copies = self._copies.get(old)
+        if self._cached.get(old) == b:
+            if copies:
+                self._cached[old] = copies.pop()
+            else:
+                del self._cached[old]
+        elif copies is not None:
+            copies.remove(b)
+        if copies is not None and not copies:
+            del self._copies[old]
+        if self.events is not None:
+            self.events.append(BlockRemoved((old,)))
+
+    def cache_block(self, b: int, h: int) -> bool:
+        """Give block ``b`` (just filled by a running sequence, e.g. with generated tokens) the hash ``h`` so
+        later prompts can reuse it; False when it already has one."""
+        if self._hash[b] is not None:
+            return False
+        self._store(b, h)
+        return True
+
+    def reset(self) -> bool:
+        """vLLM's ``reset_prefix_cache``: forget every cached hash; refused (False) while any block is in
+        use. The caller reports ``AllBlocksCleared``."""
+        if len(self._free) != self.num_blocks:
+            return False
+        self._hash = [None] * self.num_blocks
+        self._cached.clear()
+        self._copies.clear()
+        return True
 
     def grow(self, blocks: list[int]) -> bool:
         """Append one fresh block to a sequence's ``blocks`` (decode growth); False when none is free."""
         if not self._free:
             return False
         b, _ = self._free.popitem(last=False)
-        old = self._hash[b]
-        if old is not None:
-            if self._cached.get(old) == b:
-                del self._cached[old]
-            self._hash[b] = None
-            self.evictions += 1
+        if self._hash[b] is not None:
+            self._evict(b)
         self._ref[b] = 1
         blocks.append(b)
         return True

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from inferoute.errors import InferouteError
-from inferoute.sim.tokenizer import is_token_ids, render_chat
+from inferoute.sim.tokenizer import is_token_ids, piece_id, render_chat
 
 # -- requests -----------------------------------------------------------------------------------------
 
@@ -194,6 +194,15 @@ _WORDS_JSON = tuple(json.dumps(w).encode() for w in WORDS)
 def token_text(seed: int, i: int) -> str:
     """The text of output token ``i`` of a request whose text seed is ``seed``."""
     return WORDS[(seed + 7 * i) % len(WORDS)]
+
+
+_WORD_IDS = tuple(piece_id(w) for w in WORDS)
+
+
+def output_token_id(seed: int, i: int) -> int:
+    """The token id of output token ``i`` (its text's id under the simulator's tokenizer): what the engine
+    writes into the KV cache, so generated blocks can be prefix-cached."""
+    return _WORD_IDS[(seed + 7 * i) % len(_WORD_IDS)]
 
 
 def _token_json(seed: int, i: int) -> bytes:

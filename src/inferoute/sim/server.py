@@ -1,7 +1,14 @@
 """The asyncio shell: one aiohttp server per replica around one :class:`~inferoute.sim.engine.Engine`.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models``,
-``POST /tokenize``, ``GET /health``, ``GET /metrics``.
+``POST /tokenize``, ``POST /v1/completions/render`` and ``/v1/chat/completions/render`` (the token ids the
+engine would run, for a picker that tokenizes through the server as llm-d does), ``POST /reset_prefix_cache``,
+``GET /health``, ``GET /metrics``.
+
+With KV events enabled, replica ``i`` is data-parallel rank ``i`` of the configured publisher (ports offset by
+``i``) and the timer callback publishes the event batches of the steps it completed
+(:mod:`inferoute.sim.kvpublish`). The replica's :class:`Endpoint` then carries its connectable event
+addresses in the labels :data:`KV_EVENTS_LABEL` and :data:`KV_REPLAY_LABEL`.
 
 Per replica there is exactly one timer, armed at ``engine.next_event_time()``. When it fires the shell calls
 ``engine.advance(now)`` and hands each request that progressed to its :class:`_Stream`: a streaming response
@@ -39,6 +46,7 @@ from inferoute.endpoints import Endpoint
 from inferoute.errors import InferouteError, error_body
 from inferoute.sim.config import SimConfig
 from inferoute.sim.engine import Engine, SimRequest
+from inferoute.sim.kvpublish import KVEventPublisher
 from inferoute.sim.metrics import engine_registry
 from inferoute.sim.protocol import (
     DONE,
@@ -56,6 +64,10 @@ log = logging.getLogger(__name__)
 POD_HEADER = "x-inference-pod"
 PORT_HEADER = "x-inference-port"
 FORCE_STATUS_HEADER = "x-sim-force-status"
+KV_EVENTS_LABEL = "kv-events-endpoint"
+"""Endpoint label: the ZMQ address of the replica's KV-event PUB socket."""
+KV_REPLAY_LABEL = "kv-events-replay-endpoint"
+"""Endpoint label: the ZMQ address of its replay ROUTER socket."""
 _JSON = "application/json"
 
 
@@ -194,11 +206,26 @@ class Replica:
         self._models = models_body(config.model, config.lora_adapters, config.max_model_len, int(time.time()))
         self._served = frozenset(config.served_models)
         self._schedule = config.emit_schedule
+        self.kv_events: KVEventPublisher | None = None
+        if config.kv_events.enabled:
+            self.kv_events = KVEventPublisher(
+                config.kv_events.for_rank(index),
+                config.kv_events.topic_for(name, config.model),
+                dp_rank=index,
+                legacy=config.legacy_kv_events,
+            )
 
     @property
     def endpoint(self) -> Endpoint:
-        """This replica as a pool member (``name``, listening address and port, ``extra_labels``)."""
-        return Endpoint(self.name, self.host, self.port, dict(self.config.extra_labels))
+        """This replica as a pool member (``name``, listening address and port, ``extra_labels``, and the
+        KV-event addresses when it publishes)."""
+        labels = dict(self.config.extra_labels)
+        pub = self.kv_events
+        if pub is not None:
+            labels[KV_EVENTS_LABEL] = _connectable(pub.endpoint, self.host)
+            if pub.replay_endpoint:
+                labels[KV_REPLAY_LABEL] = _connectable(pub.replay_endpoint, self.host)
+        return Endpoint(self.name, self.host, self.port, labels)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def make_app(self) -> web.Application:
@@ -208,13 +235,18 @@ class Replica:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/v1/completions/render", self._render_completion)
+        app.router.add_post("/v1/chat/completions/render", self._render_chat)
+        app.router.add_post("/reset_prefix_cache", self._reset_prefix_cache)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.on_response_prepare.append(self._add_headers)
         return app
 
     async def start(self) -> None:
-        """Serve on the bound socket."""
+        """Serve on the bound socket (and open the KV-event sockets)."""
+        if self.kv_events is not None:
+            await self.kv_events.start()
         self._runner = web.AppRunner(
             self.make_app(),
             access_log=None,
@@ -235,6 +267,8 @@ class Replica:
             await self._runner.cleanup()
             self._runner = None
         self._sock.close()
+        if self.kv_events is not None:
+            await self.kv_events.aclose()
 
     # -- engine clock ---------------------------------------------------------------------------------
     def _arm(self) -> None:
@@ -260,6 +294,7 @@ class Replica:
 
     def _step_due(self) -> None:
         results = self.engine.advance(time.monotonic())
+        self._publish_events()
         if len(results) == 1:
             self._deliver(results[0].at, results[0].progressed, flush=True)
         elif results:  # the timer was late: several steps came due at once; deliver each request once
@@ -271,6 +306,12 @@ class Replica:
                 link = req.tag
                 assert isinstance(link, _Stream)
                 link.flush()
+
+    def _publish_events(self) -> None:
+        batches = self.engine.take_event_batches()
+        if self.kv_events is not None:
+            for events in batches:
+                self.kv_events.publish(events)
 
     def _deliver(self, at: float, progressed: list[SimRequest], flush: bool) -> None:
         """Stamp each progressed request's new token with ``at`` (and flush it to its client)."""
@@ -326,6 +367,40 @@ class Replica:
             "token_strs": None,
         }
         return web.Response(body=msgspec.json.encode(body), content_type=_JSON)
+
+    async def _render(self, request: web.Request, chat: bool) -> web.Response:
+        """The prompt token ids of a completions or chat request, without running it."""
+        raw = await request.read()
+        if chat:
+            body, prompt, _ = parse_chat(raw)
+            model: str = body.model
+            text: str | list[int] = prompt
+        else:
+            cbody, text, _ = parse_completion(raw)
+            model = cbody.model
+        if model not in self._served:
+            raise InferouteError(
+                404, f"The model `{model}` does not exist.", cause="unknown-model", param="model"
+            )
+        tokens = self._tokenizer.encode(text) if isinstance(text, str) else list(text)
+        out = {"model": model, "prompt_token_ids": tokens, "token_ids": tokens, "count": len(tokens)}
+        return web.Response(body=msgspec.json.encode(out), content_type=_JSON)
+
+    async def _render_completion(self, request: web.Request) -> web.Response:
+        return await self._render(request, chat=False)
+
+    async def _render_chat(self, request: web.Request) -> web.Response:
+        return await self._render(request, chat=True)
+
+    async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's ``/reset_prefix_cache``: 200, or 409 while requests hold KV blocks."""
+        done = self.engine.reset_prefix_cache()
+        self._publish_events()
+        if not done:
+            raise InferouteError(
+                409, "The prefix cache cannot be reset while requests are running.", cause="busy"
+            )
+        return web.Response(status=200)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -402,16 +477,17 @@ class Replica:
         max_tokens = engine.check_lengths(len(tokens), max_tokens)
         output = engine.plan_output(tokens, max_tokens, ignore_eos)
         rid = new_id("chatcmpl" if chat else "cmpl", request.headers.get("x-request-id"))
+        text_seed = (len(tokens) * 31 + self.config.seed) & 0xFFFF
         req = SimRequest(
-            rid, model, tokens, output, max_tokens, lora=None if model == self.config.model else model
-        )
-        writer = ResponseWriter(
-            chat,
             rid,
             model,
-            text_seed=(len(tokens) * 31 + self.config.seed) & 0xFFFF,
-            schedule=self._schedule,
+            tokens,
+            output,
+            max_tokens,
+            lora=None if model == self.config.model else model,
+            output_seed=text_seed,
         )
+        writer = ResponseWriter(chat, rid, model, text_seed=text_seed, schedule=self._schedule)
         link = _Stream(req, writer, stream, include_usage)
         req.tag = link
         engine.submit(req, time.monotonic())
@@ -462,6 +538,15 @@ class Replica:
         except ConnectionResetError:
             log.debug("%s: client went away during %s", self.name, req.request_id)  # `_serve` aborts it
         return response
+
+
+def _connectable(endpoint: str, host: str) -> str:
+    """A bound ZMQ address others can dial: a wildcard host becomes the replica's own address."""
+    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+        if endpoint.startswith(wildcard):
+            h = f"[{host}]" if ":" in host else host
+            return f"tcp://{h}:{endpoint[len(wildcard) :]}"
+    return endpoint
 
 
 def _bind(host: str, port: int) -> socket.socket:
