@@ -17,6 +17,7 @@ Layout:
 - :mod:`.messages` -- pure builders and parsers over the generated ``xds-protos`` types; no I/O. Every
   protocol detail (``raw_value`` vs ``value``, chunking, metadata shapes, subset-hint forms) lives here.
 - :mod:`.channel` -- gRPC channel construction (TLS, mTLS, keepalive, certificate reload).
+- :mod:`.failures` -- one mapping of a failed call (timeout, TLS, unavailable, protocol) for both clients.
 - :mod:`.client` -- :class:`GrpcPicker`, the data-plane side: a :class:`inferoute.picking.Picker` over gRPC.
 - :mod:`.bbr_client` / :mod:`.bbr_server` -- body-based routing (model -> ``X-Gateway-Model-Name``).
 

@@ -24,12 +24,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from inferoute.errors import InferouteError
 from inferoute.extproc import messages as m
 from inferoute.extproc.channel import ChannelOptions, ReloadingChannel
-from inferoute.extproc.client import classify_rpc_error
+from inferoute.extproc.failures import no_answer, rpc_failure
 from inferoute.picking import PickerError
 
 __all__ = ["ChannelOptions", "RemoteBBR"]
-
-_SKIP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "host"})
 
 
 class RemoteBBR:
@@ -58,17 +56,13 @@ class RemoteBBR:
             (":path", headers.get(":path", "/")),
             (":authority", headers.get("host", "")),
         ]
-        pairs += [(k, v) for k, v in headers.items() if k not in _SKIP and not k.startswith(":")]
+        pairs += [
+            (k, v) for k, v in headers.items() if k not in m.NOT_SENT_TO_PROCESSOR and not k.startswith(":")
+        ]
         if not body:
             return [m.headers_request(pairs, end_of_stream=True, config=self._config)]
-        out = [m.headers_request(pairs, end_of_stream=False, config=self._config)]
-        view = memoryview(body)
-        n, step = len(view), self._chunk
-        out += [
-            m.body_chunk_request(bytes(view[i : i + step]), end_of_stream=i + step >= n)
-            for i in range(0, n, step)
-        ]
-        return out
+        first = m.headers_request(pairs, end_of_stream=False, config=self._config)
+        return [first, *m.body_chunk_requests(body, self._chunk)]
 
     async def model_header(self, headers: Mapping[str, str], body: bytes) -> str | None:
         """The value the BBR sets for ``header_name``, or None when it sets none (no/empty model)."""
@@ -79,16 +73,9 @@ class RemoteBBR:
             async with asyncio.timeout(self._timeout):
                 return await self._read(call, len(msgs) - 1)
         except TimeoutError:
-            raise PickerError(
-                f"BBR {self._opts.target} did not answer within {self._timeout * 1000:.0f} ms",
-                timeout=True,
-                cause="timeout",
-            ) from None
+            raise no_answer("BBR", self._opts.target, self._timeout) from None
         except grpc.aio.AioRpcError as exc:
-            err = classify_rpc_error(exc, self._opts.target)
-            raise PickerError(
-                str(err).replace("picker", "BBR", 1), timeout=err.timeout, cause=err.cause
-            ) from exc
+            raise rpc_failure(exc, "BBR", self._opts.target) from exc
         finally:
             call.cancel()
 

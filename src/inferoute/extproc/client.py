@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from inferoute.extproc import messages as m
 from inferoute.extproc.channel import ChannelOptions, ReloadingChannel
+from inferoute.extproc.failures import no_answer, rpc_failure
 from inferoute.picking import (
     DESTINATION_HEADER,
     Decision,
@@ -43,30 +44,13 @@ from inferoute.picking import (
 )
 from inferoute.tasks import TaskSet
 
-__all__ = ["BodyMode", "ChannelOptions", "GrpcPicker", "classify_rpc_error"]
+__all__ = ["BodyMode", "ChannelOptions", "GrpcPicker"]
 
 log = logging.getLogger(__name__)
 
 BodyMode = Literal["full_duplex", "headers_only", "buffered"]
 _SENT_CHUNK = 62_000
 _DRAIN_TIMEOUT = 30.0
-_TLS_WORDS = ("ssl", "tls", "certificate", "handshake", "x509")
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "host"})
-
-
-def classify_rpc_error(exc: grpc.aio.AioRpcError, target: str) -> PickerError:
-    """Map a gRPC failure to a PickerError whose message names the root cause."""
-    code = exc.code()
-    details = exc.details() or ""
-    debug = exc.debug_error_string() or ""
-    text = f"{details} {debug}".lower()
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return PickerError(f"picker {target}: deadline exceeded", timeout=True, cause="timeout")
-    if code == grpc.StatusCode.UNAVAILABLE and any(w in text for w in _TLS_WORDS):
-        return PickerError(f"picker {target}: TLS failure: {details}", cause="tls")
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return PickerError(f"picker {target} unavailable: {details}", cause="unavailable")
-    return PickerError(f"picker {target} failed: {code.name}: {details}", cause="protocol")
 
 
 class _Metrics:
@@ -147,7 +131,7 @@ class GrpcPicker:
         if rid:
             pairs.append(("x-request-id", rid))
         for k, v in h.items():
-            if k not in _HOP_BY_HOP and k != "x-request-id" and k != self._header:
+            if k not in m.NOT_SENT_TO_PROCESSOR and k != "x-request-id" and k != self._header:
                 pairs.append((k, v))
         body = request.body
         if self._mode == "headers_only" or not body:
@@ -156,15 +140,7 @@ class GrpcPicker:
         first = m.headers_request(pairs, end_of_stream=False, config=self._config, subset=request.subset)
         if self._mode == "buffered":
             return [first, m.body_chunk_request(body, end_of_stream=True)]
-        out = [first]
-        view = memoryview(body)
-        n = len(view)
-        step = self._chunk
-        for start in range(0, n, step):
-            out.append(
-                m.body_chunk_request(bytes(view[start : start + step]), end_of_stream=start + step >= n)
-            )
-        return out
+        return [first, *m.body_chunk_requests(body, self._chunk)]
 
     async def pick(self, request: PickRequest) -> tuple[Decision, PickSession]:
         """Ask the remote picker; raises PickerError (timeout / tls / unavailable / protocol)."""
@@ -179,14 +155,10 @@ class GrpcPicker:
         except TimeoutError:
             call.cancel()
             self._count_error("timeout")
-            raise PickerError(
-                f"picker {self._opts.target} did not answer within {self._timeout * 1000:.0f} ms",
-                timeout=True,
-                cause="timeout",
-            ) from None
+            raise no_answer("picker", self._opts.target, self._timeout) from None
         except grpc.aio.AioRpcError as exc:
             call.cancel()
-            err = classify_rpc_error(exc, self._opts.target)
+            err = rpc_failure(exc, "picker", self._opts.target)
             self._count_error(err.cause)
             raise err from exc
         except PickerError as err:

@@ -368,6 +368,20 @@ def body_chunk_request(
     return req
 
 
+def body_chunk_requests(body: bytes, step: int) -> list[pb.ProcessingRequest]:
+    """``body`` as request-body messages of at most ``step`` bytes, the last with ``end_of_stream``."""
+    view = memoryview(body)
+    n = len(view)
+    return [
+        body_chunk_request(bytes(view[i : i + step]), end_of_stream=i + step >= n) for i in range(0, n, step)
+    ]
+
+
+NOT_SENT_TO_PROCESSOR = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "host"})
+"""Request headers a data plane does not pass to an ext_proc server: hop-by-hop ones (Envoy drops them too)
+and ``host``, which travels as ``:authority``."""
+
+
 def _set_served(req: pb.ProcessingRequest, served: str) -> None:
     req.metadata_context.filter_metadata[LB_NAMESPACE].fields[DESTINATION_SERVED_KEY].string_value = served
 
