@@ -203,6 +203,13 @@ async def test_picker_exception_is_grpc_error(stub, epp) -> None:  # type: ignor
     assert epp[2].get_sample_value("inferoute_extproc_errors_total", {"cause": "test-failure"}) == 1
 
 
+async def test_empty_header_name_is_ignored_not_a_crash(stub, epp) -> None:  # type: ignore[no-untyped-def]
+    """A header with an empty name (hostile or broken proxy) used to raise IndexError (INTERNAL)."""
+    (hdr,) = await _exchange(stub, [_req_headers([("", "v"), ("x-ok", "1")], eos=True)], 1)
+    assert hdr.WhichOneof("response") == "request_headers"
+    assert _destination(hdr)[0] in epp[1].endpoints
+
+
 async def test_bodyless_request_decided_on_headers(stub, epp) -> None:  # type: ignore[no-untyped-def]
     (hdr,) = await _exchange(stub, [_req_headers(eos=True)], 1)
     assert _destination(hdr)[0] in epp[1].endpoints
@@ -310,7 +317,9 @@ async def test_health_services_on_both_ports(epp) -> None:  # type: ignore[no-un
             assert await status("liveness") == health_pb2.HealthCheckResponse.SERVING
             for name in ("", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
                 assert await status(name) == health_pb2.HealthCheckResponse.NOT_SERVING, name
-            assert await status("nope") == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # the gRPC health protocol: NOT_FOUND
+                await status("nope")
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_port_in_use_is_a_clear_bind_error(epp) -> None:  # type: ignore[no-untyped-def]

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hpack
 
-from inferoute.epp.serving.h2server import GrpcServer, _Connection
+from inferoute.epp.serving.h2core import H2Core, Limits
 
 
 def test_repeated_blocks_are_reused_until_the_dynamic_table_changes() -> None:
     enc = hpack.Encoder()
-    conn = _Connection(GrpcServer({}))
+    conn = H2Core(Limits(), 0.0)
     insert_a = enc.encode([(b"x-a", b"1")])  # literal with incremental indexing: A becomes entry 62
     assert conn._decode(insert_a) == [(b"x-a", b"1")]
     ref62 = b"\xbe"  # indexed field, index 62: the newest dynamic entry
@@ -25,7 +25,7 @@ def test_repeated_blocks_are_reused_until_the_dynamic_table_changes() -> None:
 def test_reinserting_an_equal_header_still_invalidates() -> None:
     """The table's first entry is compared by identity: adding an equal header again shifts the indices."""
     enc = hpack.Encoder()
-    conn = _Connection(GrpcServer({}))
+    conn = H2Core(Limits(), 0.0)
     conn._decode(enc.encode([(b"x-a", b"1")]))
     conn._decode(enc.encode([(b"x-b", b"2")]))  # table: [B, A]
     ref63 = b"\xbf"  # index 63: A

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import click
 import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from inferoute.epp.serving.h2core import Limits
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.errors import InferouteError
 from inferoute.malloc import keep_large_buffers
@@ -43,6 +47,7 @@ class EppRunOptions:
     grace: float
     client_ca: str | None = None
     transport: str = "h2"
+    h2_limits: Limits = field(default_factory=Limits)
 
 
 async def _serve_metrics(registry: CollectorRegistry, host: str, port: int) -> web.AppRunner:
@@ -91,6 +96,7 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
                 cert_path=opts.cert_path,
                 client_ca=opts.client_ca,
                 transport=opts.transport,
+                h2_limits=opts.h2_limits,
             ),
             registry,
         )
@@ -112,6 +118,29 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
         if runner is not None:
             await runner.cleanup()
         await picker.aclose()
+
+
+def h2_limit_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """One ``--h2-NAME`` flag per field of :class:`~inferoute.epp.serving.h2core.Limits` (the HTTP/2
+    server's limits, docs/security.md); unset flags keep the default."""
+    for fld in reversed(dataclasses.fields(Limits)):
+        f = click.option(
+            "--h2-" + fld.name.replace("_", "-"),
+            "h2_" + fld.name,
+            type=type(fld.default),
+            default=None,
+            help=f"HTTP/2 server limit (default {fld.default}; see docs/security.md).",
+        )(f)
+    return f
+
+
+def h2_limits(values: dict[str, Any]) -> Limits:
+    """The :class:`Limits` from the ``h2_*`` flag values given (None: the default)."""
+    chosen = {k[3:]: v for k, v in values.items() if k.startswith("h2_") and v is not None}
+    bad = [k for k, v in chosen.items() if v <= 0]
+    if bad:
+        raise click.UsageError(f"--h2-{bad[0].replace('_', '-')} must be positive")
+    return Limits(**chosen)
 
 
 @click.command(name="epp")
@@ -155,6 +184,7 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
 )
 @click.option("--pool-name", default="default", show_default=True)
 @click.option("--grace", default=5.0, show_default=True, type=float, help="Shutdown grace period (s).")
+@h2_limit_options
 def command(
     config: str | None,
     endpoints: str | None,
@@ -170,6 +200,7 @@ def command(
     grace: float,
     client_ca: str | None,
     transport: str,
+    **h2: Any,
 ) -> None:
     """Run the endpoint picker (Endpoint Picker Protocol over Envoy ext_proc)."""
     if insecure and (cert_path or client_ca):
@@ -191,6 +222,7 @@ def command(
         grace,
         client_ca,
         transport,
+        h2_limits(h2),
     )
     try:
         uvloop.run(run(opts))

@@ -33,7 +33,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 """Largest gRPC message accepted: BUFFERED mode carries the whole body in one message."""
+MAX_BODY_BYTES = DEFAULT_MAX_MESSAGE_BYTES
+"""Largest request body a stream accumulates in FULL_DUPLEX_STREAMED mode (as large as a BUFFERED one)."""
 
 # Headers a client must not be able to pass to the picker as if the proxy had set them.
 _STRIPPED = frozenset({DESTINATION_HEADER, DESTINATION_SERVED_KEY, "content-length"})
@@ -145,7 +147,7 @@ class ExtProcStream:
     :class:`~inferoute.epp.serving.h2server.GrpcAbort` (the stream ends with that gRPC status).
     """
 
-    __slots__ = ("_chunks", "_core", "_echo", "_ex", "_pending", "_tail")
+    __slots__ = ("_chunk_bytes", "_chunks", "_core", "_echo", "_ex", "_pending", "_tail")
 
     def __init__(self, core: ExtProcServicer, *, encoded: bool = False) -> None:
         self._core = core
@@ -153,6 +155,7 @@ class ExtProcStream:
         self._echo = _echo_encoded if encoded else _echo_messages
         self._ex: _Exchange | None = None
         self._chunks: list[bytes] = []
+        self._chunk_bytes = 0
         self._pending: tuple[bytes | None, str, bool] | None = None
         self._tail: tuple[m.ProcessingResponse, ...] = ()
         core.metrics.streams.inc()
@@ -176,6 +179,9 @@ class ExtProcStream:
                 raise _ProtocolError("request body before headers or after the decision")
             rb = req.request_body
             if not rb.end_of_stream:
+                self._chunk_bytes += len(rb.body)
+                if self._chunk_bytes > MAX_BODY_BYTES:  # a body flood: memory is bounded per stream
+                    raise GrpcAbort(h2s.RESOURCE_EXHAUSTED, f"request body over {MAX_BODY_BYTES} bytes")
                 self._chunks.append(rb.body)
                 return () if ex.full_duplex_request else (_ACK_REQUEST_BODY,)  # STREAMED: ack each chunk
             if self._chunks:
@@ -324,7 +330,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     def _pick_request(self, ex: _Exchange, body: bytes) -> PickRequest:
         h = ex.headers
-        clean = {k: v for k, v in h.items() if k[0] != ":" and k not in _STRIPPED}
+        clean = {k: v for k, v in h.items() if not k.startswith(":") and k not in _STRIPPED}
         if "host" not in clean and ":authority" in h:
             clean["host"] = h[":authority"]
         return PickRequest(
@@ -443,10 +449,22 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
                 return int(_NOT_SERVING)
         return int(_UNKNOWN)
 
+    def check(self, service: str) -> health_pb2.HealthCheckResponse:
+        """``Check``: the status, or NOT_FOUND for an unknown service (the gRPC health protocol; ``Watch``
+        answers SERVICE_UNKNOWN instead and keeps watching)."""
+        status = self.status(service)
+        if status == _UNKNOWN:
+            raise GrpcAbort(h2s.NOT_FOUND, "unknown service")
+        return health_pb2.HealthCheckResponse(status=status)
+
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
-        return health_pb2.HealthCheckResponse(status=self.status(request.service))
+        try:
+            return self.check(request.service)
+        except GrpcAbort as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, exc.details)
+            raise
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
@@ -491,6 +509,8 @@ class ServerOptions:
     transport: str = "h2"
     """``h2``: inferoute's own gRPC-over-HTTP/2 server (epp/serving/h2server.py, the fast one); ``grpcio``:
     ``grpc.aio``."""
+    h2_limits: h2s.Limits = field(default_factory=h2s.Limits)
+    """The ``h2`` transport's limits (docs/security.md)."""
 
 
 TRANSPORTS = ("h2", "grpcio")
@@ -515,7 +535,7 @@ def _h2_methods(servicer: ExtProcServicer | None, health: HealthServicer) -> dic
     methods = {
         "/grpc.health.v1.Health/Check": h2s.unary(
             health_pb2.HealthCheckRequest,
-            lambda req: health_pb2.HealthCheckResponse(status=health.status(req.service)),
+            lambda req: health.check(req.service),
         ),
         "/grpc.health.v1.Health/Watch": h2s.server_streaming(health_pb2.HealthCheckRequest, watch),
     }
@@ -588,13 +608,15 @@ class EppServer:
             from inferoute.epp.serving.tls import server_ssl_context
 
             ctx = server_ssl_context(opts.cert_path, opts.client_ca)
-        main = h2s.GrpcServer(_h2_methods(servicer, health), max_message_bytes=opts.max_message_bytes)
+        main = h2s.GrpcServer(
+            _h2_methods(servicer, health), max_message_bytes=opts.max_message_bytes, limits=opts.h2_limits
+        )
         servers: list[grpc.aio.Server | h2s.GrpcServer] = [main]
         try:
             port = await main.start(opts.host, opts.grpc_port, ctx)
             health_port: int | None = None
             if opts.health_port is not None:
-                hs = h2s.GrpcServer(_h2_methods(None, health))
+                hs = h2s.GrpcServer(_h2_methods(None, health), limits=opts.h2_limits)
                 health_port = await hs.start(opts.host, opts.health_port)
                 servers.append(hs)
         except OSError as exc:
