@@ -22,10 +22,14 @@ from inferoute.epp.config import BUILTIN_PROFILES, PickerConfig, builtin_profile
 from inferoute.epp.datalayer.collector import MetricsCollector
 from inferoute.epp.datalayer.datastore import Datastore
 from inferoute.epp.datalayer.sources import EndpointSource, FileSource, StaticSource
+from inferoute.epp.flowcontrol import ConcurrencyDetector
+from inferoute.epp.flowcontrol.config import FlowControlConfig
+from inferoute.epp.flowcontrol.shell import FlowControl
+from inferoute.epp.flowcontrol.signals import FlowControlMetrics
 from inferoute.epp.learned import LearnedState, LocalLearnedState
 from inferoute.epp.metrics import EppMetrics
 from inferoute.epp.plugin import PluginDeps
-from inferoute.epp.requestcontrol.director import Director
+from inferoute.epp.requestcontrol.director import Director, Prepared
 from inferoute.epp.scheduling.prefix import DEFAULT_LRU_CAPACITY, PrefixIndex
 from inferoute.errors import InferouteError
 from inferoute.picking import Decision, PickerError, PickRequest, PickSession
@@ -126,6 +130,10 @@ class EmbeddedPicker:
         )
         self._tasks = TaskSet("epp")
         self._closed = False
+        self.flow: FlowControl | None = None
+        """Flow control (the ``flowControl`` feature gate); None: the legacy admission check."""
+        if config.flow is not None:
+            self.flow = _flow_control(config.flow, self.director, opts, metrics.registry, datastore)
 
     async def _start(self) -> None:
         await self.collector.start()
@@ -145,7 +153,12 @@ class EmbeddedPicker:
         if self._closed:
             raise PickerError("picker is closed", cause="picker-closed")
         try:
-            return self.director.decide(request)
+            if self.flow is None:
+                return self.director.decide(request)
+            prep = self.director.prepare(request)
+            if not isinstance(prep, Prepared):
+                return prep
+            return await self.flow.pick(prep)
         except InferouteError:
             raise
         except Exception as exc:  # a bug in a plugin must not take the data plane down
@@ -156,9 +169,40 @@ class EmbeddedPicker:
         if self._closed:
             return
         self._closed = True
+        if self.flow is not None:
+            self.flow.close()
+            if self.flow.metrics is not None:
+                self.flow.metrics.close()
         await self._tasks.aclose()
         await self.collector.aclose()
         self.metrics.close()
+
+
+def _flow_control(
+    cfg: FlowControlConfig,
+    director: Director,
+    opts: EppOptions,
+    registry: CollectorRegistry,
+    datastore: Datastore,
+) -> FlowControl:
+    """Flow control over ``director``, with its metrics, re-run whenever fresh metrics arrive."""
+    fc_metrics = FlowControlMetrics(registry, opts.pool_name)
+    flow = FlowControl(cfg, director, opts.clock, fc_metrics)
+    detector = cfg.detector
+    per_replica = (
+        detector.per_endpoint_capacity()
+        if isinstance(detector, ConcurrencyDetector)
+        else getattr(detector, "queue_threshold", 1.0)
+    )
+
+    def state() -> tuple[int, float, int, float]:
+        pool = director.all_candidates(opts.clock.now())
+        sat = detector.saturation(pool, opts.clock.now())
+        return len(pool), sat, detector.stale_endpoints, per_replica
+
+    fc_metrics.watch(flow.core, state)
+    datastore.add_metrics_listener(lambda _state, _fresh: flow.kick())
+    return flow
 
 
 async def start_picker(opts: EppOptions) -> EmbeddedPicker:

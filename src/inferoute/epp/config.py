@@ -23,6 +23,7 @@ given: queue 2, kv-cache 2, prefix 3), ``predicted-ttft``, ``round-robin``, ``ra
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,7 +33,8 @@ import yaml
 
 from inferoute.epp.datalayer.plugins import CoreMetricsExtractor, MetricsDataSource
 from inferoute.epp.flowcontrol import SaturationDetector, UtilizationDetector
-from inferoute.epp.flowcontrol.plugins import UtilizationDetectorConfig as DetectorConfig
+from inferoute.epp.flowcontrol.config import FlowControlConfig, gate_enabled, parse_flow_control
+from inferoute.epp.flowcontrol.plugins import DETECTORS, create_default
 from inferoute.epp.plugin import Params, PluginDeps, config_error
 from inferoute.epp.requestcontrol.store import RequestControlStore, load_objectives, load_rewrites
 from inferoute.epp.scheduling.framework import (
@@ -46,6 +48,8 @@ from inferoute.epp.scheduling.plugins.config_plugins import PrefixProducer
 from inferoute.epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
 from inferoute.epp.scheduling.registry import PluginRegistry, builtin_registry
 from inferoute.epp.scheduling.types import Filter, PickerPlugin, PrefixSettings, Scorer
+
+log = logging.getLogger(__name__)
 
 API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
 TOP_KEYS = (
@@ -94,6 +98,8 @@ class PickerConfig:
     plugins: Mapping[str, object] = field(default_factory=dict)
     """Every plugin instance by name (flow control resolves its ``...Ref`` fields here)."""
     source: str = "config"
+    flow: FlowControlConfig | None = None
+    """Flow control's engine config when the ``flowControl`` feature gate is on (None: legacy admission)."""
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
@@ -127,6 +133,28 @@ def _ref(m: Any, where: str, plugins: Mapping[str, object]) -> object:
             f"{where}.pluginRef: {ref!r} is not a defined plugin; defined: {', '.join(plugins) or '(none)'}"
         )
     return plugins[ref]
+
+
+def _detector(doc: Mapping[str, Any], plugins: Mapping[str, object], source: str) -> SaturationDetector:
+    """The saturation detector: ``flowControl.saturationDetector`` (also used with the gate off, as in the
+    reference), else the deprecated top-level ``saturationDetector``, else a defined detector plugin, else
+    a default ``utilization-detector``."""
+    fc = _mapping(doc.get("flowControl"), f"{source}.flowControl")
+    where, ref = f"{source}.flowControl.saturationDetector", fc.get("saturationDetector")
+    if ref is None:
+        where, ref = f"{source}.saturationDetector", doc.get("saturationDetector")
+    if ref is not None:
+        name = _mapping(ref, where).get("pluginRef")
+        d = plugins.get(name) if isinstance(name, str) and name in plugins else None
+        if d is None:
+            d = create_default(name if isinstance(name, str) else "", f"{where}.pluginRef")
+        if not isinstance(d, DETECTORS):
+            raise config_error(f"{where}.pluginRef: expected a utilization-detector or concurrency-detector")
+        return d
+    for p in plugins.values():
+        if isinstance(p, DETECTORS):
+            return p
+    return UtilizationDetector()
 
 
 def parse_config(
@@ -256,19 +284,17 @@ def parse_config(
         cfg.metrics_insecure = sources[0].insecure_skip_verify
     if extractors:
         cfg.default_engine = extractors[0].default_engine
-    detectors = [p for p in plugins.values() if isinstance(p, DetectorConfig)]
-    if "saturationDetector" in doc:
-        d = _ref(doc["saturationDetector"], f"{source}.saturationDetector", plugins)
-        if not isinstance(d, DetectorConfig):
-            raise config_error(f"{source}.saturationDetector.pluginRef: expected a utilization-detector")
-        detectors = [d]
-    d0 = detectors[0] if detectors else DetectorConfig("utilization-detector")
-    cfg.saturation = UtilizationDetector(d0.queue_depth_threshold, d0.kv_cache_util_threshold, d0.headroom)
+    cfg.saturation = _detector(doc, plugins, source)
     gates = _list(doc.get("featureGates"), f"{source}.featureGates")
     cfg.feature_gates = tuple(str(g) for g in gates)
     load_objectives(cfg.store, doc.get("objectives"), f"{source}.objectives")
     load_rewrites(cfg.store, doc.get("modelRewrites"), f"{source}.modelRewrites")
     if "flowControl" in doc:
         cfg.flow_control = _mapping(doc.get("flowControl"), f"{source}.flowControl")
+    if gate_enabled(cfg.feature_gates):
+        cfg.flow = parse_flow_control(cfg.flow_control, plugins, f"{source}.flowControl")
+        cfg.saturation = cfg.flow.detector
+    elif cfg.flow_control:
+        log.warning("%s: flowControl is ignored (featureGates does not enable flowControl)", source)
     cfg.plugins, cfg.source = plugins, source
     return cfg

@@ -1,37 +1,36 @@
-"""Flow control seams (the full queueing/fairness layer is a later issue).
+"""Flow control: priority bands, fairness between flows, queueing in front of a saturated pool.
 
-Today: a :class:`SaturationDetector` protocol and GIE's ``utilization-detector``. The director sheds
-sheddable requests (priority < 0) with 429 while the pool is saturated (saturation ≥ 1.0).
+Theory of operation
+-------------------
+Off by default (``featureGates: ["flowControl"]`` turns it on, as in the reference). Then every request,
+after request control (objective → priority, fairness id), goes through the :class:`FlowControl` shell
+(:mod:`.shell`) before scheduling:
+
+* the pure :class:`~.controller.FlowController` queues it in its priority band, in the flow of its fairness
+  id, under the band's capacity limits (and the global ones);
+* a dispatch cycle releases items one at a time: strict priority across bands, the band's fairness policy
+  across flows, its ordering policy within a flow, and only while the pool's saturation (the saturation
+  detector over the candidate endpoints) is below the band's ceiling (the usage-limit policy). A released
+  request is scheduled at that moment, so the next dispatch already sees it in flight;
+* the cycle runs when a request arrives, when a response ends, when fresh metrics arrive and when the next
+  queue deadline passes. A request that can go at once is decided synchronously (no future, no task);
+* a request that cannot go waits on a future until it is dispatched, its TTL runs out (429
+  ``rejected-ttl-expired``; 503 when the pool has no endpoints), its client leaves (it leaves the queue at
+  once) or the picker shuts down (503). :mod:`.outcomes` maps every outcome to its status, OpenAI JSON body
+  and ``x-llm-d-request-dropped-reason``.
+
+With the gate off, the reference's legacy admission stays: a sheddable request (priority < 0) is refused
+with 429 while the saturation detector reads >= 1.0.
+
+Modules: one per plugin (``*_fairness``, ``*_ordering``, ``*_detector``, usage limits), :mod:`.types` (the
+roles), :mod:`.config` (the ``flowControl:`` section), :mod:`.controller` (decisions), :mod:`.shell`
+(waiting), :mod:`.outcomes`, :mod:`.signals` (metrics and the replica recommendation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from inferoute.epp.flowcontrol.concurrency_detector import ConcurrencyDetector
+from inferoute.epp.flowcontrol.types import SaturationDetector
+from inferoute.epp.flowcontrol.utilization_detector import UtilizationDetector
 
-from inferoute.epp.datalayer.metrics import EndpointMetrics
-
-
-class SaturationDetector(Protocol):
-    def saturation(self, endpoints: Sequence[EndpointMetrics]) -> float:
-        """0 = idle, ≥ 1.0 = saturated."""
-        ...
-
-
-class UtilizationDetector:
-    """GIE's ``utilization-detector``: an endpoint has capacity while its queue is below
-    ``queue_depth_threshold`` and its KV usage below ``kv_cache_util_threshold`` (each reduced by
-    ``headroom``); the pool's saturation is the fraction of endpoints without capacity — 1.0 (saturated)
-    when none has any, or when there are no endpoints at all."""
-
-    def __init__(
-        self, queue_depth_threshold: float = 5, kv_cache_util_threshold: float = 0.8, headroom: float = 0.0
-    ) -> None:
-        self.queue_limit = queue_depth_threshold * (1.0 - headroom)
-        self.kv_limit = kv_cache_util_threshold * (1.0 - headroom)
-
-    def saturation(self, endpoints: Sequence[EndpointMetrics]) -> float:
-        if not endpoints:
-            return 1.0
-        full = sum(1 for m in endpoints if m.waiting >= self.queue_limit or m.kv_usage >= self.kv_limit)
-        return full / len(endpoints)
+__all__ = ["ConcurrencyDetector", "SaturationDetector", "UtilizationDetector"]

@@ -19,6 +19,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence, ValuesView
+from dataclasses import dataclass
 
 import msgspec
 
@@ -89,6 +90,20 @@ def uncached_tokens(ctx: CycleContext, endpoint: str) -> int:
     return round(tokens * (1.0 - ctx.matched_blocks(endpoint) / len(hashes)))
 
 
+@dataclass(slots=True)
+class Prepared:
+    """A request after request control, ready for flow control and scheduling."""
+
+    request: InferenceRequest
+    subset: tuple[str, ...] | None
+    series: ModelSeries
+    set_headers: dict[str, str]
+    body: bytes | None
+    """The rewritten body, None when unchanged."""
+    size: int
+    """Request body bytes (what flow control's byte limits count)."""
+
+
 class Director:
     """Glue of the picker's layers for one request (see module docstring)."""
 
@@ -147,6 +162,15 @@ class Director:
 
     # -- the decision -------------------------------------------------------------------------------------
     def decide(self, request: PickRequest) -> tuple[Decision, PickSession]:
+        """Request control, legacy admission and scheduling in one synchronous call (flow control off)."""
+        prep = self.prepare(request)
+        if not isinstance(prep, Prepared):
+            return prep
+        return self.schedule(prep, admission=True)
+
+    def prepare(self, request: PickRequest) -> Prepared | tuple[Decision, PickSession]:
+        """Request control: parse the body, apply the control headers, the rewrite and the objective. A
+        rejection (bad body, bodyless request decided at once) comes back as a ``(Decision, session)``."""
         if not request.body and request.method.upper() in ("GET", "HEAD", "DELETE", "OPTIONS"):
             return self._bodyless(request), NullSession()
         try:
@@ -168,47 +192,8 @@ class Director:
             set_headers["x-gateway-model-name"] = target
             self.metrics.model_rewrite_total.labels(*self.metrics.bounded(model, target)).inc()
         objective = hdr.first(headers, hdr.OBJECTIVE)
-        priority = self.store.priority(objective)
         series = self.metrics.series(model, target)
         series.request_total.inc()
-
-        states: Sequence[EndpointState] | ValuesView[EndpointState] = self.datastore.states.values()
-        if request.subset is not None:
-            states = match_subset(list(states), request.subset)
-            if not states:
-                return self._reject(
-                    503,
-                    f"no endpoint of the pool matches the subset hint {list(request.subset)!r}",
-                    "no-endpoints",
-                    model,
-                    target,
-                ), NullSession()
-        if not states:
-            return self._reject(
-                503, "no ready endpoints in the pool", "no-endpoints", model, target
-            ), NullSession()
-        now = self.clock.now()
-        if request.subset is None:
-            candidates = self._pool_candidates(now)
-        else:
-            candidates = self._candidates(states, now, self.datastore.staleness)
-        if not candidates:
-            # Nothing has fresh metrics (e.g. servers without /metrics): schedule blind rather than refuse.
-            self.metrics.stale_fallbacks.inc()
-            candidates = self._candidates(states, now, None)
-
-        if priority < 0 and self.saturation is not None:
-            level = self.saturation.saturation([c.metrics for c in candidates])
-            if level >= 1.0:
-                return self._reject(
-                    429,
-                    "request shed: the pool is saturated and the request is sheddable "
-                    f"(objective {objective!r}, priority {priority})",
-                    "shed",
-                    model,
-                    target,
-                ), NullSession()
-
         prompt_tokens = (len(parsed.prompt) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
         ireq = InferenceRequest(
             model=model,
@@ -219,18 +204,57 @@ class Director:
             request_id=request.request_id,
             objective=objective,
             fairness_id=hdr.first(headers, hdr.FAIRNESS_ID) or DEFAULT_FAIRNESS_ID,
-            priority=priority,
+            priority=self.store.priority(objective),
             stream=parsed.stream,
             slo_ttft=hdr.positive_ms(headers, hdr.SLO_TTFT_MS),
             slo_tpot=hdr.positive_ms(headers, hdr.SLO_TPOT_MS),
         )
+        return Prepared(ireq, request.subset, series, set_headers, body, len(request.body))
+
+    def candidates(self, subset: Sequence[str] | None, now: float) -> list[Candidate] | str:
+        """The endpoints a request may go to now, or why there are none (a 503 message)."""
+        states: Sequence[EndpointState] | ValuesView[EndpointState] = self.datastore.states.values()
+        if subset is not None:
+            states = match_subset(list(states), subset)
+            if not states:
+                return f"no endpoint of the pool matches the subset hint {list(subset)!r}"
+        if not states:
+            return "no ready endpoints in the pool"
+        if subset is None:
+            candidates = self._pool_candidates(now)
+        else:
+            candidates = self._candidates(states, now, self.datastore.staleness)
+        if not candidates:
+            # Nothing has fresh metrics (e.g. servers without /metrics): schedule blind rather than refuse.
+            self.metrics.stale_fallbacks.inc()
+            candidates = self._candidates(states, now, None)
+        return candidates
+
+    def all_candidates(self, now: float) -> list[Candidate]:
+        """Every endpoint of the pool, fresh or not (what flow control measures saturation over)."""
+        return self._candidates(self.datastore.states.values(), now, None)
+
+    def schedule(self, prep: Prepared, *, admission: bool) -> tuple[Decision, PickSession]:
+        """Candidates, the legacy admission check (``admission``), scheduling and learning."""
+        ireq = prep.request
+        model, target = ireq.model, ireq.target_model
+        now = self.clock.now()
+        candidates = self.candidates(prep.subset, now)
+        if isinstance(candidates, str):
+            return self._reject(503, candidates, "no-endpoints", model, target), NullSession()
+        if admission and ireq.priority < 0 and self.saturation is not None:
+            level = self.saturation.saturation(candidates, now)
+            if level >= 1.0:
+                return self._reject(
+                    429,
+                    "request shed: the pool is saturated and the request is sheddable "
+                    f"(objective {ireq.objective!r}, priority {ireq.priority})",
+                    "shed",
+                    model,
+                    target,
+                ), NullSession()
         ctx = CycleContext(
-            ireq,
-            self.learned,
-            now=now,
-            rng=self.rng,
-            prefix_settings=self.prefix,
-            hash_cache=self.hash_cache,
+            ireq, self.learned, now=now, rng=self.rng, prefix_settings=self.prefix, hash_cache=self.hash_cache
         )
         t0 = time.perf_counter()
         try:
@@ -246,10 +270,10 @@ class Director:
 
         primary = result.endpoints[0].key
         prefill_tokens = uncached_tokens(ctx, primary)
-        self.learned.begin(primary, prompt_tokens, prefill_tokens)
-        series.running.inc()
-        session = Session(self, series, primary, prompt_tokens, prefill_tokens, now)
-        return Destination(tuple(c.key for c in result.endpoints), set_headers, body), session
+        self.learned.begin(primary, ireq.prompt_tokens, prefill_tokens)
+        prep.series.running.inc()
+        session = Session(self, prep.series, primary, ireq.prompt_tokens, prefill_tokens, now)
+        return Destination(tuple(c.key for c in result.endpoints), prep.set_headers, prep.body), session
 
     def _on_metrics(self, state: EndpointState, became_fresh: bool) -> None:
         """Datastore listener: keep the endpoint's view current; a newly fresh endpoint changes the pool."""
