@@ -95,13 +95,15 @@ flowControl:
 
 
 async def test_priority_under_2x_overload_keeps_high_ttft_and_sheds_sheddable() -> None:
-    """Two replicas x 4 slots of ~0.2 s requests ~= 40 req/s; offered: 10 req/s interactive (long prompts,
-    short answers) + 70 req/s sheddable batch = 2x. Sheddable may use half the slots (holdback ceiling 0.5)."""
-    sim = SimConfig(max_num_seqs=8, time_scale=1.0, seed=1)
-    long_prompt = "interactive question with a long context. " * 100  # ~1,000 tokens: ~0.1 s prefill
+    """Two replicas x 4 slots of ~0.9 s batch requests ~= 9 req/s; offered: 3 req/s interactive (long
+    prompts, short answers) + 15 req/s sheddable batch = 2x. Sheddable may use half the slots (holdback
+    ceiling 0.5). The sheddable rate is modest because client, gateway, picker and simulator share this
+    process's event loop: the TTFT measured is theirs too."""
+    sim = SimConfig(max_num_seqs=8, time_scale=2.0, seed=1)  # slow: TTFT ~0.8 s >> event-loop noise
+    long_prompt = "interactive question with a long context. " * 200  # ~0.4 s prefill
     hi = {"x-llm-d-inference-objective": "interactive"}
     lo = {"x-llm-d-inference-objective": "batch"}
-    async with system(OVERLOAD, sim, replicas=2) as (gw, _pool, registry), aiohttp.ClientSession() as http:
+    async with system(OVERLOAD, sim, replicas=2) as (gw, _, _), aiohttp.ClientSession() as http:
 
         async def interactive(n: int, rate: float) -> list[float]:
             rng = random.Random(4)
@@ -114,7 +116,8 @@ async def test_priority_under_2x_overload_keeps_high_ttft_and_sheds_sheddable() 
             assert all(status == 200 for status, *_ in results)
             return [ttft for _, _, ttft, _ in results]
 
-        unloaded = await interactive(20, 10.0)
+        await interactive(2, 3.0)  # warm-up: connections, first scrapes
+        unloaded = await interactive(12, 3.0)
         stop = asyncio.Event()
         shed: Counter[int] = Counter()
         reasons: Counter[str] = Counter()
@@ -131,19 +134,17 @@ async def test_priority_under_2x_overload_keeps_high_ttft_and_sheds_sheddable() 
                 fut = asyncio.ensure_future(one())
                 pending.add(fut)
                 fut.add_done_callback(pending.discard)
-                await asyncio.sleep(1 / 70)
+                await asyncio.sleep(1 / 15)
             await asyncio.gather(*pending)
 
         load = asyncio.ensure_future(batch_load())
-        await asyncio.sleep(0.5)  # let the batch load saturate its share
-        loaded = await interactive(30, 10.0)
+        await asyncio.sleep(1.0)  # let the batch load saturate its share
+        loaded = await interactive(15, 3.0)
         stop.set()
         await load
     assert shed[200] > 0 and shed[429] > 0, shed
     assert reasons["rejected-saturated"] > 0, reasons
-    print(
-        f"interactive p90 TTFT unloaded {p90(unloaded) * 1000:.1f} ms, loaded {p90(loaded) * 1000:.1f} ms; {shed}"
-    )
+    print(f"interactive p90 TTFT unloaded {p90(unloaded):.3f} s, loaded {p90(loaded):.3f} s; {shed}")
     assert p90(loaded) <= 1.5 * p90(unloaded), (p90(unloaded), p90(loaded))
 
 
