@@ -147,7 +147,7 @@ def test_unknown_parameter_lists_valid_parameters() -> None:
             "[{pluginRef: random-picker}, {pluginRef: max-score-picker}]}]",
             "already has picker",
         ),
-        ("schedulingProfiles: [{name: a}, {name: b}]", "exactly one profile"),
+        ("schedulingProfiles: [{name: a}, {name: b}]", "exactly one live profile"),
         ("plugins: [{type: queue-scorer, parameters: [1]}]", "parameters must be a mapping"),
         ("plugins: {type: queue-scorer}", "plugins: expected a list"),
         ("plugins: [{type: queue-scorer}\n", "invalid YAML"),

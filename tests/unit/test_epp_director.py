@@ -320,3 +320,111 @@ modelRewrites:
         rig.scrape(ep.key, waiting=50)
     assert reject(rig, body(), headers={"x-llm-d-inference-objective": "batch"}).status == 429
     assert decide(rig, body(), headers={"x-llm-d-inference-objective": "chat"})
+
+
+def test_shadow_profile_never_changes_the_decision_and_reports_agreement() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from inferoute.epp.scheduling.shadow import ShadowMetrics
+
+    config = """
+plugins: [{type: queue-scorer}, {type: random-picker}, {type: max-score-picker}]
+schedulingProfiles:
+- name: live
+  plugins: [{pluginRef: queue-scorer}, {pluginRef: max-score-picker}]
+- name: shadow
+  plugins: [{pluginRef: queue-scorer}, {pluginRef: random-picker}]
+"""
+    rig = Rig(3, config)
+    registry = CollectorRegistry()
+    ShadowMetrics(registry).attach(rig.director.scheduler)
+    rig.scrape("10.0.0.1:8000", waiting=9)
+    rig.scrape("10.0.0.2:8000", waiting=0)
+    rig.scrape("10.0.0.3:8000", waiting=9)
+    for _ in range(60):
+        d, s = rig.director.decide(pick_request(body()))
+        assert isinstance(d, Destination) and d.endpoints[0] == "10.0.0.2:8000"  # live: least queue
+        s.response_finished()
+
+    def v(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    agree = v("inferoute_epp_shadow_decisions_total", profile="shadow", outcome="agree")
+    disagree = v("inferoute_epp_shadow_decisions_total", profile="shadow", outcome="disagree")
+    assert agree + disagree == 60 and 0 < agree < 60  # random: agrees about a third of the time
+    picks = [
+        v("inferoute_epp_shadow_picks_total", profile="shadow", endpoint=f"10.0.0.{i}:8000")
+        for i in (1, 2, 3)
+    ]
+    assert sum(picks) == 60 and all(p > 0 for p in picks)
+    assert v("inferoute_epp_shadow_duration_seconds_count", profile="shadow") == 60
+
+
+def test_a_failing_shadow_is_counted_not_raised() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from inferoute.epp.scheduling.shadow import ShadowMetrics
+
+    config = """
+plugins: [{type: queue-scorer}, {type: lora-affinity-scorer}]
+schedulingProfiles:
+- {name: live, plugins: [{pluginRef: queue-scorer}]}
+- {name: shadow-broken, plugins: [{pluginRef: lora-affinity-scorer}]}
+"""
+    rig = Rig(2, config)
+    registry = CollectorRegistry()
+    ShadowMetrics(registry).attach(rig.director.scheduler)
+    shadow = rig.director.scheduler.shadows[0]
+
+    def boom(*_: object) -> list[float]:
+        raise RuntimeError("bug in the new algorithm")
+
+    shadow.scorers[0].scorer.score = boom  # type: ignore[method-assign]
+    assert decide(rig, body()).endpoints
+    assert (
+        registry.get_sample_value(
+            "inferoute_epp_shadow_decisions_total", {"profile": "shadow-broken", "outcome": "error"}
+        )
+        == 1
+    )
+
+
+SLO_CONFIG = """
+plugins:
+- type: predicted-ttft-scorer
+- type: latency-slo-admitter
+objectives: {batch: -1}
+"""
+
+
+def test_slo_headroom_prefers_endpoints_that_meet_the_objective() -> None:
+    from test_epp_rig import cand, ctx
+
+    from inferoute.epp.scheduling.plugins.predicted_ttft_scorer import PredictedTTFTScorer
+
+    fast, mid, slow = cand("fast"), cand("mid", waiting=3), cand("slow", waiting=20)
+    least, most = PredictedTTFTScorer("p"), PredictedTTFTScorer("p", strategy="most")
+    c = ctx(headers={})
+    predicted = least.predict(c, [fast, mid, slow])
+    assert predicted[0] < predicted[1] < 0.5 < predicted[2]
+    c.request.slo_ttft = 0.5  # fast and mid meet it, slow does not
+    s = least.score(c, [fast, mid, slow])
+    assert s[2] == 0.0 and s[1] == 1.0 and 0 < s[0] < 1  # bin-pack: the least headroom that still meets it
+    s = most.score(c, [fast, mid, slow])
+    assert s[2] == 0.0 and s[0] == 1.0 and 0 < s[1] < 1
+    c.request.slo_ttft = 0.001  # nobody meets it: the fastest (smallest violation) wins
+    assert least.score(c, [fast, mid, slow])[0] == 1.0
+
+
+def test_slo_admitter_sheds_sheddable_requests_no_endpoint_can_serve_in_time() -> None:
+    rig = Rig(2, SLO_CONFIG)
+    for ep in rig.endpoints:
+        rig.scrape(ep.key, waiting=3, running=60, kv_usage=0.5)  # under the saturation thresholds
+    tight = {"x-llm-d-inference-objective": "batch", "x-llm-d-slo-ttft-ms": "200"}
+    r = reject(rig, body(), headers=tight)
+    assert r.status == 429 and b"TTFT objective" in r.body
+    assert decide(rig, body(), headers={**tight, "x-llm-d-slo-ttft-ms": "60000"})  # a loose SLO is met
+    assert decide(rig, body(), headers={"x-slo-ttft-ms": "200"})  # not sheddable: admitted
+    assert decide(rig, body(), headers={"x-llm-d-inference-objective": "batch"})  # no SLO: admitted
+    rig.scrape(rig.endpoints[0].key, waiting=0, running=0, kv_usage=0.5)  # an idle endpoint appears
+    assert decide(rig, body(), headers=tight).endpoints[0] == rig.endpoints[0].key

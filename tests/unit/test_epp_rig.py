@@ -82,6 +82,7 @@ class Rig:
             saturation=self.config.saturation,
             objectives=objectives,
             store=self.config.store,
+            admitters=self.config.admitters,
             rng=random.Random(seed),
         )
         for ep in self.endpoints:

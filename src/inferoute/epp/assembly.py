@@ -31,6 +31,7 @@ from inferoute.epp.metrics import EppMetrics
 from inferoute.epp.plugin import PluginDeps
 from inferoute.epp.requestcontrol.director import Director, Prepared
 from inferoute.epp.scheduling.prefix import DEFAULT_LRU_CAPACITY, PrefixIndex
+from inferoute.epp.scheduling.shadow import ShadowMetrics
 from inferoute.errors import InferouteError
 from inferoute.picking import Decision, PickerError, PickRequest, PickSession
 from inferoute.tasks import TaskSet
@@ -117,6 +118,7 @@ class EmbeddedPicker:
             saturation=config.saturation,
             objectives=opts.objectives,
             store=config.store,
+            admitters=config.admitters,
             rng=random.Random(opts.seed),
         )
         self.collector = MetricsCollector(
@@ -134,6 +136,10 @@ class EmbeddedPicker:
         """Flow control (the ``flowControl`` feature gate); None: the legacy admission check."""
         if config.flow is not None:
             self.flow = _flow_control(config.flow, self.director, opts, metrics.registry, datastore)
+        self.shadow_metrics: ShadowMetrics | None = None
+        if config.scheduler.shadows:
+            self.shadow_metrics = ShadowMetrics(metrics.registry)
+            self.shadow_metrics.attach(config.scheduler)
 
     async def _start(self) -> None:
         await self.collector.start()
@@ -173,6 +179,8 @@ class EmbeddedPicker:
             self.flow.close()
             if self.flow.metrics is not None:
                 self.flow.metrics.close()
+        if self.shadow_metrics is not None:
+            self.shadow_metrics.close()
         await self._tasks.aclose()
         await self.collector.aclose()
         self.metrics.close()

@@ -36,12 +36,14 @@ from inferoute.epp.flowcontrol import SaturationDetector, UtilizationDetector
 from inferoute.epp.flowcontrol.config import FlowControlConfig, gate_enabled, parse_flow_control
 from inferoute.epp.flowcontrol.plugins import DETECTORS, create_default
 from inferoute.epp.plugin import Params, PluginDeps, config_error
+from inferoute.epp.requestcontrol.slo_admitter import LatencySloAdmitter
 from inferoute.epp.requestcontrol.store import RequestControlStore, load_objectives, load_rewrites
 from inferoute.epp.scheduling.framework import (
     ObserverFactory,
     Scheduler,
     SchedulerProfile,
     WeightedScorer,
+    is_shadow,
     no_observer,
 )
 from inferoute.epp.scheduling.plugins.config_plugins import PrefixProducer
@@ -98,6 +100,8 @@ class PickerConfig:
     plugins: Mapping[str, object] = field(default_factory=dict)
     """Every plugin instance by name (flow control resolves its ``...Ref`` fields here)."""
     source: str = "config"
+    admitters: list[LatencySloAdmitter] = field(default_factory=list)
+    """Admission plugins run before scheduling (``latency-slo-admitter``)."""
     flow: FlowControlConfig | None = None
     """Flow control's engine config when the ``flowControl`` feature gate is on (None: legacy admission)."""
 
@@ -244,10 +248,12 @@ def parse_config(
             assert isinstance(mp, PickerPlugin)
             picker = mp
         profiles.append(SchedulerProfile(pname, filters, scorers, picker, observer=observer))
-    if len(profiles) != 1:
+    live = [p.name for p in profiles if not is_shadow(p.name)]
+    if len(live) != 1:
         raise config_error(
-            f"{source}.schedulingProfiles: single-profile-handler supports exactly one profile, "
-            f"got {len(profiles)}"
+            f"{source}.schedulingProfiles: single-profile-handler runs exactly one live profile, got "
+            f"{len(live)} ({', '.join(live) or 'none'}); name the others shadow or shadow-* to dark-launch "
+            "them"
         )
 
     # 3. prefix settings: the producer's, else a prefix scorer's own parameters, else defaults
@@ -297,4 +303,5 @@ def parse_config(
     elif cfg.flow_control:
         log.warning("%s: flowControl is ignored (featureGates does not enable flowControl)", source)
     cfg.plugins, cfg.source = plugins, source
+    cfg.admitters = [p for p in plugins.values() if isinstance(p, LatencySloAdmitter)]
     return cfg

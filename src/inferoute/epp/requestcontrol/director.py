@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping, Sequence, ValuesView
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 
@@ -90,6 +91,10 @@ def uncached_tokens(ctx: CycleContext, endpoint: str) -> int:
     return round(tokens * (1.0 - ctx.matched_blocks(endpoint) / len(hashes)))
 
 
+class Admitter(Protocol):
+    def refuse(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> str | None: ...
+
+
 @dataclass(slots=True)
 class Prepared:
     """A request after request control, ready for flow control and scheduling."""
@@ -120,6 +125,7 @@ class Director:
         objectives: Mapping[str, int] | None = None,
         store: RequestControlStore | None = None,
         rng: random.Random | None = None,
+        admitters: Sequence[Admitter] = (),
     ) -> None:
         self.datastore = datastore
         self.scheduler = scheduler
@@ -128,6 +134,8 @@ class Director:
         self.clock = clock
         self.prefix = prefix or PrefixSettings()
         self.saturation = saturation
+        self.admitters = list(admitters)
+        """Admission plugins: each may refuse a request (429) before scheduling."""
         self.store = store or RequestControlStore()
         """Objectives and model rewrites (the picker's YAML and, later, Kubernetes objects fill it)."""
         for name, prio in (objectives or {}).items():
@@ -256,6 +264,10 @@ class Director:
         ctx = CycleContext(
             ireq, self.learned, now=now, rng=self.rng, prefix_settings=self.prefix, hash_cache=self.hash_cache
         )
+        for admitter in self.admitters:
+            why = admitter.refuse(ctx, candidates)
+            if why is not None:
+                return self._reject(429, why, "slo-shed", model, target), NullSession()
         t0 = time.perf_counter()
         try:
             result = self.scheduler.schedule(ctx, candidates)

@@ -13,6 +13,7 @@ prefix blocks (when any plugin computed them), and plugins implementing ``PickOb
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from inferoute.epp.scheduling.types import (
 Observe = Callable[[float], None]
 ObserverFactory = Callable[[str, str, str], Observe]
 """(extension_point, plugin_type, plugin_name) -> observe(seconds)."""
+
+log = logging.getLogger(__name__)
 
 
 def _no_observe(seconds: float) -> None:
@@ -121,7 +124,9 @@ class SchedulerProfile:
         plugins: list[object] = [*self.filters, *(s.scorer for s in self.scorers), picker]
         self._observers = [p for p in plugins if isinstance(p, PickObserver)]
 
-    def run(self, ctx: CycleContext, candidates: list[Candidate]) -> ProfileResult:
+    def run(self, ctx: CycleContext, candidates: list[Candidate], *, observe: bool = True) -> ProfileResult:
+        """Filters, scorers, picker. ``observe=False`` (a shadow run) skips the plugins' ``on_picked``, so a
+        decision that is not taken teaches the learned state nothing."""
         perf = time.perf_counter
         for f, obs in zip(self.filters, self._filter_obs, strict=True):
             t0 = perf()
@@ -149,22 +154,48 @@ class SchedulerProfile:
         self._picker_obs(perf() - t0)
         if not picked:
             raise NoEndpoints(f"picker {self.picker.name} chose nothing")
-        for o in self._observers:
-            o.on_picked(ctx, picked[0], candidates)
+        if observe:
+            for o in self._observers:
+                o.on_picked(ctx, picked[0], candidates)
         return ProfileResult(self.name, picked, candidates, totals)
 
 
+ShadowReport = Callable[[str, str, "ProfileResult | None", float], None]
+"""(shadow profile, live pick, the shadow's result or None on failure, seconds it took)."""
+
+SHADOW_PREFIX = "shadow"
+
+
+def is_shadow(profile_name: str) -> bool:
+    """Profiles named ``shadow`` or ``shadow-*`` are dark-launched."""
+    return profile_name == SHADOW_PREFIX or profile_name.startswith(SHADOW_PREFIX + "-")
+
+
 class Scheduler:
-    """Runs the primary profile (``single-profile-handler``) and updates the learned prefix state."""
+    """Runs the live profile (``single-profile-handler``), then any dark-launched ``shadow`` profiles, and
+    updates the learned prefix state.
+
+    A shadow profile runs on every live request after the live decision, on its own copy of the candidate
+    list and without ``on_picked`` (it never changes the decision nor what the picker learns); its pick, its
+    agreement with the live pick and its time go to ``shadow_report``. A failing shadow is reported, never
+    raised."""
 
     def __init__(self, profiles: Sequence[SchedulerProfile]) -> None:
-        if len(profiles) != 1:
-            raise ValueError("single-profile-handler needs exactly one scheduling profile")
+        live = [p for p in profiles if not is_shadow(p.name)]
+        if len(live) != 1:
+            raise ValueError(
+                "single-profile-handler needs exactly one live scheduling profile (dark-launched ones are "
+                f"named shadow or shadow-*), got {len(live)}"
+            )
         self.profiles = list(profiles)
-        self.primary = self.profiles[0]
+        self.primary = live[0]
+        self.shadows = [p for p in profiles if is_shadow(p.name)]
+        self.shadow_report: ShadowReport | None = None
 
     def schedule(self, ctx: CycleContext, candidates: list[Candidate]) -> ProfileResult:
         result = self.primary.run(ctx, candidates)
+        if self.shadows:
+            self._run_shadows(ctx, candidates, result)
         hashes = ctx.hashes_computed
         if hashes:
             picked = result.endpoints[0]
@@ -176,3 +207,17 @@ class Scheduler:
             per_block = -(-ctx.request.prompt_tokens // len(hashes))
             ctx.learned.learn_prefix(picked.key, hashes, max(per_block, 1))
         return result
+
+    def _run_shadows(self, ctx: CycleContext, candidates: list[Candidate], live: ProfileResult) -> None:
+        live_key = live.endpoints[0].key
+        report = self.shadow_report
+        for shadow in self.shadows:
+            t0 = time.perf_counter()
+            result: ProfileResult | None
+            try:
+                result = shadow.run(ctx, list(candidates), observe=False)
+            except Exception:  # a dark-launched algorithm must never fail a live request
+                log.debug("shadow profile %s failed", shadow.name, exc_info=True)
+                result = None
+            if report is not None:
+                report(shadow.name, live_key, result, time.perf_counter() - t0)

@@ -22,13 +22,20 @@ Score: ``min_predicted / predicted`` — the fastest endpoint scores 1, one pred
 (not min-max) keeps near-ties near-equal, so a small-weight scorer such as ``prefix-cache-scorer`` can break
 them toward cache affinity instead of a 1% difference deciding.
 
+**SLO-aware.** A request with a TTFT objective (``x-llm-d-slo-ttft-ms``, alias ``x-slo-ttft-ms``) is scored by
+headroom = SLO - predicted, as the reference's ``latency-scorer`` does: when some endpoint has positive
+headroom only those score (the others 0), by ``headroomSelectionStrategy`` -- ``least`` (the reference's
+default: bin-pack, the endpoint that meets the SLO with the least to spare scores 1, keeping the fastest
+ones free for tighter requests) or ``most`` (the most headroom scores 1); when none has, the one predicted
+fastest scores 1 (the ratio above: the smallest violation). Without the header nothing changes.
+
 Parameters (defaults: a 7-8B model on one H100, the same profile the simulator models):
 ``prefillSecondsPerToken`` (0.00008, ~12.5k prompt tokens/s), ``requestOverheadSeconds`` (0.03: the engine
 step that carries the prefill), ``queuedRequestSeconds`` (0.07: prefill of a queued request we know nothing
 about, ~500 tokens), ``decodeSecondsPerRunning`` (0.00005: each running sequence lengthens every engine step),
 ``kvThreshold`` (0.95), ``kvPenaltySeconds`` (1.0: preemption/queueing risk when the KV cache is full),
 ``loraLoadSeconds`` (0.05: loading an adapter into a free slot) and ``loraSlotWaitSeconds`` (0.7: waiting for
-a busy adapter slot to drain, about one request's decode).
+a busy adapter slot to drain, about one request's decode), ``headroomSelectionStrategy`` (``least``).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from inferoute.epp.scheduling.types import Candidate, CycleContext
 
 TYPE = "predicted-ttft-scorer"
 ROLE = "scorer"
+STRATEGIES = ("least", "most")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +68,11 @@ class TTFTModel:
 class PredictedTTFTScorer:
     type_name: ClassVar[str] = TYPE
 
-    def __init__(self, name: str, model: TTFTModel | None = None) -> None:
+    def __init__(self, name: str, model: TTFTModel | None = None, strategy: str = "least") -> None:
         self.name = name
         self.model = model or TTFTModel()
+        self.strategy = strategy
+        """``least`` or ``most``: which positive-headroom endpoint an SLO request prefers."""
         self._sent: dict[str, OrderedDict[str, None]] = {}
         """Adapters recently sent to each endpoint (most recent last, at most its ``max_lora``)."""
         self._cycle: tuple[CycleContext, Sequence[Candidate], bool] | None = None
@@ -152,6 +162,16 @@ class PredictedTTFTScorer:
         predicted = self.predict(ctx, candidates)
         if not predicted:
             return []
+        slo = ctx.request.slo_ttft
+        if slo is not None:
+            headroom = [slo - t for t in predicted]
+            positive = [h for h in headroom if h > 0]
+            if positive:
+                if self.strategy == "most":
+                    top = max(positive)
+                    return [h / top if h > 0 else 0.0 for h in headroom]
+                low = min(positive)
+                return [low / h if h > 0 else 0.0 for h in headroom]
         best = min(predicted)
         if best <= 0.0:
             return [1.0 if t <= 0.0 else 0.0 for t in predicted]
@@ -159,16 +179,21 @@ class PredictedTTFTScorer:
 
 
 def create(name: str, params: Params, deps: PluginDeps) -> PredictedTTFTScorer:
+    model = model_params(params)
     return PredictedTTFTScorer(
-        name,
-        TTFTModel(
-            prefill_s_per_token=params.number("prefillSecondsPerToken", 0.00008, minimum=0),
-            request_overhead_s=params.number("requestOverheadSeconds", 0.03, minimum=0),
-            queued_request_s=params.number("queuedRequestSeconds", 0.07, minimum=0),
-            decode_s_per_running=params.number("decodeSecondsPerRunning", 0.00005, minimum=0),
-            kv_threshold=params.number("kvThreshold", 0.95, minimum=0, maximum=1),
-            kv_penalty_s=params.number("kvPenaltySeconds", 1.0, minimum=0),
-            lora_load_s=params.number("loraLoadSeconds", 0.05, minimum=0),
-            lora_slot_wait_s=params.number("loraSlotWaitSeconds", 0.7, minimum=0),
-        ),
+        name, model, params.text("headroomSelectionStrategy", "least", choices=STRATEGIES)
+    )
+
+
+def model_params(params: Params) -> TTFTModel:
+    """The latency model from the same parameters the scorer takes (the SLO admitter shares them)."""
+    return TTFTModel(
+        prefill_s_per_token=params.number("prefillSecondsPerToken", 0.00008, minimum=0),
+        request_overhead_s=params.number("requestOverheadSeconds", 0.03, minimum=0),
+        queued_request_s=params.number("queuedRequestSeconds", 0.07, minimum=0),
+        decode_s_per_running=params.number("decodeSecondsPerRunning", 0.00005, minimum=0),
+        kv_threshold=params.number("kvThreshold", 0.95, minimum=0, maximum=1),
+        kv_penalty_s=params.number("kvPenaltySeconds", 1.0, minimum=0),
+        lora_load_s=params.number("loraLoadSeconds", 0.05, minimum=0),
+        lora_slot_wait_s=params.number("loraSlotWaitSeconds", 0.7, minimum=0),
     )
