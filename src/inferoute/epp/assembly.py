@@ -67,6 +67,8 @@ class EppOptions:
     """Seed for the tie-breaking / random pickers (None: nondeterministic)."""
     learned: LearnedState | None = None
     """Shared learned state (None: a new in-process one)."""
+    source: EndpointSource | None = None
+    """A ready-made endpoint source (Kubernetes InferencePool discovery); wins over the endpoint options."""
 
 
 def _config_text(opts: EppOptions) -> tuple[str | None, str]:
@@ -228,7 +230,9 @@ async def start_picker(opts: EppOptions) -> EmbeddedPicker:
         learned.prefix.default_capacity = config.prefix.lru_capacity * config.prefix.block_size_tokens
 
     source: EndpointSource
-    if opts.endpoints_file is not None:
+    if opts.source is not None:
+        source = opts.source
+    elif opts.endpoints_file is not None:
         source = FileSource(
             opts.endpoints_file,
             poll_interval=opts.endpoints_poll_interval,

@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import uvloop
@@ -25,6 +26,10 @@ from inferoute.epp.serving.h2core import Limits
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.errors import InferouteError
 from inferoute.malloc import keep_large_buffers
+from inferoute.tasks import TaskSet
+
+if TYPE_CHECKING:
+    from inferoute.epp.ha import HaOptions
 
 log = logging.getLogger(__name__)
 
@@ -48,36 +53,85 @@ class EppRunOptions:
     client_ca: str | None = None
     transport: str = "h2"
     h2_limits: Limits = field(default_factory=Limits)
+    discover: bool = False
+    """Kubernetes discovery: watch InferencePool ``pool_name`` in ``pool_namespace`` and its pods."""
+    pool_namespace: str = "default"
+    kubeconfig: str | None = None
+    ha: HaOptions | None = None
+    """Active-passive leader election on a Lease (None: every replica reports ready)."""
 
 
-async def _serve_metrics(registry: CollectorRegistry, host: str, port: int) -> web.AppRunner:
+async def _serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool] = lambda: True
+) -> web.AppRunner:
+    """``/metrics``, plus ``/healthz`` (alive) and ``/readyz`` (the gRPC readiness: synced, and the leader
+    when leader election is on) for HTTP probes."""
+
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def readyz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n") if ready() else web.Response(status=503, text="not ready\n")
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", _ok)
+    app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
 
 
-async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
-    """Start picker, gRPC servers and metrics; run until ``stop`` is set (or a signal arrives)."""
+async def _ok(_: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _start_picker(opts: EppRunOptions, registry: CollectorRegistry) -> Any:
     from inferoute.epp.assembly import EppOptions, start_picker
 
-    keep_large_buffers()  # big prompts: no mmap/page faults per request (inferoute/malloc.py)
-    registry = CollectorRegistry()
-    picker = await start_picker(
+    source = None
+    if opts.discover:
+        from inferoute.epp.datalayer.kubernetes_watch import KubernetesSource
+
+        source = KubernetesSource(opts.pool_name, opts.pool_namespace, kubeconfig=opts.kubeconfig)
+    return await start_picker(
         EppOptions(
             config_file=opts.config,
-            endpoints_file=opts.endpoints,
+            endpoints_file=None if opts.discover else opts.endpoints,
+            source=source,
             profile=opts.profile,
             registry=registry,
             refresh_interval=opts.refresh_interval,
             pool_name=opts.pool_name,
         )
     )
+
+
+def _leader_election(opts: EppRunOptions, picker: Any, tasks: TaskSet) -> Any:
+    """With ``--ha-enable-leader-election``: run the elector and gate readiness on leading."""
+    if opts.ha is None:
+        return picker
+    from inferoute.clock import SystemClock
+    from inferoute.epp.datalayer.kubernetes_watch import load_kube_config
+    from inferoute.epp.ha import LeaderGatedPicker, LeaseElector
+
+    elector = LeaseElector(opts.ha, load_kube_config(opts.kubeconfig), SystemClock())
+    tasks.spawn(elector.run(), name="leader-election")
+    return LeaderGatedPicker(picker, elector.is_leader)
+
+
+async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
+    """Start picker, gRPC servers and metrics; run until ``stop`` is set (or a signal arrives)."""
+    keep_large_buffers()  # big prompts: no mmap/page faults per request (inferoute/malloc.py)
+    registry = CollectorRegistry()
+    picker = await _start_picker(opts, registry)
+    tasks = TaskSet("epp-cli")
+    try:
+        served = _leader_election(opts, picker, tasks)
+    except BaseException:
+        await picker.aclose()
+        raise
     server: EppServer | None = None
     runner: web.AppRunner | None = None
     stop = stop or asyncio.Event()
@@ -87,7 +141,7 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
     try:
         server = await EppServer.start(
-            picker,
+            served,
             ServerOptions(
                 host=opts.host,
                 grpc_port=opts.grpc_port,
@@ -100,7 +154,7 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
             ),
             registry,
         )
-        runner = await _serve_metrics(registry, opts.host, opts.metrics_port)
+        runner = await _serve_metrics(registry, opts.host, opts.metrics_port, served.ready)
         log.info(
             "inferoute epp ready: ext_proc :%d, health :%s, metrics :%d",
             server.grpc_port,
@@ -117,6 +171,7 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
             await server.aclose(opts.grace)
         if runner is not None:
             await runner.cleanup()
+        await tasks.aclose()  # a leader releases its Lease here
         await picker.aclose()
 
 
@@ -182,7 +237,32 @@ def h2_limits(values: dict[str, Any]) -> Limits:
     type=float,
     help="Seconds between scrapes of each endpoint's metrics.",
 )
-@click.option("--pool-name", default="default", show_default=True)
+@click.option(
+    "--pool-name",
+    help="Kubernetes discovery: watch this InferencePool and its Ready pods (instead of --endpoints).",
+)
+@click.option(
+    "--pool-namespace",
+    help="The InferencePool's namespace. Default: $NAMESPACE, else the pod's own namespace, else default.",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False),
+    help="kubeconfig file. Default: in-cluster service account, else $KUBECONFIG, else ~/.kube/config.",
+)
+@click.option(
+    "--ha-enable-leader-election",
+    "ha_enable",
+    is_flag=True,
+    help="Active-passive HA: only the holder of a coordination.k8s.io Lease reports ready.",
+)
+@click.option("--ha-lease-name", help="The Lease's name. Default: POOL-epp (or inferoute-epp).")
+@click.option(
+    "--ha-identity", help="This replica's identity in the Lease. Default: $POD_NAME, else host-pid."
+)
+@click.option("--ha-lease-duration", default=2.0, show_default=True, type=float, help="Seconds.")
+@click.option("--ha-renew-deadline", default=1.5, show_default=True, type=float, help="Seconds.")
+@click.option("--ha-retry-period", default=0.5, show_default=True, type=float, help="Seconds.")
 @click.option("--grace", default=5.0, show_default=True, type=float, help="Shutdown grace period (s).")
 @h2_limit_options
 def command(
@@ -196,17 +276,28 @@ def command(
     cert_path: str | None,
     insecure: bool,
     refresh_interval: float,
-    pool_name: str,
+    pool_name: str | None,
+    pool_namespace: str | None,
+    kubeconfig: str | None,
     grace: float,
     client_ca: str | None,
     transport: str,
+    ha_enable: bool,
+    ha_lease_name: str | None,
+    ha_identity: str | None,
+    ha_lease_duration: float,
+    ha_renew_deadline: float,
+    ha_retry_period: float,
     **h2: Any,
 ) -> None:
     """Run the endpoint picker (Endpoint Picker Protocol over Envoy ext_proc)."""
     if insecure and (cert_path or client_ca):
         raise click.UsageError("--cert-path/--client-ca and --insecure-serving are mutually exclusive")
-    if endpoints is None:
-        raise click.UsageError("--endpoints FILE is required (static endpoint discovery)")
+    if (endpoints is None) == (pool_name is None):
+        raise click.UsageError(
+            "give either --endpoints FILE (static endpoints) or --pool-name NAME (Kubernetes InferencePool)"
+        )
+    namespace = pool_namespace or os.environ.get("NAMESPACE") or _own_namespace()
     opts = EppRunOptions(
         config,
         endpoints,
@@ -218,13 +309,64 @@ def command(
         cert_path,
         insecure,
         refresh_interval,
-        pool_name,
+        pool_name or "default",
         grace,
         client_ca,
         transport,
         h2_limits(h2),
+        discover=pool_name is not None,
+        pool_namespace=namespace,
+        kubeconfig=kubeconfig,
+        ha=_ha_options(
+            pool_name,
+            namespace,
+            ha_enable=ha_enable,
+            ha_lease_name=ha_lease_name,
+            ha_identity=ha_identity,
+            ha_lease_duration=ha_lease_duration,
+            ha_renew_deadline=ha_renew_deadline,
+            ha_retry_period=ha_retry_period,
+        ),
     )
     try:
         uvloop.run(run(opts))
     except InferouteError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _own_namespace() -> str:
+    """The pod's namespace (from its service account) in a cluster, else ``default``."""
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def _ha_options(
+    pool_name: str | None,
+    namespace: str,
+    *,
+    ha_enable: bool,
+    ha_lease_name: str | None,
+    ha_identity: str | None,
+    ha_lease_duration: float,
+    ha_renew_deadline: float,
+    ha_retry_period: float,
+) -> HaOptions | None:
+    if not ha_enable:
+        return None
+    from inferoute.epp.ha import HaOptions
+
+    ha = HaOptions(
+        lease_name=ha_lease_name or f"{pool_name or 'inferoute'}-epp",
+        namespace=namespace,
+        identity=ha_identity or os.environ.get("POD_NAME") or f"{os.uname().nodename}-{os.getpid()}",
+        lease_duration=ha_lease_duration,
+        renew_deadline=ha_renew_deadline,
+        retry_period=ha_retry_period,
+    )
+    problem = ha.check()
+    if problem:
+        raise click.UsageError(problem)
+    return ha
