@@ -19,11 +19,16 @@ $(TESTSTAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,lint,bench]'
 	touch $@
 
-# System packages the interop tests use (NGINX). Installed only when missing.
+# System packages the interop tests use (NGINX; curl, iproute2 and unshare for the runnable docs).
+# Installed only when missing.
 test-deps: $(TESTSTAMP)
-	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
-	  echo "installing nginx (apt-get)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null) ; }
+	@missing=""; \
+	{ command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || missing="$$missing nginx"; \
+	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
+	{ command -v ip >/dev/null 2>&1 || test -x /usr/sbin/ip || test -x /sbin/ip; } || missing="$$missing iproute2"; \
+	command -v unshare >/dev/null 2>&1 || missing="$$missing util-linux"; \
+	if [ -n "$$missing" ]; then echo "installing$$missing (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 up: $(STAMP)
 	$(VENV)/bin/inferoute up

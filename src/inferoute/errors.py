@@ -9,6 +9,7 @@ Every component (simulator, picker, gateway, NGINX decider) answers failures wit
 
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import dataclass
 
@@ -73,3 +74,18 @@ class InferouteError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, type=self.type, param=self.param)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short, user-facing reason for an OSError (no errno numbers): what a CLI line or a log line says after
+    naming the address or file it concerns."""
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            "address already in use (another process listens there; pick another port, or 0 for a free one)"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "address not available on this machine"
+    if exc.errno == errno.EACCES:
+        return "permission denied"
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {exc.filename}" if exc.filename else reason

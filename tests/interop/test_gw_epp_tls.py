@@ -28,7 +28,13 @@ CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}],
 
 
 @contextlib.contextmanager
-def epp_process(tmp: Path, endpoints: list[Any], ports: list[int], cert_dir: Path) -> Iterator[int]:
+def epp_process(
+    tmp: Path,
+    endpoints: list[Any],
+    ports: list[int],
+    cert_dir: Path | None,
+    env: dict[str, str] | None = None,
+) -> Iterator[int]:
     eps = tmp / "endpoints.yaml"
     eps.write_text(
         "endpoints:\n"
@@ -50,11 +56,11 @@ def epp_process(tmp: Path, endpoints: list[Any], ports: list[int], cert_dir: Pat
             str(health_port),
             "--metrics-port",
             str(metrics_port),
-            "--cert-path",
-            str(cert_dir),
+            *(["--cert-path", str(cert_dir)] if cert_dir else []),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 60
@@ -137,6 +143,9 @@ async def test_gateway_with_remote_epp_over_tls_and_wrong_ca(
                 assert r.status == 502
                 err = (await r.json())["error"]
             assert err["type"] == "bad_gateway_error"
+            # the client learns the failure class, never the picker's address or TLS internals
+            assert "TLS" in err["message"] and "127.0.0.1" not in err["message"]
+            assert "CERTIFICATE" not in err["message"].upper()
             assert bad.get_sample_value("inferoute_gateway_errors_total", {"cause": "tls"}) == 1
             warnings = "\n".join(caplog.messages)
             # the root cause reaches the log (certificate verification), not just "unavailable"
@@ -178,3 +187,68 @@ async def test_ca_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:
                 assert status == 200
         finally:
             await server.aclose(0)
+
+
+async def test_default_settings_pair_gateway_and_epp_over_verified_tls(
+    tmp_path: Path, free_port: Any
+) -> None:
+    """`inferoute gateway` and `inferoute epp` with default TLS settings: the picker's self-signed certificate
+    (kept in the state directory) is trusted by the gateway on the same machine -- verified, not skipped.
+    While the picker is down the gateway's /readyz says not ready (fail-closed) and requests get a 502 whose
+    body names the failure class only."""
+    env = {**os.environ, "INFEROUTE_STATE_DIR": str(tmp_path / "state")}
+    async with await SimPool.start(SimConfig(time_scale=0.02), replicas=2) as pool:
+        grpc_port, gw_port = free_port(), free_port()
+        (tmp_path / "gw.yaml").write_text(
+            f"listen: 127.0.0.1:{gw_port}\npool:\n  endpoints:\n"
+            + "".join(
+                f"    - {{name: {e.name}, address: {e.address}, port: {e.port}}}\n" for e in pool.endpoints
+            )
+            + f"routes:\n  - path: /v1/\n    epp: {{endpoint: 127.0.0.1:{grpc_port}, timeout_ms: 3000}}\n"
+        )
+        gw_log = (tmp_path / "gw.log").open("w+")
+        gw = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
+            [str(INFEROUTE), "gateway", "--config", str(tmp_path / "gw.yaml")],
+            stdout=gw_log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        url = f"http://127.0.0.1:{gw_port}"
+        try:
+            async with aiohttp.ClientSession() as s:
+                status = await _until(s, url + "/healthz", {200})
+                async with s.get(url + "/readyz") as r:
+                    assert r.status == 503, "ready while the picker is unreachable"
+                async with s.post(url + "/v1/chat/completions", json=CHAT) as r:
+                    assert r.status == 502
+                    err = (await r.json())["error"]
+                assert err["message"] == "the endpoint picker is unavailable", err
+                ports = [grpc_port, free_port(), free_port()]
+                with epp_process(tmp_path, pool.endpoints, ports, None, env):
+                    status = await _until(s, url + "/readyz", {200})
+                    assert status == 200, (tmp_path / "gw.log").read_text()
+                    for stream in (False, True):
+                        async with s.post(url + "/v1/chat/completions", json={**CHAT, "stream": stream}) as r:
+                            assert r.status == 200, await r.text()
+                            assert ("data: [DONE]" in await r.text()) is stream
+                assert (tmp_path / "state" / "epp-tls" / "tls.crt").exists()
+                assert await _until(s, url + "/readyz", {503}) == 503  # picker gone: not ready again
+        finally:
+            gw.send_signal(signal.SIGTERM)
+            gw.wait(timeout=20)
+            gw_log.close()
+
+
+async def _until(s: aiohttp.ClientSession, url: str, statuses: set[int], within: float = 30.0) -> int:
+    deadline = time.monotonic() + within
+    status = 0
+    while time.monotonic() < deadline:
+        try:
+            async with s.get(url) as r:
+                status = r.status
+        except aiohttp.ClientConnectionError:
+            status = 0
+        if status in statuses:
+            return status
+        await asyncio.sleep(0.05)
+    return status

@@ -146,7 +146,7 @@ def test_up_refuses_a_busy_port_with_a_clear_message() -> None:
             timeout=60,
         )
     assert proc.returncode == 1
-    assert f"cannot start the gateway on 127.0.0.1:{port}: address already in use" in proc.stdout
+    assert f"cannot start the gateway on 127.0.0.1:{port}: address already in use" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -22,9 +22,10 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from inferoute.epp.config import BUILTIN_PROFILES
 from inferoute.epp.serving.h2core import Limits
 from inferoute.epp.serving.server import EppServer, ServerOptions
-from inferoute.errors import InferouteError
+from inferoute.errors import InferouteError, describe_os_error
 from inferoute.malloc import keep_large_buffers
 from inferoute.tasks import TaskSet
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from inferoute.epp.ha import HaOptions
 
 log = logging.getLogger(__name__)
+PORT = click.IntRange(0, 65535)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,12 @@ async def _serve_metrics(
     app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        msg = f"cannot listen on {host}:{port} (--metrics-port): {describe_os_error(exc)}"
+        raise InferouteError(500, msg, cause="bind") from exc
     return runner
 
 
@@ -205,15 +212,24 @@ def h2_limits(values: dict[str, Any]) -> Limits:
     type=click.Path(exists=True, dir_okay=False),
     help="Endpoints YAML (endpoints: [{name, address, port, labels}]), re-read when it changes.",
 )
-@click.option("--profile", help="A built-in profile instead of --config (gie-default, round-robin, ...).")
+@click.option(
+    "--profile",
+    type=click.Choice(BUILTIN_PROFILES),
+    help="A built-in picker profile instead of --config [default: gie-default].",
+)
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
-@click.option("--grpc-port", default=9002, show_default=True, type=int, help="ext_proc port.")
-@click.option("--health-port", default=9003, show_default=True, type=int, help="Plain-text gRPC health port.")
-@click.option("--metrics-port", default=9090, show_default=True, type=int, help="Prometheus /metrics port.")
+@click.option(
+    "--grpc-port", default=9002, show_default=True, type=PORT, help="ext_proc port (0 = a free port)."
+)
+@click.option(
+    "--health-port", default=9003, show_default=True, type=PORT, help="Plain-text gRPC health port."
+)
+@click.option("--metrics-port", default=9090, show_default=True, type=PORT, help="Prometheus /metrics port.")
 @click.option(
     "--cert-path",
     type=click.Path(exists=True, file_okay=False),
-    help="Directory with tls.crt and tls.key (reloaded on change). Default: self-signed.",
+    help="Directory with tls.crt and tls.key (reloaded on change). Default: a self-signed pair kept in "
+    "~/.local/state/inferoute/epp-tls (INFEROUTE_STATE_DIR), which gateways on this machine trust.",
 )
 @click.option("--insecure-serving", "insecure", is_flag=True, help="Serve ext_proc in plain text.")
 @click.option(
@@ -293,6 +309,10 @@ def command(
     """Run the endpoint picker (Endpoint Picker Protocol over Envoy ext_proc)."""
     if insecure and (cert_path or client_ca):
         raise click.UsageError("--cert-path/--client-ca and --insecure-serving are mutually exclusive")
+    if profile and config:
+        raise click.UsageError(
+            "--profile and --config are alternatives: give one (--profile picks a built-in)"
+        )
     if (endpoints is None) == (pool_name is None):
         raise click.UsageError(
             "give either --endpoints FILE (static endpoints) or --pool-name NAME (Kubernetes InferencePool)"
@@ -328,10 +348,20 @@ def command(
             ha_retry_period=ha_retry_period,
         ),
     )
+    if cert_path is None and not insecure:
+        from inferoute.epp.serving.tls import ensure_local_cert
+
+        cert_path = str(ensure_local_cert())
+        log.info(
+            "TLS: the self-signed certificate %s/tls.crt; gateways on this machine trust it, elsewhere set "
+            "epp.ca_file to a copy (or serve a real one with --cert-path)",
+            cert_path,
+        )
+    opts = replace(opts, cert_path=cert_path)
     try:
         uvloop.run(run(opts))
     except InferouteError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(exc.message) from exc
 
 
 def _own_namespace() -> str:

@@ -4,6 +4,11 @@ A data plane never opens a channel per request: :class:`ReloadingChannel` keeps 
 (HTTP/2, keepalive) and hands it out. When TLS files are configured it checks their modification times at most
 once per ``check_interval`` seconds (one ``stat`` per file) and, when they changed, builds a new channel; the
 old one is closed after a grace period so in-flight streams finish.
+
+TLS without a ``ca_file`` verifies against the system roots plus the certificate ``inferoute epp`` keeps on
+this machine (:mod:`inferoute.localtrust`), so a gateway and a picker started with default settings verify
+each other; that file is watched like the others (a picker started later, or a renewed certificate, gives a
+new channel). Verification is never skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from inferoute import localtrust
 from inferoute.errors import InferouteError
 from inferoute.tasks import TaskSet
 
@@ -70,8 +76,9 @@ def build_channel(opts: ChannelOptions) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(opts.target, options=options)
     if (opts.cert_file is None) != (opts.key_file is None):
         raise InferouteError(500, "client TLS needs both cert_file and key_file", cause="tls")
+    roots = _read(opts.ca_file, "CA file") if opts.ca_file else localtrust.trust_bundle()
     creds = grpc.ssl_channel_credentials(
-        root_certificates=_read(opts.ca_file, "CA file"),
+        root_certificates=roots,
         private_key=_read(opts.key_file, "client key"),
         certificate_chain=_read(opts.cert_file, "client certificate"),
     )
@@ -93,6 +100,8 @@ class ReloadingChannel:
     ) -> None:
         self._opts = opts
         self._files = [f for f in (opts.ca_file, opts.cert_file, opts.key_file) if f] if opts.tls else []
+        if opts.tls and not opts.ca_file:
+            self._files.append(str(localtrust.local_trust_file()))
         self._interval = check_interval
         self._grace = grace
         self._clock = clock

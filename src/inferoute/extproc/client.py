@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from inferoute.extproc import messages as m
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 BodyMode = Literal["full_duplex", "headers_only", "buffered"]
 _SENT_CHUNK = 62_000
 _DRAIN_TIMEOUT = 30.0
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+READY_TTL = 1.0
 
 
 class _Metrics:
@@ -102,6 +106,8 @@ class GrpcPicker:
         self._header = header_name.lower()
         self._chunk = chunk_size
         self._channel = ReloadingChannel(opts, check_interval=tls_reload_interval)
+        self._ready = True  # so the first failed probe is logged
+        self._ready_until = 0.0
         self._stub_for: tuple[Any, Any] | None = None
         self._tasks = TaskSet("grpc-picker")
         self._metrics = _Metrics(registry)
@@ -243,6 +249,36 @@ class GrpcPicker:
                     return Destination(decision.endpoints, decision.set_headers, body)
                 continue
             raise PickerError(f"picker {target} sent an unexpected {kind!r} message", cause="protocol")
+
+    async def ready(self) -> bool:
+        """Whether the picker answers its gRPC health check (ext_proc service SERVING) within a second, asked
+        at most once per ``READY_TTL`` seconds: the gateway's ``/readyz`` is not ready while its picker is
+        unreachable, fails TLS verification or is not ready itself (fail-closed)."""
+        now = time.monotonic()
+        if now < self._ready_until:
+            return self._ready
+        self._ready_until = now + READY_TTL
+        request = health_pb2.HealthCheckRequest(service=EXT_PROC_SERVICE)
+        try:
+            reply = await health_pb2_grpc.HealthStub(self._channel.get()).Check(request, timeout=1.0)
+            ready = bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+            why = (
+                ""
+                if ready
+                else f"it reports {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+            )
+        except grpc.aio.AioRpcError as exc:
+            ready, why = False, str(rpc_failure(exc, "picker", self._opts.target))
+        if ready != self._ready:
+            log.log(
+                logging.INFO if ready else logging.WARNING,
+                "picker %s %s%s",
+                self._opts.target,
+                "ready" if ready else "not ready: ",
+                why,
+            )
+        self._ready = ready
+        return ready
 
     async def aclose(self) -> None:
         await self._tasks.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from inferoute.errors import InferouteError
+from inferoute.errors import InferouteError, describe_os_error
 from inferoute.gateway.config import GatewayConfig, load_config, parse_listen, with_listen
 
 
@@ -58,16 +58,23 @@ def gateway_command(
 ) -> None:
     """Run the gateway (data plane) from a config file until Ctrl-C / SIGTERM."""
     cfg = _load(config_path, listen)
-    if mode == "nginx":
-        if watch_config:
-            raise click.UsageError("--watch-config works with --mode gateway only")
-        from inferoute.gateway.nginx_decider.server import run_decider
+    if mode == "nginx" and watch_config:
+        raise click.UsageError("--watch-config works with --mode gateway only")
+    try:
+        if mode == "nginx":
+            from inferoute.gateway.nginx_decider.server import run_decider
 
-        run_decider(cfg, listen)
-        return
-    from inferoute.gateway.serve import run_gateway
+            run_decider(cfg, listen)
+            return
+        from inferoute.gateway.serve import run_gateway
 
-    raise SystemExit(run_gateway(cfg, workers, config_path if watch_config else None))
+        status = run_gateway(cfg, workers, config_path if watch_config else None)
+    except OSError as exc:
+        where = "--listen" if listen else f"listen in {config_path}"
+        raise click.ClickException(
+            f"cannot listen on {cfg.listen} ({where}): {describe_os_error(exc)}"
+        ) from exc
+    raise SystemExit(status)
 
 
 @click.command("up", context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,6 +109,12 @@ def up_command(
     config_path: str | None, listen: str | None, sim_base_port: int, replicas: int, time_scale: float
 ) -> None:
     """Run the demo: simulator pool + embedded picker + gateway, until Ctrl-C."""
+    if sim_base_port and sim_base_port + replicas - 1 > 65535:
+        raise click.BadParameter(
+            f"replicas need ports {sim_base_port}..{sim_base_port + replicas - 1}, past 65535; "
+            f"use at most {65536 - replicas} (or 0 for free ports)",
+            param_hint="'--sim-base-port'",
+        )
     from inferoute.gateway.serve import run_async
     from inferoute.gateway.up import UpOptions, run_up
 

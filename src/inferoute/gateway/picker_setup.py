@@ -248,16 +248,18 @@ class Deciders:
         return best
 
     async def ready(self) -> bool:
-        """True when the embedded picker (if any) reports ready."""
-        if self.embedded is None:
-            return True
-        probe = getattr(self.embedded, "ready", None)
-        if probe is None:
-            return True
-        result = probe()
-        if inspect.isawaitable(result):
-            result = await result
-        return bool(result)
+        """True when every picker (embedded, or remote: a health check) reports ready -- fail-closed."""
+        pickers = {id(d.picker): d.picker for d in self.deciders if d.picker is not None}
+        for picker in pickers.values():
+            probe = getattr(picker, "ready", None)
+            if probe is None:
+                continue
+            result = probe()
+            if inspect.isawaitable(result):
+                result = await result
+            if not result:
+                return False
+        return True
 
     def hand_over_embedded(self, successor: Deciders) -> None:
         """A reload kept the embedded picker: ``successor`` closes it from now on, this set does not."""

@@ -45,6 +45,14 @@ from inferoute.picking import Destination, NullSession, Picker, PickerError, Pic
 
 log = logging.getLogger(__name__)
 
+_PICKER_FAILURES = {
+    "tls": "the endpoint picker failed: TLS verification or handshake failed",
+    "unavailable": "the endpoint picker is unavailable",
+    "protocol": "the endpoint picker failed: protocol error",
+    "no-destination": "the endpoint picker answered without a destination endpoint",
+}
+"""The client-facing message per failure class (the details go to the log with the request id)."""
+
 
 class ModelExtractor(Protocol):
     """A remote BBR client (:class:`inferoute.extproc.bbr_client.RemoteBBR` satisfies it)."""
@@ -181,7 +189,7 @@ class RouteDecider:
             decision, session = await self.picker.pick(request)
         except PickerError as exc:
             return self._picker_failed(
-                exc, fwd, set_headers, body, model, bbr_error, t1 - t0, self.clock.now() - t1
+                exc, fwd, set_headers, body, model, bbr_error, t1 - t0, self.clock.now() - t1, request_id
             )
         picker_seconds = self.clock.now() - t1
         if isinstance(decision, Reject):
@@ -206,7 +214,7 @@ class RouteDecider:
                 "the endpoint picker answered without a destination endpoint", cause="no-destination"
             )
             return self._picker_failed(
-                empty, fwd, set_headers, body, model, bbr_error, t1 - t0, picker_seconds
+                empty, fwd, set_headers, body, model, bbr_error, t1 - t0, picker_seconds, request_id
             )
         if decision.set_headers:
             mutations = self._mutations(decision.set_headers)
@@ -288,16 +296,27 @@ class RouteDecider:
         bbr_error: str | None,
         bbr_seconds: float,
         picker_seconds: float,
+        request_id: str = "",
     ) -> Decided:
         epp = self.route.epp
         cause = "picker-timeout" if exc.timeout else (exc.cause or "picker-error")
-        log.warning("route %s: endpoint picker %s failed (%s): %s", self.route.path, epp.endpoint, cause, exc)
+        log.warning(
+            "route %s: endpoint picker %s failed (%s), request %s: %s",
+            self.route.path,
+            epp.endpoint,
+            cause,
+            request_id or "-",
+            exc,
+        )
         if not epp.failure_mode_allow:
             if exc.timeout:
                 raise InferouteError(
                     504, f"the endpoint picker timed out after {epp.timeout_ms} ms", cause=cause
                 ) from exc
-            raise InferouteError(502, f"the endpoint picker failed: {exc}", cause=cause) from exc
+            # The class of failure only: addresses and TLS details are in the log line above.
+            raise InferouteError(
+                502, _PICKER_FAILURES.get(cause, "the endpoint picker failed"), cause=cause
+            ) from exc
         return Decided(
             self.route,
             model,

@@ -16,7 +16,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from inferoute.errors import InferouteError
+from inferoute.errors import InferouteError, describe_os_error
 from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import DEFAULT_LISTEN, GatewayConfig, default_config, load_config, with_listen
 from inferoute.gateway.serve import freeze_startup_objects, wait_for_signal
@@ -75,7 +75,8 @@ def banner(gw: RunningGateway, cfg: GatewayConfig, models: list[str], replicas: 
 
 
 async def run_up(opts: UpOptions, echo: Callable[[str], None] = print) -> int:
-    """Start, announce, wait for a signal, stop. Returns the exit status."""
+    """Start, announce, wait for a signal, stop. Returns the exit status; a start-up failure raises
+    :class:`InferouteError` (the command prints it as one line)."""
     pool = None
     gw: RunningGateway | None = None
     models: list[str] = []
@@ -110,9 +111,6 @@ async def run_up(opts: UpOptions, echo: Callable[[str], None] = print) -> int:
         name = await wait_for_signal()
         echo(f"{name}: stopping")
         return 0
-    except InferouteError as exc:
-        echo(f"error: {exc.message}")
-        return 1
     finally:
         if gw is not None:
             await gw.aclose(grace=2.0)
@@ -121,7 +119,7 @@ async def run_up(opts: UpOptions, echo: Callable[[str], None] = print) -> int:
 
 
 def _bind_error(what: str, where: str, exc: OSError, hint: str) -> InferouteError:
-    reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+    reason = "address already in use" if exc.errno == errno.EADDRINUSE else describe_os_error(exc)
     return InferouteError(500, f"cannot start {what} on {where}: {reason} (try {hint})", cause="bind")
 
 

@@ -214,14 +214,33 @@ def bootstrap(
 
 @click.command(name="envoy-config")
 @click.option("--epp", required=True, metavar="HOST:PORT", help="Where `inferoute epp` serves ext_proc.")
-@click.option("--listen", "listen_port", required=True, type=int, metavar="PORT", help="Envoy's HTTP port.")
-@click.option("--listen-address", default="0.0.0.0", show_default=True)
-@click.option("--admin-port", default=19000, show_default=True, type=int)
+@click.option(
+    "--listen",
+    "listen_port",
+    required=True,
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Envoy's HTTP port (clients connect here).",
+)
+@click.option(
+    "--listen-address", default="0.0.0.0", show_default=True, help="Address Envoy's HTTP listener binds."
+)
+@click.option(
+    "--admin-port",
+    default=19000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Envoy's admin interface port (bound to 127.0.0.1: /ready, /stats, /clusters).",
+)
 @click.option(
     "--insecure", is_flag=True, help="Plaintext HTTP/2 to the picker (inferoute epp --insecure-serving)."
 )
 @click.option(
-    "--message-timeout", default=10.0, show_default=True, type=float, help="Seconds per ext_proc reply."
+    "--message-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds per ext_proc reply.",
 )
 @click.option(
     "--response-phase",
@@ -242,7 +261,13 @@ def bootstrap(
     help="Endpoints YAML (as for `inferoute epp`): a static pool with Envoy's override_host policy, which "
     "accepts the picker's fallback list and retries down it. Default: ORIGINAL_DST (one endpoint).",
 )
-@click.option("--retries", default=2, show_default=True, type=int, help="Retries down the fallback list.")
+@click.option(
+    "--retries",
+    default=2,
+    show_default=True,
+    type=click.IntRange(0, 8),
+    help="Retries down the fallback list (with --endpoints).",
+)
 @click.option(
     "--request-body",
     type=click.Choice(["full_duplex", "buffered"]),

@@ -526,7 +526,10 @@ def options_from_gateway_config(path: str, base: NginxOptions) -> NginxOptions:
 )
 @click.option("--location", "locations", multiple=True, help="Path prefix routed via the decider (repeat).")
 @click.option(
-    "--max-body-size", type=int, default=None, help="Bytes; same as the decider's bbr.max_body_size."
+    "--max-body-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Bytes; same as the decider's bbr.max_body_size [default: the --config file's, else 10485760].",
 )
 @click.option("--model-header", default=None, help="Model header sent to the model server.")
 @click.option("--pass-header", "pass_headers", multiple=True, help="Picker-set header to forward (repeat).")
@@ -538,8 +541,20 @@ def options_from_gateway_config(path: str, base: NginxOptions) -> NginxOptions:
     help="Fallback endpoints tried after a connect error or 500/502/503 before the first byte.",
 )
 @click.option("--default-upstream", default=None, help="Fail-open HOST:PORT when the decider is unreachable.")
-@click.option("--decider-timeout", type=float, default=10.0, show_default=True, help="Seconds.")
-@click.option("--read-timeout", type=float, default=300.0, show_default=True, help="Seconds (model server).")
+@click.option(
+    "--decider-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds NGINX waits for the decider (keep above epp.timeout_ms).",
+)
+@click.option(
+    "--read-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Longest silence from the model server, seconds.",
+)
 @click.option(
     "--report",
     type=click.Choice(["post_action", "syslog"]),

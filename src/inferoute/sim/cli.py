@@ -9,6 +9,7 @@ import signal
 
 import click
 
+from inferoute.errors import describe_os_error
 from inferoute.kvevents.config import KVEventsConfig, parse_kv_events_config
 from inferoute.sim.config import DEFAULT_MODEL, SimConfig
 from inferoute.sim.server import SimPool
@@ -213,4 +214,7 @@ def command(
         try:
             runner.run(_serve(config, replicas, host, port))
         except OSError as exc:
-            raise click.ClickException(f"cannot listen: {exc}") from exc
+            ports = f"{port}..{port + replicas - 1}" if replicas > 1 else str(port)
+            raise click.ClickException(
+                f"cannot listen on {host} port {ports} (--host/--port): {describe_os_error(exc)}"
+            ) from exc

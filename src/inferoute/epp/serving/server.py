@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inferoute.epp.serving import h2server as h2s
 from inferoute.epp.serving.h2server import GrpcAbort
-from inferoute.errors import InferouteError, error_body
+from inferoute.errors import InferouteError, describe_os_error, error_body
 from inferoute.extproc import messages as m
 from inferoute.picking import (
     DESTINATION_HEADER,
@@ -592,8 +592,11 @@ class EppServer:
                 health_pb2_grpc.add_HealthServicer_to_server(health, hs)
                 health_port = hs.add_insecure_port(f"{opts.host}:{opts.health_port}")
                 servers.append(hs)
-        except RuntimeError as exc:
-            raise InferouteError(500, f"cannot listen on {opts.host}: {exc}", cause="bind") from exc
+        except RuntimeError as exc:  # grpc.aio says only "Failed to bind"
+            ports = f"{opts.grpc_port} (ext_proc) or {opts.health_port} (health)"
+            raise InferouteError(
+                500, f"cannot listen on {opts.host} port {ports}: in use or not available", cause="bind"
+            ) from exc
         for s in servers:
             await s.start()  # type: ignore[call-arg]
         cls._log_listening(opts, port, health_port)
@@ -612,17 +615,20 @@ class EppServer:
             _h2_methods(servicer, health), max_message_bytes=opts.max_message_bytes, limits=opts.h2_limits
         )
         servers: list[grpc.aio.Server | h2s.GrpcServer] = [main]
+        where = f"{opts.host}:{opts.grpc_port} (ext_proc)"
         try:
             port = await main.start(opts.host, opts.grpc_port, ctx)
             health_port: int | None = None
             if opts.health_port is not None:
+                where = f"{opts.host}:{opts.health_port} (health)"
                 hs = h2s.GrpcServer(_h2_methods(None, health), limits=opts.h2_limits)
                 health_port = await hs.start(opts.host, opts.health_port)
                 servers.append(hs)
         except OSError as exc:
             for s in servers:
                 await s.stop(0)
-            raise InferouteError(500, f"cannot listen on {opts.host}: {exc}", cause="bind") from exc
+            msg = f"cannot listen on {where}: {describe_os_error(exc)}"
+            raise InferouteError(500, msg, cause="bind") from exc
         cls._log_listening(opts, port, health_port)
         return cls(servers, port, health_port, metrics)
 

@@ -1,8 +1,13 @@
 """TLS material for the picker's gRPC server.
 
 GIE's EPP serves TLS by default: certificates from ``--cert-path`` (``tls.crt`` / ``tls.key``, the Kubernetes
-secret layout), else a self-signed certificate generated at start-up. Proxies in front of it (Envoy) typically
-skip verification of that self-signed certificate; deployments that care mount a real one.
+secret layout), else a self-signed certificate. Proxies in front of GIE's EPP typically skip verification of
+that certificate; inferoute never does. Instead ``inferoute epp`` keeps its self-signed pair in a per-user
+state directory (``~/.local/state/inferoute/epp-tls``, see :mod:`inferoute.localtrust`; made once by
+:func:`ensure_local_cert` and reused across restarts), and a data plane on the same machine trusts that one
+certificate in addition to the system roots: the default gateway + picker pairing verifies its peer with no
+configuration. On another machine, copy ``tls.crt`` and name it in ``epp.ca_file`` (or mount a real
+certificate with ``--cert-path``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from inferoute.errors import InferouteError
+from inferoute.localtrust import local_cert_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -183,3 +189,42 @@ def server_ssl_context(
     if files:
         base.sni_callback = on_hello
     return base
+
+
+def _usable(cert_file: Path, min_days: float = 1.0) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError):
+        return False
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    return left > datetime.timedelta(days=min_days)
+
+
+def ensure_local_cert(directory: Path | None = None) -> Path:
+    """The directory of the machine-local self-signed pair, made (or renewed a day before it expires) when
+    needed. Written to a private temporary directory and renamed into place, so concurrent pickers never see
+    a half-written pair; the key is readable by its owner only."""
+    d = directory or local_cert_dir()
+    if _usable(d / CERT_FILE) and (d / KEY_FILE).exists():
+        return d
+    d.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = Path(tempfile.mkdtemp(prefix=".epp-tls-", dir=d.parent))
+    pair = self_signed(days=825)
+    (tmp / KEY_FILE).touch(mode=0o600)
+    (tmp / KEY_FILE).write_bytes(pair.key_pem)
+    (tmp / CERT_FILE).write_bytes(pair.cert_pem)
+    old = d.with_name(d.name + f".old-{os.getpid()}")
+    if d.exists():
+        os.replace(d, old)
+    try:
+        os.replace(tmp, d)
+    except OSError:  # another picker won the race: use its pair
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    if old.exists():
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    log.info("made a self-signed picker certificate in %s", d)
+    return d

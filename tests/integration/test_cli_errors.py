@@ -1,0 +1,96 @@
+"""Every user mistake on the command line ends with exit status != 0 and ONE line naming the flag, key or file
+and what is valid -- no traceback, no HTTP status. Each case runs the real ``inferoute`` command in a
+subprocess (the cases run concurrently to keep the test short)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+GOOD_ENDPOINTS = "endpoints: [{name: a, address: 127.0.0.1, port: 9}]\n"
+
+
+def _files(tmp: Path, busy: int) -> dict[str, str]:
+    files = {
+        "endpoints.yaml": GOOD_ENDPOINTS,
+        "gw-typo.yaml": "listen: 127.0.0.1:0\nroutes:\n  - path: /v1/\n    bbbr: {}\n",
+        "gw-busy.yaml": f"listen: 127.0.0.1:{busy}\nroutes:\n  - path: /v1/\n",
+        "gw-badyaml.yaml": "listen: [unclosed\n",
+        "epp-typo.yaml": "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
+        "plugins:\n- type: queue-scorrer\n",
+    }
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+    return {name: str(tmp / name) for name in files}
+
+
+# (arguments, words the one line must contain)
+def _cases(f: dict[str, str], busy: int) -> list[tuple[list[str], list[str]]]:
+    ep = ["--endpoints", f["endpoints.yaml"], "--host", "127.0.0.1"]
+    free = ["--grpc-port", "0", "--health-port", "0", "--metrics-port", "0"]
+    return [
+        (["--log-level", "LOUD", "sim"], ["--log-level", "DEBUG, INFO, WARNING, ERROR"]),
+        (["up", "--sim-base-port", "65534"], ["--sim-base-port", "65535"]),
+        (["up", "--listen", "nohost"], ["--listen"]),
+        (["nginx-config", "--config", f["gw-typo.yaml"]], ["gw-typo.yaml", "bbbr"]),
+        (["nginx-config", "--config", "/nonexistent/gw.yaml"], ["--config", "/nonexistent/gw.yaml"]),
+        (["nginx-config", "--decider", "nocolon"], ["--decider", "HOST:PORT"]),
+        (["envoy-config", "--epp", "127.0.0.1:9002", "--listen", "99999"], ["--listen", "65535"]),
+        (["envoy-config", "--epp", "127.0.0.1", "--listen", "8080"], ["--epp", "HOST:PORT"]),
+        (["gateway", "--config", "/nonexistent/gw.yaml"], ["/nonexistent/gw.yaml"]),
+        (["gateway", "--config", f["gw-typo.yaml"]], ["gw-typo.yaml", "bbbr"]),
+        (["gateway", "--config", f["gw-badyaml.yaml"]], ["gw-badyaml.yaml"]),
+        (["gateway", "--config", f["gw-busy.yaml"]], [f"127.0.0.1:{busy}", "in use"]),
+        (["gateway", "--mode", "nginx", "--config", f["gw-busy.yaml"]], [f"127.0.0.1:{busy}", "in use"]),
+        (["gateway", "--workers", "0", "--config", f["gw-typo.yaml"]], ["--workers"]),
+        (["epp", *ep, "--grpc-port", "99999"], ["--grpc-port", "65535"]),
+        (["epp", *ep, "--metrics-port", "-1"], ["--metrics-port", "65535"]),
+        (["epp", *ep, "--profile", "fast"], ["--profile", "gie-default"]),
+        (["epp", *ep, "--profile", "random", "--config", f["epp-typo.yaml"]], ["--profile", "--config"]),
+        (["epp", *ep, *free, "--config", f["epp-typo.yaml"]], ["queue-scorrer", "valid"]),
+        (["epp", "--endpoints", "/nonexistent/e.yaml"], ["--endpoints", "/nonexistent/e.yaml"]),
+        (["epp", *ep, "--grpc-port", str(busy), "--health-port", "0", "--metrics-port", "0"], [str(busy)]),
+        (["epp", *ep, "--grpc-port", "0", "--health-port", "0", "--metrics-port", str(busy)], [str(busy)]),
+        (["sim", "--port", str(busy)], [str(busy), "--port", "in use"]),
+        (["sim", "--port", "65535", "--replicas", "2"], ["--port", "65535"]),
+        (["bench", "nosuch"], ["nosuch"]),
+        (["nosuch"], ["nosuch"]),
+    ]
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "inferoute", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_every_mistake_is_one_clear_line(tmp_path: Path, busy_port: int) -> None:
+    cases = _cases(_files(tmp_path, busy_port), busy_port)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(_run, [args for args, _ in cases]))
+    for (args, words), res in zip(cases, results, strict=True):
+        errors = [line for line in res.stderr.splitlines() if ": error: " in line]
+        shown = f"inferoute {' '.join(args)} -> {res.returncode}\n{res.stderr}"
+        assert res.returncode != 0, shown
+        assert "Traceback" not in res.stderr, shown
+        assert len(errors) == 1, shown
+        line = errors[0]
+        assert line.startswith("inferoute"), shown
+        for word in words:
+            assert word in line, f"{word!r} missing: {shown}"
+        for status in ("500 ", "Error: 5", "400 "):
+            assert status not in line, f"an HTTP status in a CLI message: {shown}"
