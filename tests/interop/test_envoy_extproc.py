@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from conftest import free_ports
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.extproc.testing import FAIL_HEADER, REJECT_HEADER, SELECTION_HEADER, RecordingPicker
-from inferoute.integrations.envoy import EnvoyProcess, bootstrap
+from inferoute.integrations.envoy import PICKER_FAILED, EnvoyProcess, bootstrap
 
 
 @dataclass
@@ -259,6 +259,14 @@ async def test_picker_error_fails_closed(stack: Stack) -> None:
         http.post(f"{stack.url}/v1/completions", data=_payload(), headers={FAIL_HEADER: "1"}) as r,
     ):
         assert r.status == 500  # the stream ended with a gRPC error; Envoy fails closed
+        assert r.content_type == "application/json"
+        err = (await r.json())["error"]  # OpenAI-style, from the bootstrap's local_reply_config
+        assert err == {
+            "message": PICKER_FAILED,
+            "type": "internal_server_error",
+            "param": None,
+            "code": 500,
+        }
 
 
 async def test_picker_down_fail_closed_is_5xx_and_fail_open_cannot_be_steered(
@@ -281,6 +289,7 @@ async def test_picker_down_fail_closed_is_5xx_and_fail_open_cannot_be_steered(
                 # Envoy 1.40 in full duplex answers 500 either way (fail-open cannot help once the body
                 # streams to the processor); what matters: nothing was routed by the client's header.
                 assert r.status == 500, f"fail_open={fail_open}: {r.status}"
+                assert (await r.json())["error"]["message"] == PICKER_FAILED
             assert not backends.seen  # nothing reached a backend, the spoofed header did not steer
         finally:
             await envoy.aclose()
@@ -359,6 +368,8 @@ async def test_original_dst_cannot_take_a_fallback_list(stack: Stack, backends: 
         http.post(f"{stack.url}/v1/completions", data=_payload(), headers={SELECTION_HEADER: sel}) as r,
     ):
         assert r.status == 503
+        err = (await r.json())["error"]  # Envoy's own reply, OpenAI-style (local_reply_config)
+        assert err["type"] == "service_unavailable_error" and err["code"] == 503 and err["message"]
     assert not backends.seen
 
 

@@ -476,6 +476,11 @@ async def test_errors_reach_the_client_as_json(stack: Stack) -> None:
     # internal paths are not reachable through NGINX
     status, body, _ = await post("/_inferoute/done", b"")
     assert status == 404
+    # paths outside the routed locations: JSON, never NGINX's HTML page
+    for path, expected in (("/no/such/path", 404), ("/", 404)):
+        async with aiohttp.ClientSession() as client, client.get(f"{stack.url}{path}") as resp:
+            assert (resp.status, resp.content_type) == (expected, "application/json"), await resp.text()
+            assert (await resp.json())["error"]["code"] == expected
     await stack.wait_idle()
     assert sum(stack.picker.inflight.values()) == 0
 

@@ -249,7 +249,7 @@ class Deciders:
 
     async def ready(self) -> bool:
         """True when every picker (embedded, or remote: a health check) reports ready -- fail-closed."""
-        pickers = {id(d.picker): d.picker for d in self.deciders if d.picker is not None}
+        pickers = {id(p): p for p in (self.embedded, *self._owned) if p is not None}  # pickers, BBR clients
         for picker in pickers.values():
             probe = getattr(picker, "ready", None)
             if probe is None:

@@ -13,6 +13,10 @@ What the generated configuration does (verified with Envoy 1.40, see docs/envoy.
   ``response_attributes: [upstream.address]`` so the response-phase messages name the endpoint that served;
 * the upstream cluster is ``ORIGINAL_DST`` keyed on the ``envoy.lb`` metadata (``metadata_key``), never on a
   header, so a client-supplied header cannot steer a request even when the picker is bypassed;
+* ``local_reply_config``: every answer Envoy makes up itself is an OpenAI-style JSON error
+  (``{"error": {"message", "type", "param", "code"}}``): the picker failing or unreachable (a 500 whose body
+  Envoy leaves empty), no healthy or unreachable model server, timeouts. The picker's own rejections
+  (ImmediateResponse) already carry such a body and pass unchanged;
 * the EPP cluster speaks HTTP/2 with TLS (no verification of the picker's self-signed certificate, like the
   GIE charts) unless ``--insecure``, and is health checked with gRPC health service
   ``envoy.service.ext_proc.v3.ExternalProcessor``.
@@ -36,6 +40,7 @@ from typing import Any
 import click
 
 from inferoute.endpoints import split_hostport
+from inferoute.errors import error_type
 from inferoute.picking import DESTINATION_HEADER, DESTINATION_SERVED_KEY, LB_NAMESPACE
 
 EXT_PROC_HEALTH_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -136,6 +141,7 @@ def bootstrap(
                 }
             ],
         },
+        "local_reply_config": local_reply_config(),
         "http_filters": [
             strip,
             {"name": "envoy.filters.http.ext_proc", "typed_config": {"@type": _EXT_PROC, **ext_proc}},
@@ -210,6 +216,72 @@ def bootstrap(
             "clusters": [pool_cluster, epp_cluster],
         },
     }
+
+
+_CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+PICKER_FAILED = "the endpoint picker failed or is unreachable"
+_LOCAL_REPLY_STATUSES = (400, 404, 408, 413, 429, 431, 500, 502, 503, 504)
+
+
+def _json_error(message: str, status: int | None) -> dict[str, Any]:
+    """An Envoy ``body_format`` rendering the OpenAI error shape; the code is Envoy's response code."""
+    return {
+        "json_format": {
+            "error": {
+                "message": message,
+                "type": error_type(status or 500),
+                "param": None,
+                "code": "%RESPONSE_CODE%",
+            }
+        }
+    }
+
+
+def local_reply_config() -> dict[str, Any]:
+    """OpenAI-style JSON bodies for the replies Envoy generates itself (first matching mapper wins):
+
+    * the ext_proc call failed (picker down, TLS, a gRPC error: response code details ``ext_proc_error*``,
+      matched with a CEL filter): a fixed message, the class of failure only;
+    * Envoy's own failures (a response flag is set: no healthy upstream, connect failure, timeout, no
+      route, ...): Envoy's short reason as the message, the OpenAI type of the status.
+
+    Everything else -- the picker's ImmediateResponse rejections, which already carry a JSON body, and the
+    model server's answers -- is left as it is."""
+    picker = {
+        "filter": {
+            "extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    "@type": _CEL_FILTER,
+                    "expression": "response.code_details.startsWith('ext_proc_error')",
+                },
+            }
+        },
+        "body_format_override": _json_error(PICKER_FAILED, 500),
+    }
+    own: list[dict[str, Any]] = [
+        {
+            "filter": {
+                "and_filter": {
+                    "filters": [
+                        {"response_flag_filter": {}},
+                        {"status_code_filter": {"comparison": {"op": "EQ", "value": _runtime(status)}}},
+                    ]
+                }
+            },
+            "body_format_override": _json_error("%LOCAL_REPLY_BODY%", status),
+        }
+        for status in _LOCAL_REPLY_STATUSES
+    ]
+    catch_all = {
+        "filter": {"response_flag_filter": {}},
+        "body_format_override": _json_error("%LOCAL_REPLY_BODY%", None),
+    }
+    return {"mappers": [picker, *own, catch_all]}
+
+
+def _runtime(value: int) -> dict[str, Any]:
+    return {"default_value": value, "runtime_key": f"inferoute.local_reply.status_{value}"}
 
 
 @click.command(name="envoy-config")

@@ -218,10 +218,8 @@ def render(opts: NginxOptions) -> str:
     w('        set $inference_request "";')
     w("")
     w("        # Errors NGINX itself generates get the same OpenAI-style JSON bodies as the decider's.")
-    w("        error_page 400 @inference_error_400;")
-    w("        error_page 413 @inference_error_413;")
-    w("        error_page 502 @inference_error_502;")
-    w("        error_page 504 @inference_error_504;")
+    for status, _ in NGINX_ERRORS:
+        w(f"        error_page {status} @inference_error_{status};")
     w("")
     for loc in opts.locations:
         _decider_location(w, opts, loc)
@@ -232,6 +230,12 @@ def render(opts: NginxOptions) -> str:
         _done_location(w, opts)
     _decider_down_location(w, opts)
     _error_locations(w, opts)
+    if "/" not in opts.locations:
+        w("        # Paths outside the routed locations: a JSON 404, never NGINX's HTML page.")
+        w("        location / {")
+        w("            default_type application/json;")
+        w(f"            return 404 {_json_error(404, 'no route for this path')};")
+        w("        }")
     w("        # The decider's own paths (completion reports, health, metrics) are not for clients.")
     w(f"        location {d.INTERNAL_PREFIX} {{")
     w("            default_type application/json;")
@@ -316,6 +320,21 @@ def _proxy_to_endpoint(w: _Writer, opts: NginxOptions, target: str) -> None:
     w(f"{i}proxy_send_timeout {_seconds(opts.read_timeout)};")
     w(f"{i}proxy_pass http://{target};")
 
+
+NGINX_ERRORS = (
+    (400, "malformed HTTP request"),
+    (404, "not found"),
+    (405, "method not allowed"),
+    (408, "the request was not received in time"),
+    (413, "request body exceeds the size limit"),
+    (500, "internal error in the proxy"),
+    (502, UNREACHABLE),
+    (503, "service unavailable"),
+    (504, "the model server timed out"),
+)
+"""Every error NGINX may generate itself, with the message of its OpenAI-style JSON body (the whole server
+maps them with ``error_page``). Not covered: a request line or header too long (414, 494): NGINX cannot
+redirect a request it could not parse, and an ``error_page`` for them turns into an HTML 500."""
 
 CLEARED_HEADERS = (
     d.UPSTREAM_HEADER,
@@ -467,13 +486,8 @@ def _error_locations(w: _Writer, opts: NginxOptions) -> None:
     )
     w("        # the failed attempt to the picker.")
     for prefix, accounting in (("error", False), ("upstream", _reports(opts) == "post_action")):
-        for status, message in (
-            (400, "malformed HTTP request"),
-            (413, "request body exceeds the size limit"),
-            (502, UNREACHABLE),
-            (504, "the model server timed out"),
-        ):
-            if prefix == "upstream" and status in (400, 413):
+        for status, message in NGINX_ERRORS:
+            if prefix == "upstream" and status not in (502, 504):
                 continue
             w(f"        location @inference_{prefix}_{status} {{")
             w(f"{i}default_type application/json;")
