@@ -167,6 +167,9 @@ def bootstrap(
             {
                 "timeout": "1s",
                 "interval": f"{health_check_interval:g}s",
+                # Envoy checks a cluster without traffic only every 60 s by default: a picker started
+                # after Envoy would stay "unhealthy" (every request a 503) for up to a minute.
+                "no_traffic_interval": f"{health_check_interval:g}s",
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
                 "grpc_health_check": {"service_name": EXT_PROC_HEALTH_SERVICE},
