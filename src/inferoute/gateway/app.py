@@ -82,6 +82,8 @@ class GatewayHandler:
         self.relay = Relay(forwarder, self.clock)
         self._totals = metrics.totals
         self._limits = cfg.limits
+        self.stopping = False
+        """Set when the gateway stops: requests cancelled from then on were cut by the shutdown."""
 
     @property
     def in_flight(self) -> int:
@@ -108,8 +110,11 @@ class GatewayHandler:
         try:
             return await self._handle(request, rec, deciders)
         except asyncio.CancelledError:
-            rec.status = 499  # NGINX's code for "the client closed the connection"
-            rec.cause = "client-disconnect"
+            if self.stopping:  # cut by the end of the shutdown grace period, not by the client
+                rec.cause = "shutdown"
+            else:
+                rec.status = 499  # NGINX's code for "the client closed the connection"
+                rec.cause = "client-disconnect"
             raise
         finally:
             totals.in_flight -= 1
@@ -322,6 +327,7 @@ class RunningGateway:
         self._reloader.retire(old)
 
     async def aclose(self, grace: float = 5.0) -> None:
+        self.handler.stopping = True
         self._server.close()
         with contextlib.suppress(Exception):
             await self._web_server.shutdown(grace)

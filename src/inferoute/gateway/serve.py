@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import multiprocessing
@@ -47,11 +48,15 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return runner.run(main())
 
 
-async def wait_for_signal() -> str:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+DEFAULT_GRACE = 5.0
+"""Seconds a stopping gateway gives requests in flight (streams included) before cutting them."""
+
+
+async def wait_for_signal(sigs: tuple[signal.Signals, ...] = STOP_SIGNALS) -> str:
     """Until SIGINT or SIGTERM; returns the signal's name."""
     loop = asyncio.get_running_loop()
     got: asyncio.Future[str] = loop.create_future()
-    sigs = (signal.SIGINT, signal.SIGTERM)
 
     def on_signal(sig: signal.Signals) -> None:
         if not got.done():
@@ -66,6 +71,35 @@ async def wait_for_signal() -> str:
             loop.remove_signal_handler(sig)
 
 
+async def stop_gracefully(
+    gw: RunningGateway, grace: float = DEFAULT_GRACE, sigs: tuple[signal.Signals, ...] = STOP_SIGNALS
+) -> None:
+    """Close ``gw``, giving requests in flight up to ``grace`` seconds, and say so; a second signal meanwhile
+    ends the process at once (exit status 130, no traceback: the kernel closes the sockets). Streams cut
+    when the grace period ends are logged with cause ``shutdown``."""
+    loop = asyncio.get_running_loop()
+    busy = gw.handler.in_flight
+    if busy:
+        log.warning(
+            "stopping: waiting up to %.0f s for %d request(s) in flight (again to stop now)", grace, busy
+        )
+    else:
+        log.info("stopping (no requests in flight)")
+
+    def at_once(sig: signal.Signals) -> None:
+        log.warning("%s again: stopping now, cutting %d request(s)", sig.name, gw.handler.in_flight)
+        logging.shutdown()
+        os._exit(130)
+
+    for sig in sigs:
+        loop.add_signal_handler(sig, at_once, sig)
+    try:
+        await gw.aclose(grace)
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+
+
 def freeze_startup_objects() -> int:
     """Move every object alive after startup (modules, config, picker plugins, pools) out of the garbage
     collector's reach: later collections only scan what requests allocate. Returns how many were frozen."""
@@ -75,13 +109,19 @@ def freeze_startup_objects() -> int:
 
 
 async def serve_one(
-    cfg: GatewayConfig, *, reuse_port: bool = False, announce: bool = True, watch: str | None = None
+    cfg: GatewayConfig,
+    *,
+    reuse_port: bool = False,
+    announce: bool = True,
+    watch: str | None = None,
+    sigs: tuple[signal.Signals, ...] = STOP_SIGNALS,
 ) -> int:
     """One gateway process until a signal; with ``watch`` (the config file's path) it reloads the file's
     routes when it changes (:mod:`inferoute.gateway.reload`)."""
     gw: RunningGateway = await start_gateway(cfg, reuse_port=reuse_port)
     freeze_startup_objects()
     tasks = TaskSet("gateway")
+    stopped = False
     try:
         if watch is not None:
             watcher = ConfigWatcher(watch, gw.reload, gw.registry)
@@ -89,20 +129,40 @@ async def serve_one(
             tasks.spawn(watcher.run(), "watch-config")
         if announce:
             log.info("gateway listening on %s (pid %d)", gw.url, os.getpid())
-        name = await wait_for_signal()
-        log.info("%s: stopping", name)
+        name = await wait_for_signal(sigs)
+        log.info("%s received", name)
+        await tasks.aclose()
+        stopped = True
+        await stop_gracefully(gw, sigs=sigs)
     finally:
         await tasks.aclose()
-        await gw.aclose()
+        if not stopped:
+            await gw.aclose()
     return 0
 
 
-def _worker_main(cfg_json: bytes, log_level: int, watch: str | None = None) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel sends this worker SIGTERM when its parent dies, however it dies (SIGKILL included),
+    so workers never keep serving the port alone (``prctl(PR_SET_PDEATHSIG)``)."""
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_main(cfg_json: bytes, log_level: int, watch: str | None = None, parent: int = 0) -> None:
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
     )
+    # Ctrl-C reaches the whole process group: the parent turns it into one SIGTERM per worker, so a worker
+    # ignores SIGINT itself (else one Ctrl-C would count twice and skip the grace period).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent:
+        _die_with_parent(parent)
     cfg = msgspec.json.decode(cfg_json, type=GatewayConfig)
-    sys.exit(run_async(lambda: serve_one(cfg, reuse_port=True, announce=False, watch=watch)))
+    only_term = (signal.SIGTERM,)
+    sys.exit(run_async(lambda: serve_one(cfg, reuse_port=True, announce=False, watch=watch, sigs=only_term)))
 
 
 def run_gateway(cfg: GatewayConfig, workers: int | None = None, watch: str | None = None) -> int:
@@ -131,6 +191,14 @@ def run_gateway(cfg: GatewayConfig, workers: int | None = None, watch: str | Non
     stop = {"signal": 0}
 
     def forward(signum: int, _frame: Any) -> None:
+        if _frame is not None and not stop["signal"]:
+            log.warning(
+                "stopping %d workers: each waits up to %.0f s for its requests in flight (again to stop now)",
+                n,
+                DEFAULT_GRACE,
+            )
+        elif _frame is not None:
+            log.warning("%s again: the workers stop now", signal.Signals(signum).name)
         stop["signal"] = signum
         for p in procs:
             if p.is_alive() and p.pid:
@@ -140,7 +208,9 @@ def run_gateway(cfg: GatewayConfig, workers: int | None = None, watch: str | Non
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for i in range(n):
-            proc = ctx.Process(target=_worker_main, args=(blob, level, watch), name=f"gateway-worker-{i}")
+            proc = ctx.Process(
+                target=_worker_main, args=(blob, level, watch, os.getpid()), name=f"gateway-worker-{i}"
+            )
             proc.start()
             procs.append(proc)
         log.info(

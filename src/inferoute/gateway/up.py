@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from inferoute.errors import InferouteError, describe_os_error
 from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import DEFAULT_LISTEN, GatewayConfig, default_config, load_config, with_listen
-from inferoute.gateway.serve import freeze_startup_objects, wait_for_signal
+from inferoute.gateway.serve import freeze_startup_objects, stop_gracefully, wait_for_signal
 
 log = logging.getLogger(__name__)
 
 DEMO_ADAPTERS = ("sql-lora", "chat-lora")
 DEMO_REPLICAS = 4
 DEMO_SIM_BASE_PORT = 8100
+UP_GRACE = 2.0
+"""Seconds the demo gives requests in flight when stopping."""
 
 
 @dataclass(slots=True)
@@ -109,11 +111,13 @@ async def run_up(opts: UpOptions, echo: Callable[[str], None] = print) -> int:
         freeze_startup_objects()
         echo(banner(gw, cfg, models, replicas))
         name = await wait_for_signal()
-        echo(f"{name}: stopping")
+        echo(f"{name}: stopping the gateway, then the picker and the simulators")
+        stopping, gw = gw, None
+        await stop_gracefully(stopping, UP_GRACE)
         return 0
     finally:
         if gw is not None:
-            await gw.aclose(grace=2.0)
+            await gw.aclose(grace=UP_GRACE)
         if pool is not None:
             await pool.aclose()
 

@@ -1,0 +1,148 @@
+"""Stopping `inferoute gateway` (real processes): the first signal says what it waits for and for how long,
+streams cut by the shutdown are logged as such (not as a client disconnect), a second signal stops at once
+without a traceback, and `--workers` processes die with their parent even when it is SIGKILLed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
+
+INFEROUTE = Path(sys.executable).parent / "inferoute"
+LONG_STREAM = {"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 5000, "ignore_eos": True, "stream": True}
+
+
+def _config(tmp: Path, port: int, upstream: str) -> Path:
+    cfg = tmp / "gw.yaml"
+    cfg.write_text(
+        f"listen: 127.0.0.1:{port}\nroutes:\n  - path: /v1/\n    epp: {{enabled: false}}\n"
+        f"    default_upstream: {upstream}\n"
+    )
+    return cfg
+
+
+def _start(cfg: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [str(INFEROUTE), "gateway", "--config", str(cfg), *args], stdout=out, stderr=out
+        )
+
+
+async def _until_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()  # noqa: ASYNC240 - a small file, on failure
+            try:
+                async with s.get(url + "/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"gateway did not start:\n{log.read_text()}")  # noqa: ASYNC240
+
+
+async def _wait_exit(proc: subprocess.Popen[bytes], within: float) -> int | None:
+    deadline = time.monotonic() + within
+    while proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a process
+        await asyncio.sleep(0.02)
+    return proc.poll()
+
+
+async def test_first_signal_announces_the_wait_and_a_second_stops_at_once(
+    tmp_path: Path, free_port: Any
+) -> None:
+    async with await SimPool.start(SimConfig(time_scale=1.0), replicas=1) as pool:
+        port = free_port()
+        log = tmp_path / "gw.log"
+        proc = _start(_config(tmp_path, port, pool.endpoints[0].key), log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await _until_up(url, proc, log)
+            async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json=LONG_STREAM) as r:
+                assert r.status == 200
+                await r.content.readline()  # the stream is under way
+                proc.send_signal(signal.SIGINT)
+                for _ in range(100):
+                    if "waiting up to" in log.read_text():
+                        break
+                    await asyncio.sleep(0.02)
+                text = log.read_text()
+                assert "waiting up to 5 s for 1 request(s) in flight" in text, text
+                t0 = time.monotonic()
+                proc.send_signal(signal.SIGINT)
+                status = await _wait_exit(proc, 3.0)
+                assert status == 130 and time.monotonic() - t0 < 3.0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text()
+    assert "SIGINT again: stopping now" in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+
+
+async def test_a_stream_cut_by_the_grace_period_is_logged_as_shutdown(tmp_path: Path, free_port: Any) -> None:
+    async with await SimPool.start(SimConfig(time_scale=1.0), replicas=1) as pool:
+        port = free_port()
+        log = tmp_path / "gw.log"
+        proc = _start(_config(tmp_path, port, pool.endpoints[0].key), log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await _until_up(url, proc, log)
+            async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json=LONG_STREAM) as r:
+                await r.content.readline()
+                proc.send_signal(signal.SIGTERM)
+                assert await _wait_exit(proc, 20.0) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    access = [ln for ln in log.read_text().splitlines() if "path=/v1/completions" in ln]
+    assert len(access) == 1 and "cause=shutdown" in access[0] and "status=499" not in access[0], access
+
+
+async def test_workers_die_with_their_parent_even_on_sigkill(tmp_path: Path, free_port: Any) -> None:
+    port = free_port()
+    log = tmp_path / "gw.log"
+    proc = _start(_config(tmp_path, port, "127.0.0.1:9"), log, "--workers", "2")
+    try:
+        await _until_up(f"http://127.0.0.1:{port}", proc, log)
+        children = subprocess.run(  # noqa: ASYNC221 - pgrep, milliseconds
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        assert len(children) >= 2, children  # two workers (and multiprocessing's resource tracker)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        alive = children
+        while alive and time.monotonic() < deadline:
+            alive = [c for c in children if _alive(int(c))]
+            await asyncio.sleep(0.05)
+        assert not alive, f"workers {alive} outlived their parent:\n{log.read_text()}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) is gone for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
