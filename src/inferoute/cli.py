@@ -33,7 +33,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("inferoute.gateway.cli:gateway_command", "Run the gateway (data plane)."),
     "epp": ("inferoute.epp.cli:command", "Run the endpoint picker (ext_proc gRPC server)."),
     "sim": ("inferoute.sim.cli:command", "Run vLLM-compatible simulated model servers."),
-    "bench": ("inferoute.bench.cli:command", "Benchmarks (sim fidelity, picker, gateway, routing)."),
+    "bench": (
+        "inferoute.bench.cli:command",
+        "Benchmarks: sim, scheduler, picker, gateway, nginx, routing, routing-crosscheck.",
+    ),
     "envoy-config": (
         "inferoute.integrations.envoy:command",
         "Print an Envoy bootstrap that uses the picker.",

@@ -280,15 +280,35 @@ def markdown(agreements: Sequence[Agreement]) -> str:
 
 @click.command("routing-crosscheck")
 @click.option("--guidellm", "guidellm", required=True, help="Path of the guidellm executable.")
-@click.option("--workload", default="shared-prefix", show_default=True)
-@click.option("--contender", default="inferoute/gie-default", show_default=True)
-@click.option("--rate", type=float, default=6.0, show_default=True)
-@click.option("--duration", type=float, default=30.0, show_default=True)
-@click.option("--replicas", type=int, default=4, show_default=True)
-@click.option("--time-scale", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--tolerance", type=float, default=0.10, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out/crosscheck"))
+@click.option("--workload", default="shared-prefix", show_default=True, help="Workload of the point.")
+@click.option(
+    "--contender",
+    default="inferoute/gie-default",
+    show_default=True,
+    help="Router behind both load generators.",
+)
+@click.option("--rate", type=float, default=6.0, show_default=True, help="Offered requests per second.")
+@click.option("--duration", type=float, default=30.0, show_default=True, help="Measured seconds per tool.")
+@click.option("--replicas", type=int, default=4, show_default=True, help="Simulator replicas.")
+@click.option(
+    "--time-scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Simulator speed (0.1 = ten times faster).",
+)
+@click.option("--seed", type=int, default=42, show_default=True, help="Seeds the workload and the simulator.")
+@click.option(
+    "--tolerance", type=float, default=0.10, show_default=True, help="Largest relative difference accepted."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results/crosscheck"),
+    show_default=True,
+    help="Directory for both tools' results and the comparison.",
+)
 def command(
     guidellm: str, workload: str, contender: str, rate: float, duration: float, replicas: int,
     time_scale: float, seed: int, tolerance: float, out_dir: Path,

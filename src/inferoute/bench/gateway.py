@@ -852,6 +852,7 @@ def _scheduler_lines(result: dict[str, Any]) -> list[str]:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("bench-results/gateway"),
     show_default=True,
+    help="Directory for the JSON results and the Markdown report.",
 )
 @click.option(
     "--rate", default=200.0, show_default=True, help="Fixed request rate for the added-latency test."

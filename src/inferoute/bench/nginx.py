@@ -492,6 +492,7 @@ def markdown(results: list[ContenderResult], connections: int) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("bench-results"),
     show_default=True,
+    help="Directory for the JSON results and the Markdown report.",
 )
 def command(
     duration: float,

@@ -79,7 +79,7 @@ class RunConfig:
     replicas: int = 4
     time_scale: float = 1.0
     seed: int = 42
-    out_dir: Path = Path("bench-out/routing")
+    out_dir: Path = Path("bench-results/routing")
     quick: bool = False
     request_timeout: float = 180.0
     command: str = ""
@@ -336,7 +336,9 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
     help="Comma-separated contenders or prefixes (inferoute, "
     "vllm-router, sglang-router/cache_aware, ...); default: all (quick: three).",
 )
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--seed", type=int, default=42, show_default=True, help="Seeds the workload and the simulator pool."
+)
 @click.option(
     "--from-json",
     "from_json",
@@ -351,7 +353,7 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
     "--out",
     "out_dir",
     type=click.Path(path_type=Path),
-    default=Path("bench-out/routing"),
+    default=Path("bench-results/routing"),
     show_default=True,
     help="Directory for run.json, CSVs, plots and summary.md.",
 )

@@ -707,10 +707,17 @@ def _grid(
 
 @click.command()
 @click.option("--endpoints", "sizes", default="10,100,1000", show_default=True, help="Pool sizes.")
-@click.option("--profiles", default="gie-default,predicted-ttft", show_default=True)
+@click.option(
+    "--profiles",
+    default="gie-default,predicted-ttft",
+    show_default=True,
+    help="Comma-separated built-in picker profiles to time.",
+)
 @click.option("--picks", default=3000, show_default=True, help="Timed picks per small-prompt cell.")
 @click.option("--scrape-endpoints", default=100, show_default=True, help="0 skips the scrape measurement.")
-@click.option("--scrape-seconds", default=5.0, show_default=True)
+@click.option(
+    "--scrape-seconds", default=5.0, show_default=True, help="Length of the scrape-cost measurement."
+)
 @click.option(
     "--scrape-interval", default=0.05, show_default=True, help="Seconds between scrapes of one endpoint."
 )

@@ -408,8 +408,20 @@ def sweep(
 )
 @click.option("--duration", default=8.0, show_default=True, type=float, help="Measured seconds per level.")
 @click.option("--warmup", default=2.0, show_default=True, type=float, help="Unmeasured seconds per level.")
-@click.option("--max-tokens", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option("--time-scale", default=1.0, show_default=True, type=float)
+@click.option(
+    "--max-tokens",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tokens per streamed completion.",
+)
+@click.option(
+    "--time-scale",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Simulator speed (0.1 = ten times faster).",
+)
 @click.option("--target-ms", default=5.0, show_default=True, type=float, help="p99 delay target.")
 @click.option(
     "--pin/--no-pin",
@@ -436,7 +448,13 @@ def sweep(
     type=click.IntRange(min=0),
     help="Extra levels bisecting between the largest passing and smallest failing stream count.",
 )
-@click.option("--out", default="bench-results/sim-fidelity.json", show_default=True, type=click.Path())
+@click.option(
+    "--out",
+    default="bench-results/sim-fidelity.json",
+    show_default=True,
+    type=click.Path(),
+    help="JSON file with every figure and the conditions.",
+)
 def command(
     streams: str,
     replicas: int,

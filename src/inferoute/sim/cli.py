@@ -59,7 +59,7 @@ async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None
     type=click.IntRange(0, 65535),
     help="Base port: replicas listen on PORT..PORT+N-1 (0 = free ports, printed on stdout).",
 )
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Served base model name.")
 @click.option("--lora-adapters", default="", help="Comma-separated LoRA adapter names.")
 @click.option(
@@ -146,7 +146,9 @@ async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None
     show_default=True,
     help="vLLM's PYTHONHASHSEED: the root of the sha256_cbor block-hash chain (KV events).",
 )
-@click.option("--uvloop/--no-uvloop", default=True, show_default=True)
+@click.option(
+    "--uvloop/--no-uvloop", default=True, show_default=True, help="Event loop: uvloop or asyncio's."
+)
 def command(
     replicas: int,
     port: int,

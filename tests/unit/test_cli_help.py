@@ -1,0 +1,40 @@
+"""Every option of every `inferoute` command explains itself, and the top-level help names every benchmark."""
+
+from __future__ import annotations
+
+import click
+from click.testing import CliRunner
+
+from inferoute.bench.cli import BENCHMARKS
+from inferoute.cli import main
+
+
+def _commands(group: click.Group, ctx: click.Context, path: str) -> list[tuple[str, click.Command]]:
+    out: list[tuple[str, click.Command]] = []
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
+        if isinstance(cmd, click.Group):
+            out += _commands(cmd, ctx, f"{path} {name}")
+        else:
+            out.append((f"{path} {name}", cmd))
+    return out
+
+
+def test_every_option_has_a_help_text() -> None:
+    ctx = click.Context(main)
+    missing = [
+        f"{path} {'/'.join(p.opts)}"
+        for path, cmd in _commands(main, ctx, "inferoute")
+        for p in cmd.params
+        if isinstance(p, click.Option) and not p.hidden and not p.help
+    ]
+    assert not missing, missing
+
+
+def test_top_level_help_lists_every_benchmark() -> None:
+    text = CliRunner().invoke(main, ["--help"]).output
+    commands = text.split("Commands:", 1)[1]
+    bench = " ".join(commands.split("envoy-config", 1)[0].split())  # the bench entry, unwrapped
+    for name in BENCHMARKS:
+        assert f" {name}," in bench or bench.endswith(f" {name}."), (name, bench)
