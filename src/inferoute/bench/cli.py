@@ -16,6 +16,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "Picker: scheduling latency, ext_proc decisions/s, big prompts.",
     ),
     "scheduler": ("inferoute.bench.scheduler:command", "Scheduling latency at 10/100/1000 endpoints."),
+    "sim-metrics": (
+        "inferoute.bench.sim_metrics:command",
+        "Simulator /metrics: CPU per scrape, cached vs full.",
+    ),
     "gateway": ("inferoute.bench.gateway:command", "Gateway overhead vs direct, NGINX, vllm-router."),
     "nginx": ("inferoute.bench.nginx:command", "NGINX + decider vs NGINX proxy_pass vs gateway."),
     "routing": (

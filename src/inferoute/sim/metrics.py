@@ -2,13 +2,21 @@
 
 Names follow vLLM V1 (every series has a ``model_name`` label). Gauges are computed from engine state when
 scraped; counters and histograms come from :class:`~inferoute.sim.stats.EngineStats`.
+
+Rendering the ~30 KB page costs ~2 ms of CPU, and a picker scrapes every replica 20 times a second: an idle
+demo pool of 4 replicas spent ~16% of a core on it. :class:`MetricsPage` renders again only when something
+the page shows changed -- a fingerprint of the engine's gauges, every counter and every histogram's count
+(each observation changes one), ~2 µs -- and re-renders only the LoRA info family each time, whose value is
+the wall clock (docs/benchmarks.md, "Simulator /metrics").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
+from prometheus_client import generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -18,15 +26,19 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from inferoute.sim.engine import Engine
-from inferoute.sim.stats import Histogram
+from inferoute.sim.stats import EngineStats, Histogram
 
 
 class EngineCollector(Collector):
-    """Exposes one engine under vLLM's metric names."""
+    """Exposes one engine under vLLM's metric names (``lora_info=False``: without the LoRA info family, which
+    :class:`LoraInfoCollector` then exposes)."""
 
-    def __init__(self, engine: Engine, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, engine: Engine, wall_clock: Callable[[], float] = time.time, *, lora_info: bool = True
+    ) -> None:
         self._engine = engine
         self._wall = wall_clock
+        self._lora_info = lora_info
 
     def collect(self) -> Iterator[Metric]:
         e = self._engine
@@ -62,17 +74,8 @@ class EngineCollector(Collector):
         )
         info.add_metric([model, str(cfg.block_size), str(cfg.kv_cache_blocks), "True"], 1.0)
         yield info
-        if cfg.lora_adapters:
-            lora = GaugeMetricFamily(
-                "vllm:lora_requests_info",
-                "Running stats on lora requests.",
-                labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
-            )
-            lora.add_metric(
-                [model, str(cfg.max_loras), ",".join(e.running_loras), ",".join(e.waiting_loras)],
-                self._wall(),
-            )
-            yield lora
+        if self._lora_info:
+            yield from LoraInfoCollector(e, self._wall).collect()
         s = e.stats
         yield counter(
             "vllm:prefix_cache_queries",
@@ -154,6 +157,85 @@ class EngineCollector(Collector):
             ),
         ):
             yield histogram(name, doc, h)
+
+
+class LoraInfoCollector(Collector):
+    """``vllm:lora_requests_info`` (only with adapters configured): the running and waiting adapters as
+    labels, the wall clock as the value -- as vLLM does."""
+
+    def __init__(self, engine: Engine, wall_clock: Callable[[], float] = time.time) -> None:
+        self._engine = engine
+        self._wall = wall_clock
+
+    def collect(self) -> Iterator[Metric]:
+        e = self._engine
+        cfg = e.config
+        if not cfg.lora_adapters:
+            return
+        lora = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        lora.add_metric(
+            [cfg.model, str(cfg.max_loras), ",".join(e.running_loras), ",".join(e.waiting_loras)],
+            self._wall(),
+        )
+        yield lora
+
+
+def engine_fingerprint(engine: Engine) -> tuple[object, ...]:
+    """Changes whenever anything :class:`EngineCollector` shows changes: the gauges, every counter of
+    :class:`EngineStats` and the count of every histogram (counters and counts only grow)."""
+    e = engine
+    values: list[object] = [e.num_running, e.num_waiting, e.kv_usage, *e.running_loras, "|", *e.waiting_loras]
+    stats = e.stats
+    for name in _STATS_FIELDS:
+        v = getattr(stats, name)
+        if isinstance(v, Histogram):
+            values.append(v.count)
+        elif isinstance(v, dict):
+            values.append(tuple(v.items()))
+        else:
+            values.append(v)
+    return tuple(values)
+
+
+_STATS_FIELDS = tuple(f.name for f in dataclasses.fields(EngineStats))
+
+
+class MetricsPage:
+    """The ``/metrics`` body of one replica, rendered again only when its fingerprint changed (see the
+    module docstring). ``cached`` holds every collector but the LoRA info, ``fingerprint`` covers them all;
+    the LoRA info family is rendered on every scrape and appended."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        cached: CollectorRegistry,
+        fingerprint: Callable[[], object],
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._cached = cached
+        self._fingerprint = fingerprint
+        self._live: CollectorRegistry | None = None
+        if engine.config.lora_adapters:
+            self._live = CollectorRegistry(auto_describe=False)
+            self._live.register(LoraInfoCollector(engine, wall_clock))
+        self._key: object = None
+        self._body = b""
+        self.renders = 0
+        """How many times the cached part was rendered (tests, benchmarks)."""
+
+    def body(self) -> bytes:
+        key = self._fingerprint()
+        if key != self._key or self.renders == 0:
+            self._body = generate_latest(self._cached)
+            self._key = key
+            self.renders += 1
+        if self._live is None:
+            return self._body
+        return self._body + generate_latest(self._live)
 
 
 def engine_registry(engine: Engine, wall_clock: Callable[[], float] = time.time) -> CollectorRegistry:

@@ -38,16 +38,16 @@ from typing import Any
 import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from inferoute.endpoints import Endpoint
 from inferoute.errors import InferouteError, error_body
 from inferoute.sim.config import SimConfig
 from inferoute.sim.engine import Engine, SimRequest
 from inferoute.sim.kvpublish import KVEventPublisher
-from inferoute.sim.metrics import engine_registry
+from inferoute.sim.metrics import EngineCollector, MetricsPage, engine_fingerprint
 from inferoute.sim.protocol import (
     DONE,
     ResponseWriter,
@@ -200,8 +200,13 @@ class Replica:
         self._timer_at: float | None = None
         self._runner: web.AppRunner | None = None
         self._errors: Counter[str] = Counter()
-        self._registry = engine_registry(self.engine)
-        self._registry.register(_ErrorCollector(self._errors, config.model))
+        self.metrics_registry = CollectorRegistry(auto_describe=False)  # all but the LoRA info: MetricsPage
+        self.metrics_registry.register(EngineCollector(self.engine, lora_info=False))
+        self.metrics_registry.register(_ErrorCollector(self._errors, config.model))
+        engine, errors = self.engine, self._errors
+        self.metrics_page = MetricsPage(
+            engine, self.metrics_registry, lambda: (engine_fingerprint(engine), tuple(errors.items()))
+        )
         self._headers = {POD_HEADER: name, PORT_HEADER: str(self.port)}
         self._models = models_body(config.model, config.lora_adapters, config.max_model_len, int(time.time()))
         self._served = frozenset(config.served_models)
@@ -403,9 +408,7 @@ class Replica:
         return web.Response(status=200)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return web.Response(body=self.metrics_page.body(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         self._preflight(request)
