@@ -102,3 +102,19 @@ def test_body_buffers_other_than_bytes_take_the_msgspec_path() -> None:
     parser = BodyParser()
     for buffer in (bytearray(body), memoryview(body)):
         assert parser.parse(buffer) == parse_body(body)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b"", "the request body is empty"),
+        (b"  \n", "the request body is empty"),
+        (b"{", "ends before the JSON value is complete"),
+        (b"nope", "not valid JSON"),
+    ],
+)
+def test_an_unparsable_body_gets_a_clear_message(body: bytes, words: str) -> None:
+    with pytest.raises(InferouteError) as info:
+        parse_body(body)
+    assert info.value.status == 400 and words in info.value.message
+    assert "truncated" not in info.value.message

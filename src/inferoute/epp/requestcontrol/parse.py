@@ -58,7 +58,13 @@ def parse_body(body: bytes) -> ParsedBody:
     try:
         parsed = _decoder.decode(body)
     except msgspec.DecodeError as exc:
-        raise InferouteError(400, f"failed to parse request body: {exc}", cause="bad-request") from exc
+        if not body.strip():
+            msg = 'the request body is empty: send a JSON object such as {"model": "...", "prompt": "..."}'
+        elif str(exc) == "Input data was truncated":
+            msg = "the request body is not valid JSON: it ends before the JSON value is complete"
+        else:
+            msg = f"the request body is not valid JSON: {exc}"
+        raise InferouteError(400, msg, cause="bad-request") from exc
     if parsed.model is None:
         raise InferouteError(400, "model not found in request body", cause="bad-request", param="model")
     if not isinstance(parsed.model, str) or not parsed.model:
