@@ -67,6 +67,43 @@ def pool(
     return obj
 
 
+def objective(
+    name: str, priority: int | None, pool_name: str = "pool", group: str = "llm-d.ai"
+) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "apiVersion": f"{group}/v1alpha2",
+        "kind": "InferenceObjective",
+        "metadata": {"name": name, "namespace": "default", "creationTimestamp": "2026-12-01T00:00:00Z"},
+        "spec": {"poolRef": {"group": "inference.networking.k8s.io", "name": pool_name}},
+    }
+    if priority is not None:
+        obj["spec"]["priority"] = priority
+    if group == "llm-d.ai":
+        validate(obj)
+    return obj
+
+
+def rewrite(
+    name: str, model: str, targets: dict[str, int], created: str = "2026-12-01T00:00:00Z"
+) -> dict[str, Any]:
+    obj = {
+        "apiVersion": "llm-d.ai/v1alpha2",
+        "kind": "InferenceModelRewrite",
+        "metadata": {"name": name, "namespace": "default", "creationTimestamp": created},
+        "spec": {
+            "poolRef": {"name": "pool"},
+            "rules": [
+                {
+                    "matches": [{"model": {"type": "Exact", "value": model}}],
+                    "targets": [{"modelRewrite": m, "weight": w} for m, w in targets.items()],
+                }
+            ],
+        },
+    }
+    validate(obj)
+    return obj
+
+
 def pod(
     name: str, ip: str, *, ready: bool = True, ns: str = "default", labels: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
@@ -199,6 +236,8 @@ async def kube_api(tmp_path: Path) -> AsyncIterator[KubeApi]:
             POOLS,
             "llm-d.ai/v1alpha2/inferenceobjectives",
             "llm-d.ai/v1alpha2/inferencemodelrewrites",
+            "inference.networking.x-k8s.io/v1alpha2/inferenceobjectives",
+            "inference.networking.x-k8s.io/v1alpha2/inferencemodelrewrites",
         ):
             handler.resources[resource] = {}
         server = kmock.Server(handler)

@@ -115,8 +115,18 @@ async def _start_picker(opts: EppRunOptions, registry: CollectorRegistry) -> Any
     )
 
 
-def _leader_election(opts: EppRunOptions, picker: Any, tasks: TaskSet) -> Any:
-    """With ``--ha-enable-leader-election``: run the elector and gate readiness on leading."""
+def _kubernetes_tasks(opts: EppRunOptions, picker: Any, tasks: TaskSet) -> Any:
+    """With ``--pool-name``: objectives/rewrites from their CRDs into the picker's store. With
+    ``--ha-enable-leader-election``: run the elector and gate readiness on leading. Returns the picker to
+    serve."""
+    if opts.discover:
+        from inferoute.epp.datalayer.kubernetes_crds import CrdSync
+        from inferoute.epp.datalayer.kubernetes_watch import load_kube_config
+
+        sync = CrdSync(
+            picker.config.store, opts.pool_name, opts.pool_namespace, load_kube_config(opts.kubeconfig)
+        )
+        tasks.spawn(sync.run(), name="k8s-crd-sync")
     if opts.ha is None:
         return picker
     from inferoute.clock import SystemClock
@@ -135,8 +145,9 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
     picker = await _start_picker(opts, registry)
     tasks = TaskSet("epp-cli")
     try:
-        served = _leader_election(opts, picker, tasks)
+        served = _kubernetes_tasks(opts, picker, tasks)
     except BaseException:
+        await tasks.aclose()
         await picker.aclose()
         raise
     server: EppServer | None = None

@@ -104,6 +104,8 @@ def describe_api_error(exc: BaseException, what: str, namespace: str) -> str:
         )
     if code == 404 and what == "inferencepools":
         return f"the InferencePool API ({POOL_GROUP}/{POOL_VERSION}) is not installed in the cluster: {msg}"
+    if code == 404:
+        return f"{what}: the API (CRD) is not installed in the cluster; retrying slowly"
     return f"Kubernetes API error {code} on {what}: {msg}"
 
 
