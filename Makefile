@@ -19,7 +19,8 @@ $(TESTSTAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,lint,bench]'
 	touch $@
 
-# System packages the interop tests use (NGINX; curl, iproute2 and unshare for the runnable docs).
+# System packages the interop tests use (NGINX; curl, iproute2 and unshare for the runnable docs; nghttp2's
+# h2load for the HTTP/2 interop test).
 # Installed only when missing.
 test-deps: $(TESTSTAMP)
 	@missing=""; \
@@ -27,6 +28,7 @@ test-deps: $(TESTSTAMP)
 	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
 	{ command -v ip >/dev/null 2>&1 || test -x /usr/sbin/ip || test -x /sbin/ip; } || missing="$$missing iproute2"; \
 	command -v unshare >/dev/null 2>&1 || missing="$$missing util-linux"; \
+	command -v h2load >/dev/null 2>&1 || missing="$$missing nghttp2-client"; \
 	if [ -n "$$missing" ]; then echo "installing$$missing (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
