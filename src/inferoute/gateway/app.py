@@ -43,6 +43,7 @@ from inferoute.gateway.proxy import Forwarder
 from inferoute.gateway.relay import LimitedStream, Relay, RequestRecord, read_body, request_id_from
 from inferoute.gateway.reload import Reloader
 from inferoute.gateway.routing import Decided, PickerRejected
+from inferoute.gateway.target import request_target
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("inferoute.gateway.access")
@@ -182,6 +183,8 @@ class GatewayHandler:
                 f"request headers too large ({size} > {lim.max_header_bytes} bytes)",
                 cause="headers-too-large",
             )
+        target = rec.target = request_target(request.raw_path)  # normalised once: matched and forwarded
+        rec.path = target.partition("?")[0]
         decider = deciders.for_path(rec.path)
         if decider is None:
             raise InferouteError(404, f"no route for {rec.path}", cause="no-route")
@@ -192,17 +195,15 @@ class GatewayHandler:
             # nothing needs the body before the upstream does: pass it through as it arrives
             streamed = await LimitedStream.accept(request, route.bbr.max_body_size, rec, self._totals)
             decided = await decider.decide(
-                request.method, request.raw_path, request.headers.items(), b"", rec.request_id
+                request.method, target, request.headers.items(), b"", rec.request_id
             )
             self._note_decision(decided, rec)
             return await self.relay.forward(request, decided, rec, streamed)
         body = await read_body(request, route.bbr.max_body_size)
         rec.bytes_in = len(body)
         self._totals.bytes_in += len(body)
-        # the picker sees the path as sent (with its query string), like Envoy's :path
-        decided = await decider.decide(
-            request.method, request.raw_path, request.headers.items(), body, rec.request_id
-        )
+        # the picker sees the path as forwarded (with its query string), like Envoy's :path
+        decided = await decider.decide(request.method, target, request.headers.items(), body, rec.request_id)
         self._note_decision(decided, rec)
         return await self.relay.forward(request, decided, rec)
 

@@ -133,6 +133,9 @@ class RouteConfig(_Base):
     backends: list[BackendConfig] = msgspec.field(default_factory=list)
     """Weighted backends; when set they replace ``epp``/``default_upstream`` and the global ``pool`` for
     this route (``epp.body`` still says whether the body is read before picking)."""
+    trust_client_headers: bool = False
+    """Pass clients' picker-control headers (``x-gateway-model-name-rewrite``, ``x-llm-d-model-name-rewrite``,
+    ``x-gateway-model-name``) to the picker and upstream; by default they are stripped."""
 
 
 class LimitsConfig(_Base):

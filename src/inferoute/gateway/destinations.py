@@ -3,8 +3,9 @@
 Pure code. Two security rules live here:
 
 1. **Strip client-supplied routing headers first.** A client must not choose its own destination
-   (the Envoy ORIGINAL_DST pitfall in reference/integrations.md, and the seed module's skip-EPP-if-present
-   hole). :func:`routing_header_names` lists them; :func:`strip_headers` removes them.
+   (the Envoy ORIGINAL_DST pitfall, and the seed module's skip-EPP-if-present hole), nor the model the
+   picker serves (:data:`PICKER_CONTROL`, unless its route trusts its clients).
+   :func:`routing_header_names` lists them; :func:`strip_headers` removes them.
 2. **Only connect to allowed destinations.** :class:`AllowList` accepts an ``ip:port`` only when it is a pool
    endpoint, a configured ``default_upstream``, or an IP inside ``pool.allowed_cidrs``. Anything else a picker
    returns is refused (502, cause ``invalid-destination``), so a confused or compromised picker cannot turn
@@ -21,6 +22,12 @@ from inferoute.errors import InferouteError
 from inferoute.picking import DESTINATION_HEADER
 
 ALWAYS_STRIPPED: frozenset[str] = frozenset({"x-inference-upstream", DESTINATION_HEADER})
+PICKER_CONTROL: frozenset[str] = frozenset(
+    {"x-gateway-model-name-rewrite", "x-llm-d-model-name-rewrite", "x-gateway-model-name"}
+)
+"""Headers that steer the picker (which model is served, which model it thinks was asked for): stripped
+from client requests unless the route sets ``trust_client_headers`` (the gateway's BBR sets the model
+header itself)."""
 STRIPPED_PREFIX = DESTINATION_HEADER  # x-gateway-destination-endpoint, -served, -subset, ...
 
 

@@ -25,7 +25,7 @@ from inferoute.clock import Clock
 from inferoute.endpoints import Endpoint, parse_endpoints
 from inferoute.gateway.bbr import ModelReader
 from inferoute.gateway.config import EMBEDDED, BBRConfig, EPPConfig, GatewayConfig, RouteConfig, target_of
-from inferoute.gateway.destinations import AllowList, routing_header_names
+from inferoute.gateway.destinations import PICKER_CONTROL, AllowList, routing_header_names
 from inferoute.gateway.routing import ModelExtractor, RouteDecider
 from inferoute.gateway.weighted import PathDecider, WeightedDecider
 from inferoute.picking import Picker
@@ -212,6 +212,7 @@ class Deciders:
                 picker,
                 allow=allowed,
                 routing_headers=names,
+                untrusted=frozenset() if route.trust_client_headers else PICKER_CONTROL,
                 remote_bbr=clients.bbr(route.bbr),
                 clock=clock,
                 model_reader=reader,

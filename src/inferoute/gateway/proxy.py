@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from inferoute.errors import InferouteError
 from inferoute.gateway.config import GatewayConfig
@@ -229,7 +230,11 @@ class Forwarder:
             try:
                 async with asyncio.timeout(t.response_headers):
                     resp = await session.request(
-                        method, f"http://{up}{path_qs}", headers=headers, data=data, allow_redirects=False
+                        method,
+                        URL(f"http://{up}{path_qs}", encoded=True),  # exactly as matched: no re-normalising
+                        headers=headers,
+                        data=data,
+                        allow_redirects=False,
                     )
             except TimeoutError as exc:
                 raise InferouteError(

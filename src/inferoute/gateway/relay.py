@@ -74,6 +74,9 @@ class RequestRecord:
     attempts: int = 0
     source: str = "-"
     extra_causes: list[str] = field(default_factory=list)
+    target: str = ""
+    """The normalised request target (path and query) that was matched and is forwarded; empty: the raw
+    one (the NGINX decider's relay, where NGINX normalised it)."""
 
 
 def request_id_from(value: str | None) -> str:
@@ -256,7 +259,7 @@ class Relay:
         upstreams = d.upstreams if self.max_upstreams is None else d.upstreams[: self.max_upstreams]
         try:
             opened = await self.forwarder.open(
-                request.method, request.raw_path, upstreams, headers_for, body, route=rec.route
+                request.method, rec.target or request.raw_path, upstreams, headers_for, body, route=rec.route
             )
         except (aiohttp.ClientError, OSError) as exc:
             if streamed is not None and streamed.too_large is not None:

@@ -124,6 +124,7 @@ class RouteDecider:
         *,
         allow: AllowList,
         routing_headers: frozenset[str],
+        untrusted: frozenset[str] = frozenset(),
         remote_bbr: ModelExtractor | None = None,
         clock: Clock | None = None,
         model_reader: ModelReader | None = None,
@@ -133,6 +134,9 @@ class RouteDecider:
         self.picker = picker if route.epp.enabled else None
         self.allow = allow
         self.routing_headers = routing_headers
+        self.client_stripped = routing_headers | untrusted
+        """Removed from client requests: routing headers and, unless the route trusts its clients, the
+        picker-control headers (``untrusted``); picker mutations may still set the latter."""
         self.remote_bbr = remote_bbr if route.bbr.endpoint else None
         self.clock = clock or SystemClock()
         self.model_reader = model_reader or ModelReader()
@@ -152,7 +156,7 @@ class RouteDecider:
         route = self.route
         if route.bbr.enabled and len(body) > route.bbr.max_body_size:
             raise too_large(route.bbr.max_body_size, len(body))
-        stripped = strip_headers(headers, self.routing_headers)
+        stripped = strip_headers(headers, self.client_stripped)
         set_headers: dict[str, str] = {}
         model: str | None = None
         bbr_error: str | None = None
