@@ -13,9 +13,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from inferoute.kvevents.config import KVEventsConfig
+from inferoute.kvevents.config import KV_EVENTS_LABEL, KV_REPLAY_LABEL, KVEventsConfig
 from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
-from inferoute.sim.server import KV_EVENTS_LABEL, KV_REPLAY_LABEL
 from inferoute.sim.tokenizer import encode
 
 CFG = SimConfig(

@@ -28,7 +28,7 @@ from inferoute.epp.flowcontrol.shell import FlowControl
 from inferoute.epp.flowcontrol.signals import FlowControlMetrics
 from inferoute.epp.learned import LearnedState, LocalLearnedState
 from inferoute.epp.metrics import EppMetrics
-from inferoute.epp.plugin import PluginDeps
+from inferoute.epp.plugin import BackgroundPlugin, PluginDeps, RequestPreparer
 from inferoute.epp.requestcontrol.director import Director, Prepared
 from inferoute.epp.scheduling.prefix import DEFAULT_LRU_CAPACITY, PrefixIndex
 from inferoute.epp.scheduling.shadow import ShadowMetrics
@@ -57,7 +57,8 @@ class EppOptions:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     pool_name: str = "default"
     profile: str | None = None
-    """A built-in profile name (gie-default, predicted-ttft, round-robin, random) instead of a config."""
+    """A built-in profile name (gie-default, predicted-ttft, round-robin, random, precise) instead of a
+    config."""
     scrape_timeout: float = 1.0
     endpoints_poll_interval: float = 1.0
     objectives: Mapping[str, int] = field(default_factory=dict)
@@ -142,9 +143,17 @@ class EmbeddedPicker:
         if config.scheduler.shadows:
             self.shadow_metrics = ShadowMetrics(metrics.registry)
             self.shadow_metrics.attach(config.scheduler)
+        plugins = list(config.plugins.values())
+        self._background = [p for p in plugins if isinstance(p, BackgroundPlugin)]
+        """Plugins with work of their own (KV-event subscribers): told every change of the endpoint set."""
+        self._preparer = next((p for p in plugins if isinstance(p, RequestPreparer)), None)
+        """Computes the prompt's token ids before scheduling (``token-producer``), if configured."""
 
     async def _start(self) -> None:
         await self.collector.start()
+        endpoints = self._endpoints()
+        for plugin in self._background:
+            await plugin.start(endpoints)
         self._tasks.spawn(self.source.watch(self._on_endpoints), name="endpoint-source")
 
     def _on_endpoints(self, endpoints: list[Endpoint]) -> None:
@@ -152,6 +161,12 @@ class EmbeddedPicker:
         if removed:
             self.learned.forget_endpoints(removed)
         self.collector.sync()
+        endpoints = self._endpoints()
+        for plugin in self._background:
+            plugin.endpoints_changed(endpoints)
+
+    def _endpoints(self) -> list[Endpoint]:
+        return [s.endpoint for s in self.datastore.states.values()]
 
     def ready(self) -> bool:
         """Datastore synced: endpoints known and each scraped (or tried) at least once."""
@@ -161,11 +176,15 @@ class EmbeddedPicker:
         if self._closed:
             raise PickerError("picker is closed", cause="picker-closed")
         try:
-            if self.flow is None:
+            if self.flow is None and self._preparer is None:
                 return self.director.decide(request)
             prep = self.director.prepare(request)
             if not isinstance(prep, Prepared):
                 return prep
+            if self._preparer is not None:
+                prep.request.token_ids = await self._preparer.prepare(request.body, self._endpoints())
+            if self.flow is None:
+                return self.director.schedule(prep, admission=True)
             return await self.flow.pick(prep)
         except InferouteError:
             raise
@@ -177,6 +196,8 @@ class EmbeddedPicker:
         if self._closed:
             return
         self._closed = True
+        for plugin in self._background:
+            await plugin.aclose()
         if self.flow is not None:
             self.flow.close()
             if self.flow.metrics is not None:

@@ -18,7 +18,7 @@ requires an explicit positive weight). Every mistake raises :class:`~inferoute.e
 (cause ``config``) naming the key and the valid choices.
 
 Built-in profiles (``src/inferoute/epp/profiles/*.yaml``): ``gie-default`` (the default when no config is
-given: queue 2, kv-cache 2, prefix 3), ``predicted-ttft``, ``round-robin``, ``random``.
+given: queue 2, kv-cache 2, prefix 3), ``predicted-ttft``, ``round-robin``, ``random``, ``precise``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from inferoute.epp.datalayer.plugins import CoreMetricsExtractor, MetricsDataSou
 from inferoute.epp.flowcontrol import SaturationDetector, UtilizationDetector
 from inferoute.epp.flowcontrol.config import FlowControlConfig, gate_enabled, parse_flow_control
 from inferoute.epp.flowcontrol.plugins import DETECTORS, create_default
-from inferoute.epp.plugin import Params, PluginDeps, config_error
+from inferoute.epp.plugin import Params, PluginBinder, PluginDeps, config_error
 from inferoute.epp.requestcontrol.slo_admitter import LatencySloAdmitter
 from inferoute.epp.requestcontrol.store import RequestControlStore, load_objectives, load_rewrites
 from inferoute.epp.scheduling.framework import (
@@ -68,7 +68,7 @@ TOP_KEYS = (
     "objectives",
     "modelRewrites",
 )
-BUILTIN_PROFILES = ("gie-default", "predicted-ttft", "round-robin", "random")
+BUILTIN_PROFILES = ("gie-default", "predicted-ttft", "round-robin", "random", "precise")
 
 
 def builtin_profile_text(name: str) -> str:
@@ -203,6 +203,9 @@ def parse_config(
             raise config_error(f"{where}.name: duplicate plugin name {name!r}")
         params = Params(item.get("parameters"), f"{where}.parameters")
         plugins[name] = registry.create(type_name, name, params, deps)
+    for plugin in plugins.values():
+        if isinstance(plugin, PluginBinder):
+            plugin.bind(plugins)
 
     # 2. profiles
     raw_profiles = _list(doc.get("schedulingProfiles"), f"{source}.schedulingProfiles")

@@ -6,11 +6,12 @@ Plugins import this module, never the registry, so the registry can import every
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from inferoute.clock import Clock
+from inferoute.endpoints import Endpoint
 from inferoute.epp.learned import LearnedState
 from inferoute.errors import InferouteError
 
@@ -39,13 +40,8 @@ class Params:
     def integer(
         self, key: str, default: int, *, minimum: int | None = None, maximum: int | None = None
     ) -> int:
-        v = self._get(key)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise config_error(f"{self.where}.{key}: expected an integer, got {v!r}")
-        self._range(key, v, minimum, maximum)
-        return v
+        v = self.optional_int(key, minimum=minimum, maximum=maximum)
+        return default if v is None else v
 
     def number(
         self, key: str, default: float, *, minimum: float | None = None, maximum: float | None = None
@@ -76,6 +72,19 @@ class Params:
             raise config_error(f"{self.where}.{key}: {v!r} is not valid; valid: {', '.join(choices)}")
         return v
 
+    def section(self, key: str) -> Params:
+        """A nested mapping parameter as its own :class:`Params` (call its :meth:`done` too)."""
+        return Params(self._get(key), f"{self.where}.{key}")
+
+    def optional_int(self, key: str, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
+        v = self._get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise config_error(f"{self.where}.{key}: expected an integer, got {v!r}")
+        self._range(key, v, minimum, maximum)
+        return v
+
     def _range(self, key: str, v: float, minimum: float | None, maximum: float | None) -> None:
         if minimum is not None and v < minimum:
             raise config_error(f"{self.where}.{key}: must be >= {minimum}, got {v}")
@@ -100,6 +109,33 @@ class PluginDeps:
 
 
 Factory = Callable[[str, Params, PluginDeps], object]
+
+
+@runtime_checkable
+class BackgroundPlugin(Protocol):
+    """A plugin with work of its own (e.g. KV-event subscribers): the picker starts it with the endpoint
+    set, tells it every change of that set, and closes it."""
+
+    async def start(self, endpoints: Sequence[Endpoint]) -> None: ...
+
+    def endpoints_changed(self, endpoints: Sequence[Endpoint]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class RequestPreparer(Protocol):
+    """A plugin that computes request data before scheduling, with I/O (llm-d's data producers, e.g.
+    ``token-producer``): the token ids of the prompt, or None."""
+
+    async def prepare(self, body: bytes, endpoints: Sequence[Endpoint]) -> Sequence[int] | None: ...
+
+
+@runtime_checkable
+class PluginBinder(Protocol):
+    """A plugin that refers to other plugins by name: called once every plugin of the config exists."""
+
+    def bind(self, plugins: Mapping[str, object]) -> None: ...
 
 
 @dataclass(slots=True)

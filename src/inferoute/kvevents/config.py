@@ -18,6 +18,10 @@ from typing import Any
 import msgspec
 
 DEFAULT_TOPIC = "kv@{pod}@{model}"
+KV_EVENTS_LABEL = "kv-events-endpoint"
+"""Endpoint label: the ZMQ address of a server's KV-event PUB socket (the simulator sets it)."""
+KV_REPLAY_LABEL = "kv-events-replay-endpoint"
+"""Endpoint label: the ZMQ address of its replay ROUTER socket."""
 
 
 @dataclass(frozen=True, slots=True)

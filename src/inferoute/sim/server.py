@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from inferoute.endpoints import Endpoint
 from inferoute.errors import InferouteError, error_body
+from inferoute.kvevents.config import KV_EVENTS_LABEL, KV_REPLAY_LABEL
 from inferoute.sim.config import SimConfig
 from inferoute.sim.engine import Engine, SimRequest
 from inferoute.sim.kvpublish import KVEventPublisher
@@ -64,10 +65,6 @@ log = logging.getLogger(__name__)
 POD_HEADER = "x-inference-pod"
 PORT_HEADER = "x-inference-port"
 FORCE_STATUS_HEADER = "x-sim-force-status"
-KV_EVENTS_LABEL = "kv-events-endpoint"
-"""Endpoint label: the ZMQ address of the replica's KV-event PUB socket."""
-KV_REPLAY_LABEL = "kv-events-replay-endpoint"
-"""Endpoint label: the ZMQ address of its replay ROUTER socket."""
 _JSON = "application/json"
 
 

@@ -50,6 +50,7 @@ def register_builtins(registry: PluginRegistry) -> PluginRegistry:
         kv_cache_scorer,
         lora_affinity_scorer,
         max_score_picker,
+        precise_prefix_producer,
         predicted_ttft_scorer,
         prefix_cache_scorer,
         queue_scorer,
@@ -57,6 +58,7 @@ def register_builtins(registry: PluginRegistry) -> PluginRegistry:
         round_robin_picker,
         running_requests_scorer,
         session_affinity_scorer,
+        token_producer,
         weighted_random_picker,
     )
 
@@ -72,6 +74,8 @@ def register_builtins(registry: PluginRegistry) -> PluginRegistry:
         random_picker,
         weighted_random_picker,
         round_robin_picker,
+        precise_prefix_producer,
+        token_producer,
     ):
         registry.register(module.TYPE, module.create, module.ROLE)
     from inferoute.epp.datalayer import plugins as datalayer_plugins

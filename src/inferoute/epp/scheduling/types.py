@@ -40,6 +40,8 @@ class InferenceRequest:
     fairness_id: str = "default-flow"
     priority: int = 0
     stream: bool = False
+    token_ids: Sequence[int] | None = None
+    """The prompt's token ids when a request preparer (``token-producer``) computed them, else None."""
     slo_ttft: float | None = None
     """Time-to-first-token objective in seconds (``x-llm-d-slo-ttft-ms``), None when not given."""
     slo_tpot: float | None = None
@@ -199,6 +201,20 @@ class PickerPlugin(Protocol):
         """The chosen endpoint first, then ordered fallbacks (``maxNumOfEndpoints`` in total at most).
 
         ``scores[i]`` is the weighted total of ``candidates[i]``."""
+        ...
+
+
+@runtime_checkable
+class PrefixMatchProducer(Protocol):
+    """A source of prefix-match information other than the approximate index (``prefixMatchInfoProducerName``
+    of ``prefix-cache-scorer``), e.g. the precise, KV-event-fed one."""
+
+    name: str
+
+    def prefix_match(
+        self, ctx: CycleContext, candidates: Sequence[Candidate]
+    ) -> tuple[Mapping[str, int], int]:
+        """(matched leading blocks per candidate key, total blocks of the prompt)."""
         ...
 
 

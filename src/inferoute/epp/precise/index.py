@@ -1,0 +1,222 @@
+"""The precise prefix index: which endpoint holds which prompt blocks, from the engines' own KV events. Pure.
+
+Keys are the picker's own, recomputed from each event's ``token_ids`` the way llm-d's indexer does
+(``pkg/kvcache/kvblock``), so engine and picker block sizes need not match and engine hashes are only opaque
+handles:
+
+* a *request key* names a picker block of ``block_size`` tokens and its whole prefix:
+  ``key = xxh64(parent_key (8 bytes) || token ids (int64 each) || extra)``; the chain starts at
+  ``root(model) = xxh64(hash_seed NUL model)``, where the model is the LoRA adapter's name when the blocks
+  belong to one, else the served base model (the topic's model part). llm-d uses FNV-64a over CBOR for the
+  same structure; the keys never leave the process, so the faster xxh64 is used.
+* ``BlockStored`` on endpoint E: the parent engine hash resolves to the chain state after that block (the
+  last request key and the tokens of a picker block not yet complete); the event's tokens continue the chain.
+  Each engine block *owns* the request keys its tokens complete (none, one or several), and every physical
+  copy counts: residency is reference-counted per (request key, endpoint).
+* ``BlockRemoved``: one copy of the engine block is gone; the keys it owns lose one reference on E.
+* ``AllBlocksCleared`` / publisher restart / endpoint removal: everything of E is dropped.
+
+An event whose parent the index has never seen (it was evicted, or the subscriber joined late without replay)
+cannot be placed in a chain and is skipped (counted in :attr:`PreciseIndex.orphans`).
+
+:meth:`PreciseIndex.match` answers "how many leading blocks of this prompt does each endpoint hold" in one
+walk that stops at the first block no remaining endpoint holds.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+from inferoute.kvevents.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+U64 = (1 << 64) - 1
+
+
+def root_key(seed: str, model: str) -> int:
+    return int(xxhash.xxh64_intdigest(f"{seed}\0{model}".encode()))
+
+
+def request_keys(tokens: Sequence[int], block_size: int, parent: int) -> list[int]:
+    """Chained keys of the full ``block_size`` blocks of ``tokens`` after ``parent``."""
+    out: list[int] = []
+    full = len(tokens) - len(tokens) % block_size
+    if not full:
+        return out
+    packed = array("q", tokens[:full]).tobytes()
+    stride = 8 * block_size
+    digest = xxhash.xxh64_intdigest
+    for start in range(0, len(packed), stride):
+        parent = int(digest(parent.to_bytes(8, "little") + packed[start : start + stride]))
+        out.append(parent)
+    return out
+
+
+@dataclass(slots=True)
+class _EngineBlock:
+    copies: int
+    owned: list[int]
+    """Request keys this engine block completes."""
+    last_key: int
+    """The chain state after this block: the last complete request key ..."""
+    pending: tuple[int, ...]
+    """... and the tokens of the picker block it left incomplete."""
+
+
+@dataclass(slots=True)
+class _Endpoint:
+    model: str
+    blocks: dict[int, _EngineBlock] = field(default_factory=dict)
+
+
+class PreciseIndex:
+    """Per-endpoint engine blocks and the reverse map request key -> {endpoint: copies}."""
+
+    def __init__(self, block_size: int = 16, hash_seed: str = "") -> None:
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self.block_size = block_size
+        self.hash_seed = hash_seed
+        self._holders: dict[int, dict[str, int]] = {}
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._roots: dict[str, int] = {}
+        self.orphans = 0
+        """``BlockStored`` events skipped because their parent block was unknown."""
+        self.malformed = 0
+        """Events whose token count does not match ``len(block_hashes) x block_size``."""
+
+    # -- keys -------------------------------------------------------------------------------------------
+    def root(self, model: str) -> int:
+        r = self._roots.get(model)
+        if r is None:
+            r = self._roots[model] = root_key(self.hash_seed, model)
+        return r
+
+    def keys_for(self, tokens: Sequence[int], model: str) -> list[int]:
+        """The request keys of a prompt for ``model`` (adapter name or base model)."""
+        return request_keys(tokens, self.block_size, self.root(model))
+
+    # -- events -----------------------------------------------------------------------------------------
+    def apply(self, endpoint: str, events: Iterable[KVEvent], model: str = "") -> None:
+        """Apply one batch of ``endpoint``'s events; ``model`` is its served base model."""
+        ep = self._endpoints.get(endpoint)
+        if ep is None:
+            ep = self._endpoints[endpoint] = _Endpoint(model)
+        elif model:
+            ep.model = model
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                self._stored(endpoint, ep, ev)
+            elif isinstance(ev, BlockRemoved):
+                for h in ev.block_hashes:
+                    self._removed(endpoint, ep, h)
+            elif isinstance(ev, AllBlocksCleared):
+                self.clear(endpoint)
+                ep = self._endpoints[endpoint] = _Endpoint(ep.model)
+
+    def _stored(self, endpoint: str, ep: _Endpoint, ev: BlockStored) -> None:
+        ebs = ev.block_size
+        if len(ev.token_ids) != ebs * len(ev.block_hashes):
+            self.malformed += 1
+            return
+        pending: tuple[int, ...]
+        if ev.parent_block_hash is None:
+            last, pending = self.root(ev.lora_name or ep.model), ()
+        else:
+            parent = ep.blocks.get(ev.parent_block_hash)
+            if parent is None:
+                self.orphans += 1
+                return
+            last, pending = parent.last_key, parent.pending
+        pbs = self.block_size
+        holders = self._holders
+        tokens = ev.token_ids
+        for j, h in enumerate(ev.block_hashes):
+            run = pending + tokens[j * ebs : (j + 1) * ebs]
+            complete = len(run) - len(run) % pbs
+            owned = request_keys(run[:complete], pbs, last) if complete else []
+            if owned:
+                last = owned[-1]
+            pending = run[complete:]
+            block = ep.blocks.get(h)
+            if block is None:
+                block = ep.blocks[h] = _EngineBlock(0, owned, last, pending)
+            block.copies += 1
+            for key in block.owned:
+                held = holders.get(key)
+                if held is None:
+                    held = holders[key] = {}
+                held[endpoint] = held.get(endpoint, 0) + 1
+
+    def _removed(self, endpoint: str, ep: _Endpoint, h: int) -> None:
+        block = ep.blocks.get(h)
+        if block is None:
+            return
+        block.copies -= 1
+        if block.copies <= 0:
+            del ep.blocks[h]
+        holders = self._holders
+        for key in block.owned:
+            held = holders.get(key)
+            if held is None:
+                continue
+            n = held.get(endpoint, 0) - 1
+            if n > 0:
+                held[endpoint] = n
+            else:
+                held.pop(endpoint, None)
+                if not held:
+                    del holders[key]
+
+    def clear(self, endpoint: str) -> None:
+        """Forget everything ``endpoint`` holds (reset, publisher restart, endpoint removed)."""
+        ep = self._endpoints.pop(endpoint, None)
+        if ep is None:
+            return
+        holders = self._holders
+        for block in ep.blocks.values():
+            for key in block.owned:
+                held = holders.get(key)
+                if held is not None and held.pop(endpoint, None) is not None and not held:
+                    del holders[key]
+
+    # -- queries ----------------------------------------------------------------------------------------
+    def match(self, keys: Sequence[int], endpoints: Iterable[str]) -> dict[str, int]:
+        """Leading request keys each endpoint holds (endpoints with none are absent)."""
+        out: dict[str, int] = {}
+        alive = list(endpoints)
+        holders = self._holders
+        for n, key in enumerate(keys):
+            held = holders.get(key)
+            if held is None:
+                if n:
+                    out.update(dict.fromkeys(alive, n))
+                return out
+            still = [e for e in alive if e in held]
+            if n and len(still) != len(alive):
+                out.update((e, n) for e in alive if e not in held)
+            if not still:
+                return out
+            alive = still
+        if keys:
+            out.update(dict.fromkeys(alive, len(keys)))
+        return out
+
+    def residency(self, key: int, endpoint: str) -> int:
+        """Copies of request key ``key`` that ``endpoint`` holds."""
+        return self._holders.get(key, {}).get(endpoint, 0)
+
+    def size(self) -> int:
+        """Distinct request keys held anywhere."""
+        return len(self._holders)
+
+    def endpoint_blocks(self, endpoint: str) -> int:
+        """Engine blocks known for ``endpoint``."""
+        ep = self._endpoints.get(endpoint)
+        return len(ep.blocks) if ep is not None else 0
+
+    def endpoints(self) -> list[str]:
+        return list(self._endpoints)

@@ -1,0 +1,128 @@
+"""``precise-prefix-cache-producer``: prefix-match information from the model servers' KV-cache events.
+
+It owns a :class:`~inferoute.epp.precise.index.PreciseIndex` fed by one ZMQ subscriber per endpoint
+(:mod:`inferoute.epp.precise.subscriber`) and answers ``prefix-cache-scorer`` (wired with
+``prefixMatchInfoProducerName``): for each candidate, the leading blocks of the prompt it holds out of the
+prompt's full blocks. The prompt's token ids come from ``token-producer`` when configured, else from the local
+tokenizer (the simulator's, or a Hugging Face ``tokenizer.json``).
+
+Parameters, by llm-d's names:
+
+* ``tokenProcessorConfig``: ``blockSize`` (16; the picker's block, independent of the engine's),
+  ``hashSeed`` ("").
+* ``kvEventsConfig``: ``topicFilter`` ("kv@"), ``engineType`` (vllm), ``concurrency`` and ``discoverPods``
+  (accepted), ``podDiscoveryConfig`` {``socketPort`` (5557), ``replaySocketPort`` (none),
+  ``podLabelSelector``, ``podNamespace`` (accepted: endpoints come from the picker's own source)}. An
+  endpoint's ``kv-events-endpoint`` / ``kv-events-replay-endpoint`` labels win over the ports.
+* ``indexerConfig``: accepted (the index is in memory).
+* ``speculativeIndexing`` (only false), ``speculativeTTL`` (accepted).
+* inferoute's own: ``localTokenizer`` (``simulator`` | ``huggingface``), ``tokenizerFile``,
+  ``chatTemplateFile``, ``bosToken``, ``eosToken``, ``replayTimeoutSeconds`` (10).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from inferoute.endpoints import Endpoint
+from inferoute.epp.plugin import Params, PluginDeps, config_error
+from inferoute.epp.precise.index import PreciseIndex
+from inferoute.epp.precise.subscriber import KVEventPool, SubscriberSettings
+from inferoute.epp.precise.tokenize import HFTokenizer, LocalTokenizer, SimTokenizer, parse_prompt_value
+from inferoute.epp.scheduling.types import Candidate, CycleContext
+
+TYPE = "precise-prefix-cache-producer"
+ROLE = "other"
+
+
+class PrecisePrefixProducer:
+    type_name: ClassVar[str] = TYPE
+
+    def __init__(
+        self, name: str, index: PreciseIndex, settings: SubscriberSettings, tokenizer: LocalTokenizer
+    ) -> None:
+        self.name = name
+        self.index = index
+        self.pool = KVEventPool(index, settings)
+        self.tokenizer = tokenizer
+
+    # -- background ---------------------------------------------------------------------------------------
+    async def start(self, endpoints: Sequence[Endpoint]) -> None:
+        self.pool.sync(endpoints)
+
+    def endpoints_changed(self, endpoints: Sequence[Endpoint]) -> None:
+        self.pool.sync(endpoints)
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+    # -- per cycle ----------------------------------------------------------------------------------------
+    def tokens(self, ctx: CycleContext) -> Sequence[int]:
+        req = ctx.request
+        if req.token_ids is not None:
+            return req.token_ids
+        prompt = parse_prompt_value(req.prompt, req.target_model)
+        if prompt is None:
+            return ()
+        try:
+            return self.tokenizer.encode(prompt)
+        except ValueError:
+            return ()
+
+    def prefix_match(
+        self, ctx: CycleContext, candidates: Sequence[Candidate]
+    ) -> tuple[Mapping[str, int], int]:
+        keys = self.index.keys_for(self.tokens(ctx), ctx.request.target_model)
+        if not keys:
+            return {}, 0
+        return self.index.match(keys, [c.key for c in candidates]), len(keys)
+
+
+def _local_tokenizer(p: Params) -> LocalTokenizer:
+    kind = p.text("localTokenizer", "simulator", choices=("simulator", "huggingface"))
+    file = p.text("tokenizerFile", "")
+    template_file = p.text("chatTemplateFile", "")
+    bos, eos = p.text("bosToken", ""), p.text("eosToken", "")
+    if kind == "simulator":
+        return SimTokenizer()
+    if not file:
+        raise config_error(f"{p.where}.tokenizerFile: required with localTokenizer: huggingface")
+    try:
+        template = Path(template_file).read_text() if template_file else None
+        return HFTokenizer(file, template, bos, eos)
+    except Exception as exc:  # the tokenizers library raises its own exception types
+        raise config_error(f"{p.where}.tokenizerFile: cannot load {file!r}: {exc}") from exc
+
+
+def _subscriber_settings(p: Params) -> SubscriberSettings:
+    kv = p.section("kvEventsConfig")
+    topic_filter = kv.text("topicFilter", "kv@")
+    kv.text("engineType", "vllm", choices=("vllm",))
+    kv.integer("concurrency", 4, minimum=1)
+    kv.flag("discoverPods", True)
+    if kv.text("zmqEndpoint", ""):
+        raise config_error(f"{kv.where}.zmqEndpoint: the static (bind) mode is not supported; use endpoints")
+    pods = kv.section("podDiscoveryConfig")
+    socket_port = pods.integer("socketPort", 5557, minimum=1, maximum=65535)
+    replay_port = pods.optional_int("replaySocketPort", minimum=1, maximum=65535)
+    pods.text("podLabelSelector", "")
+    pods.text("podNamespace", "")
+    pods.done()
+    kv.done()
+    timeout = p.number("replayTimeoutSeconds", 10.0, minimum=0.001)
+    return SubscriberSettings(topic_filter, socket_port, replay_port, replay_timeout=timeout)
+
+
+def create(name: str, params: Params, deps: PluginDeps) -> PrecisePrefixProducer:
+    tp = params.section("tokenProcessorConfig")
+    block = tp.integer("blockSize", 16, minimum=1, maximum=4096)
+    seed = tp.text("hashSeed", "")
+    tp.done()
+    params.section("indexerConfig")  # accepted: the index lives in memory
+    if params.flag("speculativeIndexing", False):
+        raise config_error(f"{params.where}.speculativeIndexing: not supported (only false)")
+    params.text("speculativeTTL", "2s")
+    settings = _subscriber_settings(params)
+    return PrecisePrefixProducer(name, PreciseIndex(block, seed), settings, _local_tokenizer(params))

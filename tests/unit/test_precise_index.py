@@ -1,0 +1,124 @@
+"""The precise prefix index (pure): keys recomputed from events' token ids, reference-counted residency, and
+the simulator engine's real event stream round-tripping through it."""
+
+from __future__ import annotations
+
+from inferoute.epp.precise.index import PreciseIndex
+from inferoute.epp.precise.tracker import Action, SeqTracker
+from inferoute.kvevents.config import KVEventsConfig
+from inferoute.kvevents.wire import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch, encode_batch
+from inferoute.sim.config import SimConfig
+from inferoute.sim.engine import Engine, SimRequest
+
+TOKENS = list(range(1, 129))  # 128 tokens
+
+
+def stored(
+    hashes: list[int], parent: int | None, tokens: list[int], bs: int, lora: str | None = None
+) -> BlockStored:
+    return BlockStored(tuple(hashes), parent, tuple(tokens), bs, lora)
+
+
+def test_engine_blocks_smaller_than_picker_blocks() -> None:
+    idx = PreciseIndex(block_size=64)
+    # 8 engine blocks of 16 in two events: 4 then 4 (the second parented on the 4th)
+    idx.apply("a", [stored([1, 2, 3, 4], None, TOKENS[:64], 16)], "m")
+    idx.apply("a", [stored([5, 6, 7, 8], 4, TOKENS[64:], 16)], "m")
+    keys = idx.keys_for(TOKENS, "m")
+    assert len(keys) == 2
+    assert idx.match(keys, ["a", "b"]) == {"a": 2}
+    # evicting engine block 8 (it completes the 2nd picker block) drops that key only
+    idx.apply("a", [BlockRemoved((8,))], "m")
+    assert idx.match(keys, ["a"]) == {"a": 1}
+    # other model: other keys
+    assert idx.match(idx.keys_for(TOKENS, "other"), ["a"]) == {}
+
+
+def test_engine_blocks_larger_than_picker_blocks_and_copies() -> None:
+    idx = PreciseIndex(block_size=8)
+    idx.apply("a", [stored([1, 2], None, TOKENS[:32], 16)], "m")
+    idx.apply("b", [stored([9], None, TOKENS[:16], 16)], "m")
+    keys = idx.keys_for(TOKENS[:32], "m")
+    assert len(keys) == 4
+    assert idx.match(keys, ["a", "b"]) == {"a": 4, "b": 2}
+    # a second physical copy on a: one removal leaves it resident
+    idx.apply("a", [stored([1], None, TOKENS[:16], 16)], "m")
+    assert idx.residency(keys[0], "a") == 2
+    idx.apply("a", [BlockRemoved((1,))], "m")
+    assert idx.match(keys, ["a"]) == {"a": 4}
+    idx.apply("a", [BlockRemoved((1,))], "m")
+    assert idx.match(keys, ["a", "b"]) == {"b": 2}
+    idx.apply("b", [AllBlocksCleared()], "m")
+    assert idx.match(keys, ["a", "b"]) == {}
+    assert idx.size() == 2  # a's second engine block still owns its two keys
+
+
+def test_lora_orphans_and_malformed() -> None:
+    idx = PreciseIndex(block_size=16)
+    idx.apply("a", [stored([1], None, TOKENS[:16], 16, lora="ad")], "m")
+    assert idx.match(idx.keys_for(TOKENS[:16], "ad"), ["a"]) == {"a": 1}
+    assert idx.match(idx.keys_for(TOKENS[:16], "m"), ["a"]) == {}
+    idx.apply("a", [stored([7], 12345, TOKENS[:16], 16)], "m")
+    assert idx.orphans == 1
+    idx.apply("a", [stored([8, 9], None, TOKENS[:16], 16)], "m")
+    assert idx.malformed == 1
+    idx.clear("a")
+    assert idx.size() == 0 and idx.endpoints() == []
+
+
+def test_simulator_events_round_trip_through_the_index() -> None:
+    """Engine (block 16) -> msgpack wire -> index (block 64): the index says what the engine caches."""
+    cfg = SimConfig(
+        block_size=16,
+        kv_cache_blocks=40,
+        kv_events=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq"),
+    )
+    engine = Engine(cfg)
+    idx = PreciseIndex(block_size=64)
+    t = 0.0
+    prompts = [[g * 1000 + i for i in range(300)] for g in range(4)]  # 4 groups of 18 full blocks
+    for n in range(12):
+        engine.submit(SimRequest(f"r{n}", "m", prompts[n % 4], 20, 20, output_seed=n), t)
+        while (nxt := engine.next_event_time()) is not None:
+            t = nxt
+            engine.advance(t)
+        for events in engine.take_event_batches():
+            idx.apply("sim-0", decode_batch(encode_batch(t, events)).events, "m")
+        for p in prompts:
+            keys = idx.keys_for(p, "m")
+            held = idx.match(keys, ["sim-0"]).get("sim-0", 0)
+            cached = engine.kv.cached_prefix(_hashes(engine, p))
+            assert held == cached * 16 // 64  # exactly the engine's cached prefix, in picker blocks
+    assert engine.kv.evictions > 0  # the pool was under pressure: removals were exercised
+
+
+def _hashes(engine: Engine, prompt: list[int]) -> list[int]:
+    req = SimRequest("q", "m", prompt, 1, 1)
+    engine._hash_blocks(req, 0)
+    return req.hashes
+
+
+def test_sequence_tracker() -> None:
+    t = SeqTracker()
+    assert t.on_live(0) is Action.APPLY
+    t.applied(0)
+    assert t.on_live(1) is Action.APPLY
+    t.applied(1)
+    assert t.on_live(3) is Action.REPLAY and t.replay_from == 2
+    t.applied(2)
+    t.applied(3)
+    assert t.on_live(4) is Action.APPLY
+    t.applied(4)
+    assert t.on_live(0) is Action.RESTART
+    t.restart(0)
+    assert t.on_live(1) is Action.REPLAY and t.replay_from == 0
+    late = SeqTracker()  # joined mid-stream: replay from 0
+    assert late.on_live(7) is Action.REPLAY and late.replay_from == 0
+    for s in range(8):
+        late.applied(s)
+    assert late.on_live(8) is Action.APPLY
+    dup = SeqTracker()  # live messages queued during a replay are duplicates
+    for s in range(5):
+        dup.applied(s)
+    assert dup.on_live(3) is Action.DUPLICATE and dup.on_live(4) is Action.DUPLICATE
+    assert dup.on_live(5) is Action.APPLY
