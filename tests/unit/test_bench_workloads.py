@@ -114,3 +114,47 @@ def test_get_workload_quick_shrinks_and_unknown_names_fail() -> None:
     assert quick.working_set_tokens() < full.working_set_tokens()
     with pytest.raises(KeyError, match="unknown workload"):
         get_workload("nope")
+
+
+def test_overload_workload_tags_tenants_and_priorities() -> None:
+    import json as _json
+
+    from inferoute.bench.workloads import OVERLOAD_SEQS
+
+    w = get_workload("overload")
+    plan = w.plan(40.0, 10.0, seed=1)
+    groups = {p.group for p in plan}
+    assert groups == {"tenant-a/interactive", "tenant-a/batch", "tenant-b/interactive", "tenant-b/batch"}
+    a = sum(1 for p in plan if p.group.startswith("tenant-a"))
+    assert 0.65 < a / len(plan) < 0.85
+    for p in plan[:20]:
+        h = dict(p.headers)
+        tenant, cls = p.group.split("/")
+        assert h == {"x-llm-d-inference-fairness-id": tenant, "x-llm-d-inference-objective": cls}
+        assert _json.loads(p.body)["max_tokens"] == (16 if cls == "interactive" else 128)
+    assert w.sizing(4).max_num_seqs == OVERLOAD_SEQS and w.per_group
+    assert plan == w.plan(40.0, 10.0, seed=1)  # deterministic
+
+
+def test_group_stats_and_the_flow_control_contenders() -> None:
+    from inferoute.bench.loadgen import RequestResult
+    from inferoute.bench.peers import profile_path, select_contenders
+    from inferoute.bench.stats import group_stats
+    from inferoute.clock import FakeClock
+    from inferoute.epp.config import parse_config
+    from inferoute.epp.learned import LocalLearnedState
+    from inferoute.epp.plugin import PluginDeps
+
+    ok = RequestResult(0, "a/interactive", "m", 5.0, sent=5.0, first_token=5.2, finished=6.0, status=200)
+    shed = RequestResult(1, "a/batch", "m", 5.0, sent=5.0, finished=5.01, status=429, error="http-429")
+    early = RequestResult(2, "a/batch", "m", 1.0, sent=1.0, finished=2.0, status=200)
+    g = group_stats([ok, shed, early], warmup=2.0)
+    assert g["a/interactive"]["ok"] == 1 and abs(g["a/interactive"]["ttft_p90"] - 0.2) < 1e-9
+    assert g["a/batch"] == {"ttft_p90": g["a/batch"]["ttft_p90"], "ok": 0.0, "rejected": 1.0, "goodput": 0.0}
+    names = [c.name for c in select_contenders("inferoute/flow-control,inferoute/objectives")]
+    assert names == ["inferoute/flow-control", "inferoute/objectives"]
+    assert "inferoute/flow-control" not in [c.name for c in select_contenders(None)]
+    deps = PluginDeps(LocalLearnedState(), FakeClock())
+    cfg = parse_config(profile_path("flow-control").read_text(), deps=deps)
+    assert cfg.flow is not None and cfg.store.priority("batch") == -1
+    assert parse_config(profile_path("objectives").read_text(), deps=deps).flow is None

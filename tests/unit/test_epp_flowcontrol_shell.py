@@ -173,9 +173,67 @@ async def test_gauges_and_replica_signal_are_exposed() -> None:
     (await waiter)[1].response_finished()
 
 
+async def test_capacity_utilization_omits_an_unset_global_cap() -> None:
+    rig, flow = rig_and_flow(config=CONFIG.replace("  maxRequests: 4\n", ""))
+    assert flow.metrics is not None
+    flow.metrics.watch(flow.core, lambda: (1, 0.0, 0, 1.0))
+    _, s = await flow.pick(prep(rig))
+    names = {f.name for f in rig.registry.collect()}
+    assert "llm_d_epp_flow_control_capacity_utilization_requests" in names
+    assert not any("global_capacity_utilization" in n for n in names)
+    s.response_finished()
+
+
 def test_gate_off_ignores_the_section_but_keeps_its_detector() -> None:
     rig = Rig(1, CONFIG.replace("featureGates: [flowControl]", "featureGates: [flowControl=false]"))
     assert rig.config.flow is None
     rig2 = Rig(1, "flowControl: {saturationDetector: {pluginRef: concurrency-detector}}")
     assert rig2.config.flow is None and rig2.config.saturation is not None
     assert rig2.config.saturation.type_name == "concurrency-detector"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def test_queue_flood_stays_within_max_bytes() -> None:
+    """800 requests of 100 KB (80 MB offered) against a 16 MiB queue with no free slot: the queue holds
+    at most 16 MiB, the rest is refused 429 at once and freed, and the process grows by about the cap."""
+    import gc
+
+    config = CONFIG.replace("  maxRequests: 4\n", "  maxBytes: 16Mi\n")
+    rig, flow = rig_and_flow(config=config)
+    _, s = await flow.pick(prep(rig))  # takes the only slot
+    gc.collect()
+    before = _rss_bytes()
+    waiters = []
+    refused = 0
+    for i in range(800):
+        big = pick_request(body(prompt=f"{i} " + "x" * 100_000))
+        p = rig.director.prepare(big)
+        assert isinstance(p, Prepared)
+        fut = asyncio.ensure_future(flow.pick(p))
+        await asyncio.sleep(0)
+        if fut.done():
+            r, _ = fut.result()
+            assert isinstance(r, Reject) and r.status == 429
+            refused += 1
+        else:
+            waiters.append(fut)
+        assert flow.core.bytes <= 16 * 2**20
+    gc.collect()
+    grown = _rss_bytes() - before
+    print(
+        f"queued {flow.core.count} requests / {flow.core.bytes} bytes, refused {refused}, RSS +{grown >> 20} MiB"
+    )
+    assert refused > 600 and flow.core.bytes > 15 * 2**20
+    assert grown < 48 * 2**20  # the 16 MiB of queued bodies plus interpreter overhead, not 80 MB
+    flow.close()
+    for f in waiters:
+        r, _ = await f
+        assert isinstance(r, Reject) and r.status == 503
+    s.response_finished()

@@ -271,7 +271,7 @@ async def _send(
 ) -> None:
     recorder = StreamRecorder(result)
     decoder = SseDecoder()
-    headers = {"content-type": "application/json", **dict(options.headers)}
+    headers = {"content-type": "application/json", **dict(options.headers), **dict(planned.headers)}
     result.sent = clock.now() - start
     try:
         async with session.post(

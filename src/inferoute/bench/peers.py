@@ -36,8 +36,11 @@ from inferoute.errors import InferouteError
 
 log = logging.getLogger(__name__)
 
-PROFILE_DIRS = (Path(__file__).resolve().parent.parent / "epp" / "profiles",)
-"""Where the picker's shipped EndpointPickerConfig profiles live."""
+PROFILE_DIRS = (
+    Path(__file__).resolve().parent.parent / "epp" / "profiles",
+    Path(__file__).resolve().parent / "profiles",
+)
+"""Where the picker's shipped EndpointPickerConfig profiles live (then the benchmark's own ones)."""
 
 
 def free_port() -> int:
@@ -294,6 +297,14 @@ INFEROUTE_PROFILES = ("round-robin", "random", "gie-default", "predicted-ttft")
 PEER_POLICIES = ("round_robin", "power_of_two", "cache_aware")
 
 
+EXTRA_PROFILES = ("flow-control", "objectives")
+"""Benchmark-only inferoute profiles (the overload workload's); chosen only when named."""
+
+
+def extra_contenders() -> list[Contender]:
+    return [Contender(f"inferoute/{p}", "inferoute", p) for p in EXTRA_PROFILES]
+
+
 def all_contenders() -> list[Contender]:
     out = [Contender(f"inferoute/{p}", "inferoute", p) for p in INFEROUTE_PROFILES]
     for kind in ("vllm-router", "sglang-router"):
@@ -310,6 +321,7 @@ def select_contenders(spec: str | None) -> list[Contender]:
     chosen: list[Contender] = []
     for token in (t.strip() for t in spec.split(",") if t.strip()):
         matches = [c for c in everyone if c.name == token or c.name.startswith(token + "/")]
+        matches = matches or [c for c in extra_contenders() if c.name == token]
         if not matches:
             raise InferouteError(
                 400,

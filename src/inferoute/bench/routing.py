@@ -48,6 +48,7 @@ from inferoute.bench.stats import (
     TargetCheck,
     check_lora_waits,
     check_shared_prefix,
+    group_stats,
     server_delta,
     summarize,
 )
@@ -62,7 +63,10 @@ DEFAULT_RATES: dict[str, tuple[float, ...]] = {
     "multi-lora": (4.0, 8.0, 12.0),
     "long-prompt": (0.5, 1.0, 2.0),
     "bursty": (3.0, 6.0, 9.0),
+    # ~32 req/s capacity on 4 replicas x 8 sequences (~1 s per request): 1.5x and 2x.
+    "overload": (48.0, 64.0),
 }
+OVERLOAD_CONTENDERS = "inferoute/round-robin,inferoute/objectives,inferoute/flow-control"
 QUICK_RATES: tuple[float, ...] = (2.0, 5.0)
 QUICK_CONTENDERS = "inferoute/round-robin,inferoute/gie-default,vllm-router/round_robin"
 
@@ -167,6 +171,8 @@ async def run_point(
         await sim.stop()
     summary = summarize(contender.name, workload.name, rate, results, cfg.warmup, cfg.duration)
     summary.server = server_delta(before, after)
+    if workload.per_group:
+        summary.groups = group_stats(results, cfg.warmup)
     if sizing.lora_adapters:
         summary.server[scrape.LORA_WAIT_SECONDS] = sampler.adapter_seconds
     return PointResult(summary, results)
@@ -253,6 +259,8 @@ def write_reports(
             f"{wl.sizing(cfg.replicas).describe()}.\n"
         )
         sections.append(report.markdown_tables(w, points, knees[w], columns))
+        if wl.per_group:
+            sections.append(group_table([p for p in points if p.workload == w]))
         if w in targets:
             sections.append("Targets:\n\n" + report.markdown_targets(targets[w]))
         if plots and any(p.workload == w for p in points):
@@ -263,6 +271,23 @@ def write_reports(
     text = "\n".join(sections)
     (cfg.out_dir / "summary.md").write_text(text)
     return text
+
+
+def group_table(points: Sequence[PointSummary]) -> str:
+    """Per request group: p90 TTFT, goodput and 429s of every point."""
+    rows = [
+        "| contender | rate | group | p90 TTFT (ms) | goodput (req/s) | ok | 429s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        for group, g in p.groups.items():
+            ttft = g.get("ttft_p90")
+            shown = "-" if ttft is None or ttft != ttft else f"{ttft * 1000:.0f}"
+            rows.append(
+                f"| {p.contender} | {p.rate:g} | {group} | {shown} | {g.get('goodput') or 0:.1f} | "
+                f"{g.get('ok') or 0:.0f} | {g.get('rejected') or 0:.0f} |"
+            )
+    return "Per group:\n\n" + "\n".join(rows) + "\n"
 
 
 def rebuild_reports(run_json: Path) -> str:
@@ -379,7 +404,8 @@ def command(
     explicit = _parse_rates(rate_values)
     rates = {w: explicit or list(QUICK_RATES if quick else DEFAULT_RATES[w]) for w in names}
     try:
-        chosen = select_contenders(contenders or (QUICK_CONTENDERS if quick else None))
+        default = OVERLOAD_CONTENDERS if names == ["overload"] else (QUICK_CONTENDERS if quick else None)
+        chosen = select_contenders(contenders or default)
     except InferouteError as exc:
         raise click.BadParameter(exc.message, param_hint="--contenders") from exc
     cfg = RunConfig(

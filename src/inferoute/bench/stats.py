@@ -61,6 +61,9 @@ class PointSummary:
     """Measured requests per serving replica (from the ``x-inference-pod`` header)."""
     server: dict[str, float] = field(default_factory=dict)
     """Server-side counters scraped from the simulator pool (deltas over the point)."""
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per request group (workloads that report classes, e.g. overload's ``<tenant>/<class>``): ``ttft_p90``,
+    ``ok``, ``rejected`` (429s), ``goodput`` (successful requests per second of the measured window)."""
 
     @property
     def error_count(self) -> int:
@@ -76,6 +79,28 @@ def _clean(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     return value
+
+
+def group_stats(results: Sequence[RequestResult], warmup: float) -> dict[str, dict[str, float]]:
+    """Per-group p90 TTFT, successes, 429s and goodput over the measured window."""
+    measured = [r for r in results if r.scheduled >= warmup]
+    if not measured:
+        return {}
+    begin = min(r.sent for r in measured)
+    end = max((r.finished for r in measured if r.finished is not None), default=begin)
+    window = max(end - begin, 1e-9)
+    out: dict[str, dict[str, float]] = {}
+    for group in sorted({r.group for r in measured}):
+        rs = [r for r in measured if r.group == group]
+        ok = [r for r in rs if r.ok]
+        ttfts = [t for r in ok if (t := r.ttft) is not None]
+        out[group] = {
+            "ttft_p90": percentile(ttfts, 90),
+            "ok": float(len(ok)),
+            "rejected": float(sum(1 for r in rs if r.status == 429)),
+            "goodput": len(ok) / window,
+        }
+    return out
 
 
 def summarize(

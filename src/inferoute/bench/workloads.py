@@ -54,6 +54,8 @@ class PlannedRequest:
     """A label for per-group analysis: the system-prompt group, the adapter or the document."""
     prompt_tokens: int
     """Prompt length in simulator tokens (estimate: characters / CHARS_PER_TOKEN)."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """Request headers of this request only (tenant, objective)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +161,8 @@ class Workload:
 
     name: str = ""
     summary: str = ""
+    per_group: bool = False
+    """Report each request group separately (p90 TTFT, goodput, 429s per group)."""
 
     def sizing(self, replicas: int) -> SimSizing:
         raise NotImplementedError
@@ -368,11 +372,68 @@ class LongPrompt(Workload):
         }
 
 
+OVERLOAD_SEQS = 8
+"""Sequences per replica in the overload workload; the bench's flow-control profile's ``maxConcurrency``."""
+
+
+@dataclass
+class Overload(Workload):
+    """Two tenants (3:1) and two priorities at 1.5-2x the pool's capacity.
+
+    Each request belongs to ``tenant-a`` (75%) or ``tenant-b`` (25%) (``x-llm-d-inference-fairness-id``) and
+    is ``interactive`` (30%: short answer, objective priority 10) or ``batch`` (70%: long answer, sheddable,
+    priority -1) (``x-llm-d-inference-objective``). The pool runs ``OVERLOAD_SEQS`` sequences per replica,
+    so its capacity is about ``replicas x 8 / mean request time`` (~1 s at time scale 1: ~32 req/s on 4
+    replicas); the default rates offer 1.5x and 2x that. Groups are ``<tenant>/<class>``.
+    """
+
+    prompt_len: int = 256
+    interactive_output: int = 16
+    batch_output: int = 128
+    interactive_share: float = 0.3
+    tenant_a_share: float = 0.75
+    per_group: bool = True
+    name: str = "overload"
+    summary: str = "two tenants (3:1), interactive (30%) and sheddable batch (70%) at 1.5-2x capacity"
+
+    def sizing(self, replicas: int) -> SimSizing:
+        return SimSizing(replicas=replicas, kv_cache_blocks=27000, max_num_seqs=OVERLOAD_SEQS)
+
+    def request(self, index: int, at: float, rng: random.Random, seed: int) -> PlannedRequest:
+        tenant = "tenant-a" if rng.random() < self.tenant_a_share else "tenant-b"
+        cls = "interactive" if rng.random() < self.interactive_share else "batch"
+        out = self.interactive_output if cls == "interactive" else self.batch_output
+        prompt = f"{index} " + words(random.Random(f"{seed}:overload:{index}"), self.prompt_len)
+        headers = (("x-llm-d-inference-fairness-id", tenant), ("x-llm-d-inference-objective", cls))
+        return PlannedRequest(
+            index,
+            at,
+            "/v1/completions",
+            completion_body(MODEL, prompt, out),
+            MODEL,
+            out,
+            f"{tenant}/{cls}",
+            self.prompt_len,
+            headers,
+        )
+
+    def parameters(self) -> dict[str, object]:
+        return {
+            "prompt_len": self.prompt_len,
+            "interactive_output": self.interactive_output,
+            "batch_output": self.batch_output,
+            "interactive_share": self.interactive_share,
+            "tenant_a_share": self.tenant_a_share,
+            "max_num_seqs": OVERLOAD_SEQS,
+        }
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "shared-prefix": SharedPrefix,
     "multi-lora": MultiLora,
     "long-prompt": LongPrompt,
     "bursty": Bursty,
+    "overload": Overload,
 }
 
 
@@ -395,6 +456,8 @@ def _shrink(workload: Workload) -> None:
         workload.adapters, workload.prompt_len, workload.output_len = 6, 64, 8
     elif isinstance(workload, LongPrompt):
         workload.documents, workload.output_len = 2, 8
+    elif isinstance(workload, Overload):
+        workload.prompt_len, workload.batch_output = 64, 32
 
 
 def names() -> Sequence[str]:
