@@ -227,9 +227,7 @@ async def test_queue_flood_stays_within_max_bytes() -> None:
         assert flow.core.bytes <= 16 * 2**20
     gc.collect()
     grown = _rss_bytes() - before
-    print(
-        f"queued {flow.core.count} requests / {flow.core.bytes} bytes, refused {refused}, RSS +{grown >> 20} MiB"
-    )
+    print(f"queued {flow.core.count} / {flow.core.bytes} bytes, refused {refused}, RSS +{grown >> 20} MiB")
     assert refused > 600 and flow.core.bytes > 15 * 2**20
     assert grown < 48 * 2**20  # the 16 MiB of queued bodies plus interpreter overhead, not 80 MB
     flow.close()
