@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from inferoute.epp.requestcontrol.parse import BodyParse
+
 # Header and metadata names of the Endpoint Picker Protocol.
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 DESTINATION_SERVED_KEY = "x-gateway-destination-endpoint-served"
@@ -53,6 +55,9 @@ class PickRequest:
     """Endpoint subset hint (``ip`` or ``ip:port`` tokens); None means the whole pool."""
     model: str | None = None
     """The model if the data plane already extracted it (BBR); the picker may re-read the body."""
+    parsed: BodyParse = None
+    """The data plane's parse of ``body`` (in-process BBR) or the 400 it gave; an embedded picker uses it
+    instead of parsing the body a second time. None: the data plane did not parse the body."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,8 @@ from test_epp_rig import Rig, body, pick_request
 
 from inferoute.endpoints import Endpoint
 from inferoute.epp.requestcontrol.director import Session
+from inferoute.epp.requestcontrol.parse import ParsedBody
+from inferoute.errors import InferouteError
 from inferoute.picking import Destination, Reject
 
 
@@ -44,6 +46,23 @@ def test_bad_bodies_are_400(b: bytes) -> None:
     decision, _ = rig.director.decide(pick_request(b))
     assert isinstance(decision, Reject) and decision.status == 400
     assert json.loads(decision.body)["error"]["type"] == "invalid_request_error"
+
+
+def test_a_parse_handed_on_by_the_data_plane_is_used_instead_of_parsing_again() -> None:
+    rig = Rig()
+    b = body("in-the-body")
+    request = pick_request(b)
+    request.parsed = ParsedBody("handed-on", memoryview(b"[]"), False)
+    decision, _ = rig.director.decide(request)
+    assert isinstance(decision, Destination)
+    labels = {"model_name": "handed-on", "target_model_name": "handed-on"}
+    assert rig.value("inference_objective_request_total", labels) == 1
+    request.parsed = InferouteError(
+        400, "model not found in request body", cause="bad-request", param="model"
+    )
+    decision, _ = rig.director.decide(request)
+    assert isinstance(decision, Reject) and decision.status == 400
+    assert json.loads(decision.body)["error"]["message"] == "model not found in request body"
 
 
 def test_subset_hint_by_ip_and_ip_port() -> None:

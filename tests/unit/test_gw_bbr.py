@@ -6,15 +6,17 @@ import json
 
 import pytest
 
+from inferoute.epp.requestcontrol.parse import SIMD_MIN_BODY, BodyParser, ParsedBody
 from inferoute.errors import InferouteError
-from inferoute.gateway.bbr import (
-    SIMD_MIN_BODY,
-    BodyLimit,
-    ModelReader,
-    check_declared_length,
-    extract_model,
-    model_or_default,
-)
+from inferoute.gateway.bbr import BodyLimit, check_declared_length, model_or_default
+
+
+def model(
+    body: bytes, ctype: str | None = "application/json", parser: BodyParser | None = None
+) -> str | None:
+    """The model header BBR sets (``d``: the default model)."""
+    return model_or_default(body, ctype, "d", parser or BodyParser())[0]
+
 
 _CASES = [
     (b'{"model": "llama-3"}', "llama-3"),
@@ -46,16 +48,31 @@ _CASES = [
 
 
 @pytest.mark.parametrize(("body", "expected"), _CASES)
-def test_extract_model(body: bytes, expected: str | None) -> None:
-    assert extract_model(body) == expected
+def test_model_from_the_body_else_the_default(body: bytes, expected: str | None) -> None:
+    assert model(body) == (expected if expected is not None or not body else "d")
 
 
-def test_extract_model_on_a_large_body() -> None:
+def test_model_from_a_large_body() -> None:
     doc = {"messages": [{"role": "user", "content": "w " * 1000}] * 2000, "model": "big"}
     body = json.dumps(doc).encode()
     assert len(body) > 4_000_000
-    assert extract_model(body) == "big"
-    assert extract_model(body[:-1]) is None
+    assert model(body) == "big"
+    assert model(body[:-1]) == "d"
+
+
+def test_the_parse_is_handed_on_with_the_model() -> None:
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
+    found, parsed = model_or_default(body, "application/json", "d", BodyParser())
+    assert found == "m" and isinstance(parsed, ParsedBody)
+    assert (parsed.model, bytes(parsed.prompt), parsed.stream) == (
+        "m",
+        b'[{"role": "user", "content": "hi"}]',
+        True,
+    )
+    found, parsed = model_or_default(b'{"model": 3}', "application/json", "d", BodyParser())
+    assert found == "d" and isinstance(parsed, InferouteError) and parsed.status == 400  # the picker's 400
+    assert model_or_default(body, "text/plain", "d", BodyParser()) == ("d", None)  # not parsed at all
+    assert model_or_default(b"", None, "d", BodyParser()) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +90,7 @@ def test_extract_model_on_a_large_body() -> None:
     ],
 )
 def test_model_or_default(ctype: str | None, body: bytes, expected: str | None) -> None:
-    assert model_or_default(body, ctype, "default") == expected
+    assert model_or_default(body, ctype, "default", BodyParser())[0] == expected
 
 
 def test_declared_length_checked_up_front() -> None:
@@ -101,7 +118,7 @@ def test_model_with_control_characters_is_refused() -> None:
 
     assert is_header_safe("llama-3 8b\t(v1)") and not is_header_safe("a\r\nb") and not is_header_safe("a\x00")
     with pytest.raises(InferouteError) as e:
-        model_or_default(b'{"model": "a\\nb"}', "application/json", "d")
+        model(b'{"model": "a\\nb"}')
     assert (e.value.status, e.value.cause, e.value.param) == (400, "bad-model", "model")
 
 
@@ -119,27 +136,24 @@ _EDGE_BODIES = [
 ]
 
 
-@pytest.mark.parametrize("body", [*(b for b, _ in _CASES), *_EDGE_BODIES])
-def test_model_reader_agrees_with_extract_model(body: bytes) -> None:
-    reader = ModelReader()
+@pytest.mark.parametrize("body", [*(b for b, _ in _CASES if b), *_EDGE_BODIES])
+def test_the_large_body_path_agrees(body: bytes) -> None:
     padded = b" " * SIMD_MIN_BODY + body  # leading whitespace: the same document, on the simdjson path
-    assert reader.extract(padded) == extract_model(padded) == extract_model(body)
-    assert reader.extract(body) == extract_model(body)
+    parser = BodyParser()
+    assert model(padded, parser=parser) == model(body, parser=parser)
 
 
-def test_too_deep_a_document_is_no_model_not_a_crash() -> None:
+def test_too_deep_a_document_is_the_default_model_not_a_crash() -> None:
     body = b'{"x": ' + b"[" * 1500 + b"]" * 1500 + b', "model": "deep"}'
-    assert extract_model(body) is None
-    assert model_or_default(body, "application/json", "d", ModelReader()) == "d"
+    found, parsed = model_or_default(body, "application/json", "d", BodyParser())
+    assert found == "d" and isinstance(parsed, InferouteError) and parsed.status == 400
 
 
-def test_model_reader_on_a_large_body_and_after_it() -> None:
-    reader = ModelReader()
+def test_one_parser_on_a_large_body_and_after_it() -> None:
+    parser = BodyParser()
     doc = {"messages": [{"role": "user", "content": "w " * 1000}] * 600, "model": "big"}
     body = json.dumps(doc).encode()
-    assert reader.extract(body) == "big"
-    assert reader.extract(body[:-1]) is None
-    assert reader.extract(b'{"model": "small"}') == "small"  # the reused parser is not confused
-    assert reader.extract(b" " * SIMD_MIN_BODY + b'{"model": "again"}') == "again"
-    assert model_or_default(body, "application/json", "d", reader) == "big"
-    assert model_or_default(body[:-1], "application/json", "d", reader) == "d"
+    assert model(body, parser=parser) == "big"
+    assert model(body[:-1], parser=parser) == "d"
+    assert model(b'{"model": "small"}', parser=parser) == "small"  # the reused parser is not confused
+    assert model(b" " * SIMD_MIN_BODY + b'{"model": "again"}', parser=parser) == "again"

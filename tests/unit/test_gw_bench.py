@@ -143,6 +143,12 @@ def test_render_markdown_reports_added_latency() -> None:
     text = render_markdown(result)
     assert "`ModelReader` (simdjson) 4.00 GB/s, `extract_model` (msgspec) 2.00 GB/s" in text
     assert "(8.0x)" in text
+    result["bbr"] = {"body_mb": 10.0, "body_parser_gb_s": 5.0, "msgspec_gb_s": 2.5, "json_loads_gb_s": 0.5}
+    text = render_markdown(result)
+    assert (
+        "`BodyParser` (simdjson) 5.00 GB/s, `parse_body` (msgspec) 2.50 GB/s, `json.loads` 0.50 GB/s" in text
+    )
+    assert "(10.0x)" in text
 
 
 def test_baseline_paths_need_a_baseline_source(tmp_path: Path) -> None:

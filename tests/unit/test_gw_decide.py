@@ -9,6 +9,7 @@ import pytest
 
 from inferoute.clock import FakeClock
 from inferoute.endpoints import Endpoint
+from inferoute.epp.requestcontrol.parse import ParsedBody
 from inferoute.errors import InferouteError
 from inferoute.gateway.config import parse_config
 from inferoute.gateway.destinations import AllowList, routing_header_names
@@ -131,7 +132,19 @@ async def test_client_model_header_is_overwritten_by_bbr() -> None:
 async def test_headers_only_mode_sends_no_body_to_the_picker() -> None:
     p = Picker()
     await decider(p, {"epp": {"body": "headers_only"}}).decide("POST", "/", HEADERS, BODY)
-    assert p.requests[0].body == b"" and p.requests[0].model == "m1"
+    assert p.requests[0].body == b"" and p.requests[0].model == "m1" and p.requests[0].parsed is None
+
+
+async def test_the_body_is_parsed_once_and_the_parse_handed_to_the_picker() -> None:
+    p = Picker()
+    await decider(p).decide("POST", "/", HEADERS, BODY)
+    parsed = p.requests[0].parsed
+    assert isinstance(parsed, ParsedBody) and parsed.model == "m1" and bytes(parsed.prompt) == b"[]"
+    await decider(p).decide("POST", "/", HEADERS, b'{"model": ""}')
+    bad = p.requests[1].parsed
+    assert isinstance(bad, InferouteError) and bad.status == 400  # the picker answers it, not BBR
+    await decider(p, {"bbr": {"enabled": False}}).decide("POST", "/", HEADERS, BODY)
+    assert p.requests[2].parsed is None  # BBR off: the picker parses the body itself
 
 
 async def test_body_over_limit_is_413_before_picking() -> None:

@@ -28,8 +28,9 @@ Measurements (small non-streaming ``POST /v1/chat/completions``):
    with the cores each side actually got (a second worker only helps if a second core is free).
 3. **SSE relay rate**: N concurrent streams of M events each from a separate Python SSE backend (one write per
    event), events per second received by the client through each path.
-4. **BBR extraction speed** on a 10 MB chat body: the gateway's :class:`inferoute.gateway.bbr.ModelReader`
-   (simdjson), :func:`inferoute.gateway.bbr.extract_model` (msgspec) and ``json.loads``.
+4. **BBR extraction speed** on a 10 MB chat body: the gateway's one body parse
+   (:class:`inferoute.epp.requestcontrol.parse.BodyParser`, simdjson at this size), its msgspec path
+   (:func:`~inferoute.epp.requestcontrol.parse.parse_body`) and ``json.loads``.
 
 Everything runs on one (shared) machine: client, paths and backend compete for the same cores, so absolute
 numbers move with the load; the relative picture inside one run is what the report is for.
@@ -500,16 +501,16 @@ async def sse_rate(url: str, streams: int, rounds: int) -> tuple[float, int]:
 
 
 def bbr_speed(size_mb: float = 10.0, repeat: int = 5) -> dict[str, float]:
-    """GB/s of :class:`ModelReader` (what the gateway runs), :func:`extract_model` (msgspec) and of
-    ``json.loads`` on a chat body of ``size_mb`` MB (best of ``repeat``)."""
-    from inferoute.gateway.bbr import ModelReader, extract_model
+    """GB/s of :class:`BodyParser` (the gateway's one parse of a body), :func:`parse_body` (its msgspec path)
+    and of ``json.loads`` on a chat body of ``size_mb`` MB (best of ``repeat``)."""
+    from inferoute.epp.requestcontrol.parse import BodyParser, parse_body
 
-    reader = ModelReader()
+    parser = BodyParser()
 
     turn = {"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 20}
     n = int(size_mb * 1_000_000 / len(json.dumps(turn)))
     body = json.dumps({"messages": [turn] * n, "model": "bench-model", "stream": True}).encode()
-    assert extract_model(body) == reader.extract(body) == "bench-model"
+    assert parse_body(body).model == parser.parse(body).model == "bench-model"
 
     def best(fn: Callable[[bytes], object]) -> float:
         times = []
@@ -521,10 +522,37 @@ def bbr_speed(size_mb: float = 10.0, repeat: int = 5) -> dict[str, float]:
 
     return {
         "body_mb": len(body) / 1e6,
-        "model_reader_gb_s": best(reader.extract),
-        "extract_model_gb_s": best(extract_model),
+        "body_parser_gb_s": best(parser.parse),
+        "msgspec_gb_s": best(parse_body),
         "json_loads_gb_s": best(json.loads),
     }
+
+
+def parse_paths_by_size(
+    sizes: tuple[int, ...] = (4096, 16384, 65536, 262144, 1048576), repeat: int = 7
+) -> list[tuple[int, float, float]]:
+    """``(bytes, msgspec µs, simdjson µs)`` per chat body size: the two paths of the one body parse
+    (:func:`parse_body` and :class:`BodyParser`'s simdjson path), best of ``repeat`` interleaved rounds. Where
+    they cross is where :data:`~inferoute.epp.requestcontrol.parse.SIMD_MIN_BODY` belongs."""
+    from inferoute.epp.requestcontrol import parse
+
+    parser = parse.BodyParser()
+    simd = parser._large  # the simdjson path alone, whatever SIMD_MIN_BODY says
+    turn = {"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 3}
+    out = []
+    for size in sizes:
+        body = json.dumps({"model": "m", "messages": [turn] * (size // 160), "stream": True}).encode()
+        assert simd(body) == parse.parse_body(body)
+        rounds = max(20, 3_000_000 // len(body))
+        best = {"msgspec": math.inf, "simd": math.inf}
+        for _ in range(repeat):
+            for name, fn in (("msgspec", parse.parse_body), ("simd", simd)):
+                t0 = time.perf_counter()
+                for _ in range(rounds):
+                    fn(body)
+                best[name] = min(best[name], (time.perf_counter() - t0) / rounds * 1e6)
+        out.append((len(body), best["msgspec"], best["simd"]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
@@ -682,8 +710,8 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
             await p.stop()
     bbr = bbr_speed()
     echo(
-        f"BBR on {bbr['body_mb']:.1f} MB: ModelReader {bbr['model_reader_gb_s']:.2f} GB/s, "
-        f"extract_model {bbr['extract_model_gb_s']:.2f} GB/s, json.loads {bbr['json_loads_gb_s']:.2f} GB/s"
+        f"BBR on {bbr['body_mb']:.1f} MB: BodyParser {bbr['body_parser_gb_s']:.2f} GB/s, "
+        f"parse_body {bbr['msgspec_gb_s']:.2f} GB/s, json.loads {bbr['json_loads_gb_s']:.2f} GB/s"
     )
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -814,14 +842,18 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{scaling.get('one_worker_rps_per_core', math.nan):,.0f} req/s per core.",
         ]
     bbr = result["bbr"]
-    reader = bbr.get("model_reader_gb_s")
-    reader_txt = f"`ModelReader` (simdjson) {reader:.2f} GB/s, " if reader is not None else ""
-    fastest = reader if reader is not None else bbr["extract_model_gb_s"]
+    if "body_parser_gb_s" in bbr:
+        fastest, msgspec = bbr["body_parser_gb_s"], bbr["msgspec_gb_s"]
+        what = f"`BodyParser` (simdjson) {fastest:.2f} GB/s, `parse_body` (msgspec) {msgspec:.2f} GB/s"
+    else:  # results of older versions: the model-only readers
+        reader, msgspec = bbr.get("model_reader_gb_s"), bbr["extract_model_gb_s"]
+        reader_txt = f"`ModelReader` (simdjson) {reader:.2f} GB/s, " if reader is not None else ""
+        fastest = reader if reader is not None else msgspec
+        what = f"{reader_txt}`extract_model` (msgspec) {msgspec:.2f} GB/s"
     lines += [
         "",
-        f"BBR model extraction on a {bbr['body_mb']:.1f} MB chat body: {reader_txt}`extract_model` (msgspec) "
-        f"{bbr['extract_model_gb_s']:.2f} GB/s, `json.loads` {bbr['json_loads_gb_s']:.2f} GB/s "
-        f"({fastest / bbr['json_loads_gb_s']:.1f}x).",
+        f"BBR model extraction on a {bbr['body_mb']:.1f} MB chat body: {what}, "
+        f"`json.loads` {bbr['json_loads_gb_s']:.2f} GB/s ({fastest / bbr['json_loads_gb_s']:.1f}x).",
         "",
     ]
     return "\n".join(lines)
@@ -905,6 +937,11 @@ def command(
     if bbr_only:
         bbr = bbr_speed()
         click.echo(json.dumps(bbr, indent=2))
+        click.echo(
+            "body bytes   msgspec µs   simdjson µs   (the one parse's two paths; SIMD_MIN_BODY between)"
+        )
+        for size, msgspec_us, simd_us in parse_paths_by_size():
+            click.echo(f"{size:10d} {msgspec_us:12.2f} {simd_us:13.2f}")
         return
     chosen = tuple(dict.fromkeys(["direct", *[p.strip() for p in paths.split(",") if p.strip()]]))
     if any(p.endswith("-baseline") for p in chosen) and baseline is None:

@@ -2,15 +2,12 @@
 
 Pure functions, no I/O:
 
-* :func:`extract_model` — the top-level JSON string ``model`` through a *validated* msgspec decode into a
-  struct that has only that field: the whole document is checked for JSON syntax, but no other value
-  becomes a Python object (measured several times faster than ``json.loads``; see docs/benchmarks/gateway.md).
-* :class:`ModelReader` — the same answer, faster on bodies of a kilobyte and more: simdjson (SIMD validation
-  of the whole document, UTF-8 included, then one lookup) through one reused parser. Whenever simdjson refuses
-  a document or sees ``model`` twice, :func:`extract_model` decides, so both always agree (msgspec keeps the
-  last duplicate, as Python's ``json`` does on the model server).
 * :func:`model_or_default` — the seed's rules: missing, null, empty or non-string ``model``, invalid JSON or a
   non-JSON content type give ``default_model``; body-less requests are not parsed at all (None: no header).
+  The body is parsed once, by the picker's own parser
+  (:class:`~inferoute.epp.requestcontrol.parse.BodyParser`: a validating msgspec decode that builds no Python
+  object for the prompt, simdjson for large bodies), and the parse is returned with the model so that an
+  embedded picker does not parse the body again.
 * :func:`check_declared_length` / :class:`BodyLimit` — the size limit, enforced up front from
   ``Content-Length`` and again while reading (chunked uploads), both answering 413.
 
@@ -23,63 +20,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-import msgspec
-import simdjson
-
+from inferoute.epp.requestcontrol.parse import BodyParse, BodyParser
 from inferoute.errors import InferouteError
 from inferoute.picking import MAX_MODEL_NAME_CHARS
-
-
-class _ModelOnly(msgspec.Struct):
-    model: object = msgspec.UNSET
-
-
-_DECODER = msgspec.json.Decoder(_ModelOnly)
-
-
-def extract_model(body: bytes | bytearray | memoryview) -> str | None:
-    """The top-level ``model`` if it is a non-empty JSON string in a valid JSON object, else None."""
-    try:
-        value = _DECODER.decode(body).model
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # too deep: not for routing
-        return None
-    if isinstance(value, str) and value:
-        return value
-    return None
-
-
-SIMD_MIN_BODY = 1024
-"""Bodies from this size on go through simdjson (below it msgspec's small-document path is quicker)."""
-
-
-class ModelReader:
-    """:func:`extract_model` with simdjson for bodies of :data:`SIMD_MIN_BODY` bytes and more (see module).
-
-    Owns one parser, reused (its buffers grow to the largest body seen, about twice its size): use one reader
-    per event loop, never from several threads at once.
-    """
-
-    __slots__ = ("_parser",)
-
-    def __init__(self) -> None:
-        self._parser = simdjson.Parser()
-
-    def extract(self, body: bytes | bytearray | memoryview) -> str | None:
-        """The top-level ``model`` if it is a non-empty JSON string in a valid JSON object, else None."""
-        if len(body) < SIMD_MIN_BODY:
-            return extract_model(body)
-        try:
-            doc = self._parser.parse(body)
-        except (ValueError, RuntimeError):  # invalid, or valid but outside simdjson's limits (depth, ...)
-            return extract_model(body)
-        if not isinstance(doc, simdjson.Object):
-            return None
-        if sum(1 for key in doc if key == "model") > 1:
-            return extract_model(body)  # duplicate keys: the last one wins, as on the model server
-        value = doc.get("model")
-        if isinstance(value, str) and value:
-            return value
-        return None
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -102,21 +45,24 @@ def is_header_safe(value: str) -> bool:
 
 
 def model_or_default(
-    body: bytes, content_type: str | None, default_model: str, reader: ModelReader | None = None
-) -> str | None:
-    """The model header value for a request: None for a body-less request (no header is set).
+    body: bytes, content_type: str | None, default_model: str, parser: BodyParser
+) -> tuple[str | None, BodyParse]:
+    """The model header value for a request (None for a body-less one: no header is set), and the parse of
+    the body to hand to the picker (None when the body was not parsed: empty, or not JSON).
 
-    ``reader`` (the process's :class:`ModelReader`) makes large bodies cheaper; the answer is the same.
-    Raises 400 (cause ``bad-model``) when the model contains control characters (it cannot become a header)
-    or is longer than :data:`~inferoute.picking.MAX_MODEL_NAME_CHARS`.
+    ``parser`` is the process's :class:`BodyParser`. Raises 400 (cause ``bad-model``) when the model contains
+    control characters (it cannot become a header) or is longer than
+    :data:`~inferoute.picking.MAX_MODEL_NAME_CHARS`.
     """
     if not body:
-        return None
+        return None, None
     if not is_json_content_type(content_type):
-        return default_model
-    model = extract_model(body) if reader is None else reader.extract(body)
-    if model is None:
-        return default_model
+        return default_model, None
+    try:
+        parsed = parser.parse(body)
+    except InferouteError as exc:  # no usable model: the default here, the picker answers the 400 itself
+        return default_model, exc
+    model = parsed.model
     if len(model) > MAX_MODEL_NAME_CHARS:
         message = f"the model name is longer than {MAX_MODEL_NAME_CHARS} characters"
         raise InferouteError(400, message, cause="bad-model", param="model")
@@ -124,7 +70,7 @@ def model_or_default(
         raise InferouteError(
             400, "the model name contains control characters", cause="bad-model", param="model"
         )
-    return model
+    return model, parsed
 
 
 def too_large(limit: int, size: int | None = None) -> InferouteError:

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from inferoute.clock import Clock
 from inferoute.endpoints import Endpoint, parse_endpoints
-from inferoute.gateway.bbr import ModelReader
+from inferoute.epp.requestcontrol.parse import BodyParser
 from inferoute.gateway.config import EMBEDDED, BBRConfig, EPPConfig, GatewayConfig, RouteConfig, target_of
 from inferoute.gateway.destinations import PICKER_CONTROL, AllowList, routing_header_names
 from inferoute.gateway.routing import ModelExtractor, RouteDecider
@@ -201,7 +201,7 @@ class Deciders:
         clients = _Clients(cfg, registry, embedded_factory)
         clients.embedded = embedded
         deciders: list[PathDecider] = []
-        reader = ModelReader()  # one per process: its parser buffers grow to the largest body seen
+        parser = BodyParser()  # one per process: its buffers grow to the largest body seen
 
         def decider(
             route: RouteConfig, pool: list[Endpoint], allowed: AllowList, picker: Picker | None
@@ -215,7 +215,7 @@ class Deciders:
                 untrusted=frozenset() if route.trust_client_headers else PICKER_CONTROL,
                 remote_bbr=clients.bbr(route.bbr),
                 clock=clock,
-                model_reader=reader,
+                body_parser=parser,
             )
 
         try:

@@ -37,8 +37,9 @@ from typing import Protocol
 
 from inferoute.clock import Clock, SystemClock
 from inferoute.endpoints import Endpoint
+from inferoute.epp.requestcontrol.parse import BodyParse, BodyParser
 from inferoute.errors import InferouteError
-from inferoute.gateway.bbr import ModelReader, is_header_safe, model_or_default, too_large
+from inferoute.gateway.bbr import is_header_safe, model_or_default, too_large
 from inferoute.gateway.config import RouteConfig
 from inferoute.gateway.destinations import AllowList, split_destinations, strip_headers
 from inferoute.picking import Destination, NullSession, Picker, PickerError, PickRequest, PickSession, Reject
@@ -127,7 +128,7 @@ class RouteDecider:
         untrusted: frozenset[str] = frozenset(),
         remote_bbr: ModelExtractor | None = None,
         clock: Clock | None = None,
-        model_reader: ModelReader | None = None,
+        body_parser: BodyParser | None = None,
     ) -> None:
         self.route = route
         self.pool = tuple(pool)
@@ -139,8 +140,9 @@ class RouteDecider:
         picker-control headers (``untrusted``); picker mutations may still set the latter."""
         self.remote_bbr = remote_bbr if route.bbr.endpoint else None
         self.clock = clock or SystemClock()
-        self.model_reader = model_reader or ModelReader()
-        """In-process BBR's JSON reader; one per process, shared by its routes (see :class:`ModelReader`)."""
+        self.body_parser = body_parser or BodyParser()
+        """In-process BBR's parser; one per process, shared by its routes (its buffers grow to the largest
+        body seen). Its result goes on to the picker, which then does not parse the body again."""
         self._rr = 0
         self._keys = tuple(e.key for e in self.pool)
 
@@ -160,41 +162,40 @@ class RouteDecider:
         set_headers: dict[str, str] = {}
         model: str | None = None
         bbr_error: str | None = None
+        parsed: BodyParse = None
         t0 = self.clock.now()
         if route.bbr.enabled:
-            model, bbr_error = await self._model(stripped, body)
+            model, bbr_error, parsed = await self._model(stripped, body)
             if model is not None:
                 set_headers[route.bbr.header_name] = model
         t1 = self.clock.now()
         fwd = apply_headers(stripped, set_headers) if set_headers else stripped
+        decided = Decided(
+            route, model, (), fwd, set_headers, body, NullSession(), "static", bbr_error=bbr_error
+        )
+        decided.bbr_seconds = t1 - t0
         if self.picker is None:
-            session: PickSession = NullSession()
-            return Decided(
-                route,
-                model,
-                self._fallback_upstreams(),
-                fwd,
-                set_headers,
-                body,
-                session,
-                "static",
-                bbr_error=bbr_error,
-                bbr_seconds=t1 - t0,
-            )
+            decided.upstreams = self._fallback_upstreams()
+            return decided
+        full_duplex = route.epp.body == "full_duplex"
         request = PickRequest(
             method=method,
             path=path,
             headers={k.lower(): v for k, v in fwd},
             request_id=request_id,
-            body=body if route.epp.body == "full_duplex" else b"",
+            body=body if full_duplex else b"",
             model=model,
+            parsed=parsed if full_duplex else None,
         )
+        return await self._pick(self.picker, request, decided)
+
+    async def _pick(self, picker: Picker, request: PickRequest, decided: Decided) -> Decided:
+        """Ask the picker and complete ``decided`` with its answer (fail-open on a picker failure)."""
+        t1 = self.clock.now()
         try:
-            decision, session = await self.picker.pick(request)
+            decision, session = await picker.pick(request)
         except PickerError as exc:
-            return self._picker_failed(
-                exc, fwd, set_headers, body, model, bbr_error, t1 - t0, self.clock.now() - t1, request_id
-            )
+            return self._picker_failed(exc, decided, self.clock.now() - t1, request.request_id)
         picker_seconds = self.clock.now() - t1
         if isinstance(decision, Reject):
             session.aborted("picker-reject")
@@ -210,34 +211,25 @@ class RouteDecider:
             upstreams = tuple(self.allow.check(v) for v in split_destinations(decision.endpoints))
         except InferouteError as exc:
             session.aborted("invalid-destination")
-            log.warning("route %s: %s", route.path, exc.message)
+            log.warning("route %s: %s", self.route.path, exc.message)
             raise
         if not upstreams:
             session.aborted("no-destination")
             empty = PickerError(
                 "the endpoint picker answered without a destination endpoint", cause="no-destination"
             )
-            return self._picker_failed(
-                empty, fwd, set_headers, body, model, bbr_error, t1 - t0, picker_seconds, request_id
-            )
+            return self._picker_failed(empty, decided, picker_seconds, request.request_id)
         if decision.set_headers:
             mutations = self._mutations(decision.set_headers)
-            set_headers.update(mutations)
-            fwd = apply_headers(fwd, mutations)
-        new_body = decision.body if decision.body is not None else body
-        return Decided(
-            route,
-            model,
-            upstreams,
-            fwd,
-            set_headers,
-            new_body,
-            session,
-            "picker",
-            bbr_error=bbr_error,
-            bbr_seconds=t1 - t0,
-            picker_seconds=picker_seconds,
-        )
+            decided.set_headers.update(mutations)
+            decided.headers = apply_headers(decided.headers, mutations)
+        if decision.body is not None:
+            decided.body = decision.body
+        decided.upstreams = upstreams
+        decided.session = session
+        decided.source = "picker"
+        decided.picker_seconds = picker_seconds
+        return decided
 
     def _mutations(self, requested: Mapping[str, str]) -> dict[str, str]:
         """The picker's header mutations minus routing headers (never taken from a picker's mutation: the
@@ -260,20 +252,24 @@ class RouteDecider:
             out[k] = v
         return out
 
-    async def _model(self, headers: list[tuple[str, str]], body: bytes) -> tuple[str | None, str | None]:
+    async def _model(
+        self, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[str | None, str | None, BodyParse]:
+        """The model header value, the swallowed BBR failure's cause, and the in-process parse of the body."""
         bbr = self.route.bbr
         if not body:
-            return None, None
+            return None, None, None
         if self.remote_bbr is None:
             ctype = next((v for k, v in headers if k.lower() == "content-type"), None)
-            return model_or_default(body, ctype, bbr.default_model, self.model_reader), None
+            model, parsed = model_or_default(body, ctype, bbr.default_model, self.body_parser)
+            return model, None, parsed
         try:
             model = await self.remote_bbr.model_header({k.lower(): v for k, v in headers}, body)
         except PickerError as exc:
             cause = "bbr-timeout" if exc.timeout else "bbr-error"
             log.warning("route %s: remote BBR %s failed: %s", self.route.path, bbr.endpoint, exc)
             if bbr.failure_mode_allow:
-                return bbr.default_model, cause
+                return bbr.default_model, cause, None
             if exc.timeout:
                 raise InferouteError(
                     504, f"body-based routing timed out after {bbr.timeout_ms} ms", cause=cause
@@ -284,23 +280,14 @@ class RouteDecider:
                 "route %s: remote BBR returned a model with control characters: %r", self.route.path, model
             )
             if bbr.failure_mode_allow:
-                return bbr.default_model, "bbr-error"
+                return bbr.default_model, "bbr-error", None
             raise InferouteError(
                 502, "body-based routing returned an invalid model header", cause="bbr-error"
             )
-        return (model or bbr.default_model), None
+        return (model or bbr.default_model), None, None
 
     def _picker_failed(
-        self,
-        exc: PickerError,
-        fwd: list[tuple[str, str]],
-        set_headers: dict[str, str],
-        body: bytes,
-        model: str | None,
-        bbr_error: str | None,
-        bbr_seconds: float,
-        picker_seconds: float,
-        request_id: str = "",
+        self, exc: PickerError, decided: Decided, picker_seconds: float, request_id: str = ""
     ) -> Decided:
         epp = self.route.epp
         cause = "picker-timeout" if exc.timeout else (exc.cause or "picker-error")
@@ -321,20 +308,11 @@ class RouteDecider:
             raise InferouteError(
                 502, _PICKER_FAILURES.get(cause, "the endpoint picker failed"), cause=cause
             ) from exc
-        return Decided(
-            self.route,
-            model,
-            self._fallback_upstreams(),
-            fwd,
-            set_headers,
-            body,
-            NullSession(),
-            "fail-open",
-            picker_error=cause,
-            bbr_error=bbr_error,
-            bbr_seconds=bbr_seconds,
-            picker_seconds=picker_seconds,
-        )
+        decided.upstreams = self._fallback_upstreams()
+        decided.source = "fail-open"
+        decided.picker_error = cause
+        decided.picker_seconds = picker_seconds
+        return decided
 
     def _fallback_upstreams(self) -> tuple[str, ...]:
         """``default_upstream``, else the pool in round-robin order (the rest as fallbacks)."""

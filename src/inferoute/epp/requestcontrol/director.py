@@ -31,7 +31,7 @@ from inferoute.epp.flowcontrol import SaturationDetector
 from inferoute.epp.learned import LearnedState
 from inferoute.epp.metrics import EppMetrics, ModelSeries
 from inferoute.epp.requestcontrol import headers as hdr
-from inferoute.epp.requestcontrol.parse import CHARS_PER_TOKEN, BodyParser
+from inferoute.epp.requestcontrol.parse import CHARS_PER_TOKEN, BodyParser, ParsedBody
 from inferoute.epp.requestcontrol.store import RequestControlStore
 from inferoute.epp.requestcontrol.usage import TailBuffer, Usage, parse_usage
 from inferoute.epp.scheduling.framework import NoEndpoints, ProfileResult, Scheduler
@@ -40,6 +40,7 @@ from inferoute.epp.scheduling.types import Candidate, CycleContext, InferenceReq
 from inferoute.errors import InferouteError
 from inferoute.picking import (
     MAX_MODEL_NAME_CHARS,
+    MODEL_HEADER,
     Decision,
     Destination,
     NullSession,
@@ -169,6 +170,14 @@ class Director:
         return Reject(status, err.body(), {"content-type": "application/json"}, cause)
 
     # -- the decision -------------------------------------------------------------------------------------
+    def _parse(self, body: bytes) -> ParsedBody | InferouteError:
+        """The body parsed here, or the 400 it deserves (a data plane that parsed it hands its result on in
+        :attr:`PickRequest.parsed <inferoute.picking.PickRequest.parsed>`: one parse per request)."""
+        try:
+            return self._body_parser.parse(body)
+        except InferouteError as exc:
+            return exc
+
     def decide(self, request: PickRequest) -> tuple[Decision, PickSession]:
         """Request control, legacy admission and scheduling in one synchronous call (flow control off)."""
         prep = self.prepare(request)
@@ -181,11 +190,10 @@ class Director:
         rejection (bad body, bodyless request decided at once) comes back as a ``(Decision, session)``."""
         if not request.body and request.method.upper() in ("GET", "HEAD", "DELETE", "OPTIONS"):
             return self._bodyless(request), NullSession()
-        try:
-            parsed = self._body_parser.parse(request.body)
-        except InferouteError as exc:
+        parsed = request.parsed if request.parsed is not None else self._parse(request.body)
+        if isinstance(parsed, InferouteError):
             return self._reject(
-                exc.status, exc.message, exc.cause, request.model or "", param=exc.param
+                parsed.status, parsed.message, parsed.cause, request.model or "", param=parsed.param
             ), NullSession()
         model = parsed.model
         headers = request.headers
@@ -197,7 +205,7 @@ class Director:
         set_headers: dict[str, str] = {}
         if target != model:
             body = _rewrite_model(request.body, target)
-            set_headers["x-gateway-model-name"] = target
+            set_headers[MODEL_HEADER] = target
             self.metrics.model_rewrite_total.labels(*self.metrics.bounded(model, target)).inc()
         objective = hdr.first(headers, hdr.OBJECTIVE)
         series = self.metrics.series(model, target)

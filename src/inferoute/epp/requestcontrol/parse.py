@@ -1,5 +1,10 @@
 """Parse an OpenAI completions / chat request: only ``model``, the prompt bytes and ``stream``.
 
+This is the one parse of a request body. In embedded mode the data plane's in-process BBR runs it (the model
+header comes from :attr:`ParsedBody.model`) and hands the result to the picker on
+:attr:`inferoute.picking.PickRequest.parsed`, so the director does not parse the body again; a remote picker
+or a body BBR did not parse is parsed by the director itself.
+
 msgspec decodes into a struct that keeps ``prompt`` and ``messages`` as raw JSON (``msgspec.Raw``): no Python
 strings are built for the prompt, the prefix hash runs over the raw bytes, and a 200 KB prompt costs a
 validating scan only. Chat prompts are the JSON of the ``messages`` array, as GIE's approximate prefix
@@ -65,6 +70,8 @@ def parse_body(body: bytes) -> ParsedBody:
         else:
             msg = f"the request body is not valid JSON: {exc}"
         raise InferouteError(400, msg, cause="bad-request") from exc
+    except RecursionError as exc:
+        raise InferouteError(400, "the request body is nested too deeply", cause="bad-request") from exc
     if parsed.model is None:
         raise InferouteError(400, "model not found in request body", cause="bad-request", param="model")
     if not isinstance(parsed.model, str) or not parsed.model:
@@ -75,7 +82,14 @@ def parse_body(body: bytes) -> ParsedBody:
 
 
 SIMD_MIN_BODY = 64 * 1024
-"""Bodies from this size on try simdjson first (below it msgspec alone is as quick: the cut costs µs)."""
+"""Bodies from this size on try simdjson first. Measured on chat bodies (docs/benchmarks/gateway.md, "One
+parse per request"): below ~64 KiB msgspec's validating decode is quicker than simdjson plus the prompt cut,
+whose fixed cost (parser call, key list, the cut) is tens of µs; from 64 KiB on simdjson wins, by more as
+bodies grow."""
+
+BodyParse = ParsedBody | InferouteError | None
+"""A data plane's parse of a body handed to the picker: the result, the 400 the body deserves, or None when
+the data plane did not parse it."""
 PROMPT_KEYS = ("prompt", "messages", "input")
 """Where the prompt is, in order of preference (the first present one is used)."""
 _KEYS_OF_INTEREST = ("model", "stream", *PROMPT_KEYS)
