@@ -1,60 +1,60 @@
 """Shared fixtures. Unit tests (tests/unit) use no sockets and no sleeps; integration and interop tests use
-real sockets on 127.0.0.1 with ports picked at run time."""
+real sockets on 127.0.0.1.
+
+Servers bind port 0 and the test reads the port back (from the server object, or from the banner a child
+process prints). Picking a free port first and binding it later is a race on a shared machine, so there is no
+helper for it. A test that needs a port where nothing listens uses :func:`refused_port`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 from collections.abc import Callable, Iterator
 
 import pytest
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+@pytest.fixture
+def refused_port() -> Iterator[Callable[[], int]]:
+    """Hands out ports on 127.0.0.1 that refuse connections for the whole test.
+
+    Each port is held by a bound socket that never listens: Linux answers a connect with RST
+    (``ECONNREFUSED``), and no other process can take the port while the test runs.
+    """
+    held: list[socket.socket] = []
+
+    def take() -> int:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.bind(("127.0.0.1", 0))
+        held.append(s)
         return int(s.getsockname()[1])
 
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (consecutive when possible is not guaranteed)."""
-    socks = []
     try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
+        yield take
     finally:
-        for s in socks:
+        for s in held:
             s.close()
 
 
-def consecutive_free_ports(n: int, attempts: int = 200) -> int:
-    """A base port such that base..base+n-1 are all free."""
-    for _ in range(attempts):
-        base = _free_port()
-        if base + n >= 65535:
-            continue
-        ok = True
-        held = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    s.close()
-                    break
-                held.append(s)
-        finally:
-            for s in held:
-                s.close()
-        if ok:
-            return base
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
-@pytest.fixture
-def free_port() -> Iterator[Callable[[], int]]:
-    yield _free_port
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports process ``pid`` listens on (Linux /proc): how a test reads back the port of a program that
+    was told to bind port 0 but does not print it."""
+    inodes: set[str] = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return set()
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

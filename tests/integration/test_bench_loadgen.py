@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from inferoute.bench.loadgen import LoadOptions, run_plan
-from inferoute.bench.peers import free_port
 from inferoute.bench.stats import summarize
 from inferoute.bench.workloads import SharedPrefix
 from inferoute.sim import FORCE_STATUS_HEADER, SimConfig, SimPool
@@ -63,9 +62,11 @@ async def test_http_errors_are_recorded_with_status_and_body(sim_url: str) -> No
     assert s.ok == 0 and s.errors == {"http-503": len(results)}
 
 
-async def test_connection_refused_and_timeouts_are_errors_not_crashes() -> None:
+async def test_connection_refused_and_timeouts_are_errors_not_crashes(
+    refused_port: Callable[[], int],
+) -> None:
     plan = small_workload().plan(rate=20, duration=0.3, seed=1)
-    results = await run_plan(f"http://127.0.0.1:{free_port()}", plan)
+    results = await run_plan(f"http://127.0.0.1:{refused_port()}", plan)
     assert results and all(r.error == "connect" for r in results)
 
     pool = await SimPool.start(SimConfig(time_scale=20.0), replicas=1)  # 20x slower than real time

@@ -30,9 +30,8 @@ async def test_pipelined_client_completes_lifecycles_on_the_h2_server() -> None:
 
 
 async def test_open_loop_reports_time_beyond_the_backend_delay() -> None:
-    (port,) = bench._free_ports(1)
-    async with bench._child("backend", "--port", str(port)):
-        url = f"http://127.0.0.1:{port}/v1/completions"
+    async with bench._child("backend", "--port", "0") as backend:
+        url = f"http://127.0.0.1:{backend.port}/v1/completions"
         over, errors, elapsed = await bench._open_loop(url, 4096, 40.0, 1.0, 100)
     assert errors == 0 and 20 <= len(over) <= 80  # Poisson at 40/s for 1 s
     # the 100 ms delay is taken out, not in: values sit near 0 (libuv timers may fire up to ~1 ms early, and a

@@ -62,7 +62,8 @@ async def test_quick_run_measures_every_contender_and_writes_reports(tmp_path: P
     run = json.loads((tmp_path / "run.json").read_text())
     assert len(run["points"]) == 3 and run["meta"]["seed"] == 5
     assert set(run["knees"]["shared-prefix"]) == {c.name for c in contenders}
-    rows = list(csv.DictReader((tmp_path / "requests.csv").open()))
+    with (tmp_path / "requests.csv").open() as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == sum(p.planned for p in points)
     assert {r["contender"] for r in rows} == {c.name for c in contenders}
     summary = (tmp_path / "summary.md").read_text()
@@ -118,6 +119,8 @@ def test_children_die_with_a_killed_benchmark(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait(timeout=10)
+        assert parent.stdout is not None
+        parent.stdout.close()
         if child and process_state(child) not in (None, "Z"):
             os.kill(child, signal.SIGKILL)  # the test failed: still clean up
 

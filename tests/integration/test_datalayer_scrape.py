@@ -160,9 +160,9 @@ async def test_chunked_responses_and_server_side_close(servers: Servers) -> None
         await collector.aclose()
 
 
-async def test_connection_refused_is_a_failed_scrape(free_port: Callable[[], int]) -> None:
+async def test_connection_refused_is_a_failed_scrape(refused_port: Callable[[], int]) -> None:
     ds = Datastore(SystemClock())
-    ep = Endpoint("gone", "127.0.0.1", free_port())
+    ep = Endpoint("gone", "127.0.0.1", refused_port())
     ds.set_endpoints([ep])
     collector = MetricsCollector(ds, interval=0.05, timeout=1.0)
     await collector.start()
@@ -280,12 +280,11 @@ async def test_request_asks_for_identity_encoding(servers: Servers) -> None:
     assert seen and set(seen) == {"identity"}
 
 
-async def test_server_restart_reconnects(free_port: Callable[[], int]) -> None:
+async def test_server_restart_reconnects() -> None:
     """A model server that restarts on the same port: scrapes fail while it is down, then recover on a new
     connection."""
-    port = free_port()
 
-    async def serve() -> web.AppRunner:
+    async def serve(port: int) -> web.AppRunner:
         app = web.Application()
         app.router.add_get("/metrics", page(VLLM))
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
@@ -293,7 +292,8 @@ async def test_server_restart_reconnects(free_port: Callable[[], int]) -> None:
         await web.TCPSite(runner, "127.0.0.1", port).start()
         return runner
 
-    runner = await serve()
+    runner = await serve(0)
+    port = runner.addresses[0][1]
     ds = Datastore(SystemClock())
     ep = Endpoint("phoenix", "127.0.0.1", port)
     ds.set_endpoints([ep])
@@ -306,7 +306,7 @@ async def test_server_restart_reconnects(free_port: Callable[[], int]) -> None:
         await runner.cleanup()
         assert not await collector.scrape_once(state)
         assert "HttpGetError" in state.last_error
-        runner = await serve()
+        runner = await serve(port)  # the port was ours a moment ago (SO_REUSEADDR: no TIME_WAIT wait)
         for _ in range(100):  # the wheel keeps trying: it recovers on its own
             if state.failures == 0:
                 break

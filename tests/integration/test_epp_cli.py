@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -14,7 +15,6 @@ import grpc
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import free_ports
 from inferoute.extproc.client import ChannelOptions, GrpcPicker
 from inferoute.picking import Destination, PickRequest
 from inferoute.sim import SimConfig, SimPool
@@ -22,6 +22,19 @@ from inferoute.sim import SimConfig, SimPool
 
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:]
+
+
+async def _announced_ports(proc: asyncio.subprocess.Process, log: Path) -> tuple[int, int, int]:
+    """ext_proc, health and metrics ports as the ready line states them (all were 0 on the command line)."""
+    for _ in range(600):
+        assert proc.returncode is None, f"inferoute epp exited ({proc.returncode}): {_tail(log)}"
+        found = re.search(r"ready: ext_proc :(\d+), health :(\d+), metrics :(\d+)", _tail(log))
+        if found:
+            grpc_port, health_port, metrics_port = map(int, found.groups())
+            assert 0 not in (grpc_port, health_port, metrics_port), found.group(0)
+            return grpc_port, health_port, metrics_port
+        await asyncio.sleep(0.1)
+    raise AssertionError("inferoute epp never said it was ready; log tail:\n" + _tail(log))
 
 
 async def _serving(port: int, proc: asyncio.subprocess.Process, log: Path) -> None:
@@ -51,7 +64,6 @@ async def test_epp_command_serves_tls_health_metrics_and_stops_on_sigterm(tmp_pa
     pool = await SimPool.start(SimConfig(time_scale=0.05), replicas=2, host="127.0.0.1", base_port=0)
     eps = [{"name": e.name, "address": e.address, "port": e.port} for e in pool.endpoints]
     (tmp_path / "endpoints.yaml").write_text(json.dumps({"endpoints": eps}))  # JSON is YAML
-    grpc_port, health_port, metrics_port = free_ports(3)
     log_file = (tmp_path / "epp.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -64,22 +76,19 @@ async def test_epp_command_serves_tls_health_metrics_and_stops_on_sigterm(tmp_pa
         "round-robin",
         "--host",
         "127.0.0.1",
-        "--grpc-port",
-        str(grpc_port),
-        "--health-port",
-        str(health_port),
-        "--metrics-port",
-        str(metrics_port),
+        *["--grpc-port", "0", "--health-port", "0", "--metrics-port", "0"],
         "--cert-path",
         str(certs),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=log_file,  # a file, not a pipe nobody reads: a chatty log must not block the process
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    client = GrpcPicker(
-        ChannelOptions(f"127.0.0.1:{grpc_port}", ca_file=str(tmp_path / "ca.pem")), timeout_ms=5000
-    )
+    client = None
     try:
+        grpc_port, health_port, metrics_port = await _announced_ports(proc, tmp_path / "epp.log")
+        client = GrpcPicker(
+            ChannelOptions(f"127.0.0.1:{grpc_port}", ca_file=str(tmp_path / "ca.pem")), timeout_ms=5000
+        )
         await _serving(health_port, proc, tmp_path / "epp.log")
         body = json.dumps({"model": SimConfig().model, "prompt": "hi"}).encode()
         seen = set()
@@ -97,7 +106,8 @@ async def test_epp_command_serves_tls_health_metrics_and_stops_on_sigterm(tmp_pa
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
         if proc.returncode is None:
             proc.kill()
             await proc.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import AsyncIterator
 
@@ -103,14 +104,14 @@ async def test_full_duplex_server_echoes_body_with_content_length(bbr: BbrServer
     assert echoed == body and len(replies) == 1 + 3  # 130 KB -> 3 chunks of <= 62,000
 
 
-async def test_timeout_and_unavailable(free_port) -> None:  # type: ignore[no-untyped-def]
+async def test_timeout_and_unavailable(refused_port) -> None:  # type: ignore[no-untyped-def]
     slow = await EppServer.start(
         RecordingPicker(["1.1.1.1:1"], delay=3.0),
         ServerOptions(host="127.0.0.1", grpc_port=0, health_port=None, insecure=True),
         CollectorRegistry(),
     )
     c = RemoteBBR(ChannelOptions(f"127.0.0.1:{slow.grpc_port}", tls=False), timeout_ms=300)
-    down = RemoteBBR(ChannelOptions(f"127.0.0.1:{free_port()}", tls=False), timeout_ms=3000)
+    down = RemoteBBR(ChannelOptions(f"127.0.0.1:{refused_port()}", tls=False), timeout_ms=3000)
     try:
         with pytest.raises(PickerError) as info:
             await c.model_header(HEADERS, b'{"model":"m"}')
@@ -124,8 +125,7 @@ async def test_timeout_and_unavailable(free_port) -> None:  # type: ignore[no-un
         await slow.aclose(0)
 
 
-async def test_bbr_server_runs_as_a_process(free_port) -> None:  # type: ignore[no-untyped-def]
-    port = free_port()
+async def test_bbr_server_runs_as_a_process() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -133,21 +133,22 @@ async def test_bbr_server_runs_as_a_process(free_port) -> None:  # type: ignore[
         "--host",
         "127.0.0.1",
         "--port",
-        str(port),
+        "0",
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
-    client = RemoteBBR(ChannelOptions(f"127.0.0.1:{port}", tls=False), timeout_ms=2000)
+    client = None
     try:
-        for _ in range(100):  # until it listens (import + bind take a moment)
-            try:
-                assert await client.model_header(HEADERS, b'{"model":"from-process"}') == "from-process"
-                break
-            except PickerError:
-                await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the BBR server process never answered")
+        assert proc.stderr is not None
+        seen = b""
+        while not (found := re.search(rb"listening on 127\.0\.0\.1:(\d+)", seen)):
+            line = await asyncio.wait_for(proc.stderr.readline(), 60)
+            assert line, seen  # exited before saying where it listens
+            seen += line
+        client = RemoteBBR(ChannelOptions(f"127.0.0.1:{int(found.group(1))}", tls=False), timeout_ms=2000)
+        assert await client.model_header(HEADERS, b'{"model":"from-process"}') == "from-process"
     finally:
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
         proc.terminate()
         await proc.wait()

@@ -111,7 +111,7 @@ async def test_subset_hint_and_reject(plain) -> None:  # type: ignore[no-untyped
         await client.aclose()
 
 
-async def test_picker_failure_and_timeout_and_unavailable(plain, free_port) -> None:  # type: ignore[no-untyped-def]
+async def test_picker_failure_and_timeout_and_unavailable(plain, refused_port) -> None:  # type: ignore[no-untyped-def]
     server, picker = plain
     client = GrpcPicker(ChannelOptions(f"127.0.0.1:{server.grpc_port}", tls=False), timeout_ms=300)
     try:
@@ -124,7 +124,7 @@ async def test_picker_failure_and_timeout_and_unavailable(plain, free_port) -> N
         assert info.value.timeout and info.value.cause == "timeout"
     finally:
         await client.aclose()
-    down = GrpcPicker(ChannelOptions(f"127.0.0.1:{free_port()}", tls=False), timeout_ms=3000)
+    down = GrpcPicker(ChannelOptions(f"127.0.0.1:{refused_port()}", tls=False), timeout_ms=3000)
     try:
         with pytest.raises(PickerError) as info:
             await down.pick(_request())

@@ -72,8 +72,8 @@ async def test_headers_only_mode_sends_no_body() -> None:
     assert picker.requests[0].headers.get("x-gateway-model-name") == "m-1"
 
 
-async def test_fallback_list_from_the_picker_is_walked(free_port: Any) -> None:
-    dead_port = free_port()
+async def test_fallback_list_from_the_picker_is_walked(refused_port: Any) -> None:
+    dead_port = refused_port()
     async with backends("a") as (a,):
         picker = ScriptedPicker([], script=lambda req: Destination((f"127.0.0.1:{dead_port}", a.key)))
         pool = {
@@ -111,7 +111,7 @@ async def test_immediate_response_status_and_body_reach_the_client() -> None:
     assert a.requests == []
 
 
-async def test_picker_timeout_is_504_and_unreachable_is_502(free_port: Any) -> None:
+async def test_picker_timeout_is_504_and_unreachable_is_502(refused_port: Any) -> None:
     async with backends("a") as (a,):
         slow = ScriptedPicker([a.key], delay=2.0)
         reg = CollectorRegistry()
@@ -126,7 +126,7 @@ async def test_picker_timeout_is_504_and_unreachable_is_502(free_port: Any) -> N
         assert metric_value(reg, "inferoute_gateway_errors_total", {"cause": "picker-timeout"}) == 1
 
         reg2 = CollectorRegistry()
-        nowhere = f"http://127.0.0.1:{free_port()}"
+        nowhere = f"http://127.0.0.1:{refused_port()}"
         async with (
             running_gateway(remote([a], nowhere), ScriptedPicker([]), reg2) as gw,
             aiohttp.ClientSession() as s,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import shlex
@@ -192,9 +193,9 @@ async def test_picker_failure_fail_open_default_upstream_then_pool() -> None:
         assert served == {"a", "b"}
 
 
-async def test_fallback_walks_past_dead_and_5xx_endpoints(free_port) -> None:  # type: ignore[no-untyped-def]
+async def test_fallback_walks_past_dead_and_5xx_endpoints(refused_port) -> None:  # type: ignore[no-untyped-def]
     reg = CollectorRegistry()
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{refused_port()}"
     async with backends("a", "b") as (a, b):
         picker = ScriptedPicker([dead, a.key, b.key], script=lambda req: Destination((dead, a.key, b.key)))
         cfg = gateway_config(
@@ -228,8 +229,8 @@ async def test_fallback_walks_past_dead_and_5xx_endpoints(free_port) -> None:  #
     assert picker.sessions[1].events[0] == ("started", (b.key, 503))
 
 
-async def test_all_endpoints_dead_is_502(free_port) -> None:  # type: ignore[no-untyped-def]
-    port = free_port()
+async def test_all_endpoints_dead_is_502(refused_port) -> None:  # type: ignore[no-untyped-def]
+    port = refused_port()
     picker = ScriptedPicker([f"127.0.0.1:{port}"])
     cfg = gateway_config([], top={"pool": {"endpoints": [{"address": "127.0.0.1", "port": port}]}})
     async with (
@@ -336,11 +337,13 @@ async def test_fifty_megabyte_limit() -> None:
         cfg = gateway_config([a], bbr={"max_body_size": limit})
         async with running_gateway(cfg, ScriptedPicker([a.key])) as gw, aiohttp.ClientSession() as s:
             async with s.post(
-                gw.url + "/v1/completions", data=at_limit, headers={"Content-Type": "application/json"}
+                gw.url + "/v1/completions",
+                data=io.BytesIO(at_limit),
+                headers={"Content-Type": "application/json"},
             ) as r:
                 assert r.status == 200
                 doc = await r.json()
-            async with s.post(gw.url + "/v1/completions", data=at_limit + b" ") as r:
+            async with s.post(gw.url + "/v1/completions", data=io.BytesIO(at_limit + b" ")) as r:
                 assert r.status == 413
     assert doc["len"] == limit and doc["headers"]["x-gateway-model-name"] == "big"
     assert len(a.requests) == 1

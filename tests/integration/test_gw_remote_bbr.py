@@ -42,8 +42,8 @@ async def test_model_header_comes_from_the_remote_bbr() -> None:
     assert doc2["headers"]["x-gateway-model-name"] == "dflt"
 
 
-async def test_remote_bbr_down_fail_open_and_fail_closed(free_port: Any) -> None:
-    dead = f"127.0.0.1:{free_port()}"
+async def test_remote_bbr_down_fail_open_and_fail_closed(refused_port: Any) -> None:
+    dead = f"127.0.0.1:{refused_port()}"
     async with backends("a") as (a,):
         reg = CollectorRegistry()
         cfg = gateway_config([a], bbr={"endpoint": dead, "timeout_ms": 2000, "default_model": "fallback"})

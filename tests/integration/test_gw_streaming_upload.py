@@ -65,8 +65,8 @@ async def test_declared_length_is_kept_and_limit_enforced_while_streaming() -> N
     assert [req["len"] for req in a.requests] == [900]
 
 
-async def test_streamed_body_still_walks_past_a_dead_endpoint(free_port: Any) -> None:
-    dead = f"127.0.0.1:{free_port()}"
+async def test_streamed_body_still_walks_past_a_dead_endpoint(refused_port: Any) -> None:
+    dead = f"127.0.0.1:{refused_port()}"
     async with backends("a") as (a,):
         picker = ScriptedPicker([], script=lambda req: Destination((dead, a.key)))
         pool = {

@@ -68,6 +68,7 @@ class _Boom(_Echo):
 
 
 CLOSED: list[bool] = []
+OPEN_CLIENTS: list[asyncio.StreamWriter] = []
 RELEASE = asyncio.Event()  # replaced per test (an Event binds to the loop that first waits on it)
 
 
@@ -170,11 +171,15 @@ async def server() -> AsyncIterator[h2s.GrpcServer]:
     try:
         yield srv
     finally:
+        for writer in OPEN_CLIENTS:
+            writer.close()
+        OPEN_CLIENTS.clear()
         await srv.stop(0)
 
 
 async def _client(srv: h2s.GrpcServer, window: int = 65535) -> Client:
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    OPEN_CLIENTS.append(writer)  # closed by the server fixture
     c = Client(reader, writer, window)
     c.h2.initiate_connection()
     c.flush()

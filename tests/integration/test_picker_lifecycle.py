@@ -16,9 +16,9 @@ from inferoute.picking import Destination, PickerError, PickRequest
 BODY = json.dumps({"model": "m", "prompt": "hi"}).encode()
 
 
-async def test_unreachable_pool_still_schedules_blind_then_close(free_port: Callable[[], int]) -> None:
+async def test_unreachable_pool_still_schedules_blind_then_close(refused_port: Callable[[], int]) -> None:
     registry = CollectorRegistry()
-    eps = [Endpoint("a", "127.0.0.1", free_port()), Endpoint("b", "127.0.0.1", free_port())]
+    eps = [Endpoint("a", "127.0.0.1", refused_port()), Endpoint("b", "127.0.0.1", refused_port())]
     picker = await start_picker(EppOptions(endpoints=eps, registry=registry, scrape_timeout=0.2))
     try:
         loop = asyncio.get_running_loop()
@@ -45,8 +45,8 @@ async def test_unreachable_pool_still_schedules_blind_then_close(free_port: Call
     await again.aclose()
 
 
-async def test_a_plugin_bug_is_a_picker_error_not_a_crash(free_port: Callable[[], int]) -> None:
-    picker = await start_picker(EppOptions(endpoints=[Endpoint("a", "127.0.0.1", free_port())]))
+async def test_a_plugin_bug_is_a_picker_error_not_a_crash(refused_port: Callable[[], int]) -> None:
+    picker = await start_picker(EppOptions(endpoints=[Endpoint("a", "127.0.0.1", refused_port())]))
     try:
 
         def broken(*args: object) -> None:

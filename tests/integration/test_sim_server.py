@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,6 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import consecutive_free_ports
 from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
 
 M = DEFAULT_MODEL
@@ -194,8 +195,19 @@ async def test_metrics_after_traffic(http: aiohttp.ClientSession) -> None:
 
 
 async def test_base_port_gives_consecutive_ports(http: aiohttp.ClientSession) -> None:
-    base = consecutive_free_ports(3)
-    async with await SimPool.start(SimConfig(), replicas=3, base_port=base) as pool:
+    for _ in range(50):  # another process may hold a port of the range: then try another base
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        try:
+            pool = await SimPool.start(SimConfig(), replicas=3, base_port=base)
+            break
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    else:
+        raise AssertionError("no base port with 3 free ports after 50 tries")
+    async with pool:
         assert [e.port for e in pool.endpoints] == [base, base + 1, base + 2]
         for i, ep in enumerate(pool.endpoints):
             async with http.get(f"http://127.0.0.1:{ep.port}/health") as r:

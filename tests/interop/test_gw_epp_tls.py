@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,16 +33,18 @@ CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}],
 def epp_process(
     tmp: Path,
     endpoints: list[Any],
-    ports: list[int],
     cert_dir: Path | None,
     env: dict[str, str] | None = None,
+    *,
+    grpc_port: int = 0,
 ) -> Iterator[int]:
+    """``inferoute epp`` on ports the OS chooses (ext_proc on ``grpc_port`` if given); yields the ext_proc
+    port its ready line states."""
     eps = tmp / "endpoints.yaml"
     eps.write_text(
         "endpoints:\n"
         + "".join(f"  - {{name: {e.name}, address: {e.address}, port: {e.port}}}\n" for e in endpoints)
     )
-    grpc_port, health_port, metrics_port = ports
     log = (tmp / "epp.log").open("w+")
     proc = subprocess.Popen(
         [
@@ -50,12 +54,7 @@ def epp_process(
             str(eps),
             "--host",
             "127.0.0.1",
-            "--grpc-port",
-            str(grpc_port),
-            "--health-port",
-            str(health_port),
-            "--metrics-port",
-            str(metrics_port),
+            *["--grpc-port", str(grpc_port), "--health-port", "0", "--metrics-port", "0"],
             *(["--cert-path", str(cert_dir)] if cert_dir else []),
         ],
         stdout=log,
@@ -64,11 +63,13 @@ def epp_process(
     )
     try:
         deadline = time.monotonic() + 60
-        while "inferoute epp ready" not in (tmp / "epp.log").read_text():
+        while not (
+            ready := re.search(r"inferoute epp ready: ext_proc :(\d+)", (tmp / "epp.log").read_text())
+        ):
             assert proc.poll() is None, (tmp / "epp.log").read_text()
             assert time.monotonic() < deadline, "inferoute epp did not become ready"
             time.sleep(0.05)
-        yield grpc_port
+        yield int(ready.group(1))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -100,7 +101,7 @@ async def gateway(
 
 
 async def test_gateway_with_remote_epp_over_tls_and_wrong_ca(
-    tmp_path: Path, free_port: Any, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="inferoute.gateway.access")
     ca, other_ca = trustme.CA(), trustme.CA()
@@ -113,8 +114,7 @@ async def test_gateway_with_remote_epp_over_tls_and_wrong_ca(
     other_ca.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
     async with await SimPool.start(SimConfig(time_scale=0.02), replicas=2) as pool:
         keys = {e.key for e in pool.endpoints}
-        ports = [free_port(), free_port(), free_port()]
-        with epp_process(tmp_path, pool.endpoints, ports, cert_dir) as grpc_port:
+        with epp_process(tmp_path, pool.endpoints, cert_dir) as grpc_port:
             target = f"127.0.0.1:{grpc_port}"
             good = CollectorRegistry()
             async with (
@@ -189,18 +189,33 @@ async def test_ca_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:
             await server.aclose(0)
 
 
-async def test_default_settings_pair_gateway_and_epp_over_verified_tls(
-    tmp_path: Path, free_port: Any
-) -> None:
+def _port_for_a_later_server() -> int:
+    """A port the OS just handed out, for a server started later. The one place a test picks a port before
+    the server binds it: the gateway must be configured with the picker's address while the picker is down."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def _gateway_url(log: Path, proc: subprocess.Popen[bytes]) -> str:
+    """The gateway's URL (it was told to listen on port 0) from its start-up line."""
+    deadline = time.monotonic() + 60
+    while not (found := re.search(r"gateway listening on (http://\S+)", log.read_text())):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        await asyncio.sleep(0.05)
+    return found.group(1)
+
+
+async def test_default_settings_pair_gateway_and_epp_over_verified_tls(tmp_path: Path) -> None:
     """`inferoute gateway` and `inferoute epp` with default TLS settings: the picker's self-signed certificate
     (kept in the state directory) is trusted by the gateway on the same machine -- verified, not skipped.
     While the picker is down the gateway's /readyz says not ready (fail-closed) and requests get a 502 whose
     body names the failure class only."""
     env = {**os.environ, "INFEROUTE_STATE_DIR": str(tmp_path / "state")}
     async with await SimPool.start(SimConfig(time_scale=0.02), replicas=2) as pool:
-        grpc_port, gw_port = free_port(), free_port()
+        grpc_port = _port_for_a_later_server()
         (tmp_path / "gw.yaml").write_text(
-            f"listen: 127.0.0.1:{gw_port}\npool:\n  endpoints:\n"
+            "listen: 127.0.0.1:0\npool:\n  endpoints:\n"
             + "".join(
                 f"    - {{name: {e.name}, address: {e.address}, port: {e.port}}}\n" for e in pool.endpoints
             )
@@ -213,8 +228,8 @@ async def test_default_settings_pair_gateway_and_epp_over_verified_tls(
             stderr=subprocess.STDOUT,
             env=env,
         )
-        url = f"http://127.0.0.1:{gw_port}"
         try:
+            url = await _gateway_url(tmp_path / "gw.log", gw)
             async with aiohttp.ClientSession() as s:
                 status = await _until(s, url + "/healthz", {200})
                 async with s.get(url + "/readyz") as r:
@@ -223,8 +238,7 @@ async def test_default_settings_pair_gateway_and_epp_over_verified_tls(
                     assert r.status == 502
                     err = (await r.json())["error"]
                 assert err["message"] == "the endpoint picker is unavailable", err
-                ports = [grpc_port, free_port(), free_port()]
-                with epp_process(tmp_path, pool.endpoints, ports, None, env):
+                with epp_process(tmp_path, pool.endpoints, None, env, grpc_port=grpc_port):
                     status = await _until(s, url + "/readyz", {200})
                     assert status == 200, (tmp_path / "gw.log").read_text()
                     for stream in (False, True):

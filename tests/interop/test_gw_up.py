@@ -35,16 +35,24 @@ def _read_banner(proc: subprocess.Popen[str], limit_s: float = 60.0) -> str:
     raise AssertionError(f"no ready banner; got {''.join(lines)!r}")
 
 
-def test_up_is_answered_by_curl_and_stops_cleanly_on_ctrl_c(free_port) -> None:  # type: ignore[no-untyped-def]
+def _banner_port(banner: str) -> int:
+    """The port ``:0`` was bound to, as the banner states it."""
+    found = re.search(r"gateway on http://127\.0\.0\.1:(\d+)", banner)
+    assert found, banner
+    port = int(found.group(1))
+    assert port != 0 and f"http://127.0.0.1:{port}/metrics" in banner
+    return port
+
+
+def test_up_is_answered_by_curl_and_stops_cleanly_on_ctrl_c() -> None:
     curl = shutil.which("curl")
     assert curl, "the curl binary is required for this test"
-    port = free_port()
     proc = subprocess.Popen(
         [
             str(INFEROUTE),
             "up",
             "--listen",
-            f"127.0.0.1:{port}",
+            "127.0.0.1:0",
             "--sim-base-port",
             "0",
             "--time-scale",
@@ -56,7 +64,7 @@ def test_up_is_answered_by_curl_and_stops_cleanly_on_ctrl_c(free_port) -> None: 
     )
     try:
         banner = _read_banner(proc)
-        assert f"http://127.0.0.1:{port}" in banner
+        port = _banner_port(banner)
         assert f"http://127.0.0.1:{port}/metrics" in banner
         assert banner.count("sim-") == 4 and "sql-lora" in banner and "chat-lora" in banner
         example = re.search(r"curl -s (\S+) .* -d '(.+)'", banner)
@@ -130,6 +138,9 @@ def test_up_is_answered_by_curl_and_stops_cleanly_on_ctrl_c(free_port) -> None: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_up_refuses_a_busy_port_with_a_clear_message() -> None:
@@ -161,7 +172,7 @@ def test_make_up_defaults_to_127_0_0_1_8080() -> None:
     assert "127.0.0.1:8080" in help_text
 
 
-async def test_up_with_a_config_file_serves_that_config(tmp_path: Path, free_port) -> None:  # type: ignore[no-untyped-def]
+async def test_up_with_a_config_file_serves_that_config(tmp_path: Path) -> None:
     import asyncio
 
     import aiohttp
@@ -177,14 +188,13 @@ async def test_up_with_a_config_file_serves_that_config(tmp_path: Path, free_por
             )
             + "routes:\n  - {path: /v1/, bbr: {default_model: fallback}}\n"
         )
-        port = free_port()
         proc = await asyncio.create_subprocess_exec(
             str(INFEROUTE),
             "up",
             "--config",
             str(cfg),
             "--listen",
-            f"127.0.0.1:{port}",
+            "127.0.0.1:0",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -195,6 +205,7 @@ async def test_up_with_a_config_file_serves_that_config(tmp_path: Path, free_por
                 line = await asyncio.wait_for(proc.stdout.readline(), 60)
                 assert line, banner
                 banner += line.decode()
+            port = _banner_port(banner)
             assert "replicas" not in banner  # no simulator: the file's pool is served
             assert "/v1/ -> embedded" in banner
             body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

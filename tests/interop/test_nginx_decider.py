@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from nginx_harness import EchoBackend, NginxFactory, NginxServer
+from nginx_harness import EchoBackend, NginxFactory, NginxServer, listening_socket
 from prometheus_client import CollectorRegistry
 
-from conftest import free_ports
 from inferoute.gateway.config import GatewayConfig, parse_config
 from inferoute.gateway.nginx_decider.server import RunningDecider, start_decider
 from inferoute.integrations.nginx import NginxOptions, render
@@ -165,11 +165,15 @@ async def backends() -> AsyncIterator[list[EchoBackend]]:
 
 @pytest.fixture(params=["post_action", "syslog"])
 async def stack(
-    backends: list[EchoBackend], nginx: NginxFactory, request: pytest.FixtureRequest
+    backends: list[EchoBackend],
+    nginx: NginxFactory,
+    refused_port: Callable[[], int],
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Stack]:
     """The whole stack; every test using it runs with both completion-report transports."""
-    dead_port, nginx_port = free_ports(2)
-    dead = f"127.0.0.1:{dead_port}"
+    sock = listening_socket()
+    nginx_port = sock.getsockname()[1]
+    dead = f"127.0.0.1:{refused_port()}"
     pool = [b.key for b in backends] + [dead]
     picker = ScriptedPicker(pool)
 
@@ -190,9 +194,10 @@ async def stack(
                 report=request.param,
             )
         )
-        server = await asyncio.to_thread(nginx, conf, [nginx_port])
+        server = await asyncio.to_thread(nginx, conf, [sock])
         yield Stack(server, f"http://127.0.0.1:{nginx_port}", backends, dead, picker, running)
     finally:
+        sock.close()  # unless NGINX took it
         await running.aclose()
 
 
@@ -298,7 +303,9 @@ async def test_large_body_and_chunked_upload_arrive_byte_identical(stack: Stack)
     big = os.urandom(20 * MiB)
     async with aiohttp.ClientSession() as client:
         async with client.post(
-            f"{stack.url}/v1/completions", data=big, headers={"Content-Type": "application/octet-stream"}
+            f"{stack.url}/v1/completions",
+            data=io.BytesIO(big),
+            headers={"Content-Type": "application/octet-stream"},
         ) as resp:
             assert resp.status == 200, await resp.text()
             got = await resp.json()
@@ -435,7 +442,7 @@ async def test_errors_reach_the_client_as_json(stack: Stack) -> None:
     async def post(path: str, body: bytes, **headers: str) -> tuple[int, dict[str, Any], Mapping[str, str]]:
         async with (
             aiohttp.ClientSession() as client,
-            client.post(f"{stack.url}{path}", data=body, headers={**JSON, **headers}) as resp,
+            client.post(f"{stack.url}{path}", data=io.BytesIO(body), headers={**JSON, **headers}) as resp,
         ):
             assert resp.content_type == "application/json", (resp.status, await resp.text())
             return resp.status, await resp.json(), resp.headers
@@ -517,16 +524,18 @@ async def test_body_rewrite_is_relayed_by_the_decider(stack: Stack) -> None:
 
 
 async def test_decider_down_fail_closed_and_fail_open(
-    backends: list[EchoBackend], nginx: NginxFactory
+    backends: list[EchoBackend], nginx: NginxFactory, refused_port: Callable[[], int]
 ) -> None:
-    down, closed_port, open_port = free_ports(3)
+    down = refused_port()
+    closed_sock, open_sock = listening_socket(), listening_socket()
+    closed_port, open_port = closed_sock.getsockname()[1], open_sock.getsockname()[1]
     common = dict(decider=f"127.0.0.1:{down}", self_contained=True, worker_processes="1")
     closed = render(NginxOptions(listen=f"127.0.0.1:{closed_port}", **common))  # type: ignore[arg-type]
     opened = render(
         NginxOptions(listen=f"127.0.0.1:{open_port}", default_upstream=backends[1].key, **common)  # type: ignore[arg-type]
     )
-    await asyncio.to_thread(nginx, closed, [closed_port])
-    await asyncio.to_thread(nginx, opened, [open_port])
+    await asyncio.to_thread(nginx, closed, [closed_sock])
+    await asyncio.to_thread(nginx, opened, [open_sock])
     async with aiohttp.ClientSession() as client:
         async with client.post(
             f"http://127.0.0.1:{closed_port}/v1/completions", data=chat(), headers=JSON
@@ -543,10 +552,11 @@ async def test_decider_down_fail_closed_and_fail_open(
 
 
 async def test_without_post_action_sessions_end_by_the_completion_timeout(
-    backends: list[EchoBackend], nginx: NginxFactory
+    backends: list[EchoBackend], nginx: NginxFactory, refused_port: Callable[[], int]
 ) -> None:
-    dead_port, nginx_port = free_ports(2)
-    dead = f"127.0.0.1:{dead_port}"
+    sock = listening_socket()
+    nginx_port = sock.getsockname()[1]
+    dead = f"127.0.0.1:{refused_port()}"
     picker = ScriptedPicker([b.key for b in backends] + [dead])
 
     async def factory(cfg: GatewayConfig, endpoints: Any, registry: CollectorRegistry) -> ScriptedPicker:
@@ -565,7 +575,7 @@ async def test_without_post_action_sessions_end_by_the_completion_timeout(
                 worker_processes="1",
             )
         )
-        server = await asyncio.to_thread(nginx, conf, [nginx_port])
+        server = await asyncio.to_thread(nginx, conf, [sock])
         async with (
             aiohttp.ClientSession() as client,
             client.post(f"http://127.0.0.1:{nginx_port}/v1/completions", data=chat(), headers=JSON) as resp,
@@ -616,16 +626,17 @@ async def test_decider_timeout_gives_json_504_or_fails_open(
 
     silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
     silent_port = silent.sockets[0].getsockname()[1]
-    closed_port, open_port = free_ports(2)
+    closed_sock, open_sock = listening_socket(), listening_socket()
+    closed_port, open_port = closed_sock.getsockname()[1], open_sock.getsockname()[1]
     common: dict[str, Any] = dict(
         decider=f"127.0.0.1:{silent_port}", decider_timeout=1.0, self_contained=True, worker_processes="1"
     )
     try:
         await asyncio.to_thread(
-            nginx, render(NginxOptions(listen=f"127.0.0.1:{closed_port}", **common)), [closed_port]
+            nginx, render(NginxOptions(listen=f"127.0.0.1:{closed_port}", **common)), [closed_sock]
         )
         opened = NginxOptions(listen=f"127.0.0.1:{open_port}", default_upstream=backends[0].key, **common)
-        await asyncio.to_thread(nginx, render(opened), [open_port])
+        await asyncio.to_thread(nginx, render(opened), [open_sock])
         async with aiohttp.ClientSession() as client:
             url = f"http://127.0.0.1:{closed_port}/v1/completions"
             async with client.post(url, data=chat(), headers=JSON) as resp:

@@ -7,8 +7,8 @@ every generated configuration variant passes ``nginx -t``.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,9 +19,8 @@ import aiohttp
 import openai
 import pytest
 import trustme
-from nginx_harness import NginxFactory, nginx_binary, prefix_directives
+from nginx_harness import NginxFactory, listening_socket, nginx_binary, prefix_directives
 
-from conftest import free_ports
 from inferoute.gateway.config import default_config
 from inferoute.gateway.nginx_decider.server import start_decider
 from inferoute.integrations.nginx import NginxOptions, render
@@ -62,8 +61,9 @@ async def test_openai_sdk_through_nginx_with_the_embedded_picker(
     cfg = default_config(pool.endpoints, "127.0.0.1:0", path="/v1/")
     running = await start_decider(cfg)
     try:
-        (nginx_port,) = free_ports(1)
-        server = await asyncio.to_thread(nginx, nginx_conf(running.port, nginx_port, report), [nginx_port])
+        sock = listening_socket()
+        nginx_port = sock.getsockname()[1]
+        server = await asyncio.to_thread(nginx, nginx_conf(running.port, nginx_port, report), [sock])
         client = openai.AsyncOpenAI(
             base_url=f"http://127.0.0.1:{nginx_port}/v1", api_key="unused", max_retries=0
         )
@@ -110,29 +110,30 @@ def _start_process(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(args, stderr=err)
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], within: float = 20.0) -> None:
+def _announced_port(log: Path, proc: subprocess.Popen[bytes], within: float = 20.0) -> int:
+    """The port the decider bound (``listen: ...:0``), from its start-up line."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}")
+            raise AssertionError(f"process exited with {proc.returncode}: {log.read_text()}")
+        found = re.search(r"NGINX decider listening on 127\.0\.0\.1:(\d+)", log.read_text())
+        if found:
+            return int(found.group(1))
+        time.sleep(0.05)
+    raise AssertionError(f"the decider never said where it listens: {log.read_text()}")
 
 
 async def test_cli_gateway_mode_nginx(pool: SimPool, nginx: NginxFactory, tmp_path: Path) -> None:
-    decider_port, nginx_port = free_ports(2)
+    sock = listening_socket()
+    nginx_port = sock.getsockname()[1]
     eps = "\n".join(f"    - {{name: {e.name}, address: {e.address}, port: {e.port}}}" for e in pool.endpoints)
     cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(f"listen: 127.0.0.1:{decider_port}\npool:\n  endpoints:\n{eps}\nroutes:\n  - path: /v1/\n")
+    cfg.write_text(f"listen: 127.0.0.1:0\npool:\n  endpoints:\n{eps}\nroutes:\n  - path: /v1/\n")
     exe = Path(sys.executable).with_name("inferoute")
     args = [str(exe), "gateway", "--mode", "nginx", "--config", str(cfg)]
     proc = await asyncio.to_thread(_start_process, args, tmp_path / "decider.log")
     try:
-        await asyncio.to_thread(_wait_port, decider_port, proc)
+        decider_port = await asyncio.to_thread(_announced_port, tmp_path / "decider.log", proc)
         # the NGINX configuration comes from the real command line, reading the same gateway file
         printed = await asyncio.to_thread(
             subprocess.run,
@@ -143,7 +144,7 @@ async def test_cli_gateway_mode_nginx(pool: SimPool, nginx: NginxFactory, tmp_pa
             capture_output=True, text=True, timeout=30, check=True,
         )  # fmt: skip
         assert "location /v1/ {" in printed.stdout
-        await asyncio.to_thread(nginx, printed.stdout, [nginx_port])
+        await asyncio.to_thread(nginx, printed.stdout, [sock])
         async with aiohttp.ClientSession() as http:
             body = {"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 4}
             async with http.post(f"http://127.0.0.1:{nginx_port}/v1/completions", json=body) as resp:
@@ -160,6 +161,7 @@ async def test_cli_gateway_mode_nginx(pool: SimPool, nginx: NginxFactory, tmp_pa
             assert 'inferoute_nginx_completions_total{outcome="ok"} 1.0' in text
             assert "inferoute_nginx_pending_sessions 0.0" in text
     finally:
+        sock.close()  # unless NGINX took it
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=10)

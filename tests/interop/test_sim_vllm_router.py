@@ -4,18 +4,22 @@ replicas, then routes OpenAI SDK traffic to them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
+import socket
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 import pytest
 from openai import AsyncOpenAI
 
-from conftest import free_ports
+from conftest import listening_ports
 from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
 
 
@@ -33,25 +37,9 @@ def router_binary() -> str:
 async def routed() -> AsyncIterator[str]:
     """Three replicas behind vllm-router (round robin); yields the router's base URL."""
     pool = await SimPool.start(SimConfig(time_scale=0.1), replicas=3)
-    (port,) = free_ports(1)
-    proc = await asyncio.create_subprocess_exec(
-        router_binary(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--worker-urls",
-        *pool.urls,
-        "--policy",
-        "round_robin",
-        "--log-level",
-        "warning",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
+    argv = [router_binary(), "--worker-urls", *pool.urls, "--policy", "round_robin", "--log-level", "warning"]
+    proc, url = await start_router(argv)
     try:
-        await _wait_healthy(url, proc)
         yield url
     finally:
         if proc.returncode is None:
@@ -64,18 +52,50 @@ async def routed() -> AsyncIterator[str]:
         await pool.aclose()
 
 
-async def _wait_healthy(url: str, proc: asyncio.subprocess.Process) -> None:
+async def start_router(argv: list[str]) -> tuple[asyncio.subprocess.Process, str]:
+    """Start a Rust router (it refuses port 0) on a port the OS just handed out; when another process took
+    that port meanwhile, the router exits or someone else answers: try another. Returns the process and the
+    URL that this process itself answers on."""
+    for _ in range(10):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with tempfile.TemporaryFile() as stderr:  # a file: nobody has to keep reading a pipe
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+            )
+            url = f"http://127.0.0.1:{port}"
+            if await _healthy(url, proc, stderr):
+                return proc, url
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    raise AssertionError("the router never answered on a port of its own")
+
+
+async def _healthy(url: str, proc: asyncio.subprocess.Process, stderr: IO[bytes]) -> bool:
+    """True once ``proc`` listens on the URL's port and answers /health; False when the port went to another
+    process (the router exits with an address error, or never listens)."""
+    port = int(url.rsplit(":", 1)[1])
     async with aiohttp.ClientSession() as http, asyncio.timeout(30):
         while True:
             if proc.returncode is not None:
-                err = await proc.stderr.read() if proc.stderr else b""
-                raise AssertionError(f"vllm-router exited with {proc.returncode}: {err.decode()[-2000:]}")
-            try:
-                async with http.get(url + "/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
+                stderr.seek(0)
+                err = stderr.read().decode(errors="replace")
+                if "in use" in err.lower():
+                    return False
+                raise AssertionError(f"the router exited with {proc.returncode}: {err[-2000:]}")
+            if port in listening_ports(proc.pid):
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with http.get(url + "/health") as r:
+                        if r.status == 200:
+                            return True
             await asyncio.sleep(0.1)
 
 
@@ -124,25 +144,9 @@ async def test_sglang_router_probes_are_answered_quietly(caplog: pytest.LogCaptu
     and plain OpenAI traffic flows."""
     caplog.set_level(logging.DEBUG)
     async with await SimPool.start(SimConfig(time_scale=0.1), replicas=2) as pool:
-        (port,) = free_ports(1)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "sglang_router.launch_router",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *pool.urls,
-            "--policy",
-            "round_robin",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *pool.urls]
+        proc, url = await start_router([*argv, "--policy", "round_robin"])
         try:
-            await _wait_healthy(url, proc)
             pods = set()
             async with aiohttp.ClientSession() as http:
                 for _ in range(4):

@@ -56,7 +56,8 @@ def test_targets_markdown_says_pass_and_miss() -> None:
 def test_files_and_plots(tmp_path: Path) -> None:
     points = pts()
     write_summary_csv(tmp_path / "s.csv", points)
-    rows = list(csv.DictReader((tmp_path / "s.csv").open()))
+    with (tmp_path / "s.csv").open() as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 6 and rows[0]["contender"] == "inferoute/gie-default"
     write_json(
         tmp_path / "r.json",

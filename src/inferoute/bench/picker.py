@@ -33,7 +33,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -56,19 +55,6 @@ VLLM_ZERO_METRICS = (
 )
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of a process, in seconds (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -85,11 +71,12 @@ def _body(size: int) -> bytes:
 # ----------------------------------------------------------------------------------------- child processes
 
 
-async def _ready_until_sigterm() -> None:
-    """Child processes: tell the parent we are up, then serve until SIGTERM."""
+async def _ready_until_sigterm(port: int) -> None:
+    """Child processes: tell the parent we are up and on which port (they bind port 0), then serve until
+    SIGTERM."""
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("READY", flush=True)
+    print(f"READY {port}", flush=True)
     await stop.wait()
 
 
@@ -124,7 +111,7 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str], trans
         ServerOptions(host="127.0.0.1", grpc_port=port, health_port=None, insecure=True, transport=transport),
         CollectorRegistry(),
     )
-    await _ready_until_sigterm()
+    await _ready_until_sigterm(server.grpc_port)
     await server.aclose(0)
     await picker.aclose()
 
@@ -166,9 +153,9 @@ async def _serve_grpcio_floor(port: int, replies: Callable[[Any], tuple[Any, ...
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ext_grpc.add_ExternalProcessorServicer_to_server(Floor(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    await _ready_until_sigterm()
+    await _ready_until_sigterm(bound)
     await server.stop(0)
 
 
@@ -190,8 +177,7 @@ async def _serve_h2_floor(port: int, replies: Callable[[Any], tuple[Any, ...]]) 
             return None
 
     server = h2s.GrpcServer({EXT_PROC_PATH.decode(): h2s.Method(m.ProcessingRequest, Floor)})
-    await server.start("127.0.0.1", port)
-    await _ready_until_sigterm()
+    await _ready_until_sigterm(await server.start("127.0.0.1", port))
     await server.stop(0)
 
 
@@ -218,21 +204,33 @@ async def _serve_backend(port: int) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    await _ready_until_sigterm()
+    await _ready_until_sigterm(runner.addresses[0][1])
     await runner.cleanup()
 
 
+@dataclass(frozen=True, slots=True)
+class Child:
+    """A child server process and the port it bound."""
+
+    proc: asyncio.subprocess.Process
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
 @contextlib.asynccontextmanager
-async def _child(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+async def _child(*args: str) -> AsyncIterator[Child]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "inferoute.bench.picker", *args, stdout=asyncio.subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        if not line.startswith(b"READY"):
+        if not line.startswith(b"READY "):
             raise RuntimeError(f"child {args} failed to start")
-        yield proc
+        yield Child(proc, int(line.split()[1]))
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -244,12 +242,12 @@ async def _child(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
 
 
 def _serve_child(
-    port: int, picker: str, endpoints: str, transport: str, cpu: int | None
-) -> contextlib.AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    picker: str, endpoints: str, transport: str, cpu: int | None
+) -> contextlib.AbstractAsyncContextManager[Child]:
     args = [
         "serve",
         "--port",
-        str(port),
+        "0",
         "--picker",
         picker,
         "--endpoints",
@@ -578,7 +576,6 @@ async def _through_envoy(
     under Poisson arrivals (then p50/p99 are the time beyond the backend's delay)."""
     from inferoute.integrations.envoy import EnvoyProcess, bootstrap
 
-    listen, admin, epp_port = _free_ports(3)
     label = (
         f"envoy + {picker} picker ({transport}), {request_body.replace('_', '-')}"
         if picker
@@ -588,10 +585,10 @@ async def _through_envoy(
         label += f", response {response_phase}"
     sub = Path(tempfile.mkdtemp(dir=workdir))
     if picker is None:
-        envoy = await EnvoyProcess.start(_direct_bootstrap(listen, admin, backends[0]), str(sub))
+        envoy = await EnvoyProcess.start(_direct_bootstrap(0, 0, backends[0]), str(sub))
         try:
             await envoy.wait_ready(30, epp_healthy=False)
-            url = f"http://127.0.0.1:{listen}/v1/completions"
+            url = f"http://127.0.0.1:{await envoy.listener_port()}/v1/completions"
             await _measure(url, body_size, connections, 2, label, str(sub), open_loop)  # warm-up
             cpu0 = _cpu_seconds(envoy.proc.pid)
             res = await _measure(url, body_size, connections, seconds, label, str(sub), open_loop)
@@ -600,11 +597,11 @@ async def _through_envoy(
         finally:
             await envoy.aclose()
     eps = ",".join(f"127.0.0.1:{p}" for p in backends)
-    async with _serve_child(epp_port, picker, eps, transport, cpu) as server:
+    async with _serve_child(picker, eps, transport, cpu) as server:
         cfg = bootstrap(
-            f"127.0.0.1:{epp_port}",
-            listen,
-            admin_port=admin,
+            f"127.0.0.1:{server.port}",
+            0,
+            admin_port=0,
             listen_address="127.0.0.1",
             insecure=True,
             health_check_interval=0.5,
@@ -614,7 +611,7 @@ async def _through_envoy(
         envoy = await EnvoyProcess.start(cfg, str(sub))
         try:
             await envoy.wait_ready(30)
-            url = f"http://127.0.0.1:{listen}/v1/completions"
+            url = f"http://127.0.0.1:{await envoy.listener_port()}/v1/completions"
             await _measure(url, body_size, connections, 2, label, str(sub), open_loop)  # warm-up
             cpu_e, cpu_p = _cpu_seconds(envoy.proc.pid), _cpu_seconds(server.pid)
             res = await _measure(url, body_size, connections, seconds, label, str(sub), open_loop)
@@ -775,18 +772,17 @@ async def _run(opts: argparse.Namespace | Any) -> str:
         cpus = sorted(os.sched_getaffinity(0))
         cpu = cpus[0]
         os.sched_setaffinity(0, set(cpus[1:]))
-    backend_ports = _free_ports(3)
     async with contextlib.AsyncExitStack() as stack:
-        for p in backend_ports:
-            await stack.enter_async_context(_child("backend", "--port", str(p)))
+        backend_ports = [
+            (await stack.enter_async_context(_child("backend", "--port", "0"))).port for _ in range(3)
+        ]
         eps = ",".join(f"127.0.0.1:{p}" for p in backend_ports)
         for picker in pickers:
             for transport in transports:
-                (port,) = _free_ports(1)
-                async with _serve_child(port, picker, eps, transport, cpu) as server:
+                async with _serve_child(picker, eps, transport, cpu) as server:
                     for phase in (True, False):
                         dres = await _pipelined_load(
-                            port,
+                            server.port,
                             server.pid,
                             f"{picker} ({transport})",
                             256,
@@ -798,7 +794,7 @@ async def _run(opts: argparse.Namespace | Any) -> str:
                         click.echo(f"decisions/s: {dres}", err=True)
                     for phase in (True, False):
                         dres = await _grpc_load(
-                            port,
+                            server.port,
                             server.pid,
                             f"{picker} ({transport})",
                             opts.concurrency,

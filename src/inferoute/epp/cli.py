@@ -177,7 +177,7 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
             "inferoute epp ready: ext_proc :%d, health :%s, metrics :%d",
             server.grpc_port,
             server.health_port,
-            opts.metrics_port,
+            runner.addresses[0][1],  # the bound port (0 on the command line: one the OS chose)
         )
         await stop.wait()
         log.info("shutting down")

@@ -52,6 +52,16 @@ _RECOMPUTED = frozenset(
 _REQUEST_SKIPPED = HOP_BY_HOP | _RECOMPUTED
 _RESPONSE_SKIPPED = HOP_BY_HOP | {"content-length"}
 
+# A buffered body larger than this is written in slices of this size, yielding to the event loop between
+# them (aiohttp writes a bytes body in one go and warns about blocking the loop above 1 MiB).
+_WHOLE_BODY_MAX = 1 << 20
+
+
+async def _slices(body: bytes) -> AsyncIterator[bytes]:
+    view = memoryview(body)
+    for start in range(0, len(body), _WHOLE_BODY_MAX):
+        yield bytes(view[start : start + _WHOLE_BODY_MAX])
+
 
 def _connection_tokens(value: str, into: set[str]) -> None:
     """Add the header names listed in one ``Connection`` value (lower case) to ``into``."""
@@ -225,6 +235,9 @@ class Forwarder:
                 data = body.__aiter__()
                 if body.length is not None:
                     headers["Content-Length"] = str(body.length)
+            elif len(body) > _WHOLE_BODY_MAX:
+                data = _slices(body)
+                headers["Content-Length"] = str(len(body))
             else:
                 data = body or None
             try:

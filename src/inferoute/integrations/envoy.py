@@ -448,17 +448,34 @@ def _override_host_cluster(endpoints: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _dechunk(body: bytes) -> bytes:
+    """The payload of a complete ``Transfer-Encoding: chunked`` body (the admin API chunks JSON answers)."""
+    out = bytearray()
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return bytes(out)
+
+
 class EnvoyProcess:
     """A real Envoy started on a generated bootstrap (tests and benchmarks); always stop it with ``aclose``.
 
     Started with ``--disable-hot-restart`` so several Envoys can run on one machine, and in its own process
-    group so ``aclose`` ends Envoy and nothing else.
+    group so ``aclose`` ends Envoy and nothing else. Ports may be 0: Envoy writes the admin address it bound
+    to ``--admin-address-path``, and :meth:`listener_port` asks the admin API which port a listener got.
     """
 
-    def __init__(self, proc: asyncio.subprocess.Process, admin_port: int, log_path: str) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, admin_port: int, log_path: str, admin_address_path: str
+    ) -> None:
         self.proc = proc
         self.admin_port = admin_port
         self.log_path = log_path
+        self.admin_address_path = admin_address_path
 
     @classmethod
     async def start(
@@ -472,6 +489,9 @@ class EnvoyProcess:
     ) -> EnvoyProcess:
         binary, cfg_path, log_path = _prepare(config, workdir, envoy_bin)
         admin_port = int(config["admin"]["address"]["socket_address"]["port_value"])
+        admin_address_path = os.path.join(os.path.dirname(cfg_path), "admin-address")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(admin_address_path)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -481,6 +501,8 @@ class EnvoyProcess:
                 "--concurrency",
                 str(concurrency),
                 "--disable-hot-restart",
+                "--admin-address-path",
+                admin_address_path,
                 "--log-level",
                 log_level,
                 stdout=log_fd,
@@ -489,7 +511,7 @@ class EnvoyProcess:
             )
         finally:
             os.close(log_fd)
-        return cls(proc, admin_port, log_path)
+        return cls(proc, admin_port, log_path, admin_address_path)
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -498,8 +520,20 @@ class EnvoyProcess:
         except OSError:
             return ""
 
+    def _resolve_admin_port(self) -> None:
+        """Port 0 in the bootstrap: read the port Envoy bound from its admin address file (OSError until
+        Envoy has written it)."""
+        if self.admin_port == 0:
+            with open(self.admin_address_path) as f:
+                address = f.read().strip()
+            if address:
+                self.admin_port = int(address.rpartition(":")[2])
+            if self.admin_port == 0:
+                raise FileNotFoundError(self.admin_address_path)
+
     async def admin_get(self, path: str) -> tuple[int, str]:
         """GET an admin path with a bare HTTP/1.1 request (no client library needed)."""
+        self._resolve_admin_port()
         reader, writer = await asyncio.open_connection("127.0.0.1", self.admin_port)
         try:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
@@ -509,6 +543,8 @@ class EnvoyProcess:
             writer.close()
         head, _, body = raw.partition(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+        if b"transfer-encoding: chunked" in head.lower():
+            body = _dechunk(body)
         return status, body.decode(errors="replace")
 
     async def wait_ready(self, within: float = 30.0, *, epp_healthy: bool = True) -> None:
@@ -534,6 +570,18 @@ class EnvoyProcess:
             if loop.time() > deadline:
                 raise TimeoutError(f"envoy not ready after {within} s:\n{self.log_tail()}")
             await asyncio.sleep(0.1)
+
+    async def listener_port(self, name: str = "inference_gateway") -> int:
+        """The port Envoy bound for listener ``name`` (the bootstrap may say 0).
+
+        Call after :meth:`wait_ready`."""
+        status, body = await self.admin_get("/listeners?format=json")
+        if status != 200:
+            raise RuntimeError(f"envoy admin /listeners answered {status}: {body[:200]}")
+        for listener in json.loads(body).get("listener_statuses", []):
+            if listener.get("name") == name:
+                return int(listener["local_address"]["socket_address"]["port_value"])
+        raise RuntimeError(f"envoy has no listener {name!r}: {body[:200]}")
 
     async def aclose(self) -> None:
         if self.proc.returncode is None:
