@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,21 +18,40 @@ import kmock
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import free_ports
 from inferoute.epp.cli import EppRunOptions, run
 from inferoute.epp.ha import HaOptions
 from inferoute.extproc.client import ChannelOptions, GrpcPicker
 from inferoute.picking import Destination, PickRequest
 from kube_emulator import PODS_URL, POOLS_URL, KubeApi, kube_api, pod, pool
 
+REPLICA: contextvars.ContextVar[str] = contextvars.ContextVar("replica", default="")
+
+
+class _ReadyLine(logging.Handler):
+    """Reads the bound ports from a replica's "inferoute epp ready" line (the replicas run in this process,
+    each in a task that carries its name in :data:`REPLICA`)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name, self.ports = name, asyncio.get_running_loop().create_future()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if (
+            REPLICA.get() == self.name
+            and record.msg.startswith("inferoute epp ready")
+            and not self.ports.done()
+        ):
+            self.ports.set_result(tuple(int(p) for p in record.args))  # type: ignore[union-attr]
+
 
 class Replica:
     def __init__(self, name: str, api: KubeApi) -> None:
         self.name = name
-        self.grpc_port, self.health_port, self.metrics_port = free_ports(3)
+        self.grpc_port = self.health_port = self.metrics_port = 0  # bound ports, known once started
+        self.ready_line = _ReadyLine(name)
         self.stop = asyncio.Event()
         self.opts = EppRunOptions(
-            None, None, "round-robin", "127.0.0.1", self.grpc_port, self.health_port, self.metrics_port,
+            None, None, "round-robin", "127.0.0.1", 0, 0, 0,
             None, True, 0.05, "pool", 1.0,
             discover=True, pool_namespace="default", kubeconfig=str(api.kubeconfig),
             ha=HaOptions("pool-epp", "default", name, lease_duration=1, renew_deadline=0.6, retry_period=0.2),
@@ -38,7 +59,19 @@ class Replica:
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.task = asyncio.create_task(run(self.opts, self.stop))
+        logger = logging.getLogger("inferoute.epp.cli")
+        logger.setLevel(logging.INFO)  # the ready line is an INFO record
+        logger.addHandler(self.ready_line)
+        token = REPLICA.set(self.name)
+        try:
+            self.task = asyncio.create_task(run(self.opts, self.stop))  # the task copies the context
+        finally:
+            REPLICA.reset(token)
+
+    async def bound(self) -> None:
+        """Until the replica said which ports it bound."""
+        ports = await asyncio.wait_for(asyncio.shield(self.ready_line.ports), 30)
+        self.grpc_port, self.health_port, self.metrics_port = ports
 
     async def readyz(self) -> bool:
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.metrics_port}/readyz") as r:
@@ -52,6 +85,10 @@ class Replica:
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def ready(self) -> bool:
+        if not self.ready_line.ports.done():
+            return False
+        if not self.metrics_port:
+            await self.bound()
         with contextlib.suppress(aiohttp.ClientError, grpc.aio.AioRpcError):
             http, grpc_ok = await self.readyz(), await self.grpc_ready()
             assert http == grpc_ok, f"{self.name}: /readyz {http} but gRPC readiness {grpc_ok}"
@@ -59,6 +96,10 @@ class Replica:
         return False
 
     async def close(self) -> None:
+        logger = logging.getLogger("inferoute.epp.cli")
+        logger.removeHandler(self.ready_line)
+        if not any(isinstance(h, _ReadyLine) for h in logger.handlers):
+            logger.setLevel(logging.NOTSET)  # as before the first replica started
         self.stop.set()
         if self.task is not None:
             await self.task
@@ -89,6 +130,7 @@ async def test_only_the_leader_is_ready_and_the_standby_takes_over(api: KubeApi)
         await asyncio.sleep(1.5)  # more than a lease duration: b must still be a standby
         assert await a.ready() and not await b.ready()
         # the standby routes a request that reaches it
+        await b.bound()
         picker = GrpcPicker(ChannelOptions(f"127.0.0.1:{b.grpc_port}", tls=False), timeout_ms=5000)
         try:
             body = b'{"model":"m","prompt":"hi"}'

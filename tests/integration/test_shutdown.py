@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -21,10 +21,10 @@ INFEROUTE = Path(sys.executable).parent / "inferoute"
 LONG_STREAM = {"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 5000, "ignore_eos": True, "stream": True}
 
 
-def _config(tmp: Path, port: int, upstream: str) -> Path:
+def _config(tmp: Path, upstream: str) -> Path:
     cfg = tmp / "gw.yaml"
     cfg.write_text(
-        f"listen: 127.0.0.1:{port}\nroutes:\n  - path: /v1/\n    epp: {{enabled: false}}\n"
+        "listen: 127.0.0.1:0\nroutes:\n  - path: /v1/\n    epp: {enabled: false}\n"
         f"    default_upstream: {upstream}\n"
     )
     return cfg
@@ -37,15 +37,21 @@ def _start(cfg: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
         )
 
 
-async def _until_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+async def _until_up(proc: subprocess.Popen[bytes], log: Path) -> str:
+    """The gateway's URL (``listen: ...:0``, from its start-up line) once it answers /healthz."""
     deadline = time.monotonic() + 30
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()  # noqa: ASYNC240 - a small file, on failure
+            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())  # noqa: ASYNC240
+            if found is None:
+                await asyncio.sleep(0.05)
+                continue
+            url = found.group(1)
             try:
                 async with s.get(url + "/healthz") as r:
                     if r.status == 200:
-                        return
+                        return url
             except aiohttp.ClientConnectionError:
                 pass
             await asyncio.sleep(0.05)
@@ -59,16 +65,12 @@ async def _wait_exit(proc: subprocess.Popen[bytes], within: float) -> int | None
     return proc.poll()
 
 
-async def test_first_signal_announces_the_wait_and_a_second_stops_at_once(
-    tmp_path: Path, free_port: Any
-) -> None:
+async def test_first_signal_announces_the_wait_and_a_second_stops_at_once(tmp_path: Path) -> None:
     async with await SimPool.start(SimConfig(time_scale=1.0), replicas=1) as pool:
-        port = free_port()
         log = tmp_path / "gw.log"
-        proc = _start(_config(tmp_path, port, pool.endpoints[0].key), log)
-        url = f"http://127.0.0.1:{port}"
+        proc = _start(_config(tmp_path, pool.endpoints[0].key), log)
         try:
-            await _until_up(url, proc, log)
+            url = await _until_up(proc, log)
             async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json=LONG_STREAM) as r:
                 assert r.status == 200
                 await r.content.readline()  # the stream is under way
@@ -92,14 +94,12 @@ async def test_first_signal_announces_the_wait_and_a_second_stops_at_once(
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
 
 
-async def test_a_stream_cut_by_the_grace_period_is_logged_as_shutdown(tmp_path: Path, free_port: Any) -> None:
+async def test_a_stream_cut_by_the_grace_period_is_logged_as_shutdown(tmp_path: Path) -> None:
     async with await SimPool.start(SimConfig(time_scale=1.0), replicas=1) as pool:
-        port = free_port()
         log = tmp_path / "gw.log"
-        proc = _start(_config(tmp_path, port, pool.endpoints[0].key), log)
-        url = f"http://127.0.0.1:{port}"
+        proc = _start(_config(tmp_path, pool.endpoints[0].key), log)
         try:
-            await _until_up(url, proc, log)
+            url = await _until_up(proc, log)
             async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json=LONG_STREAM) as r:
                 await r.content.readline()
                 proc.send_signal(signal.SIGTERM)
@@ -112,12 +112,11 @@ async def test_a_stream_cut_by_the_grace_period_is_logged_as_shutdown(tmp_path: 
     assert len(access) == 1 and "cause=shutdown" in access[0] and "status=499" not in access[0], access
 
 
-async def test_workers_die_with_their_parent_even_on_sigkill(tmp_path: Path, free_port: Any) -> None:
-    port = free_port()
+async def test_workers_die_with_their_parent_even_on_sigkill(tmp_path: Path) -> None:
     log = tmp_path / "gw.log"
-    proc = _start(_config(tmp_path, port, "127.0.0.1:9"), log, "--workers", "2")
+    proc = _start(_config(tmp_path, "127.0.0.1:9"), log, "--workers", "2")
     try:
-        await _until_up(f"http://127.0.0.1:{port}", proc, log)
+        await _until_up(proc, log)
         children = subprocess.run(  # noqa: ASYNC221 - pgrep, milliseconds
             ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
         ).stdout.split()

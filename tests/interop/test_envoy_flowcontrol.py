@@ -18,7 +18,6 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import free_ports
 from inferoute.epp.assembly import EmbeddedPicker, EppOptions, start_picker
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.integrations.envoy import EnvoyProcess, bootstrap
@@ -60,17 +59,16 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         server = await EppServer.start(
             picker, ServerOptions(host="127.0.0.1", grpc_port=0, health_port=None), CollectorRegistry()
         )
-        listen, admin = free_ports(2)
         cfg = bootstrap(
             f"127.0.0.1:{server.grpc_port}",
-            listen,
-            admin_port=admin,
+            0,
+            admin_port=0,
             listen_address="127.0.0.1",
             health_check_interval=0.5,
         )
         envoy = await EnvoyProcess.start(cfg, str(tmp_path))
         await envoy.wait_ready(30)
-        yield Rig(f"http://127.0.0.1:{listen}", picker)
+        yield Rig(f"http://127.0.0.1:{await envoy.listener_port()}", picker)
     finally:
         if envoy is not None:
             await envoy.aclose()

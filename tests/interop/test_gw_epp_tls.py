@@ -200,8 +200,8 @@ def _port_for_a_later_server() -> int:
 async def _gateway_url(log: Path, proc: subprocess.Popen[bytes]) -> str:
     """The gateway's URL (it was told to listen on port 0) from its start-up line."""
     deadline = time.monotonic() + 60
-    while not (found := re.search(r"gateway listening on (http://\S+)", log.read_text())):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+    while not (found := re.search(r"gateway listening on (http://\S+)", log.read_text())):  # noqa: ASYNC240
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()  # noqa: ASYNC240
         await asyncio.sleep(0.05)
     return found.group(1)
 
