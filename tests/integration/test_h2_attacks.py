@@ -299,4 +299,5 @@ async def test_protocol_errors_are_answered(server: h2s.GrpcServer) -> None:
     c = await Attacker.connect(server.port)
     c.send(headers(1, b"\xff\xff\xff\xff\x0f"))  # an index far past any table
     data = await asyncio.wait_for(c.reader.read(), 5)
+    c.writer.close()
     assert b"0x" not in data and b"object at" not in data
