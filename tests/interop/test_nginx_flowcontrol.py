@@ -10,9 +10,8 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import pytest
-from nginx_harness import NginxFactory
+from nginx_harness import NginxFactory, listening_socket
 
-from conftest import free_ports
 from inferoute.gateway.config import default_config
 from inferoute.gateway.nginx_decider.server import start_decider
 from inferoute.integrations.nginx import NginxOptions, render
@@ -39,14 +38,15 @@ async def test_queued_request_expires_with_the_drop_reason_through_nginx(nginx: 
         cfg = msgspec.structs.replace(cfg, picker=msgspec.structs.replace(cfg.picker, config_text=CONFIG))
         running = await start_decider(cfg)
         try:
-            (port,) = free_ports(1)
+            sock = listening_socket()
+            port = sock.getsockname()[1]
             opts = NginxOptions(
                 decider=f"127.0.0.1:{running.port}",
                 listen=f"127.0.0.1:{port}",
                 self_contained=True,
                 worker_processes="1",
             )
-            await asyncio.to_thread(nginx, render(opts), [port])
+            await asyncio.to_thread(nginx, render(opts), [sock])
             url = f"http://127.0.0.1:{port}/v1/completions"
             async with aiohttp.ClientSession() as http:
                 deadline = time.monotonic() + 10
