@@ -453,3 +453,16 @@ def test_round_robin_gives_equal_shares_while_both_backlogged() -> None:
         c.enqueue(item("light", at=float(i)), pool_empty=False)
     first20 = [c.dispatch_one(NOW, 0.0) for _ in range(20)]
     assert sum(1 for it in first20 if it is not None and it.fairness_id == "light") == 10
+
+
+def test_stage_aware_saturation_gates_on_the_worse_stage() -> None:
+    from inferoute.epp.flowcontrol.stages import ROLE_LABEL, stage_saturation
+
+    d = ConcurrencyDetector("requests", 10)
+    pre = ep(inflight=10)
+    pre.labels = {ROLE_LABEL: "prefill"}
+    dec, plain = ep(inflight=0), ep(inflight=2)
+    dec.labels = {ROLE_LABEL: "decode"}
+    s = stage_saturation(d, [pre, dec, plain], NOW)
+    assert s == {"prefill": 1.0, "decode": 0.1, "effective": 1.0}
+    assert stage_saturation(d, [dec, plain], NOW) == {"effective": 0.1, "decode": 0.1}

@@ -146,7 +146,7 @@ async def test_empty_pool_waits_then_sheds_as_unavailable() -> None:
 
 async def test_gauges_and_replica_signal_are_exposed() -> None:
     rig, flow = rig_and_flow()
-    flow.metrics.watch(flow.core, lambda: (1, 1.0, 0, 1.0))  # type: ignore[union-attr]
+    flow.metrics.watch(flow.core, lambda: (1, {"effective": 1.0, "decode": 1.0}, 0, 1.0))  # type: ignore[union-attr]
     _, s = await flow.pick(prep(rig))
     waiter = asyncio.ensure_future(flow.pick(prep(rig, {"x-llm-d-inference-fairness-id": "t1"})))
     await asyncio.sleep(0)
@@ -176,7 +176,7 @@ async def test_gauges_and_replica_signal_are_exposed() -> None:
 async def test_capacity_utilization_omits_an_unset_global_cap() -> None:
     rig, flow = rig_and_flow(config=CONFIG.replace("  maxRequests: 4\n", ""))
     assert flow.metrics is not None
-    flow.metrics.watch(flow.core, lambda: (1, 0.0, 0, 1.0))
+    flow.metrics.watch(flow.core, lambda: (1, {"effective": 0.0, "decode": 0.0}, 0, 1.0))
     _, s = await flow.pick(prep(rig))
     names = {f.name for f in rig.registry.collect()}
     assert "llm_d_epp_flow_control_capacity_utilization_requests" in names

@@ -26,6 +26,7 @@ from inferoute.epp.flowcontrol import ConcurrencyDetector
 from inferoute.epp.flowcontrol.config import FlowControlConfig
 from inferoute.epp.flowcontrol.shell import FlowControl
 from inferoute.epp.flowcontrol.signals import FlowControlMetrics
+from inferoute.epp.flowcontrol.stages import stage_saturation
 from inferoute.epp.learned import LearnedState, LocalLearnedState
 from inferoute.epp.metrics import EppMetrics
 from inferoute.epp.plugin import BackgroundPlugin, PluginDeps, RequestPreparer
@@ -226,10 +227,11 @@ def _flow_control(
         else getattr(detector, "queue_threshold", 1.0)
     )
 
-    def state() -> tuple[int, float, int, float]:
-        pool = director.all_candidates(opts.clock.now())
-        sat = detector.saturation(pool, opts.clock.now())
-        return len(pool), sat, detector.stale_endpoints, per_replica
+    def state() -> tuple[int, dict[str, float], int, float]:
+        now = opts.clock.now()
+        pool = director.all_candidates(now)
+        stages = stage_saturation(detector, pool, now)
+        return len(pool), stages, detector.stale_endpoints, per_replica
 
     fc_metrics.watch(flow.core, state)
     datastore.add_metrics_listener(lambda _state, _fresh: flow.kick())

@@ -26,6 +26,7 @@ from inferoute.epp.flowcontrol.controller import FlowController
 from inferoute.epp.flowcontrol.outcomes import translate
 from inferoute.epp.flowcontrol.program_aware_fairness import ProgramAwareFairness
 from inferoute.epp.flowcontrol.signals import FlowControlMetrics
+from inferoute.epp.flowcontrol.stages import stage_saturation
 from inferoute.epp.flowcontrol.types import FlowItem, Outcome
 from inferoute.epp.requestcontrol import headers as hdr
 from inferoute.epp.scheduling.types import Candidate, InferenceRequest
@@ -141,7 +142,7 @@ class FlowControl:
             self._resolve(item, self._drop(item, outcome, pool_empty=not pool))
         detector = self.config.detector
         while core.count:
-            self.saturation = detector.saturation(pool, now)
+            self.saturation = stage_saturation(detector, pool, now)["effective"]
             released = core.dispatch_one(now, self.saturation)
             if released is None:
                 break

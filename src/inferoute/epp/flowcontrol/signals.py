@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from inferoute.epp.flowcontrol.controller import FlowController
 
 PREFIXES = ("llm_d_epp_", "inference_extension_")
+PoolState = Callable[[], tuple[int, dict[str, float], int, float]]
+"""(ready endpoints, saturation by stage, stale endpoints, per-replica capacity), read at collection."""
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _CYCLE_BUCKETS = (0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05)
 TARGET_SATURATION = 0.8
@@ -100,8 +102,9 @@ class FlowControlMetrics:
         for h in self._cycle:
             h.histogram().observe(seconds)
 
-    def watch(self, core: FlowController, state: Callable[[], tuple[int, float, int, float]]) -> None:
-        """Expose the gauges; ``state()`` = (ready endpoints, saturation, stale endpoints, per-replica)."""
+    def watch(self, core: FlowController, state: PoolState) -> None:
+        """Expose the gauges; ``state()`` = (ready endpoints, saturation by stage, stale endpoints,
+        per-replica capacity)."""
         self._gauges = _Gauges(self, core, state)
         self.registry.register(self._gauges)
 
@@ -116,14 +119,18 @@ class FlowControlMetrics:
 
 class _Gauges(Collector):
     def __init__(
-        self, m: FlowControlMetrics, core: FlowController, state: Callable[[], tuple[int, float, int, float]]
+        self,
+        m: FlowControlMetrics,
+        core: FlowController,
+        state: PoolState,
     ) -> None:
         self.m, self.core, self.state = m, core, state
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         pool = self.m.pool
         core = self.core
-        ready, saturation, stale, per_replica = self.state()
+        ready, stages, stale, per_replica = self.state()
+        saturation = stages.get("effective", 1.0)
         sizes: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0])
         for item in core.items():
             prep = getattr(item.payload, "prep", None)
@@ -146,7 +153,8 @@ class _Gauges(Collector):
                 "Pool saturation (1.0 = at the thresholds).",
                 labels=["inference_pool", "stage"],
             )
-            sat.add_metric([pool, "effective"], saturation)
+            for stage, value in stages.items():
+                sat.add_metric([pool, stage], value)
             cap_r = GaugeMetricFamily(
                 fc + "capacity_utilization_requests",
                 "Band queue use / its maxRequests.",
