@@ -59,7 +59,7 @@ def test_a_call_arrives_as_events_and_is_answered() -> None:
     core = connected()
     events = core.receive_data(call(1) + message(1, b"abc", end_stream=True))
     assert [type(e) for e in events] == [CallStarted, MessageReceived, InputEnded]
-    assert bytes(events[1].data) == b"abc"  # type: ignore[union-attr]
+    assert events[1][0] == 1 and bytes(events[1][1]) == b"abc"  # type: ignore[index]
     assert core.send_messages(1, [b"\x00\x00\x00\x00\x01z"], 6)
     core.end_call(1, 0)
     kinds = [(t, f) for t, f, _, _ in frames(core.data_to_send())]

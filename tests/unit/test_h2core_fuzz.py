@@ -165,14 +165,15 @@ def _drive(data: bytes, cuts: list[int], choice: random.Random) -> None:
                 if choice.random() < 0.1:
                     core.end_call(ev.sid, 12, "unknown method")
             elif isinstance(ev, MessageReceived):
+                sid, data = ev
                 r = choice.random()
                 if r < 0.3:
-                    core.hold(ev.sid, len(ev.data) + 5)
-                    held[ev.sid] = held.get(ev.sid, 0) + len(ev.data) + 5
+                    core.hold(sid, len(data) + 5)
+                    held[sid] = held.get(sid, 0) + len(data) + 5
                 elif r < 0.8:
-                    core.send_messages(ev.sid, [REPLY], len(REPLY))
+                    core.send_messages(sid, [REPLY], len(REPLY))
                 else:
-                    core.end_call(ev.sid, 0)
+                    core.end_call(sid, 0)
             elif isinstance(ev, InputEnded):
                 if choice.random() < 0.7:
                     core.end_call(ev.sid, 0)

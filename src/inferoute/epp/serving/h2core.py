@@ -127,16 +127,10 @@ class CallStarted:
         return f"CallStarted({self.sid}, {self.path!r})"
 
 
-class MessageReceived:
-    """One complete gRPC message (the protobuf bytes, without the 5-byte prefix)."""
-
-    __slots__ = ("data", "sid")
-
-    def __init__(self, sid: int, data: Buffer) -> None:
-        self.sid, self.data = sid, data
-
-    def __repr__(self) -> str:
-        return f"MessageReceived({self.sid}, {len(self.data)} bytes)"
+MessageReceived = tuple  # type: ignore[type-arg]
+"""One complete gRPC message: a plain ``(sid, data)`` tuple, ``data`` the protobuf bytes without the 5-byte
+prefix. A tuple rather than an object because it is the one event per message: it costs a fifth as much to
+make, and the shell tells it from the other events with ``type(ev) is tuple``."""
 
 
 class InputEnded:
@@ -177,7 +171,7 @@ class ConnectionEnded:
         return f"ConnectionEnded({self.code}, {self.reason!r})"
 
 
-Event = CallStarted | MessageReceived | InputEnded | CallEnded | ConnectionEnded
+Event = CallStarted | tuple[int, Buffer] | InputEnded | CallEnded | ConnectionEnded
 
 # -- wire constants -------------------------------------------------------------------------------------
 
@@ -257,6 +251,7 @@ def table_size_updates(block: bytes | memoryview) -> int:
 # indexing, indexed name: 0x0f 0x10). The first block on a connection also sets our encoder's dynamic table
 # to 0 bytes (0x20), so nothing we send ever depends on, or changes, the peer's decoding state.
 _BLOCK_RESPONSE = b"\x88\x0f\x10" + _hpack_int(16, 7) + b"application/grpc"
+_DATA_HEADER_TAIL = bytes((_DATA, 0))  # type and flags of a DATA frame without END_STREAM
 _BLOCK_415 = b"\x08\x03415"  # ":status" is static name 8; literal value without indexing
 _TABLE_SIZE_ZERO = b"\x20"
 
@@ -531,7 +526,7 @@ class H2Core:
             if end < stop:
                 s.need = 5 + size
                 break
-            events.append(MessageReceived(sid, data[off + 5 : stop]))
+            events.append((sid, data[off + 5 : stop]))
             off = stop
         else:
             s.need = 5
@@ -869,15 +864,16 @@ class H2Core:
         s = self.streams.get(sid)
         if s is None or s.trailers is not None or self.closed:
             return False
+        out = self._out
         if not s.headers_sent:
             s.headers_sent = True
-            self._out.append(self._headers_frame(sid, _BLOCK_RESPONSE, end_stream=False))
+            out.append(self._headers_frame(sid, _BLOCK_RESPONSE, end_stream=False))
         if not s.pending and total <= s.send_window and total <= self._send_window:
             s.send_window -= total
             self._send_window -= total
             if total <= self._peer_frame_max:
-                self._out.append(frame_header(total, _DATA, 0, sid))
-                self._out.extend(pieces)
+                out.append(total.to_bytes(3, "big") + _DATA_HEADER_TAIL + sid.to_bytes(4, "big"))
+                out.extend(pieces)
             else:
                 self._split(sid, pieces)
             return True

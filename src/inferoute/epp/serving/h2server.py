@@ -70,7 +70,6 @@ from inferoute.epp.serving.h2core import (
     H2Core,
     InputEnded,
     Limits,
-    MessageReceived,
     frame_header,
     literal_header,
     percent_encode,
@@ -274,12 +273,11 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, events: list[h2core.Event]) -> None:
         calls = self.calls
         for ev in events:
-            t = type(ev)
-            if t is MessageReceived:  # the hot path: decoded and fed here, without another call
-                call = calls.get(ev.sid)  # type: ignore[union-attr]
+            if type(ev) is tuple:  # MessageReceived, the hot path: decoded and fed here
+                sid, data = ev
+                call = calls.get(sid)
                 if call is None or call.finished:
                     continue
-                data = ev.data  # type: ignore[union-attr]
                 try:
                     msg = call.method.request_type.FromString(data)
                 except Exception:
@@ -289,23 +287,26 @@ class _Connection(asyncio.Protocol):
                     self._hold(call, msg, len(data) + 5)
                 else:
                     self._feed(call, msg)
-            elif t is CallStarted:
-                self._open(ev.sid, ev.path)  # type: ignore[union-attr]
-            elif t is InputEnded:
-                call = calls.get(ev.sid)  # type: ignore[union-attr]
+            elif isinstance(ev, CallStarted):
+                self._open(ev.sid, ev.path)
+            elif isinstance(ev, InputEnded):
+                call = calls.get(ev.sid)
                 if call is not None:
                     self._input_ended(call)
-            elif t is CallEnded:
-                call = calls.pop(ev.sid, None)  # type: ignore[union-attr]
-                if call is not None:
-                    if ev.cancelled:  # type: ignore[union-attr]
-                        self._cancel(call)
-                    else:
-                        call.finished = True
-                        self._close_handler(call, cancelled=False)
-            else:
-                assert isinstance(ev, ConnectionEnded)
+            elif isinstance(ev, CallEnded):
+                self._call_ended(ev)
+            elif isinstance(ev, ConnectionEnded):
                 self._ended(ev)
+
+    def _call_ended(self, ev: CallEnded) -> None:
+        call = self.calls.pop(ev.sid, None)
+        if call is None:
+            return
+        if ev.cancelled:
+            self._cancel(call)
+        else:
+            call.finished = True
+            self._close_handler(call, cancelled=False)
 
     def _ended(self, ev: ConnectionEnded) -> None:
         if ev.code:
@@ -365,8 +366,10 @@ class _Connection(asyncio.Protocol):
         if out is None:
             call.waiting = True
             call.task = asyncio.get_running_loop().create_task(self._resume(call))
-        elif out:
-            self.send(call, out)
+        elif out:  # (send inlined: this is the hot path)
+            pieces, total = _wire(out)
+            if not self.core.send_messages(call.sid, pieces, total):
+                self._gone(call)
 
     async def _resume(self, call: _Call) -> None:
         try:
