@@ -20,7 +20,6 @@ KNOWN_LONG: set[str] = {
     "epp/cli.py:command",  # the epp command (engineers newbie/k8sepp add its flags)
     "epp/config.py:parse_config",
     "epp/metrics.py:EppMetrics.__init__",
-    "gateway/routing.py:RouteDecider.decide",  # engineer h10gw
     "integrations/envoy.py:bootstrap",
     "integrations/nginx.py:render",
     "sim/metrics.py:EngineCollector.collect",
