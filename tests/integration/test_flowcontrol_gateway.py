@@ -38,7 +38,7 @@ async def system(
         gw = await start_gateway(cfg, registry=registry)
         try:
             for _ in range(300):
-                if await gw.deciders.ready():
+                if await gw.route_table.ready():
                     break
                 await asyncio.sleep(0.02)
             yield gw, pool, registry

@@ -107,7 +107,7 @@ async def test_reload_under_load_drops_nothing_and_retires_the_old_picker(tmp_pa
                 watcher = ConfigWatcher(path, gw.reload, reg)
                 watcher.prime()
                 assert not await watcher.check()  # unchanged file: nothing to do
-                old_deciders = gw.deciders
+                old_deciders = gw.route_table
                 async with aiohttp.ClientSession() as s:
                     # streams in flight on the old route while the configuration changes
                     streams = [asyncio.create_task(_stream(s, gw.url, n=20, gap=0.02)) for _ in range(10)]

@@ -289,7 +289,7 @@ async def test_messages_after_a_deferred_reply_wait_their_turn(server: h2s.GrpcS
     c.h2.send_data(sid, _msg("first") + _msg("second"), end_stream=True)
     c.flush()
     await asyncio.sleep(0.1)
-    assert sid not in c.data  # the first reply is still being decided
+    assert sid not in c.data  # the first reply is still being routed
     RELEASE.set()
     assert (await c.trailers(sid))[b"grpc-status"] == b"0"
     assert _decode(bytes(c.data[sid])) == ["held:first", "held:second"]

@@ -23,7 +23,7 @@ async def system(registry: CollectorRegistry) -> AsyncIterator[tuple[RunningGate
         gw = await start_gateway(default_config(pool.endpoints, "127.0.0.1:0"), registry=registry)
         try:
             for _ in range(200):
-                if await gw.deciders.ready():
+                if await gw.route_table.ready():
                     break
                 await asyncio.sleep(0.02)
             yield gw, pool

@@ -2,7 +2,7 @@
 
 Each test starts real processes on free 127.0.0.1 ports: echo backends (aiohttp), the decider
 (:func:`inferoute.gateway.nginx_decider.server.start_decider`, built exactly as the gateway builds its
-deciders, with a scripted picker injected as the "embedded" picker), and an NGINX master running the
+route_table, with a scripted picker injected as the "embedded" picker), and an NGINX master running the
 configuration that ``inferoute nginx-config`` prints. NGINX is stopped by pid at teardown.
 """
 
@@ -222,7 +222,7 @@ async def test_model_header_reaches_the_picked_backend(stack: Stack) -> None:
                 assert resp.status == 200, await resp.text()
                 got = await resp.json()
             backend = stack.backends[index]
-            assert got["port"] == backend.port, "the request did not land where the picker decided"
+            assert got["port"] == backend.port, "the request did not land where the picker routed"
             assert got["headers"]["x-gateway-model-name"] == "llama-3"
             assert got["headers"]["x-gateway-destination-endpoint"] == backend.key
             assert got["path"] == "/v1/chat/completions?x=1"

@@ -84,7 +84,7 @@ async def test_openai_sdk_through_nginx_with_the_embedded_picker(
         await client.close()
         assert served <= {e.key for e in pool.endpoints}
         # The picker's response-phase accounting reached zero again for every endpoint (completion reports).
-        embedded = running.deciders.embedded
+        embedded = running.route_table.embedded
         assert embedded is not None
         learned = embedded.learned  # type: ignore[attr-defined]
         await eventually(lambda: not any(learned.inflight(e.key).requests for e in pool.endpoints))

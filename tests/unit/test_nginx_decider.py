@@ -22,7 +22,7 @@ from inferoute.gateway.nginx_decider.reports import (
     parse_report,
     parse_syslog_report,
 )
-from inferoute.gateway.routing import Decided
+from inferoute.gateway.routing import RoutedRequest
 from inferoute.picking import NullSession
 
 
@@ -43,11 +43,11 @@ class Recorder:
         self.events.append(("aborted", reason))
 
 
-def decided(
+def routed(
     upstreams: tuple[str, ...], model: str | None = "m", set_headers: dict[str, str] | None = None
-) -> Decided:
+) -> RoutedRequest:
     route = RouteConfig(path="/v1/")
-    return Decided(
+    return RoutedRequest(
         route=route,
         model=model,
         upstreams=upstreams,
@@ -61,7 +61,7 @@ def decided(
 
 def test_redirect_headers_carry_upstream_fallbacks_model_and_token() -> None:
     four = ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000", "10.0.0.4:8000")
-    h = redirect_headers(decided(four), "tok", max_fallbacks=2)
+    h = redirect_headers(routed(four), "tok", max_fallbacks=2)
     assert h["X-Accel-Redirect"] == "@inference_retry"
     assert h["X-Inference-Upstream"] == "10.0.0.1:8000"
     assert h["X-Inference-Fallback-1"] == "10.0.0.2:8000"
@@ -75,7 +75,7 @@ def test_redirect_headers_carry_upstream_fallbacks_model_and_token() -> None:
 
 
 def test_redirect_headers_single_endpoint_no_model_and_picker_mutations() -> None:
-    d = decided(("10.0.0.1:8000",), model=None, set_headers={"X-Gateway-Inference-Objective": "critical"})
+    d = routed(("10.0.0.1:8000",), model=None, set_headers={"X-Gateway-Inference-Objective": "critical"})
     h = redirect_headers(d, "t", max_fallbacks=3)
     assert h["X-Accel-Redirect"] == "@inference"  # nothing to fall back to
     assert h["X-Inference-Model"] == ""
@@ -87,7 +87,7 @@ def test_redirect_headers_single_endpoint_no_model_and_picker_mutations() -> Non
 
 
 def test_redirect_headers_follow_a_picker_rewrite_of_the_model_header() -> None:
-    d = decided(("10.0.0.1:8000",), model="alias", set_headers={"x-gateway-model-name": "real-model"})
+    d = routed(("10.0.0.1:8000",), model="alias", set_headers={"x-gateway-model-name": "real-model"})
     assert redirect_headers(d, "t")["X-Inference-Model"] == "real-model"
 
 
@@ -96,7 +96,7 @@ def test_nginx_retries_header_caps_the_fallbacks() -> None:
     assert nginx_retries({"X-Inference-Retries": "5"}, 3) == 3
     assert nginx_retries({}, 8) == 0  # a hand-written config without fallback locations
     assert nginx_retries({"X-Inference-Retries": "-1"}, 8) == 0
-    h = redirect_headers(decided(("a:1", "b:2")), "t", max_fallbacks=0)
+    h = redirect_headers(routed(("a:1", "b:2")), "t", max_fallbacks=0)
     assert h["X-Accel-Redirect"] == "@inference" and "X-Inference-Fallback-1" not in h
 
 

@@ -8,7 +8,7 @@ One request goes through three stages, each its own module:
    (:mod:`.destinations`), read the model from the body (:mod:`.bbr`, or a remote BBR over ext_proc), ask the
    picker (embedded in process, or ``inferoute epp`` over gRPC — :mod:`.pickers` builds and pools them), check
    every returned endpoint against the pool / allowed CIDRs. The NGINX decider (:mod:`.decider`) runs the very
-   same :class:`~inferoute.gateway.routing.RouteDecider`, so both data planes route identically.
+   same :class:`~inferoute.gateway.routing.RequestRouter`, so both data planes route identically.
 2. **Forward** (:mod:`.proxy`): one aiohttp ``ClientSession`` per process with keep-alive pools per upstream;
    the ordered endpoint list is walked on connect errors and 5xx answers before the first byte reaches the
    client; the response is streamed chunk by chunk (SSE token by token) and reported to the picker session.

@@ -1,6 +1,6 @@
 """The gateway's HTTP server: one handler, limits, errors, access log, health and metrics.
 
-:func:`start_gateway` assembles one process: metrics on an injected registry, the route deciders (and
+:func:`start_gateway` assembles one process: metrics on an injected registry, the route route_table (and
 their pickers), the upstream :class:`~inferoute.gateway.proxy.Forwarder`, and an aiohttp low-level server (no
 router or middleware on the hot path) listening on a socket it binds itself (``SO_REUSEPORT`` when several
 workers share the port). :class:`GatewayHandler` handles one request:
@@ -9,7 +9,7 @@ workers share the port). :class:`GatewayHandler` handles one request:
 2. Limits: concurrent requests (503 ``overloaded``), header count/bytes (431), route match (404 ``no-route``),
    body size from ``Content-Length`` up front and while reading chunked uploads (413). The body is read whole
    when BBR or a full-duplex picker needs it, else passed through as it arrives.
-3. :meth:`RouteDecider.decide` (BBR + picker), then :meth:`Relay.forward
+3. :meth:`RequestRouter.decide` (BBR + picker), then :meth:`Relay.forward
    <inferoute.gateway.relay.Relay.forward>`: the forwarding path the NGINX decider shares (fallback walk,
    header rules, the answer streamed to the client and reported to the picker session; a small answer of
    known length is read whole and sent in one write instead).
@@ -38,11 +38,11 @@ from inferoute.clock import Clock, SystemClock
 from inferoute.errors import InferouteError, error_body
 from inferoute.gateway.config import GatewayConfig, parse_listen
 from inferoute.gateway.metrics import GatewayMetrics
-from inferoute.gateway.picker_setup import Deciders, EmbeddedFactory, start_embedded_picker
+from inferoute.gateway.picker_setup import EmbeddedFactory, RouteTable, start_embedded_picker
 from inferoute.gateway.proxy import Forwarder
 from inferoute.gateway.relay import LimitedStream, Relay, RequestRecord, read_body, request_id_from
 from inferoute.gateway.reload import Reloader
-from inferoute.gateway.routing import Decided, PickerRejected
+from inferoute.gateway.routing import PickerRejected, RoutedRequest
 from inferoute.gateway.target import request_target
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,14 @@ class GatewayHandler:
     def __init__(
         self,
         cfg: GatewayConfig,
-        deciders: Deciders,
+        route_table: RouteTable,
         forwarder: Forwarder,
         metrics: GatewayMetrics,
         registry: CollectorRegistry,
         clock: Clock | None = None,
     ) -> None:
         self.cfg = cfg
-        self.deciders = deciders
+        self.route_table = route_table
         self.forwarder = forwarder
         self.metrics = metrics
         self.registry = registry
@@ -105,11 +105,11 @@ class GatewayHandler:
             request.method, path, request_id_from(request.headers.get("x-request-id")), self.clock.now()
         )
         totals = self._totals
-        deciders = self.deciders  # this request keeps its routes even if a reload swaps them meanwhile
-        deciders.active += 1
+        route_table = self.route_table  # this request keeps its routes even if a reload swaps them meanwhile
+        route_table.active += 1
         totals.in_flight += 1
         try:
-            return await self._handle(request, rec, deciders)
+            return await self._handle(request, rec, route_table)
         except asyncio.CancelledError:
             if self.stopping:  # cut by the end of the shutdown grace period, not by the client
                 rec.cause = "shutdown"
@@ -119,22 +119,22 @@ class GatewayHandler:
             raise
         finally:
             totals.in_flight -= 1
-            deciders.active -= 1
-            if deciders.retired and not deciders.active:
-                deciders.drained.set()
+            route_table.active -= 1
+            if route_table.retired and not route_table.active:
+                route_table.drained.set()
             self._finish(rec)
 
     async def _readyz(self) -> web.Response:
-        if await self.deciders.ready():
+        if await self.route_table.ready():
             return web.Response(body=b'{"status":"ready"}', content_type=_JSON)
         exc = InferouteError(503, "the endpoint picker is not ready yet", cause="not-ready")
         return web.Response(status=503, body=exc.body(), content_type=_JSON)
 
     async def _handle(
-        self, request: web.BaseRequest, rec: RequestRecord, deciders: Deciders
+        self, request: web.BaseRequest, rec: RequestRecord, route_table: RouteTable
     ) -> web.StreamResponse:
         try:
-            return await self._route(request, rec, deciders)
+            return await self._route(request, rec, route_table)
         except InferouteError as exc:
             return self._error(exc, rec)
         except Exception as exc:
@@ -164,7 +164,7 @@ class GatewayHandler:
         return resp
 
     async def _route(
-        self, request: web.BaseRequest, rec: RequestRecord, deciders: Deciders
+        self, request: web.BaseRequest, rec: RequestRecord, route_table: RouteTable
     ) -> web.StreamResponse:
         lim = self._limits
         if self._totals.in_flight > lim.max_concurrent_requests:
@@ -185,7 +185,7 @@ class GatewayHandler:
             )
         target = rec.target = request_target(request.raw_path)  # normalised once: matched and forwarded
         rec.path = target.partition("?")[0]
-        decider = deciders.for_path(rec.path)
+        decider = route_table.for_path(rec.path)
         if decider is None:
             raise InferouteError(404, f"no route for {rec.path}", cause="no-route")
         route = decider.route
@@ -194,20 +194,20 @@ class GatewayHandler:
         if not route.bbr.enabled and not (epp.enabled and epp.body == "full_duplex") and request.body_exists:
             # nothing needs the body before the upstream does: pass it through as it arrives
             streamed = await LimitedStream.accept(request, route.bbr.max_body_size, rec, self._totals)
-            decided = await decider.decide(
+            routed = await decider.decide(
                 request.method, target, request.headers.items(), b"", rec.request_id
             )
-            self._note_decision(decided, rec)
-            return await self.relay.forward(request, decided, rec, streamed)
+            self._note_decision(routed, rec)
+            return await self.relay.forward(request, routed, rec, streamed)
         body = await read_body(request, route.bbr.max_body_size)
         rec.bytes_in = len(body)
         self._totals.bytes_in += len(body)
         # the picker sees the path as forwarded (with its query string), like Envoy's :path
-        decided = await decider.decide(request.method, target, request.headers.items(), body, rec.request_id)
-        self._note_decision(decided, rec)
-        return await self.relay.forward(request, decided, rec)
+        routed = await decider.decide(request.method, target, request.headers.items(), body, rec.request_id)
+        self._note_decision(routed, rec)
+        return await self.relay.forward(request, routed, rec)
 
-    def _note_decision(self, d: Decided, rec: RequestRecord) -> None:
+    def _note_decision(self, d: RoutedRequest, rec: RequestRecord) -> None:
         rec.model = d.model
         rec.source = d.source
         series = self.metrics.for_route(rec.route)
@@ -297,7 +297,7 @@ class RunningGateway:
         web_server: web.Server,
         handler: GatewayHandler,
         forwarder: Forwarder,
-        deciders: Deciders,
+        route_table: RouteTable,
         registry: CollectorRegistry,
         embedded_factory: EmbeddedFactory = start_embedded_picker,
         clock: Clock | None = None,
@@ -306,7 +306,7 @@ class RunningGateway:
         self._web_server = web_server
         self.handler = handler
         self._forwarder = forwarder
-        self.deciders = deciders
+        self.route_table = route_table
         self.registry = registry
         self._reloader = Reloader(registry, embedded_factory, clock)
         sockname = server.sockets[0].getsockname()
@@ -322,9 +322,9 @@ class RunningGateway:
         """Serve ``cfg``'s routes, pools and pickers from now on (see :mod:`inferoute.gateway.reload`): new
         requests take the new routes, in-flight ones finish on the old. Raises :class:`InferouteError` and
         keeps serving the current routes when ``cfg`` cannot be applied."""
-        new = await self._reloader.build(self.deciders, cfg)
-        old, self.deciders = self.deciders, new
-        self.handler.deciders = new
+        new = await self._reloader.build(self.route_table, cfg)
+        old, self.route_table = self.route_table, new
+        self.handler.route_table = new
         self._reloader.retire(old)
 
     async def aclose(self, grace: float = 5.0) -> None:
@@ -336,7 +336,7 @@ class RunningGateway:
             await self._server.wait_closed()
         await self._forwarder.aclose()
         await self._reloader.aclose()
-        await self.deciders.aclose()
+        await self.route_table.aclose()
 
 
 async def start_gateway(
@@ -353,11 +353,11 @@ async def start_gateway(
     if not cfg.routes:
         log.warning("the configuration has no routes: every request will get 404")
     metrics = GatewayMetrics(registry)
-    deciders = await Deciders.build(cfg, registry, embedded_factory=embedded_factory, clock=clock)
+    route_table = await RouteTable.build(cfg, registry, embedded_factory=embedded_factory, clock=clock)
     forwarder = Forwarder(cfg, metrics)
     try:
         await forwarder.start()
-        handler = GatewayHandler(cfg, deciders, forwarder, metrics, registry, clock)
+        handler = GatewayHandler(cfg, route_table, forwarder, metrics, registry, clock)
         lim = cfg.limits
         web_server = web.Server(
             handler,
@@ -373,9 +373,11 @@ async def start_gateway(
         server = await asyncio.get_running_loop().create_server(web_server, sock=sock, backlog=1024)
     except BaseException:
         await forwarder.aclose()
-        await deciders.aclose()
+        await route_table.aclose()
         raise
-    return RunningGateway(server, web_server, handler, forwarder, deciders, registry, embedded_factory, clock)
+    return RunningGateway(
+        server, web_server, handler, forwarder, route_table, registry, embedded_factory, clock
+    )
 
 
 __all__ = ["GatewayHandler", "RunningGateway", "bind_socket", "error_body", "error_response", "start_gateway"]

@@ -12,7 +12,7 @@ Pure functions, no I/O:
   ``Content-Length`` and again while reading (chunked uploads), both answering 413.
 
 The remote variant (seed 000: the body streamed over ext_proc to a BBR server) lives in
-:mod:`inferoute.extproc.bbr_client`; :class:`inferoute.gateway.routing.RouteDecider` chooses between them.
+:mod:`inferoute.extproc.bbr_client`; :class:`inferoute.gateway.routing.RequestRouter` chooses between them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Builds and owns the pickers and remote-BBR clients of one process, and one :class:`RouteDecider` per route.
+"""Builds and owns the pickers and remote-BBR clients of one process, and one :class:`RequestRouter` per
+route.
 
 * ``epp.endpoint: embedded`` → one in-process picker (:func:`inferoute.epp.assembly.start_picker`) shared
   by all routes of the process, registered on the gateway's registry so ``/metrics`` shows its series too.
@@ -26,7 +27,7 @@ from inferoute.endpoints import Endpoint, parse_endpoints
 from inferoute.epp.requestcontrol.parse import BodyParser
 from inferoute.gateway.config import EMBEDDED, BBRConfig, EPPConfig, GatewayConfig, RouteConfig, target_of
 from inferoute.gateway.destinations import PICKER_CONTROL, AllowList, routing_header_names
-from inferoute.gateway.routing import ModelExtractor, RouteDecider
+from inferoute.gateway.routing import ModelExtractor, RequestRouter
 from inferoute.gateway.weighted import PathDecider, WeightedDecider
 from inferoute.picking import Picker
 
@@ -93,7 +94,7 @@ EmbeddedFactory = Callable[[GatewayConfig, list[Endpoint], CollectorRegistry], A
 
 
 class _Clients:
-    """The pickers and remote-BBR clients of one :class:`Deciders`, shared between routes (and backends)
+    """The pickers and remote-BBR clients of one :class:`RouteTable`, shared between routes (and backends)
     with identical settings, so one long-lived channel serves them all."""
 
     def __init__(
@@ -154,7 +155,7 @@ class _Clients:
         return self._bbrs[key]
 
 
-class Deciders:
+class RouteTable:
     """Every route's decider for one process; owns (and closes) the pickers and BBR clients.
 
     ``active`` counts the requests using this set: after a configuration reload the gateway closes the old
@@ -163,12 +164,12 @@ class Deciders:
     def __init__(
         self,
         cfg: GatewayConfig,
-        deciders: list[PathDecider],
+        route_table: list[PathDecider],
         owned: list[Any],
         embedded: Picker | None,
     ) -> None:
         self.cfg = cfg
-        self.deciders = deciders
+        self.route_table = route_table
         self._owned = owned
         self.embedded = embedded
         self.active = 0
@@ -185,7 +186,7 @@ class Deciders:
         embedded_factory: EmbeddedFactory = start_embedded_picker,
         clock: Clock | None = None,
         embedded: Picker | None = None,
-    ) -> Deciders:
+    ) -> RouteTable:
         """Start what the routes need. ``embedded_factory`` is injectable (tests use a tiny picker);
         ``embedded`` is a running embedded picker to use instead (a reload keeps it; the caller owns it)."""
         endpoints = cfg.endpoints()
@@ -200,13 +201,13 @@ class Deciders:
         )
         clients = _Clients(cfg, registry, embedded_factory)
         clients.embedded = embedded
-        deciders: list[PathDecider] = []
+        route_table: list[PathDecider] = []
         parser = BodyParser()  # one per process: its buffers grow to the largest body seen
 
         def decider(
             route: RouteConfig, pool: list[Endpoint], allowed: AllowList, picker: Picker | None
-        ) -> RouteDecider:
-            return RouteDecider(
+        ) -> RequestRouter:
+            return RequestRouter(
                 route,
                 pool,
                 picker,
@@ -221,7 +222,7 @@ class Deciders:
         try:
             for route in cfg.routes:
                 if not route.backends:
-                    deciders.append(
+                    route_table.append(
                         decider(route, endpoints, allow, await clients.picker(route.epp, endpoints))
                     )
                     continue
@@ -234,16 +235,16 @@ class Deciders:
                     extra = [b.default_upstream] if b.default_upstream else []
                     own = AllowList(pool, cfg.pool.allowed_cidrs, extra=extra)
                     weighted.append((b.weight, decider(sub, pool, own, await clients.picker(b.epp, pool))))
-                deciders.append(WeightedDecider(route, weighted))
+                route_table.append(WeightedDecider(route, weighted))
         except BaseException:
             await _close_all(clients.owned)
             raise
-        return cls(cfg, deciders, clients.owned, clients.embedded)
+        return cls(cfg, route_table, clients.owned, clients.embedded)
 
     def for_path(self, path: str) -> PathDecider | None:
         """The decider of the longest matching route prefix."""
         best: PathDecider | None = None
-        for d in self.deciders:
+        for d in self.route_table:
             if path.startswith(d.route.path) and (best is None or len(d.route.path) > len(best.route.path)):
                 best = d
         return best
@@ -262,7 +263,7 @@ class Deciders:
                 return False
         return True
 
-    def hand_over_embedded(self, successor: Deciders) -> None:
+    def hand_over_embedded(self, successor: RouteTable) -> None:
         """A reload kept the embedded picker: ``successor`` closes it from now on, this set does not."""
         picker = self.embedded
         if picker is not None and picker is successor.embedded:

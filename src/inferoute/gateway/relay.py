@@ -1,4 +1,4 @@
-"""The one forwarding path from a decided request to the client's answer, shared by both data planes.
+"""The one forwarding path from a routed request to the client's answer, shared by both data planes.
 
 The gateway forwards every request through :class:`Relay`; the NGINX decider forwards through it the requests
 NGINX cannot carry itself (the picker replaced the body). Both therefore read the body, walk the fallbacks
@@ -45,7 +45,7 @@ from inferoute.gateway.proxy import (
     lower_headers,
     upstream_request_headers,
 )
-from inferoute.gateway.routing import Decided
+from inferoute.gateway.routing import RoutedRequest
 from inferoute.picking import NullSession, PickSession
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class SessionEnd:
 
 
 class Relay:
-    """Forwards decided requests through a :class:`~inferoute.gateway.proxy.Forwarder` and relays the
+    """Forwards routed requests through a :class:`~inferoute.gateway.proxy.Forwarder` and relays the
     answers (see module docstring). ``answer_headers`` are added to every relayed answer (the NGINX decider
     sets ``X-Accel-Buffering: no`` so that NGINX passes a stream on as it arrives)."""
 
@@ -214,11 +214,11 @@ class Relay:
     async def forward(
         self,
         request: web.BaseRequest,
-        d: Decided,
+        d: RoutedRequest,
         rec: RequestRecord,
         streamed: LimitedStream | None = None,
     ) -> web.StreamResponse:
-        """Send ``request`` (the decided body, or ``streamed`` as it arrives) to the decided endpoints and
+        """Send ``request`` (the routed body, or ``streamed`` as it arrives) to the routed endpoints and
         relay the answer. Ends ``d.session``. Raises :class:`InferouteError` when no answer could be
         started (502 no endpoint reachable, 504 no answer in time, 413 body too large)."""
         end = SessionEnd(d.session)
@@ -242,7 +242,7 @@ class Relay:
     async def _open_and_answer(
         self,
         request: web.BaseRequest,
-        d: Decided,
+        d: RoutedRequest,
         rec: RequestRecord,
         end: SessionEnd,
         streamed: LimitedStream | None,

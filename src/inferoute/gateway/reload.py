@@ -9,9 +9,9 @@ would cut every streaming answer in flight. Instead:
    start. A file that does not validate is logged, counted and ignored: the gateway keeps its last good
    configuration.
 2. :meth:`Reloader.build` starts the new routes' pickers (a new
-   :class:`~inferoute.gateway.picker_setup.Deciders`) before anything is swapped, so a failure leaves the
+   :class:`~inferoute.gateway.picker_setup.RouteTable`) before anything is swapped, so a failure leaves the
    running set untouched.
-3. The gateway swaps its ``deciders`` reference: each request captured the set it started with, so new
+3. The gateway swaps its ``route_table`` reference: each request captured the set it started with, so new
    requests use the new routes and in-flight ones finish on the old set, pickers included.
 4. :meth:`Reloader.retire` closes the old set once its last request has ended (its ``drained`` event).
 
@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter
 from inferoute.clock import Clock
 from inferoute.errors import InferouteError
 from inferoute.gateway.config import EMBEDDED, GatewayConfig, load_config
-from inferoute.gateway.picker_setup import Deciders, EmbeddedFactory
+from inferoute.gateway.picker_setup import EmbeddedFactory, RouteTable
 from inferoute.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def uses_embedded(cfg: GatewayConfig) -> bool:
 
 
 class Reloader:
-    """Builds the next :class:`Deciders` of one gateway process and closes retired ones once drained."""
+    """Builds the next :class:`RouteTable` of one gateway process and closes retired ones once drained."""
 
     def __init__(
         self, registry: CollectorRegistry, embedded_factory: EmbeddedFactory, clock: Clock | None
@@ -63,10 +63,11 @@ class Reloader:
         self._factory = embedded_factory
         self._clock = clock
         self._tasks = TaskSet("gateway-reload")
-        self._retiring: list[Deciders] = []
+        self._retiring: list[RouteTable] = []
 
-    async def build(self, current: Deciders, cfg: GatewayConfig) -> Deciders:
-        """The deciders for ``cfg``, reusing ``current``'s embedded picker; raises :class:`InferouteError`."""
+    async def build(self, current: RouteTable, cfg: GatewayConfig) -> RouteTable:
+        """The route table for ``cfg``, reusing ``current``'s embedded picker; raises
+        :class:`InferouteError`."""
         ignored = restart_only_changes(current.cfg, cfg)
         if ignored:
             log.warning(
@@ -79,13 +80,13 @@ class Reloader:
                 "config reload: the embedded picker's settings (picker, pool) changed; restart the gateway",
                 cause="config",
             )
-        new = await Deciders.build(
+        new = await RouteTable.build(
             cfg, self._registry, embedded_factory=self._factory, clock=self._clock, embedded=kept
         )
         current.hand_over_embedded(new)
         return new
 
-    def retire(self, old: Deciders) -> None:
+    def retire(self, old: RouteTable) -> None:
         """Close ``old`` once the requests that started on it have ended."""
         old.retired = True
         if not old.active:
@@ -93,7 +94,7 @@ class Reloader:
         self._retiring.append(old)
         self._tasks.spawn(self._close_when_drained(old), "retire")
 
-    async def _close_when_drained(self, old: Deciders) -> None:
+    async def _close_when_drained(self, old: RouteTable) -> None:
         await old.drained.wait()
         self._retiring.remove(old)
         await old.aclose()

@@ -1,9 +1,9 @@
 """The decision core shared by the gateway and the NGINX decider: BBR, then the picker, then validation.
 
-:class:`RouteDecider` turns one request (method, path, headers, fully read body) into a :class:`Decided`:
-the headers to forward (client routing headers stripped, the model header and the picker's mutations set), the
-ordered upstream list (pool endpoints / allowed CIDRs only), an optional replacement body and the
-:class:`~inferoute.picking.PickSession` that the caller MUST end. Every failure is an
+:class:`RequestRouter` turns one request (method, path, headers, fully read body) into a
+:class:`RoutedRequest`: the headers to forward (client routing headers stripped, the model header and the
+picker's mutations set), the ordered upstream list (pool endpoints / allowed CIDRs only), an optional
+replacement body and the :class:`~inferoute.picking.PickSession` that the caller MUST end. Every failure is an
 :class:`~inferoute.errors.InferouteError` with the status the client must see and a ``cause`` for metrics:
 
 =========================  ======  ==================================================================
@@ -22,7 +22,7 @@ no-endpoints               503     fail-open (or EPP disabled) with no default_u
 =========================  ======  ==================================================================
 
 Fail-open (``epp.failure_mode_allow``) sends the request to ``default_upstream``, else to a pool endpoint
-(round robin), and reports the swallowed failure in :attr:`Decided.picker_error` so it is still counted.
+(round robin), and reports the swallowed failure in :attr:`RoutedRequest.picker_error` so it is still counted.
 
 The decider never touches sockets itself: pickers and the remote BBR client are injected, time is an injected
 :class:`~inferoute.clock.Clock`.
@@ -73,7 +73,7 @@ class PickerRejected(InferouteError):
 
 
 @dataclass(slots=True)
-class Decided:
+class RoutedRequest:
     """Everything a data plane needs to forward one request."""
 
     route: RouteConfig
@@ -114,7 +114,7 @@ def apply_headers(headers: Iterable[tuple[str, str]], updates: Mapping[str, str]
     return out
 
 
-class RouteDecider:
+class RequestRouter:
     """BBR + picker + destination validation for one route (see module docstring)."""
 
     def __init__(
@@ -153,7 +153,7 @@ class RouteDecider:
         headers: Iterable[tuple[str, str]],
         body: bytes,
         request_id: str = "",
-    ) -> Decided:
+    ) -> RoutedRequest:
         """Decide where one request goes. Raises :class:`InferouteError` (see the module table)."""
         route = self.route
         if route.bbr.enabled and len(body) > route.bbr.max_body_size:
@@ -170,13 +170,13 @@ class RouteDecider:
                 set_headers[route.bbr.header_name] = model
         t1 = self.clock.now()
         fwd = apply_headers(stripped, set_headers) if set_headers else stripped
-        decided = Decided(
+        routed = RoutedRequest(
             route, model, (), fwd, set_headers, body, NullSession(), "static", bbr_error=bbr_error
         )
-        decided.bbr_seconds = t1 - t0
+        routed.bbr_seconds = t1 - t0
         if self.picker is None:
-            decided.upstreams = self._fallback_upstreams()
-            return decided
+            routed.upstreams = self._fallback_upstreams()
+            return routed
         full_duplex = route.epp.body == "full_duplex"
         request = PickRequest(
             method=method,
@@ -187,15 +187,15 @@ class RouteDecider:
             model=model,
             parsed=parsed if full_duplex else None,
         )
-        return await self._pick(self.picker, request, decided)
+        return await self._pick(self.picker, request, routed)
 
-    async def _pick(self, picker: Picker, request: PickRequest, decided: Decided) -> Decided:
-        """Ask the picker and complete ``decided`` with its answer (fail-open on a picker failure)."""
+    async def _pick(self, picker: Picker, request: PickRequest, routed: RoutedRequest) -> RoutedRequest:
+        """Ask the picker and complete ``routed`` with its answer (fail-open on a picker failure)."""
         t1 = self.clock.now()
         try:
             decision, session = await picker.pick(request)
         except PickerError as exc:
-            return self._picker_failed(exc, decided, self.clock.now() - t1, request.request_id)
+            return self._picker_failed(exc, routed, self.clock.now() - t1, request.request_id)
         picker_seconds = self.clock.now() - t1
         if isinstance(decision, Reject):
             session.aborted("picker-reject")
@@ -218,18 +218,18 @@ class RouteDecider:
             empty = PickerError(
                 "the endpoint picker answered without a destination endpoint", cause="no-destination"
             )
-            return self._picker_failed(empty, decided, picker_seconds, request.request_id)
+            return self._picker_failed(empty, routed, picker_seconds, request.request_id)
         if decision.set_headers:
             mutations = self._mutations(decision.set_headers)
-            decided.set_headers.update(mutations)
-            decided.headers = apply_headers(decided.headers, mutations)
+            routed.set_headers.update(mutations)
+            routed.headers = apply_headers(routed.headers, mutations)
         if decision.body is not None:
-            decided.body = decision.body
-        decided.upstreams = upstreams
-        decided.session = session
-        decided.source = "picker"
-        decided.picker_seconds = picker_seconds
-        return decided
+            routed.body = decision.body
+        routed.upstreams = upstreams
+        routed.session = session
+        routed.source = "picker"
+        routed.picker_seconds = picker_seconds
+        return routed
 
     def _mutations(self, requested: Mapping[str, str]) -> dict[str, str]:
         """The picker's header mutations minus routing headers (never taken from a picker's mutation: the
@@ -287,8 +287,8 @@ class RouteDecider:
         return (model or bbr.default_model), None, None
 
     def _picker_failed(
-        self, exc: PickerError, decided: Decided, picker_seconds: float, request_id: str = ""
-    ) -> Decided:
+        self, exc: PickerError, routed: RoutedRequest, picker_seconds: float, request_id: str = ""
+    ) -> RoutedRequest:
         epp = self.route.epp
         cause = "picker-timeout" if exc.timeout else (exc.cause or "picker-error")
         log.warning(
@@ -308,11 +308,11 @@ class RouteDecider:
             raise InferouteError(
                 502, _PICKER_FAILURES.get(cause, "the endpoint picker failed"), cause=cause
             ) from exc
-        decided.upstreams = self._fallback_upstreams()
-        decided.source = "fail-open"
-        decided.picker_error = cause
-        decided.picker_seconds = picker_seconds
-        return decided
+        routed.upstreams = self._fallback_upstreams()
+        routed.source = "fail-open"
+        routed.picker_error = cause
+        routed.picker_seconds = picker_seconds
+        return routed
 
     def _fallback_upstreams(self) -> tuple[str, ...]:
         """``default_upstream``, else the pool in round-robin order (the rest as fallbacks)."""

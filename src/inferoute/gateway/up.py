@@ -131,7 +131,7 @@ async def _wait_ready(gw: RunningGateway, limit_s: float = 10.0) -> None:
     """Poll (bounded) until the embedded picker has scraped the pool once; serve anyway after ``limit_s``."""
     step = 0.05
     for _ in range(int(limit_s / step)):
-        if await gw.deciders.ready():
+        if await gw.route_table.ready():
             return
         await asyncio.sleep(step)
     log.warning("the picker is not ready after %.0fs; serving anyway (see /readyz)", limit_s)

@@ -1,6 +1,6 @@
 """Weighted backends of one route: a Gateway API rule whose ``backendRefs`` name several InferencePools.
 
-Each backend is a complete :class:`~inferoute.gateway.routing.RouteDecider` (its own picker, its own pool as
+Each backend is a complete :class:`~inferoute.gateway.routing.RequestRouter` (its own picker, its own pool as
 the allow-list and fail-open targets). :class:`WeightedDecider` chooses one per request by *smooth weighted
 round robin* (the NGINX upstream algorithm): over any window of ``sum(weights)`` requests each backend gets
 exactly its share, interleaved rather than in bursts, so a 70/30 split is 70/30 after ten requests instead
@@ -16,11 +16,12 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from inferoute.gateway.config import RouteConfig
-from inferoute.gateway.routing import Decided
+from inferoute.gateway.routing import RoutedRequest
 
 
 class PathDecider(Protocol):
-    """What the data planes need from a route's decider: :class:`RouteDecider` or :class:`WeightedDecider`."""
+    """What the data planes need from a route's decider: :class:`RequestRouter` or
+    :class:`WeightedDecider`."""
 
     @property
     def route(self) -> RouteConfig: ...
@@ -32,7 +33,7 @@ class PathDecider(Protocol):
         headers: Iterable[tuple[str, str]],
         body: bytes,
         request_id: str = "",
-    ) -> Decided: ...
+    ) -> RoutedRequest: ...
 
 
 class SmoothWeighted:
@@ -79,7 +80,7 @@ class WeightedDecider:
         headers: Iterable[tuple[str, str]],
         body: bytes,
         request_id: str = "",
-    ) -> Decided:
+    ) -> RoutedRequest:
         backend = self.backends[self._choose.next()]
         return await backend.decide(method, path, headers, body, request_id)
 

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 NGINX buffers the client's request body and proxies the request once to this decider (the ``location``
 that ``inferoute nginx-config`` generates). The decider runs exactly what the gateway runs -- BBR, then the
-picker, then destination validation, through :class:`inferoute.gateway.routing.RouteDecider` -- and answers
+picker, then destination validation, through :class:`inferoute.gateway.routing.RequestRouter` -- and answers
 with *no body*:
 
 * success: ``200`` with ``X-Accel-Redirect: @inference`` plus the decision in headers (table below). NGINX

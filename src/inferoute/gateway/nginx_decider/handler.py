@@ -40,7 +40,7 @@ from inferoute.gateway.nginx_decider.reports import (
 )
 from inferoute.gateway.proxy import Forwarder, end_to_end_headers
 from inferoute.gateway.relay import Relay, RequestRecord, read_body, request_id_from
-from inferoute.gateway.routing import Decided, PickerRejected
+from inferoute.gateway.routing import PickerRejected, RoutedRequest
 from inferoute.gateway.weighted import PathDecider
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ RouteLookup = Callable[[str], PathDecider | None]
 class NginxDecider:
     """The decider's request handling; :meth:`handler` is an aiohttp low-level handler.
 
-    ``routes`` maps a request path to its :class:`RouteDecider`; ``forwarder`` carries the rare relayed
+    ``routes`` maps a request path to its :class:`RequestRouter`; ``forwarder`` carries the rare relayed
     requests (the gateway's :class:`~inferoute.gateway.relay.Relay` over it; its timeouts and pool settings
     come from the gateway configuration). Every session handed out is ended exactly once: by a
     completion report, the completion timeout, the relay, or :meth:`aclose`.
@@ -105,29 +105,29 @@ class NginxDecider:
             body = await read_body(request, route.bbr.max_body_size)
             headers = request_headers_for_decision(request.headers.items())
             request_id = request.headers.get("X-Request-Id", "")
-            decided = await decider.decide(request.method, request.path_qs, headers, body, request_id)
+            routed = await decider.decide(request.method, request.path_qs, headers, body, request_id)
         except InferouteError as exc:
             return self._error(exc)
-        for cause in (decided.picker_error, decided.bbr_error):
+        for cause in (routed.picker_error, routed.bbr_error):
             if cause:
                 self.metrics.swallowed.labels(cause).inc()
-        if decided.body is not body:
-            return await self._relay(request, decided)
+        if routed.body is not body:
+            return await self._relay(request, routed)
         transport = request.transport
         if transport is None or transport.is_closing():
-            # NGINX gave up on this request (the client went away while the picker decided): nobody will
+            # NGINX gave up on this request (the client went away while the picker routed): nobody will
             # report its completion, so end the session now instead of at the completion timeout.
-            decided.session.aborted("client-disconnect")
+            routed.session.aborted("client-disconnect")
             self.metrics.completions.labels("client-disconnect").inc()
             return web.Response(status=499)
-        token = self.pending.open(decided.session)
+        token = self.pending.open(routed.session)
         self.metrics.pending.set(len(self.pending))
-        self.metrics.decisions.labels(decided.source).inc()
+        self.metrics.decisions.labels(routed.source).inc()
         self.metrics.latency.observe(time.perf_counter() - t0)
         return web.Response(
             status=200,
             headers=redirect_headers(
-                decided, token, max_fallbacks=nginx_retries(request.headers, self.max_fallbacks)
+                routed, token, max_fallbacks=nginx_retries(request.headers, self.max_fallbacks)
             ),
         )
 
@@ -203,7 +203,7 @@ class NginxDecider:
 
     # --- relay (decisions NGINX cannot express)
 
-    async def _relay(self, request: web.BaseRequest, decided: Decided) -> web.StreamResponse:
+    async def _relay(self, request: web.BaseRequest, routed: RoutedRequest) -> web.StreamResponse:
         """Forward ``request`` with the replacement body ourselves, through the gateway's forwarding path
         (fallback walk, header rules, streamed answer); the relay ends the session."""
         self.metrics.decisions.labels("relay").inc()
@@ -212,9 +212,9 @@ class NginxDecider:
             request.path,
             request_id_from(request.headers.get("x-request-id")),
             self.clock.now(),
-            route=decided.route.path,
+            route=routed.route.path,
         )
         try:
-            return await self.relay.forward(request, decided, rec)
+            return await self.relay.forward(request, routed, rec)
         except InferouteError as exc:
             return self._error(exc)

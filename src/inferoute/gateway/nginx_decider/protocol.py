@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from inferoute.gateway.proxy import end_to_end_headers
-from inferoute.gateway.routing import Decided
+from inferoute.gateway.routing import RoutedRequest
 
 ACCEL_LOCATION = "@inference"
 ACCEL_RETRY_LOCATION = "@inference_retry"
@@ -56,15 +56,15 @@ def request_headers_for_decision(headers: Iterable[tuple[str, str]]) -> list[tup
 
 
 def redirect_headers(
-    decided: Decided, token: str, *, max_fallbacks: int = DEFAULT_MAX_FALLBACKS
+    routed: RoutedRequest, token: str, *, max_fallbacks: int = DEFAULT_MAX_FALLBACKS
 ) -> dict[str, str]:
-    """The headers of a redirect answer for ``decided`` (see the module table). Pure."""
-    first, *rest = decided.upstreams
+    """The headers of a redirect answer for ``routed`` (see the module table). Pure."""
+    first, *rest = routed.upstreams
     fallbacks = rest[:max_fallbacks]
-    model_header = decided.route.bbr.header_name.lower()
-    model = decided.model or ""
+    model_header = routed.route.bbr.header_name.lower()
+    model = routed.model or ""
     passed: dict[str, str] = {}
-    for name, value in decided.set_headers.items():
+    for name, value in routed.set_headers.items():
         if name.lower() == model_header:
             model = value  # BBR's value, or the picker's rewrite of it
         else:

@@ -24,7 +24,7 @@ from inferoute.gateway.config import GatewayConfig, parse_listen
 from inferoute.gateway.nginx_decider.handler import NginxDecider
 from inferoute.gateway.nginx_decider.protocol import DEFAULT_MAX_FALLBACKS
 from inferoute.gateway.nginx_decider.reports import DEFAULT_COMPLETION_TIMEOUT
-from inferoute.gateway.picker_setup import Deciders, EmbeddedFactory, start_embedded_picker
+from inferoute.gateway.picker_setup import EmbeddedFactory, RouteTable, start_embedded_picker
 from inferoute.gateway.proxy import Forwarder
 from inferoute.tasks import TaskSet
 
@@ -141,9 +141,9 @@ class DeciderServer:
 class RunningDecider:
     """A started decider with its pickers (:func:`start_decider`); :meth:`aclose` stops everything."""
 
-    def __init__(self, server: DeciderServer, deciders: Deciders, registry: CollectorRegistry) -> None:
+    def __init__(self, server: DeciderServer, route_table: RouteTable, registry: CollectorRegistry) -> None:
         self.server = server
-        self.deciders = deciders
+        self.route_table = route_table
         self.registry = registry
 
     @property
@@ -158,7 +158,7 @@ class RunningDecider:
         try:
             await self.server.aclose()
         finally:
-            await self.deciders.aclose()
+            await self.route_table.aclose()
 
 
 async def start_decider(
@@ -171,13 +171,13 @@ async def start_decider(
     max_fallbacks: int = DEFAULT_MAX_FALLBACKS,
     completion_timeout: float = DEFAULT_COMPLETION_TIMEOUT,
 ) -> RunningDecider:
-    """Build every route's :class:`RouteDecider` exactly as the gateway does (:class:`Deciders`) and serve
+    """Build every route's :class:`RequestRouter` exactly as the gateway does (:class:`RouteTable`) and serve
     them as the NGINX decider on ``listen`` (default ``cfg.listen``; port 0 picks a free one)."""
     registry = registry if registry is not None else CollectorRegistry()
     host, port = parse_listen(listen or cfg.listen)
-    deciders = await Deciders.build(cfg, registry, embedded_factory=embedded_factory, clock=clock)
+    route_table = await RouteTable.build(cfg, registry, embedded_factory=embedded_factory, clock=clock)
     decider = NginxDecider(
-        deciders.for_path,
+        route_table.for_path,
         registry=registry,
         clock=clock,
         max_fallbacks=max_fallbacks,
@@ -188,9 +188,9 @@ async def start_decider(
     try:
         await server.start()
     except BaseException:
-        await deciders.aclose()
+        await route_table.aclose()
         raise
-    return RunningDecider(server, deciders, registry)
+    return RunningDecider(server, route_table, registry)
 
 
 async def serve(cfg: GatewayConfig, listen: str | None = None) -> None:

@@ -1,4 +1,4 @@
-"""RouteDecider: every decision and failure, with an in-process picker and a fake clock (no sockets)."""
+"""RequestRouter: every decision and failure, with an in-process picker and a fake clock (no sockets)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from inferoute.epp.requestcontrol.parse import ParsedBody
 from inferoute.errors import InferouteError
 from inferoute.gateway.config import parse_config
 from inferoute.gateway.destinations import AllowList, routing_header_names
-from inferoute.gateway.routing import PickerRejected, RouteDecider
+from inferoute.gateway.routing import PickerRejected, RequestRouter
 from inferoute.picking import (
     Decision,
     Destination,
@@ -94,11 +94,11 @@ def decider(
     remote_bbr: Any = None,
     clock: FakeClock | None = None,
     cidrs: list[str] | None = None,
-) -> RouteDecider:
+) -> RequestRouter:
     cfg = parse_config({"routes": [{"path": "/", **(route or {})}]})
     r = cfg.routes[0]
     allow = AllowList(POOL, cidrs or [], extra=[r.default_upstream] if r.default_upstream else [])
-    return RouteDecider(
+    return RequestRouter(
         r,
         POOL,
         picker,
@@ -244,7 +244,7 @@ async def test_epp_disabled_routes_statically() -> None:
 
 async def test_epp_disabled_with_empty_pool_is_503() -> None:
     cfg = parse_config({"routes": [{"path": "/", "epp": {"enabled": False}}]})
-    dec = RouteDecider(cfg.routes[0], [], None, allow=AllowList([]), routing_headers=routing_header_names())
+    dec = RequestRouter(cfg.routes[0], [], None, allow=AllowList([]), routing_headers=routing_header_names())
     with pytest.raises(InferouteError) as e:
         await dec.decide("GET", "/", [], b"")
     assert (e.value.status, e.value.cause) == (503, "no-endpoints")
