@@ -147,8 +147,8 @@ class GatewayMetrics:
             "counter", p + "fail_open", "Requests routed fail-open after a picker failure.", ["route"]
         )
         # All eight families behind one collector, read at scrape time: one registry entry instead of eight.
-        # It has no ``describe`` (no registration-time name check): the ``inferoute_gateway_*`` names are fixed
-        # here and no other collector of the gateway's registry uses that prefix.
+        # It has no ``describe`` (no registration-time name check): the ``inferoute_gateway_*`` names are
+        # fixed here and no other collector of the gateway's registry uses that prefix.
         registry.register(
             FastCollector(
                 [
