@@ -5,6 +5,7 @@ absolute-form request line is routed by its path."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 from test_gw_support import ScriptedPicker, backends, gateway_config, running_gateway
@@ -72,3 +73,29 @@ async def test_client_picker_control_headers_are_stripped_unless_trusted() -> No
     assert "x-gateway-model-name" not in picker.requests[1].headers
     assert "x-gateway-model-name" not in a.requests[1]["headers"]
     assert trusted.requests[0].headers["x-llm-d-model-name-rewrite"] == "other-model"
+
+
+async def test_slow_body_gets_408_while_others_are_served() -> None:
+    """Slowloris on the body: a client announcing 100 bytes and sending 10 is answered 408 after
+    ``limits.body_read_timeout``; a well-behaved client alongside is answered at once."""
+    async with backends("a") as (a,):
+        cfg = gateway_config([a], top={"limits": {"body_read_timeout": 0.3}})
+        async with running_gateway(cfg, ScriptedPicker([a.key])) as gw, aiohttp.ClientSession() as s:
+            port = int(gw.url.rsplit(":", 1)[1])
+            slow = []
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\n0123456789"
+                )
+                slow.append((reader, writer))
+            t0 = time.monotonic()
+            async with s.post(gw.url + "/v1/completions", data=BODY) as r:
+                assert r.status == 200
+            assert time.monotonic() - t0 < 1.0
+            for reader, writer in slow:
+                head = await asyncio.wait_for(reader.readline(), 3)
+                assert b" 408 " in head
+                writer.close()
+            assert time.monotonic() - t0 < 3.0
+    assert len(a.requests) == 1

@@ -199,7 +199,14 @@ class GatewayHandler:
             )
             self._note_decision(routed, rec)
             return await self.relay.forward(request, routed, rec, streamed)
-        body = await read_body(request, route.bbr.max_body_size)
+        try:
+            async with asyncio.timeout(self._limits.body_read_timeout):
+                body = await read_body(request, route.bbr.max_body_size)
+        except TimeoutError:
+            timeout = self._limits.body_read_timeout
+            raise InferouteError(
+                408, f"request body not received within {timeout:g}s", cause="body-timeout"
+            ) from None
         rec.bytes_in = len(body)
         self._totals.bytes_in += len(body)
         # the picker sees the path as forwarded (with its query string), like Envoy's :path

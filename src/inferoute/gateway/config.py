@@ -146,6 +146,9 @@ class LimitsConfig(_Base):
     refused by the HTTP parser itself with a plain 400)."""
     max_headers: int = 100
     """Number of request header fields; more → 431."""
+    body_read_timeout: float = 60.0
+    """Seconds to receive a whole request body the gateway reads before picking; slower → 408 (a client
+    trickling its body must not hold a request slot for ever)."""
 
 
 class TimeoutsConfig(_Base):
