@@ -4,11 +4,11 @@ Each subcommand lives next to the code it runs (``inferoute/<area>/cli.py`` expo
 imported only when invoked, so ``inferoute sim`` does not pay for gRPC imports and vice versa.
 
 One error path for every subcommand (:meth:`LazyGroup.main`): a user mistake -- a bad flag value, a bad or
-missing file, a port out of range or already in use -- ends the command with exit status 1 (2 for usage
-errors) and ONE line on stderr, ``inferoute SUBCOMMAND: error: ...``, naming the flag, key or file and what
-is valid. Subcommands raise :class:`click.ClickException` (or :class:`~inferoute.errors.InferouteError`,
-whose HTTP status is never shown here); an unexpected exception prints its type and message on one line, and
-its traceback only with ``--log-level DEBUG``.
+missing file, a port out of range or already in use -- ends the command with exit status 1 (2 for usage errors
+and :class:`~inferoute.errors.ConfigError`) and ONE line on stderr, ``inferoute SUBCOMMAND: error: ...``,
+naming the flag, key or file and what is valid. Subcommands raise :class:`click.ClickException` (or
+:class:`~inferoute.errors.InferouteError`, whose HTTP status is never shown here); an unexpected exception
+prints its type and message on one line, and its traceback only with ``--log-level DEBUG``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
-from inferoute.errors import InferouteError, describe_os_error
+from inferoute.errors import ConfigError, InferouteError, describe_os_error
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -65,6 +65,8 @@ class LazyGroup(click.Group):
             _fail(exc.ctx.command_path if exc.ctx else name, exc.format_message(), exc.exit_code, hint=True)
         except click.ClickException as exc:
             _fail(_command_path(name, argv), exc.format_message(), exc.exit_code)
+        except ConfigError as exc:  # a start-up mistake in a file or option: like a bad flag
+            _fail(_command_path(name, argv), exc.message, 2)
         except InferouteError as exc:
             _fail(_command_path(name, argv), exc.message, 1)
         except OSError as exc:

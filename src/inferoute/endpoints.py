@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from inferoute.errors import InferouteError
+from inferoute.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,33 +57,31 @@ def parse_endpoints(raw: Any, where: str = "endpoints") -> list[Endpoint]:
     if raw is None:
         return []
     if not isinstance(raw, Sequence) or isinstance(raw, str | bytes):
-        raise InferouteError(500, f"{where}: expected a list of endpoints", cause="config")
+        raise ConfigError(f"{where}: expected a list of endpoints")
     out: list[Endpoint] = []
     seen: set[str] = set()
     for i, item in enumerate(raw):
         at = f"{where}[{i}]"
         if not isinstance(item, Mapping):
-            raise InferouteError(500, f"{at}: expected a mapping with name, address, port", cause="config")
+            raise ConfigError(f"{at}: expected a mapping with name, address, port")
         unknown = set(item) - {"name", "address", "port", "labels", "namespace"}
         if unknown:
-            raise InferouteError(
-                500,
-                f"{at}: unknown key(s) {sorted(unknown)}; valid: name, address, port, labels, namespace",
-                cause="config",
+            raise ConfigError(
+                f"{at}: unknown key(s) {sorted(unknown)}; valid: name, address, port, labels, namespace"
             )
         address = item.get("address")
         port = item.get("port")
         if not isinstance(address, str) or not address:
-            raise InferouteError(500, f"{at}.address: required string", cause="config")
+            raise ConfigError(f"{at}.address: required string")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-            raise InferouteError(500, f"{at}.port: required integer 1-65535", cause="config")
+            raise ConfigError(f"{at}.port: required integer 1-65535")
         name = item.get("name") or hostport(address, port)
         labels = item.get("labels") or {}
         if not isinstance(labels, Mapping):
-            raise InferouteError(500, f"{at}.labels: expected a mapping", cause="config")
+            raise ConfigError(f"{at}.labels: expected a mapping")
         ep = Endpoint(str(name), address, port, {str(k): str(v) for k, v in labels.items()})
         if ep.key in seen:
-            raise InferouteError(500, f"{at}: duplicate endpoint {ep.key}", cause="config")
+            raise ConfigError(f"{at}: duplicate endpoint {ep.key}")
         seen.add(ep.key)
         out.append(ep)
     return out

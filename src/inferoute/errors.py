@@ -89,3 +89,19 @@ def describe_os_error(exc: OSError) -> str:
         return "permission denied"
     reason = exc.strerror or str(exc)
     return f"{reason}: {exc.filename}" if exc.filename else reason
+
+
+class ConfigError(InferouteError):
+    """A mistake in a configuration file or start-up option, found before anything serves.
+
+    Its text names the key or flag and the valid choices, and never starts with an HTTP status: the
+    ``inferoute`` command prints it as one line and exits with status 2 (like a bad flag). It is an
+    :class:`InferouteError` (status 500, cause ``config``) only so that a configuration loaded while serving
+    (a reload) still maps to an error answer through the one error path.
+    """
+
+    def __init__(self, message: str) -> None:
+        InferouteError.__init__(self, 500, message, cause="config")
+
+    def __str__(self) -> str:
+        return self.message

@@ -94,13 +94,14 @@ def test_profiles_default_to_every_scheduling_plugin() -> None:
 
 def test_unknown_plugin_type_lists_valid_types() -> None:
     msg = config_error("plugins: [{type: queue-scorrer}]")
-    assert "plugins[0]" in msg and "'queue-scorrer'" in msg
+    assert msg.startswith("config: plugins[0].type: unknown plugin type 'queue-scorrer'; valid: "), msg
     assert "queue-scorer" in msg and "max-score-picker" in msg and "predicted-ttft-scorer" in msg
 
 
 def test_unknown_parameter_lists_valid_parameters() -> None:
     msg = config_error("plugins: [{type: max-score-picker, parameters: {maxEndpoints: 2}}]")
-    assert "plugins[0].parameters" in msg and "maxEndpoints" in msg and "maxNumOfEndpoints" in msg
+    assert msg.startswith("config: plugins[0].parameters: unknown parameter(s) ['maxEndpoints']"), msg
+    assert "maxNumOfEndpoints" in msg
 
 
 @pytest.mark.parametrize(
@@ -118,7 +119,10 @@ def test_unknown_parameter_lists_valid_parameters() -> None:
         ),
         ("apiVersion: v9\nplugins: []", "apiVersion"),
         ("kind: Deployment", "kind"),
-        ("plugins: []\nscheduler: {}", "unknown key(s) ['scheduler']"),
+        (
+            "plugins: []\nscheduler: {}",
+            "config: scheduler: unknown key; valid: apiVersion, kind, featureGates",
+        ),
         (
             "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: d, plugins: [{pluginRef: nope}]}]",
             "'nope' is not a defined plugin",
@@ -148,8 +152,34 @@ def test_unknown_parameter_lists_valid_parameters() -> None:
             "already has picker",
         ),
         ("schedulingProfiles: [{name: a}, {name: b}]", "exactly one live profile"),
-        ("plugins: [{type: queue-scorer, parameters: [1]}]", "parameters must be a mapping"),
-        ("plugins: {type: queue-scorer}", "plugins: expected a list"),
+        (
+            "plugins: [{type: queue-scorer, parameters: [1]}]",
+            "config: plugins[0].parameters: expected a mapping, got a list",
+        ),
+        ("plugins: {type: queue-scorer}", "config: plugins: expected a list, got a mapping"),
+        (
+            "plugins: [{type: queue-scorer, typo: 1}]",
+            "plugins[0].typo: unknown key; valid: type, name, parameters",
+        ),
+        ("plugins: [{name: x}]", "config: plugins[0].type: required"),
+        (
+            "apiVersion: v9",
+            "config: apiVersion: 'v9' is not supported; valid: inference.networking.x-k8s.io/v1alpha1",
+        ),
+        ("featureGates: [1]", "config: featureGates[0]: expected a string, got an integer"),
+        (
+            "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: d, plugins: "
+            "[{pluginRef: queue-scorer, weight: true}]}]",
+            "config: schedulingProfiles[0].plugins[0].weight: expected a number, got true or false",
+        ),
+        (
+            "schedulingProfiles: [{name: ''}]",
+            "config: schedulingProfiles[0].name: expected a string of length >= 1",
+        ),
+        (
+            "dataLayer: {sources: [{pluginRef: x, extractor: []}]}",
+            "dataLayer.sources[0].extractor: unknown key",
+        ),
         ("plugins: [{type: queue-scorer}\n", "invalid YAML"),
     ],
 )

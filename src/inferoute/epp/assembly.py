@@ -33,7 +33,7 @@ from inferoute.epp.plugin import BackgroundPlugin, PluginDeps, RequestPreparer
 from inferoute.epp.requestcontrol.director import Director, Prepared
 from inferoute.epp.scheduling.prefix import DEFAULT_LRU_CAPACITY, PrefixIndex
 from inferoute.epp.scheduling.shadow import ShadowMetrics
-from inferoute.errors import InferouteError
+from inferoute.errors import ConfigError, InferouteError
 from inferoute.picking import Decision, PickerError, PickRequest, PickSession
 from inferoute.tasks import TaskSet
 
@@ -80,16 +80,10 @@ def _config_text(opts: EppOptions) -> tuple[str | None, str]:
         try:
             return Path(opts.config_file).read_text(), opts.config_file
         except OSError as exc:
-            raise InferouteError(
-                500, f"config file {opts.config_file}: {exc.strerror or exc}", cause="config"
-            ) from exc
+            raise ConfigError(f"config file {opts.config_file}: {exc.strerror or exc}") from exc
     if opts.profile is not None:
         if opts.profile not in BUILTIN_PROFILES:
-            raise InferouteError(
-                500,
-                f"profile: unknown {opts.profile!r}; valid: {', '.join(BUILTIN_PROFILES)}",
-                cause="config",
-            )
+            raise ConfigError(f"profile: unknown {opts.profile!r}; valid: {', '.join(BUILTIN_PROFILES)}")
         return builtin_profile_text(opts.profile), f"profile {opts.profile}"
     return None, "config"
 
@@ -242,9 +236,9 @@ async def start_picker(opts: EppOptions) -> EmbeddedPicker:
     """Validate, wire and start an :class:`EmbeddedPicker` (see module docstring)."""
     text, where = _config_text(opts)
     if opts.refresh_interval <= 0:
-        raise InferouteError(500, "refresh_interval: must be > 0 seconds", cause="config")
+        raise ConfigError("refresh_interval: must be > 0 seconds")
     if opts.staleness_threshold <= 0:
-        raise InferouteError(500, "staleness_threshold: must be > 0 seconds", cause="config")
+        raise ConfigError("staleness_threshold: must be > 0 seconds")
     metrics = EppMetrics(opts.registry)
     learned: LearnedState = opts.learned or LocalLearnedState(PrefixIndex(DEFAULT_LRU_CAPACITY))
     deps = PluginDeps(learned=learned, clock=opts.clock, seed=opts.seed)
@@ -264,9 +258,7 @@ async def start_picker(opts: EppOptions) -> EmbeddedPicker:
     elif opts.endpoints is not None:
         source = StaticSource(opts.endpoints)
     else:
-        raise InferouteError(
-            500, "endpoints: give a static list (endpoints) or a file (endpoints_file)", cause="config"
-        )
+        raise ConfigError("endpoints: give a static list (endpoints) or a file (endpoints_file)")
     datastore = Datastore(
         opts.clock, staleness=opts.staleness_threshold, default_engine=config.default_engine
     )

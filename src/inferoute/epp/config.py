@@ -1,4 +1,5 @@
-"""``EndpointPickerConfig``: GIE's picker configuration file, loaded into a ready :class:`PickerConfig`.
+"""``EndpointPickerConfig``: GIE's picker configuration file, validated into msgspec structs, then built into
+a ready :class:`PickerConfig`.
 
 Accepted shape (``apiVersion: inference.networking.x-k8s.io/v1alpha1`` or ``llm-d.ai/v1alpha1``)::
 
@@ -12,10 +13,19 @@ Accepted shape (``apiVersion: inference.networking.x-k8s.io/v1alpha1`` or ``llm-
     objectives:         [{name, priority}]                   # inferoute: InferenceObjectives in the YAML
     modelRewrites:      [{name, rules: [{matches, targets}]}] # inferoute: InferenceModelRewrites in the YAML
 
+Two steps, so that each mistake is reported where it is: :class:`EndpointPickerConfig` (msgspec) checks the
+shape -- unknown keys, missing keys, wrong types -- and its errors are rewritten to name the exact key path
+and the valid keys or values; then :func:`parse_config` checks meaning -- plugin types, references between
+plugins, weights -- the same way. Every mistake raises :class:`~inferoute.errors.ConfigError` whose text is
+``<source>: <key path>: <what is wrong>; valid: ...``, e.g. ``config: plugins[0].type: unknown plugin type
+'queue-scorr'; valid: ...``. The ``flowControl``, ``objectives`` and ``modelRewrites`` sections are kept raw
+here and parsed by the layer that owns them.
+
 Rules (GIE's): without ``schedulingProfiles`` one ``default`` profile references every scorer and picker; a
 profile without a picker gets ``max-score-picker``; a scorer without a weight gets 1 (the engine itself always
-requires an explicit positive weight). Every mistake raises :class:`~inferoute.errors.InferouteError`
-(cause ``config``) naming the key and the valid choices.
+requires an explicit positive weight). Exactly one profile is live; profiles named ``shadow``/``shadow-*``
+run beside it (dark launch). Flow control's section is handed to
+:func:`~inferoute.epp.flowcontrol.config.parse_flow_control` when ``featureGates`` enables it.
 
 Built-in profiles (``src/inferoute/epp/profiles/*.yaml``): ``gie-default`` (the default when no config is
 given: queue 2, kv-cache 2, prefix 3), ``predicted-ttft``, ``round-robin``, ``random``, ``precise``.
@@ -24,11 +34,14 @@ given: queue 2, kv-cache 2, prefix 3), ``predicted-ttft``, ``round-robin``, ``ra
 from __future__ import annotations
 
 import logging
+import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import yaml
 
 from inferoute.epp.datalayer.plugins import CoreMetricsExtractor, MetricsDataSource
@@ -54,21 +67,68 @@ from inferoute.epp.scheduling.types import Filter, PickerPlugin, PrefixSettings,
 log = logging.getLogger(__name__)
 
 API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
-TOP_KEYS = (
-    "apiVersion",
-    "kind",
-    "featureGates",
-    "plugins",
-    "schedulingProfiles",
-    "saturationDetector",
-    "dataLayer",
-    "data",
-    "flowControl",
-    "parser",
-    "objectives",
-    "modelRewrites",
-)
 BUILTIN_PROFILES = ("gie-default", "predicted-ttft", "round-robin", "random", "precise")
+DEFAULT_CONFIG_NAME = "gie-default"
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _Spec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A section of the file: unknown keys are errors."""
+
+
+class PluginSpec(_Spec):
+    type: str
+    name: str | None = None
+    """Defaults to ``type``."""
+    parameters: dict[str, Any] | None = None
+    """Read by the plugin's factory through :class:`~inferoute.epp.plugin.Params`."""
+
+
+class ProfilePluginRef(_Spec):
+    pluginRef: str
+    weight: float | None = None
+    """Scorers only; 1 when absent."""
+
+
+class SchedulingProfileSpec(_Spec):
+    name: NonEmpty
+    plugins: list[ProfilePluginRef] = []
+
+
+class PluginRef(_Spec):
+    pluginRef: str
+
+
+class DataSourceSpec(_Spec):
+    pluginRef: str
+    extractors: list[PluginRef] = []
+
+
+class DataLayerSpec(_Spec):
+    sources: list[DataSourceSpec] = []
+    discovery: Any = None
+
+
+class EndpointPickerConfig(_Spec):
+    """The file as written (shape only; :func:`parse_config` checks what it means)."""
+
+    apiVersion: Literal["inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1"] | None = None
+    kind: Literal["EndpointPickerConfig"] | None = None
+    featureGates: list[str] = []
+    plugins: list[PluginSpec] = []
+    schedulingProfiles: list[SchedulingProfileSpec] = []
+    dataLayer: DataLayerSpec | None = None
+    data: DataLayerSpec | None = None
+    """The older name of ``dataLayer``."""
+    saturationDetector: PluginRef | None = None
+    parser: PluginRef | None = None
+    flowControl: dict[str, Any] | None = None
+    """Raw: :mod:`inferoute.epp.flowcontrol.config` parses it (see :attr:`PickerConfig.flow_control`)."""
+    objectives: Any = None
+    """Raw: :func:`~inferoute.epp.requestcontrol.store.load_objectives` parses it."""
+    modelRewrites: Any = None
+    """Raw: :func:`~inferoute.epp.requestcontrol.store.load_rewrites` parses it."""
 
 
 def builtin_profile_text(name: str) -> str:
@@ -76,9 +136,6 @@ def builtin_profile_text(name: str) -> str:
     if name not in BUILTIN_PROFILES:
         raise config_error(f"unknown built-in profile {name!r}; valid: {', '.join(BUILTIN_PROFILES)}")
     return resources.files("inferoute.epp.profiles").joinpath(f"{name}.yaml").read_text()
-
-
-DEFAULT_CONFIG_NAME = "gie-default"
 
 
 @dataclass(slots=True)
@@ -106,49 +163,232 @@ class PickerConfig:
     """Flow control's engine config when the ``flowControl`` feature gate is on (None: legacy admission)."""
 
 
-def _mapping(value: Any, where: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise config_error(f"{where}: expected a mapping")
-    return value
+# ------------------------------------------------------------------------------------------ shape errors
+
+_TYPE_NAMES = {
+    "object": "a mapping",
+    "array": "a list",
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "null": "nothing",
+}
+_TOKEN = re.compile(r"\.?([A-Za-z_]\w*)|\[(\d+)\]")
 
 
-def _list(value: Any, where: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise config_error(f"{where}: expected a list")
-    return value
+def _type_at(root: Any, path: str) -> Any:
+    """The declared type at a msgspec error path (``plugins[0].type``), or None when it cannot be told."""
+    tp = root
+    for name, _index in _TOKEN.findall(path):
+        tp = _unwrap(tp)
+        if name:
+            hints = typing.get_type_hints(tp) if isinstance(tp, type) else {}
+            tp = hints.get(name)
+        elif typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        else:
+            return None
+    return _unwrap(tp)
 
 
-def _check_keys(m: Mapping[str, Any], valid: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(m) - set(valid))
-    if unknown:
-        raise config_error(f"{where}: unknown key(s) {unknown}; valid: {', '.join(valid)}")
+def _unwrap(tp: Any) -> Any:
+    """``X | None`` -> X; ``Annotated[X, ...]`` -> X."""
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, type(int | None)) and len(args) == 1:
+        return _unwrap(args[0])
+    return tp
 
 
-def _ref(m: Any, where: str, plugins: Mapping[str, object]) -> object:
-    m = _mapping(m, where)
-    _check_keys(m, ("pluginRef", "extractors", "weight"), where)
-    ref = m.get("pluginRef")
-    if not isinstance(ref, str) or ref not in plugins:
+def _keys_of(tp: Any) -> str:
+    return ", ".join(f.name for f in msgspec.structs.fields(tp)) if isinstance(tp, type) else "(unknown)"
+
+
+def explain(exc: msgspec.ValidationError, root: Any = EndpointPickerConfig) -> str:
+    """A msgspec validation error as ``<key path>: <what is wrong>; valid: ...``."""
+    found = re.fullmatch(r"(?s)(.*?)(?: - at `\$(.*)`)?", str(exc))
+    assert found is not None  # the pattern matches any text
+    what, path = found.group(1), (found.group(2) or "").lstrip(".")
+    if m := re.fullmatch(r"Object contains unknown field `(.+)`", what):
+        key = f"{path}.{m.group(1)}" if path else m.group(1)
+        return f"{key}: unknown key; valid: {_keys_of(_type_at(root, path))}"
+    if m := re.fullmatch(r"Object missing required field `(.+)`", what):
+        return f"{path}.{m.group(1)}: required" if path else f"{m.group(1)}: required"
+    where = path or "(top level)"
+    if m := re.fullmatch(r"Invalid enum value (.+)", what):
+        choices = [a for a in typing.get_args(_type_at(root, path)) if isinstance(a, str)]
+        return f"{where}: {m.group(1)} is not supported; valid: {', '.join(choices)}"
+    if m := re.fullmatch(r"Expected `([\w |]+)`(.*), got `(\w+)`", what):
+        expected, rest, got = m.groups()
+        wanted = " or ".join(_TYPE_NAMES.get(t, t) for t in expected.split(" | ") if t != "null")
+        return f"{where}: expected {wanted}{rest}, got {_TYPE_NAMES.get(got, got)}"
+    if m := re.fullmatch(r"Expected `(\w+)`(.*)", what):  # a constraint (length, range) not met
+        return f"{where}: expected {_TYPE_NAMES.get(m.group(1), m.group(1))}{m.group(2)}"
+    return f"{where}: {what}"
+
+
+def load_document(text: str, source: str) -> EndpointPickerConfig:
+    """YAML text -> :class:`EndpointPickerConfig`, or a ConfigError naming the key."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise config_error(f"{source}: invalid YAML: {exc}") from exc
+    if doc is None:
+        doc = {}
+    try:
+        return msgspec.convert(doc, EndpointPickerConfig)
+    except msgspec.ValidationError as exc:
+        raise config_error(f"{source}: {explain(exc)}") from exc
+
+
+# ------------------------------------------------------------------------------------------ meaning
+
+
+def _plugins(
+    spec: EndpointPickerConfig, registry: PluginRegistry, deps: PluginDeps, source: str
+) -> dict[str, object]:
+    """Every plugin of ``plugins:``, instantiated, by name."""
+    plugins: dict[str, object] = {}
+    for i, item in enumerate(spec.plugins):
+        where = f"{source}: plugins[{i}]"
+        registry.spec(item.type, f"{where}.type")
+        name = item.name or item.type
+        if name in plugins:
+            raise config_error(f"{where}.name: duplicate plugin name {name!r}")
+        plugins[name] = registry.create(item.type, name, Params(item.parameters, f"{where}.parameters"), deps)
+    for plugin in plugins.values():
+        if isinstance(plugin, PluginBinder):
+            plugin.bind(plugins)
+    return plugins
+
+
+def _lookup(ref: str, where: str, plugins: Mapping[str, object]) -> object:
+    if ref not in plugins:
         raise config_error(
             f"{where}.pluginRef: {ref!r} is not a defined plugin; defined: {', '.join(plugins) or '(none)'}"
         )
     return plugins[ref]
 
 
-def _detector(doc: Mapping[str, Any], plugins: Mapping[str, object], source: str) -> SaturationDetector:
+def _profile(
+    spec: SchedulingProfileSpec,
+    where: str,
+    plugins: Mapping[str, object],
+    registry: PluginRegistry,
+    deps: PluginDeps,
+    observer: ObserverFactory,
+) -> SchedulerProfile:
+    filters: list[Filter] = []
+    scorers: list[WeightedScorer] = []
+    picker: PickerPlugin | None = None
+    for j, ref in enumerate(spec.plugins):
+        rwhere = f"{where}.plugins[{j}]"
+        plugin = _lookup(ref.pluginRef, rwhere, plugins)
+        if isinstance(plugin, Scorer):
+            weight = 1.0 if ref.weight is None else ref.weight
+            if not weight > 0:
+                raise config_error(f"{rwhere}.weight: expected a positive number, got {ref.weight!r}")
+            scorers.append(WeightedScorer(plugin, weight))
+        elif ref.weight is not None:
+            raise config_error(f"{rwhere}.weight: only scorers take a weight")
+        elif isinstance(plugin, PickerPlugin):
+            if picker is not None:
+                raise config_error(f"{rwhere}: profile {spec.name} already has picker {picker.name}")
+            picker = plugin
+        elif isinstance(plugin, Filter):
+            filters.append(plugin)
+        else:
+            raise config_error(
+                f"{rwhere}.pluginRef: {ref.pluginRef!r} is not a filter, scorer or picker; valid "
+                f"scheduling types: {', '.join(registry.types('scorer') + registry.types('picker'))}"
+            )
+    if picker is None:
+        mp = registry.create("max-score-picker", "max-score-picker", Params({}, f"{where}.picker"), deps)
+        assert isinstance(mp, PickerPlugin)
+        picker = mp
+    return SchedulerProfile(spec.name, filters, scorers, picker, observer=observer)
+
+
+def _scheduler(
+    spec: EndpointPickerConfig,
+    plugins: Mapping[str, object],
+    registry: PluginRegistry,
+    deps: PluginDeps,
+    observer: ObserverFactory,
+    source: str,
+) -> Scheduler:
+    specs = spec.schedulingProfiles or [
+        SchedulingProfileSpec(
+            name="default",
+            plugins=[
+                ProfilePluginRef(pluginRef=n)
+                for n, p in plugins.items()
+                if isinstance(p, Scorer | PickerPlugin | Filter)
+            ],
+        )
+    ]
+    profiles = [
+        _profile(p, f"{source}: schedulingProfiles[{i}]", plugins, registry, deps, observer)
+        for i, p in enumerate(specs)
+    ]
+    live = [p.name for p in profiles if not is_shadow(p.name)]
+    if len(live) != 1:
+        raise config_error(
+            f"{source}: schedulingProfiles: single-profile-handler runs exactly one live profile, got "
+            f"{len(live)} ({', '.join(live) or 'none'}); name the others shadow or shadow-* to dark-launch "
+            "them"
+        )
+    return Scheduler(profiles)
+
+
+def _prefix_settings(plugins: Mapping[str, object]) -> PrefixSettings:
+    """The producer's settings, else a prefix scorer's own parameters, else the defaults."""
+    for p in plugins.values():
+        if isinstance(p, PrefixProducer):
+            return p.settings
+    for p in plugins.values():
+        if isinstance(p, PrefixCacheScorer) and p.settings:
+            return p.settings
+    return PrefixSettings()
+
+
+def _data_layer(cfg: PickerConfig, spec: EndpointPickerConfig, plugins: Mapping[str, object]) -> None:
+    """How to scrape: the referenced (else the declared) metrics data source and core metrics extractor."""
+    key, layer = ("dataLayer", spec.dataLayer) if spec.dataLayer is not None else ("data", spec.data)
+    sources = [p for p in plugins.values() if isinstance(p, MetricsDataSource)]
+    extractors = [p for p in plugins.values() if isinstance(p, CoreMetricsExtractor)]
+    for k, src in enumerate(layer.sources if layer else []):
+        where = f"{cfg.source}: {key}.sources[{k}]"
+        plugin = _lookup(src.pluginRef, where, plugins)
+        if not isinstance(plugin, MetricsDataSource):
+            raise config_error(f"{where}.pluginRef: expected a metrics-data-source")
+        sources = [plugin]
+        for m, ex in enumerate(src.extractors):
+            e = _lookup(ex.pluginRef, f"{where}.extractors[{m}]", plugins)
+            if not isinstance(e, CoreMetricsExtractor):
+                raise config_error(f"{where}.extractors[{m}].pluginRef: expected a core-metrics-extractor")
+            extractors = [e]
+    if sources:
+        cfg.metrics_scheme, cfg.metrics_path = sources[0].scheme, sources[0].path
+        cfg.metrics_insecure = sources[0].insecure_skip_verify
+    if extractors:
+        cfg.default_engine = extractors[0].default_engine
+
+
+def _detector(spec: EndpointPickerConfig, plugins: Mapping[str, object], source: str) -> SaturationDetector:
     """The saturation detector: ``flowControl.saturationDetector`` (also used with the gate off, as in the
     reference), else the deprecated top-level ``saturationDetector``, else a defined detector plugin, else
     a default ``utilization-detector``."""
-    fc = _mapping(doc.get("flowControl"), f"{source}.flowControl")
-    where, ref = f"{source}.flowControl.saturationDetector", fc.get("saturationDetector")
-    if ref is None:
-        where, ref = f"{source}.saturationDetector", doc.get("saturationDetector")
+    fc = spec.flowControl or {}
+    where, ref = f"{source}: flowControl.saturationDetector", fc.get("saturationDetector")
+    if ref is None and spec.saturationDetector is not None:
+        where, ref = f"{source}: saturationDetector", {"pluginRef": spec.saturationDetector.pluginRef}
     if ref is not None:
-        name = _mapping(ref, where).get("pluginRef")
+        if not isinstance(ref, Mapping):
+            raise config_error(f"{where}: expected a mapping, got {ref!r}")
+        name = ref.get("pluginRef")
         d = plugins.get(name) if isinstance(name, str) and name in plugins else None
         if d is None:
             d = create_default(name if isinstance(name, str) else "", f"{where}.pluginRef")
@@ -159,6 +399,15 @@ def _detector(doc: Mapping[str, Any], plugins: Mapping[str, object], source: str
         if isinstance(p, DETECTORS):
             return p
     return UtilizationDetector()
+
+
+def _flow_control(cfg: PickerConfig, source: str) -> None:
+    """The one hook for flow control: its raw section goes to its own parser when the gate is on."""
+    if gate_enabled(cfg.feature_gates):
+        cfg.flow = parse_flow_control(cfg.flow_control, cfg.plugins, f"{source}: flowControl")
+        cfg.saturation = cfg.flow.detector
+    elif cfg.flow_control:
+        log.warning("%s: flowControl is ignored (featureGates does not enable flowControl)", source)
 
 
 def parse_config(
@@ -174,137 +423,20 @@ def parse_config(
     if text is None or not text.strip():
         text = builtin_profile_text(DEFAULT_CONFIG_NAME)
         source = f"built-in {DEFAULT_CONFIG_NAME}"
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise config_error(f"{source}: invalid YAML: {exc}") from exc
-    doc = _mapping(doc, source)
-    _check_keys(doc, TOP_KEYS, source)
-    api = doc.get("apiVersion")
-    if api is not None and api not in API_VERSIONS:
-        raise config_error(f"{source}.apiVersion: {api!r} is not supported; valid: {', '.join(API_VERSIONS)}")
-    kind = doc.get("kind")
-    if kind is not None and kind != "EndpointPickerConfig":
-        raise config_error(f"{source}.kind: {kind!r}; valid: EndpointPickerConfig")
-
-    # 1. instantiate every plugin
-    plugins: dict[str, object] = {}
-    for i, item in enumerate(_list(doc.get("plugins"), f"{source}.plugins")):
-        where = f"{source}.plugins[{i}]"
-        item = _mapping(item, where)
-        _check_keys(item, ("type", "name", "parameters"), where)
-        type_name = item.get("type")
-        if not isinstance(type_name, str):
-            raise config_error(f"{where}.type: required; valid: {', '.join(registry.types())}")
-        name = item.get("name") or type_name
-        if not isinstance(name, str):
-            raise config_error(f"{where}.name: expected a string")
-        if name in plugins:
-            raise config_error(f"{where}.name: duplicate plugin name {name!r}")
-        params = Params(item.get("parameters"), f"{where}.parameters")
-        plugins[name] = registry.create(type_name, name, params, deps)
-    for plugin in plugins.values():
-        if isinstance(plugin, PluginBinder):
-            plugin.bind(plugins)
-
-    # 2. profiles
-    raw_profiles = _list(doc.get("schedulingProfiles"), f"{source}.schedulingProfiles")
-    if not raw_profiles:
-        refs = [{"pluginRef": n} for n, p in plugins.items() if isinstance(p, Scorer | PickerPlugin | Filter)]
-        raw_profiles = [{"name": "default", "plugins": refs}]
-    profiles: list[SchedulerProfile] = []
-    for i, raw in enumerate(raw_profiles):
-        where = f"{source}.schedulingProfiles[{i}]"
-        raw = _mapping(raw, where)
-        _check_keys(raw, ("name", "plugins"), where)
-        pname = raw.get("name")
-        if not isinstance(pname, str) or not pname:
-            raise config_error(f"{where}.name: required string")
-        filters: list[Filter] = []
-        scorers: list[WeightedScorer] = []
-        picker: PickerPlugin | None = None
-        for j, ref in enumerate(_list(raw.get("plugins"), f"{where}.plugins")):
-            rwhere = f"{where}.plugins[{j}]"
-            plugin = _ref(ref, rwhere, plugins)
-            weight = ref.get("weight")
-            if isinstance(plugin, Scorer):
-                if weight is None:
-                    weight = 1.0
-                if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
-                    raise config_error(f"{rwhere}.weight: expected a positive number, got {weight!r}")
-                scorers.append(WeightedScorer(plugin, float(weight)))
-            elif weight is not None:
-                raise config_error(f"{rwhere}.weight: only scorers take a weight")
-            elif isinstance(plugin, PickerPlugin):
-                if picker is not None:
-                    raise config_error(f"{rwhere}: profile {pname} already has picker {picker.name}")
-                picker = plugin
-            elif isinstance(plugin, Filter):
-                filters.append(plugin)
-            else:
-                raise config_error(
-                    f"{rwhere}.pluginRef: {ref.get('pluginRef')!r} is not a filter, scorer or picker; valid "
-                    f"scheduling types: {', '.join(registry.types('scorer') + registry.types('picker'))}"
-                )
-        if picker is None:
-            mp = registry.create("max-score-picker", "max-score-picker", Params({}, f"{where}.picker"), deps)
-            assert isinstance(mp, PickerPlugin)
-            picker = mp
-        profiles.append(SchedulerProfile(pname, filters, scorers, picker, observer=observer))
-    live = [p.name for p in profiles if not is_shadow(p.name)]
-    if len(live) != 1:
-        raise config_error(
-            f"{source}.schedulingProfiles: single-profile-handler runs exactly one live profile, got "
-            f"{len(live)} ({', '.join(live) or 'none'}); name the others shadow or shadow-* to dark-launch "
-            "them"
-        )
-
-    # 3. prefix settings: the producer's, else a prefix scorer's own parameters, else defaults
-    prefix = PrefixSettings()
-    producers = [p for p in plugins.values() if isinstance(p, PrefixProducer)]
-    scorer_settings = [
-        p.settings for p in plugins.values() if isinstance(p, PrefixCacheScorer) and p.settings
-    ]
-    if producers:
-        prefix = producers[0].settings
-    elif scorer_settings:
-        prefix = scorer_settings[0]
-
-    # 4. data layer and saturation detector
-    cfg = PickerConfig(Scheduler(profiles), prefix)
-    dl_key = "dataLayer" if "dataLayer" in doc else "data"
-    data_layer = _mapping(doc.get(dl_key), f"{source}.{dl_key}")
-    _check_keys(data_layer, ("sources", "discovery"), f"{source}.{dl_key}")
-    sources = [p for p in plugins.values() if isinstance(p, MetricsDataSource)]
-    extractors = [p for p in plugins.values() if isinstance(p, CoreMetricsExtractor)]
-    for k, src in enumerate(_list(data_layer.get("sources"), f"{source}.{dl_key}.sources")):
-        swhere = f"{source}.{dl_key}.sources[{k}]"
-        plugin = _ref(src, swhere, plugins)
-        if not isinstance(plugin, MetricsDataSource):
-            raise config_error(f"{swhere}.pluginRef: expected a metrics-data-source")
-        sources = [plugin]
-        for m, ex in enumerate(_list(src.get("extractors"), f"{swhere}.extractors")):
-            e = _ref(ex, f"{swhere}.extractors[{m}]", plugins)
-            if not isinstance(e, CoreMetricsExtractor):
-                raise config_error(f"{swhere}.extractors[{m}].pluginRef: expected a core-metrics-extractor")
-            extractors = [e]
-    if sources:
-        cfg.metrics_scheme, cfg.metrics_path = sources[0].scheme, sources[0].path
-        cfg.metrics_insecure = sources[0].insecure_skip_verify
-    if extractors:
-        cfg.default_engine = extractors[0].default_engine
-    cfg.saturation = _detector(doc, plugins, source)
-    gates = _list(doc.get("featureGates"), f"{source}.featureGates")
-    cfg.feature_gates = tuple(str(g) for g in gates)
-    load_objectives(cfg.store, doc.get("objectives"), f"{source}.objectives")
-    load_rewrites(cfg.store, doc.get("modelRewrites"), f"{source}.modelRewrites")
-    if "flowControl" in doc:
-        cfg.flow_control = _mapping(doc.get("flowControl"), f"{source}.flowControl")
-    if gate_enabled(cfg.feature_gates):
-        cfg.flow = parse_flow_control(cfg.flow_control, plugins, f"{source}.flowControl")
-        cfg.saturation = cfg.flow.detector
-    elif cfg.flow_control:
-        log.warning("%s: flowControl is ignored (featureGates does not enable flowControl)", source)
-    cfg.plugins, cfg.source = plugins, source
+    spec = load_document(text, source)
+    plugins = _plugins(spec, registry, deps, source)
+    cfg = PickerConfig(
+        _scheduler(spec, plugins, registry, deps, observer, source),
+        _prefix_settings(plugins),
+        feature_gates=tuple(spec.featureGates),
+        flow_control=spec.flowControl,
+        plugins=plugins,
+        source=source,
+    )
+    _data_layer(cfg, spec, plugins)
+    cfg.saturation = _detector(spec, plugins, source)
+    load_objectives(cfg.store, spec.objectives, f"{source}: objectives")
+    load_rewrites(cfg.store, spec.modelRewrites, f"{source}: modelRewrites")
+    _flow_control(cfg, source)
     cfg.admitters = [p for p in plugins.values() if isinstance(p, LatencySloAdmitter)]
     return cfg

@@ -13,11 +13,12 @@ from typing import Any, Protocol, runtime_checkable
 from inferoute.clock import Clock
 from inferoute.endpoints import Endpoint
 from inferoute.epp.learned import LearnedState
-from inferoute.errors import InferouteError
+from inferoute.errors import ConfigError
 
 
-def config_error(message: str) -> InferouteError:
-    return InferouteError(500, message, cause="config")
+def config_error(message: str) -> ConfigError:
+    """The error for a configuration mistake; ``message`` starts with the key path (``plugins[0].type:``)."""
+    return ConfigError(message)
 
 
 class Params:

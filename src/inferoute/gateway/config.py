@@ -20,7 +20,7 @@ import msgspec
 import yaml
 
 from inferoute.endpoints import Endpoint, hostport, parse_endpoints, split_hostport
-from inferoute.errors import InferouteError
+from inferoute.errors import ConfigError, InferouteError
 from inferoute.picking import DESTINATION_HEADER
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -202,12 +202,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT``) → (host, port); port 0 means "pick a free one"."""
     host, port = split_hostport(value)
     if port is None or not 0 <= port < 65536:
-        raise InferouteError(500, f"listen: expected HOST:PORT, got {value!r}", cause="config")
+        raise ConfigError(f"listen: expected HOST:PORT, got {value!r}")
     return host or "0.0.0.0", port
 
 
 def _fail(message: str) -> InferouteError:
-    return InferouteError(500, message, cause="config")
+    return ConfigError(message)
 
 
 def _check_target(where: str, value: str | None, allow_embedded: bool) -> None:

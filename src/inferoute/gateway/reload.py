@@ -33,7 +33,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter
 
 from inferoute.clock import Clock
-from inferoute.errors import InferouteError
+from inferoute.errors import ConfigError, InferouteError
 from inferoute.gateway.config import EMBEDDED, GatewayConfig, load_config
 from inferoute.gateway.picker_setup import EmbeddedFactory, RouteTable
 from inferoute.tasks import TaskSet
@@ -75,10 +75,8 @@ class Reloader:
             )
         kept = current.embedded if uses_embedded(cfg) else None
         if kept is not None and (cfg.picker, cfg.pool) != (current.cfg.picker, current.cfg.pool):
-            raise InferouteError(
-                500,
-                "config reload: the embedded picker's settings (picker, pool) changed; restart the gateway",
-                cause="config",
+            raise ConfigError(
+                "config reload: the embedded picker's settings (picker, pool) changed; restart the gateway"
             )
         new = await RouteTable.build(
             cfg, self._registry, embedded_factory=self._factory, clock=self._clock, embedded=kept

@@ -27,7 +27,7 @@ from lightkube.generic_resource import create_namespaced_resource
 from inferoute.epp.datalayer.kubernetes import POOL_GROUP
 from inferoute.epp.datalayer.kubernetes_watch import Backoff, ListWatch
 from inferoute.epp.requestcontrol.store import RequestControlStore, RewriteRule, parse_rule
-from inferoute.errors import InferouteError
+from inferoute.errors import ConfigError, InferouteError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def rewrite_records(objects: Iterable[tuple[str, Mapping[str, Any]]], pool: str)
         try:
             raw = (obj.get("spec") or {}).get("rules")
             if not isinstance(raw, list) or not raw:
-                raise InferouteError(500, f"{key}: spec.rules: expected a non-empty list", cause="config")
+                raise ConfigError(f"{key}: spec.rules: expected a non-empty list")
             rules = tuple(parse_rule(r, f"{key}: spec.rules[{i}]") for i, r in enumerate(raw))
         except InferouteError as exc:
             log.error("InferenceModelRewrite ignored: %s", exc.message)

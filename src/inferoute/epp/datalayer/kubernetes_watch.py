@@ -43,7 +43,7 @@ from inferoute.epp.datalayer.kubernetes import (
     pod_info,
     pool_endpoints,
 )
-from inferoute.errors import InferouteError
+from inferoute.errors import ConfigError as StartupConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,12 @@ def load_kube_config(kubeconfig: str | None = None) -> KubeConfig:
             return KubeConfig.from_file(kubeconfig)
         return KubeConfig.from_env()
     except ConfigError as exc:
-        raise InferouteError(
-            500,
+        raise StartupConfigError(
             "no Kubernetes cluster configuration: not in a pod with a service account, and "
-            f"{kubeconfig or 'KUBECONFIG / ~/.kube/config'} is missing or unusable ({exc})",
-            cause="config",
+            f"{kubeconfig or 'KUBECONFIG / ~/.kube/config'} is missing or unusable ({exc})"
         ) from exc
     except (OSError, ValueError, KeyError) as exc:
-        raise InferouteError(
-            500, f"Kubernetes configuration {kubeconfig or 'KUBECONFIG'}: {exc}", cause="config"
-        ) from exc
+        raise StartupConfigError(f"Kubernetes configuration {kubeconfig or 'KUBECONFIG'}: {exc}") from exc
 
 
 def api_status(exc: BaseException) -> tuple[int, str] | None:

@@ -15,7 +15,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 
-from inferoute.errors import InferouteError
+from inferoute.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +131,7 @@ def engine_for(name: str) -> EngineMapping:
     try:
         return ENGINES[name]
     except KeyError:
-        raise InferouteError(
-            500, f"unknown engine {name!r}; valid: {', '.join(sorted(ENGINES))}", cause="config"
-        ) from None
+        raise ConfigError(f"unknown engine {name!r}; valid: {', '.join(sorted(ENGINES))}") from None
 
 
 _LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import yaml
 
 from inferoute.endpoints import Endpoint, parse_endpoints
-from inferoute.errors import InferouteError
+from inferoute.errors import ConfigError, InferouteError
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +54,24 @@ def parse_endpoints_document(doc: Any, where: str) -> list[Endpoint]:
             return parse_endpoints(doc["pool"].get("endpoints"), f"{where}: pool.endpoints")
         unknown = set(doc) - {"endpoints"}
         if unknown:
-            raise InferouteError(
-                500, f"{where}: unknown key(s) {sorted(unknown)}; valid: endpoints, pool", cause="config"
-            )
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid: endpoints, pool")
         return parse_endpoints(doc.get("endpoints"), f"{where}: endpoints")
     if isinstance(doc, list):
         return parse_endpoints(doc, f"{where}: endpoints")
     if doc is None:
         return []
-    raise InferouteError(500, f"{where}: expected a mapping with an 'endpoints' list", cause="config")
+    raise ConfigError(f"{where}: expected a mapping with an 'endpoints' list")
 
 
 def load_endpoints_file(path: Path) -> list[Endpoint]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise InferouteError(500, f"endpoints file {path}: {exc.strerror or exc}", cause="config") from exc
+        raise ConfigError(f"endpoints file {path}: {exc.strerror or exc}") from exc
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InferouteError(500, f"endpoints file {path}: invalid YAML: {exc}", cause="config") from exc
+        raise ConfigError(f"endpoints file {path}: invalid YAML: {exc}") from exc
     return parse_endpoints_document(doc, f"endpoints file {path}")
 
 

@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inferoute.epp.serving import h2server as h2s
 from inferoute.epp.serving.h2server import GrpcAbort
-from inferoute.errors import InferouteError, describe_os_error, error_body
+from inferoute.errors import ConfigError, InferouteError, describe_os_error, error_body
 from inferoute.extproc import messages as m
 from inferoute.picking import (
     DESTINATION_HEADER,
@@ -562,18 +562,16 @@ class EppServer:
 
     @classmethod
     async def start(cls, picker: Picker, opts: ServerOptions, registry: CollectorRegistry) -> EppServer:
-        """Bind and start; raises InferouteError(500, cause="bind") when a port is taken."""
+        """Bind and start; raises ConfigError(cause="bind") when a port is taken."""
         if opts.transport not in TRANSPORTS:
-            raise InferouteError(
-                500, f"transport {opts.transport!r}: choose one of {', '.join(TRANSPORTS)}", cause="config"
-            )
+            raise InferouteError(500, f"transport {opts.transport!r}: choose one of {', '.join(TRANSPORTS)}")
         metrics = ExtProcMetrics(registry)
         health = HealthServicer(picker_readiness(picker))
         servicer = ExtProcServicer(picker, metrics, destination_header=opts.destination_header)
         if opts.transport == "h2":
             return await cls._start_h2(servicer, health, opts, metrics)
         if opts.client_ca is not None:
-            raise InferouteError(500, "client certificates (mTLS) need the h2 transport", cause="config")
+            raise ConfigError("client certificates (mTLS) need the h2 transport")
         main = grpc.aio.server(options=_grpc_options(opts.max_message_bytes))
         ext_grpc.add_ExternalProcessorServicer_to_server(servicer, main)
         health_pb2_grpc.add_HealthServicer_to_server(health, main)
