@@ -562,9 +562,9 @@ class EppServer:
 
     @classmethod
     async def start(cls, picker: Picker, opts: ServerOptions, registry: CollectorRegistry) -> EppServer:
-        """Bind and start; raises ConfigError(cause="bind") when a port is taken."""
+        """Bind and start; raises InferouteError(500, cause="bind") when a port is taken."""
         if opts.transport not in TRANSPORTS:
-            raise InferouteError(500, f"transport {opts.transport!r}: choose one of {', '.join(TRANSPORTS)}")
+            raise ConfigError(f"transport {opts.transport!r}: choose one of {', '.join(TRANSPORTS)}")
         metrics = ExtProcMetrics(registry)
         health = HealthServicer(picker_readiness(picker))
         servicer = ExtProcServicer(picker, metrics, destination_header=opts.destination_header)
