@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trustme
+from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from inferoute.epp.serving.server import EppServer, ServerOptions
@@ -199,9 +201,14 @@ async def test_client_cert_and_reload_of_ca_file(tmp_path: Path) -> None:
 
 
 async def test_self_signed_default_serves_tls(tmp_path: Path) -> None:
-    server = await _start(RecordingPicker(PODS))  # no cert path, not insecure: generated certificate
+    """No cert path and not insecure: the server answers a TLS handshake with a self-signed certificate (a
+    test that could pass with nothing listening would only check that plaintext fails)."""
+    server = await _start(RecordingPicker(PODS))
     plaintext = GrpcPicker(ChannelOptions(f"127.0.0.1:{server.grpc_port}", tls=False), timeout_ms=3000)
     try:
+        pem = await asyncio.to_thread(ssl.get_server_certificate, ("127.0.0.1", server.grpc_port), timeout=10)
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        assert cert.issuer == cert.subject  # self-signed
         with pytest.raises(PickerError):
             await plaintext.pick(_request())
     finally:

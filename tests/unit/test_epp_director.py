@@ -224,12 +224,13 @@ def test_served_fallback_moves_the_inflight_count() -> None:
     assert rig.learned.inflight(fallback).requests == 0
 
 
-def test_bodyless_get_goes_to_some_endpoint() -> None:
+def test_bodyless_get_goes_to_one_of_the_pool_endpoints() -> None:
     rig = Rig(3)
     from inferoute.picking import PickRequest
 
     d, _ = rig.director.decide(PickRequest("GET", "/v1/models", {}, b""))
     assert isinstance(d, Destination) and len(d.endpoints) == 1
+    assert d.endpoints[0] in {ep.key for ep in rig.endpoints}
 
 
 def test_scheduling_metrics_are_recorded() -> None:

@@ -117,7 +117,7 @@ def test_missing_required_family_fails_naming_it() -> None:
         parse_metrics(page, ENGINES["vllm"], now=0)
 
 
-def test_garbage_value_is_skipped() -> None:
+def test_a_garbage_value_rejects_the_page_naming_the_metric() -> None:
     page = b"vllm:num_requests_waiting abc\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.1\n"
     with pytest.raises(MetricsParseError, match="num_requests_waiting"):
         parse_metrics(page, ENGINES["vllm"], now=0)
