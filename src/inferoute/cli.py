@@ -32,6 +32,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("inferoute.gateway.cli:up_command", "Run the demo: simulator pool + picker + gateway."),
     "gateway": ("inferoute.gateway.cli:gateway_command", "Run the gateway (data plane)."),
     "epp": ("inferoute.epp.cli:command", "Run the endpoint picker (ext_proc gRPC server)."),
+    "controller": (
+        "inferoute.controller.cli:command",
+        "Run the Gateway API controller (Kubernetes): gateway configurations and status.",
+    ),
     "sim": ("inferoute.sim.cli:command", "Run vLLM-compatible simulated model servers."),
     "bench": (
         "inferoute.bench.cli:command",
