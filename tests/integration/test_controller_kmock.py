@@ -116,7 +116,7 @@ class Cluster:
         """The routes the running gateway serves now (after checking the file once)."""
         assert self.gw is not None and self.watcher is not None
         await self.watcher.check()
-        return [d.route.path for d in self.gw.deciders.deciders]
+        return [d.route.path for d in self.gw.route_table.route_table]
 
     async def post(self, n: int = 1, concurrency: int = 1) -> list[tuple[int, str]]:
         assert self.gw is not None
@@ -285,7 +285,7 @@ async def test_weighted_split_and_fail_open_when_the_picker_is_gone(tmp_path: Pa
 async def _only_backend(c: Cluster, name: str) -> bool:
     await c.routes()
     assert c.gw is not None
-    (decider,) = c.gw.deciders.deciders
+    (decider,) = c.gw.route_table.route_table
     return [b.route.epp.enabled for b in decider.backends] == [True] and decider.route.backends[
         0
     ].name == name  # type: ignore[attr-defined]
