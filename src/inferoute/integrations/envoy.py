@@ -17,8 +17,10 @@ What the generated configuration does (verified with Envoy 1.40, see docs/envoy.
   (``{"error": {"message", "type", "param", "code"}}``): the picker failing or unreachable (a 500 whose body
   Envoy leaves empty), no healthy or unreachable model server, timeouts. The picker's own rejections
   (ImmediateResponse) already carry such a body and pass unchanged;
-* the EPP cluster speaks HTTP/2 with TLS (no verification of the picker's self-signed certificate, like the
-  GIE charts) unless ``--insecure``, and is health checked with gRPC health service
+* the EPP cluster speaks HTTP/2 with TLS unless ``--insecure``, verifying the picker's certificate against
+  ``--epp-ca FILE`` (for ``inferoute epp``'s self-signed one: ``~/.local/state/inferoute/epp-tls/tls.crt``);
+  without it Envoy does not verify, like the GIE charts, and the command says so on stderr. It is health
+  checked with gRPC health service
   ``envoy.service.ext_proc.v3.ExternalProcessor``.
 
 ORIGINAL_DST reads one address: the picker must return a single endpoint. With ``--endpoints FILE`` the pool
@@ -64,6 +66,7 @@ def bootstrap(
     listen_address: str = "0.0.0.0",
     admin_address: str = "127.0.0.1",
     insecure: bool = False,
+    epp_ca: str | None = None,
     message_timeout: float = 10.0,
     response_phase: str = "full",
     failure_mode_allow: bool = False,
@@ -177,12 +180,12 @@ def bootstrap(
         ],
     }
     if not insecure:
+        tls: dict[str, Any] = {"alpn_protocols": ["h2"]}
+        if epp_ca:
+            tls["validation_context"] = {"trusted_ca": {"filename": os.path.abspath(epp_ca)}}
         epp_cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": _UPSTREAM_TLS,
-                "common_tls_context": {"alpn_protocols": ["h2"]},
-            },
+            "typed_config": {"@type": _UPSTREAM_TLS, "common_tls_context": tls},
         }
     pool_cluster: dict[str, Any] = {
         "name": "inference_pool",
@@ -311,6 +314,12 @@ def _runtime(value: int) -> dict[str, Any]:
     "--insecure", is_flag=True, help="Plaintext HTTP/2 to the picker (inferoute epp --insecure-serving)."
 )
 @click.option(
+    "--epp-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM file Envoy verifies the picker's certificate against (inferoute epp's self-signed one: "
+    "~/.local/state/inferoute/epp-tls/tls.crt). Without it Envoy does not verify.",
+)
+@click.option(
     "--message-timeout",
     default=10.0,
     show_default=True,
@@ -356,6 +365,7 @@ def command(
     listen_address: str,
     admin_port: int,
     insecure: bool,
+    epp_ca: str | None,
     message_timeout: float,
     response_phase: str,
     failure_mode_allow: bool,
@@ -365,12 +375,21 @@ def command(
 ) -> None:
     """Print an Envoy bootstrap (YAML-compatible JSON) that routes through the picker; run it with
     ``envoy -c FILE``."""
+    if insecure and epp_ca:
+        raise click.UsageError("--epp-ca and --insecure are mutually exclusive")
+    if not insecure and not epp_ca:
+        click.echo(
+            "inferoute envoy-config: note: Envoy will not verify the picker's certificate; "
+            "pass --epp-ca FILE to verify it",
+            err=True,
+        )
     cfg = bootstrap(
         epp,
         listen_port,
         admin_port=admin_port,
         listen_address=listen_address,
         insecure=insecure,
+        epp_ca=epp_ca,
         message_timeout=message_timeout,
         response_phase=response_phase,
         failure_mode_allow=failure_mode_allow,
