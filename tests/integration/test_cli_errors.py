@@ -53,7 +53,7 @@ def _cases(f: dict[str, str], busy: int) -> list[tuple[list[str], list[str]]]:
         (["epp", *ep, "--metrics-port", "-1"], ["--metrics-port", "65535"]),
         (["epp", *ep, "--profile", "fast"], ["--profile", "gie-default"]),
         (["epp", *ep, "--profile", "random", "--config", f["epp-typo.yaml"]], ["--profile", "--config"]),
-        (["epp", *ep, *free, "--config", f["epp-typo.yaml"]], ["queue-scorrer", "valid"]),
+        (["epp", *ep, *free, "--config", f["epp-typo.yaml"]], ["plugins[0].type", "queue-scorrer", "valid"]),
         (["epp", "--endpoints", "/nonexistent/e.yaml"], ["--endpoints", "/nonexistent/e.yaml"]),
         (["epp", *ep, "--grpc-port", str(busy), "--health-port", "0", "--metrics-port", "0"], [str(busy)]),
         (["epp", *ep, "--grpc-port", "0", "--health-port", "0", "--metrics-port", str(busy)], [str(busy)]),

@@ -180,17 +180,34 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
             runner.addresses[0][1],  # the bound port (0 on the command line: one the OS chose)
         )
         await stop.wait()
-        log.info("shutting down")
+        _second_signal_stops_now(loop)
+        log.warning(
+            "stopping: open ext_proc streams get up to %.0f s (--grace) to finish (again to stop now)",
+            opts.grace,
+        )
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
         if server is not None:
             await server.aclose(opts.grace)
         if runner is not None:
             await runner.cleanup()
         await tasks.aclose()  # a leader releases its Lease here
         await picker.aclose()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+def _second_signal_stops_now(loop: asyncio.AbstractEventLoop) -> None:
+    """From now on SIGINT/SIGTERM end the process at once (exit 130, no traceback)."""
+
+    def now(sig: signal.Signals) -> None:
+        log.warning("%s again: stopping now", sig.name)
+        logging.shutdown()
+        os._exit(130)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, now, sig)
 
 
 def h2_limit_options(f: Callable[..., Any]) -> Callable[..., Any]:

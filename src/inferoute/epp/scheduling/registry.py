@@ -39,7 +39,11 @@ class PluginRegistry:
         return spec
 
     def create(self, type_name: str, name: str, params: Params, deps: PluginDeps) -> object:
-        plugin = self.spec(type_name, params.where).factory(name, params, deps)
+        # an unknown type is the mistake of the entry's ``type`` key, not of its ``parameters``
+        where = params.where.removesuffix(".parameters")
+        plugin = self.spec(type_name, f"{where}.type" if where != params.where else where).factory(
+            name, params, deps
+        )
         params.done()
         return plugin
 
