@@ -75,8 +75,9 @@ def test_command_prints_json_and_rejects_missing_port() -> None:
         command, ["--epp", "127.0.0.1:9002", "--listen", "8081", "--admin-port", "9901"]
     )
     assert result.exit_code == 0, result.output
-    cfg = json.loads(result.output)
+    cfg = json.loads(result.stdout)  # the configuration alone on stdout
     assert cfg["admin"]["address"]["socket_address"]["port_value"] == 9901
+    assert "will not verify the picker's certificate" in result.stderr  # without --epp-ca: said, not silent
     bad = CliRunner().invoke(command, ["--epp", "127.0.0.1", "--listen", "8081"])
     assert bad.exit_code != 0 and "HOST:PORT" in bad.output
 
