@@ -268,7 +268,13 @@ class GrpcPicker:
                 else f"it reports {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
             )
         except grpc.aio.AioRpcError as exc:
-            ready, why = False, str(rpc_failure(exc, "picker", self._opts.target))
+            failure = rpc_failure(exc, "picker", self._opts.target)
+            ready, why = False, str(failure)
+            if failure.cause == "tls" and not self._opts.ca_file:
+                why += (
+                    " -- set epp.ca_file to the picker's certificate (inferoute epp keeps its own "
+                    "in ~/.local/state/inferoute/epp-tls/tls.crt on its machine)"
+                )
         if ready != self._ready:
             log.log(
                 logging.INFO if ready else logging.WARNING,
