@@ -227,7 +227,7 @@ async def test_no_reachable_endpoint_is_a_json_502_and_ends_the_session(plane: s
         s.post(url + "/v1/chat/completions", json=CHAT) as r,
     ):
         assert r.status == 502
-        assert "could be reached" in (await r.json())["error"]["message"]
+        assert (await r.json())["error"]["message"] == "no model server could be reached"
     assert picker.sessions[0].kinds() == ["aborted"]
 
 

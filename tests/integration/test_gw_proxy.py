@@ -239,7 +239,7 @@ async def test_all_endpoints_dead_is_502(refused_port) -> None:  # type: ignore[
         s.post(gw.url + "/v1/chat/completions", json=CHAT) as r,
     ):
         assert r.status == 502
-        assert "could be reached" in (await r.json())["error"]["message"]
+        assert (await r.json())["error"]["message"] == "no model server could be reached"
     assert picker.sessions[0].kinds() == ["aborted"]
 
 

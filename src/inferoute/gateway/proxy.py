@@ -250,9 +250,10 @@ class Forwarder:
                         allow_redirects=False,
                     )
             except TimeoutError as exc:
-                raise InferouteError(
+                log.warning("route %s: upstream %s did not answer within %gs", route, up, t.response_headers)
+                raise InferouteError(  # no address in the client's message: it is in the log
                     504,
-                    f"upstream {up} did not answer within {t.response_headers:g}s",
+                    f"the model server did not answer within {t.response_headers:g}s",
                     cause="upstream-timeout",
                 ) from exc
             except (aiohttp.ClientConnectionError, OSError) as exc:
@@ -267,9 +268,8 @@ class Forwarder:
                 resp.release()
                 continue
             return Opened(resp, up, i + 1)
-        raise InferouteError(
-            502, f"no upstream endpoint could be reached ({last_error})", cause="upstream-connect"
-        )
+        log.warning("route %s: no upstream endpoint could be reached; last: %s", route, last_error)
+        raise InferouteError(502, "no model server could be reached", cause="upstream-connect")
 
 
 def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -304,7 +304,7 @@ class Relay:
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             _upstream_broke_off(rec, end, served, exc)
             raise InferouteError(
-                502, f"upstream {served} broke off its response", cause="upstream-aborted"
+                502, "the model server broke off its response", cause="upstream-aborted"
             ) from exc
         if data:
             session.response_chunk(data)

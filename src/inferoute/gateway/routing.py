@@ -274,7 +274,9 @@ class RequestRouter:
                 raise InferouteError(
                     504, f"body-based routing timed out after {bbr.timeout_ms} ms", cause=cause
                 ) from exc
-            raise InferouteError(502, f"body-based routing failed: {exc}", cause=cause) from exc
+            # the class of failure only: the BBR server's address and TLS details are in the log line above
+            msg = f"body-based routing failed ({exc.cause or 'error'})"
+            raise InferouteError(502, msg, cause=cause) from exc
         if model is not None and not is_header_safe(model):
             log.warning(
                 "route %s: remote BBR returned a model with control characters: %r", self.route.path, model
