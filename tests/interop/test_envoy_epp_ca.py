@@ -9,7 +9,6 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 from test_envoy_extproc import Backends, _payload, backends  # noqa: F401 - the fixture
 
-from conftest import free_ports
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.epp.serving.tls import ensure_local_cert
 from inferoute.extproc.testing import RecordingPicker
@@ -27,11 +26,10 @@ async def test_envoy_verifies_the_picker_against_epp_ca(tmp_path: Path, backends
     )
     try:
         for ca, expected in ((served, 200), (other, 500)):
-            listen, admin = free_ports(2)
             cfg = bootstrap(
                 f"127.0.0.1:{epp.grpc_port}",
-                listen,
-                admin_port=admin,
+                0,
+                admin_port=0,
                 listen_address="127.0.0.1",
                 epp_ca=str(ca / "tls.crt"),
                 health_check_interval=0.5,
@@ -41,6 +39,7 @@ async def test_envoy_verifies_the_picker_against_epp_ca(tmp_path: Path, backends
             envoy = await EnvoyProcess.start(cfg, str(workdir))
             try:
                 await envoy.wait_ready(30, epp_healthy=expected == 200)
+                listen = await envoy.listener_port()
                 async with (
                     aiohttp.ClientSession() as http,
                     http.post(f"http://127.0.0.1:{listen}/v1/completions", data=_payload()) as r,
