@@ -13,17 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import free_ports
 from inferoute.gateway.app import start_gateway
 from inferoute.gateway.config import parse_config
 from inferoute.sim import SimConfig, SimPool
@@ -72,21 +73,32 @@ class ServiceForwarder:
         await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
 
 
-async def start_replica(
-    name: str, api: KubeApi, ports: tuple[int, int, int], log: Path
-) -> asyncio.subprocess.Process:
-    grpc_port, health_port, metrics_port = ports
+async def start_replica(name: str, api: KubeApi, log: IO[bytes]) -> asyncio.subprocess.Process:
     args = [
         "--pool-name", "pool", "--pool-namespace", "default", "--kubeconfig", str(api.kubeconfig),
         "--ha-enable-leader-election", "--ha-identity", name, "--profile", "round-robin",
         "--insecure-serving",
-        "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--health-port", str(health_port),
-        "--metrics-port", str(metrics_port), "--grace", "0.5",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--health-port", "0", "--metrics-port", "0",
+        "--grace", "0.5",
     ]  # fmt: skip
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "inferoute", "epp", *args,
-        stdout=asyncio.subprocess.DEVNULL, stderr=log.open("wb"), env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=asyncio.subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
+
+
+def _ready_ports(log: Path) -> tuple[int, int, int] | None:
+    m = re.search(r"inferoute epp ready: ext_proc :(\d+), health :(\d+), metrics :(\d+)", log.read_text())
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+async def bound_ports(proc: asyncio.subprocess.Process, log: Path) -> tuple[int, int, int]:
+    """The ports the replica bound, from its "inferoute epp ready" log line."""
+    async with asyncio.timeout(30):
+        while (ports := _ready_ports(log)) is None:
+            assert proc.returncode is None, f"inferoute epp exited ({proc.returncode}); see {log}"
+            await asyncio.sleep(0.05)
+    return ports
 
 
 async def streams(http: aiohttp.ClientSession, metrics_port: int) -> float:
@@ -118,9 +130,11 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[KubeApi, SimPool]]:
 
 @pytest.mark.parametrize("fail_open", [True, False])
 async def test_leader_killed_under_load(tmp_path: Path, fail_open: bool) -> None:
-    async with cluster(tmp_path) as (api, sims):
-        ports = [tuple(free_ports(3)) for _ in range(2)]
-        procs = [await start_replica(f"r{i}", api, ports[i], tmp_path / f"r{i}.log") for i in range(2)]  # type: ignore[arg-type]
+    async with cluster(tmp_path) as (api, sims), contextlib.AsyncExitStack() as stack:
+        logs = [tmp_path / f"r{i}.log" for i in range(2)]
+        files = [stack.enter_context(log.open("wb")) for log in logs]
+        procs = [await start_replica(f"r{i}", api, files[i]) for i in range(2)]
+        ports = [await bound_ports(p, log) for p, log in zip(procs, logs, strict=True)]
         fwd = ServiceForwarder([(p[0], p[2]) for p in ports])
         server = await asyncio.start_server(fwd.handle, "127.0.0.1", 0)
         prober = asyncio.create_task(fwd.probe_forever())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,6 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from conftest import free_ports
 from inferoute.epp.cli import EppRunOptions, run
 from inferoute.gateway.app import start_gateway
 from inferoute.gateway.config import parse_config
@@ -75,17 +75,21 @@ async def load(url: str, stop: asyncio.Event, statuses: list[int]) -> None:
 
 async def test_endpoint_changes_under_load_reach_no_removed_pod(tmp_path: Path) -> None:
     port = port_free_on_all(IPS)
-    grpc_port, health_port, metrics_port = free_ports(3)
     async with kube_api(tmp_path) as api, pods(port) as arrivals:
         await api.create(POOLS_URL, pool(ports=(port,)))
         for i, ip in enumerate(IPS[:3]):
             await api.create(PODS_URL, pod(f"p{i}", ip))
         stop_epp = asyncio.Event()
         opts = EppRunOptions(
-            None, None, "round-robin", "127.0.0.1", grpc_port, health_port, metrics_port, None, True, 0.05,
+            None, None, "round-robin", "127.0.0.1", 0, 0, 0, None, True, 0.05,
             "pool", 1.0, discover=True, pool_namespace="default", kubeconfig=str(api.kubeconfig),
         )  # fmt: skip
+        ready_line = _ReadyLine()
+        logging.getLogger("inferoute.epp.cli").addHandler(ready_line)
+        logging.getLogger("inferoute.epp.cli").setLevel(logging.INFO)
         epp = asyncio.create_task(run(opts, stop_epp))
+        grpc_port = (await asyncio.wait_for(asyncio.shield(ready_line.ports), 30))[0]
+        logging.getLogger("inferoute.epp.cli").removeHandler(ready_line)
         cfg = parse_config(
             {
                 "listen": "127.0.0.1:0",
@@ -132,3 +136,15 @@ async def _until_all_serve(url: str, arrivals: dict[str, list[float]], ips: tupl
             async with http.post(url + "/v1/completions", json=body) as resp:
                 await resp.read()
             await asyncio.sleep(0.02)
+
+
+class _ReadyLine(logging.Handler):
+    """The ports the picker bound, from its "inferoute epp ready" line (it runs in this process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: asyncio.Future[tuple[int, ...]] = asyncio.get_running_loop().create_future()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("inferoute epp ready") and not self.ports.done():
+            self.ports.set_result(tuple(int(p) for p in record.args))  # type: ignore[union-attr]
