@@ -19,7 +19,7 @@ def test_select_by_name_or_prefix_keeps_order_and_rejects_unknown() -> None:
         "sglang-router/power_of_two",
         "sglang-router/cache_aware",
     ]
-    assert len(select_contenders(None)) == 10
+    assert len(select_contenders(None)) == 11
     assert all(c.is_ours for c in select_contenders("inferoute"))
     with pytest.raises(InferouteError, match="unknown contender"):
         select_contenders("nginx")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import random
@@ -24,7 +25,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import yaml
 
 from inferoute.bench.workloads import BLOCK_SIZE, SimSizing
 from inferoute.errors import InferouteError
+from inferoute.kvevents.config import KV_EVENTS_LABEL, KV_REPLAY_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +170,27 @@ class SimPool:
 
     base_port: int
     replicas: int
+    kv_base: int | None = None
+    """With KV events: replica ``i`` publishes on ``kv_base + i``, replays on ``kv_base + replicas + i``."""
+
+    def labels(self) -> list[dict[str, str]]:
+        """Per replica, the endpoint labels that point a picker at its KV events (empty without)."""
+        if self.kv_base is None:
+            return [{} for _ in range(self.replicas)]
+        pub, replay = self.kv_base, self.kv_base + self.replicas
+        return [
+            {KV_EVENTS_LABEL: f"tcp://127.0.0.1:{pub + i}", KV_REPLAY_LABEL: f"tcp://127.0.0.1:{replay + i}"}
+            for i in range(self.replicas)
+        ]
 
     @property
     def urls(self) -> list[str]:
         return [f"http://127.0.0.1:{self.base_port + i}" for i in range(self.replicas)]
 
 
-def sim_argv(sizing: SimSizing, base_port: int, time_scale: float, seed: int) -> list[str]:
+def sim_argv(
+    sizing: SimSizing, base_port: int, time_scale: float, seed: int, kv_base: int | None = None
+) -> list[str]:
     argv = inferoute_argv(
         "--log-level",
         "WARNING",
@@ -198,6 +214,14 @@ def sim_argv(sizing: SimSizing, base_port: int, time_scale: float, seed: int) ->
     )
     if sizing.lora_adapters:
         argv += ["--lora-adapters", ",".join(sizing.lora_adapters), "--max-loras", str(sizing.max_loras)]
+    if kv_base is not None:
+        events = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{kv_base}",
+            "replay_endpoint": f"tcp://*:{kv_base + sizing.replicas}",
+        }
+        argv += ["--kv-events-config", json.dumps(events)]
     return argv
 
 
@@ -215,10 +239,13 @@ class Contender:
     def is_ours(self) -> bool:
         return self.kind == "inferoute"
 
-    def argv(self, port: int, workers: Sequence[str], workdir: Path) -> list[str]:
+    def argv(
+        self, port: int, workers: Sequence[str], workdir: Path, labels: Sequence[Mapping[str, str]] = ()
+    ) -> list[str]:
         if self.kind == "inferoute":
             config = workdir / f"gateway-{self.policy}.yaml"
-            config.write_text(yaml.safe_dump(gateway_config(port, workers, profile_path(self.policy))))
+            gw = gateway_config(port, workers, profile_path(self.policy), labels)
+            config.write_text(yaml.safe_dump(gw))
             return inferoute_argv("--log-level", "WARNING", "gateway", "--config", str(config))
         if self.kind == "vllm-router":
             exe = shutil.which("vllm-router", path=str(Path(sys.executable).parent)) or "vllm-router"
@@ -277,13 +304,19 @@ def profile_path(profile: str) -> Path:
     )
 
 
-def gateway_config(port: int, workers: Sequence[str], profile_file: Path) -> dict[str, object]:
-    """The ``inferoute gateway`` YAML for one contender: embedded picker, BBR on, no access log."""
+def gateway_config(
+    port: int, workers: Sequence[str], profile_file: Path, labels: Sequence[Mapping[str, str]] = ()
+) -> dict[str, object]:
+    """The ``inferoute gateway`` YAML for one contender: embedded picker, BBR on, no access log; ``labels``
+    (per worker) e.g. point the picker at the workers' KV events."""
     endpoints = []
     for i, url in enumerate(workers):
         hostport = url.split("://", 1)[-1].rstrip("/")
         host, _, p = hostport.rpartition(":")
-        endpoints.append({"name": f"sim-{i}", "address": host, "port": int(p)})
+        ep: dict[str, object] = {"name": f"sim-{i}", "address": host, "port": int(p)}
+        if i < len(labels) and labels[i]:
+            ep["labels"] = dict(labels[i])
+        endpoints.append(ep)
     return {
         "listen": f"127.0.0.1:{port}",
         "access_log": False,
@@ -293,7 +326,7 @@ def gateway_config(port: int, workers: Sequence[str], profile_file: Path) -> dic
     }
 
 
-INFEROUTE_PROFILES = ("round-robin", "random", "gie-default", "predicted-ttft")
+INFEROUTE_PROFILES = ("round-robin", "random", "gie-default", "predicted-ttft", "precise")
 PEER_POLICIES = ("round_robin", "power_of_two", "cache_aware")
 
 

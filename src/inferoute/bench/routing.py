@@ -65,8 +65,11 @@ DEFAULT_RATES: dict[str, tuple[float, ...]] = {
     "bursty": (3.0, 6.0, 9.0),
     # ~32 req/s capacity on 4 replicas x 8 sequences (~1 s per request): 1.5x and 2x.
     "overload": (48.0, 64.0),
+    "kv-pressure": (4.0, 8.0, 12.0, 16.0, 20.0),
 }
 OVERLOAD_CONTENDERS = "inferoute/round-robin,inferoute/objectives,inferoute/flow-control"
+SLO_TTFT_P90 = 1.0
+"""The p90 TTFT bound (seconds) of the capacity-at-SLO figure."""
 QUICK_RATES: tuple[float, ...] = (2.0, 5.0)
 QUICK_CONTENDERS = "inferoute/round-robin,inferoute/gie-default,vllm-router/round_robin"
 
@@ -129,17 +132,20 @@ async def run_point(
 ) -> PointResult:
     """One contender x workload x rate: fresh pool, fresh router, same seeded plan."""
     sizing = workload.sizing(cfg.replicas)
-    pool = SimPool(consecutive_free_ports(cfg.replicas), cfg.replicas)
+    # every pool publishes KV events (same simulator cost for every contender); only precise reads them
+    pool = SimPool(
+        consecutive_free_ports(cfg.replicas), cfg.replicas, consecutive_free_ports(2 * cfg.replicas)
+    )
     tag = f"{workload.name}-{rate:g}-{contender.name.replace('/', '-')}"
     sim = ManagedProcess(
         f"sim[{tag}]",
-        sim_argv(sizing, pool.base_port, cfg.time_scale, cfg.seed),
+        sim_argv(sizing, pool.base_port, cfg.time_scale, cfg.seed, pool.kv_base),
         workdir / "logs" / f"{tag}-sim.log",
     )
     router_port = free_port()
     router = ManagedProcess(
         f"{contender.name}[{tag}]",
-        contender.argv(router_port, pool.urls, workdir),
+        contender.argv(router_port, pool.urls, workdir, pool.labels()),
         workdir / "logs" / f"{tag}-router.log",
     )
     plan = workload.plan(rate, cfg.duration, cfg.seed)
@@ -261,6 +267,7 @@ def write_reports(
         sections.append(report.markdown_tables(w, points, knees[w], columns))
         if wl.per_group:
             sections.append(group_table([p for p in points if p.workload == w]))
+        sections.append(capacity_table([p for p in points if p.workload == w]))
         if w in targets:
             sections.append("Targets:\n\n" + report.markdown_targets(targets[w]))
         if plots and any(p.workload == w for p in points):
@@ -288,6 +295,30 @@ def group_table(points: Sequence[PointSummary]) -> str:
                 f"{g.get('ok') or 0:.0f} | {g.get('rejected') or 0:.0f} |"
             )
     return "Per group:\n\n" + "\n".join(rows) + "\n"
+
+
+def capacity_at_slo(points: Sequence[PointSummary], slo: float = SLO_TTFT_P90) -> float:
+    """The highest offered rate up to which every measured rate kept p90 TTFT under ``slo`` (0: none)."""
+    best = 0.0
+    for p in sorted(points, key=lambda p: p.rate):
+        if not p.ok or not p.ttft_p90 < slo:
+            break
+        best = p.rate
+    return best
+
+
+def capacity_table(points: Sequence[PointSummary], slo: float = SLO_TTFT_P90) -> str:
+    """Markdown: each contender's capacity at the SLO, best first."""
+    by: dict[str, list[PointSummary]] = {}
+    for p in points:
+        by.setdefault(p.contender, []).append(p)
+    if not by:
+        return ""
+    rows = sorted(((capacity_at_slo(ps, slo), name) for name, ps in by.items()), reverse=True)
+    lines = [f"Capacity at p90 TTFT < {slo:g} s (highest rate with every lower rate also under it):\n"]
+    lines += ["| contender | capacity (req/s) |", "|---|---|"]
+    lines += [f"| {name} | {cap:g} |" for cap, name in rows]
+    return "\n".join(lines) + "\n"
 
 
 def rebuild_reports(run_json: Path) -> str:

@@ -12,6 +12,8 @@ Four workloads (issue 6):
   adapters than the pool has adapter slots. Poisson arrivals.
 * ``long-prompt`` — a few 100-200 KB documents, each request is one document plus a short question.
 * ``bursty`` — shared-prefix traffic whose arrivals come in Poisson-timed bursts (same mean rate).
+* ``kv-pressure`` — many prefix groups whose working set is ~72% of the pool's total KV capacity, so a router
+  must partition groups across replicas and evictions happen (issue 15).
 
 Lengths are in *tokens* as the simulator counts them (:data:`CHARS_PER_TOKEN` characters per token); each
 workload also says how to size the simulator pool (:class:`SimSizing`) so the working set fills about
@@ -260,6 +262,32 @@ class Bursty(SharedPrefix):
 
 
 @dataclass
+class KVPressure(SharedPrefix):
+    """Shared-prefix content with many groups, sized so the working set is ``fill`` of the pool's KV."""
+
+    groups: int = 40
+    users_per_group: int = 8
+    system_prompt_len: int = 2400
+    question_len: int = 64
+    output_len: int = 64
+    fill: float = 0.72
+    name: str = "kv-pressure"
+    summary: str = (
+        "many prefix groups, working set ~72% of the pool's KV capacity: placement must partition groups"
+    )
+
+    def sizing(self, replicas: int) -> SimSizing:
+        return SimSizing(
+            replicas=replicas,
+            kv_cache_blocks=kv_blocks_for(self.working_set_tokens(), replicas, self.fill),
+            max_num_seqs=32,
+        )
+
+    def parameters(self) -> dict[str, object]:
+        return {**super().parameters(), "fill": self.fill}
+
+
+@dataclass
 class MultiLora(Workload):
     """Requests to ``adapters`` LoRA adapters (Zipf-like mix, exponent ``skew``); the pool has fewer slots."""
 
@@ -434,6 +462,7 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {
     "long-prompt": LongPrompt,
     "bursty": Bursty,
     "overload": Overload,
+    "kv-pressure": KVPressure,
 }
 
 
