@@ -7,7 +7,8 @@ entries. Where an endpoint publishes comes from its labels (``kv-events-endpoint
 ``socketPort`` / ``replaySocketPort``.
 
 Each :class:`EndpointSubscriber` connects a SUB socket, asks the replay socket for everything from batch 0
-(the ring holds the engine's recent history), then applies live batches in sequence order; the decision for
+(the ring holds the engine's recent history) and again once the connection is up (what was published before
+the subscription took effect), then applies live batches in sequence order; the decision for
 each message is :class:`~inferoute.epp.precise.tracker.SeqTracker`'s. A gap triggers a replay from the first
 missing batch; a sequence that goes backwards means the publisher restarted: the endpoint's entries are
 dropped and rebuilt from batch 0. A restart can also hide behind a reconnection (the new publisher's first
@@ -131,6 +132,8 @@ class EndpointSubscriber:
                         self._suspect = True  # whoever answers next may be a new publisher
                     elif self._suspect:
                         await self.verify()
+                    else:  # (first) connection: what was published before the subscription took is replayed
+                        await self.replay()
                 while _readable(sub):
                     frames = await sub.recv_multipart()
                     if len(frames) != 3:
