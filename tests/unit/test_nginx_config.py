@@ -1,4 +1,6 @@
-"""``inferoute nginx-config``: the generated text (pure; ``nginx -t`` runs in interop tests)."""
+"""``inferoute nginx-config``: what the generated configuration does, checked on its parsed structure (every
+jump lands on a location, the decision is read before it is overwritten, the fallback chain) and by the real
+NGINX (``nginx -t``); requests through it run in tests/interop/test_nginx_decider.py."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from inferoute.gateway.nginx_decider import protocol
 from inferoute.integrations.nginx import NginxOptions, config_command, options_from_gateway_config, render
 
 
@@ -26,43 +29,109 @@ def block(conf: str, header: str) -> str:
     raise AssertionError(f"unbalanced block {header}")
 
 
-def test_default_config_has_every_piece_in_order() -> None:
-    conf = render(NginxOptions())
-    assert conf.count("{") == conf.count("}")
-    decider = block(conf, "location /v1/")
-    assert "proxy_pass http://inferoute_decider;" in decider
-    assert "proxy_request_buffering on;" in decider
-    assert "error_page 502 504 = @inference_decider_unavailable;" in decider
-    assert "client_max_body_size 10485760;" in conf  # the gateway's bbr.max_body_size default
-    upstream = block(conf, "upstream inferoute_decider")
-    assert "server 127.0.0.1:8081;" in upstream and "keepalive 64;" in upstream
-    inference = block(conf, "location @inference")
-    # the decider's headers are captured BEFORE proxy_pass replaces $upstream_http_*
-    capture = inference.index("set $inference_upstream $upstream_http_x_inference_upstream;")
-    assert capture < inference.index("proxy_pass http://$inference_upstream;")
-    assert "set $inference_model $upstream_http_x_inference_model;" in inference
-    assert "proxy_set_header X-Gateway-Model-Name $inference_model;" in inference
-    assert "proxy_set_header X-Gateway-Destination-Endpoint $inference_upstream;" in inference
-    assert 'proxy_set_header X-Inference-Upstream "";' in inference
-    assert "proxy_buffering off;" in inference
-    assert "post_action @inference_done;" in inference
-    # no fallback: the model server's own errors pass through, NGINX's own 502/504 become JSON
-    assert "proxy_intercept_errors off;" in inference
-    assert "error_page 502 @inference_upstream_502;" in inference
-    retry = block(conf, "location @inference_retry")
-    assert "proxy_intercept_errors on;" in retry
-    assert "error_page 500 502 503 = @inference_fallback_1_last;" in retry
-    assert "set $inference_upstream $upstream_http_x_inference_upstream;" in retry
-    last = block(conf, "location @inference_fallback_1_last")
-    assert "set $inference_upstream $inference_fallback_1;" in last and "proxy_intercept_errors off;" in last
-    assert "@inference_fallback_1_more" not in conf and "@inference_fallback_2" not in conf
-    assert "proxy_set_header X-Inference-Retries 1;" in decider
-    done = block(conf, "location @inference_done")
-    assert "proxy_pass_request_body off;" in done and "rewrite ^ /_inferoute/done break;" in done
-    log_format = conf[conf.index("log_format inference") : conf.index("access_log")]
-    assert "$inference_upstream" in log_format and "$inference_model" in log_format
-    assert "access_log /var/log/nginx/inference.log inference;" in conf
-    assert "pid " not in conf  # not self-contained: the distribution's paths
+Directive = tuple[str, ...]
+_TOKEN = re.compile(r"#[^\n]*|'[^']*'|\"[^\"]*\"|[{};]|[^\s{};]+")
+
+
+def directives(conf: str) -> dict[str, list[Directive]]:
+    """Every block of ``conf`` by its header (``location @inference``, ``http``, ...) -> its own directives
+    in order, as token tuples (NGINX's grammar: words, quoted strings, comments, ``;`` ends a directive,
+    ``{ }`` a block)."""
+    out: dict[str, list[Directive]] = {"": []}
+    stack = [""]
+    words: list[str] = []
+    for tok in _TOKEN.findall(conf):
+        if tok.startswith("#"):
+            continue
+        if tok == ";":
+            out[stack[-1]].append(tuple(words))
+            words = []
+        elif tok == "{":
+            header = " ".join(words)
+            out.setdefault(header, [])
+            stack.append(header)
+            words = []
+        elif tok == "}":
+            assert not words, f"unterminated directive {words} in {stack[-1]}"
+            stack.pop()
+        else:
+            words.append(tok)
+    assert stack == [""] and not words, "unbalanced braces"
+    return out
+
+
+def named_targets(tree: dict[str, list[Directive]]) -> set[str]:
+    """Every ``@location`` the configuration jumps to: error_page targets, post_action, map values."""
+    found = set()
+    for header, body in tree.items():
+        for d in body:
+            if d[0] in ("error_page", "post_action") or header.startswith("map "):
+                found.update(w for w in d if w.startswith("@"))
+    return found
+
+
+OPTION_SETS = [
+    NginxOptions(),
+    NginxOptions(retries=0, default_upstream="10.0.0.9:8000", accounting=False),
+    NginxOptions(retries=3),
+    NginxOptions(retries=8, report="syslog", decider="127.0.0.1:9100"),
+    NginxOptions(locations=("/v1/", "/responses"), pass_headers=("X-Gateway-Inference-Objective",)),
+]
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS)
+def test_every_jump_lands_on_a_location_that_exists(opts: NginxOptions) -> None:
+    tree = directives(render(opts))
+    locations = {h.removeprefix("location ") for h in tree if h.startswith("location @")}
+    assert named_targets(tree) <= locations
+    # the decider's two redirect answers land on locations that exist
+    retry = opts.retries > 0
+    assert protocol.ACCEL_LOCATION in locations and (protocol.ACCEL_RETRY_LOCATION in locations) == retry
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS)
+def test_the_decision_is_read_before_proxy_pass_replaces_it(opts: NginxOptions) -> None:
+    """$upstream_http_* names the *last* upstream's headers: the decider's headers must be copied into
+    variables before the location proxies to the model server, and only headers of the protocol are read."""
+    tree = directives(render(opts))
+    readable = {
+        protocol.header_variable(h)
+        for h in (protocol.UPSTREAM_HEADER, protocol.MODEL_HEADER, protocol.TOKEN_HEADER)
+    }
+    for name in (protocol.ACCEL_LOCATION, protocol.ACCEL_RETRY_LOCATION):
+        body = tree.get(f"location {name}")
+        if body is None:
+            continue
+        kinds = [d[0] for d in body]
+        assert kinds.index("set") < kinds.index("proxy_pass")
+        reads = {
+            w.removeprefix("$upstream_http_") for d in body for w in d if w.startswith("$upstream_http_")
+        }
+        assert reads & readable == readable
+        assert all(
+            r in readable
+            or r.startswith(protocol.header_variable(protocol.FALLBACK_HEADER))
+            or r.startswith(protocol.header_variable(protocol.PASS_HEADER_PREFIX))
+            for r in reads
+        ), reads
+        sent = {d[1].lower(): d[2] for d in body if d[0] == "proxy_set_header"}
+        assert sent[protocol.UPSTREAM_HEADER.lower()] == '""'  # the decision never reaches the model server
+        assert sent[opts.model_header.lower()] == "$inference_model"
+
+
+def test_the_fallback_chain_walks_every_announced_fallback_once() -> None:
+    for retries in range(1, 9):
+        tree = directives(render(NginxOptions(retries=retries)))
+        announced = [
+            d for d in tree["location /v1/"] if d[:2] == ("proxy_set_header", protocol.RETRIES_HEADER)
+        ]
+        assert announced == [("proxy_set_header", protocol.RETRIES_HEADER, str(retries))]
+        last = {h for h in tree if re.fullmatch(r"location @inference_fallback_\d+_last", h)}
+        assert last == {f"location @inference_fallback_{n}_last" for n in range(1, retries + 1)}
+        for n in range(1, retries + 1):  # each hop proxies to its own fallback and passes its errors on
+            body = tree[f"location @inference_fallback_{n}_last"]
+            assert ("set", "$inference_upstream", f"$inference_fallback_{n}") in body
+            assert ("proxy_intercept_errors", "off") in body
 
 
 def test_error_bodies_are_openai_json() -> None:
@@ -86,7 +155,7 @@ def test_retries_zero_and_fail_open_and_no_accounting() -> None:
     assert "proxy_pass http://$inference_upstream;" in unavailable
 
 
-def test_three_retries_chain_more_and_last_hops_through_maps() -> None:
+def test_three_retries_chain_more_and_last_hops_through_maps() -> None:  # the map trick, spelled out
     conf = render(NginxOptions(retries=3))
     assert (
         'map $inference_fallback_2 $inference_hop_1 { "" @inference_fallback_1_last; '
