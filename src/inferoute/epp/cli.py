@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -335,6 +335,55 @@ def command(
     **h2: Any,
 ) -> None:
     """Run the endpoint picker (Endpoint Picker Protocol over Envoy ext_proc)."""
+    _check_flag_combinations(config, endpoints, profile, pool_name, insecure, cert_path, client_ca)
+    namespace = pool_namespace or os.environ.get("NAMESPACE") or _own_namespace()
+    ha = _ha_options(
+        pool_name,
+        namespace,
+        ha_enable=ha_enable,
+        ha_lease_name=ha_lease_name,
+        ha_identity=ha_identity,
+        ha_lease_duration=ha_lease_duration,
+        ha_renew_deadline=ha_renew_deadline,
+        ha_retry_period=ha_retry_period,
+    )
+    opts = EppRunOptions(
+        config=config,
+        endpoints=endpoints,
+        profile=profile,
+        host=host,
+        grpc_port=grpc_port,
+        health_port=health_port,
+        metrics_port=metrics_port,
+        cert_path=_serving_cert(cert_path, insecure),
+        insecure=insecure,
+        refresh_interval=refresh_interval,
+        pool_name=pool_name or "default",
+        grace=grace,
+        client_ca=client_ca,
+        transport=transport,
+        h2_limits=h2_limits(h2),
+        discover=pool_name is not None,
+        pool_namespace=namespace,
+        kubeconfig=kubeconfig,
+        ha=ha,
+    )
+    try:
+        uvloop.run(run(opts))
+    except InferouteError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
+def _check_flag_combinations(
+    config: str | None,
+    endpoints: str | None,
+    profile: str | None,
+    pool_name: str | None,
+    insecure: bool,
+    cert_path: str | None,
+    client_ca: str | None,
+) -> None:
+    """Usage errors for flags that exclude or require each other."""
     if insecure and (cert_path or client_ca):
         raise click.UsageError("--cert-path/--client-ca and --insecure-serving are mutually exclusive")
     if profile and config:
@@ -345,51 +394,21 @@ def command(
         raise click.UsageError(
             "give either --endpoints FILE (static endpoints) or --pool-name NAME (Kubernetes InferencePool)"
         )
-    namespace = pool_namespace or os.environ.get("NAMESPACE") or _own_namespace()
-    opts = EppRunOptions(
-        config,
-        endpoints,
-        profile,
-        host,
-        grpc_port,
-        health_port,
-        metrics_port,
-        cert_path,
-        insecure,
-        refresh_interval,
-        pool_name or "default",
-        grace,
-        client_ca,
-        transport,
-        h2_limits(h2),
-        discover=pool_name is not None,
-        pool_namespace=namespace,
-        kubeconfig=kubeconfig,
-        ha=_ha_options(
-            pool_name,
-            namespace,
-            ha_enable=ha_enable,
-            ha_lease_name=ha_lease_name,
-            ha_identity=ha_identity,
-            ha_lease_duration=ha_lease_duration,
-            ha_renew_deadline=ha_renew_deadline,
-            ha_retry_period=ha_retry_period,
-        ),
-    )
-    if cert_path is None and not insecure:
-        from inferoute.epp.serving.tls import ensure_local_cert
 
-        cert_path = str(ensure_local_cert())
-        log.info(
-            "TLS: the self-signed certificate %s/tls.crt; gateways on this machine trust it, elsewhere set "
-            "epp.ca_file to a copy (or serve a real one with --cert-path)",
-            cert_path,
-        )
-    opts = replace(opts, cert_path=cert_path)
-    try:
-        uvloop.run(run(opts))
-    except InferouteError as exc:
-        raise click.ClickException(exc.message) from exc
+
+def _serving_cert(cert_path: str | None, insecure: bool) -> str | None:
+    """The certificate directory to serve: ``--cert-path``, else (with TLS) the local self-signed pair."""
+    if cert_path is not None or insecure:
+        return cert_path
+    from inferoute.epp.serving.tls import ensure_local_cert
+
+    local = str(ensure_local_cert())
+    log.info(
+        "TLS: the self-signed certificate %s/tls.crt; gateways on this machine trust it, elsewhere set "
+        "epp.ca_file to a copy (or serve a real one with --cert-path)",
+        local,
+    )
+    return local
 
 
 def _own_namespace() -> str:
