@@ -101,3 +101,25 @@ def test_gateway_mounts_the_configmap_the_controller_writes() -> None:
     assert "--watch-config" in args and f"/etc/inferoute/{CONFIG_KEY}" in args
     (cls,) = [o for o in objs if o["kind"] == "GatewayClass"]
     assert cls["spec"]["controllerName"] == "inferoute.dev/gateway-controller"
+
+
+def test_picker_rbac_and_probes_fit_leader_election() -> None:
+    """The example picker runs two replicas with leader election: its Role grants what the election writes
+    (create + merge patch of its Lease), and liveness probes the always-SERVING service, so a standby is not
+    restarted for not leading (readiness, the "" service, follows leadership)."""
+    objs = [o for o in all_objects() if o["metadata"]["name"] == "sim-pool-picker"]
+    (role,) = [o for o in objs if o["kind"] == "Role"]
+    grants = {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+    assert {("coordination.k8s.io", "leases", v) for v in ("get", "create", "patch")} <= grants
+    (dep,) = [o for o in objs if o["kind"] == "Deployment"]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert "--ha-enable-leader-election" in container["args"] and dep["spec"]["replicas"] >= 2
+    assert container["livenessProbe"]["grpc"]["service"] == "liveness"
+    assert container["readinessProbe"]["grpc"]["service"] == "readiness"
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
