@@ -8,6 +8,8 @@ import pytest
 
 from inferoute.epp.requestcontrol import headers as hdr
 from inferoute.epp.requestcontrol.store import (
+    RANK_CRD,
+    RANK_CRD_DEPRECATED,
     RequestControlStore,
     RewriteRule,
     RewriteTarget,
@@ -57,6 +59,32 @@ def test_precedence_exact_then_oldest_then_first_rule() -> None:
     assert s.rewrite("m", rng) == "older-1"  # oldest object, then its first rule
     s.delete_rewrite("ns/older")
     assert s.rewrite("m", rng) == "newer"
+
+
+def test_lower_rank_shadows_the_same_name_and_orders_matches() -> None:
+    s = RequestControlStore()
+    rng = random.Random(0)
+    s.upsert_objective("config/shared", "shared", 5)  # RANK_CONFIG, inserted first
+    s.upsert_objective("old/ns/shared", "shared", 7, rank=RANK_CRD_DEPRECATED)
+    assert s.priority("shared") == 7
+    s.upsert_objective("new/ns/shared", "shared", 9, rank=RANK_CRD)
+    assert s.priority("shared") == 9
+    s.delete_objective("new/ns/shared")
+    s.delete_objective("old/ns/shared")
+    assert s.priority("shared") == 5  # shadowed, not lost
+    # rewrites: same name shadows the whole entry, even rules for models the object does not match
+    s.upsert_rewrite("config/r", [_rule(("a",), ("a-yaml", 1)), _rule(("b",), ("b-yaml", 1))], 0.0, name="r")
+    s.upsert_rewrite("crd/ns/r", [_rule(("a",), ("a-crd", 1))], 9e9, name="r", rank=RANK_CRD)
+    assert (s.rewrite("a", rng), s.rewrite("b", rng)) == ("a-crd", None)
+    # another name matching the same model: the lower rank first, although younger; Exact still beats generic
+    s.upsert_rewrite("config/g", [_rule(("c",), ("c-yaml", 1))], 0.0, name="g")
+    s.upsert_rewrite("crd/ns/g2", [_rule(("c",), ("c-crd", 1))], 9e9, name="g2", rank=RANK_CRD)
+    s.upsert_rewrite("crd/ns/any", [_rule((), ("catch-all", 1))], 0.0, name="any", rank=RANK_CRD)
+    assert s.rewrite("c", rng) == "c-crd"
+    s.delete_rewrite("crd/ns/g2")
+    assert s.rewrite("c", rng) == "c-yaml"  # a YAML Exact match beats an object's generic rule
+    s.delete_rewrite("crd/ns/r")
+    assert (s.rewrite("a", rng), s.rewrite("b", rng)) == ("a-yaml", "b-yaml")
 
 
 def test_yaml_sections_and_errors() -> None:

@@ -5,8 +5,13 @@ and their deprecated twins (``inference.networking.x-k8s.io/v1alpha2``, logged o
 in the pool's namespace. Objects whose ``spec.poolRef`` names this pool become entries of the one
 :class:`~inferoute.epp.requestcontrol.store.RequestControlStore` the picker's YAML (``objectives:``,
 ``modelRewrites:``) also fills; each Kubernetes object is held under its own source key
-(``GROUP/NAMESPACE/NAME``), so adding, changing or deleting it never touches what the YAML declared. A CRD
-that is not installed is logged once and retried slowly; the YAML's entries then stay the only ones.
+(``GROUP/NAMESPACE/NAME``), so adding, changing or deleting it never touches what the YAML declared.
+
+Precedence: an object outranks the YAML entry of the same name (an ``llm-d.ai`` object also outranks a
+deprecated-group object of the same name), which is shadowed, not deleted: it applies again when the object
+goes away. Among rewrite rules matching one model, objects come before YAML entries (after Exact over
+generic).
+A CRD that is not installed is logged once and retried slowly; the YAML's entries then apply unshadowed.
 
 :func:`objective_records` and :func:`rewrite_records` are the pure reconcile (objects -> records);
 :class:`CrdSync` applies the difference to the store after every watch change.
@@ -26,7 +31,13 @@ from lightkube.generic_resource import create_namespaced_resource
 
 from inferoute.epp.datalayer.kubernetes import POOL_GROUP
 from inferoute.epp.datalayer.kubernetes_watch import Backoff, ListWatch
-from inferoute.epp.requestcontrol.store import RequestControlStore, RewriteRule, parse_rule
+from inferoute.epp.requestcontrol.store import (
+    RANK_CRD,
+    RANK_CRD_DEPRECATED,
+    RequestControlStore,
+    RewriteRule,
+    parse_rule,
+)
 from inferoute.errors import ConfigError, InferouteError
 
 log = logging.getLogger(__name__)
@@ -40,6 +51,12 @@ VERSION = "v1alpha2"
 class RewriteRecord:
     rules: tuple[RewriteRule, ...]
     created: float
+    name: str = ""
+
+
+def rank_of(source: str) -> int:
+    """The store rank of an object's source key: the current group outranks the deprecated one."""
+    return RANK_CRD_DEPRECATED if source.startswith(GROUPS[1] + "/") else RANK_CRD
 
 
 def _for_pool(obj: Mapping[str, Any], pool: str) -> bool:
@@ -97,7 +114,7 @@ def rewrite_records(objects: Iterable[tuple[str, Mapping[str, Any]]], pool: str)
         except InferouteError as exc:
             log.error("InferenceModelRewrite ignored: %s", exc.message)
             continue
-        out[key] = RewriteRecord(rules, created_at(obj))
+        out[key] = RewriteRecord(rules, created_at(obj), str((obj.get("metadata") or {}).get("name") or ""))
     return out
 
 
@@ -147,10 +164,10 @@ class CrdSync:
             self.store.delete_objective(key)
         for key, (name, priority) in objectives.items():
             if self._applied_objectives.get(key) != (name, priority):
-                self.store.upsert_objective(key, name, priority)
+                self.store.upsert_objective(key, name, priority, rank=rank_of(key))
         for key in self._applied_rewrites.keys() - rewrites.keys():
             self.store.delete_rewrite(key)
         for key, rec in rewrites.items():
             if self._applied_rewrites.get(key) != rec:
-                self.store.upsert_rewrite(key, rec.rules, rec.created)
+                self.store.upsert_rewrite(key, rec.rules, rec.created, name=rec.name, rank=rank_of(key))
         self._applied_objectives, self._applied_rewrites = objectives, rewrites

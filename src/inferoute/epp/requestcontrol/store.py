@@ -13,22 +13,34 @@ Two kinds of object, named after the reference's CRDs (``llm-d.ai/v1alpha2``):
   3. then the first rule in the object's list.
 
 Sources own what they put in: each object is upserted and deleted by its ``source`` key (``config/NAME``
-for the picker's YAML, ``NAMESPACE/NAME`` for a Kubernetes object), so a CRD watcher replacing or deleting
-its object never touches what the YAML declared. Lookups are dictionary reads kept current on every write
-(writes are rare, lookups happen on every request).
+for the picker's YAML, ``GROUP/NAMESPACE/NAME`` for a Kubernetes object), so a CRD watcher replacing or
+deleting its object never touches what the YAML declared. Sources also have a **rank** (lower wins):
+:data:`RANK_CRD` (``llm-d.ai`` objects), :data:`RANK_CRD_DEPRECATED` (``inference.networking.x-k8s.io``),
+:data:`RANK_CONFIG` (the picker's YAML and programmatic options, the fallback):
+
+* entries of the same kind and the same **name** (an objective's name; a rewrite object's name): only those
+  of the lowest rank count, the others are shadowed until it goes away;
+* rewrite rules matching one model: Exact beats generic first, then the lower rank, then ``created``, then
+  rule order.
+
+Lookups are dictionary reads kept current on every write (writes are rare, lookups happen on every request).
 """
 
 from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from inferoute.epp.plugin import config_error
 
 MAX_WEIGHT = 1_000_000
+_T = TypeVar("_T")
+RANK_CRD = 0
+RANK_CRD_DEPRECATED = 1
+RANK_CONFIG = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +75,24 @@ class _Choice:
 class _Rewrite:
     created: float
     rules: tuple[RewriteRule, ...]
+    name: str
+    rank: int
+
+
+def _winners(entries: dict[str, _T], name: Callable[[_T], str], rank: Callable[[_T], int]) -> list[_T]:
+    """The entries not shadowed by a lower-ranked entry of the same name, in insertion order."""
+    best: dict[str, int] = {}
+    for e in entries.values():
+        best[name(e)] = min(best.get(name(e), rank(e)), rank(e))
+    return [e for e in entries.values() if rank(e) == best[name(e)]]
 
 
 @dataclass(slots=True)
 class RequestControlStore:
     """Objectives and model rewrites from every source (see module docstring)."""
 
-    _objectives: dict[str, tuple[str, int]] = field(default_factory=dict)
-    """source → (objective name, priority)."""
+    _objectives: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    """source → (objective name, priority, rank)."""
     _rewrites: dict[str, _Rewrite] = field(default_factory=dict)
     _priority: dict[str, int] = field(default_factory=dict)
     _exact: dict[str, _Choice] = field(default_factory=dict)
@@ -79,9 +101,11 @@ class RequestControlStore:
     """Bumped on every change (watchers and tests can tell a write happened)."""
 
     # -- objectives ---------------------------------------------------------------------------------------
-    def upsert_objective(self, source: str, name: str, priority: int | None) -> None:
+    def upsert_objective(
+        self, source: str, name: str, priority: int | None, *, rank: int = RANK_CONFIG
+    ) -> None:
         """Create or replace the objective held by ``source`` (priority None = 0, as the reference)."""
-        self._objectives[source] = (name, int(priority or 0))
+        self._objectives[source] = (name, int(priority or 0), rank)
         self._rebuild_objectives()
 
     def delete_objective(self, source: str) -> None:
@@ -98,20 +122,29 @@ class RequestControlStore:
         return dict(self._priority)
 
     def _rebuild_objectives(self) -> None:
-        # Two sources naming the same objective: the one inserted first wins (stable, as dicts keep order).
+        # The lowest rank wins; two sources of one rank naming the same objective: the one inserted first.
         out: dict[str, int] = {}
-        for name, prio in self._objectives.values():
+        for name, prio, _ in _winners(self._objectives, lambda e: e[0], lambda e: e[2]):
             out.setdefault(name, prio)
         self._priority = out
         self.version += 1
 
     # -- model rewrites -----------------------------------------------------------------------------------
-    def upsert_rewrite(self, source: str, rules: Sequence[RewriteRule], created: float) -> None:
-        """Create or replace the rewrite object held by ``source``; ``created`` orders equal-kind matches."""
+    def upsert_rewrite(
+        self,
+        source: str,
+        rules: Sequence[RewriteRule],
+        created: float,
+        *,
+        name: str | None = None,
+        rank: int = RANK_CONFIG,
+    ) -> None:
+        """Create or replace the rewrite object held by ``source`` (``name``: the object's name, by default
+        ``source``); ``created`` orders equal-kind matches of one rank."""
         for rule in rules:
             if not rule.targets:
                 raise ValueError(f"{source}: a rewrite rule needs at least one target")
-        self._rewrites[source] = _Rewrite(created, tuple(rules))
+        self._rewrites[source] = _Rewrite(created, tuple(rules), name or source, rank)
         self._rebuild_rewrites()
 
     def delete_rewrite(self, source: str) -> None:
@@ -126,7 +159,11 @@ class RequestControlStore:
     def _rebuild_rewrites(self) -> None:
         exact: dict[str, _Choice] = {}
         generic: _Choice | None = None
-        ordered = sorted(self._rewrites.items(), key=lambda kv: (kv[1].created, kv[0]))
+        live = {id(rw) for rw in _winners(self._rewrites, lambda r: r.name, lambda r: r.rank)}
+        ordered = sorted(
+            (kv for kv in self._rewrites.items() if id(kv[1]) in live),
+            key=lambda kv: (kv[1].rank, kv[1].created, kv[0]),
+        )
         for _, rw in ordered:
             for rule in rw.rules:
                 choice = _prepare(rule.targets)
@@ -187,7 +224,7 @@ def load_rewrites(store: RequestControlStore, raw: Any, where: str) -> None:
         if not isinstance(rules_raw, list) or not rules_raw:
             raise config_error(f"{w}.rules: expected a non-empty list")
         rules = [parse_rule(r, f"{w}.rules[{j}]") for j, r in enumerate(rules_raw)]
-        store.upsert_rewrite(f"config/{name}", rules, created=float(i))
+        store.upsert_rewrite(f"config/{name}", rules, created=float(i), name=str(name))
 
 
 def parse_rule(raw: Any, where: str) -> RewriteRule:
