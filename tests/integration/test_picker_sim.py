@@ -96,7 +96,7 @@ async def test_prefix_affinity_lands_on_the_replica_that_caches_it(pool: SimPool
                 cached.append(usage.cached_tokens)
         assert len(served) == 1, f"the shared prefix should stick to one replica, got {served}"
         assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached  # the replica really had it cached
-        assert all(picker.learned.inflight(e.key).requests == 0 for e in pool.endpoints)
+        assert all(picker.learned.snapshot().inflight(e.key).requests == 0 for e in pool.endpoints)
     finally:
         await picker.aclose()
 

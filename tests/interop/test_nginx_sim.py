@@ -87,8 +87,8 @@ async def test_openai_sdk_through_nginx_with_the_embedded_picker(
         embedded = running.route_table.embedded
         assert embedded is not None
         learned = embedded.learned  # type: ignore[attr-defined]
-        await eventually(lambda: not any(learned.inflight(e.key).requests for e in pool.endpoints))
-        assert [learned.inflight(e.key).requests for e in pool.endpoints] == [0, 0, 0]
+        await eventually(lambda: not any(learned.snapshot().inflight(e.key).requests for e in pool.endpoints))
+        assert [learned.snapshot().inflight(e.key).requests for e in pool.endpoints] == [0, 0, 0]
         assert len(running.decider.pending) == 0
         log = server.access_log("inference.log")
         assert f'model="{DEFAULT_MODEL}"' in log

@@ -186,7 +186,7 @@ def test_inflight_counts_follow_the_session() -> None:
     d, s = rig.director.decide(pick_request(body(prompt="x" * 400)))
     assert isinstance(d, Destination) and isinstance(s, Session)
     key = d.endpoints[0]
-    c = rig.learned.inflight(key)
+    c = rig.learned.snapshot().inflight(key)
     assert (c.requests, c.pending, c.pending_tokens) == (
         1,
         1,
@@ -194,6 +194,8 @@ def test_inflight_counts_follow_the_session() -> None:
     )  # JSON string incl. quotes: ceil(402 B / 4)
     s.response_started(key, 200, {"content-type": "text/event-stream"})
     s.response_chunk(b'data: {"choices":[{"text":"a"}]}\n\n')
+    assert (c.requests, c.pending, c.pending_tokens) == (1, 1, 101)  # a view never changes
+    c = rig.learned.snapshot().inflight(key)
     assert (c.requests, c.pending, c.pending_tokens) == (1, 0, 0)
     s.response_chunk(
         b'data: {"choices":[],"usage":{"prompt_tokens":100,"completion_tokens":7,'
@@ -201,7 +203,7 @@ def test_inflight_counts_follow_the_session() -> None:
     )
     s.response_finished()
     s.aborted("late")  # ignored: the session already ended
-    assert c.requests == 0
+    assert rig.learned.snapshot().inflight(key).requests == 0
     assert s.usage is not None and (
         s.usage.prompt_tokens,
         s.usage.completion_tokens,
@@ -219,9 +221,12 @@ def test_served_fallback_moves_the_inflight_count() -> None:
     assert isinstance(d, Destination)
     primary, fallback = d.endpoints
     s.response_started(fallback, 200, {})
-    assert rig.learned.inflight(primary).requests == 0 and rig.learned.inflight(fallback).requests == 1
+    assert (
+        rig.learned.snapshot().inflight(primary).requests == 0
+        and rig.learned.snapshot().inflight(fallback).requests == 1
+    )
     s.aborted("client-disconnect")
-    assert rig.learned.inflight(fallback).requests == 0
+    assert rig.learned.snapshot().inflight(fallback).requests == 0
 
 
 def test_bodyless_get_goes_to_one_of_the_pool_endpoints() -> None:
@@ -259,9 +264,9 @@ def test_pending_prefill_counts_only_the_uncached_part() -> None:
     d2, s2 = rig.director.decide(pick_request(body(prompt=prompt + " and a question")))
     assert isinstance(d2, Destination) and isinstance(s2, Session) and d2.endpoints[0] == warm
     assert 0 < s2.prefill_tokens < s2.prompt_tokens // 10  # most of it is in warm's cache
-    assert rig.learned.inflight(warm).pending_tokens == s2.prefill_tokens
+    assert rig.learned.snapshot().inflight(warm).pending_tokens == s2.prefill_tokens
     s2.response_chunk(b"data: {}\n\n")
-    assert rig.learned.inflight(warm).pending_tokens == 0
+    assert rig.learned.snapshot().inflight(warm).pending_tokens == 0
     s2.response_finished()
 
 

@@ -34,7 +34,7 @@ from inferoute.epp.flowcontrol.static_usage_limit import StaticUsageLimit
 from inferoute.epp.flowcontrol.types import Flow, FlowItem, Outcome
 from inferoute.epp.flowcontrol.units import duration, quantity
 from inferoute.epp.flowcontrol.utilization_detector import UtilizationDetector
-from inferoute.epp.learned import InflightCounts
+from inferoute.epp.learned import Inflight
 from inferoute.epp.scheduling.types import Candidate
 from inferoute.errors import InferouteError
 
@@ -44,8 +44,7 @@ NOW = 100.0
 def ep(
     waiting: float = 0, kv: float = 0.0, scraped: float = NOW, inflight: int = 0, tokens: int = 0
 ) -> Candidate:
-    counts = InflightCounts()
-    counts.requests, counts.tokens = inflight, tokens
+    counts = Inflight(requests=inflight, tokens=tokens)
     return Candidate("k", "k", EndpointMetrics(waiting=waiting, kv_usage=kv, scraped_at=scraped), counts)
 
 

@@ -129,7 +129,7 @@ async def test_client_gone_leaves_the_queue_at_once() -> None:
         == 1
     )
     s.response_finished()
-    assert rig.learned.inflight("10.0.0.1:8000").requests == 0
+    assert rig.learned.snapshot().inflight("10.0.0.1:8000").requests == 0
 
 
 async def test_empty_pool_waits_then_sheds_as_unavailable() -> None:

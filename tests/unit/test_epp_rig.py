@@ -13,7 +13,7 @@ from inferoute.endpoints import Endpoint
 from inferoute.epp.config import parse_config
 from inferoute.epp.datalayer.datastore import Datastore
 from inferoute.epp.datalayer.metrics import EndpointMetrics
-from inferoute.epp.learned import InflightCounts, LocalLearnedState
+from inferoute.epp.learned import LocalLearnedState
 from inferoute.epp.metrics import EppMetrics
 from inferoute.epp.plugin import PluginDeps
 from inferoute.epp.requestcontrol.director import Director
@@ -22,7 +22,7 @@ from inferoute.picking import PickRequest
 
 
 def cand(key: str, **metrics: object) -> Candidate:
-    return Candidate(key, key, EndpointMetrics(**metrics), InflightCounts())  # type: ignore[arg-type]
+    return Candidate(key, key, EndpointMetrics(**metrics))  # type: ignore[arg-type]
 
 
 def ctx(
@@ -33,7 +33,7 @@ def ctx(
     seed: int = 1,
 ) -> CycleContext:
     req = InferenceRequest(model, model, prompt, (len(prompt) + 3) // 4, headers or {})
-    return CycleContext(req, learned or LocalLearnedState(), now=0.0, rng=random.Random(seed))
+    return CycleContext(req, (learned or LocalLearnedState()).snapshot(), now=0.0, rng=random.Random(seed))
 
 
 def body(model: str = "m", prompt: str = "hello world", **extra: object) -> bytes:

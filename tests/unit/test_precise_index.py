@@ -22,13 +22,13 @@ def stored(
 def test_engine_blocks_smaller_than_picker_blocks() -> None:
     idx = PreciseIndex(block_size=64)
     # 8 engine blocks of 16 in two events: 4 then 4 (the second parented on the 4th)
-    idx.apply("a", [stored([1, 2, 3, 4], None, TOKENS[:64], 16)], "m")
-    idx.apply("a", [stored([5, 6, 7, 8], 4, TOKENS[64:], 16)], "m")
+    idx.apply_events("a", [stored([1, 2, 3, 4], None, TOKENS[:64], 16)], "m")
+    idx.apply_events("a", [stored([5, 6, 7, 8], 4, TOKENS[64:], 16)], "m")
     keys = idx.keys_for(TOKENS, "m")
     assert len(keys) == 2
     assert idx.match(keys, ["a", "b"]) == {"a": 2}
     # evicting engine block 8 (it completes the 2nd picker block) drops that key only
-    idx.apply("a", [BlockRemoved((8,))], "m")
+    idx.apply_events("a", [BlockRemoved((8,))], "m")
     assert idx.match(keys, ["a"]) == {"a": 1}
     # other model: other keys
     assert idx.match(idx.keys_for(TOKENS, "other"), ["a"]) == {}
@@ -36,31 +36,31 @@ def test_engine_blocks_smaller_than_picker_blocks() -> None:
 
 def test_engine_blocks_larger_than_picker_blocks_and_copies() -> None:
     idx = PreciseIndex(block_size=8)
-    idx.apply("a", [stored([1, 2], None, TOKENS[:32], 16)], "m")
-    idx.apply("b", [stored([9], None, TOKENS[:16], 16)], "m")
+    idx.apply_events("a", [stored([1, 2], None, TOKENS[:32], 16)], "m")
+    idx.apply_events("b", [stored([9], None, TOKENS[:16], 16)], "m")
     keys = idx.keys_for(TOKENS[:32], "m")
     assert len(keys) == 4
     assert idx.match(keys, ["a", "b"]) == {"a": 4, "b": 2}
     # a second physical copy on a: one removal leaves it resident
-    idx.apply("a", [stored([1], None, TOKENS[:16], 16)], "m")
+    idx.apply_events("a", [stored([1], None, TOKENS[:16], 16)], "m")
     assert idx.residency(keys[0], "a") == 2
-    idx.apply("a", [BlockRemoved((1,))], "m")
+    idx.apply_events("a", [BlockRemoved((1,))], "m")
     assert idx.match(keys, ["a"]) == {"a": 4}
-    idx.apply("a", [BlockRemoved((1,))], "m")
+    idx.apply_events("a", [BlockRemoved((1,))], "m")
     assert idx.match(keys, ["a", "b"]) == {"b": 2}
-    idx.apply("b", [AllBlocksCleared()], "m")
+    idx.apply_events("b", [AllBlocksCleared()], "m")
     assert idx.match(keys, ["a", "b"]) == {}
     assert idx.size() == 2  # a's second engine block still owns its two keys
 
 
 def test_lora_orphans_and_malformed() -> None:
     idx = PreciseIndex(block_size=16)
-    idx.apply("a", [stored([1], None, TOKENS[:16], 16, lora="ad")], "m")
+    idx.apply_events("a", [stored([1], None, TOKENS[:16], 16, lora="ad")], "m")
     assert idx.match(idx.keys_for(TOKENS[:16], "ad"), ["a"]) == {"a": 1}
     assert idx.match(idx.keys_for(TOKENS[:16], "m"), ["a"]) == {}
-    idx.apply("a", [stored([7], 12345, TOKENS[:16], 16)], "m")
+    idx.apply_events("a", [stored([7], 12345, TOKENS[:16], 16)], "m")
     assert idx.orphans == 1
-    idx.apply("a", [stored([8, 9], None, TOKENS[:16], 16)], "m")
+    idx.apply_events("a", [stored([8, 9], None, TOKENS[:16], 16)], "m")
     assert idx.malformed == 1
     idx.clear("a")
     assert idx.size() == 0 and idx.endpoints() == []
@@ -83,7 +83,7 @@ def test_simulator_events_round_trip_through_the_index() -> None:
             t = nxt
             engine.advance(t)
         for events in engine.take_event_batches():
-            idx.apply("sim-0", decode_batch(encode_batch(t, events)).events, "m")
+            idx.apply_events("sim-0", decode_batch(encode_batch(t, events)).events, "m")
         for p in prompts:
             keys = idx.keys_for(p, "m")
             held = idx.match(keys, ["sim-0"]).get("sim-0", 0)

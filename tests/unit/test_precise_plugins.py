@@ -76,7 +76,7 @@ def test_reference_config_wires_the_scorer_to_the_producer() -> None:
     prompt = "hello world hello world again bye hello world again bye and more"
     tokens = encode(prompt)
     assert len(tokens) // 4 == 3
-    producer.index.apply("b", [BlockStored((1, 2), None, tuple(tokens[:8]), 4)], "m")
+    producer.index.apply_events("b", [BlockStored((1, 2), None, tuple(tokens[:8]), 4)], "m")
     c = ctx("m", json.dumps(prompt).encode())
     assert scorer.score(c, [cand("a"), cand("b")]) == [0.0, pytest.approx(2 / 3)]
     # request tokens from a token producer win over local tokenization

@@ -19,6 +19,7 @@ from inferoute.bench.scheduler import (
     vllm_metrics_page,
 )
 from inferoute.epp.datalayer.metrics import ENGINES, ParseCache, parse_metrics
+from inferoute.epp.learned import LocalLearnedState, PrefixIndex
 from inferoute.epp.requestcontrol.director import Session
 from inferoute.picking import Destination, PickRequest
 
@@ -50,8 +51,9 @@ def test_lifecycle_rig_runs_the_whole_session_and_reads_usage() -> None:
     chunk = usage_chunk(1000)
     served = lifecycle(picker, PickRequest("POST", "/v1/chat/completions", {}, bodies[0]), chunk)
     assert served in picker.datastore.states
-    assert picker.learned.inflight(served).requests == 0  # released
-    assert picker.learned.prefix.endpoint_size(served) > 0  # learned
+    assert picker.learned.snapshot().inflight(served).requests == 0  # released
+    assert isinstance(picker.learned, LocalLearnedState)
+    assert isinstance(picker.learned.prefix, PrefixIndex) and picker.learned.prefix.endpoint_size(served) > 0
     _, s = picker.director.decide(PickRequest("POST", "/v1/chat/completions", {}, bodies[1]))
     assert isinstance(s, Session)
     s.response_chunk(chunk)

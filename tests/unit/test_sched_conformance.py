@@ -10,7 +10,7 @@ import pytest
 from test_epp_rig import cand, ctx
 
 from inferoute.clock import FakeClock
-from inferoute.epp.learned import LocalLearnedState
+from inferoute.epp.learned import Inflight, LocalLearnedState, Placed
 from inferoute.epp.plugin import Params, PluginDeps
 from inferoute.epp.scheduling.prefix import prefix_hashes
 from inferoute.epp.scheduling.registry import builtin_registry
@@ -38,8 +38,8 @@ def _pool(n: int, seed: int) -> list[Candidate]:
             active_adapters=frozenset(rng.sample(["a", "b", "c"], rng.randint(0, 2))),
             block_size=rng.choice([None, 16]),
         )
-        c.inflight.pending = rng.randint(0, 3)
-        c.inflight.pending_tokens = c.inflight.pending * 100
+        pending = rng.randint(0, 3)
+        c.inflight = Inflight(pending=pending, pending_tokens=pending * 100)
         out.append(c)
     return out
 
@@ -67,7 +67,7 @@ def test_scorer_contract(type_name: str, n: int) -> None:
     scorer = _make(type_name, learned)
     assert isinstance(scorer, Scorer) and scorer.type_name == type_name
     pool = _pool(n, seed=n)
-    learned.learn_prefix(pool[0].key, prefix_hashes("a", prompt), 16)
+    learned.apply([Placed(pool[0].key, tuple(prefix_hashes("a", prompt)), 16)])
     c = ctx(model="a", prompt=prompt, headers={"x-session-id": "s"}, learned=learned)
     scores = list(scorer.score(c, pool))
     assert len(scores) == n, "one score per candidate"

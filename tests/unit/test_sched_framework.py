@@ -10,7 +10,7 @@ from typing import ClassVar
 import pytest
 from test_epp_rig import cand, ctx
 
-from inferoute.epp.learned import LocalLearnedState
+from inferoute.epp.learned import LocalLearnedState, Placed
 from inferoute.epp.scheduling.framework import (
     NoEndpoints,
     Scheduler,
@@ -98,10 +98,15 @@ def test_scheduler_learns_the_prefix_for_the_picked_endpoint() -> None:
     prompt = b"long shared prompt " * 100
     first = sched.schedule(ctx(prompt=prompt, learned=learned), [cand("a"), cand("b"), cand("c")])
     chosen = first.endpoints[0].key
+    placed = [r for r in first.records if isinstance(r, Placed)]
+    assert [r.endpoint for r in placed] == [chosen] and len(placed[0].keys) > 1
+    assert learned.snapshot().size() == 0  # scheduling changes nothing: the records say what to learn
+    learned.apply(first.records)
     for seed in range(10):  # from now on the prefix always wins
         again = sched.schedule(
             ctx(prompt=prompt, learned=learned, seed=seed), [cand("a"), cand("b"), cand("c")]
         )
+        learned.apply(again.records)
         assert again.endpoints[0].key == chosen
         assert again.scores[chosen] == 1.0
 

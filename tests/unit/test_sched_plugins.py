@@ -10,7 +10,7 @@ from test_epp_rig import cand, ctx
 
 from inferoute.clock import FakeClock
 from inferoute.epp.datalayer.metrics import EndpointMetrics
-from inferoute.epp.learned import LocalLearnedState
+from inferoute.epp.learned import Inflight, LocalLearnedState, Placed
 from inferoute.epp.scheduling.plugins.kv_cache_scorer import KVCacheUtilizationScorer
 from inferoute.epp.scheduling.plugins.lora_affinity_scorer import LoraAffinityScorer
 from inferoute.epp.scheduling.plugins.max_score_picker import MaxScorePicker
@@ -34,7 +34,7 @@ def test_queue_scorer_min_max() -> None:
 
 def test_queue_scorer_counts_inflight_newer_than_the_scrape() -> None:
     a, b = cand("a", waiting=1), cand("b", waiting=1)
-    b.inflight.pending = 4
+    b.inflight = Inflight(pending=4)
     assert QueueScorer("q").score(ctx(), [a, b]) == [1.0, 0.0]
     assert QueueScorer("q", count_inflight=False).score(ctx(), [a, b]) == [1.0, 1.0]
 
@@ -69,8 +69,7 @@ def test_prefix_cache_scorer_ratio_of_matched_blocks() -> None:
     learned = LocalLearnedState()
     prompt = b"p" * 64 * 4
     h = prefix_hashes("m", prompt, block_size_tokens=16)
-    learned.learn_prefix("a", h, 16)
-    learned.learn_prefix("b", h[:1], 16)
+    learned.apply([Placed("a", tuple(h), 16), Placed("b", tuple(h[:1]), 16)])
     scores = PrefixCacheScorer("p").score(
         ctx(prompt=prompt, learned=learned), [cand("a"), cand("b"), cand("c")]
     )
@@ -101,7 +100,9 @@ def test_session_affinity_binds_after_pick_and_expires() -> None:
 def test_predicted_ttft_prefers_cached_prefix_over_idle_cold_endpoint() -> None:
     learned = LocalLearnedState()
     prompt = b"w" * 4000 * 4  # ~4000 tokens
-    learned.learn_prefix("warm", prefix_hashes("m", prompt, block_size_tokens=16, max_blocks=256), 16)
+    learned.apply(
+        [Placed("warm", tuple(prefix_hashes("m", prompt, block_size_tokens=16, max_blocks=256)), 16)]
+    )
     warm = cand("warm", running=4)
     cold = cand("cold", running=0)
     scorer = PredictedTTFTScorer("t")
@@ -120,7 +121,7 @@ def test_predicted_ttft_accounts_for_pending_prefill_and_queue() -> None:
         ),
     )
     busy, queued, idle = cand("busy"), cand("queued", waiting=2), cand("idle")
-    busy.inflight.pending, busy.inflight.pending_tokens = 1, 300
+    busy.inflight = Inflight(pending=1, pending_tokens=300)
     t = scorer.predict(ctx(prompt=b"x" * 400), [busy, queued, idle])
     assert t == pytest.approx([0.3 + 0.1, 1.0 + 0.1, 0.1])
 

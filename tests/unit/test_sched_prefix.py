@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from inferoute.epp.scheduling.prefix import PrefixHashCache, PrefixIndex, prefix_hashes
+from inferoute.epp.learned import PrefixIndex
+from inferoute.epp.scheduling.prefix import PrefixHashCache, prefix_hashes
 
 
 def test_hash_chain_identifies_the_whole_prefix() -> None:

@@ -313,7 +313,7 @@ def measure_lifecycle(
         batches,
         min(per_batch),
         statistics.median(per_batch),
-        picker.learned.prefix.size(),
+        picker.learned.snapshot().size(),
     )
 
 

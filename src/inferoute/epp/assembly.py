@@ -27,11 +27,11 @@ from inferoute.epp.flowcontrol.config import FlowControlConfig
 from inferoute.epp.flowcontrol.shell import FlowControl
 from inferoute.epp.flowcontrol.signals import FlowControlMetrics
 from inferoute.epp.flowcontrol.stages import stage_saturation
-from inferoute.epp.learned import LearnedState, LocalLearnedState
+from inferoute.epp.learned import LearnedState, LocalLearnedState, PrefixIndex
+from inferoute.epp.learned.approx import DEFAULT_LRU_CAPACITY
 from inferoute.epp.metrics import EppMetrics
 from inferoute.epp.plugin import BackgroundPlugin, PluginDeps, RequestPreparer
 from inferoute.epp.requestcontrol.director import Director, Prepared
-from inferoute.epp.scheduling.prefix import DEFAULT_LRU_CAPACITY, PrefixIndex
 from inferoute.epp.scheduling.shadow import ShadowMetrics
 from inferoute.errors import ConfigError, InferouteError
 from inferoute.picking import Decision, PickerError, PickRequest, PickSession
@@ -240,11 +240,12 @@ async def start_picker(opts: EppOptions) -> EmbeddedPicker:
     if opts.staleness_threshold <= 0:
         raise ConfigError("staleness_threshold: must be > 0 seconds")
     metrics = EppMetrics(opts.registry)
-    learned: LearnedState = opts.learned or LocalLearnedState(PrefixIndex(DEFAULT_LRU_CAPACITY))
+    index = PrefixIndex(DEFAULT_LRU_CAPACITY)
+    learned: LearnedState = opts.learned or LocalLearnedState(index)
     deps = PluginDeps(learned=learned, clock=opts.clock, seed=opts.seed)
     config = parse_config(text, deps=deps, observer=metrics.plugin_observer, source=where)
-    if config.prefix.lru_capacity:
-        learned.prefix.default_capacity = config.prefix.lru_capacity * config.prefix.block_size_tokens
+    if config.prefix.lru_capacity:  # the configured LRU size of the approximate store built here
+        index.default_capacity = config.prefix.lru_capacity * config.prefix.block_size_tokens
 
     source: EndpointSource
     if opts.source is not None:

@@ -17,5 +17,5 @@ cached full blocks, one per physical copy), ``BlockRemoved`` (one per evicted bl
   per-data-parallel-rank endpoint offset.
 
 The simulator's publisher (:mod:`inferoute.sim.kvpublish`) and the picker's subscriber
-(:mod:`inferoute.epp.kvindex`) are thin ZMQ shells around these.
+(:mod:`inferoute.epp.precise`) are thin ZMQ shells around these.
 """

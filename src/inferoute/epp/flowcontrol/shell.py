@@ -149,6 +149,7 @@ class FlowControl:
             self._count(released, Outcome.DISPATCHED)
             result = self.director.schedule(released.payload.prep, admission=False)
             self._resolve(released, (result[0], _FlowSession(self, released, result[1])))
+            pool = self.director.all_candidates(now)  # in-flight counts are per view: read them again
         if self.metrics is not None:
             self.metrics.cycle(time.perf_counter() - t0)
         if self._timer is not None or core.count:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from inferoute.epp.learned.port import EngineEvents, Record
 from inferoute.kvevents.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 U64 = (1 << 64) - 1
@@ -73,7 +74,11 @@ class _Endpoint:
 
 
 class PreciseIndex:
-    """Per-endpoint engine blocks and the reverse map request key -> {endpoint: copies}."""
+    """Per-endpoint engine blocks and the reverse map request key -> {endpoint: copies}.
+
+    The KV-event implementation of :class:`~inferoute.epp.learned.port.PrefixStore`: it learns from
+    :class:`~inferoute.epp.learned.port.EngineEvents` records only (the servers say what they hold; where the
+    picker sent a prompt proves nothing), and needs no capacity: the servers evict and say so."""
 
     def __init__(self, block_size: int = 16, hash_seed: str = "") -> None:
         if block_size < 1:
@@ -99,8 +104,17 @@ class PreciseIndex:
         """The request keys of a prompt for ``model`` (adapter name or base model)."""
         return request_keys(tokens, self.block_size, self.root(model))
 
-    # -- events -----------------------------------------------------------------------------------------
-    def apply(self, endpoint: str, events: Iterable[KVEvent], model: str = "") -> None:
+    # -- records and events -----------------------------------------------------------------------------
+    def apply(self, records: Iterable[Record]) -> None:
+        for r in records:
+            if isinstance(r, EngineEvents):
+                self.apply_events(r.endpoint, r.events, r.model)
+
+    def forget(self, endpoints: Iterable[str]) -> None:
+        for ep in endpoints:
+            self.clear(ep)
+
+    def apply_events(self, endpoint: str, events: Iterable[KVEvent], model: str = "") -> None:
         """Apply one batch of ``endpoint``'s events; ``model`` is its served base model."""
         ep = self._endpoints.get(endpoint)
         if ep is None:

@@ -34,6 +34,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from inferoute.endpoints import Endpoint
+from inferoute.epp.learned.port import EngineEvents
 from inferoute.epp.precise.index import PreciseIndex
 from inferoute.epp.precise.tracker import Action, SeqTracker
 from inferoute.kvevents.config import KV_EVENTS_LABEL, KV_REPLAY_LABEL
@@ -193,7 +194,7 @@ class EndpointSubscriber:
             log.debug("kv-events %s: batch %d: %s", self.key, seq, exc)
             self.stats.invalid += 1
         else:
-            self.index.apply(self.key, batch.events, parse_topic(topic)[1])
+            self.index.apply((EngineEvents(self.key, batch.events, parse_topic(topic)[1]),))
             self.stats.batches += 1
         self.tracker.applied(seq)
         self._last_digest = xxhash.xxh64_intdigest(payload)

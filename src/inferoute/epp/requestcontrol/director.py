@@ -28,7 +28,7 @@ from inferoute.clock import Clock
 from inferoute.endpoints import split_hostport
 from inferoute.epp.datalayer.datastore import Datastore, EndpointState
 from inferoute.epp.flowcontrol import SaturationDetector
-from inferoute.epp.learned import LearnedState
+from inferoute.epp.learned import Finished, FirstByte, LearnedState, LearnedView, Started
 from inferoute.epp.metrics import EppMetrics, ModelSeries
 from inferoute.epp.requestcontrol import headers as hdr
 from inferoute.epp.requestcontrol.parse import CHARS_PER_TOKEN, BodyParser, ParsedBody
@@ -90,6 +90,14 @@ def uncached_tokens(ctx: CycleContext, endpoint: str) -> int:
     if not hashes:
         return tokens
     return round(tokens * (1.0 - ctx.matched_blocks(endpoint) / len(hashes)))
+
+
+def _with_inflight(candidates: list[Candidate], view: LearnedView) -> list[Candidate]:
+    """Give each candidate its in-flight counts as of ``view`` (candidate views are reused across cycles)."""
+    inflight = view.inflight
+    for c in candidates:
+        c.inflight = inflight(c.key)
+    return candidates
 
 
 class Admitter(Protocol):
@@ -248,7 +256,9 @@ class Director:
 
     def all_candidates(self, now: float) -> list[Candidate]:
         """Every endpoint of the pool, fresh or not (what flow control measures saturation over)."""
-        return self._candidates(self.datastore.states.values(), now, None)
+        return _with_inflight(
+            self._candidates(self.datastore.states.values(), now, None), self.learned.snapshot()
+        )
 
     def schedule(self, prep: Prepared, *, admission: bool) -> tuple[Decision, PickSession]:
         """Candidates, the legacy admission check (``admission``), scheduling and learning."""
@@ -258,6 +268,8 @@ class Director:
         candidates = self.candidates(prep.subset, now)
         if isinstance(candidates, str):
             return self._reject(503, candidates, "no-endpoints", model, target), NullSession()
+        view = self.learned.snapshot()
+        _with_inflight(candidates, view)
         if admission and ireq.priority < 0 and self.saturation is not None:
             level = self.saturation.saturation(candidates, now)
             if level >= 1.0:
@@ -270,7 +282,7 @@ class Director:
                     target,
                 ), NullSession()
         ctx = CycleContext(
-            ireq, self.learned, now=now, rng=self.rng, prefix_settings=self.prefix, hash_cache=self.hash_cache
+            ireq, view, now=now, rng=self.rng, prefix_settings=self.prefix, hash_cache=self.hash_cache
         )
         for admitter in self.admitters:
             why = admitter.refuse(ctx, candidates)
@@ -290,7 +302,7 @@ class Director:
 
         primary = result.endpoints[0].key
         prefill_tokens = uncached_tokens(ctx, primary)
-        self.learned.begin(primary, ireq.prompt_tokens, prefill_tokens)
+        self.learned.apply((*result.records, Started(primary, ireq.prompt_tokens, prefill_tokens)))
         prep.series.running.inc()
         session = Session(self, prep.series, primary, ireq.prompt_tokens, prefill_tokens, now)
         return Destination(tuple(c.key for c in result.endpoints), prep.set_headers, prep.body), session
@@ -342,9 +354,7 @@ class Director:
                     continue
             c = cache.get(s)
             if c is None:
-                c = cache[s] = Candidate(
-                    s.key, s.endpoint.name, s.metrics, self.learned.inflight(s.key), s.endpoint.labels
-                )
+                c = cache[s] = Candidate(s.key, s.endpoint.name, s.metrics, labels=s.endpoint.labels)
             else:
                 c.metrics = s.metrics
             append(c)
@@ -362,7 +372,7 @@ class Director:
         self.metrics.prefix_hit_ratio.observe(matched / len(hashes))
         block_bytes = ctx.block_size_tokens([result.endpoints[0]]) * CHARS_PER_TOKEN
         self.metrics.prefix_hit_bytes.observe(min(matched * block_bytes, len(ctx.request.prompt)))
-        self.metrics.prefix_indexer_size.set(self.learned.prefix.size())
+        self.metrics.prefix_indexer_size.set(ctx.learned.size())
 
     def _bodyless(self, request: PickRequest) -> Decision:
         """GIE: a request without a body (``GET /v1/models``) goes to a random fresh endpoint."""
@@ -425,10 +435,11 @@ class Session:
         try:
             self.status = status
             if served and served != self.endpoint:
-                learned = self._director.learned
-                learned.end(self.endpoint, self.prompt_tokens, self.prefill_tokens, started=False)
+                moved = Finished(self.endpoint, self.prompt_tokens, self.prefill_tokens, started=False)
                 self.prefill_tokens = self.prompt_tokens  # the fallback's cache is unknown: assume cold
-                learned.begin(served, self.prompt_tokens, self.prefill_tokens)
+                self._director.learned.apply(
+                    (moved, Started(served, self.prompt_tokens, self.prefill_tokens))
+                )
                 self.endpoint = served
         except Exception:
             log.exception("session response_started")
@@ -440,7 +451,7 @@ class Session:
             if not self._first and chunk:
                 self._first = True
                 d = self._director
-                d.learned.first_byte(self.endpoint, self.prefill_tokens)
+                d.learned.apply((FirstByte(self.endpoint, self.prefill_tokens),))
                 self._series.ttft.observe(d.clock.now() - self._started_at)
             self._tail.feed(chunk)
         except Exception:
@@ -474,7 +485,7 @@ class Session:
         self._done = True
         try:
             d = self._director
-            d.learned.end(self.endpoint, self.prompt_tokens, self.prefill_tokens, started=self._first)
+            d.learned.apply((Finished(self.endpoint, self.prompt_tokens, self.prefill_tokens, self._first),))
             self._series.running.dec()
             self._series.duration.observe(d.clock.now() - self._started_at)
         except Exception:

@@ -7,8 +7,10 @@ The engine enforces the invariants so plugins stay simple:
 * every plugin call is timed into ``observe(extension_point, type, name)`` (a histogram in production);
 * an empty candidate list after the filters is a scheduling failure (:class:`NoEndpoints`).
 
-After a successful cycle the engine teaches the learned state: the primary endpoint now holds the request's
-prefix blocks (when any plugin computed them), and plugins implementing ``PickObserver`` are told.
+After a successful cycle the engine says what was learned without changing anything: the result carries
+records (:mod:`inferoute.epp.learned.port`) — the primary endpoint now holds the request's prefix blocks (when
+any plugin computed them) and, with autoTune, its KV capacity — for the director to apply. Plugins
+implementing ``PickObserver`` are told of the pick.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from inferoute.epp.learned.port import Capacity, Placed, Record
 from inferoute.epp.scheduling.types import (
     Candidate,
     CycleContext,
@@ -60,6 +63,8 @@ class ProfileResult:
     candidates: list[Candidate]
     totals: list[float]
     """Weighted total score of each candidate (same order)."""
+    records: tuple[Record, ...] = ()
+    """What the cycle learned, for the director to apply to the learned state (empty for a shadow run)."""
 
     @property
     def scores(self) -> dict[str, float]:
@@ -173,7 +178,7 @@ def is_shadow(profile_name: str) -> bool:
 
 class Scheduler:
     """Runs the live profile (``single-profile-handler``), then any dark-launched ``shadow`` profiles, and
-    updates the learned prefix state.
+    returns what the learned prefix state should learn (``ProfileResult.records``).
 
     A shadow profile runs on every live request after the live decision, on its own copy of the candidate
     list and without ``on_picked`` (it never changes the decision nor what the picker learns); its pick, its
@@ -197,16 +202,20 @@ class Scheduler:
         if self.shadows:
             self._run_shadows(ctx, candidates, result)
         hashes = ctx.hashes_computed
-        if hashes:
-            picked = result.endpoints[0]
-            met = picked.metrics
-            if ctx.prefix_settings.auto_tune and met.num_gpu_blocks:
-                block = met.block_size or ctx.prefix_settings.block_size_tokens
-                ctx.learned.prefix.set_capacity(picked.key, met.num_gpu_blocks * block)
-            # each hashed block stands for its share of the whole prompt (the server caches all of it)
-            per_block = -(-ctx.request.prompt_tokens // len(hashes))
-            ctx.learned.learn_prefix(picked.key, hashes, max(per_block, 1))
-        return result
+        if not hashes:
+            return result
+        picked = result.endpoints[0]
+        records: list[Record] = []
+        met = picked.metrics
+        if ctx.prefix_settings.auto_tune and met.num_gpu_blocks:
+            block = met.block_size or ctx.prefix_settings.block_size_tokens
+            records.append(Capacity(picked.key, met.num_gpu_blocks * block))
+        # each hashed block stands for its share of the whole prompt (the server caches all of it)
+        per_block = -(-ctx.request.prompt_tokens // len(hashes))
+        records.append(Placed(picked.key, tuple(hashes), max(per_block, 1)))
+        return ProfileResult(
+            result.profile, result.endpoints, result.candidates, result.totals, tuple(records)
+        )
 
     def _run_shadows(self, ctx: CycleContext, candidates: list[Candidate], live: ProfileResult) -> None:
         live_key = live.endpoints[0].key

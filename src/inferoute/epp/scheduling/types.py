@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
 from inferoute.epp.datalayer.metrics import EndpointMetrics
-from inferoute.epp.learned import InflightCounts, LearnedState
+from inferoute.epp.learned.port import IDLE, Inflight, LearnedView
 from inferoute.epp.scheduling.prefix import (
     DEFAULT_BLOCK_SIZE_TOKENS,
     DEFAULT_MAX_PREFIX_BLOCKS,
@@ -56,7 +56,9 @@ class Candidate:
     """``ip:port``."""
     name: str
     metrics: EndpointMetrics
-    inflight: InflightCounts
+    inflight: Inflight = IDLE
+    """This picker's in-flight load on it, as of the cycle's :class:`~inferoute.epp.learned.port.LearnedView`
+    (a frozen value; the director sets it when it hands out the candidate)."""
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -78,7 +80,10 @@ class PrefixSettings:
 
 
 class CycleContext:
-    """Everything one scheduling cycle may read; computed lazily and memoised for all plugins."""
+    """Everything one scheduling cycle may read; computed lazily and memoised for all plugins.
+
+    ``learned`` is an immutable view: plugins read it, and the scheduler returns what the cycle learned as
+    records (:attr:`~inferoute.epp.scheduling.framework.ProfileResult.records`) for the director to apply."""
 
     __slots__ = (
         "_block",
@@ -95,7 +100,7 @@ class CycleContext:
     def __init__(
         self,
         request: InferenceRequest,
-        learned: LearnedState,
+        learned: LearnedView,
         *,
         now: float,
         rng: random.Random,
@@ -110,7 +115,7 @@ class CycleContext:
         self.hash_cache = hash_cache
         """Chains of recent long prompts (the director's); None: hash every time."""
         self._hashes: list[int] | None = None
-        self._match: dict[str, int] | None = None
+        self._match: Mapping[str, int] | None = None
         self._block: int | None = None
 
     def block_size_tokens(self, candidates: Sequence[Candidate]) -> int:
@@ -143,21 +148,17 @@ class CycleContext:
             )
         return self._hashes
 
-    def prefix_match(self, candidates: Sequence[Candidate]) -> dict[str, int]:
+    def prefix_match(self, candidates: Sequence[Candidate]) -> Mapping[str, int]:
         """Matched leading blocks per candidate key (absent = 0)."""
         if self._match is None:
-            self._match = self.learned.prefix.match(
-                self.prefix_hashes(candidates), [c.key for c in candidates]
-            )
+            self._match = self.learned.match(self.prefix_hashes(candidates), [c.key for c in candidates])
         return self._match
 
     def matched_blocks(self, endpoint: str) -> int:
         """Leading prefix blocks ``endpoint`` holds (0 when no plugin computed the prefix hashes)."""
         if self._hashes is None:
             return 0
-        match = (
-            self._match if self._match is not None else self.learned.prefix.match(self._hashes, [endpoint])
-        )
+        match = self._match if self._match is not None else self.learned.match(self._hashes, [endpoint])
         return match.get(endpoint, 0)
 
     @property

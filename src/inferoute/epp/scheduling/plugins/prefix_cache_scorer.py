@@ -3,7 +3,8 @@
 Formula (GIE): ``matched_blocks / total_blocks`` where ``matched_blocks`` is the number of leading prefix
 blocks the approximate prefix index says the endpoint holds (0 when the prompt is empty).
 Input: the request's chained block hashes and the learned prefix index (see
-:mod:`inferoute.epp.scheduling.prefix`); the engine records the hashes for the picked endpoint afterwards.
+:mod:`inferoute.epp.scheduling.prefix`); the engine returns the hashes for the picked endpoint as a ``Placed``
+record afterwards.
 Parameters: ``prefixMatchInfoProducerName`` names the producer whose match information is scored (the
 reference's wiring: ``precise-prefix-cache-producer`` for KV-event-fed precise matching); absent, the
 approximate index is used. Block size, match cap and LRU capacity belong to ``approx-prefix-cache-producer``
