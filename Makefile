@@ -20,7 +20,7 @@ $(TESTSTAMP): $(STAMP) pyproject.toml
 	touch $@
 
 # System packages the interop tests use (NGINX; curl, iproute2 and unshare for the runnable docs; nghttp2's
-# h2load for the HTTP/2 interop test).
+# h2load for the HTTP/2 interop test; redis-server for the picker's cross-replica syncer tests).
 # Installed only when missing.
 test-deps: $(TESTSTAMP)
 	@missing=""; \
@@ -29,6 +29,7 @@ test-deps: $(TESTSTAMP)
 	{ command -v ip >/dev/null 2>&1 || test -x /usr/sbin/ip || test -x /sbin/ip; } || missing="$$missing iproute2"; \
 	command -v unshare >/dev/null 2>&1 || missing="$$missing util-linux"; \
 	command -v h2load >/dev/null 2>&1 || missing="$$missing nghttp2-client"; \
+	{ command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server; } || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then echo "installing$$missing (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 

@@ -3,7 +3,8 @@
 ``--workers N`` starts N worker processes (``spawn``), each a complete gateway (its own event loop, upstream
 pools, pickers) listening on the same ``host:port`` with ``SO_REUSEPORT``: the kernel spreads connections over
 them, so N workers use N cores. The parent keeps a bound (non-listening) socket on the port so that
-``:0`` resolves once for all, forwards SIGINT/SIGTERM to the workers and exits when they have.
+``:0`` resolves once for all, forwards SIGINT/SIGTERM to the workers and exits when they have
+(:mod:`inferoute.workers`, shared with ``inferoute epp --workers N``).
 
 Trade-off, by design: an *embedded* picker lives in each worker, so its learned state (prefix-cache index,
 in-flight counts, queue) is split N ways. With several workers, point ``epp.endpoint`` at one
@@ -13,15 +14,10 @@ in-flight counts, queue) is split N ways. With several workers, point ``epp.endp
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import gc
 import logging
-import multiprocessing
-import multiprocessing.process
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -32,6 +28,7 @@ from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import EMBEDDED, GatewayConfig, parse_listen, with_listen
 from inferoute.gateway.reload import ConfigWatcher
 from inferoute.tasks import TaskSet
+from inferoute.workers import hold_port, run_workers, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -141,25 +138,8 @@ async def serve_one(
     return 0
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: the kernel sends this worker SIGTERM when its parent dies, however it dies (SIGKILL included),
-    so workers never keep serving the port alone (``prctl(PR_SET_PDEATHSIG)``)."""
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _worker_main(cfg_json: bytes, log_level: int, watch: str | None = None, parent: int = 0) -> None:
-    logging.basicConfig(
-        level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
-    )
-    # Ctrl-C reaches the whole process group: the parent turns it into one SIGTERM per worker, so a worker
-    # ignores SIGINT itself (else one Ctrl-C would count twice and skip the grace period).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if parent:
-        _die_with_parent(parent)
+    worker_init(parent, log_level)
     cfg = msgspec.json.decode(cfg_json, type=GatewayConfig)
     only_term = (signal.SIGTERM,)
     sys.exit(run_async(lambda: serve_one(cfg, reuse_port=True, announce=False, watch=watch, sigs=only_term)))
@@ -179,60 +159,29 @@ def run_gateway(cfg: GatewayConfig, workers: int | None = None, watch: str | Non
             n,
         )
     host, port = parse_listen(cfg.listen)
-    holder = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((host, port))
+    holder = hold_port(host, port)
     port = holder.getsockname()[1]
     cfg = with_listen(cfg, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    ctx = multiprocessing.get_context("spawn")
     blob = msgspec.json.encode(cfg)
     level = logging.getLogger().getEffectiveLevel()
-    procs: list[multiprocessing.process.BaseProcess] = []
-    stop = {"signal": 0}
 
-    def forward(signum: int, _frame: Any) -> None:
-        if _frame is not None and not stop["signal"]:
-            log.warning(
-                "stopping %d workers: each waits up to %.0f s for its requests in flight (again to stop now)",
-                n,
-                DEFAULT_GRACE,
-            )
-        elif _frame is not None:
-            log.warning("%s again: the workers stop now", signal.Signals(signum).name)
-        stop["signal"] = signum
-        for p in procs:
-            if p.is_alive() and p.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGTERM)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for i in range(n):
-            proc = ctx.Process(
-                target=_worker_main, args=(blob, level, watch, os.getpid()), name=f"gateway-worker-{i}"
-            )
-            proc.start()
-            procs.append(proc)
+    def started(pids: list[int]) -> None:
         log.info(
             "gateway listening on http://%s:%d with %d workers (pids %s)",
             host,
             port,
             n,
-            ",".join(str(p.pid) for p in procs),
+            ",".join(map(str, pids)),
         )
-        codes = []
-        for p in procs:
-            p.join()
-            codes.append(p.exitcode or 0)
-            if not stop["signal"]:  # a worker died on its own: stop the others too
-                forward(signal.SIGTERM, None)
-        return 0 if stop["signal"] else max(codes)
+
+    try:
+        return run_workers(
+            n,
+            _worker_main,
+            lambda _i: (blob, level, watch, os.getpid()),
+            name="gateway",
+            grace=DEFAULT_GRACE,
+            started=started,
+        )
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for s, h in old.items():
-            signal.signal(s, h)
         holder.close()
