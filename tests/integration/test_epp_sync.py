@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from inferoute.epp.learned import IDLE, Finished, FirstByte, Inflight, Started
 from inferoute.epp.sync.inflight import SyncedLearnedState
 from inferoute.epp.sync.redis_syncer import RedisSyncer
 from inferoute.epp.sync.shm import HEADER, ShmSyncer, create_segment
@@ -254,40 +255,35 @@ async def test_inflight_load_is_shared_between_pickers() -> None:
     hub = MemoryHub(FakeClock())
     a = SyncedLearnedState(MemorySyncer(hub, "a"))
     b = SyncedLearnedState(MemorySyncer(hub, "b"))
-    seen_by_b = b.inflight("e1")  # scorers keep this object: it must change in place
-    a.begin("e1", 100, 80)
-    a.begin("e1", 50, 50)
-    b.begin("e1", 10, 10)
-    assert a.inflight("e1").requests == 2  # own load at once, the peer's only after an exchange
+    a.apply([Started("e1", 100, 80), Started("e1", 50, 50)])
+    b.apply([Started("e1", 10, 10)])
+    old = b.snapshot()
+    assert a.snapshot().inflight("e1").requests == 2  # own load at once, the peer's after an exchange
 
     async def exchange() -> None:
         for s in (a, b, a):
             s.supply()
             await s.syncer.sync()
-            s.apply()
-        b.apply()
+            s.take_peers()
+        b.take_peers()
 
     await exchange()
-    assert (seen_by_b.requests, seen_by_b.pending, seen_by_b.pending_tokens, seen_by_b.tokens) == (
-        3,
-        3,
-        140,
-        160,
-    )
-    assert a.inflight("e1").requests == 3
-    assert b.local_inflight("e1").requests == 1
-    a.first_byte("e1", 80)
-    b.end("e1", 10, 10, started=False)
-    assert seen_by_b.requests == 2  # own change shows at once
+    assert b.snapshot().inflight("e1") == Inflight(3, 3, 140, 160)
+    assert old.inflight("e1") == Inflight(1, 1, 10, 10)  # a view never changes
+    assert a.snapshot().inflight("e1").requests == 3
+    assert b.local.snapshot().inflight("e1").requests == 1
+    a.apply([FirstByte("e1", 80)])
+    b.apply([Finished("e1", 10, 10, started=False)])
+    assert b.snapshot().inflight("e1").requests == 2  # own change shows at once
     await exchange()
-    assert (seen_by_b.requests, seen_by_b.pending, seen_by_b.pending_tokens) == (2, 1, 50)
-    a.end("e1", 100, 80, started=True)
-    a.end("e1", 50, 50, started=False)
+    assert b.snapshot().inflight("e1") == Inflight(2, 1, 50, 150)
+    a.apply([Finished("e1", 100, 80, started=True), Finished("e1", 50, 50, started=False)])
     await exchange()
-    assert (seen_by_b.requests, seen_by_b.pending, seen_by_b.tokens) == (0, 0, 0)
-    assert hub.tables  # both still publishing (empty tables)
-    b.begin("e2", 5, 5)
+    assert b.snapshot().inflight("e1") == IDLE
+    assert a.syncer.mine() == {"inflight": {}}  # nothing in flight: nothing published
+    b.apply([Started("e2", 5, 5)])
     await exchange()
+    assert a.snapshot().inflight("e2").requests == 1
     b.forget_endpoints(["e2"])
     await exchange()
-    assert a.inflight("e2").requests == 0
+    assert a.snapshot().inflight("e2") == IDLE

@@ -40,6 +40,8 @@ from inferoute.epp.learned import (
     Started,
 )
 from inferoute.epp.precise.index import PreciseIndex
+from inferoute.epp.sync.inflight import SyncedLearnedState
+from inferoute.epp.sync.syncer import MemoryHub, MemorySyncer
 from inferoute.kvevents.wire import AllBlocksCleared, BlockRemoved, BlockStored
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "inferoute"
@@ -126,6 +128,12 @@ EVENT_FED = [h for h in STORES if h.evict is not None]
 BOUNDED = [h for h in STORES if h.bounded]
 
 
+def _synced(prefix: PrefixStore | None) -> LearnedState:
+    hub = MemoryHub(lambda: 0.0)
+    MemorySyncer(hub, "idle-peer")
+    return SyncedLearnedState(MemorySyncer(hub, "me"), prefix)
+
+
 @dataclass
 class StateHarness:
     name: str
@@ -140,6 +148,9 @@ class StateHarness:
 STATES: list[StateHarness] = [
     StateHarness("local+approx", lambda: LocalLearnedState(), STORES[0]),
     StateHarness("local+kvevents", lambda: LocalLearnedState(PreciseIndex(BS)), STORES[1]),
+    # shared in-flight load (inferoute.epp.sync), here with a peer that has nothing in flight
+    StateHarness("synced+approx", lambda: _synced(None), STORES[0]),
+    StateHarness("synced+kvevents", lambda: _synced(PreciseIndex(BS)), STORES[1]),
 ]
 """Every LearnedState implementation (add yours here)."""
 

@@ -31,6 +31,7 @@ from inferoute.tasks import TaskSet
 
 if TYPE_CHECKING:
     from inferoute.epp.ha import HaOptions
+    from inferoute.epp.sync.options import SyncOptions
 
 log = logging.getLogger(__name__)
 PORT = click.IntRange(0, 65535)
@@ -61,6 +62,10 @@ class EppRunOptions:
     kubeconfig: str | None = None
     ha: HaOptions | None = None
     """Active-passive leader election on a Lease (None: every replica reports ready)."""
+    sync: SyncOptions | None = None
+    """In-flight load shared with the other workers / replicas (None: this process's own only)."""
+    reuse_port: bool = False
+    """A worker of ``--workers N``: share the gRPC ports (``SO_REUSEPORT``); metrics on a private port."""
 
 
 async def _serve_metrics(
@@ -94,7 +99,7 @@ async def _ok(_: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
-async def _start_picker(opts: EppRunOptions, registry: CollectorRegistry) -> Any:
+async def _start_picker(opts: EppRunOptions, registry: CollectorRegistry, learned: Any = None) -> Any:
     from inferoute.epp.assembly import EppOptions, start_picker
 
     source = None
@@ -111,6 +116,7 @@ async def _start_picker(opts: EppRunOptions, registry: CollectorRegistry) -> Any
             registry=registry,
             refresh_interval=opts.refresh_interval,
             pool_name=opts.pool_name,
+            learned=learned,
         )
     )
 
@@ -138,12 +144,24 @@ def _kubernetes_tasks(opts: EppRunOptions, picker: Any, tasks: TaskSet) -> Any:
     return LeaderGatedPicker(picker, elector.is_leader)
 
 
-async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
-    """Start picker, gRPC servers and metrics; run until ``stop`` is set (or a signal arrives)."""
+async def run(
+    opts: EppRunOptions,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[int, int | None, int], None] | None = None,
+) -> None:
+    """Start picker, gRPC servers and metrics; run until ``stop`` is set (or a signal arrives).
+    ``on_ready(grpc_port, health_port, metrics_port)`` replaces the ready line (a worker tells its parent)."""
     keep_large_buffers()  # big prompts: no mmap/page faults per request (inferoute/malloc.py)
     registry = CollectorRegistry()
-    picker = await _start_picker(opts, registry)
+    learned = None
+    if opts.sync is not None:
+        from inferoute.epp.sync.inflight import SyncedLearnedState
+
+        learned = SyncedLearnedState(opts.sync.build())
+    picker = await _start_picker(opts, registry, learned)
     tasks = TaskSet("epp-cli")
+    if learned is not None:
+        tasks.spawn(learned.run(opts.sync.interval if opts.sync else 0.2), name="cross-replica-sync")
     try:
         served = _kubernetes_tasks(opts, picker, tasks)
     except BaseException:
@@ -169,16 +187,24 @@ async def run(opts: EppRunOptions, stop: asyncio.Event | None = None) -> None:
                 client_ca=opts.client_ca,
                 transport=opts.transport,
                 h2_limits=opts.h2_limits,
+                reuse_port=opts.reuse_port,
             ),
             registry,
         )
-        runner = await _serve_metrics(registry, opts.host, opts.metrics_port, served.ready)
-        log.info(
-            "inferoute epp ready: ext_proc :%d, health :%s, metrics :%d",
-            server.grpc_port,
-            server.health_port,
-            runner.addresses[0][1],  # the bound port (0 on the command line: one the OS chose)
-        )
+        if opts.reuse_port:  # a worker: the parent serves the pod's metrics port, from each worker's own
+            runner = await _serve_metrics(registry, "127.0.0.1", 0, served.ready)
+        else:
+            runner = await _serve_metrics(registry, opts.host, opts.metrics_port, served.ready)
+        metrics_port = runner.addresses[0][1]  # the bound port (0 on the command line: one the OS chose)
+        if on_ready is not None:
+            on_ready(server.grpc_port, server.health_port, metrics_port)
+        else:
+            log.info(
+                "inferoute epp ready: ext_proc :%d, health :%s, metrics :%d",
+                server.grpc_port,
+                server.health_port,
+                metrics_port,
+            )
         await stop.wait()
         _second_signal_stops_now(loop)
         log.warning(

@@ -46,6 +46,10 @@ class LocalLearnedState:
         self._shared = False
         """A view holds ``_inflight``: copy it before the next change (copy on write)."""
 
+    def endpoints(self) -> list[str]:
+        """The endpoints with load in flight."""
+        return list(self._inflight)
+
     def snapshot(self) -> LocalView:
         self._shared = True
         return LocalView(self._inflight, self.prefix)

@@ -517,13 +517,22 @@ class GrpcServer:
     def max_message_bytes(self) -> int:
         return self.limits.max_message_bytes
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
-        """Listen; returns the bound port (``port`` 0 picks a free one). OSError when it is taken."""
+    async def start(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, *, reuse_port: bool = False
+    ) -> int:
+        """Listen; returns the bound port (``port`` 0 picks a free one). OSError when it is taken.
+        ``reuse_port``: share the port with the other worker processes (``SO_REUSEPORT``)."""
         if ssl_context is not None:
             ssl_context.set_alpn_protocols(["h2"])
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, ssl=ssl_context, reuse_address=True, backlog=1024
+            lambda: _Connection(self),
+            host,
+            port,
+            ssl=ssl_context,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+            backlog=1024,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._ticker = loop.create_task(self._tick_forever(), name=f"h2-ticker-{self.port}")

@@ -46,6 +46,10 @@ class CrossReplicaSyncer(Protocol):
         """Withdraw this replica's value of ``key`` for ``endpoint``."""
         ...
 
+    def endpoints(self, key: str) -> list[str]:
+        """The endpoints some other live replica has a value of ``key`` for."""
+        ...
+
     def peers(self) -> int:
         """Live replicas other than this one, as of the last exchange."""
         ...
@@ -87,6 +91,9 @@ class SnapshotSyncer:
 
     def get(self, key: str, endpoint: str, aggregate: Callable[[list[Any]], Any]) -> Any:
         return aggregate(self._view.get(key, {}).get(endpoint, []))
+
+    def endpoints(self, key: str) -> list[str]:
+        return list(self._view.get(key, ()))
 
     def peers(self) -> int:
         return self._peers
