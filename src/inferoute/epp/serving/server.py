@@ -53,16 +53,18 @@ class ServerOptions:
     ``grpc.aio``."""
     h2_limits: h2s.Limits = field(default_factory=h2s.Limits)
     """The ``h2`` transport's limits (docs/security.md)."""
+    reuse_port: bool = False
+    """Share the ports with the other workers of ``inferoute epp --workers N`` (``SO_REUSEPORT``)."""
 
 
 TRANSPORTS = ("h2", "grpcio")
 
 
-def _grpc_options(max_bytes: int) -> list[tuple[str, Any]]:
+def _grpc_options(max_bytes: int, reuse_port: bool = False) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
-        ("grpc.so_reuseport", 0),  # never share a port silently with another process
+        ("grpc.so_reuseport", int(reuse_port)),  # never share a port silently with another process
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ("grpc.http2.max_ping_strikes", 0),
@@ -114,7 +116,7 @@ class EppServer:
             return await cls._start_h2(servicer, health, opts, metrics)
         if opts.client_ca is not None:
             raise ConfigError("client certificates (mTLS) need the h2 transport")
-        main = grpc.aio.server(options=_grpc_options(opts.max_message_bytes))
+        main = grpc.aio.server(options=_grpc_options(opts.max_message_bytes, opts.reuse_port))
         ext_grpc.add_ExternalProcessorServicer_to_server(servicer, main)
         health_pb2_grpc.add_HealthServicer_to_server(health, main)
         servers: list[grpc.aio.Server | h2s.GrpcServer] = [main]
@@ -128,7 +130,7 @@ class EppServer:
                 port = main.add_secure_port(addr, server_credentials(opts.cert_path))
             health_port: int | None = None
             if opts.health_port is not None:
-                hs = grpc.aio.server(options=_grpc_options(4 * 1024 * 1024))
+                hs = grpc.aio.server(options=_grpc_options(4 * 1024 * 1024, opts.reuse_port))
                 health_pb2_grpc.add_HealthServicer_to_server(health, hs)
                 health_port = hs.add_insecure_port(f"{opts.host}:{opts.health_port}")
                 servers.append(hs)
@@ -157,12 +159,12 @@ class EppServer:
         servers: list[grpc.aio.Server | h2s.GrpcServer] = [main]
         where = f"{opts.host}:{opts.grpc_port} (ext_proc)"
         try:
-            port = await main.start(opts.host, opts.grpc_port, ctx)
+            port = await main.start(opts.host, opts.grpc_port, ctx, reuse_port=opts.reuse_port)
             health_port: int | None = None
             if opts.health_port is not None:
                 where = f"{opts.host}:{opts.health_port} (health)"
                 hs = h2s.GrpcServer(h2_methods(None, health), limits=opts.h2_limits)
-                health_port = await hs.start(opts.host, opts.health_port)
+                health_port = await hs.start(opts.host, opts.health_port, reuse_port=opts.reuse_port)
                 servers.append(hs)
         except OSError as exc:
             for s in servers:
