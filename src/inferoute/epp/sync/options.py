@@ -17,7 +17,7 @@ class SyncOptions:
     namespace: str = "default"
     """Keeps pools apart in one Redis (the InferencePool's name)."""
     shm_path: str | None = None
-    """Workers of one ``inferoute epp --workers N``: the shared segment (this worker: ``slot`` of ``slots``)."""
+    """``inferoute epp --workers N``: the shared segment (this worker: ``slot`` of ``slots``)."""
     slot: int = 0
     slots: int = 1
 
