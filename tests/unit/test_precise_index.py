@@ -3,7 +3,7 @@ the simulator engine's real event stream round-tripping through it."""
 
 from __future__ import annotations
 
-from inferoute.epp.precise.index import PreciseIndex
+from inferoute.epp.precise.index import PreciseIndex, request_keys, root_key
 from inferoute.epp.precise.tracker import Action, SeqTracker
 from inferoute.kvevents.config import KVEventsConfig
 from inferoute.kvevents.wire import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch, encode_batch
@@ -17,6 +17,35 @@ def stored(
     hashes: list[int], parent: int | None, tokens: list[int], bs: int, lora: str | None = None
 ) -> BlockStored:
     return BlockStored(tuple(hashes), parent, tuple(tokens), bs, lora)
+
+
+def fnv1a_64(data: bytes) -> int:
+    """FNV-1a, 64 bits (Go's ``hash/fnv.New64a``), written out: the oracle for the index's C one."""
+    h = 0xCBF29CE484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001B3) & ((1 << 64) - 1)
+    return h
+
+
+def test_block_keys_are_llm_ds_fnv64a_over_canonical_cbor() -> None:
+    # llm-d's chunkedTokenDatabase: init = fnv64a(hashSeed); root = hash(init, nil, model);
+    # key = fnv64a(cbor([parent, tokens, nil])); the CBOR below is written out by hand
+    init = fnv1a_64(b"")
+    assert init == 0xCBF29CE484222325  # FNV's offset basis: the hash of nothing
+    root = root_key("", "m")
+    assert root == fnv1a_64(b"\x83\x1b" + init.to_bytes(8, "big") + b"\xf6\x61m")  # [uint64, null, "m"]
+    seeded = fnv1a_64(b"seed").to_bytes(8, "big")
+    assert root_key("seed", "m") == fnv1a_64(b"\x83\x1b" + seeded + b"\xf6\x61m")
+    assert root >= 1 << 32  # (so the parent below is encoded in 8 bytes)
+    # tokens 1, 2, 300, 70000 use the four shortest uint forms; a trailing partial block is not keyed
+    tokens = [1, 2, 300, 70000, 5]
+    body = b"\x84\x01\x02\x19\x01\x2c\x1a\x00\x01\x11\x70"
+    first = fnv1a_64(b"\x83\x1b" + root.to_bytes(8, "big") + body + b"\xf6")
+    assert request_keys(tokens, 4, root) == [first]
+    assert PreciseIndex(4).keys_for(tokens, "m") == [first]
+    assert PreciseIndex(4, "seed").keys_for(tokens, "m") != [first]
+    small = fnv1a_64(b"\x83\x07\x82\x01\x02\xf6")  # a small parent takes one byte
+    assert request_keys([1, 2, 3], 2, 7) == [small]
 
 
 def test_engine_blocks_smaller_than_picker_blocks() -> None:

@@ -4,11 +4,13 @@ Keys are the picker's own, recomputed from each event's ``token_ids`` the way ll
 (``pkg/kvcache/kvblock``), so engine and picker block sizes need not match and engine hashes are only opaque
 handles:
 
-* a *request key* names a picker block of ``block_size`` tokens and its whole prefix:
-  ``key = xxh64(parent_key (8 bytes) || token ids (int64 each) || extra)``; the chain starts at
-  ``root(model) = xxh64(hash_seed NUL model)``, where the model is the LoRA adapter's name when the blocks
-  belong to one, else the served base model (the topic's model part). llm-d uses FNV-64a over CBOR for the
-  same structure; the keys never leave the process, so the faster xxh64 is used.
+* a *request key* names a picker block of ``block_size`` tokens and its whole prefix, exactly as llm-d's
+  ``chunkedTokenDatabase`` computes it: ``key = fnv1a_64(cbor([parent_key, [token ids], null]))`` (canonical
+  CBOR, the parent as an unsigned integer); the chain starts at ``root(model) =
+  fnv1a_64(cbor([fnv1a_64(hash_seed), null, model]))``, where the model is the LoRA adapter's name when the
+  blocks belong to one, else the served base model (the topic's model part). So the keys equal the
+  reference's for the same tokens, seed and block size (multimodal extras, llm-d's third element, are not
+  modelled). The engines' own ``sha256_cbor`` hashes stay opaque handles.
 * ``BlockStored`` on endpoint E: the parent engine hash resolves to the chain state after that block (the
   last request key and the tokens of a picker block not yet complete); the event's tokens continue the chain.
   Each engine block *owns* the request keys its tokens complete (none, one or several), and every physical
@@ -25,11 +27,11 @@ walk that stops at the first block no remaining endpoint holds.
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import xxhash
+import cbor2
+from fnv_c import fnv1a_64
 
 from inferoute.epp.learned.port import EngineEvents, Record
 from inferoute.kvevents.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -38,20 +40,19 @@ U64 = (1 << 64) - 1
 
 
 def root_key(seed: str, model: str) -> int:
-    return int(xxhash.xxh64_intdigest(f"{seed}\0{model}".encode()))
+    """llm-d's ``getInitHash``: the parent of a model's first block."""
+    init = fnv1a_64(seed.encode())
+    return int(fnv1a_64(cbor2.dumps([init, None, model], canonical=True)))
 
 
 def request_keys(tokens: Sequence[int], block_size: int, parent: int) -> list[int]:
-    """Chained keys of the full ``block_size`` blocks of ``tokens`` after ``parent``."""
+    """Chained keys of the full ``block_size`` blocks of ``tokens`` after ``parent`` (llm-d's
+    ``TokensToKVBlockKeys`` without multimodal extras)."""
     out: list[int] = []
     full = len(tokens) - len(tokens) % block_size
-    if not full:
-        return out
-    packed = array("q", tokens[:full]).tobytes()
-    stride = 8 * block_size
-    digest = xxhash.xxh64_intdigest
-    for start in range(0, len(packed), stride):
-        parent = int(digest(parent.to_bytes(8, "little") + packed[start : start + stride]))
+    dumps = cbor2.dumps
+    for start in range(0, full, block_size):
+        parent = int(fnv1a_64(dumps([parent, tokens[start : start + block_size], None], canonical=True)))
         out.append(parent)
     return out
 
