@@ -20,7 +20,7 @@ is released there, so a data plane MUST end every session it was given (even aft
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,6 +33,10 @@ SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 MODEL_HEADER = "x-gateway-model-name"
+RESTORE_NAMESPACE = "inferoute.model"
+"""Dynamic-metadata namespace of a decision's :attr:`Destination.restore_model` (keys ``served``, ``asked``):
+how ``inferoute epp`` tells a gateway that reports response bodies without echoing them which name to put
+back."""
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
@@ -69,6 +73,10 @@ class Destination:
     """Extra request headers the picker asks for (header mutation), lower-case names."""
     body: bytes | None = None
     """A replacement request body (e.g. a rewritten model); None when unchanged."""
+    restore_model: tuple[str, str] | None = None
+    """``(target, asked)`` after a model rewrite: the response's ``model`` fields name ``target`` and the data
+    plane puts ``asked`` back (:class:`~inferoute.epp.requestcontrol.restore.ModelRestorer`); None: no
+    rewrite, the response passes untouched."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +102,24 @@ class PickSession(Protocol):
     def response_finished(self) -> None: ...
 
     def aborted(self, reason: str) -> None: ...
+
+
+EVICTED_REASON = "evicted"
+EVICTED_MESSAGE = "request evicted by flow control"
+
+
+class EvictableSession(Protocol):
+    """A session flow control may evict (``enableEviction``). The data plane that serves the request registers
+    ``handler`` once it forwards it; the picker calls it (at most once) to revoke the request: the data plane
+    then answers 429 ``request evicted by flow control`` with ``x-llm-d-request-dropped-reason: evicted`` if
+    nothing of the answer was sent yet, or cuts the answer off, and ends the session ``aborted``."""
+
+    def on_evict(self, handler: Callable[[], None]) -> None: ...
+
+
+def evictable(session: PickSession) -> EvictableSession | None:
+    """``session`` if it can be evicted, else None."""
+    return session if hasattr(session, "on_evict") else None  # type: ignore[return-value]
 
 
 class Picker(Protocol):

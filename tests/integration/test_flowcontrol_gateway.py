@@ -229,11 +229,21 @@ modelRewrites:
 """
 
 
+def scheduled_targets(registry: CollectorRegistry, model: str) -> Counter[str]:
+    """Requests the picker scheduled per rewrite target of ``model`` (inference_objective_request_total)."""
+    out: Counter[str] = Counter()
+    for fam in registry.collect():
+        for s in fam.samples:
+            if s.name == "inference_objective_request_total" and s.labels.get("model_name") == model:
+                out[s.labels["target_model_name"]] += int(s.value)
+    return out
+
+
 async def test_weighted_rewrite_splits_70_30() -> None:
     sim = SimConfig(time_scale=0.02, lora_adapters=("food-v1", "food-v2"), max_loras=2, seed=4)
-    async with system(REWRITE, sim, replicas=2) as (gw, _pool, _reg), aiohttp.ClientSession() as http:
+    async with system(REWRITE, sim, replicas=2) as (gw, _pool, reg), aiohttp.ClientSession() as http:
         sem = asyncio.Semaphore(5)
-        models: Counter[str] = Counter()
+        answered: Counter[str] = Counter()
 
         async def one() -> None:
             async with (
@@ -243,11 +253,83 @@ async def test_weighted_rewrite_splits_70_30() -> None:
                 ) as r,
             ):
                 assert r.status == 200
-                models[(await r.json())["model"]] += 1
+                answered[(await r.json())["model"]] += 1
 
         await asyncio.gather(*(one() for _ in range(200)))
+        models = scheduled_targets(reg, "food-review")
+    assert answered == {"food-review": 200}, "the client sees the model name it asked for"
     share = models["food-v1"] / 200
     # GIE conformance's weighted-split tolerance: within max(0.10, 4.5 sigma) of 0.7
     sigma = (0.7 * 0.3 / 200) ** 0.5
     assert abs(share - 0.7) <= max(0.10, 4.5 * sigma), models
     assert set(models) == {"food-v1", "food-v2"}
+
+
+EVICTING = """
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- {type: concurrency-detector, parameters: {maxConcurrency: 1}}
+objectives: {interactive: 10, batch: -1}
+flowControl:
+  enableEviction: true
+"""
+
+
+async def test_eviction_frees_a_slot_for_interactive_traffic() -> None:
+    """One replica, one slot (concurrency detector). A long sheddable request holds it; an interactive one
+    arrives: the batch request is evicted (429 `evicted` before its answer started, its stream cut off after)
+    and the interactive one is served without waiting for the batch request to end."""
+    sim = SimConfig(time_scale=0.05, seed=2)
+    lo = {"x-llm-d-inference-objective": "batch"}
+    hi = {"x-llm-d-inference-objective": "interactive"}
+    async with system(EVICTING, sim) as (gw, _pool, reg), aiohttp.ClientSession() as http:
+        # a non-streamed answer starts only at its end: the eviction answers 429 in its place
+        payload = {"model": DEFAULT_MODEL, "prompt": "long", "max_tokens": 4000, "ignore_eos": True}
+        batch = asyncio.ensure_future(http.post(gw.url + "/v1/completions", json=payload, headers=lo))
+        await until(lambda: in_flight(reg) == 1)
+        t0 = time.monotonic()
+        status, _, _, _ = await completion(http, gw.url, hi)
+        assert status == 200 and time.monotonic() - t0 < 5
+        r = await asyncio.wait_for(batch, 5)
+        assert r.status == 429 and r.headers["x-llm-d-request-dropped-reason"] == "evicted"
+        assert (await r.json())["error"]["message"] == "request evicted by flow control"
+        r.release()
+
+        # a streamed answer already under way is cut off
+        async def streamed_batch() -> bytes:
+            stream = {**payload, "stream": True}
+            async with http.post(gw.url + "/v1/completions", json=stream, headers=lo) as r:
+                assert r.status == 200
+                got = b""
+                try:
+                    async for chunk in r.content.iter_any():
+                        got += chunk
+                except aiohttp.ClientPayloadError:
+                    return got
+                raise AssertionError("the evicted stream ended normally")
+
+        cut = asyncio.ensure_future(streamed_batch())
+        await until(lambda: in_flight(reg) == 1)
+        await asyncio.sleep(0.2)
+        status, _, _, _ = await completion(http, gw.url, hi)
+        assert status == 200
+        got = await asyncio.wait_for(cut, 5)
+        assert b"data: " in got and b"[DONE]" not in got
+        await until(lambda: in_flight(reg) == 0)
+        issued = reg.get_sample_value(
+            "llm_d_epp_flow_control_revocations_issued_total", {"inference_pool": "default"}
+        )
+        confirmed = reg.get_sample_value(
+            "llm_d_epp_flow_control_revocations_total", {"outcome": "confirmed", "inference_pool": "default"}
+        )
+    assert (issued, confirmed) == (2, 2)
+
+
+def in_flight(registry: CollectorRegistry) -> float:
+    return sum(
+        s.value
+        for fam in registry.collect()
+        for s in fam.samples
+        if s.name == "inference_objective_running_requests"
+    )

@@ -368,7 +368,7 @@ def test_config_full_section() -> None:
         ({"priorityBands": [{"priority": 1}, {"priority": 1}]}, "duplicate"),
         ({"usageLimitPolicyPluginRef": "fcfs-ordering-policy"}, "expected one of"),
         ({"defaultPriorityBand": {"fairnessPolicyRef": "nope"}}, "neither a defined plugin"),
-        ({"enableEviction": True}, "not implemented"),
+        ({"enableEviction": "yes"}, "expected true or false"),
     ],
 )
 def test_config_errors_name_the_key(raw: dict[str, object], match: str) -> None:

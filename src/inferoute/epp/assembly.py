@@ -24,6 +24,7 @@ from inferoute.epp.datalayer.datastore import Datastore
 from inferoute.epp.datalayer.sources import EndpointSource, FileSource, StaticSource
 from inferoute.epp.flowcontrol import ConcurrencyDetector
 from inferoute.epp.flowcontrol.config import FlowControlConfig
+from inferoute.epp.flowcontrol.eviction import confirmation_grace
 from inferoute.epp.flowcontrol.shell import FlowControl
 from inferoute.epp.flowcontrol.signals import FlowControlMetrics
 from inferoute.epp.flowcontrol.stages import stage_saturation
@@ -213,8 +214,9 @@ def _flow_control(
 ) -> FlowControl:
     """Flow control over ``director``, with its metrics, re-run whenever fresh metrics arrive."""
     fc_metrics = FlowControlMetrics(registry, opts.pool_name)
-    flow = FlowControl(cfg, director, opts.clock, fc_metrics)
     detector = cfg.detector
+    grace = confirmation_grace(detector.type_name, opts.refresh_interval, opts.staleness_threshold)
+    flow = FlowControl(cfg, director, opts.clock, fc_metrics, eviction_grace=grace)
     per_replica = (
         detector.per_endpoint_capacity()
         if isinstance(detector, ConcurrencyDetector)

@@ -235,7 +235,7 @@ class GrpcPicker:
                     if common.body_mutation.WhichOneof("mutation") == "body"
                     else None
                 )
-                decision = Destination(endpoints, others, replaced)
+                decision = Destination(endpoints, others, replaced, m.restore_from_response(resp))
                 if sent_body is None or self._mode != "full_duplex":
                     return decision
                 continue
@@ -246,7 +246,7 @@ class GrpcPicker:
                     body = b"".join(echoed)
                     if body == sent_body:
                         return decision
-                    return Destination(decision.endpoints, decision.set_headers, body)
+                    return Destination(decision.endpoints, decision.set_headers, body, decision.restore_model)
                 continue
             raise PickerError(f"picker {target} sent an unexpected {kind!r} message", cause="protocol")
 

@@ -30,6 +30,7 @@ from inferoute.picking import (
     DESTINATION_HEADER,
     DESTINATION_SERVED_KEY,
     LB_NAMESPACE,
+    RESTORE_NAMESPACE,
     SUBSET_KEY,
     SUBSET_NAMESPACE,
 )
@@ -181,6 +182,7 @@ def headers_response(
     content_length: int | None = None,
     replace_body: bytes | None = None,
     destination_header: str = DESTINATION_HEADER,
+    restore_model: tuple[str, str] | None = None,
 ) -> pb.ProcessingResponse:
     """A ``HeadersResponse`` for ``phase`` (``request_headers`` or ``response_headers``).
 
@@ -188,7 +190,8 @@ def headers_response(
     comma list for fallbacks) and asks for ``clear_route_cache``. ``content_length`` sets ``Content-Length``
     (required when the body is echoed or replaced). All header mutations overwrite, so a client-supplied value
     cannot survive. ``phase`` may also be ``request_body`` (the BUFFERED-mode decision), where
-    ``replace_body`` sets a whole new body (``body_mutation.body``).
+    ``replace_body`` sets a whole new body (``body_mutation.body``). ``restore_model`` ``(served, asked)``
+    goes in the ``inferoute.model`` dynamic metadata (:func:`restore_from_response`).
     """
     resp = pb.ProcessingResponse()
     common = getattr(resp, phase).response
@@ -210,7 +213,21 @@ def headers_response(
         mutation.append(_header_option("content-length", str(content_length)))
     if replace_body is not None:
         common.body_mutation.body = replace_body
+    if restore_model is not None:
+        ns = resp.dynamic_metadata.fields[RESTORE_NAMESPACE].struct_value
+        ns.fields["served"].string_value, ns.fields["asked"].string_value = restore_model
     return resp
+
+
+def restore_from_response(resp: pb.ProcessingResponse) -> tuple[str, str] | None:
+    """The ``(served, asked)`` model names of a decision (see :func:`headers_response`), None when absent."""
+    fields = resp.dynamic_metadata.fields
+    if RESTORE_NAMESPACE not in fields:
+        return None
+    inner = fields[RESTORE_NAMESPACE].struct_value.fields
+    if "served" not in inner or "asked" not in inner:
+        return None
+    return inner["served"].string_value, inner["asked"].string_value
 
 
 def body_response(phase: str = "request_body") -> pb.ProcessingResponse:

@@ -113,7 +113,7 @@ class GatewayHandler:
         except asyncio.CancelledError:
             if self.stopping:  # cut by the end of the shutdown grace period, not by the client
                 rec.cause = "shutdown"
-            else:
+            elif rec.cause != "evicted":  # flow control cut the answer off
                 rec.status = 499  # NGINX's code for "the client closed the connection"
                 rec.cause = "client-disconnect"
             raise

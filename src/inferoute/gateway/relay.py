@@ -35,6 +35,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from inferoute.clock import Clock
+from inferoute.epp.requestcontrol.headers import DROPPED_REASON
+from inferoute.epp.requestcontrol.restore import ModelRestorer
 from inferoute.errors import InferouteError
 from inferoute.gateway.bbr import BodyLimit, check_declared_length
 from inferoute.gateway.metrics import Totals
@@ -45,8 +47,8 @@ from inferoute.gateway.proxy import (
     lower_headers,
     upstream_request_headers,
 )
-from inferoute.gateway.routing import RoutedRequest
-from inferoute.picking import NullSession, PickSession
+from inferoute.gateway.routing import PickerRejected, RoutedRequest
+from inferoute.picking import EVICTED_MESSAGE, EVICTED_REASON, NullSession, PickSession, evictable
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +194,32 @@ class SessionEnd:
             self.session.aborted(reason)
 
 
+class _Eviction:
+    """Flow control's eviction of the request being relayed: cancels the relaying task (see
+    :class:`~inferoute.picking.EvictableSession`)."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.fired = False
+
+    @classmethod
+    def watch(cls, session: PickSession) -> _Eviction | None:
+        target = evictable(session)
+        task = asyncio.current_task()
+        if target is None or task is None:
+            return None
+        ev = cls(task)
+        target.on_evict(ev)
+        return ev
+
+    def __call__(self) -> None:
+        if not self.fired:
+            self.fired = True
+            self.task.cancel()
+
+
 class Relay:
     """Forwards routed requests through a :class:`~inferoute.gateway.proxy.Forwarder` and relays the
     answers (see module docstring). ``answer_headers`` are added to every relayed answer (the NGINX decider
@@ -222,16 +250,29 @@ class Relay:
         relay the answer. Ends ``d.session``. Raises :class:`InferouteError` when no answer could be
         started (502 no endpoint reachable, 504 no answer in time, 413 body too large)."""
         end = SessionEnd(d.session)
+        evicted = _Eviction.watch(d.session)
         try:
             return await self._open_and_answer(request, d, rec, end, streamed)
+        except asyncio.CancelledError:
+            if evicted is None or not evicted.fired:
+                end.aborted("client-disconnect")
+                raise
+            end.aborted("evicted")
+            rec.cause = "evicted"
+            log.info("flow control evicted the request [request_id=%s]", rec.request_id)
+            if rec.ttfb is None:  # nothing sent yet: the client gets the 429
+                evicted.task.uncancel()
+                raise PickerRejected(
+                    429, EVICTED_MESSAGE, cause="evicted", headers={DROPPED_REASON: EVICTED_REASON}
+                ) from None
+            if request.transport is not None:  # the answer has started: cut it off
+                request.transport.abort()
+            raise
         except InferouteError:
             if streamed is not None and streamed.too_large is not None:
                 end.aborted("body-too-large")
                 raise streamed.too_large from None
             end.aborted("upstream-error")
-            raise
-        except asyncio.CancelledError:
-            end.aborted("client-disconnect")
             raise
         except BaseException:
             end.aborted("error")
@@ -277,9 +318,14 @@ class Relay:
             hdrs.update(self.answer_headers)
             if type(d.session) is not NullSession:  # no picker (static / fail-open): nothing to report
                 d.session.response_started(opened.served, up.status, lower_headers(up.headers))
+            restorer = None if d.restore_model is None else ModelRestorer(*d.restore_model)
             if buffered_answer(request.method, up.status, up.content_length, up.headers.get("content-type")):
-                return await self._answer_whole(request, up, hdrs, opened.served, d.session, rec, end)
-            return await self._answer_streamed(request, up, hdrs, opened.served, d.session, rec, end)
+                return await self._answer_whole(
+                    request, up, hdrs, opened.served, d.session, rec, end, restorer
+                )
+            return await self._answer_streamed(
+                request, up, hdrs, opened.served, d.session, rec, end, restorer
+            )
         finally:
             if not up.closed:
                 if end.done and rec.cause is None:
@@ -296,6 +342,7 @@ class Relay:
         session: PickSession,
         rec: RequestRecord,
         end: SessionEnd,
+        restorer: ModelRestorer | None,
     ) -> web.StreamResponse:
         """A small answer of known length: read it whole, then send status, headers and body in one write
         (nothing reached the client yet, so an upstream that breaks off gets a clean 502)."""
@@ -308,6 +355,8 @@ class Relay:
             ) from exc
         if data:
             session.response_chunk(data)
+            if restorer is not None:
+                data = restorer.whole(data)
         resp = web.Response(status=up.status, reason=up.reason, headers=hdrs, body=data)
         await resp.prepare(request)  # headers wait for the body: one write in write_eof
         rec.ttfb = self.clock.now() - rec.start
@@ -329,10 +378,12 @@ class Relay:
         session: PickSession,
         rec: RequestRecord,
         end: SessionEnd,
+        restorer: ModelRestorer | None,
     ) -> web.StreamResponse:
-        """Headers now, then every chunk as it arrives (SSE events are not held back)."""
+        """Headers now, then every chunk as it arrives (SSE events are not held back). With a ``restorer`` the
+        length may change: the answer goes chunked."""
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=hdrs)
-        if up.content_length is not None:
+        if up.content_length is not None and restorer is None:
             resp.content_length = up.content_length
         await resp.prepare(request)
         rec.ttfb = self.clock.now() - rec.start
@@ -340,8 +391,15 @@ class Relay:
         try:
             async for chunk in up.content.iter_any():
                 session.response_chunk(chunk)
+                if restorer is not None:
+                    chunk = restorer.feed(chunk)
+                    if not chunk:
+                        continue
                 await resp.write(chunk)
                 out += len(chunk)
+            if restorer is not None and (tail := restorer.finish()):
+                await resp.write(tail)
+                out += len(tail)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             rec.bytes_out = out
             _upstream_broke_off(rec, end, served, exc)

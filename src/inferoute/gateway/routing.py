@@ -98,6 +98,8 @@ class RoutedRequest:
     """Cause of a remote-BBR failure that its fail-open swallowed."""
     bbr_seconds: float = 0.0
     picker_seconds: float = 0.0
+    restore_model: tuple[str, str] | None = None
+    """``(target, asked)``: the picker rewrote the model; the answer's ``model`` fields get ``asked`` back."""
 
     def upstream_headers(self, upstream: str) -> list[tuple[str, str]]:
         """Headers for an attempt at ``upstream``: :attr:`headers` plus the EPP header naming the upstream
@@ -225,6 +227,7 @@ class RequestRouter:
             routed.headers = apply_headers(routed.headers, mutations)
         if decision.body is not None:
             routed.body = decision.body
+        routed.restore_model = decision.restore_model
         routed.upstreams = upstreams
         routed.session = session
         routed.source = "picker"

@@ -13,8 +13,8 @@
 * ``usageLimitPolicyPluginRef`` -- default ``static-usage-limit-policy`` (threshold 1.0).
 * ``saturationDetector: {pluginRef}`` -- default: a detector declared in ``plugins:``, else
   ``utilization-detector``.
-* ``enableEviction`` -- default false. Eviction of in-flight sheddable requests is not implemented: ``true``
-  is a config error rather than silently ignored.
+* ``enableEviction`` -- default false. ``true``: in-flight sheddable requests (priority < 0) are evicted when
+  higher-priority requests are queued behind saturation (:mod:`~inferoute.epp.flowcontrol.eviction`).
 
 A ``...Ref`` names a plugin of the config's ``plugins:`` list, or directly a flow-control plugin type (then
 with default parameters). Bands for unseen priorities are made on demand from the templates.
@@ -174,8 +174,6 @@ def parse_flow_control(
     evict = raw.get("enableEviction", False)
     if not isinstance(evict, bool):
         raise config_error(f"{where}.enableEviction: expected true or false")
-    if evict:
-        raise config_error(f"{where}.enableEviction: eviction of in-flight requests is not implemented yet")
     return FlowControlConfig(
         detector,
         usage,
@@ -186,4 +184,5 @@ def parse_flow_control(
         no_endpoint_ttl=no_ep or None,
         default_negative_band=neg_band,
         bands=bands,
+        enable_eviction=evict,
     )

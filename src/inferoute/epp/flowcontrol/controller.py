@@ -50,8 +50,18 @@ class FlowController:
         self._ttl_heap: list[tuple[float, int, FlowItem]] = []
         self._no_ep_heap: list[tuple[float, int, FlowItem]] = []
         self.running = True
+        self.ceilings: list[float] = []
+        """The ceilings of the last dispatch decision, per band of :attr:`order`."""
+        self.blocked_at: int | None = None
+        """Index in :attr:`order` of the gated band the last :meth:`dispatch_one` stopped at (None: it was
+        not blocked)."""
         for p in config.bands:
             self.band(p)
+
+    @property
+    def order(self) -> list[int]:
+        """Band priorities, highest first."""
+        return self._order
 
     def band(self, priority: int) -> Band:
         """The band of ``priority``, made on demand from the templates."""
@@ -118,21 +128,24 @@ class FlowController:
 
     # -- dispatch -----------------------------------------------------------------------------------------
     def gated(self, saturation: float) -> dict[int, bool]:
-        """Band priority → whether its ceiling is reached at ``saturation``."""
-        ceilings = self.config.usage_limit.ceilings(self._order, saturation)
-        return {p: saturation >= c for p, c in zip(self._order, ceilings, strict=True)}
+        """Band priority → whether its ceiling is reached at ``saturation`` (the ceilings are kept in
+        :attr:`ceilings`: a usage-limit policy may change its answer from one call to the next)."""
+        self.ceilings = self.config.usage_limit.ceilings(self._order, saturation)
+        return {p: saturation >= c for p, c in zip(self._order, self.ceilings, strict=True)}
 
     def dispatch_one(self, now: float, saturation: float) -> FlowItem | None:
         """The next item to dispatch at ``saturation``, or None (nothing queued, or the first non-empty band
         is gated)."""
+        self.blocked_at = None
         if self.count == 0:
             return None
         gated = self.gated(saturation)
-        for p in self._order:
+        for i, p in enumerate(self._order):
             band = self.bands[p]
             if band.count == 0:
                 continue
             if gated[p]:
+                self.blocked_at = i
                 return None  # strict priority: nothing below a gated non-empty band goes first
             assert band.config.fairness is not None
             flows = list(band.flows.values())

@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from inferoute.clock import Clock
 from inferoute.epp.flowcontrol.config import FlowControlConfig
 from inferoute.epp.flowcontrol.controller import FlowController
+from inferoute.epp.flowcontrol.eviction import CONCURRENCY_GRACE, Lease, LeaseQueue, Reclamation
 from inferoute.epp.flowcontrol.outcomes import translate
 from inferoute.epp.flowcontrol.program_aware_fairness import ProgramAwareFairness
 from inferoute.epp.flowcontrol.signals import FlowControlMetrics
@@ -31,7 +32,7 @@ from inferoute.epp.flowcontrol.types import FlowItem, Outcome
 from inferoute.epp.requestcontrol import headers as hdr
 from inferoute.epp.scheduling.types import Candidate, InferenceRequest
 from inferoute.errors import error_body
-from inferoute.picking import Decision, NullSession, PickSession, Reject
+from inferoute.picking import Decision, Destination, NullSession, PickSession, Reject
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class FlowControl:
         director: Scheduling,
         clock: Clock,
         metrics: FlowControlMetrics | None = None,
+        *,
+        eviction_grace: float = CONCURRENCY_GRACE,
     ) -> None:
         self.config = config
         self.core = FlowController(config)
@@ -77,8 +80,16 @@ class FlowControl:
         self.metrics = metrics
         self.saturation = 0.0
         """Pool saturation measured by the last cycle."""
+        self._cycling = False
+        self._again = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self.leases: LeaseQueue | None = None
+        self.reclamation: Reclamation | None = None
+        """In-flight eviction (``enableEviction``); None when off."""
+        if config.enable_eviction:
+            self.leases = LeaseQueue()
+            self.reclamation = Reclamation(self.leases, eviction_grace, metrics=metrics)
         self._las = [
             b.fairness
             for b in [config.default_band, *config.bands.values()]
@@ -130,7 +141,24 @@ class FlowControl:
 
     # -- cycles -------------------------------------------------------------------------------------------
     def run_cycle(self, pool: Sequence[Candidate] | None = None) -> None:
-        """Expire what ran out, then dispatch while the bands' ceilings allow."""
+        """Expire what ran out, then dispatch while the bands' ceilings allow. Not re-entered: a change
+        reported during a cycle (a session ended by an eviction or a cancellation) runs one more cycle after
+        it."""
+        if self._cycling:
+            self._again = True
+            return
+        self._cycling = True
+        try:
+            while True:
+                self._again = False
+                self._cycle(pool)
+                if not self._again or not self.core.count:
+                    break
+                pool = None  # measure again
+        finally:
+            self._cycling = False
+
+    def _cycle(self, pool: Sequence[Candidate] | None) -> None:
         core = self.core
         if core.count == 0:
             return
@@ -148,12 +176,37 @@ class FlowControl:
                 break
             self._count(released, Outcome.DISPATCHED)
             result = self.director.schedule(released.payload.prep, admission=False)
-            self._resolve(released, (result[0], _FlowSession(self, released, result[1])))
+            self._resolve(released, (result[0], self._session(released, result, now)))
             pool = self.director.all_candidates(now)  # in-flight counts are per view: read them again
+        if self.reclamation is not None and core.blocked_at is not None:
+            self._evict(now)
         if self.metrics is not None:
             self.metrics.cycle(time.perf_counter() - t0)
         if self._timer is not None or core.count:
             self._arm(pool_empty=not pool)
+
+    def _session(self, item: FlowItem, result: Result, now: float) -> _FlowSession:
+        session = _FlowSession(self, item, result[1])
+        if self.leases is not None and isinstance(result[0], Destination):
+            session.lease = Lease(item.priority, now, session.evict)
+            self.leases.track(session.lease)
+        return session
+
+    def _evict(self, now: float) -> None:
+        """Dispatch stopped at a gated band: revoke sheddable in-flight requests if the reclamation
+        controller says so (see :mod:`~inferoute.epp.flowcontrol.eviction`)."""
+        core, rec = self.core, self.reclamation
+        assert rec is not None and core.blocked_at is not None
+        for lease in rec.maybe_reclaim(
+            now,
+            self.saturation,
+            core.order,
+            core.ceilings,
+            core.blocked_at,
+            lambda p: core.bands[p].count,
+        ):
+            log.info("flow control evicts an in-flight request (priority %s)", lease.priority)
+            lease.revoke()
 
     def _resolve(self, item: FlowItem, result: Result) -> None:
         waiter: _Waiter = item.payload
@@ -170,6 +223,8 @@ class FlowControl:
         if pool_empty is None:
             pool_empty = not self.director.all_candidates(self.clock.now())
         at = self.core.next_deadline(pool_empty=pool_empty)
+        if self.reclamation is not None and self.core.count:
+            at = min(at, self.reclamation.next_wake())
         if at == self._timer_at:
             return
         if self._timer is not None:
@@ -211,9 +266,16 @@ class FlowControl:
             outcome.value, item.priority, item.fairness_id, req.model, req.target_model, waited
         )
 
-    def completed(self, item: FlowItem, input_tokens: int, output_tokens: int) -> None:
-        """A dispatched request's response ended: service for LAS fairness, then a cycle (capacity freed)."""
+    def completed(
+        self, item: FlowItem, input_tokens: int, output_tokens: int, lease: Lease | None = None
+    ) -> None:
+        """A dispatched request's response ended: its lease (confirming an eviction), service for LAS
+        fairness, then a cycle (capacity freed)."""
         now = self.clock.now()
+        if lease is not None and self.leases is not None and self.reclamation is not None:
+            self.leases.untrack(lease)
+            if lease.revoked_at is not None:
+                self.reclamation.confirm(lease, now)
         for las in self._las:
             assert las is not None
             las.record(item.fairness_id, input_tokens, output_tokens, now)
@@ -229,12 +291,32 @@ class FlowControl:
 
 
 class _FlowSession:
-    """The director's session, reporting the response's end back to flow control."""
+    """The director's session, reporting the response's end back to flow control; evictable (see
+    :class:`~inferoute.picking.EvictableSession`) when eviction is on."""
 
-    __slots__ = ("_flow", "_inner", "_item")
+    __slots__ = ("_evict_handler", "_evicted", "_flow", "_inner", "_item", "lease")
 
     def __init__(self, flow: FlowControl, item: FlowItem, inner: PickSession) -> None:
         self._flow, self._item, self._inner = flow, item, inner
+        self.lease: Lease | None = None
+        self._evict_handler: Callable[[], None] | None = None
+        self._evicted = False
+
+    def on_evict(self, handler: Callable[[], None]) -> None:
+        self._evict_handler = handler
+        if self._evicted and self._flow is not None:
+            handler()
+
+    def evict(self) -> None:
+        """Revoke the request (the lease's actuator): the data plane's handler ends its answer."""
+        if self._evicted or self._flow is None:
+            return
+        self._evicted = True
+        if self._evict_handler is not None:
+            try:
+                self._evict_handler()
+            except Exception:
+                log.exception("eviction handler")
 
     def response_started(self, served: str, status: int, headers: Mapping[str, str]) -> None:
         self._inner.response_started(served, status, headers)
@@ -258,6 +340,6 @@ class _FlowSession:
         out = usage.completion_tokens if usage is not None else 0
         inp = usage.prompt_tokens if usage is not None else self._item.input_tokens
         try:
-            flow.completed(self._item, inp, out)
+            flow.completed(self._item, inp, out, self.lease)
         except Exception:
             log.exception("flow-control completion")

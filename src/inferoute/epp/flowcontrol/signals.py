@@ -77,6 +77,31 @@ class FlowControlMetrics:
         self._cycle = twin(
             "histogram", "dispatch_cycle_duration_seconds", "One dispatch cycle.", (), _CYCLE_BUCKETS
         )
+        self._issued = twin(
+            "counter", "revocations_issued_total", "In-flight evictions issued.", ("inference_pool",)
+        )
+        self._revocations = twin(
+            "counter",
+            "revocations_total",
+            "In-flight evictions retired, by outcome (confirmed | timed_out).",
+            ("outcome", "inference_pool"),
+        )
+        self._reclaim_target = twin(
+            "gauge", "reclaim_target", "Last eviction deficit (saturation - ceiling).", ("inference_pool",)
+        )
+        self._pending_reclaim = twin(
+            "gauge",
+            "pending_reclaim",
+            "Saturation credited to evictions not yet visible in the gauge.",
+            ("inference_pool",),
+        )
+        self._confirmation = twin(
+            "histogram",
+            "revocation_confirmation_seconds",
+            "Eviction issued to the evicted request's answer ending.",
+            ("inference_pool",),
+            _QUEUE_BUCKETS,
+        )
         self._hot = DescribedFastCollector(fams)
         registry.register(self._hot)
         self._gauges: Collector | None = None
@@ -101,6 +126,25 @@ class FlowControlMetrics:
     def cycle(self, seconds: float) -> None:
         for h in self._cycle:
             h.histogram().observe(seconds)
+
+    # -- eviction (ReclamationMetrics) ---------------------------------------------------------------------
+    def issued(self, n: int) -> None:
+        for c in self._issued:
+            c.value(self.pool).inc(n)
+
+    def retired(self, outcome: str, seconds: float) -> None:
+        for c in self._revocations:
+            c.value(outcome, self.pool).inc()
+        for h in self._confirmation:
+            h.histogram(self.pool).observe(seconds)
+
+    def target(self, value: float) -> None:
+        for g in self._reclaim_target:
+            g.value(self.pool).set(value)
+
+    def pending(self, value: float) -> None:
+        for g in self._pending_reclaim:
+            g.value(self.pool).set(value)
 
     def watch(self, core: FlowController, state: PoolState) -> None:
         """Expose the gauges; ``state()`` = (ready endpoints, saturation by stage, stale endpoints,

@@ -305,7 +305,9 @@ class Director:
         self.learned.apply((*result.records, Started(primary, ireq.prompt_tokens, prefill_tokens)))
         prep.series.running.inc()
         session = Session(self, prep.series, primary, ireq.prompt_tokens, prefill_tokens, now)
-        return Destination(tuple(c.key for c in result.endpoints), prep.set_headers, prep.body), session
+        restore = (target, model) if prep.body is not None else None
+        dest = Destination(tuple(c.key for c in result.endpoints), prep.set_headers, prep.body, restore)
+        return dest, session
 
     def _on_metrics(self, state: EndpointState, became_fresh: bool) -> None:
         """Datastore listener: keep the endpoint's view current; a newly fresh endpoint changes the pool."""
