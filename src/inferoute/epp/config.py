@@ -23,8 +23,10 @@ here and parsed by the layer that owns them.
 
 Rules (GIE's): without ``schedulingProfiles`` one ``default`` profile references every scorer and picker; a
 profile without a picker gets ``max-score-picker``; a scorer without a weight gets 1 (the engine itself always
-requires an explicit positive weight). Exactly one profile is live; profiles named ``shadow``/``shadow-*``
-run beside it (dark launch). Flow control's section is handed to
+requires an explicit positive weight). A profile handler declared in ``plugins:`` decides which live
+profiles run (``single-profile-handler``, the default: exactly one; ``disagg-profile-handler`` /
+``pd-profile-handler``: a decode and a prefill profile, see :mod:`inferoute.epp.scheduling.handlers`);
+profiles named ``shadow``/``shadow-*`` run beside them (dark launch). Flow control's section is handed to
 :func:`~inferoute.epp.flowcontrol.config.parse_flow_control` when ``featureGates`` enables it.
 
 Built-in profiles (``src/inferoute/epp/profiles/*.yaml``): ``gie-default`` (the default when no config is
@@ -53,10 +55,10 @@ from inferoute.epp.requestcontrol.slo_admitter import LatencySloAdmitter
 from inferoute.epp.requestcontrol.store import RequestControlStore, load_objectives, load_rewrites
 from inferoute.epp.scheduling.framework import (
     ObserverFactory,
+    ProfileHandler,
     Scheduler,
     SchedulerProfile,
     WeightedScorer,
-    is_shadow,
     no_observer,
 )
 from inferoute.epp.scheduling.plugins.config_plugins import PrefixProducer
@@ -333,14 +335,14 @@ def _scheduler(
         _profile(p, f"{source}: schedulingProfiles[{i}]", plugins, registry, deps, observer)
         for i, p in enumerate(specs)
     ]
-    live = [p.name for p in profiles if not is_shadow(p.name)]
-    if len(live) != 1:
-        raise config_error(
-            f"{source}: schedulingProfiles: single-profile-handler runs exactly one live profile, got "
-            f"{len(live)} ({', '.join(live) or 'none'}); name the others shadow or shadow-* to dark-launch "
-            "them"
-        )
-    return Scheduler(profiles)
+    handlers = [p for p in plugins.values() if isinstance(p, ProfileHandler)]
+    if len(handlers) > 1:
+        names = ", ".join(h.name for h in handlers)
+        raise config_error(f"{source}: plugins: one profile handler per config, got {names}")
+    try:
+        return Scheduler(profiles, handlers[0] if handlers else None)
+    except ValueError as exc:
+        raise config_error(f"{source}: schedulingProfiles: {exc}") from exc
 
 
 def _prefix_settings(plugins: Mapping[str, object]) -> PrefixSettings:

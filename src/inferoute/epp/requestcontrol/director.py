@@ -36,7 +36,13 @@ from inferoute.epp.requestcontrol.store import RequestControlStore
 from inferoute.epp.requestcontrol.usage import TailBuffer, Usage, parse_usage
 from inferoute.epp.scheduling.framework import NoEndpoints, ProfileResult, Scheduler
 from inferoute.epp.scheduling.prefix import PrefixHashCache
-from inferoute.epp.scheduling.types import Candidate, CycleContext, InferenceRequest, PrefixSettings
+from inferoute.epp.scheduling.types import (
+    Candidate,
+    CycleContext,
+    InferenceRequest,
+    PrefixSettings,
+    uncached_tokens,
+)
 from inferoute.errors import InferouteError
 from inferoute.picking import (
     MAX_MODEL_NAME_CHARS,
@@ -79,17 +85,6 @@ def _rewrite_model(body: bytes, target: str) -> bytes:
     if isinstance(doc, dict):
         doc["model"] = target
     return msgspec.json.encode(doc)
-
-
-def uncached_tokens(ctx: CycleContext, endpoint: str) -> int:
-    """Prompt tokens ``endpoint`` probably has to prefill: the prompt scaled by the fraction of its hashed
-    prefix blocks the endpoint does not hold (the whole prompt when no plugin computed prefix hashes). The
-    fraction extrapolates past the hashed region (``maxPrefixBlocksToMatch``) for long prompts."""
-    tokens = ctx.request.prompt_tokens
-    hashes = ctx.hashes_computed
-    if not hashes:
-        return tokens
-    return round(tokens * (1.0 - ctx.matched_blocks(endpoint) / len(hashes)))
 
 
 def _with_inflight(candidates: list[Candidate], view: LearnedView) -> list[Candidate]:
@@ -306,7 +301,8 @@ class Director:
         prep.series.running.inc()
         session = Session(self, prep.series, primary, ireq.prompt_tokens, prefill_tokens, now)
         restore = (target, model) if prep.body is not None else None
-        dest = Destination(tuple(c.key for c in result.endpoints), prep.set_headers, prep.body, restore)
+        headers = {**prep.set_headers, **result.headers} if result.headers else prep.set_headers
+        dest = Destination(tuple(c.key for c in result.endpoints), headers, prep.body, restore)
         return dest, session
 
     def _on_metrics(self, state: EndpointState, became_fresh: bool) -> None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Protocol, runtime_checkable
 
 from inferoute.epp.learned.port import Capacity, Placed, Record
 from inferoute.epp.scheduling.types import (
@@ -65,6 +66,10 @@ class ProfileResult:
     """Weighted total score of each candidate (same order)."""
     records: tuple[Record, ...] = ()
     """What the cycle learned, for the director to apply to the learned state (empty for a shadow run)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Request headers the profile handler asks for (``x-prefiller-host-port`` after a prefill pick)."""
+    others: Mapping[str, ProfileResult] = field(default_factory=dict)
+    """The other live profiles' results of this cycle, by profile name (the primary is this one)."""
 
     @property
     def scores(self) -> dict[str, float]:
@@ -176,29 +181,74 @@ def is_shadow(profile_name: str) -> bool:
     return profile_name == SHADOW_PREFIX or profile_name.startswith(SHADOW_PREFIX + "-")
 
 
+@runtime_checkable
+class ProfileHandler(Protocol):
+    """Which live profiles run for a request and whose pick is the primary (the reference's
+    ``ProfileHandler``: ``single-profile-handler``, ``disagg-profile-handler``)."""
+
+    type_name: ClassVar[str]
+    name: str
+
+    def check(self, live: Sequence[str]) -> None:
+        """Raise ValueError when the live profile names do not fit this handler."""
+        ...
+
+    def run(
+        self, profiles: Mapping[str, SchedulerProfile], ctx: CycleContext, candidates: list[Candidate]
+    ) -> ProfileResult:
+        """Run the profiles this request needs; the primary's result, the others in ``others``."""
+        ...
+
+
+class SingleProfileHandler:
+    """``single-profile-handler`` (the default): exactly one live profile, always run."""
+
+    type_name: ClassVar[str] = "single-profile-handler"
+
+    def __init__(self, name: str = "single-profile-handler") -> None:
+        self.name = name
+        self._only = ""
+
+    def check(self, live: Sequence[str]) -> None:
+        if len(live) != 1:
+            raise ValueError(
+                "single-profile-handler runs exactly one live profile, got "
+                f"{len(live)} ({', '.join(live) or 'none'}); name others shadow or shadow-* to dark-launch "
+                "them, or declare a disagg-profile-handler to run several"
+            )
+        self._only = live[0]
+
+    def run(
+        self, profiles: Mapping[str, SchedulerProfile], ctx: CycleContext, candidates: list[Candidate]
+    ) -> ProfileResult:
+        return profiles[self._only].run(ctx, candidates)
+
+
 class Scheduler:
-    """Runs the live profile (``single-profile-handler``), then any dark-launched ``shadow`` profiles, and
-    returns what the learned prefix state should learn (``ProfileResult.records``).
+    """Runs the live profiles through the profile handler (``single-profile-handler`` by default), then any
+    dark-launched ``shadow`` profiles, and returns what the learned prefix state should learn
+    (``ProfileResult.records``).
 
     A shadow profile runs on every live request after the live decision, on its own copy of the candidate
     list and without ``on_picked`` (it never changes the decision nor what the picker learns); its pick, its
     agreement with the live pick and its time go to ``shadow_report``. A failing shadow is reported, never
     raised."""
 
-    def __init__(self, profiles: Sequence[SchedulerProfile]) -> None:
+    def __init__(self, profiles: Sequence[SchedulerProfile], handler: ProfileHandler | None = None) -> None:
         live = [p for p in profiles if not is_shadow(p.name)]
-        if len(live) != 1:
-            raise ValueError(
-                "single-profile-handler needs exactly one live scheduling profile (dark-launched ones are "
-                f"named shadow or shadow-*), got {len(live)}"
-            )
+        self.handler = handler or SingleProfileHandler()
+        self.handler.check([p.name for p in live])
         self.profiles = list(profiles)
+        self.live = {p.name: p for p in live}
         self.primary = live[0]
         self.shadows = [p for p in profiles if is_shadow(p.name)]
         self.shadow_report: ShadowReport | None = None
 
     def schedule(self, ctx: CycleContext, candidates: list[Candidate]) -> ProfileResult:
-        result = self.primary.run(ctx, candidates)
+        if type(self.handler) is SingleProfileHandler:
+            result = self.primary.run(ctx, candidates)
+        else:
+            result = self.handler.run(self.live, ctx, candidates)
         if self.shadows:
             self._run_shadows(ctx, candidates, result)
         hashes = ctx.hashes_computed
@@ -213,9 +263,7 @@ class Scheduler:
         # each hashed block stands for its share of the whole prompt (the server caches all of it)
         per_block = -(-ctx.request.prompt_tokens // len(hashes))
         records.append(Placed(picked.key, tuple(hashes), max(per_block, 1)))
-        return ProfileResult(
-            result.profile, result.endpoints, result.candidates, result.totals, tuple(records)
-        )
+        return replace(result, records=tuple(records))
 
     def _run_shadows(self, ctx: CycleContext, candidates: list[Candidate], live: ProfileResult) -> None:
         live_key = live.endpoints[0].key

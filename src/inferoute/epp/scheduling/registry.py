@@ -85,9 +85,10 @@ def register_builtins(registry: PluginRegistry) -> PluginRegistry:
     from inferoute.epp.datalayer import plugins as datalayer_plugins
     from inferoute.epp.flowcontrol import plugins as flowcontrol_plugins
     from inferoute.epp.requestcontrol import plugins as requestcontrol_plugins
+    from inferoute.epp.scheduling import handlers
     from inferoute.epp.scheduling.plugins import config_plugins
 
-    for module in (datalayer_plugins, flowcontrol_plugins, requestcontrol_plugins, config_plugins):
+    for module in (datalayer_plugins, flowcontrol_plugins, requestcontrol_plugins, config_plugins, handlers):
         for type_name, factory in module.FACTORIES.items():
             registry.register(type_name, factory, "other")
     return registry

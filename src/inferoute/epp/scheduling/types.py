@@ -224,3 +224,14 @@ class PickObserver(Protocol):
     """Optional: learn from the decision (called once per successful cycle with the primary endpoint)."""
 
     def on_picked(self, ctx: CycleContext, picked: Candidate, candidates: Sequence[Candidate]) -> None: ...
+
+
+def uncached_tokens(ctx: CycleContext, endpoint: str) -> int:
+    """Prompt tokens ``endpoint`` probably has to prefill: the prompt scaled by the fraction of its hashed
+    prefix blocks the endpoint does not hold (the whole prompt when no plugin computed prefix hashes). The
+    fraction extrapolates past the hashed region (``maxPrefixBlocksToMatch``) for long prompts."""
+    tokens = ctx.request.prompt_tokens
+    hashes = ctx.hashes_computed
+    if not hashes:
+        return tokens
+    return round(tokens * (1.0 - ctx.matched_blocks(endpoint) / len(hashes)))
