@@ -17,8 +17,6 @@ MAX_FUNCTION_LINES = 80
 # Today's functions over the limit, being split; the list only shrinks and must end empty.
 KNOWN_LONG: set[str] = {
     "epp/metrics.py:EppMetrics.__init__",
-    "integrations/envoy.py:bootstrap",
-    "integrations/nginx.py:render",
     "sim/metrics.py:EngineCollector.collect",
 }
 

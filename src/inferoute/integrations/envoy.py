@@ -99,94 +99,9 @@ def bootstrap(
         raise click.BadParameter(f"--epp needs HOST:PORT, got {epp!r}")
     if response_phase not in ("full", "headers", "none"):
         raise click.BadParameter(f"response phase must be full, headers or none, not {response_phase!r}")
-    response_body = response_phase == "full"
-    body_mode = "FULL_DUPLEX_STREAMED" if response_body else "NONE"
-    ext_proc: dict[str, Any] = {
-        "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}, "timeout": "10s"},
-        "failure_mode_allow": failure_mode_allow,
-        "message_timeout": f"{message_timeout:g}s",
-        "processing_mode": {
-            "request_header_mode": "SEND",
-            "request_body_mode": "BUFFERED" if buffered else "FULL_DUPLEX_STREAMED",
-            "request_trailer_mode": "SKIP" if buffered else "SEND",
-            "response_header_mode": "SKIP" if response_phase == "none" else "SEND",
-            "response_body_mode": body_mode,
-            "response_trailer_mode": "SEND" if response_body else "SKIP",
-        },
-        "metadata_options": {"receiving_namespaces": {"untyped": [LB_NAMESPACE]}},
-        "response_attributes": ["upstream.address"],
-    }
-    strip = {
-        "name": "envoy.filters.http.header_mutation",
-        "typed_config": {
-            "@type": _HEADER_MUTATION,
-            "mutations": {
-                "request_mutations": [{"remove": DESTINATION_HEADER}, {"remove": DESTINATION_SERVED_KEY}]
-            },
-        },
-    }
-    hcm: dict[str, Any] = {
-        "@type": _HCM,
-        "stat_prefix": "inference_gateway",
-        "codec_type": "AUTO",
-        "route_config": {
-            "name": "inference",
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"prefix": "/"},
-                            "route": {"cluster": "inference_pool", "timeout": f"{route_timeout:g}s"},
-                        }
-                    ],
-                }
-            ],
-        },
-        "local_reply_config": local_reply_config(),
-        "http_filters": [
-            strip,
-            {"name": "envoy.filters.http.ext_proc", "typed_config": {"@type": _EXT_PROC, **ext_proc}},
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
-        ],
-    }
-    epp_cluster: dict[str, Any] = {
-        "name": "epp",
-        "type": "STRICT_DNS",
-        "connect_timeout": "2s",
-        "lb_policy": "ROUND_ROBIN",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "epp",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(epp_host, epp_port)}}]}],
-        },
-        "health_checks": [
-            {
-                "timeout": "1s",
-                "interval": f"{health_check_interval:g}s",
-                # Envoy checks a cluster without traffic only every 60 s by default: a picker started
-                # after Envoy would stay "unhealthy" (every request a 503) for up to a minute.
-                "no_traffic_interval": f"{health_check_interval:g}s",
-                "unhealthy_threshold": 2,
-                "healthy_threshold": 1,
-                "grpc_health_check": {"service_name": EXT_PROC_HEALTH_SERVICE},
-            }
-        ],
-    }
-    if not insecure:
-        tls: dict[str, Any] = {"alpn_protocols": ["h2"]}
-        if epp_ca:
-            tls["validation_context"] = {"trusted_ca": {"filename": os.path.abspath(epp_ca)}}
-        epp_cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {"@type": _UPSTREAM_TLS, "common_tls_context": tls},
-        }
+    ext_proc = _ext_proc_filter(response_phase, buffered, failure_mode_allow, message_timeout)
+    hcm = _connection_manager(ext_proc, route_timeout)
+    epp_cluster = _epp_cluster(epp_host, epp_port, health_check_interval, insecure, epp_ca)
     pool_cluster: dict[str, Any] = {
         "name": "inference_pool",
         "type": "ORIGINAL_DST",
@@ -222,6 +137,112 @@ def bootstrap(
             "clusters": [pool_cluster, epp_cluster],
         },
     }
+
+
+def _ext_proc_filter(
+    response_phase: str, buffered: bool, failure_mode_allow: bool, message_timeout: float
+) -> dict[str, Any]:
+    """The ext_proc filter's typed config: which request/response parts go to the picker, and how."""
+    response_body = response_phase == "full"
+    return {
+        "@type": _EXT_PROC,
+        "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}, "timeout": "10s"},
+        "failure_mode_allow": failure_mode_allow,
+        "message_timeout": f"{message_timeout:g}s",
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "request_body_mode": "BUFFERED" if buffered else "FULL_DUPLEX_STREAMED",
+            "request_trailer_mode": "SKIP" if buffered else "SEND",
+            "response_header_mode": "SKIP" if response_phase == "none" else "SEND",
+            "response_body_mode": "FULL_DUPLEX_STREAMED" if response_body else "NONE",
+            "response_trailer_mode": "SEND" if response_body else "SKIP",
+        },
+        "metadata_options": {"receiving_namespaces": {"untyped": [LB_NAMESPACE]}},
+        "response_attributes": ["upstream.address"],
+    }
+
+
+def _connection_manager(ext_proc: dict[str, Any], route_timeout: float) -> dict[str, Any]:
+    """The listener's HTTP connection manager: one catch-all route to the pool, JSON local replies, and the
+    filter chain (strip client-sent routing headers, ext_proc, router)."""
+    strip = {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": _HEADER_MUTATION,
+            "mutations": {
+                "request_mutations": [{"remove": DESTINATION_HEADER}, {"remove": DESTINATION_SERVED_KEY}]
+            },
+        },
+    }
+    return {
+        "@type": _HCM,
+        "stat_prefix": "inference_gateway",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "inference",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": "inference_pool", "timeout": f"{route_timeout:g}s"},
+                        }
+                    ],
+                }
+            ],
+        },
+        "local_reply_config": local_reply_config(),
+        "http_filters": [
+            strip,
+            {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
+        ],
+    }
+
+
+def _epp_cluster(
+    host: str, port: int, health_check_interval: float, insecure: bool, epp_ca: str | None
+) -> dict[str, Any]:
+    """The picker's cluster: HTTP/2 (gRPC), gRPC health checks, TLS unless ``insecure``."""
+    cluster: dict[str, Any] = {
+        "name": "epp",
+        "type": "STRICT_DNS",
+        "connect_timeout": "2s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "epp",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}],
+        },
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": f"{health_check_interval:g}s",
+                # Envoy checks a cluster without traffic only every 60 s by default: a picker started
+                # after Envoy would stay "unhealthy" (every request a 503) for up to a minute.
+                "no_traffic_interval": f"{health_check_interval:g}s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": EXT_PROC_HEALTH_SERVICE},
+            }
+        ],
+    }
+    if not insecure:
+        tls: dict[str, Any] = {"alpn_protocols": ["h2"]}
+        if epp_ca:
+            tls["validation_context"] = {"trusted_ca": {"filename": os.path.abspath(epp_ca)}}
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {"@type": _UPSTREAM_TLS, "common_tls_context": tls},
+        }
+    return cluster
 
 
 _CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"

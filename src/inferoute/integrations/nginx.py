@@ -167,6 +167,21 @@ def render(opts: NginxOptions) -> str:
         for name in opts.temp_dirs:
             w(f"    {name}_temp_path temp/{name};")
         w("")
+    _logs(w, opts)
+    _hop_maps(w, opts)
+    w("    # The decider: `inferoute gateway --mode nginx --listen HOST:PORT`. Keep-alive connections to it.")
+    w("    upstream inferoute_decider {")
+    w(f"        server {opts.decider};")
+    w(f"        keepalive {opts.keepalive};")
+    w("    }")
+    w("")
+    _server(w, opts)
+    w("}")
+    return "\n".join(out) + "\n"
+
+
+def _logs(w: _Writer, opts: NginxOptions) -> None:
+    """The access log (and, with ``--report syslog``, the completion reports sent as log lines)."""
     access_log = opts.access_log or (
         "logs/inference.log" if opts.self_contained else "/var/log/nginx/inference.log"
     )
@@ -197,13 +212,10 @@ def render(opts: NginxOptions) -> str:
     elif access_log == "off":
         w("    access_log off;")
     w("")
-    _hop_maps(w, opts)
-    w("    # The decider: `inferoute gateway --mode nginx --listen HOST:PORT`. Keep-alive connections to it.")
-    w("    upstream inferoute_decider {")
-    w(f"        server {opts.decider};")
-    w(f"        keepalive {opts.keepalive};")
-    w("    }")
-    w("")
+
+
+def _server(w: _Writer, opts: NginxOptions) -> None:
+    """The ``server {}`` block: limits, error pages, the decider and inference locations."""
     w("    server {")
     w(f"        listen {opts.listen};")
     w("")
@@ -245,8 +257,6 @@ def render(opts: NginxOptions) -> str:
         w("")
         w(opts.extra_server.rstrip())
     w("    }")
-    w("}")
-    return "\n".join(out) + "\n"
 
 
 def _decider_scheme(opts: NginxOptions) -> str:
