@@ -12,7 +12,14 @@ import pytest
 from click.testing import CliRunner
 
 from inferoute.gateway.nginx_decider import protocol
-from inferoute.integrations.nginx import NginxOptions, config_command, options_from_gateway_config, render
+from inferoute.integrations.nginx import (
+    ERROR_PREFIX,
+    NGINX_ERRORS,
+    NginxOptions,
+    config_command,
+    options_from_gateway_config,
+    render,
+)
 
 
 def block(conf: str, header: str) -> str:
@@ -138,10 +145,51 @@ def test_error_bodies_are_openai_json() -> None:
     conf = render(NginxOptions(retries=2))
     bodies = re.findall(r"return (\d{3}) '(\{.*?\})';", conf)
     statuses = {int(s) for s, _ in bodies}
-    assert {404, 413, 502, 504} <= statuses
+    assert {404, 502, 504} <= statuses
     for status, text in bodies:
         err = json.loads(text)["error"]
         assert err["code"] == int(status) and err["message"] and err["type"]
+    mapped = dict(d[:2] for d in directives(conf)["map $uri $inference_error_body"])
+    for status, client, _ in NGINX_ERRORS:
+        err = json.loads(mapped[f"{ERROR_PREFIX}{status}"].strip("'"))["error"]
+        assert err["code"] == client and err["message"] and err["type"]
+
+
+def _error_targets(body: list[Directive]) -> dict[int, str]:
+    """status -> where the location's error_page lines send it (``=CODE`` kept with the target)."""
+    out: dict[int, str] = {}
+    for d in body:
+        if d[0] == "error_page":
+            codes = [w for w in d[1:-1] if w.isdigit()]
+            target = " ".join(w for w in d[1:] if not w.isdigit())
+            out.update({int(c): target for c in codes})
+    return out
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS)
+def test_every_nginx_error_has_a_json_answer_wherever_error_pages_are_set(opts: NginxOptions) -> None:
+    """NGINX does not merge error_page lists: the server and every location that sets its own and passes
+    upstream errors through (proxy_intercept_errors off) must still cover every status NGINX answers."""
+    tree = directives(render(opts))
+    server = tree["server"]
+    keys = {d[0] for d in tree["map $uri $inference_error_body"]}
+    checked = 0
+    for header, body in tree.items():
+        targets = _error_targets(body)
+        if header != "server" and (not targets or ("proxy_intercept_errors", "on") in body):
+            continue
+        checked += 1
+        for status, client, _ in NGINX_ERRORS:
+            assert status in targets, (header, status)
+            target = targets[status]
+            if "@" in target:
+                continue  # the decider's fallback or a reported upstream failure (checked elsewhere)
+            expected = f"{ERROR_PREFIX}$status" if status == client else f"={client} {ERROR_PREFIX}{status}"
+            assert target == expected, (header, status, target)
+            assert f"{ERROR_PREFIX}{status}" in keys
+    assert checked >= 3 and server
+    internal = tree[f"location ^~ {ERROR_PREFIX}"]
+    assert ("internal",) in internal and ("return", "200", "$inference_error_body") in internal
 
 
 def test_retries_zero_and_fail_open_and_no_accounting() -> None:

@@ -168,6 +168,7 @@ def render(opts: NginxOptions) -> str:
             w(f"    {name}_temp_path temp/{name};")
         w("")
     _logs(w, opts)
+    _error_body_map(w)
     _hop_maps(w, opts)
     w("    # The decider: `inferoute gateway --mode nginx --listen HOST:PORT`. Keep-alive connections to it.")
     w("    upstream inferoute_decider {")
@@ -229,9 +230,12 @@ def _server(w: _Writer, opts: NginxOptions) -> None:
     w('        set $inference_model "";')
     w('        set $inference_request "";')
     w("")
-    w("        # Errors NGINX itself generates get the same OpenAI-style JSON bodies as the decider's.")
-    for status, _ in NGINX_ERRORS:
-        w(f"        error_page {status} @inference_error_{status};")
+    w("        # Every error NGINX answers itself (a request it cannot parse, a URI or headers too long,")
+    w("        # a body over the limit, ...) gets an OpenAI-style JSON body like the decider's: error_page")
+    w(f"        # sends it to {ERROR_PREFIX}STATUS, answered from $inference_error_body. An internal URI,")
+    w("        # not a named location: NGINX cannot jump to one before it has parsed the request's URI.")
+    w("        # Locations with error_page lines of their own repeat these (NGINX does not merge the lists).")
+    _error_pages(w, "        ")
     w("")
     for loc in opts.locations:
         _decider_location(w, opts, loc)
@@ -301,7 +305,7 @@ def _decider_location(w: _Writer, opts: NginxOptions, loc: str) -> None:
     w("            # client as they are; only failures to reach the decider are handled here.")
     w("            proxy_intercept_errors off;")
     w("            error_page 502 504 = @inference_decider_unavailable;")
-    w("            error_page 413 @inference_error_413;")
+    _error_pages(w, "            ", handled=(502, 504))
     for name in (d.UPSTREAM_HEADER, d.FALLBACKS_HEADER, d.MODEL_HEADER, d.TOKEN_HEADER):
         w(f"            proxy_hide_header {name};")
     w("        }")
@@ -331,20 +335,65 @@ def _proxy_to_endpoint(w: _Writer, opts: NginxOptions, target: str) -> None:
     w(f"{i}proxy_pass http://{target};")
 
 
-NGINX_ERRORS = (
-    (400, "malformed HTTP request"),
-    (404, "not found"),
-    (405, "method not allowed"),
-    (408, "the request was not received in time"),
-    (413, "request body exceeds the size limit"),
-    (500, "internal error in the proxy"),
-    (502, UNREACHABLE),
-    (503, "service unavailable"),
-    (504, "the model server timed out"),
+NGINX_ERRORS: tuple[tuple[int, int, str], ...] = (
+    (400, 400, "malformed HTTP request"),
+    (401, 401, "authorization required"),
+    (402, 402, "payment required"),
+    (403, 403, "forbidden"),
+    (404, 404, "not found"),
+    (405, 405, "method not allowed"),
+    (406, 406, "not acceptable"),
+    (408, 408, "the request was not received in time"),
+    (409, 409, "conflict"),
+    (410, 410, "gone"),
+    (411, 411, "a Content-Length header is required"),
+    (412, 412, "precondition failed"),
+    (413, 413, "request body exceeds the size limit"),
+    (414, 414, "the request URI is too long"),
+    (415, 415, "unsupported media type"),
+    (416, 416, "requested range not satisfiable"),
+    (421, 421, "misdirected request"),
+    (429, 429, "too many requests"),
+    (494, 431, "request headers too large"),
+    (495, 400, "the client TLS certificate failed verification"),
+    (496, 400, "a client TLS certificate is required"),
+    (497, 400, "a plain HTTP request was sent to an HTTPS port"),
+    (500, 500, "internal error in the proxy"),
+    (501, 501, "not implemented (unsupported Transfer-Encoding or method)"),
+    (502, 502, UNREACHABLE),
+    (503, 503, "service unavailable"),
+    (504, 504, "the model server timed out"),
+    (505, 505, "HTTP version not supported"),
+    (507, 507, "insufficient storage"),
 )
-"""Every error NGINX may generate itself, with the message of its OpenAI-style JSON body (the whole server
-maps them with ``error_page``). Not covered: a request line or header too long (414, 494): NGINX cannot
-redirect a request it could not parse, and an ``error_page`` for them turns into an HTML 500."""
+"""Every error status NGINX can answer by itself (the statuses with a built-in HTML page in NGINX's
+``ngx_http_special_response.c``) -> (the status the client gets, the message of its OpenAI-style JSON body).
+NGINX's private codes become standard ones: 494 (request header too large) is 431, as the gateway answers;
+495-497 (client-certificate and plain-HTTP-to-HTTPS errors) are 400, as NGINX itself sends them."""
+
+ERROR_PREFIX = d.INTERNAL_PREFIX + "error/"
+"""Internal URIs of the JSON error answers (``/_inferoute/error/414``); clients cannot reach them."""
+
+
+def _error_pages(w: _Writer, indent: str, handled: tuple[int, ...] = ()) -> None:
+    """``error_page`` lines sending every NGINX error not in ``handled`` to its JSON answer."""
+    same = [str(s) for s, client, _ in NGINX_ERRORS if s == client and s not in handled]
+    for n in range(0, len(same), 10):
+        w(f"{indent}error_page {' '.join(same[n : n + 10])} {ERROR_PREFIX}$status;")
+    for status, client, _ in NGINX_ERRORS:
+        if status != client and status not in handled:
+            w(f"{indent}error_page {status} ={client} {ERROR_PREFIX}{status};")
+
+
+def _error_body_map(w: _Writer) -> None:
+    w("    # The JSON body of each error NGINX answers itself, by the internal URI error_page sends it to.")
+    w("    map $uri $inference_error_body {")
+    w(f"        default {_json_error(500, 'internal error in the proxy')};")
+    for status, client, message in NGINX_ERRORS:
+        w(f"        {ERROR_PREFIX}{status} {_json_error(client, message)};")
+    w("    }")
+    w("")
+
 
 CLEARED_HEADERS = (
     d.UPSTREAM_HEADER,
@@ -397,6 +446,8 @@ def _hop_errors(w: _Writer, opts: NginxOptions, i: str, next_hop: str | None) ->
         w(f"{i}proxy_intercept_errors off;       # last endpoint: its own errors reach the client unchanged")
         w(f"{i}error_page 502 @inference_upstream_502;")
     w(f"{i}error_page 504 @inference_upstream_504;")
+    if next_hop is None:  # with proxy_intercept_errors off these are NGINX's own errors only
+        _error_pages(w, i, handled=(502, 504))
     if _reports(opts) == "post_action":
         w(f"{i}post_action @inference_done;      # report completion to the picker (see below)")
 
@@ -473,8 +524,7 @@ def _decider_down_location(w: _Writer, opts: NginxOptions) -> None:
         )
         w(f"{i}set $inference_upstream {opts.default_upstream};")
         w(f'{i}set $inference_model "";')
-        w(f"{i}error_page 502 @inference_error_502;")
-        w(f"{i}error_page 504 @inference_error_504;")
+        _error_pages(w, i)
         _proxy_to_endpoint(w, opts, "$inference_upstream")
     else:
         w(f"{i}# Fail-closed (inference_epp_failure_mode_allow off).")
@@ -490,21 +540,24 @@ def _decider_down_location(w: _Writer, opts: NginxOptions) -> None:
 
 def _error_locations(w: _Writer, opts: NginxOptions) -> None:
     i = "            "
-    w(
-        "        # JSON bodies for errors NGINX generates itself. "
-        "The @inference_upstream_* variants also report"
-    )
-    w("        # the failed attempt to the picker.")
-    for prefix, accounting in (("error", False), ("upstream", _reports(opts) == "post_action")):
-        for status, message in NGINX_ERRORS:
-            if prefix == "upstream" and status not in (502, 504):
-                continue
-            w(f"        location @inference_{prefix}_{status} {{")
-            w(f"{i}default_type application/json;")
-            if accounting:
-                w(f"{i}post_action @inference_done;")
-            w(f"{i}return {status} {_json_error(status, message)};")
-            w("        }")
+    w("        # The JSON answers of NGINX's own errors. The status is the error's: error_page without '='")
+    w("        # keeps it (or sets it, '=431'), whatever `return` says.")
+    w(f"        location ^~ {ERROR_PREFIX} {{")
+    w(f"{i}internal;")
+    w(f"{i}default_type application/json;")
+    w(f"{i}return 200 $inference_error_body;")
+    w("        }")
+    accounting = _reports(opts) == "post_action"
+    w("        # The model server failed on the last hop: the same bodies, and the failed attempt is")
+    w("        # reported to the picker.")
+    messages = {status: message for status, _, message in NGINX_ERRORS}
+    for status in (502, 504):
+        w(f"        location @inference_upstream_{status} {{")
+        w(f"{i}default_type application/json;")
+        if accounting:
+            w(f"{i}post_action @inference_done;")
+        w(f"{i}return {status} {_json_error(status, messages[status])};")
+        w("        }")
     w("")
 
 
