@@ -5,9 +5,12 @@ without a traceback, and `--workers` processes die with their parent even when i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,8 +105,12 @@ async def test_a_stream_cut_by_the_grace_period_is_logged_as_shutdown(tmp_path: 
             url = await _until_up(proc, log)
             async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json=LONG_STREAM) as r:
                 await r.content.readline()
+                t0 = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
                 assert await _wait_exit(proc, 20.0) == 0, log.read_text()
+                # the announced 5 s grace, not twice it (aiohttp's own shutdown waited 10 s); measured
+                # 5.24-5.25 s on 2 shared cores at load 3
+                assert time.monotonic() - t0 < 6.5, log.read_text()
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -145,3 +152,103 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+async def test_nginx_mode_first_signal_announces_the_wait_and_a_second_stops_at_once(tmp_path: Path) -> None:
+    """``--mode nginx``: a decision in flight (the picker never answers) is waited for, announced with the
+    grace; a second signal ends the process at once without a traceback."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never speaks gRPC
+    log = tmp_path / "decider.log"
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        "listen: 127.0.0.1:0\nroutes:\n  - path: /v1/\n    default_upstream: 127.0.0.1:9\n"
+        f"    epp: {{endpoint: '127.0.0.1:{silent.getsockname()[1]}', tls: false, timeout_ms: 60000}}\n"
+    )
+    proc = _start(cfg, log, "--mode", "nginx")
+    try:
+        url = await _until_listening(proc, log, r"NGINX decider listening on (127\.0\.0\.1:\d+)")
+        assert not _accepted(silent)  # the picker client connects on the first decision, not before
+        async with aiohttp.ClientSession() as s:
+            decision = asyncio.ensure_future(s.post(f"http://{url}/v1/completions", json={"model": "m"}))
+            for _ in range(500):  # the picker got the connection: the decision is in flight
+                if _accepted(silent):
+                    break
+                await asyncio.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            await _until_logged(log, "waiting up to 5 s for 1 decision(s) in flight")
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            status = await _wait_exit(proc, 3.0)
+            assert status == 130 and time.monotonic() - t0 < 3.0, log.read_text()
+            decision.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+                (await decision).close()
+    finally:
+        silent.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "SIGINT again: stopping now" in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+
+
+async def test_nginx_mode_stops_within_the_grace_and_refuses_new_decisions(tmp_path: Path) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))
+    log = tmp_path / "decider.log"
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        "listen: 127.0.0.1:0\nroutes:\n  - path: /v1/\n    default_upstream: 127.0.0.1:9\n"
+        f"    epp: {{endpoint: '127.0.0.1:{silent.getsockname()[1]}', tls: false, timeout_ms: 60000}}\n"
+    )
+    proc = _start(cfg, log, "--mode", "nginx")
+    try:
+        url = await _until_listening(proc, log, r"NGINX decider listening on (127\.0\.0\.1:\d+)")
+        assert not _accepted(silent)  # the picker client connects on the first decision, not before
+        async with aiohttp.ClientSession() as s:
+            decision = asyncio.ensure_future(s.post(f"http://{url}/v1/completions", json={"model": "m"}))
+            for _ in range(500):
+                if _accepted(silent):
+                    break
+                await asyncio.sleep(0.02)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await _until_logged(log, "waiting up to 5 s")
+            async with s.post(f"http://{url}/v1/completions", json={"model": "m"}) as late:
+                assert late.status == 503 and "shutting down" in (await late.json())["error"]["message"]
+            assert await _wait_exit(proc, 20.0) == 0, log.read_text()
+            # the announced 5 s, not aiohttp's 2 x shutdown_timeout; measured 5.1-5.2 s
+            assert 4.9 < time.monotonic() - t0 < 6.5, log.read_text()
+            with contextlib.suppress(aiohttp.ClientError):
+                (await decision).close()
+    finally:
+        silent.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def _accepted(listener: socket.socket) -> bool:
+    """Whether a connection waits in ``listener``'s backlog (the picker client connected)."""
+    ready, _, _ = select.select([listener], [], [], 0)
+    return bool(ready)
+
+
+async def _until_listening(proc: subprocess.Popen[bytes], log: Path, pattern: str) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()  # noqa: ASYNC240 - a small file, on failure
+        found = re.search(pattern, log.read_text())  # noqa: ASYNC240
+        if found:
+            return found.group(1)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"did not start:\n{log.read_text()}")  # noqa: ASYNC240
+
+
+async def _until_logged(log: Path, text: str) -> None:
+    for _ in range(250):
+        if text in log.read_text():  # noqa: ASYNC240 - a small file
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{text!r} not logged:\n{log.read_text()}")  # noqa: ASYNC240

@@ -295,6 +295,12 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int 
     return sock
 
 
+DRAIN_POLL = 0.02
+"""Seconds between two looks at the requests in flight while a stopping gateway drains."""
+CUT_TIMEOUT = 0.1
+"""Seconds aiohttp gets to cancel the handlers left when the grace period ends (must be > 0: 0 means none)."""
+
+
 class RunningGateway:
     """A started gateway (one process); :meth:`aclose` stops it, draining connections up to ``grace`` s."""
 
@@ -335,10 +341,19 @@ class RunningGateway:
         self._reloader.retire(old)
 
     async def aclose(self, grace: float = 5.0) -> None:
+        """Stop accepting, give requests in flight up to ``grace`` seconds, then cut what is left. aiohttp's
+        own ``shutdown(timeout)`` waits ``timeout`` for handlers, then ``timeout`` again per connection (a
+        streaming or idle keep-alive connection uses both): twice the grace. So the wait is done here, and
+        aiohttp only gets :data:`CUT_TIMEOUT` to cancel the rest."""
         self.handler.stopping = True
         self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # polls a counter the request path keeps (no event on its hot path), only while stopping
+        while self.handler.in_flight and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(min(DRAIN_POLL, max(0.0, deadline - loop.time())))
         with contextlib.suppress(Exception):
-            await self._web_server.shutdown(grace)
+            await self._web_server.shutdown(CUT_TIMEOUT)
         with contextlib.suppress(Exception):
             await self._server.wait_closed()
         await self._forwarder.aclose()

@@ -64,11 +64,11 @@ def gateway_command(
         if mode == "nginx":
             from inferoute.gateway.nginx_decider.server import run_decider
 
-            run_decider(cfg, listen)
-            return
-        from inferoute.gateway.serve import run_gateway
+            status = run_decider(cfg, listen)
+        else:
+            from inferoute.gateway.serve import run_gateway
 
-        status = run_gateway(cfg, workers, config_path if watch_config else None)
+            status = run_gateway(cfg, workers, config_path if watch_config else None)
     except OSError as exc:
         where = "--listen" if listen else f"listen in {config_path}"
         raise click.ClickException(

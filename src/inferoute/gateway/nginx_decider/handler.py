@@ -74,6 +74,10 @@ class NginxDecider:
         self.clock = clock or SystemClock()
         self.max_fallbacks = max_fallbacks
         self.pending = PendingSessions(self.clock, completion_timeout)
+        self.in_flight = 0
+        """Decisions (and relayed requests) being answered."""
+        self.stopping = False
+        """Set by a shutdown: new decisions get a JSON 503, completion reports are still taken."""
         self.metrics = DeciderMetrics(registry)
         self.forwarder = forwarder or Forwarder(GatewayConfig())
         self.relay = Relay(
@@ -90,8 +94,14 @@ class NginxDecider:
     async def handler(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
         if path.startswith(INTERNAL_PREFIX):
-            return await self._internal(request)
-        return await self._decide(request)
+            return await self._internal(request)  # completion reports keep arriving while stopping
+        if self.stopping:
+            return self._error(InferouteError(503, "the gateway is shutting down", cause="shutdown"))
+        self.in_flight += 1
+        try:
+            return await self._decide(request)
+        finally:
+            self.in_flight -= 1
 
     # --- decisions
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -20,12 +21,14 @@ from prometheus_client import CollectorRegistry
 
 from inferoute.clock import Clock
 from inferoute.errors import error_body
+from inferoute.gateway.app import CUT_TIMEOUT, DRAIN_POLL
 from inferoute.gateway.config import GatewayConfig, parse_listen
 from inferoute.gateway.nginx_decider.handler import NginxDecider
 from inferoute.gateway.nginx_decider.protocol import DEFAULT_MAX_FALLBACKS
 from inferoute.gateway.nginx_decider.reports import DEFAULT_COMPLETION_TIMEOUT
 from inferoute.gateway.picker_setup import EmbeddedFactory, RouteTable, start_embedded_picker
 from inferoute.gateway.proxy import Forwarder
+from inferoute.gateway.serve import DEFAULT_GRACE, STOP_SIGNALS, run_async, wait_for_signal
 from inferoute.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -94,7 +97,8 @@ class DeciderServer:
             on_error=lambda status: metrics.errors.labels(str(status), "protocol").inc(),
             access_log=None,
         )
-        self._runner = web.ServerRunner(server)
+        # aiohttp waits shutdown_timeout twice per busy connection; the grace is waited in :meth:`drain`.
+        self._runner = web.ServerRunner(server, shutdown_timeout=CUT_TIMEOUT)
         await self._runner.setup()
         await self.decider.start()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
@@ -125,6 +129,15 @@ class DeciderServer:
         if sock is not None:
             with contextlib.suppress(OSError):  # bursts of reports while the loop is busy: a deep buffer
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+
+    async def drain(self, grace: float) -> None:
+        """Answer new decisions with 503 and give those in flight up to ``grace`` seconds."""
+        self.decider.stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # polls a counter the request path keeps (no event on its hot path), only while stopping
+        while self.decider.in_flight and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(min(DRAIN_POLL, max(0.0, deadline - loop.time())))
 
     async def aclose(self) -> None:
         """Stop listening and abort every session still waiting for its report."""
@@ -193,37 +206,64 @@ async def start_decider(
     return RunningDecider(server, route_table, registry)
 
 
-async def serve(cfg: GatewayConfig, listen: str | None = None) -> None:
-    """Run the decider until cancelled (SIGINT/SIGTERM end :func:`run_decider`)."""
+async def serve(cfg: GatewayConfig, listen: str | None = None, grace: float = DEFAULT_GRACE) -> int:
+    """Run the decider until SIGINT/SIGTERM, then stop as the gateway does: the first signal says what it
+    waits for and for how long (decisions in flight, up to ``grace`` s); a second one stops at once (exit
+    status 130, no traceback). Returns the exit status."""
     running = await start_decider(cfg, listen)
+    stopped = False
     try:
-        await asyncio.Event().wait()
+        name = await wait_for_signal()
+        log.info("%s received", name)
+        stopped = True
+        await _stop(running, grace)
     finally:
+        if not stopped:
+            await running.aclose()
+    return 0
+
+
+async def _stop(running: RunningDecider, grace: float) -> None:
+    decider = running.decider
+    busy, streams = decider.in_flight, len(decider.pending)
+    if busy:
+        log.warning(
+            "stopping: waiting up to %.0f s for %d decision(s) in flight (again to stop now); "
+            "new ones get 503",
+            grace,
+            busy,
+        )
+    else:
+        log.info("stopping (no decisions in flight)")
+    if streams:
+        log.info(
+            "%d response(s) NGINX is still serving go on; their picker sessions end now (cause shutdown)",
+            streams,
+        )
+
+    def at_once(sig: signal.Signals) -> None:
+        log.warning("%s again: stopping now, cutting %d decision(s)", sig.name, decider.in_flight)
+        logging.shutdown()
+        os._exit(130)
+
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, at_once, sig)
+    try:
+        await running.server.drain(grace)
         await running.aclose()
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
-def run_decider(config: GatewayConfig, listen: str | None = None) -> None:
-    """Blocking entry point of ``inferoute gateway --mode nginx``: serve until SIGINT/SIGTERM."""
+def run_decider(config: GatewayConfig, listen: str | None = None) -> int:
+    """Blocking entry point of ``inferoute gateway --mode nginx``: serve until SIGINT/SIGTERM; returns the
+    exit status."""
     if config.workers > 1:
         log.warning(
             "workers: %d ignored in nginx mode: the decider is one process (completion reports must "
             "reach the process that holds the picker session)",
             config.workers,
         )
-    try:
-        import uvloop
-
-        runner: Callable[[Any], Any] = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        runner = asyncio.run
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await serve(config, listen)
-
-    runner(main())
+    return run_async(lambda: serve(config, listen))
