@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 # HTTP status -> OpenAI error "type".
 _TYPES: dict[int, str] = {
@@ -105,3 +107,18 @@ class ConfigError(InferouteError):
 
     def __str__(self) -> str:
         return self.message
+
+
+def read_text_file(path: str | os.PathLike[str], label: str) -> str:
+    """The text of a file the user named (a configuration, an endpoints list), as UTF-8. A file that cannot
+    be read or is not UTF-8 raises :class:`ConfigError` starting with ``label`` (which names the file and
+    what it is for, e.g. ``config file gw.yaml``)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{label}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save the file as UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read: {exc.strerror or exc}") from exc

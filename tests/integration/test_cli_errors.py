@@ -4,6 +4,7 @@ subprocess (the cases run concurrently to keep the test short)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -27,7 +28,8 @@ def _files(tmp: Path, busy: int) -> dict[str, str]:
     }
     for name, text in files.items():
         (tmp / name).write_text(text)
-    return {name: str(tmp / name) for name in files}
+    (tmp / "latin1.yaml").write_bytes("listen: 'caf\u00e9'\n".encode("latin-1"))  # not UTF-8
+    return {name: str(tmp / name) for name in [*files, "latin1.yaml"]}
 
 
 # (arguments, words the one line must contain)
@@ -59,6 +61,11 @@ def _cases(f: dict[str, str], busy: int) -> list[tuple[list[str], list[str]]]:
         (["epp", *ep, "--grpc-port", "0", "--health-port", "0", "--metrics-port", str(busy)], [str(busy)]),
         (["sim", "--port", str(busy)], [str(busy), "--port", "in use"]),
         (["sim", "--port", "65535", "--replicas", "2"], ["--port", "65535"]),
+        (["gateway", "--config", f["latin1.yaml"]], ["latin1.yaml", "not UTF-8", "0xe9"]),
+        (["nginx-config", "--config", f["latin1.yaml"]], ["latin1.yaml", "not UTF-8"]),
+        (["epp", *ep, "--config", f["latin1.yaml"]], ["config file", "latin1.yaml", "not UTF-8"]),
+        (["epp", "--endpoints", f["latin1.yaml"]], ["endpoints file", "latin1.yaml", "not UTF-8"]),
+        (["envoy-config", "--epp", "h:1", "--listen", "1", "--endpoints", f["latin1.yaml"]], ["latin1.yaml"]),
         (["bench", "nosuch"], ["nosuch"]),
         (["nosuch"], ["nosuch"]),
     ]
@@ -72,9 +79,14 @@ def busy_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "inferoute", *args], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "inferoute", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -94,3 +106,15 @@ def test_every_mistake_is_one_clear_line(tmp_path: Path, busy_port: int) -> None
             assert word in line, f"{word!r} missing: {shown}"
         for status in ("500 ", "Error: 5", "400 "):
             assert status not in line, f"an HTTP status in a CLI message: {shown}"
+
+
+def test_an_unreadable_kubeconfig_is_named(tmp_path: Path) -> None:
+    files = {"latin1": "clusters: caf\u00e9\n".encode("latin-1"), "yaml": b"a: [b\n", "other": b"x: 1\n"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda n: _run(["controller"], {"KUBECONFIG": str(tmp_path / n)}), files))
+    for name, res in zip(files, results, strict=True):
+        errors = [line for line in res.stderr.splitlines() if ": error: " in line]
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+        assert len(errors) == 1 and f"kubeconfig {tmp_path / name}" in errors[0], res.stderr

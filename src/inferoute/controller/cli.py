@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 from pathlib import Path
 
 import click
@@ -98,6 +99,7 @@ def command(
 
 
 async def _main(opts: object, output_dir: Path | None, configmaps: bool, status: bool) -> None:
+    import yaml
     from lightkube import AsyncClient, ConfigError
 
     from inferoute.controller.runtime import ConfigMapSink, ConfigSink, FileSink, run_controller
@@ -108,6 +110,16 @@ async def _main(opts: object, output_dir: Path | None, configmaps: bool, status:
         client = AsyncClient()
     except ConfigError as exc:
         raise click.ClickException(f"no Kubernetes API to talk to: {exc}") from exc
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, OSError, yaml.YAMLError) as exc:
+        # a kubeconfig lightkube cannot read: name the file
+        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        if isinstance(exc, UnicodeDecodeError):
+            reason = "not UTF-8 text"
+        elif isinstance(exc, KeyError | TypeError):
+            reason = f"not a kubeconfig (missing or malformed {exc})"
+        else:
+            reason = str(exc).splitlines()[0]
+        raise click.ClickException(f"kubeconfig {where}: cannot be read: {reason}") from exc
     sinks: list[ConfigSink] = []
     if output_dir is not None:
         sinks.append(FileSink(output_dir))

@@ -12,7 +12,6 @@ import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -34,7 +33,7 @@ from inferoute.epp.metrics import EppMetrics
 from inferoute.epp.plugin import BackgroundPlugin, PluginDeps, RequestPreparer
 from inferoute.epp.requestcontrol.director import Director, Prepared
 from inferoute.epp.scheduling.shadow import ShadowMetrics
-from inferoute.errors import ConfigError, InferouteError
+from inferoute.errors import ConfigError, InferouteError, read_text_file
 from inferoute.picking import Decision, PickerError, PickRequest, PickSession
 from inferoute.tasks import TaskSet
 
@@ -78,10 +77,7 @@ def _config_text(opts: EppOptions) -> tuple[str | None, str]:
     if opts.config_text is not None:
         return opts.config_text, "config"
     if opts.config_file is not None:
-        try:
-            return Path(opts.config_file).read_text(), opts.config_file
-        except OSError as exc:
-            raise ConfigError(f"config file {opts.config_file}: {exc.strerror or exc}") from exc
+        return read_text_file(opts.config_file, f"config file {opts.config_file}"), opts.config_file
     if opts.profile is not None:
         if opts.profile not in BUILTIN_PROFILES:
             raise ConfigError(f"profile: unknown {opts.profile!r}; valid: {', '.join(BUILTIN_PROFILES)}")

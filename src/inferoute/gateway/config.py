@@ -20,7 +20,7 @@ import msgspec
 import yaml
 
 from inferoute.endpoints import Endpoint, hostport, parse_endpoints, split_hostport
-from inferoute.errors import ConfigError, InferouteError
+from inferoute.errors import ConfigError, InferouteError, read_text_file
 from inferoute.picking import DESTINATION_HEADER
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -314,11 +314,7 @@ def load_config_text(text: str, source: str = "config") -> GatewayConfig:
 def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate a gateway YAML file."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise _fail(f"{p}: cannot read: {exc.strerror or exc}") from exc
-    cfg = load_config_text(text, str(p))
+    cfg = load_config_text(read_text_file(p, str(p)), str(p))
     return _resolve_relative(cfg, p.parent)
 
 

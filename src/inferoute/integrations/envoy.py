@@ -435,14 +435,15 @@ def _load_endpoints(path: str) -> list[str]:
     import yaml
 
     from inferoute.endpoints import parse_endpoints
-    from inferoute.errors import InferouteError
+    from inferoute.errors import InferouteError, read_text_file
 
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        raw = yaml.safe_load(read_text_file(path, path)) or {}
         items = raw.get("endpoints") if isinstance(raw, dict) else raw
         return [e.key for e in parse_endpoints(items, where=f"{path}: endpoints")]
-    except (OSError, yaml.YAMLError, InferouteError) as exc:
+    except yaml.YAMLError as exc:
+        raise click.BadParameter(f"{path}: invalid YAML: {exc}", param_hint="--endpoints") from exc
+    except InferouteError as exc:
         raise click.BadParameter(str(exc), param_hint="--endpoints") from exc
 
 

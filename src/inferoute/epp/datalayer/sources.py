@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import yaml
 
 from inferoute.endpoints import Endpoint, parse_endpoints
-from inferoute.errors import ConfigError, InferouteError
+from inferoute.errors import ConfigError, InferouteError, read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,7 @@ def parse_endpoints_document(doc: Any, where: str) -> list[Endpoint]:
 
 
 def load_endpoints_file(path: Path) -> list[Endpoint]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"endpoints file {path}: {exc.strerror or exc}") from exc
+    text = read_text_file(path, f"endpoints file {path}")
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
