@@ -5,6 +5,7 @@ The emulator is kmock's in-memory API server; the picker reaches it through ligh
 test controls are added on top: ``expire_next_watch_event`` turns the next watch event into the API server's
 ``410 Gone`` ERROR event (the event itself is lost, as with a real expired watch), and
 :meth:`KubeApi.restart` stops the HTTP server and starts it again on the same port with the same objects.
+Leases get resourceVersions and ``409 Conflict`` on a stale write (see :class:`Emulator`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import jsonschema
 import kmock
 import yaml
+from kmock._internal.k8s import KubernetesObjectConflictError
 
 CRDS = Path(__file__).resolve().parent.parent / "deploy" / "crds"
 POOLS = "inference.networking.k8s.io/v1/inferencepools"
@@ -125,11 +127,37 @@ def ready_patch(ready: bool) -> dict[str, Any]:
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """kmock's emulator with a switch that makes the next watch event a ``410 Gone`` ERROR event."""
+    """kmock's emulator with a switch that makes the next watch event a ``410 Gone`` ERROR event, and
+    optimistic concurrency for Leases as the API server does it (kmock has no resourceVersions): every
+    write gives the Lease a new ``metadata.resourceVersion``, and a write that names another one than the
+    current, or a create of an existing Lease, is answered ``409 Conflict``."""
 
     expire_next_watch_event: bool = False
     expired_watches: int = 0
     watch_tasks: set[asyncio.Task[Any]] | None = None
+    lease_versions: dict[tuple[str, str], int] | None = None
+    lease_conflicts: int = 0
+
+    async def _handle(self, request: Any) -> Any:
+        res = request.resource
+        writes = (kmock.action.CREATE, kmock.action.UPDATE)
+        if res is not None and res.plural == "leases" and request.action in writes:
+            self._lease_version(request)  # synchronous: check and bump cannot interleave with another write
+        return await super()._handle(request)
+
+    def _lease_version(self, request: Any) -> None:
+        versions = self.lease_versions = self.lease_versions if self.lease_versions is not None else {}
+        meta = request.data.setdefault("metadata", {})
+        key = (str(request.namespace or meta.get("namespace")), str(request.name or meta.get("name")))
+        current = versions.get(key)
+        wanted = meta.get("resourceVersion")
+        if (request.action == kmock.action.CREATE and current is not None) or (
+            request.action == kmock.action.UPDATE and wanted is not None and wanted != str(current)
+        ):
+            self.lease_conflicts += 1
+            raise KubernetesObjectConflictError()
+        versions[key] = (current or 0) + 1
+        meta["resourceVersion"] = str(versions[key])
 
     def cut_watches(self) -> None:
         """Abort every open watch stream (as a crashing API server would)."""

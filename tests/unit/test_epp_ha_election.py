@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 from inferoute.clock import FakeClock
 from inferoute.epp.ha import Election, HaOptions, LeaseRecord
 
@@ -69,3 +71,20 @@ def test_a_leader_that_cannot_renew_steps_down_before_the_lease_expires() -> Non
 def test_timings_are_checked() -> None:
     assert HaOptions("l", "ns", "a").check() is None
     assert HaOptions("l", "ns", "a", lease_duration=1, renew_deadline=2).check() is not None
+
+
+def test_a_standby_wakes_when_the_lease_expires_not_at_its_next_poll() -> None:
+    clock = FakeClock()
+    b = election("b", clock)  # retry period 0.5 s, lease 2 s
+    b.observe(LeaseRecord("a", 2, 0, WALL, WALL, "1"))
+    assert b.next_delay("wait") == 0.5
+    clock.advance(1.8)
+    b.observe(LeaseRecord("a", 2, 0, WALL, WALL, "1"))  # unchanged for 1.8 s
+    assert b.next_delay("wait") == pytest.approx(0.2)  # the expiry, before the next 0.5 s tick
+    clock.advance(0.2)
+    assert b.decide() == "acquire"
+    assert b.next_delay("acquire") == 0.5
+    clock.advance(5)
+    assert b.next_delay(None) == 0.5  # a failed round never retries at once (no busy loop)
+    b.observe(LeaseRecord("", 1, 0, WALL, WALL, "2"))
+    assert b.next_delay("wait") == 0.5

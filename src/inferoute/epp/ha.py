@@ -9,15 +9,19 @@ Theory of operation (the reference picker's ``--ha-enable-leader-election``, cli
   (``renewTime``). Held by another: wait until the record has not changed for ``lease_duration`` *as seen by
   this replica's own clock* (no clock comparison between hosts), or until the holder released it (empty
   ``holderIdentity``), then take it over (``leaseTransitions`` + 1).
+* A standby that saw no change sleeps until the Lease would expire by its clock when that comes before the
+  next ``retry_period`` tick, so it tries to take over at the expiry rather than up to one period later.
 * A leader that has not renewed successfully for ``renew_deadline`` steps down at once (it stops reporting
   ready before another replica can take over: ``renew_deadline < lease_duration``).
 * On a clean shutdown the leader releases the Lease, so a standby takes over within one ``retry_period``.
 * Writes carry the Lease's ``resourceVersion``, so of two replicas racing for an expired Lease the API server
   accepts one (409 Conflict for the other).
 
-Defaults (lease 2 s, renew deadline 1.5 s, retry 0.5 s; client-go's are 15/10/2 s) bound the takeover after
-a leader dies without releasing at ``lease_duration + retry_period`` = 2.5 s. :class:`Election` is pure (an
-injected clock, no I/O); :class:`LeaseElector` is the asyncio shell over lightkube.
+Defaults (lease 2 s, renew deadline 1.5 s, retry 0.5 s; client-go's are 15/10/2 s) put the takeover after
+a leader dies without releasing between ``lease_duration - retry_period`` and ``lease_duration +
+retry_period``, 1.5-2.5 s (the leader's last renewal was up to one period before its death, the standby saw
+it up to one period after). :class:`Election` is pure (an injected clock, no I/O); :class:`LeaseElector` is
+the asyncio shell over lightkube.
 """
 
 from __future__ import annotations
@@ -117,6 +121,15 @@ class Election:
         transitions = rec.transitions + 1 if action == "acquire" else 0
         return LeaseRecord(self.opts.identity, duration, transitions, wall, wall, rec.resource_version)
 
+    def next_delay(self, action: Action | None) -> float:
+        """Seconds until the next round after ``action`` (None: the round failed): the retry period, or
+        less while waiting for a lease that expires sooner (never zero after a failure: no busy loop)."""
+        rec, retry = self.observed, self.opts.retry_period
+        if action != "wait" or rec is None or not rec.holder:
+            return retry
+        duration = rec.duration or math.ceil(self.opts.lease_duration)
+        return min(retry, max(0.0, self.observed_at + duration - self.clock.now()))
+
     def written(self, record: LeaseRecord) -> None:
         """A create/renew/acquire succeeded."""
         self.observe(record)
@@ -170,38 +183,53 @@ class LeaseElector:
         self._on_change = on_change
         self._leading = False
         self._client: AsyncClient | None = None
+        self.rounds = 0
+        """Completed election rounds (successful or not)."""
 
     def is_leader(self) -> bool:
         return self.election.is_leader()
 
+    def _api(self) -> AsyncClient:
+        if self._client is None:
+            timeout = httpx2.Timeout(self.opts.retry_period * 2)
+            self._client = AsyncClient(config=self._config, namespace=self.opts.namespace, trust_env=False,
+                                       timeout=timeout)  # fmt: skip
+        return self._client
+
     async def run(self) -> None:
         """Elect until cancelled; a leader releases the Lease when cancelled."""
-        timeout = httpx2.Timeout(self.opts.retry_period * 2)
-        self._client = AsyncClient(config=self._config, namespace=self.opts.namespace, trust_env=False,
-                                   timeout=timeout)  # fmt: skip
         try:
             while True:
+                action: Action | None = None
                 try:
-                    await self._round(self._client)
+                    action = await self.read()
+                    if action != "wait":
+                        await self.write(action)
                 except (httpx2.HTTPError, httpx2.StreamError, OSError) as exc:
                     log.warning("leader election: %s", _describe(exc))
+                    action = None
+                self.rounds += 1
                 self._notify()
-                await asyncio.sleep(self.opts.retry_period)
+                await asyncio.sleep(self.election.next_delay(action))
         finally:
             await asyncio.shield(self._release_and_close())
 
-    async def _round(self, client: AsyncClient) -> None:
+    async def read(self) -> Action:
+        """One look at the Lease: what this replica should do now."""
         o = self.opts
         try:
-            lease = await client.get(Lease, o.lease_name, namespace=o.namespace)
+            lease = await self._api().get(Lease, o.lease_name, namespace=o.namespace)
             self.election.observe(record_of(lease))
         except httpx2.HTTPStatusError as exc:
             if (api_status(exc) or (0, ""))[0] != 404:
                 raise
             self.election.observe(None)
-        action = self.election.decide()
-        if action == "wait":
-            return
+        return self.election.decide()
+
+    async def write(self, action: Action) -> None:
+        """Create, renew or take over the Lease; an API error (409 Conflict: another replica wrote first)
+        propagates and leaves this replica's state as it was."""
+        o, client = self.opts, self._api()
         rec = self.election.desired(action, dt.datetime.now(dt.UTC))
         if action == "create":
             meta = ObjectMeta(name=o.lease_name, namespace=o.namespace)
