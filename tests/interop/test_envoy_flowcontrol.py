@@ -131,13 +131,22 @@ async def test_queueing_priority_drops_and_disconnects_through_envoy(rig: Rig) -
 
 
 async def test_weighted_rewrite_through_envoy(rig: Rig) -> None:
-    models: Counter[str] = Counter()
+    answered: Counter[str] = Counter()
     async with aiohttp.ClientSession() as http:
         for _ in range(100):
             async with http.post(
                 f"{rig.url}/v1/completions", json={"model": "food-review", "prompt": "x", "max_tokens": 1}
             ) as r:
                 assert r.status == 200
-                models[(await r.json())["model"]] += 1
+                answered[(await r.json())["model"]] += 1
+    assert answered == {"food-review": 100}, "the picker restores the asked name in the echoed body"
+    models: Counter[str] = Counter()
+    for s in rig.picker.metrics.registry.collect():
+        for sample in s.samples:
+            if (
+                sample.name == "inference_objective_request_total"
+                and sample.labels["model_name"] == "food-review"
+            ):
+                models[sample.labels["target_model_name"]] += int(sample.value)
     sigma = (0.7 * 0.3 / 100) ** 0.5
     assert abs(models["food-v1"] / 100 - 0.7) <= max(0.10, 4.5 * sigma), models

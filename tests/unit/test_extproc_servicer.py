@@ -265,3 +265,83 @@ async def test_second_request_headers_on_one_stream_is_a_protocol_error() -> Non
     picker = FixedPicker(DEST)
     out, ctx = await _run(picker, [_headers(eos=False), _headers(eos=True)])
     assert out == [] and ctx.code == grpc.StatusCode.INVALID_ARGUMENT and not picker.requests
+
+
+class _Evictable(_Rec):
+    """A session flow control evicts as soon as the data plane listens."""
+
+    def on_evict(self, handler: Any) -> None:
+        handler()
+
+
+class EvictingPicker(FixedPicker):
+    async def pick(self, request: PickRequest) -> tuple[Decision, PickSession]:
+        self.requests.append(request)
+        assert isinstance(self.decision, Destination)
+        return self.decision, _Evictable(self.events)
+
+
+async def test_an_eviction_without_a_writer_rides_on_the_next_reply() -> None:
+    """grpc.aio has no out-of-band send: the next message of the stream gets the 429 ImmediateResponse."""
+    picker = EvictingPicker(DEST)
+    out, _ = await _run(
+        picker,
+        [
+            _headers(),
+            m.body_chunk_request(b'{"model":"m"}', end_of_stream=True),
+            m.headers_request([(":status", "200")], end_of_stream=False, phase="response_headers"),
+        ],
+    )
+    last = out[-1]
+    assert last.WhichOneof("response") == "immediate_response"
+    ir = last.immediate_response
+    assert ir.status.code == 429 and b"request evicted by flow control" in ir.body
+    sets = {o.header.key: o.header.raw_value for o in ir.headers.set_headers}
+    assert sets["x-llm-d-request-dropped-reason"] == b"evicted"
+    assert picker.events[-1] == ("aborted", "evicted")
+
+
+async def test_a_rewritten_model_is_restored_in_the_echoed_response() -> None:
+    dest = Destination(("10.0.0.1:8000",), {}, b'{"model":"food-v1"}', ("food-v1", "food-review"))
+    picker = FixedPicker(dest)
+    out, _ = await _run(
+        picker,
+        [
+            _headers(),
+            m.body_chunk_request(b'{"model":"food-review"}', end_of_stream=True),
+            m.headers_request(
+                [(":status", "200"), ("content-length", "30")], end_of_stream=False, phase="response_headers"
+            ),
+            m.body_chunk_request(
+                b'data: {"model":"food-v1","x":1}\n\n', end_of_stream=False, phase="response_body"
+            ),
+            m.body_chunk_request(b'data: {"model":"foo', end_of_stream=False, phase="response_body"),
+            m.body_chunk_request(b'd-v1"}\n\n', end_of_stream=True, phase="response_body"),
+        ],
+    )
+    assert m.restore_from_response(out[0]) == ("food-v1", "food-review")  # also for gateways that restore
+    rh = next(r for r in out if r.WhichOneof("response") == "response_headers")
+    assert list(rh.response_headers.response.header_mutation.remove_headers) == ["content-length"]
+    echoed = b"".join(
+        r.response_body.response.body_mutation.streamed_response.body
+        for r in out
+        if r.WhichOneof("response") == "response_body"
+    )
+    assert echoed == b'data: {"model":"food-review","x":1}\n\ndata: {"model":"food-review"}\n\n'
+    assert ("chunk", b'data: {"model":"food-v1","x":1}\n\n') in picker.events  # the session sees the original
+
+
+async def test_responses_pass_untouched_without_a_rewrite() -> None:
+    out, _ = await _run(
+        FixedPicker(DEST),
+        [
+            _headers(),
+            m.body_chunk_request(b'{"model":"m"}', end_of_stream=True),
+            m.headers_request([(":status", "200")], end_of_stream=False, phase="response_headers"),
+            m.body_chunk_request(b'{"model":"m2"}', end_of_stream=True, phase="response_body"),
+        ],
+    )
+    assert m.restore_from_response(out[0]) is None
+    rh = next(r for r in out if r.WhichOneof("response") == "response_headers")
+    assert not rh.response_headers.response.header_mutation.remove_headers
+    assert out[-1].response_body.response.body_mutation.streamed_response.body == b'{"model":"m2"}'

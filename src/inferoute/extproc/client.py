@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
 import grpc
@@ -314,9 +314,11 @@ async def _drain(call: Any) -> None:
 
 
 class _GrpcSession:
-    """Response phase on the pick's stream (queue-fed, never blocks; ends exactly once)."""
+    """Response phase on the pick's stream (queue-fed, never blocks; ends exactly once). One task reads the
+    picker's replies for the whole response: an ImmediateResponse among them is flow control evicting the
+    request (:class:`~inferoute.picking.EvictableSession`)."""
 
-    __slots__ = ("_call", "_done", "_outbox", "_served", "_tasks")
+    __slots__ = ("_call", "_deadline", "_done", "_evict", "_evicted", "_outbox", "_served", "_tasks")
 
     def __init__(self, call: Any, outbox: asyncio.Queue[m.ProcessingRequest | None], tasks: TaskSet) -> None:
         self._call = call
@@ -324,6 +326,33 @@ class _GrpcSession:
         self._tasks = tasks
         self._done = False
         self._served: str | None = None
+        self._evict: Callable[[], None] | None = None
+        self._evicted = False
+        self._deadline: asyncio.TimerHandle | None = None
+        tasks.spawn(self._watch(), "watch")
+
+    async def _watch(self) -> None:
+        call = self._call
+        try:
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    return
+                if resp.WhichOneof("response") == "immediate_response":
+                    self._evicted = True
+                    if self._evict is not None and not self._done:
+                        self._evict()
+                    return
+        except grpc.aio.AioRpcError:
+            return
+        finally:
+            if self._deadline is not None:
+                self._deadline.cancel()
+
+    def on_evict(self, handler: Callable[[], None]) -> None:
+        self._evict = handler
+        if self._evicted and not self._done:
+            handler()
 
     def response_started(self, served: str, status: int, headers: Mapping[str, str]) -> None:
         if self._done:
@@ -349,7 +378,8 @@ class _GrpcSession:
             m.body_chunk_request(b"", end_of_stream=True, phase="response_body", served=self._served)
         )
         self._outbox.put_nowait(None)
-        self._tasks.spawn(_drain(self._call), "drain")
+        # the watcher reads the rest; a picker that never closes the stream is cut off
+        self._deadline = asyncio.get_running_loop().call_later(_DRAIN_TIMEOUT, self._call.cancel)
 
     def aborted(self, reason: str) -> None:
         if self._done:

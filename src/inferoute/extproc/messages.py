@@ -183,6 +183,7 @@ def headers_response(
     replace_body: bytes | None = None,
     destination_header: str = DESTINATION_HEADER,
     restore_model: tuple[str, str] | None = None,
+    remove_headers: Sequence[str] = (),
 ) -> pb.ProcessingResponse:
     """A ``HeadersResponse`` for ``phase`` (``request_headers`` or ``response_headers``).
 
@@ -191,11 +192,19 @@ def headers_response(
     (required when the body is echoed or replaced). All header mutations overwrite, so a client-supplied value
     cannot survive. ``phase`` may also be ``request_body`` (the BUFFERED-mode decision), where
     ``replace_body`` sets a whole new body (``body_mutation.body``). ``restore_model`` ``(served, asked)``
-    goes in the ``inferoute.model`` dynamic metadata (:func:`restore_from_response`).
+    goes in the ``inferoute.model`` dynamic metadata (:func:`restore_from_response`); ``remove_headers`` are
+    removed.
     """
     resp = pb.ProcessingResponse()
     common = getattr(resp, phase).response
-    if destination is None and not set_headers and content_length is None and replace_body is None:
+    if (
+        destination is None
+        and not set_headers
+        and content_length is None
+        and replace_body is None
+        and restore_model is None
+        and not remove_headers
+    ):
         # An empty CommonResponse (status CONTINUE) must still be marked present on the oneof.
         getattr(resp, phase).SetInParent()
         return resp
@@ -211,6 +220,8 @@ def headers_response(
             mutation.append(_header_option(k, v))
     if content_length is not None:
         mutation.append(_header_option("content-length", str(content_length)))
+    if remove_headers:
+        common.header_mutation.remove_headers.extend(remove_headers)
     if replace_body is not None:
         common.body_mutation.body = replace_body
     if restore_model is not None:

@@ -18,8 +18,13 @@ reference/gateway-api-inference-extension.md section 1):
   ends the stream with a gRPC error so the proxy applies its failure mode (``failure_mode_allow``).
 * response headers / body / trailers -- fed to the :class:`~inferoute.picking.PickSession` (served
   endpoint from ``envoy.lb`` metadata or the ``upstream.address`` attribute, status from ``:status``);
-  body chunks are echoed in full duplex and acknowledged otherwise. The session ends on the response's
-  end of stream, on the stream's end (finished if a response was seen) or on cancellation (aborted).
+  body chunks are echoed in full duplex (after a model rewrite with the asked name restored and
+  ``Content-Length`` removed from the response headers) and acknowledged otherwise. The session ends on the
+  response's end of stream, on the stream's end (finished if a response was seen) or on cancellation
+  (aborted).
+* flow control evicting the request (:class:`~inferoute.picking.EvictableSession`): a 429 ImmediateResponse
+  with ``x-llm-d-request-dropped-reason: evicted`` is sent at once and the stream ends (h2 transport), or
+  it replaces the reply to the stream's next message (grpc.aio).
 
 :class:`ExtProcStream` holds that protocol state without any gRPC library; ``ExtProcServicer.Process`` is
 its grpc.aio adapter and :mod:`inferoute.epp.serving.server` mounts it on inferoute's own h2 transport.
@@ -37,6 +42,8 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from inferoute.epp.requestcontrol.headers import DROPPED_REASON
+from inferoute.epp.requestcontrol.restore import ModelRestorer
 from inferoute.epp.serving import h2server as h2s
 from inferoute.epp.serving.h2server import GrpcAbort
 from inferoute.errors import InferouteError, error_body
@@ -44,6 +51,8 @@ from inferoute.extproc import messages as m
 from inferoute.picking import (
     DESTINATION_HEADER,
     DESTINATION_SERVED_KEY,
+    EVICTED_MESSAGE,
+    EVICTED_REASON,
     Destination,
     NullSession,
     Picker,
@@ -51,6 +60,7 @@ from inferoute.picking import (
     PickRequest,
     PickSession,
     Reject,
+    evictable,
 )
 
 log = logging.getLogger(__name__)
@@ -68,6 +78,7 @@ _ACK_REQUEST_HEADERS = m.headers_response("request_headers")
 _ACK_REQUEST_BODY = m.body_response("request_body")
 _ACK_REQUEST_TRAILERS = m.trailers_response("request_trailers")
 _ACK_RESPONSE_HEADERS = m.headers_response("response_headers")
+_RESPONSE_HEADERS_NO_LENGTH = m.headers_response("response_headers", remove_headers=("content-length",))
 _ACK_RESPONSE_BODY = m.body_response("response_body")
 _ACK_RESPONSE_TRAILERS = m.trailers_response("response_trailers")
 
@@ -114,6 +125,10 @@ class _Exchange:
     decided: bool = False
     response_seen: bool = False
     ended: bool = False
+    restorer: ModelRestorer | None = None
+    """Puts the asked model name back in the echoed response body (a model rewrite, full duplex)."""
+    evicted: bool = False
+    """Flow control revoked the request: the next reply is the 429 ImmediateResponse."""
 
     def stream_closed(self, reason: str) -> None:
         """The proxy closed or reset the stream. Envoy resets it once the response is done when it was told
@@ -140,10 +155,14 @@ class ExtProcStream:
     :class:`~inferoute.epp.serving.h2server.GrpcAbort` (the stream ends with that gRPC status).
     """
 
-    __slots__ = ("_chunk_bytes", "_chunks", "_core", "_echo", "_ex", "_pending", "_tail")
+    __slots__ = ("_chunk_bytes", "_chunks", "_core", "_echo", "_ex", "_pending", "_tail", "_writer")
 
-    def __init__(self, core: ExtProcServicer, *, encoded: bool = False) -> None:
+    def __init__(
+        self, core: ExtProcServicer, *, encoded: bool = False, writer: h2s.StreamWriter | None = None
+    ) -> None:
         self._core = core
+        self._writer = writer
+        """Sends replies outside feed/resume (h2 transport): an eviction answers at once."""
         # body echoes as pre-encoded views of the body (h2 transport) or as protobuf messages (grpc.aio)
         self._echo = _echo_encoded if encoded else _echo_messages
         self._ex: _Exchange | None = None
@@ -167,6 +186,9 @@ class ExtProcStream:
     def _feed(self, req: m.ProcessingRequest) -> Sequence[m.ProcessingResponse] | None:
         phase = req.WhichOneof("request")
         ex = self._ex
+        if ex is not None and ex.evicted and not ex.ended:  # grpc.aio: the eviction rides on the next reply
+            ex.end(False, "evicted")
+            return (_evicted_response(),)
         if phase == "request_body":
             if ex is None or ex.decided:
                 raise _ProtocolError("request body before headers or after the decision")
@@ -201,13 +223,20 @@ class ExtProcStream:
                 # Before the last reply: Envoy may reset the stream as soon as it has it.
                 ex.end(True)
             if ex is not None and ex.full_duplex_response:
-                return self._echo(rb.body, "response_body", rb.end_of_stream)
+                body = rb.body
+                if ex.restorer is not None:
+                    body = ex.restorer.feed(body)
+                    if rb.end_of_stream:
+                        body += ex.restorer.finish()
+                return self._echo(body, "response_body", rb.end_of_stream)
             return (_ACK_RESPONSE_BODY,)
         if phase == "response_headers":
             if ex is not None:
                 self._core.response_started(ex, req)
                 if req.response_headers.end_of_stream:
                     ex.end(True)
+                if ex.restorer is not None:  # the restored body may differ in length
+                    return (_RESPONSE_HEADERS_NO_LENGTH,)
             return (_ACK_RESPONSE_HEADERS,)
         if phase == "request_trailers":
             if ex is not None and not ex.decided:
@@ -227,11 +256,29 @@ class ExtProcStream:
         assert self._ex is not None and self._pending is not None
         body, phase, eos = self._pending
         self._pending = None
-        replies = await self._core.decide(self._ex, body, phase, eos=eos, echo=self._echo)
+        ex = self._ex
+        replies = await self._core.decide(ex, body, phase, eos=eos, echo=self._echo)
+        target = evictable(ex.session) if ex.session is not None and not ex.ended else None
+        if target is not None:
+            target.on_evict(self._on_evict)
         if self._tail:
             replies = [*replies, *self._tail]
             self._tail = ()
         return replies
+
+    def _on_evict(self) -> None:
+        """Flow control revoked the request: a 429 ImmediateResponse (Envoy answers the client with it, or
+        resets the stream when the answer has started) and the end of the stream; without a writer (grpc.aio)
+        the next message gets it."""
+        ex = self._ex
+        if ex is None or ex.ended:
+            return
+        if self._writer is None:
+            ex.evicted = True
+            return
+        ex.end(False, "evicted")
+        self._writer.send([_evicted_response()])
+        self._writer.finish()
 
     def end_of_input(self) -> Sequence[m.ProcessingResponse]:
         """The proxy half-closed the stream."""
@@ -251,6 +298,11 @@ class ExtProcStream:
 _GRPC_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 _Echo = Callable[[bytes, str, bool], Sequence[Any]]
+
+
+def _evicted_response() -> m.ProcessingResponse:
+    headers = {"content-type": "application/json", DROPPED_REASON: EVICTED_REASON}
+    return m.immediate_response(429, error_body(429, EVICTED_MESSAGE), headers, details="evicted")
 
 
 def _echo_messages(body: bytes, phase: str, eos: bool) -> Sequence[m.ProcessingResponse]:
@@ -282,9 +334,10 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         """A new stream's state (grpc.aio)."""
         return ExtProcStream(self)
 
-    def open_encoded(self, _writer: object = None) -> ExtProcStream:
-        """A new stream's state for the h2 server (its body echoes are not copied into messages)."""
-        return ExtProcStream(self, encoded=True)
+    def open_encoded(self, writer: h2s.StreamWriter | None = None) -> ExtProcStream:
+        """A new stream's state for the h2 server (its body echoes are not copied into messages; ``writer``
+        sends an eviction at once)."""
+        return ExtProcStream(self, encoded=True, writer=writer)
 
     async def Process(
         self, request_iterator: AsyncIterator[m.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -375,6 +428,9 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             ex.end(False, "empty-destination")
             return [m.immediate_response(503, error_body(503, "the picker returned no endpoint"))]
         self.metrics.destination.inc()
+        restore = decision.restore_model
+        if restore is not None and ex.full_duplex_response and ex.response_body_expected:
+            ex.restorer = ModelRestorer(*restore)  # else the data plane restores (inferoute.model metadata)
         if phase == "request_body":  # BUFFERED / STREAMED: the decision rides on the body reply
             return [
                 m.headers_response(
@@ -384,6 +440,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     content_length=None if decision.body is None else len(decision.body),
                     replace_body=decision.body,
                     destination_header=self._header,
+                    restore_model=restore,
                 )
             ]
         if body is None:  # no body: the mutation alone (a body cannot be added to a bodyless request)
@@ -393,6 +450,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     destination=decision.endpoints,
                     set_headers=decision.set_headers,
                     destination_header=self._header,
+                    restore_model=restore,
                 )
             ]
         out_body = body if decision.body is None else decision.body
@@ -403,6 +461,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 set_headers=decision.set_headers,
                 content_length=len(out_body),
                 destination_header=self._header,
+                restore_model=restore,
             )
         ]
         replies.extend(echo(out_body, "request_body", eos))
