@@ -26,6 +26,7 @@ from inferoute.epp.config import BUILTIN_PROFILES
 from inferoute.epp.serving.h2core import Limits
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.errors import InferouteError, describe_os_error
+from inferoute.httpguard import ConnectionLimits, GuardedSite, serve
 from inferoute.malloc import keep_large_buffers
 from inferoute.tasks import TaskSet
 
@@ -68,35 +69,36 @@ class EppRunOptions:
     """A worker of ``--workers N``: share the gRPC ports (``SO_REUSEPORT``); metrics on a private port."""
 
 
+METRICS_PORT_LIMITS = ConnectionLimits(header_timeout=10.0, idle_timeout=75.0, max_connections=1024)
+"""The ``/metrics`` port's connection limits (scrapers and probes need few; see docs/security.md)."""
+
+
 async def _serve_metrics(
-    registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool] = lambda: True
-) -> web.AppRunner:
+    registry: CollectorRegistry,
+    host: str,
+    port: int,
+    ready: Callable[[], bool] = lambda: True,
+    limits: ConnectionLimits = METRICS_PORT_LIMITS,
+) -> GuardedSite:
     """``/metrics``, plus ``/healthz`` (alive) and ``/readyz`` (the gRPC readiness: synced, and the leader
-    when leader election is on) for HTTP probes."""
+    when leader election is on) for HTTP probes, within ``limits``."""
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def handle(request: web.BaseRequest) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD"})
+        if request.path == "/metrics":
+            return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        if request.path == "/healthz":
+            return web.Response(text="ok\n")
+        if request.path == "/readyz":
+            return web.Response(text="ok\n") if ready() else web.Response(status=503, text="not ready\n")
+        return web.Response(status=404, text="not found\n")
 
-    async def readyz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n") if ready() else web.Response(status=503, text="not ready\n")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", _ok)
-    app.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        return await serve(handle, host, port, limits, name="epp metrics")
     except OSError as exc:
-        await runner.cleanup()
         msg = f"cannot listen on {host}:{port} (--metrics-port): {describe_os_error(exc)}"
         raise InferouteError(500, msg, cause="bind") from exc
-    return runner
-
-
-async def _ok(_: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
 
 
 async def _start_picker(opts: EppRunOptions, registry: CollectorRegistry, learned: Any = None) -> Any:
@@ -169,7 +171,7 @@ async def run(
         await picker.aclose()
         raise
     server: EppServer | None = None
-    runner: web.AppRunner | None = None
+    runner: GuardedSite | None = None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -195,7 +197,7 @@ async def run(
             runner = await _serve_metrics(registry, "127.0.0.1", 0, served.ready)
         else:
             runner = await _serve_metrics(registry, opts.host, opts.metrics_port, served.ready)
-        metrics_port = runner.addresses[0][1]  # the bound port (0 on the command line: one the OS chose)
+        metrics_port = runner.port  # the bound port (0 on the command line: one the OS chose)
         if on_ready is not None:
             on_ready(server.grpc_port, server.health_port, metrics_port)
         else:
@@ -215,7 +217,7 @@ async def run(
         if server is not None:
             await server.aclose(opts.grace)
         if runner is not None:
-            await runner.cleanup()
+            await runner.aclose()
         await tasks.aclose()  # a leader releases its Lease here
         await picker.aclose()
         for sig in (signal.SIGINT, signal.SIGTERM):

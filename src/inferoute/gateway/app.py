@@ -40,10 +40,19 @@ from inferoute.gateway.config import GatewayConfig, parse_listen
 from inferoute.gateway.metrics import GatewayMetrics
 from inferoute.gateway.picker_setup import EmbeddedFactory, RouteTable, start_embedded_picker
 from inferoute.gateway.proxy import Forwarder
-from inferoute.gateway.relay import LimitedStream, Relay, RequestRecord, read_body, request_id_from
+from inferoute.gateway.relay import (
+    LimitedStream,
+    Relay,
+    RequestRecord,
+    body_timeout,
+    cut_client,
+    read_body,
+    request_id_from,
+)
 from inferoute.gateway.reload import Reloader
 from inferoute.gateway.routing import PickerRejected, RoutedRequest
 from inferoute.gateway.target import request_target
+from inferoute.httpguard import ConnectionLimits, GuardedServer
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("inferoute.gateway.access")
@@ -140,7 +149,14 @@ class GatewayHandler:
         except Exception as exc:
             if rec.ttfb is not None:  # the answer has started: only closing the connection is left
                 rec.cause = rec.cause or "internal"
-                raise
+                log.exception(
+                    "%s %s: unexpected error after the answer started [request_id=%s]",
+                    rec.method,
+                    rec.path,
+                    rec.request_id,
+                )
+                cut_client(request)
+                return web.Response()  # never sent: the connection is closing (aiohttp logs nothing)
             log.exception("%s %s: unexpected error [request_id=%s]", rec.method, rec.path, rec.request_id)
             return self._error(
                 InferouteError(500, f"internal gateway error ({type(exc).__name__})", cause="internal"), rec
@@ -193,20 +209,19 @@ class GatewayHandler:
         epp = route.epp
         if not route.bbr.enabled and not (epp.enabled and epp.body == "full_duplex") and request.body_exists:
             # nothing needs the body before the upstream does: pass it through as it arrives
-            streamed = await LimitedStream.accept(request, route.bbr.max_body_size, rec, self._totals)
+            streamed = await LimitedStream.accept(
+                request, route.bbr.max_body_size, rec, self._totals, lim.body_read_timeout
+            )
             routed = await decider.decide(
                 request.method, target, request.headers.items(), b"", rec.request_id
             )
             self._note_decision(routed, rec)
             return await self.relay.forward(request, routed, rec, streamed)
         try:
-            async with asyncio.timeout(self._limits.body_read_timeout):
+            async with asyncio.timeout(lim.body_read_timeout):
                 body = await read_body(request, route.bbr.max_body_size)
         except TimeoutError:
-            timeout = self._limits.body_read_timeout
-            raise InferouteError(
-                408, f"request body not received within {timeout:g}s", cause="body-timeout"
-            ) from None
+            raise body_timeout(lim.body_read_timeout) from None
         rec.bytes_in = len(body)
         self._totals.bytes_in += len(body)
         # the picker sees the path as forwarded (with its query string), like Envoy's :path
@@ -307,7 +322,7 @@ class RunningGateway:
     def __init__(
         self,
         server: asyncio.Server,
-        web_server: web.Server,
+        web_server: GuardedServer,
         handler: GatewayHandler,
         forwarder: Forwarder,
         route_table: RouteTable,
@@ -325,6 +340,11 @@ class RunningGateway:
         sockname = server.sockets[0].getsockname()
         self.host: str = sockname[0]
         self.port: int = sockname[1]
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now (at most ``limits.max_connections``)."""
+        return self._web_server.open_connections
 
     @property
     def url(self) -> str:
@@ -381,8 +401,17 @@ async def start_gateway(
         await forwarder.start()
         handler = GatewayHandler(cfg, route_table, forwarder, metrics, registry, clock)
         lim = cfg.limits
-        web_server = web.Server(
+        web_server = GuardedServer(
             handler,
+            limits=ConnectionLimits(
+                header_timeout=lim.header_read_timeout,
+                idle_timeout=lim.idle_timeout,
+                max_requests_per_connection=lim.max_requests_per_connection,
+                max_connections=lim.max_connections,
+                descriptors_per_connection=2,  # the client's and one to an upstream
+            ),
+            on_event=lambda kind: metrics.error(kind).inc(),
+            name="gateway",
             handler_cancellation=True,
             access_log=None,
             max_line_size=lim.max_header_bytes + 1024,

@@ -147,8 +147,19 @@ class LimitsConfig(_Base):
     max_headers: int = 100
     """Number of request header fields; more → 431."""
     body_read_timeout: float = 60.0
-    """Seconds to receive a whole request body the gateway reads before picking; slower → 408 (a client
-    trickling its body must not hold a request slot for ever)."""
+    """Seconds to receive a whole request body, read before picking or streamed to the model server as it
+    arrives; slower → 408 (a client trickling its body must not hold a request slot for ever)."""
+    header_read_timeout: float = 10.0
+    """Seconds from a connection's start (or the first byte of a later request on it) to the end of the
+    request headers; slower → the connection is closed (408 when part of a request had arrived)."""
+    idle_timeout: float = 75.0
+    """Seconds a keep-alive connection may wait for its next request before it is closed."""
+    max_requests_per_connection: int = 1000
+    """Requests on one connection; the last is answered with ``Connection: close``."""
+    max_connections: int = 8192
+    """Open client connections per worker, lowered to (RLIMIT_NOFILE - 256) / 2 (each may hold one upstream
+    connection). At the limit a new connection replaces the longest-idle one; when all are busy it is
+    closed at once."""
 
 
 class TimeoutsConfig(_Base):
@@ -268,6 +279,12 @@ def validate(cfg: GatewayConfig) -> GatewayConfig:
         _check_backends(at, r.backends)
     if cfg.limits.max_concurrent_requests < 1:
         raise _fail("limits.max_concurrent_requests: must be >= 1")
+    for name in ("max_requests_per_connection", "max_connections"):
+        if getattr(cfg.limits, name) < 1:
+            raise _fail(f"limits.{name}: must be >= 1")
+    for name in ("body_read_timeout", "header_read_timeout", "idle_timeout"):
+        if getattr(cfg.limits, name) <= 0:
+            raise _fail(f"limits.{name}: must be > 0")
     return cfg
 
 

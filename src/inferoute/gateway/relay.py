@@ -132,9 +132,10 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
 
 
 class LimitedStream:
-    """The client's body as it arrives, counted against the route's limit (413 once it is passed)."""
+    """The client's body as it arrives, counted against the route's limit (413 once it is passed) and
+    timed: the whole of it must arrive within ``timeout`` seconds of :meth:`accept` (408 after)."""
 
-    __slots__ = ("_limit", "_rec", "_request", "_totals", "declared", "too_large")
+    __slots__ = ("_deadline", "_limit", "_rec", "_request", "_timeout", "_totals", "declared", "failure")
 
     def __init__(
         self,
@@ -143,35 +144,59 @@ class LimitedStream:
         declared: int | None,
         rec: RequestRecord,
         totals: Totals | None,
+        timeout: float | None = None,
     ) -> None:
         self._request = request
         self._limit = limit
         self.declared = declared
         self._rec = rec
         self._totals = totals
-        self.too_large: InferouteError | None = None
+        self._timeout = timeout
+        self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        self.failure: InferouteError | None = None
+        """Why reading the body stopped (413 too large, 408 too slow): the client's answer."""
 
     @classmethod
     async def accept(
-        cls, request: web.BaseRequest, limit: int, rec: RequestRecord, totals: Totals | None
+        cls,
+        request: web.BaseRequest,
+        limit: int,
+        rec: RequestRecord,
+        totals: Totals | None,
+        read_within: float | None = None,
     ) -> LimitedStream:
         """Check the declared length (413 before anything is read), answer ``100-continue``, wrap the body."""
         declared = check_declared_length(request.headers, limit)
         await answer_continue(request)
-        return cls(request, limit, declared, rec, totals)
+        return cls(request, limit, declared, rec, totals, read_within)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         counter = BodyLimit(self._limit)
-        async for chunk in self._request.content.iter_any():
+        content = self._request.content
+        while True:
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    chunk = await content.readany()
+            except TimeoutError:
+                self.failure = body_timeout(self._timeout)
+                raise self.failure from None
+            if not chunk:
+                return
             try:
                 counter.feed(len(chunk))
             except InferouteError as exc:
-                self.too_large = exc  # remembered: the upload to the upstream fails, the client gets 413
+                self.failure = exc  # remembered: the upload to the upstream fails, the client gets 413
                 raise
             self._rec.bytes_in += len(chunk)
             if self._totals is not None:
                 self._totals.bytes_in += len(chunk)
             yield chunk
+
+
+def body_timeout(timeout: float | None) -> InferouteError:
+    """The 408 of a request body that did not arrive within ``timeout`` seconds."""
+    within = f" within {timeout:g}s" if timeout is not None else ""
+    return InferouteError(408, f"request body not received{within}", cause="body-timeout")
 
 
 class SessionEnd:
@@ -269,9 +294,9 @@ class Relay:
                 request.transport.abort()
             raise
         except InferouteError:
-            if streamed is not None and streamed.too_large is not None:
-                end.aborted("body-too-large")
-                raise streamed.too_large from None
+            if streamed is not None and streamed.failure is not None:
+                end.aborted(streamed.failure.cause)
+                raise streamed.failure from None
             end.aborted("upstream-error")
             raise
         except BaseException:
@@ -303,12 +328,12 @@ class Relay:
                 request.method, rec.target or request.raw_path, upstreams, headers_for, body, route=rec.route
             )
         except (aiohttp.ClientError, OSError) as exc:
-            if streamed is not None and streamed.too_large is not None:
-                raise streamed.too_large from exc
+            if streamed is not None and streamed.failure is not None:
+                raise streamed.failure from exc
             raise
-        if streamed is not None and streamed.too_large is not None:
+        if streamed is not None and streamed.failure is not None:
             opened.response.close()
-            raise streamed.too_large
+            raise streamed.failure
         up = opened.response
         rec.upstream = opened.served
         rec.attempts = opened.attempts
@@ -362,9 +387,9 @@ class Relay:
         rec.ttfb = self.clock.now() - rec.start
         try:
             await resp.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except ConnectionError:
             _client_gone(rec, end)
-            raise
+            return resp
         rec.bytes_out = len(data)
         end.finished()
         return resp
@@ -385,39 +410,72 @@ class Relay:
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=hdrs)
         if up.content_length is not None and restorer is None:
             resp.content_length = up.content_length
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except ConnectionError:
+            _client_gone(rec, end)
+            return resp
         rec.ttfb = self.clock.now() - rec.start
         out = 0
-        try:
-            async for chunk in up.content.iter_any():
-                session.response_chunk(chunk)
-                if restorer is not None:
-                    chunk = restorer.feed(chunk)
-                    if not chunk:
-                        continue
+        chunks = up.content.iter_any().__aiter__()
+        while True:
+            try:  # reading the model server's answer
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                rec.bytes_out = out
+                _upstream_broke_off(rec, end, served, exc)
+                cut_client(request)  # the client must see a cut answer, not a complete one
+                return resp
+            session.response_chunk(chunk)
+            if restorer is not None:
+                chunk = restorer.feed(chunk)
+                if not chunk:
+                    continue
+            try:  # writing it to the client
                 await resp.write(chunk)
-                out += len(chunk)
-            if restorer is not None and (tail := restorer.finish()):
+            except ConnectionError:  # ConnectionResetError, aiohttp's ClientConnectionResetError
+                rec.bytes_out = out
+                _client_gone(rec, end)
+                return resp
+            out += len(chunk)
+        if restorer is not None and (tail := restorer.finish()):
+            try:
                 await resp.write(tail)
-                out += len(tail)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            rec.bytes_out = out
-            _upstream_broke_off(rec, end, served, exc)
-            raise
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            rec.bytes_out = out
-            _client_gone(rec, end)
-            raise
+            except ConnectionError:
+                rec.bytes_out = out
+                _client_gone(rec, end)
+                return resp
+            out += len(tail)
         rec.bytes_out = out
-        await resp.write_eof()
+        try:
+            await resp.write_eof()
+        except ConnectionError:
+            _client_gone(rec, end)
+            return resp
         end.finished()
         return resp
 
 
+def cut_client(request: web.BaseRequest) -> None:
+    """Close the client's connection in the middle of an answer: aiohttp then neither ends the chunked
+    stream (the client sees it cut short) nor logs a traceback (its final write fails quietly)."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
 def _upstream_broke_off(rec: RequestRecord, end: SessionEnd, served: str, exc: BaseException) -> None:
-    """The model server cut its answer short: cause, log line, picker session aborted."""
+    """The model server cut its answer short: cause, one log line (no traceback), picker session
+    aborted."""
     rec.cause = "upstream-aborted"
-    log.warning("upstream %s broke off the response: %r [request_id=%s]", served, exc, rec.request_id)
+    log.warning(
+        "upstream %s broke off the response: %s [request_id=%s]",
+        served,
+        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+        rec.request_id,
+    )
     end.aborted("upstream-aborted")
 
 
