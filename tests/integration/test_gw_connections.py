@@ -81,12 +81,16 @@ async def test_slow_headers_are_cut_while_others_are_served() -> None:
             port = _port(gw.url)
             rss0 = _rss()
             silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
-            trickling = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
-            t0 = time.monotonic()
             line = b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nX-Slow: "
+            trickling = []
+            for _ in range(20):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"P")  # a request has begun: these get a 408
+                trickling.append((r, w))
+            t0 = time.monotonic()
 
             async def trickle(w: asyncio.StreamWriter) -> None:
-                for i in range(40):  # a byte every 50 ms: would take 2 s
+                for i in range(1, 40):  # a byte every 50 ms: would take 2 s
                     if w.is_closing():
                         return
                     w.write(line[i : i + 1] if i < len(line) else b"a")
