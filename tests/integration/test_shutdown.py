@@ -8,15 +8,16 @@ import asyncio
 import contextlib
 import os
 import re
-import select
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import grpc
 
 from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
 
@@ -154,85 +155,98 @@ def _alive(pid: int) -> bool:
         return False
 
 
+class StallingPicker:
+    """A gRPC ext_proc server that takes each stream's first message and never answers: the decision stays
+    in flight (``started`` is set once one is)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.server = grpc.aio.server()
+        self.port = 0
+
+    async def __aenter__(self) -> StallingPicker:
+        async def process(requests: Any, _context: Any) -> AsyncIterator[bytes]:
+            async for _ in requests:
+                self.started.set()
+                await asyncio.Event().wait()
+            yield b""  # pragma: no cover - never reached
+
+        handler = grpc.method_handlers_generic_handler(
+            "envoy.service.ext_proc.v3.ExternalProcessor",
+            {"Process": grpc.stream_stream_rpc_method_handler(process)},
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop(0)
+
+    def config(self, tmp: Path) -> Path:
+        cfg = tmp / "gw.yaml"
+        cfg.write_text(
+            "listen: 127.0.0.1:0\nroutes:\n  - path: /v1/\n    default_upstream: 127.0.0.1:9\n"
+            f"    epp: {{endpoint: '127.0.0.1:{self.port}', tls: false, timeout_ms: 60000}}\n"
+        )
+        return cfg
+
+
+DECIDER_UP = r"NGINX decider listening on (127\.0\.0\.1:\d+)"
+
+
 async def test_nginx_mode_first_signal_announces_the_wait_and_a_second_stops_at_once(tmp_path: Path) -> None:
     """``--mode nginx``: a decision in flight (the picker never answers) is waited for, announced with the
     grace; a second signal ends the process at once without a traceback."""
-    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never speaks gRPC
     log = tmp_path / "decider.log"
-    cfg = tmp_path / "gw.yaml"
-    cfg.write_text(
-        "listen: 127.0.0.1:0\nroutes:\n  - path: /v1/\n    default_upstream: 127.0.0.1:9\n"
-        f"    epp: {{endpoint: '127.0.0.1:{silent.getsockname()[1]}', tls: false, timeout_ms: 60000}}\n"
-    )
-    proc = _start(cfg, log, "--mode", "nginx")
-    try:
-        url = await _until_listening(proc, log, r"NGINX decider listening on (127\.0\.0\.1:\d+)")
-        assert not _accepted(silent)  # the picker client connects on the first decision, not before
-        async with aiohttp.ClientSession() as s:
-            decision = asyncio.ensure_future(s.post(f"http://{url}/v1/completions", json={"model": "m"}))
-            for _ in range(500):  # the picker got the connection: the decision is in flight
-                if _accepted(silent):
-                    break
-                await asyncio.sleep(0.02)
-            proc.send_signal(signal.SIGINT)
-            await _until_logged(log, "waiting up to 5 s for 1 decision(s) in flight")
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            status = await _wait_exit(proc, 3.0)
-            assert status == 130 and time.monotonic() - t0 < 3.0, log.read_text()
-            decision.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
-                (await decision).close()
-    finally:
-        silent.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    async with StallingPicker() as picker:
+        proc = _start(picker.config(tmp_path), log, "--mode", "nginx")
+        try:
+            url = await _until_listening(proc, log, DECIDER_UP)
+            async with aiohttp.ClientSession() as s:
+                decision = asyncio.ensure_future(s.post(f"http://{url}/v1/completions", json={"model": "m"}))
+                await asyncio.wait_for(picker.started.wait(), 30)  # the decision is in flight
+                proc.send_signal(signal.SIGINT)
+                await _until_logged(log, "waiting up to 5 s for 1 decision(s) in flight")
+                t0 = time.monotonic()
+                proc.send_signal(signal.SIGINT)
+                status = await _wait_exit(proc, 3.0)
+                assert status == 130 and time.monotonic() - t0 < 3.0, log.read_text()
+                with contextlib.suppress(aiohttp.ClientError):
+                    (await decision).close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     text = log.read_text()
     assert "SIGINT again: stopping now" in text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
 
 
 async def test_nginx_mode_stops_within_the_grace_and_refuses_new_decisions(tmp_path: Path) -> None:
-    silent = socket.create_server(("127.0.0.1", 0))
     log = tmp_path / "decider.log"
-    cfg = tmp_path / "gw.yaml"
-    cfg.write_text(
-        "listen: 127.0.0.1:0\nroutes:\n  - path: /v1/\n    default_upstream: 127.0.0.1:9\n"
-        f"    epp: {{endpoint: '127.0.0.1:{silent.getsockname()[1]}', tls: false, timeout_ms: 60000}}\n"
-    )
-    proc = _start(cfg, log, "--mode", "nginx")
-    try:
-        url = await _until_listening(proc, log, r"NGINX decider listening on (127\.0\.0\.1:\d+)")
-        assert not _accepted(silent)  # the picker client connects on the first decision, not before
-        async with aiohttp.ClientSession() as s:
-            decision = asyncio.ensure_future(s.post(f"http://{url}/v1/completions", json={"model": "m"}))
-            for _ in range(500):
-                if _accepted(silent):
-                    break
-                await asyncio.sleep(0.02)
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            await _until_logged(log, "waiting up to 5 s")
-            async with s.post(f"http://{url}/v1/completions", json={"model": "m"}) as late:
-                assert late.status == 503 and "shutting down" in (await late.json())["error"]["message"]
-            assert await _wait_exit(proc, 20.0) == 0, log.read_text()
-            # the announced 5 s, not aiohttp's 2 x shutdown_timeout; measured 5.1-5.2 s
-            assert 4.9 < time.monotonic() - t0 < 6.5, log.read_text()
-            with contextlib.suppress(aiohttp.ClientError):
-                (await decision).close()
-    finally:
-        silent.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    async with StallingPicker() as picker:
+        proc = _start(picker.config(tmp_path), log, "--mode", "nginx")
+        try:
+            url = await _until_listening(proc, log, DECIDER_UP)
+            async with aiohttp.ClientSession() as s:
+                decision = asyncio.ensure_future(s.post(f"http://{url}/v1/completions", json={"model": "m"}))
+                await asyncio.wait_for(picker.started.wait(), 30)
+                t0 = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                await _until_logged(log, "waiting up to 5 s for 1 decision(s) in flight")
+                async with s.post(f"http://{url}/v1/completions", json={"model": "m"}) as late:
+                    assert late.status == 503 and "shutting down" in (await late.json())["error"]["message"]
+                assert await _wait_exit(proc, 20.0) == 0, log.read_text()
+                # the announced 5 s, not aiohttp's 2 x shutdown_timeout; measured 5.1-5.2 s
+                assert 4.9 < time.monotonic() - t0 < 6.5, log.read_text()
+                with contextlib.suppress(aiohttp.ClientError):
+                    (await decision).close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert "Traceback" not in log.read_text(), log.read_text()
-
-
-def _accepted(listener: socket.socket) -> bool:
-    """Whether a connection waits in ``listener``'s backlog (the picker client connected)."""
-    ready, _, _ = select.select([listener], [], [], 0)
-    return bool(ready)
 
 
 async def _until_listening(proc: subprocess.Popen[bytes], log: Path, pattern: str) -> str:
