@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from inferoute.clock import FakeClock
 from inferoute.epp.learned import (
     IDLE,
     Capacity,
@@ -88,7 +89,7 @@ BS = 4  # picker block size of the KV-event store; the engine's blocks are 8 tok
 EBS = 8
 
 
-def _kvevents() -> StoreHarness:
+def _kvevents(speculative: bool = False) -> StoreHarness:
     def tokens(prompt: int) -> list[int]:
         return [prompt * 10_000 + t for t in range(64 * EBS)]
 
@@ -112,9 +113,14 @@ def _kvevents() -> StoreHarness:
         # picker block i lives in engine block i // 2, which also owns its sibling picker block
         return [EngineEvents(ep, (BlockRemoved((engine_hash(prompt, i // 2),)),), "m")]
 
+    def make() -> PrefixStore:
+        if speculative:  # placements count for a while too; the contract holds for what events say
+            return PreciseIndex(BS, speculative_ttl=2.0, clock=FakeClock(5.0).now)
+        return PreciseIndex(BS)
+
     return StoreHarness(
-        "kvevents",
-        lambda: PreciseIndex(BS),
+        "kvevents+speculative" if speculative else "kvevents",
+        make,
         keys,
         hold,
         evict=evict,
@@ -122,7 +128,7 @@ def _kvevents() -> StoreHarness:
     )
 
 
-STORES: list[StoreHarness] = [_approx(), _kvevents()]
+STORES: list[StoreHarness] = [_approx(), _kvevents(), _kvevents(speculative=True)]
 """Every PrefixStore implementation (add yours here)."""
 EVENT_FED = [h for h in STORES if h.evict is not None]
 BOUNDED = [h for h in STORES if h.bounded]

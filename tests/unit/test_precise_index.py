@@ -3,6 +3,8 @@ the simulator engine's real event stream round-tripping through it."""
 
 from __future__ import annotations
 
+from inferoute.clock import FakeClock
+from inferoute.epp.learned import Placed
 from inferoute.epp.precise.index import PreciseIndex, request_keys, root_key
 from inferoute.epp.precise.tracker import Action, SeqTracker
 from inferoute.kvevents.config import KVEventsConfig
@@ -46,6 +48,29 @@ def test_block_keys_are_llm_ds_fnv64a_over_canonical_cbor() -> None:
     assert PreciseIndex(4, "seed").keys_for(tokens, "m") != [first]
     small = fnv1a_64(b"\x83\x07\x82\x01\x02\xf6")  # a small parent takes one byte
     assert request_keys([1, 2, 3], 2, 7) == [small]
+
+
+def test_speculative_entries_expire_and_go_with_their_endpoint() -> None:
+    clock = FakeClock(0.0)
+    idx = PreciseIndex(4, speculative_ttl=2.0, clock=clock.now)
+    keys = idx.keys_for(TOKENS[:16], "m")
+    idx.apply([Placed("a", tuple(keys[:2]), 1), Placed("b", tuple(keys), 1)])
+    assert idx.match(keys, ["a", "b"]) == {"a": 2, "b": 4} and idx.size() == 0
+    idx.forget(["b"])
+    assert idx.match(keys, ["a", "b"]) == {"a": 2}
+    clock.advance(1.0)
+    idx.apply([Placed("a", tuple(keys[:1]), 1)])  # refreshes the first key only
+    clock.advance(1.5)
+    assert idx.match(keys, ["a"]) == {"a": 1}
+    # a server's own event makes it real: it outlives the speculation
+    idx.apply_events("a", [stored([1], None, TOKENS[:8], 8)], "m")
+    clock.advance(5.0)
+    idx.apply([])
+    assert idx.match(keys, ["a"]) == {"a": 2}
+    assert PreciseIndex(4).speculative_ttl == 0.0  # off by default: Placed records are ignored
+    off = PreciseIndex(4)
+    off.apply([Placed("a", tuple(keys), 1)])
+    assert off.match(keys, ["a"]) == {}
 
 
 def test_engine_blocks_smaller_than_picker_blocks() -> None:

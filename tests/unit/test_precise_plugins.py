@@ -84,12 +84,43 @@ def test_reference_config_wires_the_scorer_to_the_producer() -> None:
     assert scorer.score(c, [cand("a"), cand("b")]) == [0.0, 0.5]
 
 
+@pytest.mark.parametrize("speculative", [True, False])
+def test_speculative_indexing_holds_the_picked_prefix_until_the_ttl(speculative: bool) -> None:
+    clock = FakeClock(10.0)
+    flag = str(speculative).lower()
+    cfg = parse_config(
+        config(
+            f"{{tokenProcessorConfig: {{blockSize: 4}}, speculativeIndexing: {flag}, speculativeTTL: 2s}}"
+        ),
+        deps=PluginDeps(LocalLearnedState(), clock, 1),
+    )
+    prompt = json.dumps("hello world hello world again bye hello world again bye and more").encode()
+    pool = [cand("a"), cand("b"), cand("c")]
+    first = cfg.scheduler.schedule(ctx("m", prompt), list(pool)).endpoints[0].key
+    clock.advance(1.9)  # no event yet: the server is still prefilling
+    again = cfg.scheduler.schedule(ctx("m", prompt), list(pool))
+    if speculative:
+        assert again.endpoints[0].key == first and again.scores[first] > 0.0
+        assert sum(again.scores.values()) == again.scores[first]
+    else:
+        assert again.scores == {"a": 0.0, "b": 0.0, "c": 0.0}
+    clock.advance(2.1)  # every speculative entry has expired
+    assert cfg.scheduler.schedule(ctx("m", prompt), list(pool)).scores == {"a": 0.0, "b": 0.0, "c": 0.0}
+    producer = cfg.plugins["precise-prefix-cache-producer"]
+    assert isinstance(producer, PrecisePrefixProducer) and producer.index.size() == 0  # events are the truth
+
+
 @pytest.mark.parametrize(
     ("params", "scorer", "words"),
     [
         ("{}", "nope", "prefixMatchInfoProducerName: 'nope' is not a prefix-match producer"),
         ("{kvEventsConfig: {zmqEndpoint: 'tcp://*:5557'}}", "precise-prefix-cache-producer", "zmqEndpoint"),
-        ("{speculativeIndexing: true}", "precise-prefix-cache-producer", "speculativeIndexing"),
+        (
+            "{speculativeIndexing: true, speculativeTTL: 0s}",
+            "precise-prefix-cache-producer",
+            "TTL: must be > 0",
+        ),
+        ("{speculativeTTL: soon}", "precise-prefix-cache-producer", "speculativeTTL: expected a duration"),
         ("{localTokenizer: huggingface}", "precise-prefix-cache-producer", "tokenizerFile: required"),
         ("{tokenProcessorConfig: {blockSize: 0}}", "precise-prefix-cache-producer", "blockSize"),
         ("{kvEventsConfig: {topicFiltre: x}}", "precise-prefix-cache-producer", "unknown parameter"),

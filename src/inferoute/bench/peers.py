@@ -330,7 +330,7 @@ INFEROUTE_PROFILES = ("round-robin", "random", "gie-default", "predicted-ttft", 
 PEER_POLICIES = ("round_robin", "power_of_two", "cache_aware")
 
 
-EXTRA_PROFILES = ("flow-control", "objectives")
+EXTRA_PROFILES = ("flow-control", "objectives", "precise-local")
 """Benchmark-only inferoute profiles (the overload workload's); chosen only when named."""
 
 

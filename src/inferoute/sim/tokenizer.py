@@ -18,7 +18,7 @@ The picker may use :func:`count_tokens` to estimate prompt sizes the way the sim
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import xxhash
 
@@ -39,6 +39,11 @@ _PIECES = re.compile(
 def pieces(text: str) -> list[str]:
     """Split ``text`` into token strings (see the module docstring)."""
     return _PIECES.findall(text)
+
+
+def piece_matches(text: str) -> Iterator[re.Match[str]]:
+    """The pieces of ``text`` with their positions."""
+    return _PIECES.finditer(text)
 
 
 class Tokenizer:

@@ -18,6 +18,13 @@ handles:
 * ``BlockRemoved``: one copy of the engine block is gone; the keys it owns lose one reference on E.
 * ``AllBlocksCleared`` / publisher restart / endpoint removal: everything of E is dropped.
 
+*Speculative indexing* (llm-d's ``speculativeIndexing``): with a TTL, a
+:class:`~inferoute.epp.learned.port.Placed` record (the producer's keys for the endpoint just picked) counts
+as held for ``speculative_ttl`` seconds. A server publishes a request's blocks only after prefilling it, so
+without this every request of the same prefix arriving in that window sees nothing and may be sent elsewhere,
+copying the prefix to a second server. Events stay the truth: a speculative entry never changes residency
+counts, and it expires (or is dropped with its endpoint).
+
 An event whose parent the index has never seen (it was evicted, or the subscriber joined late without replay)
 cannot be placed in a chain and is skipped (counted in :attr:`PreciseIndex.orphans`).
 
@@ -27,13 +34,14 @@ walk that stops at the first block no remaining endpoint holds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import cbor2
 from fnv_c import fnv1a_64
 
-from inferoute.epp.learned.port import EngineEvents, Record
+from inferoute.epp.learned.port import EngineEvents, Placed, Record
 from inferoute.kvevents.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 U64 = (1 << 64) - 1
@@ -81,9 +89,23 @@ class PreciseIndex:
     :class:`~inferoute.epp.learned.port.EngineEvents` records only (the servers say what they hold; where the
     picker sent a prompt proves nothing), and needs no capacity: the servers evict and say so."""
 
-    def __init__(self, block_size: int = 16, hash_seed: str = "") -> None:
+    def __init__(
+        self,
+        block_size: int = 16,
+        hash_seed: str = "",
+        *,
+        speculative_ttl: float = 0.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
+        if speculative_ttl > 0 and clock is None:
+            raise ValueError("speculative indexing needs a clock")
+        self.speculative_ttl = speculative_ttl
+        self._clock = clock
+        self._spec: dict[int, dict[str, float]] = {}
+        """Speculative entries: key -> {endpoint: expiry}."""
+        self._spec_order: deque[tuple[float, str, Sequence[int]]] = deque()
         self.block_size = block_size
         self.hash_seed = hash_seed
         self._holders: dict[int, dict[str, int]] = {}
@@ -110,6 +132,36 @@ class PreciseIndex:
         for r in records:
             if isinstance(r, EngineEvents):
                 self.apply_events(r.endpoint, r.events, r.model)
+            elif isinstance(r, Placed) and self.speculative_ttl > 0:
+                self.speculate(r.endpoint, r.keys)
+
+    def speculate(self, endpoint: str, keys: Sequence[int]) -> None:
+        """Count ``keys`` as held by ``endpoint`` until the TTL runs out (speculative indexing)."""
+        assert self._clock is not None
+        now = self._clock()
+        self._expire(now)
+        if not keys:
+            return
+        until = now + self.speculative_ttl
+        spec = self._spec
+        for key in keys:
+            held = spec.get(key)
+            if held is None:
+                spec[key] = {endpoint: until}
+            else:
+                held[endpoint] = until
+        self._spec_order.append((until, endpoint, keys))
+
+    def _expire(self, now: float) -> None:
+        order, spec = self._spec_order, self._spec
+        while order and order[0][0] <= now:
+            _, endpoint, keys = order.popleft()
+            for key in keys:
+                held = spec.get(key)
+                if held is not None and held.get(endpoint, now + 1.0) <= now:
+                    del held[endpoint]
+                    if not held:
+                        del spec[key]
 
     def forget(self, endpoints: Iterable[str]) -> None:
         for ep in endpoints:
@@ -188,6 +240,11 @@ class PreciseIndex:
 
     def clear(self, endpoint: str) -> None:
         """Forget everything ``endpoint`` holds (reset, publisher restart, endpoint removed)."""
+        for key in [k for k, spec in self._spec.items() if endpoint in spec]:
+            spec = self._spec[key]
+            del spec[endpoint]
+            if not spec:
+                del self._spec[key]
         ep = self._endpoints.pop(endpoint, None)
         if ep is None:
             return
@@ -204,8 +261,11 @@ class PreciseIndex:
         out: dict[str, int] = {}
         alive = list(endpoints)
         holders = self._holders
+        now = self._clock() if self._spec and self._clock is not None else 0.0
         for n, key in enumerate(keys):
-            held = holders.get(key)
+            held: Collection[str] | None = holders.get(key)
+            if self._spec:
+                held = self._with_speculative(key, held, now)
             if held is None:
                 if n:
                     out.update(dict.fromkeys(alive, n))
@@ -219,6 +279,15 @@ class PreciseIndex:
         if keys:
             out.update(dict.fromkeys(alive, len(keys)))
         return out
+
+    def _with_speculative(self, key: int, held: Collection[str] | None, now: float) -> Collection[str] | None:
+        spec = self._spec.get(key)
+        if spec is None:
+            return held
+        live = {e for e, until in spec.items() if until > now}
+        if not live:
+            return held
+        return live if held is None else live.union(held)
 
     def residency(self, key: int, endpoint: str) -> int:
         """Copies of request key ``key`` that ``endpoint`` holds."""

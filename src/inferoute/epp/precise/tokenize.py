@@ -15,6 +15,7 @@ token ids) or chat ``messages`` (text content; text parts joined).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +24,8 @@ import msgspec
 
 from inferoute.sim.tokenizer import encode as sim_encode
 from inferoute.sim.tokenizer import is_token_ids, render_chat
+from inferoute.sim.tokenizer import piece_matches as sim_piece_matches
+from inferoute.sim.tokenizer import pieces as sim_pieces
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +95,25 @@ def parse_prompt_value(raw: bytes | memoryview, model: str) -> Prompt | None:
 
 
 class LocalTokenizer(Protocol):
+    """An in-process tokenizer. ``encode(p) == encode_text(*text(p))[0]`` for prompts that are not token ids;
+    the split lets :class:`~inferoute.epp.precise.prefixcache.TokenPrefixCache` reuse the tokens of a text
+    prefix seen before."""
+
     def encode(self, prompt: Prompt) -> list[int]: ...
+
+    def text(self, prompt: Prompt) -> tuple[str, bool]:
+        """The text the server tokenizes (chat rendered) and whether special tokens are added to it."""
+        ...
+
+    def encode_text(self, text: str, special: bool) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` and the character offset where each ends."""
+        ...
 
 
 class SimTokenizer:
-    """The simulator's tokenizer (``inferoute.sim.tokenizer``): exact for ``inferoute sim`` servers."""
+    """The simulator's tokenizer (``inferoute.sim.tokenizer``): exact for ``inferoute sim`` servers. Its
+    pieces come from one left-to-right regular-expression scan, so text cut at a piece end tokenizes the
+    same."""
 
     def encode(self, prompt: Prompt) -> list[int]:
         if prompt.token_ids is not None:
@@ -104,6 +121,18 @@ class SimTokenizer:
         if prompt.messages is not None:
             return sim_encode(render_chat(prompt.messages))
         return sim_encode(prompt.text or "")
+
+    def text(self, prompt: Prompt) -> tuple[str, bool]:
+        if prompt.messages is not None:
+            return render_chat(prompt.messages), False
+        return prompt.text or "", False
+
+    def encode_text(self, text: str, special: bool) -> tuple[list[int], list[int]]:
+        ids = sim_encode(text)
+        ends = list(itertools.accumulate(map(len, sim_pieces(text))))
+        if len(ends) != len(ids) or (ends and ends[-1] != len(text)):  # a character no piece covers
+            ends = [m.end() for m in sim_piece_matches(text)]
+        return ids, ends
 
 
 class HFTokenizer:
@@ -125,17 +154,25 @@ class HFTokenizer:
     def encode(self, prompt: Prompt) -> list[int]:
         if prompt.token_ids is not None:
             return list(prompt.token_ids)
-        if prompt.messages is not None:
-            if self._template is None:
-                raise ValueError("chat request but no chat template configured")
-            text = self._template.render(
-                messages=[{"role": r, "content": c} for r, c in prompt.messages],
-                add_generation_prompt=True,
-                bos_token=self._bos,
-                eos_token=self._eos,
-            )
-            return list(self._tok.encode(text, add_special_tokens=False).ids)
-        return list(self._tok.encode(prompt.text or "", add_special_tokens=True).ids)
+        text, special = self.text(prompt)
+        return list(self._tok.encode(text, add_special_tokens=special).ids)
+
+    def text(self, prompt: Prompt) -> tuple[str, bool]:
+        if prompt.messages is None:
+            return prompt.text or "", True
+        if self._template is None:
+            raise ValueError("chat request but no chat template configured")
+        text = self._template.render(
+            messages=[{"role": r, "content": c} for r, c in prompt.messages],
+            add_generation_prompt=True,
+            bos_token=self._bos,
+            eos_token=self._eos,
+        )
+        return text, False
+
+    def encode_text(self, text: str, special: bool) -> tuple[list[int], list[int]]:
+        enc = self._tok.encode(text, add_special_tokens=special)
+        return list(enc.ids), [end for _, end in enc.offsets]
 
 
 def render_token_ids(doc: object) -> list[int] | None:

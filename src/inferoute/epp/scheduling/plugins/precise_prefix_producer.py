@@ -15,7 +15,10 @@ Parameters, by llm-d's names:
   ``podLabelSelector``, ``podNamespace`` (accepted: endpoints come from the picker's own source)}. An
   endpoint's ``kv-events-endpoint`` / ``kv-events-replay-endpoint`` labels win over the ports.
 * ``indexerConfig``: accepted (the index is in memory).
-* ``speculativeIndexing`` (only false), ``speculativeTTL`` (accepted).
+* ``speculativeIndexing`` (false) and ``speculativeTTL`` (2s): when on, the prompt's keys count as held by the
+  picked endpoint for the TTL, until its own events say so (a server publishes blocks only after prefilling
+  them; without this, requests of the same prefix arriving meanwhile see nothing). Dark-launched (shadow)
+  decisions speculate nothing.
 * inferoute's own: ``localTokenizer`` (``simulator`` | ``huggingface``), ``tokenizerFile``,
   ``chatTemplateFile``, ``bosToken``, ``eosToken``, ``replayTimeoutSeconds`` (10).
 """
@@ -27,8 +30,11 @@ from pathlib import Path
 from typing import ClassVar
 
 from inferoute.endpoints import Endpoint
+from inferoute.epp.flowcontrol.units import duration
+from inferoute.epp.learned.port import Placed
 from inferoute.epp.plugin import Params, PluginDeps, config_error
-from inferoute.epp.precise.index import PreciseIndex
+from inferoute.epp.precise.index import PreciseIndex, request_keys
+from inferoute.epp.precise.prefixcache import TokenPrefixCache
 from inferoute.epp.precise.subscriber import KVEventPool, SubscriberSettings
 from inferoute.epp.precise.tokenize import HFTokenizer, LocalTokenizer, SimTokenizer, parse_prompt_value
 from inferoute.epp.scheduling.types import Candidate, CycleContext
@@ -47,6 +53,10 @@ class PrecisePrefixProducer:
         self.index = index
         self.pool = KVEventPool(index, settings)
         self.tokenizer = tokenizer
+        self.token_cache = TokenPrefixCache(index.block_size)
+        """Tokens and keys of recent prompts by their text (local tokenization only)."""
+        self._cycle: tuple[CycleContext, object, list[int]] | None = None
+        """(cycle, its request's token ids, the keys) of the cycle being scored (for :meth:`on_picked`)."""
 
     # -- background ---------------------------------------------------------------------------------------
     async def start(self, endpoints: Sequence[Endpoint]) -> None:
@@ -60,6 +70,7 @@ class PrecisePrefixProducer:
 
     # -- per cycle ----------------------------------------------------------------------------------------
     def tokens(self, ctx: CycleContext) -> Sequence[int]:
+        """The prompt's token ids (from ``token-producer``, else tokenized here)."""
         req = ctx.request
         if req.token_ids is not None:
             return req.token_ids
@@ -71,13 +82,46 @@ class PrecisePrefixProducer:
         except ValueError:
             return ()
 
+    def keys(self, ctx: CycleContext) -> list[int]:
+        """The prompt's block keys; a local tokenization goes through the token prefix cache."""
+        req = ctx.request
+        model = req.target_model
+        if req.token_ids is not None:
+            return self.index.keys_for(req.token_ids, model)
+        prompt = parse_prompt_value(req.prompt, model)
+        if prompt is None:
+            return []
+        if prompt.token_ids is not None:
+            return self.index.keys_for(prompt.token_ids, model)
+        try:
+            text, special = self.tokenizer.text(prompt)
+        except ValueError:
+            return []
+        index = self.index
+
+        def keys(tokens: Sequence[int], parent: int | None) -> list[int]:
+            return request_keys(tokens, index.block_size, index.root(model) if parent is None else parent)
+
+        return self.token_cache.tokenize(text, special, model, self.tokenizer.encode_text, keys).keys
+
     def prefix_match(
         self, ctx: CycleContext, candidates: Sequence[Candidate]
     ) -> tuple[Mapping[str, int], int]:
-        keys = self.index.keys_for(self.tokens(ctx), ctx.request.target_model)
+        cycle = self._cycle
+        if cycle is not None and cycle[0] is ctx and cycle[1] is ctx.request.token_ids:
+            keys = cycle[2]
+        else:
+            keys = self.keys(ctx)
+            self._cycle = (ctx, ctx.request.token_ids, keys)
         if not keys:
             return {}, 0
         return self.index.match(keys, [c.key for c in candidates]), len(keys)
+
+    def on_picked(self, ctx: CycleContext, picked: Candidate, candidates: Sequence[Candidate]) -> None:
+        """Speculative indexing: the picked endpoint will hold the prompt's blocks."""
+        cycle, self._cycle = self._cycle, None
+        if cycle is not None and cycle[0] is ctx and cycle[2] and self.index.speculative_ttl > 0:
+            self.index.apply((Placed(picked.key, tuple(cycle[2])),))
 
 
 def _local_tokenizer(p: Params) -> LocalTokenizer:
@@ -121,8 +165,10 @@ def create(name: str, params: Params, deps: PluginDeps) -> PrecisePrefixProducer
     seed = tp.text("hashSeed", "")
     tp.done()
     params.section("indexerConfig")  # accepted: the index lives in memory
-    if params.flag("speculativeIndexing", False):
-        raise config_error(f"{params.where}.speculativeIndexing: not supported (only false)")
-    params.text("speculativeTTL", "2s")
+    speculative = params.flag("speculativeIndexing", False)
+    ttl = duration(params.text("speculativeTTL", "2s"), f"{params.where}.speculativeTTL")
+    if speculative and ttl <= 0:
+        raise config_error(f"{params.where}.speculativeTTL: must be > 0 with speculativeIndexing")
     settings = _subscriber_settings(params)
-    return PrecisePrefixProducer(name, PreciseIndex(block, seed), settings, _local_tokenizer(params))
+    index = PreciseIndex(block, seed, speculative_ttl=ttl if speculative else 0.0, clock=deps.clock.now)
+    return PrecisePrefixProducer(name, index, settings, _local_tokenizer(params))

@@ -18,7 +18,13 @@ from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 from inferoute.epp.plugin import Params, PluginDeps, config_error
-from inferoute.epp.scheduling.types import Candidate, CycleContext, PrefixMatchProducer, PrefixSettings
+from inferoute.epp.scheduling.types import (
+    Candidate,
+    CycleContext,
+    PickObserver,
+    PrefixMatchProducer,
+    PrefixSettings,
+)
 
 TYPE = "prefix-cache-scorer"
 APPROX_PRODUCER = "approx-prefix-cache-producer"
@@ -52,6 +58,12 @@ class PrefixCacheScorer:
                 f"producer; defined: {', '.join(valid) or '(none)'}"
             )
         self.producer = producer
+
+    def on_picked(self, ctx: CycleContext, picked: Candidate, candidates: Sequence[Candidate]) -> None:
+        """The producer learns from the pick when it does (speculative indexing); the producer is not part of
+        the profile, so the scorer tells it."""
+        if isinstance(self.producer, PickObserver):
+            self.producer.on_picked(ctx, picked, candidates)
 
     def score(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
         if self.producer is not None:
