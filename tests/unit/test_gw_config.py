@@ -74,6 +74,8 @@ def test_longest_prefix_wins() -> None:
         ("routes: [{path: /x, epp: {endpoint: null}}]", "required when epp.enabled"),
         ("routes: [{path: /x, epp: {endpoint: 'grpc://h:1'}}]", "scheme must be http:// or https://"),
         ("routes: [{path: /x, epp: {endpoint: 'host-only'}}]", "expected host:port"),
+        ("routes: [{path: /x, epp: {endpoint: '10.0.0.1:9002,epp-b:9002'}}]", "takes IP addresses"),
+        ("routes: [{path: /x, epp: {endpoint: '10.0.0.1:9002,10.0.0.2'}}]", "comma list of ip:port"),
         ("routes: [{path: /x, epp: {cert_file: c.pem}}]", "cert_file and key_file go together"),
         ("routes: [{path: /x, default_upstream: nope}]", "default_upstream"),
         ("pool: {allowed_cidrs: [10.0.0.0/33]}", "allowed_cidrs[0]"),
@@ -103,6 +105,10 @@ def test_listen_and_targets() -> None:
     assert target_of("https://epp:9002") == ("epp:9002", True)
     assert target_of("http://epp:9002/") == ("epp:9002", False)
     assert target_of("epp:9002") == ("epp:9002", None)
+    # picker replicas: one gRPC target listing them (the channel balances over those that are up)
+    assert target_of("http://10.0.0.1:9002, 10.0.0.2:9002") == ("ipv4:10.0.0.1:9002,10.0.0.2:9002", False)
+    assert target_of("[::1]:1,[::1]:2") == ("ipv6:[::1]:1,[::1]:2", None)
+    load_config_text("routes: [{path: /x, epp: {endpoint: 'http://127.0.0.1:1,127.0.0.1:2'}}]")
 
 
 def test_the_documented_example_loads() -> None:

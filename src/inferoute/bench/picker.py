@@ -757,106 +757,166 @@ def render_markdown(
     return "\n".join(lines)
 
 
-async def _run(opts: argparse.Namespace | Any) -> str:
-    workdir = tempfile.mkdtemp(prefix="bench-picker-")
-    decisions: list[DecisionsResult] = []
-    throughput: list[WrkResult] = []
-    latency: list[WrkResult] = []
-    pickers = [p for p in opts.pickers.split(",") if p]
-    transports = [t for t in opts.transports.split(",") if t]
-    envoy_pickers = [p for p in pickers if p != "floor"]  # the floor only answers the load generator
-    cpu: int | None = None
-    if opts.pin and len(os.sched_getaffinity(0)) >= 2:
-        # The picker alone on the first CPU; this process and everything it starts (load generator, Envoy,
-        # wrk, backends) on the others: "per core" is then literal and the load never steals the picker's CPU.
-        cpus = sorted(os.sched_getaffinity(0))
-        cpu = cpus[0]
-        os.sched_setaffinity(0, set(cpus[1:]))
-    async with contextlib.AsyncExitStack() as stack:
-        backend_ports = [
-            (await stack.enter_async_context(_child("backend", "--port", "0"))).port for _ in range(3)
-        ]
-        eps = ",".join(f"127.0.0.1:{p}" for p in backend_ports)
-        for picker in pickers:
-            for transport in transports:
-                async with _serve_child(picker, eps, transport, cpu) as server:
-                    for phase in (True, False):
-                        dres = await _pipelined_load(
+def _pin(pin: bool) -> int | None:
+    """With ``pin`` on 2+ CPUs: the picker gets the first CPU; this process and everything it starts (load
+    generator, Envoy, wrk, backends) the others, so "per core" is literal and the load never steals the
+    picker's CPU. Returns the picker's CPU (None: unpinned)."""
+    if not (pin and len(os.sched_getaffinity(0)) >= 2):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, set(cpus[1:]))
+    return cpus[0]
+
+
+async def _decisions_section(
+    pickers: list[str], transports: list[str], eps: str, cpu: int | None, opts: Any
+) -> list[DecisionsResult]:
+    """1. decisions/s of each picker on each transport: pipelined then grpc.aio client, each with and
+    without the response phase."""
+    out: list[DecisionsResult] = []
+    for picker in pickers:
+        for transport in transports:
+            async with _serve_child(picker, eps, transport, cpu) as server:
+                label = f"{picker} ({transport})"
+                for phase in (True, False):
+                    out.append(
+                        await _pipelined_load(
                             server.port,
                             server.pid,
-                            f"{picker} ({transport})",
+                            label,
                             256,
                             opts.seconds,
                             opts.prompt_bytes,
                             response_phase=phase,
                         )
-                        decisions.append(dres)
-                        click.echo(f"decisions/s: {dres}", err=True)
-                    for phase in (True, False):
-                        dres = await _grpc_load(
+                    )
+                    click.echo(f"decisions/s: {out[-1]}", err=True)
+                for phase in (True, False):
+                    out.append(
+                        await _grpc_load(
                             server.port,
                             server.pid,
-                            f"{picker} ({transport})",
+                            label,
                             opts.concurrency,
                             opts.seconds,
                             opts.prompt_bytes,
                             response_phase=phase,
                         )
-                        decisions.append(dres)
-                        click.echo(f"decisions/s: {dres}", err=True)
-        if shutil.which("wrk"):
-            # (picker, transport, request body mode, response phase); None = Envoy direct to one backend
-            main_t = transports[0]
-            tput: list[tuple[str | None, str, str, str]] = [(None, main_t, "full_duplex", "full")]
-            for p in envoy_pickers:
-                for t in transports:
-                    tput += [(p, t, "full_duplex", "full")]
-                tput += [(p, main_t, "buffered", "full"), (p, main_t, "full_duplex", "headers")]
-            tput += [(envoy_pickers[0], main_t, "full_duplex", "none")] if envoy_pickers else []
-            for picker, transport, body_mode, resp_phase in tput:
-                tres = await _through_envoy(
-                    picker,
-                    backend_ports,
-                    opts.prompt_bytes,
-                    16,
-                    int(opts.seconds),
-                    workdir,
-                    request_body=body_mode,
-                    response_phase=resp_phase,
-                    transport=transport,
-                    cpu=cpu,
-                )
-                throughput.append(tres)
-                click.echo(f"throughput: {tres}", err=True)
-            lat: list[tuple[str | None, str, str]] = [(None, main_t, "full_duplex")]
-            lat += [(p, t, "full_duplex") for p in envoy_pickers for t in transports]
-            lat += [(p, main_t, "buffered") for p in envoy_pickers]
-            rate, delay = opts.open_loop
-            in_flight = round(rate * delay / 1000)
-            points: list[tuple[int, tuple[float, int] | None]] = [
-                (1, None),
-                (50, None),
-                (in_flight, opts.open_loop),
-            ]
-            for connections, open_loop in points:
-                for picker, transport, body_mode in lat:
-                    res = await _through_envoy(
-                        picker,
-                        backend_ports,
-                        200 * 1024,
-                        connections,
-                        int(opts.seconds),
-                        workdir,
-                        request_body=body_mode,
-                        transport=transport,
-                        open_loop=open_loop,
-                        cpu=cpu,
                     )
-                    res.connections = connections
-                    latency.append(res)
-                    click.echo(f"latency: {res}", err=True)
-        else:
+                    click.echo(f"decisions/s: {out[-1]}", err=True)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _EnvoyRig:
+    """What the Envoy measurements share."""
+
+    pickers: list[str]
+    transports: list[str]
+    backend_ports: list[int]
+    workdir: str
+    cpu: int | None
+    opts: Any
+
+
+async def _throughput_section(rig: _EnvoyRig) -> list[WrkResult]:
+    """2. wrk through Envoy: direct, then each picker on each transport and body/response mode."""
+    envoy_pickers, transports, opts = rig.pickers, rig.transports, rig.opts
+    main_t = transports[0]
+    # (picker, transport, request body mode, response phase); None = Envoy direct to one backend
+    tput: list[tuple[str | None, str, str, str]] = [(None, main_t, "full_duplex", "full")]
+    for p in envoy_pickers:
+        tput += [(p, t, "full_duplex", "full") for t in transports]
+        tput += [(p, main_t, "buffered", "full"), (p, main_t, "full_duplex", "headers")]
+    tput += [(envoy_pickers[0], main_t, "full_duplex", "none")] if envoy_pickers else []
+    out = []
+    for picker, transport, body_mode, resp_phase in tput:
+        out.append(
+            await _through_envoy(
+                picker,
+                rig.backend_ports,
+                opts.prompt_bytes,
+                16,
+                int(opts.seconds),
+                rig.workdir,
+                request_body=body_mode,
+                response_phase=resp_phase,
+                transport=transport,
+                cpu=rig.cpu,
+            )
+        )
+        click.echo(f"throughput: {out[-1]}", err=True)
+    return out
+
+
+async def _latency_section(rig: _EnvoyRig) -> list[WrkResult]:
+    """3. added latency of 200 KB prompts: 1 and 50 connections closed loop, then the open loop."""
+    envoy_pickers, transports, opts = rig.pickers, rig.transports, rig.opts
+    main_t = transports[0]
+    lat: list[tuple[str | None, str, str]] = [(None, main_t, "full_duplex")]
+    lat += [(p, t, "full_duplex") for p in envoy_pickers for t in transports]
+    lat += [(p, main_t, "buffered") for p in envoy_pickers]
+    rate, delay = opts.open_loop
+    points: list[tuple[int, tuple[float, int] | None]] = [
+        (1, None),
+        (50, None),
+        (round(rate * delay / 1000), opts.open_loop),
+    ]
+    out = []
+    for connections, open_loop in points:
+        for picker, transport, body_mode in lat:
+            res = await _through_envoy(
+                picker,
+                rig.backend_ports,
+                200 * 1024,
+                connections,
+                int(opts.seconds),
+                rig.workdir,
+                request_body=body_mode,
+                transport=transport,
+                open_loop=open_loop,
+                cpu=rig.cpu,
+            )
+            res.connections = connections
+            out.append(res)
+            click.echo(f"latency: {res}", err=True)
+    return out
+
+
+async def _run(opts: argparse.Namespace | Any) -> str:
+    workdir = tempfile.mkdtemp(prefix="bench-picker-")
+    throughput: list[WrkResult] = []
+    latency: list[WrkResult] = []
+    pickers = [p for p in opts.pickers.split(",") if p]
+    transports = [t for t in opts.transports.split(",") if t]
+    envoy_pickers = [p for p in pickers if p != "floor"]  # the floor only answers the load generator
+    affinity = os.sched_getaffinity(0)
+    cpu = _pin(opts.pin)
+    workers_md = ""
+    async with contextlib.AsyncExitStack() as stack:
+        backend_ports = [
+            (await stack.enter_async_context(_child("backend", "--port", "0"))).port for _ in range(3)
+        ]
+        eps = ",".join(f"127.0.0.1:{p}" for p in backend_ports)
+        decisions = await _decisions_section(pickers, transports, eps, cpu, opts)
+        if opts.envoy and shutil.which("wrk"):
+            rig = _EnvoyRig(envoy_pickers, transports, backend_ports, workdir, cpu, opts)
+            throughput = await _throughput_section(rig)
+            latency = await _latency_section(rig)
+        elif opts.envoy:
             click.echo("wrk not found: skipping the Envoy measurements", err=True)
+        if opts.workers:
+            from inferoute.bench.picker_workers import run_workers_section
+
+            os.sched_setaffinity(0, affinity)  # the workers get every CPU (they inherit this affinity)
+            workers_md = await run_workers_section(
+                opts.workers,
+                backend_ports,
+                Path(workdir),
+                opts.seconds,
+                opts.prompt_bytes,
+                rounds=opts.rounds,
+            )
     shutil.rmtree(workdir, ignore_errors=True)
     placement = (
         f"the picker pinned to CPU {cpu}, everything else (load generator, Envoy, wrk, backends) on the other"
@@ -867,7 +927,8 @@ async def _run(opts: argparse.Namespace | Any) -> str:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; {placement}; "
         f"Envoy 1 worker, 3 trivial backends, loopback; {opts.seconds:g} s per point after a warm-up."
     )
-    return render_markdown(decisions, throughput, latency, command=opts.command_line, conditions=conditions)
+    text = render_markdown(decisions, throughput, latency, command=opts.command_line, conditions=conditions)
+    return text + ("\n" + workers_md if workers_md else "")
 
 
 @click.command(name="picker")
@@ -875,7 +936,7 @@ async def _run(opts: argparse.Namespace | Any) -> str:
     "--pickers",
     default="floor,trivial,embedded",
     show_default=True,
-    help="Comma list: floor (the transport alone; decisions/s only), trivial, embedded.",
+    help="Comma list: floor (the transport alone; decisions/s only), trivial, embedded ('' for none).",
 )
 @click.option("--seconds", default=10.0, show_default=True, type=float, help="Measured seconds per point.")
 @click.option("--concurrency", default=64, show_default=True, type=int, help="Concurrent ext_proc streams.")
@@ -901,6 +962,21 @@ async def _run(opts: argparse.Namespace | Any) -> str:
     show_default=True,
     help="Pin the picker to one CPU and everything else to the others.",
 )
+@click.option(
+    "--envoy/--no-envoy",
+    default=True,
+    show_default=True,
+    help="Measure through Envoy (throughput and added latency; needs wrk).",
+)
+@click.option(
+    "--workers",
+    default="",
+    help="Comma list of worker counts (e.g. 1,2): 'inferoute epp --workers N' decisions/s and routing "
+    "quality with each, in one run.",
+)
+@click.option(
+    "--rounds", default=1, show_default=True, type=int, help="Repeats of the --workers quality points."
+)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the Markdown section here.")
 def command(
     pickers: str,
@@ -910,6 +986,9 @@ def command(
     transports: str,
     open_loop: str,
     pin: bool,
+    envoy: bool,
+    workers: str,
+    rounds: int,
     out: str | None,
 ) -> None:
     """ext_proc decisions/s, Envoy + picker throughput, and added latency for 200 KB prompts."""
@@ -923,6 +1002,9 @@ def command(
         seconds=seconds,
         concurrency=concurrency,
         prompt_bytes=prompt_bytes,
+        envoy=envoy,
+        workers=[int(w) for w in workers.split(",") if w],
+        rounds=rounds,
         command_line="inferoute bench picker " + " ".join(sys.argv[3:]),
     )
     text = uvloop.run(_run(opts))

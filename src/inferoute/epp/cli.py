@@ -336,6 +336,27 @@ def h2_limits(values: dict[str, Any]) -> Limits:
 @click.option("--ha-renew-deadline", default=1.5, show_default=True, type=float, help="Seconds.")
 @click.option("--ha-retry-period", default=0.5, show_default=True, type=float, help="Seconds.")
 @click.option("--grace", default=5.0, show_default=True, type=float, help="Shutdown grace period (s).")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Picker processes sharing the ports (SO_REUSEPORT); in-flight load shared through shared memory "
+    "(docs/picker.md).",
+)
+@click.option(
+    "--sync-redis",
+    metavar="URL",
+    help="Share in-flight load with every picker replica using this Redis/Valkey (redis://HOST:PORT/DB or "
+    "unix:///PATH), across hosts.",
+)
+@click.option(
+    "--sync-interval",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0.01, 10),
+    help="Seconds between in-flight load exchanges with the other workers/replicas.",
+)
 @h2_limit_options
 def command(
     config: str | None,
@@ -360,6 +381,9 @@ def command(
     ha_lease_duration: float,
     ha_renew_deadline: float,
     ha_retry_period: float,
+    workers: int,
+    sync_redis: str | None,
+    sync_interval: float,
     **h2: Any,
 ) -> None:
     """Run the endpoint picker (Endpoint Picker Protocol over Envoy ext_proc)."""
@@ -395,11 +419,35 @@ def command(
         pool_namespace=namespace,
         kubeconfig=kubeconfig,
         ha=ha,
+        sync=_sync_options(workers, sync_redis, sync_interval, pool_name or "default"),
     )
+    _launch(opts, workers)
+
+
+def _sync_options(workers: int, redis_url: str | None, interval: float, pool: str) -> SyncOptions | None:
+    """How in-flight load is shared: Redis when given, shared memory between workers, else not at all."""
+    if redis_url is None and workers == 1:
+        return None
+    from inferoute.epp.sync.options import SyncOptions
+
+    return SyncOptions(interval=interval, redis_url=redis_url, namespace=pool)
+
+
+def _launch(opts: EppRunOptions, workers: int) -> None:
+    """Serve in this process, or as ``workers`` processes (:mod:`inferoute.epp.workers`)."""
+    if workers > 1 and opts.ha is not None:
+        raise click.UsageError("--workers and --ha-enable-leader-election: leader election needs one process")
     try:
-        uvloop.run(run(opts))
+        if workers == 1:
+            uvloop.run(run(opts))
+            return
+        from inferoute.epp.workers import run_epp_workers
+
+        status = run_epp_workers(opts, workers)
     except InferouteError as exc:
         raise click.ClickException(exc.message) from exc
+    if status:
+        raise SystemExit(status)
 
 
 def _check_flag_combinations(

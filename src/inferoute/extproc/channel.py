@@ -74,6 +74,9 @@ def build_channel(opts: ChannelOptions) -> grpc.aio.Channel:
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 500),
         ("grpc.min_reconnect_backoff_ms", 2_000),
+        # Several picker replicas (an ipv4:/ipv6: list, or a name resolving to several addresses): spread the
+        # streams over the ready ones; a replica that is down is skipped until it reconnects.
+        ("grpc.lb_policy_name", "round_robin"),
     ]
     if not opts.tls:
         return grpc.aio.insecure_channel(opts.target, options=options)

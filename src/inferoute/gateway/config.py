@@ -227,9 +227,24 @@ def _check_target(where: str, value: str | None, allow_embedded: bool) -> None:
     rest = value.split("://", 1)[1] if "://" in value else value
     if "://" in value and not value.startswith(("http://", "https://")):
         raise _fail(f"{where}: scheme must be http:// or https://, got {value!r}")
-    host, port = split_hostport(rest.rstrip("/"))
-    if not host or port is None:
-        raise _fail(f"{where}: expected host:port, got {value!r}")
+    items = rest.rstrip("/").split(",")
+    for item in items:
+        host, port = split_hostport(item.strip())
+        if not host or port is None:
+            raise _fail(f"{where}: expected host:port (or a comma list of ip:port), got {value!r}")
+        if len(items) > 1 and not _is_ip(host):
+            raise _fail(
+                f"{where}: a list of picker replicas takes IP addresses ({host!r} is a name: give one name "
+                "whose DNS answer lists the replicas)"
+            )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _check_ipport(where: str, value: str | None) -> None:
@@ -395,12 +410,18 @@ def with_listen(cfg: GatewayConfig, listen: str | None) -> GatewayConfig:
 
 
 def target_of(value: str) -> tuple[str, bool | None]:
-    """Split an ext_proc endpoint into (``host:port``, tls) where tls is True/False for an explicit scheme."""
-    if value.startswith("https://"):
-        return value[len("https://") :].rstrip("/"), True
-    if value.startswith("http://"):
-        return value[len("http://") :].rstrip("/"), False
-    return value, None
+    """Split an ext_proc endpoint into (gRPC target, tls) where tls is True/False for an explicit scheme.
+    A comma list of ``ip:port`` (picker replicas) becomes one ``ipv4:``/``ipv6:`` target: the channel
+    balances streams over the replicas that are up (round robin)."""
+    tls: bool | None = None
+    for scheme, flag in (("https://", True), ("http://", False)):
+        if value.startswith(scheme):
+            value, tls = value[len(scheme) :], flag
+    value = value.rstrip("/")
+    if "," in value:
+        items = [v.strip() for v in value.split(",")]
+        value = ("ipv6:" if items[0].startswith("[") else "ipv4:") + ",".join(items)
+    return value, tls
 
 
 __all__ = [
