@@ -120,6 +120,7 @@ def test_picker_rbac_and_probes_fit_leader_election() -> None:
     (dep,) = [o for o in objs if o["kind"] == "Deployment"]
     (container,) = dep["spec"]["template"]["spec"]["containers"]
     assert "--ha-enable-leader-election" in container["args"] and dep["spec"]["replicas"] >= 2
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}  # a standby never turns ready: no rolling update
     assert container["livenessProbe"]["grpc"]["service"] == "liveness"
     assert container["readinessProbe"]["grpc"]["service"] == "readiness"
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
