@@ -149,9 +149,7 @@ class EmbeddedPicker:
         self._tasks.spawn(self.source.watch(self._on_endpoints), name="endpoint-source")
 
     def _on_endpoints(self, endpoints: list[Endpoint]) -> None:
-        _, removed = self.datastore.set_endpoints(endpoints)
-        if removed:
-            self.learned.forget_endpoints(removed)
+        self.director.set_endpoints(endpoints)
         self.collector.sync()
         endpoints = self._endpoints()
         for plugin in self._background:

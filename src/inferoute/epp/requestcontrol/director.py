@@ -25,7 +25,7 @@ from typing import Protocol
 import msgspec
 
 from inferoute.clock import Clock
-from inferoute.endpoints import split_hostport
+from inferoute.endpoints import Endpoint, split_hostport
 from inferoute.epp.datalayer.datastore import Datastore, EndpointState
 from inferoute.epp.flowcontrol import SaturationDetector
 from inferoute.epp.learned import Finished, FirstByte, LearnedState, LearnedView, Started
@@ -58,6 +58,7 @@ from inferoute.picking import (
 log = logging.getLogger(__name__)
 
 DEFAULT_FAIRNESS_ID = hdr.DEFAULT_FAIRNESS_ID
+MAX_REMEMBERED_REMOVALS = 10_000
 
 
 def match_subset(states: Sequence[EndpointState], subset: Sequence[str]) -> list[EndpointState]:
@@ -153,6 +154,8 @@ class Director:
         """The fresh candidates of the whole pool, reused while valid (see :meth:`_pool_candidates`)."""
         self._pool_version = -1
         self._pool_oldest = 0.0
+        self._removals: dict[str, int] = {}
+        """How often each endpoint left the pool (see :meth:`set_endpoints`)."""
         datastore.add_metrics_listener(self._on_metrics)
         """Scheduling view of each endpoint state, keyed by the state object (replaced state: new view)."""
 
@@ -305,6 +308,26 @@ class Director:
         dest = Destination(tuple(c.key for c in result.endpoints), headers, prep.body, restore)
         return dest, session
 
+    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> tuple[list[str], list[str]]:
+        """Replace the pool's endpoint set; the learned state forgets removed endpoints. A session whose
+        endpoint left the pool since it began (and maybe came back: a new registration, or a new pod on the
+        old address) no longer touches that endpoint's in-flight counts, which are the new registration's.
+        Returns (added, removed) keys."""
+        added, removed = self.datastore.set_endpoints(endpoints)
+        if removed:
+            self.learned.forget_endpoints(removed)
+            rem = self._removals
+            if len(rem) > MAX_REMEMBERED_REMOVALS:  # bounded: forget endpoints that are not in the pool
+                live = self.datastore.states
+                self._removals = rem = {k: v for k, v in rem.items() if k in live}
+            for key in removed:
+                rem[key] = rem.get(key, 0) + 1
+        return added, removed
+
+    def registration(self, endpoint: str) -> int:
+        """Which registration of ``endpoint`` is current (a count of its removals)."""
+        return self._removals.get(endpoint, 0)
+
     def _on_metrics(self, state: EndpointState, became_fresh: bool) -> None:
         """Datastore listener: keep the endpoint's view current; a newly fresh endpoint changes the pool."""
         view = self._cands.get(state)
@@ -394,6 +417,7 @@ class Session:
         "_director",
         "_done",
         "_first",
+        "_reg",
         "_series",
         "_started_at",
         "_tail",
@@ -415,6 +439,8 @@ class Session:
     ) -> None:
         self._director = director
         self._series = series
+        self._reg = director.registration(endpoint)
+        """The registration of ``endpoint`` the in-flight count was taken on."""
         self.endpoint = endpoint
         """Where the in-flight count is held: the primary pick, moved to the served endpoint when reported."""
         self.prompt_tokens = prompt_tokens
@@ -433,12 +459,13 @@ class Session:
         try:
             self.status = status
             if served and served != self.endpoint:
+                d = self._director
                 moved = Finished(self.endpoint, self.prompt_tokens, self.prefill_tokens, started=False)
                 self.prefill_tokens = self.prompt_tokens  # the fallback's cache is unknown: assume cold
-                self._director.learned.apply(
-                    (moved, Started(served, self.prompt_tokens, self.prefill_tokens))
-                )
+                started = Started(served, self.prompt_tokens, self.prefill_tokens)
+                d.learned.apply((moved, started) if self._current() else (started,))
                 self.endpoint = served
+                self._reg = d.registration(served)
         except Exception:
             log.exception("session response_started")
 
@@ -449,7 +476,8 @@ class Session:
             if not self._first and chunk:
                 self._first = True
                 d = self._director
-                d.learned.apply((FirstByte(self.endpoint, self.prefill_tokens),))
+                if self._current():
+                    d.learned.apply((FirstByte(self.endpoint, self.prefill_tokens),))
                 self._series.ttft.observe(d.clock.now() - self._started_at)
             self._tail.feed(chunk)
         except Exception:
@@ -479,11 +507,18 @@ class Session:
         except Exception:
             log.exception("session aborted")
 
+    def _current(self) -> bool:
+        """The endpoint has not left the pool since the count was taken (:meth:`Director.set_endpoints`)."""
+        return self._director.registration(self.endpoint) == self._reg
+
     def _finish(self) -> None:
         self._done = True
         try:
             d = self._director
-            d.learned.apply((Finished(self.endpoint, self.prompt_tokens, self.prefill_tokens, self._first),))
+            if self._current():
+                d.learned.apply(
+                    (Finished(self.endpoint, self.prompt_tokens, self.prefill_tokens, self._first),)
+                )
             self._series.running.dec()
             self._series.duration.observe(d.clock.now() - self._started_at)
         except Exception:
