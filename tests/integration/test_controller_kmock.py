@@ -5,7 +5,8 @@ gateway running ``--watch-config`` reloads, real ext_proc picker servers choose 
 Mirrors the GIE conformance tests that apply without a cluster: InferencePoolAccepted,
 HTTPRouteInvalidInferencePoolRef, InferencePoolInvalidEPPService, InferencePoolResolvedRefsCondition (route
 deletion -> 404 and no parent status), GatewayFollowingEPPRouting (only the picker's choices, data-parallel
-ports), GatewayWeightedAcrossTwoInferencePools (70/30) and EppUnAvailableFailOpen.
+ports), GatewayWeightedAcrossTwoInferencePools (70/30) and EppUnAvailableFailOpen; an ``appProtocol:
+kubernetes.io/h2c`` pool is accepted and served over HTTP/2 cleartext.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 from lightkube import AsyncClient, KubeConfig
 from prometheus_client import CollectorRegistry
 from test_gw_grpc_picker import epp
+from test_gw_h2c import h2_servers
 from test_gw_support import Backend, ScriptedPicker, backends
 
 from inferoute.controller.runtime import ConfigMapSink, FileSink, Reconciler, run_controller
@@ -331,3 +333,29 @@ async def _resolved(c: Cluster, pool: str) -> bool:
 async def _serves(c: Cluster) -> bool:
     await c.routes()
     return (await c.post())[0] == (200, "a1")
+
+
+async def test_h2c_pool_is_accepted_and_served_over_http2(tmp_path: Path) -> None:
+    async with (
+        h2_servers(("s1", 200), ("s2", 200)) as servers,
+        cluster(tmp_path) as c,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        keys = [srv.key for srv in servers]
+        await pool_with_picker(
+            c, "fast", servers, ScriptedPicker(keys), stack, app_protocol="kubernetes.io/h2c"
+        )  # type: ignore[arg-type]
+        await c.create(http_route("route-h2c", [pool_ref("fast")]))
+        await eventually(lambda: c.routes())
+        assert await eventually(lambda: c.conditions("InferencePool", "fast")) == {
+            "Accepted": ("True", "Accepted"),
+            "ResolvedRefs": ("True", "ResolvedRefs"),
+        }
+        assert yaml.safe_load(c.config_file.read_text())["routes"][0]["backends"][0]["app_protocol"] == "h2c"
+        got = await c.post(20, 4)
+        assert all(status == 200 for status, _ in got)
+        assert {name for _, name in got} == {"s1", "s2"}
+    assert [srv.connections for srv in servers] == [
+        1,
+        1,
+    ]  # HTTP/2 (the h2 servers speak nothing else), reused

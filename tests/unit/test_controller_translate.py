@@ -198,10 +198,10 @@ def test_pool_without_picker_ref_is_accepted_and_round_robin() -> None:
     assert backend["epp"] == {"enabled": False} and len(backend["endpoints"]) == 1
 
 
-def test_fail_open_weights_and_h2c() -> None:
+def test_fail_open_weights_and_app_protocols() -> None:
     snap = base(
         http_route("r", [pool_ref("pool-a", weight=70), pool_ref("pool-b", weight=30)]),
-        inference_pool("pool-b", [8000], failure_mode="FailOpen"),
+        inference_pool("pool-b", [8000], failure_mode="FailOpen", app_protocol="http"),
         inference_pool("h2", [8000], app_protocol="kubernetes.io/h2c"),
         http_route("r2", [pool_ref("h2")], path="/h2/"),
         pod("b-0", "pool-b", ip="10.0.2.1"),
@@ -211,11 +211,22 @@ def test_fail_open_weights_and_h2c() -> None:
     cfg = parse_config(result.configs[("default", "gw")])
     by_path = {r.path: r for r in cfg.routes}
     a, b = by_path["/"].backends
-    assert (a.name, a.weight, a.epp.failure_mode_allow) == ("default/pool-a", 70, False)
-    assert (b.name, b.weight, b.epp.failure_mode_allow) == ("default/pool-b", 30, True)
+    assert (a.name, a.weight, a.epp.failure_mode_allow, a.app_protocol) == (
+        "default/pool-a",
+        70,
+        False,
+        "http",
+    )
+    assert (b.name, b.weight, b.epp.failure_mode_allow, b.app_protocol) == (
+        "default/pool-b",
+        30,
+        True,
+        "http",
+    )
     (parent,) = status_of(result, INFERENCE_POOLS, "h2")["parents"]
-    assert conditions(parent)["Accepted"] == ("False", "NotSupportedByParent")
-    assert by_path["/h2/"].backends[0].endpoints == []
+    assert conditions(parent)["Accepted"] == ("True", "Accepted")
+    (h2,) = by_path["/h2/"].backends
+    assert h2.app_protocol == "h2c" and [e.address for e in h2.endpoints] == ["10.0.3.1"]
 
 
 def test_other_gateway_classes_and_their_status_entries_are_left_alone() -> None:

@@ -17,15 +17,17 @@ Rules, following the Gateway API and the Inference Extension (GIE) conformance s
 * Two rules with the same path: the older route wins (creation time, then namespace/name), as the Gateway API
   orders conflicts.
 * An **InferencePool** named by an attached route gets one ``status.parents[]`` entry per Gateway:
-  ``Accepted=True`` (``False``/``NotSupportedByParent`` for ``appProtocol: kubernetes.io/h2c``: inferoute's
-  gateway speaks HTTP/1.1 to model servers), ``ResolvedRefs=True``, or ``False``/``InvalidExtensionRef`` when
-  the picker Service is missing, is an ExternalName Service, or lacks the referenced port. Entries written by
-  other controllers are kept; ours are removed when no route uses the pool any more.
+  ``Accepted=True`` (both ``appProtocol`` values the CRD allows are served), ``ResolvedRefs=True``, or
+  ``False``/``InvalidExtensionRef`` when the picker Service is missing, is an ExternalName Service, or lacks
+  the referenced port. Entries written by other controllers are kept; ours are removed when no route uses the
+  pool any more.
 * The pool's backend in the gateway configuration: its Ready pods (not terminating, with an IP) that match
   ``selector.matchLabels`` in its namespace, one endpoint per ``targetPorts`` entry; its picker at the
   Service's cluster IP (or ``NAME.NAMESPACE.svc`` for a headless Service) and ``endpointPickerRef.port``;
-  ``failureMode: FailOpen`` -> ``failure_mode_allow``. Without ``endpointPickerRef`` the gateway round-robins
-  over the pods. With an invalid picker reference: FailOpen round-robins, FailClose answers 503.
+  ``failureMode: FailOpen`` -> ``failure_mode_allow``; ``appProtocol: kubernetes.io/h2c`` ->
+  ``app_protocol: h2c`` (the gateway speaks HTTP/2 cleartext to the pods; ``http`` or none: HTTP/1.1). Without
+  ``endpointPickerRef`` the gateway round-robins over the pods. With an invalid picker reference: FailOpen
+  round-robins, FailClose answers 503.
 """
 
 from __future__ import annotations
@@ -274,15 +276,10 @@ def _pools(
         if not parents and not _has_our_entries(pool, opts):
             continue
         epp, resolved = _picker(pool, snap, opts)
-        h2c = spec(pool).get("appProtocol") == H2C
         accepted = (True, "Accepted", "routed by inferoute's gateway")
-        if h2c:
-            accepted = (
-                False,
-                "NotSupportedByParent",
-                f"appProtocol {H2C}: the gateway speaks HTTP/1.1 upstream",
-            )
-        backends[pkey] = _backend(pool, snap, epp, serving=accepted[0] and (resolved[0] or epp is not None))
+        backends[pkey] = _backend(pool, snap, epp, serving=resolved[0] or epp is not None)
+        if spec(pool).get("appProtocol") == H2C:  # the CRD's enum: http (the default) or kubernetes.io/h2c
+            backends[pkey]["app_protocol"] = "h2c"
         old = list(current_status(pool).get("parents") or [])
         entries = [p for p in old if p.get("controllerName") != opts.controller_name]
         for gns, gname in parents:

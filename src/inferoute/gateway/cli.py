@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from inferoute.errors import InferouteError, describe_os_error
-from inferoute.gateway.config import GatewayConfig, load_config, parse_listen, with_listen
+from inferoute.gateway.config import GatewayConfig, check_nginx_mode, load_config, parse_listen, with_listen
 
 
 def _listen(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -60,6 +60,11 @@ def gateway_command(
     cfg = _load(config_path, listen)
     if mode == "nginx" and watch_config:
         raise click.UsageError("--watch-config works with --mode gateway only")
+    if mode == "nginx":
+        try:
+            check_nginx_mode(cfg)
+        except InferouteError as exc:
+            raise click.ClickException(exc.message) from exc
     try:
         if mode == "nginx":
             from inferoute.gateway.nginx_decider.server import run_decider

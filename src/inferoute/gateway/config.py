@@ -30,6 +30,11 @@ EMBEDDED = "embedded"
 """``epp.endpoint`` value meaning: call the picker in process (no gRPC hop)."""
 
 
+AppProtocol = Literal["http", "h2c"]
+"""The protocol spoken to model servers (an InferencePool's ``appProtocol``: ``http`` or
+``kubernetes.io/h2c``)."""
+
+
 class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
@@ -51,6 +56,9 @@ class PoolConfig(_Base):
     endpoints: list[EndpointConfig] = msgspec.field(default_factory=list)
     allowed_cidrs: list[str] = msgspec.field(default_factory=list)
     """Extra destinations (beyond the pool's own ``ip:port``) a picker may return, e.g. ``10.0.0.0/8``."""
+    app_protocol: AppProtocol = "http"
+    """How the gateway talks to this pool's model servers (and to ``default_upstream`` of routes without
+    ``backends``): ``http`` (HTTP/1.1) or ``h2c`` (HTTP/2 cleartext, prior knowledge)."""
 
 
 class PickerConfig(_Base):
@@ -120,6 +128,8 @@ class BackendConfig(_Base):
     """The pool's members: the only destinations its picker may return (plus ``pool.allowed_cidrs``), and
     the round-robin targets when the picker fails open or ``epp.enabled`` is false."""
     default_upstream: str | None = None
+    app_protocol: AppProtocol = "http"
+    """``http`` (HTTP/1.1) or ``h2c`` (HTTP/2 cleartext, prior knowledge) to this backend's endpoints."""
 
 
 class RouteConfig(_Base):
@@ -323,6 +333,23 @@ def _check_backends(at: str, backends: Sequence[BackendConfig]) -> None:
             raise _fail(f"{where}.epp.timeout_ms: must be > 0")
 
 
+def check_nginx_mode(cfg: GatewayConfig) -> None:
+    """NGINX proxies model servers over HTTP/1.1 (plain h2c only through ``grpc_pass``): an
+    ``app_protocol: h2c`` pool or backend is a configuration error in ``--mode nginx``, naming the key."""
+    where = ["pool.app_protocol"] if cfg.pool.app_protocol == "h2c" else []
+    for i, r in enumerate(cfg.routes):
+        where += [
+            f"routes[{i}].backends[{j}].app_protocol"
+            for j, b in enumerate(r.backends)
+            if b.app_protocol == "h2c"
+        ]
+    if where:
+        raise _fail(
+            f"{where[0]}: h2c is not supported with --mode nginx (NGINX cannot proxy plain HTTP/2 cleartext "
+            "to model servers); use --mode gateway or app_protocol: http"
+        )
+
+
 def parse_config(data: Any, source: str = "config") -> GatewayConfig:
     """Validate already-loaded YAML/JSON data (a mapping) into a :class:`GatewayConfig`."""
     if data is None:
@@ -427,6 +454,7 @@ def target_of(value: str) -> tuple[str, bool | None]:
 __all__ = [
     "DEFAULT_LISTEN",
     "EMBEDDED",
+    "AppProtocol",
     "BBRConfig",
     "BackendConfig",
     "EPPConfig",
@@ -438,6 +466,7 @@ __all__ = [
     "RouteConfig",
     "TimeoutsConfig",
     "UpstreamConfig",
+    "check_nginx_mode",
     "default_config",
     "hostport",
     "load_config",

@@ -205,7 +205,11 @@ class RouteTable:
         parser = BodyParser()  # one per process: its buffers grow to the largest body seen
 
         def decider(
-            route: RouteConfig, pool: list[Endpoint], allowed: AllowList, picker: Picker | None
+            route: RouteConfig,
+            pool: list[Endpoint],
+            allowed: AllowList,
+            picker: Picker | None,
+            app_protocol: str = cfg.pool.app_protocol,
         ) -> RequestRouter:
             return RequestRouter(
                 route,
@@ -217,6 +221,7 @@ class RouteTable:
                 remote_bbr=clients.bbr(route.bbr),
                 clock=clock,
                 body_parser=parser,
+                app_protocol=app_protocol,
             )
 
         try:
@@ -234,7 +239,8 @@ class RouteTable:
                     )
                     extra = [b.default_upstream] if b.default_upstream else []
                     own = AllowList(pool, cfg.pool.allowed_cidrs, extra=extra)
-                    weighted.append((b.weight, decider(sub, pool, own, await clients.picker(b.epp, pool))))
+                    picker = await clients.picker(b.epp, pool)
+                    weighted.append((b.weight, decider(sub, pool, own, picker, b.app_protocol)))
                 route_table.append(WeightedDecider(route, weighted))
         except BaseException:
             await _close_all(clients.owned)

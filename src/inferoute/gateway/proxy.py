@@ -8,6 +8,11 @@ endpoint's 5xx is passed through as is. What it returns is the open upstream res
 handler streams to the client chunk by chunk (``iter_any``: an SSE event is written as soon as it arrives)
 while reporting it to the picker session (small answers of known length are relayed whole, in one write).
 
+Endpoints of a pool or backend with ``app_protocol: h2c`` are spoken to over HTTP/2 cleartext by
+:class:`~inferoute.gateway.h2c.H2cPool` (opened on the first such request), whose responses and errors look to
+this module and the relay like aiohttp's (:class:`UpstreamResponse`), so both protocols walk, time out, stream
+and cancel alike.
+
 Header rules (RFC 9110 §7.6.1): hop-by-hop headers and those named in ``Connection`` are dropped both ways;
 ``Host`` and ``Content-Length`` are recomputed for the upstream; ``x-request-id`` and ``x-forwarded-for`` are
 set.
@@ -19,6 +24,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -26,6 +32,7 @@ from yarl import URL
 
 from inferoute.errors import InferouteError
 from inferoute.gateway.config import GatewayConfig
+from inferoute.gateway.h2c import H2cPool
 from inferoute.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -162,11 +169,37 @@ class StreamedBody:
             yield chunk
 
 
+class UpstreamBody(Protocol):
+    async def read(self) -> bytes: ...
+
+    def iter_any(self) -> AsyncIterator[bytes]: ...
+
+
+class UpstreamResponse(Protocol):
+    """What the relay reads from an upstream response: an aiohttp ``ClientResponse`` (HTTP/1.1) or an
+    :class:`~inferoute.gateway.h2c.H2cResponse`."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def content(self) -> UpstreamBody: ...
+    @property
+    def closed(self) -> bool: ...
+    def release(self) -> object: ...
+    def close(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Opened:
     """An upstream response whose status line and headers arrived."""
 
-    response: aiohttp.ClientResponse
+    response: UpstreamResponse
     served: str
     attempts: int
 
@@ -178,6 +211,7 @@ class Forwarder:
         self._cfg = cfg
         self._session: aiohttp.ClientSession | None = None
         self._metrics = metrics
+        self._h2c: H2cPool | None = None
 
     def _fallback(self, route: str, upstream: str, reason: str, detail: str) -> None:
         log.warning("route %s: upstream %s failed (%s); trying the next endpoint", route, upstream, detail)
@@ -209,6 +243,17 @@ class Forwarder:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._h2c is not None:
+            await self._h2c.aclose()
+            self._h2c = None
+
+    def h2c_pool(self) -> H2cPool:
+        """The h2c connections (opened on the first request to an ``app_protocol: h2c`` endpoint)."""
+        if self._h2c is None:
+            u = self._cfg.upstream
+            limit = u.max_connections_per_upstream
+            self._h2c = H2cPool(self._cfg.timeouts.connect, u.keepalive_timeout, limit)
+        return self._h2c
 
     async def open(
         self,
@@ -218,8 +263,10 @@ class Forwarder:
         headers_for: Callable[[str], CIMultiDict[str]],
         body: bytes | StreamedBody,
         route: str = "-",
+        protocol: str = "http",
     ) -> Opened:
-        """Send the request to the first endpoint that answers (see module docstring)."""
+        """Send the request to the first endpoint that answers (see module docstring); ``protocol``
+        ``h2c``: over HTTP/2 cleartext."""
         session = self._session
         if session is None:
             raise RuntimeError("Forwarder.start() was not awaited")
@@ -240,15 +287,20 @@ class Forwarder:
                 headers["Content-Length"] = str(len(body))
             else:
                 data = body or None
+            resp: UpstreamResponse
             try:
                 async with asyncio.timeout(t.response_headers):
-                    resp = await session.request(
-                        method,
-                        URL(f"http://{up}{path_qs}", encoded=True),  # exactly as matched: no re-normalising
-                        headers=headers,
-                        data=data,
-                        allow_redirects=False,
-                    )
+                    if protocol == "h2c":
+                        h2c = self.h2c_pool()
+                        resp = await h2c.request(method, up, path_qs, headers.items(), data, t.read_idle)
+                    else:
+                        resp = await session.request(
+                            method,
+                            URL(f"http://{up}{path_qs}", encoded=True),  # as matched: no re-normalising
+                            headers=headers,
+                            data=data,
+                            allow_redirects=False,
+                        )
             except TimeoutError as exc:
                 log.warning("route %s: upstream %s did not answer within %gs", route, up, t.response_headers)
                 raise InferouteError(  # no address in the client's message: it is in the log

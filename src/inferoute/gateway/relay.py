@@ -43,6 +43,7 @@ from inferoute.gateway.metrics import Totals
 from inferoute.gateway.proxy import (
     Forwarder,
     StreamedBody,
+    UpstreamResponse,
     client_response_headers,
     lower_headers,
     upstream_request_headers,
@@ -325,7 +326,13 @@ class Relay:
         upstreams = d.upstreams if self.max_upstreams is None else d.upstreams[: self.max_upstreams]
         try:
             opened = await self.forwarder.open(
-                request.method, rec.target or request.raw_path, upstreams, headers_for, body, route=rec.route
+                request.method,
+                rec.target or request.raw_path,
+                upstreams,
+                headers_for,
+                body,
+                route=rec.route,
+                protocol=d.app_protocol,
             )
         except (aiohttp.ClientError, OSError) as exc:
             if streamed is not None and streamed.failure is not None:
@@ -361,7 +368,7 @@ class Relay:
     async def _answer_whole(
         self,
         request: web.BaseRequest,
-        up: aiohttp.ClientResponse,
+        up: UpstreamResponse,
         hdrs: CIMultiDict[str],
         served: str,
         session: PickSession,
@@ -397,7 +404,7 @@ class Relay:
     async def _answer_streamed(
         self,
         request: web.BaseRequest,
-        up: aiohttp.ClientResponse,
+        up: UpstreamResponse,
         hdrs: CIMultiDict[str],
         served: str,
         session: PickSession,

@@ -100,6 +100,8 @@ class RoutedRequest:
     picker_seconds: float = 0.0
     restore_model: tuple[str, str] | None = None
     """``(target, asked)``: the picker rewrote the model; the answer's ``model`` fields get ``asked`` back."""
+    app_protocol: str = "http"
+    """``http`` or ``h2c``: how the upstreams are spoken to (the pool's or backend's ``app_protocol``)."""
 
     def upstream_headers(self, upstream: str) -> list[tuple[str, str]]:
         """Headers for an attempt at ``upstream``: :attr:`headers` plus the EPP header naming the upstream
@@ -131,8 +133,10 @@ class RequestRouter:
         remote_bbr: ModelExtractor | None = None,
         clock: Clock | None = None,
         body_parser: BodyParser | None = None,
+        app_protocol: str = "http",
     ) -> None:
         self.route = route
+        self.app_protocol = app_protocol
         self.pool = tuple(pool)
         self.picker = picker if route.epp.enabled else None
         self.allow = allow
@@ -173,7 +177,16 @@ class RequestRouter:
         t1 = self.clock.now()
         fwd = apply_headers(stripped, set_headers) if set_headers else stripped
         routed = RoutedRequest(
-            route, model, (), fwd, set_headers, body, NullSession(), "static", bbr_error=bbr_error
+            route,
+            model,
+            (),
+            fwd,
+            set_headers,
+            body,
+            NullSession(),
+            "static",
+            bbr_error=bbr_error,
+            app_protocol=self.app_protocol,
         )
         routed.bbr_seconds = t1 - t0
         if self.picker is None:

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from inferoute.clock import Clock
 from inferoute.errors import error_body
 from inferoute.gateway.app import CUT_TIMEOUT, DRAIN_POLL
-from inferoute.gateway.config import GatewayConfig, parse_listen
+from inferoute.gateway.config import GatewayConfig, check_nginx_mode, parse_listen
 from inferoute.gateway.nginx_decider.handler import NginxDecider
 from inferoute.gateway.nginx_decider.protocol import DEFAULT_MAX_FALLBACKS
 from inferoute.gateway.nginx_decider.reports import DEFAULT_COMPLETION_TIMEOUT
@@ -186,6 +186,7 @@ async def start_decider(
 ) -> RunningDecider:
     """Build every route's :class:`RequestRouter` exactly as the gateway does (:class:`RouteTable`) and serve
     them as the NGINX decider on ``listen`` (default ``cfg.listen``; port 0 picks a free one)."""
+    check_nginx_mode(cfg)
     registry = registry if registry is not None else CollectorRegistry()
     host, port = parse_listen(listen or cfg.listen)
     route_table = await RouteTable.build(cfg, registry, embedded_factory=embedded_factory, clock=clock)
