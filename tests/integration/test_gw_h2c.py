@@ -71,8 +71,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
         self.srv.transports.append(transport)
         self.srv.connections += 1
         self.h2.initiate_connection()
@@ -442,3 +441,23 @@ async def test_a_streamed_upload_goes_out_as_it_arrives() -> None:
             assert r.status == 200
             assert (await r.json())["sha"] == hashlib.sha256(b"".join(parts)).hexdigest()
     assert "content-length" not in a.heads[0]
+
+
+def test_h2c_under_uvloop() -> None:
+    """Production runs on uvloop, whose transports are not asyncio.Transport subclasses."""
+    import uvloop
+
+    async def scenario() -> None:
+        async with (
+            h2_servers(("a", 200)) as (a,),
+            gateway(config([a.key]), ScriptedPicker([a.key])) as gw,
+            aiohttp.ClientSession() as s,
+        ):
+            async with s.post(gw.url + "/v1/x", json=CHAT, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                assert r.status == 200 and (await r.json())["served_by"] == "a"
+            a.go.set()
+            async with s.post(gw.url + "/v1/stream", json=CHAT) as r:
+                assert await r.read() == b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())

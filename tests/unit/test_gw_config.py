@@ -13,6 +13,7 @@ from inferoute.gateway.config import (
     default_config,
     load_config,
     load_config_text,
+    parse_config,
     parse_listen,
     target_of,
     with_listen,
@@ -119,3 +120,14 @@ def test_the_documented_example_loads() -> None:
     assert block, "docs/configuration.md lost its example"
     cfg = load_config_text(block.group(1))
     assert cfg.routes[0].path == "/v1/" and len(cfg.endpoints()) == 2
+
+
+def test_app_protocol_is_http_or_h2c() -> None:
+    assert parse_config({}).pool.app_protocol == "http"
+    cfg = parse_config({"pool": {"app_protocol": "h2c"}})
+    assert cfg.pool.app_protocol == "h2c"
+    with pytest.raises(InferouteError, match=r"at `\$\.pool\.app_protocol`"):
+        parse_config({"pool": {"app_protocol": "kubernetes.io/h2c"}})  # the controller translates it
+    backends = [{"app_protocol": "h2", "epp": {"enabled": False}}]
+    with pytest.raises(InferouteError, match=r"at `\$\.routes\[0\]\.backends\[0\]\.app_protocol`"):
+        parse_config({"routes": [{"path": "/", "backends": backends}]})

@@ -35,6 +35,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
+from typing import cast
 
 import aiohttp
 import h2.config
@@ -206,8 +207,7 @@ class H2cConnection(asyncio.Protocol):
     # --- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
         codes = h2.settings.SettingCodes
         self.h2.local_settings = h2.settings.Settings(
             client=True,
