@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,15 +233,9 @@ async def gateway(cfg: GatewayConfig, picker: ScriptedPicker) -> AsyncIterator[R
 
 
 @pytest.fixture
-def dead() -> Iterator[str]:
-    import socket
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        sock.close()
+def dead(refused_port: Callable[[], int]) -> str:
+    """An endpoint that refuses connections."""
+    return f"127.0.0.1:{refused_port()}"
 
 
 async def test_requests_are_multiplexed_on_one_connection_and_hop_by_hop_headers_dropped() -> None:

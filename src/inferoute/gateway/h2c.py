@@ -498,8 +498,6 @@ class H2cPool:
         self._conns: dict[str, list[H2cConnection]] = {}
         self._connecting: dict[str, asyncio.Future[H2cConnection]] = {}
         self._slot: dict[str, asyncio.Event] = {}
-        self.opened = 0
-        """Connections opened so far (tests check reuse with it)."""
 
     async def request(
         self,
@@ -546,7 +544,6 @@ class H2cPool:
                 raise H2cConnectError(f"{up}: connect timed out after {self.connect_timeout:g}s") from exc
             except OSError as exc:
                 raise H2cConnectError(f"{up}: {exc.strerror or exc}") from exc
-            self.opened += 1
             self._conns.setdefault(up, []).append(conn)
             fut.set_result(conn)
             return conn
@@ -570,9 +567,6 @@ class H2cPool:
         ev = self._slot.get(up)
         if ev is not None:
             ev.set()
-
-    def connections(self, up: str) -> int:
-        return len(self._conns.get(up, ()))
 
     async def aclose(self) -> None:
         conns = [c for lst in self._conns.values() for c in lst]
