@@ -28,6 +28,7 @@ from inferoute.endpoints import Endpoint
 from inferoute.errors import ConfigError
 from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import GatewayConfig, parse_config
+from inferoute.gateway.h2c import H2cPool
 from inferoute.gateway.nginx_decider.server import start_decider
 
 CHAT = {"model": "llama-3", "messages": [{"role": "user", "content": "hi"}]}
@@ -455,3 +456,29 @@ def test_h2c_under_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+async def _post(pool: H2cPool, up: str) -> dict[str, Any]:
+    r = await pool.request("POST", up, "/v1/x", [("content-type", "application/json")], b"{}", 10)
+    try:
+        out: dict[str, Any] = json.loads(await r.content.read())
+        return out
+    finally:
+        r.release()
+
+
+async def test_idle_connections_close_and_exhausted_ones_are_replaced() -> None:
+    async with h2_servers(("a", 200)) as (a,):
+        pool = H2cPool(connect_timeout=5, keepalive_timeout=0.05)
+        try:
+            assert (await _post(pool, a.key))["served_by"] == "a"
+            (first,) = pool._conns[a.key]
+            await asyncio.wait_for(first.lost, 10)  # no stream for keepalive_timeout: closed
+            assert (await _post(pool, a.key))["served_by"] == "a"
+            (second,) = pool._conns[a.key]
+            second.h2.highest_outbound_stream_id = (1 << 31) - 3  # the last stream id is used up
+            assert (await _post(pool, a.key))["served_by"] == "a"
+            assert pool._conns[a.key][-1] is not second
+        finally:
+            await pool.aclose()
+    assert a.connections == 3

@@ -54,6 +54,8 @@ STREAM_WINDOW = 1 << 20
 """Bytes of one response the peer may send ahead of the relay (its stream's receive window)."""
 CONNECTION_WINDOW = 16 << 20
 """The connection's receive window; handed back as data arrives."""
+_LAST_STREAM_ID = (1 << 31) - 3
+"""Stream ids are odd and below 2**31: a connection that used them all takes no new requests."""
 _DEFAULT_MAX_STREAMS = 100
 """Streams per connection until the peer's SETTINGS say otherwise (RFC 9113 recommends at least 100)."""
 
@@ -308,7 +310,12 @@ class H2cConnection(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        return not self.closed and not self.goaway and len(self.streams) < self.max_streams
+        return (
+            not self.closed
+            and not self.goaway
+            and len(self.streams) < self.max_streams
+            and (self.h2.highest_outbound_stream_id or 0) < _LAST_STREAM_ID
+        )
 
     async def request(
         self,
