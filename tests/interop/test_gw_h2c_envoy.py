@@ -95,8 +95,10 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path, *, picker: bool, dead_first: bool = False) -> AsyncIterator[Rig]:
-    sims = await SimPool.start(SimConfig(time_scale=0.05), replicas=1)
+async def rig(
+    tmp_path: Path, *, picker: bool, dead_first: bool = False, time_scale: float = 0.05
+) -> AsyncIterator[Rig]:
+    sims = await SimPool.start(SimConfig(time_scale=time_scale), replicas=1)
     envoy = await EnvoyProcess.start(h2c_front(sims.replicas[0].port), str(tmp_path))
     dead = socket.socket()  # bound, never listening: connecting to it is refused
     dead.bind(("127.0.0.1", 0))
@@ -176,7 +178,7 @@ async def test_fallback_past_a_refusing_endpoint(tmp_path: Path) -> None:
 async def test_a_client_that_goes_away_cancels_the_generation(tmp_path: Path) -> None:
     """The SDK closes a stream after two chunks: the gateway resets its HTTP/2 stream, Envoy drops its
     request to the simulator, and the simulator counts a client disconnect."""
-    async with rig(tmp_path, picker=False) as r:
+    async with rig(tmp_path, picker=False, time_scale=1.0) as r:  # 2000 tokens take far longer than the test
         client = sdk(r.gw)
         try:
             stream = await client.completions.create(
@@ -192,7 +194,7 @@ async def test_a_client_that_goes_away_cancels_the_generation(tmp_path: Path) ->
             await client.close()
         sim = r.sims.replicas[0]
         async with aiohttp.ClientSession() as s:
-            for _ in range(200):
+            for _ in range(400):
                 async with s.get(f"http://127.0.0.1:{sim.port}/metrics") as m:
                     text = await m.text()
                 if DISCONNECTED in text:
