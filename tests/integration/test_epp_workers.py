@@ -26,7 +26,8 @@ from inferoute.picking import Destination, PickRequest
 from inferoute.sim import DEFAULT_MODEL, SimPool
 
 READY = re.compile(
-    rb"inferoute epp ready: ext_proc :(\d+), health :(\d+), metrics :(\d+) \((\d+) workers, pids ([\d,]+)\)"
+    rb"inferoute epp ready: ext_proc :(\d+), health :(\d+), metrics :(\d+)"
+    rb"(?: \((\d+) workers, pids ([\d,]+)\))?"
 )
 
 
@@ -40,7 +41,7 @@ class Epp:
     def __init__(self, proc: asyncio.subprocess.Process, log: Path, match: re.Match[bytes]) -> None:
         self.proc, self.log = proc, log
         self.grpc_port, self.health_port, self.metrics_port = (int(match[i]) for i in (1, 2, 3))
-        self.pids = [int(p) for p in match[5].split(b",")]
+        self.pids = [int(p) for p in match[5].split(b",")] if match[5] else [proc.pid]
 
 
 async def start_epp(tmp: Path, eps: list[Endpoint], *extra: str, name: str = "epp") -> Epp:
@@ -147,3 +148,14 @@ async def test_sigterm_stops_every_worker_cleanly(sims: SimPool, tmp_path: Path)
     async with asyncio.timeout(15):
         assert await epp.proc.wait() == 0
     assert not any(_alive(pid) for pid in epp.pids)
+
+
+async def test_a_worker_that_dies_stops_the_others_and_the_parent_fails(
+    sims: SimPool, tmp_path: Path
+) -> None:
+    epp = await start_epp(tmp_path, sims.endpoints[:1], "--workers", "2")
+    os.kill(epp.pids[0], signal.SIGKILL)
+    async with asyncio.timeout(15):
+        assert await epp.proc.wait() == 128 + signal.SIGKILL  # the dead worker's status, not a clean 0
+    assert not _alive(epp.pids[1])
+    assert "epp-worker-0 exited (status -9): stopping the other workers" in epp.log.read_text()
