@@ -73,25 +73,29 @@ def _stages(c: Candidate) -> frozenset[str]:
 
 
 @dataclass(slots=True)
-class PrefillFilter:
-    """``prefill-filter``: endpoints with a prefill stage (see module docstring)."""
+class _StageFilter:
+    """Endpoints whose ``llm-d.ai/role`` has the :attr:`stage` (see module docstring)."""
 
-    type_name: ClassVar[str] = "prefill-filter"
+    type_name: ClassVar[str]
+    stage: ClassVar[str]
     name: str
 
     def filter(self, ctx: CycleContext, candidates: list[Candidate]) -> list[Candidate]:
-        return [c for c in candidates if "prefill" in _stages(c)]
+        return [c for c in candidates if self.stage in _stages(c)]
 
 
-@dataclass(slots=True)
-class DecodeFilter:
+class PrefillFilter(_StageFilter):
+    """``prefill-filter``: endpoints with a prefill stage."""
+
+    type_name: ClassVar[str] = "prefill-filter"
+    stage: ClassVar[str] = "prefill"
+
+
+class DecodeFilter(_StageFilter):
     """``decode-filter``: endpoints with a decode stage, unlabelled ones included."""
 
     type_name: ClassVar[str] = "decode-filter"
-    name: str
-
-    def filter(self, ctx: CycleContext, candidates: list[Candidate]) -> list[Candidate]:
-        return [c for c in candidates if "decode" in _stages(c)]
+    stage: ClassVar[str] = "decode"
 
 
 class DisaggProfileHandler:
@@ -204,14 +208,12 @@ def _always(name: str, p: Params, deps: PluginDeps) -> AlwaysDisagg:
     return AlwaysDisagg(name)
 
 
-def _prefill_filter(name: str, p: Params, deps: PluginDeps) -> PrefillFilter:
-    p.done()
-    return PrefillFilter(name)
+def _stage_filter(cls: type[_StageFilter]) -> Factory:
+    def create(name: str, p: Params, deps: PluginDeps) -> _StageFilter:
+        p.done()
+        return cls(name)
 
-
-def _decode_filter(name: str, p: Params, deps: PluginDeps) -> DecodeFilter:
-    p.done()
-    return DecodeFilter(name)
+    return create
 
 
 FACTORIES: dict[str, Factory] = {
@@ -219,6 +221,6 @@ FACTORIES: dict[str, Factory] = {
     "pd-profile-handler": _disagg,
     "always-disagg-pd-decider": _always,
     "prefix-based-pd-decider": _prefix_decider,
-    "prefill-filter": _prefill_filter,
-    "decode-filter": _decode_filter,
+    "prefill-filter": _stage_filter(PrefillFilter),
+    "decode-filter": _stage_filter(DecodeFilter),
 }
