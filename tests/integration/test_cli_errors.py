@@ -23,6 +23,7 @@ def _files(tmp: Path, busy: int) -> dict[str, str]:
         "gw-typo.yaml": "listen: 127.0.0.1:0\nroutes:\n  - path: /v1/\n    bbbr: {}\n",
         "gw-busy.yaml": f"listen: 127.0.0.1:{busy}\nroutes:\n  - path: /v1/\n",
         "gw-badyaml.yaml": "listen: [unclosed\n",
+        "gw-h2c.yaml": "listen: 127.0.0.1:0\npool: {app_protocol: h2c}\nroutes:\n  - path: /v1/\n",
         "epp-typo.yaml": "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
         "plugins:\n- type: queue-scorrer\n",
     }
@@ -51,6 +52,7 @@ def _cases(f: dict[str, str], busy: int) -> list[tuple[list[str], list[str]]]:
         (["gateway", "--config", f["gw-busy.yaml"]], [f"127.0.0.1:{busy}", "in use"]),
         (["gateway", "--mode", "nginx", "--config", f["gw-busy.yaml"]], [f"127.0.0.1:{busy}", "in use"]),
         (["gateway", "--workers", "0", "--config", f["gw-typo.yaml"]], ["--workers"]),
+        (["gateway", "--mode", "nginx", "--config", f["gw-h2c.yaml"]], ["pool.app_protocol", "--mode nginx"]),
         (["epp", *ep, "--grpc-port", "99999"], ["--grpc-port", "65535"]),
         (["epp", *ep, "--metrics-port", "-1"], ["--metrics-port", "65535"]),
         (["epp", *ep, "--profile", "fast"], ["--profile", "gie-default"]),
