@@ -482,3 +482,22 @@ async def test_idle_connections_close_and_exhausted_ones_are_replaced() -> None:
         finally:
             await pool.aclose()
     assert a.connections == 3
+
+
+async def test_a_streamed_upload_over_the_limit_is_413_and_the_stream_is_reset() -> None:
+    async with h2_servers(("a", 200)) as (a,):
+        route = {"path": "/", "bbr": {"enabled": False, "max_body_size": 100_000}, "epp": {"enabled": False}}
+        cfg = config([a.key], routes=[route])
+
+        async def upload() -> AsyncIterator[bytes]:
+            for _ in range(4):
+                yield b"x" * 60_000
+
+        async with (
+            gateway(cfg, ScriptedPicker([])) as gw,
+            aiohttp.ClientSession() as s,
+            s.post(gw.url + "/v1/x", data=upload()) as r,
+        ):
+            assert r.status == 413
+        await asyncio.wait_for(a.reset_seen.wait(), 10)
+    assert a.heads == []  # the model server never saw a whole request
