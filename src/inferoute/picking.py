@@ -20,6 +20,7 @@ is released there, so a data plane MUST end every session it was given (even aft
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -40,6 +41,13 @@ back."""
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+FALLBACKS_KEY = "x-inferoute-destination-endpoint-fallbacks"
+"""inferoute's extension: in the decision's ``envoy.lb`` dynamic metadata, the comma-separated endpoints the
+picker adds after the scheduled ones (:attr:`Destination.fallbacks`); Envoy ignores it."""
+FAILED_ENDPOINTS_KEY = "x-inferoute-destination-endpoint-failed"
+"""inferoute's extension of the protocol (passive health): in the ``envoy.lb`` metadata of the
+response-headers message, the comma-separated endpoints the data plane could not connect to before one
+answered (or before it gave up: then the response headers carry the 502 it answered)."""
 MAX_MODEL_NAME_CHARS = 256
 """Longest model name (body ``model`` or a rewrite target) accepted; a longer one is answered 400
 ``bad-model`` by the picker and by the gateway's BBR (Hugging Face ids are at most 96 + 96 characters)."""
@@ -77,6 +85,14 @@ class Destination:
     """``(target, asked)`` after a model rewrite: the response's ``model`` fields name ``target`` and the data
     plane puts ``asked`` back (:class:`~inferoute.epp.requestcontrol.restore.ModelRestorer`); None: no
     rewrite, the response passes untouched."""
+    fallbacks: tuple[str, ...] = ()
+    """Further endpoints the picker adds after the scheduled ones, so that a dead replica costs a fallback
+    instead of a 502 (sent after ``endpoints`` in the destination header)."""
+
+    @property
+    def walk(self) -> tuple[str, ...]:
+        """Every endpoint to try, in order: the scheduled ones, then the fallbacks."""
+        return self.endpoints + self.fallbacks if self.fallbacks else self.endpoints
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +136,19 @@ class EvictableSession(Protocol):
 def evictable(session: PickSession) -> EvictableSession | None:
     """``session`` if it can be evicted, else None."""
     return session if hasattr(session, "on_evict") else None  # type: ignore[return-value]
+
+
+def report_endpoint_failed(session: PickSession, endpoint: str, reason: str) -> None:
+    """Tell the picker that ``endpoint`` refused or reset the connection (passive health): the session's
+    ``endpoint_failed(endpoint, reason)`` when it has one (the embedded picker marks the endpoint down at
+    once; the ext_proc client reports it in the response-headers metadata, :data:`FAILED_ENDPOINTS_KEY`).
+    Never raises."""
+    method = getattr(session, "endpoint_failed", None)
+    if method is not None:
+        try:
+            method(endpoint, reason)
+        except Exception:  # a session never fails its data plane
+            logging.getLogger(__name__).exception("endpoint_failed")
 
 
 class Picker(Protocol):

@@ -21,6 +21,7 @@ request iterator, so session calls never block; the stream is drained and closed
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -235,7 +236,13 @@ class GrpcPicker:
                     if common.body_mutation.WhichOneof("mutation") == "body"
                     else None
                 )
-                decision = Destination(endpoints, others, replaced, m.restore_from_response(resp))
+                decision = Destination(
+                    endpoints,
+                    others,
+                    replaced,
+                    m.restore_from_response(resp),
+                    m.fallbacks_from_response(resp),
+                )
                 if sent_body is None or self._mode != "full_duplex":
                     return decision
                 continue
@@ -246,7 +253,7 @@ class GrpcPicker:
                     body = b"".join(echoed)
                     if body == sent_body:
                         return decision
-                    return Destination(decision.endpoints, decision.set_headers, body, decision.restore_model)
+                    return dataclasses.replace(decision, body=body)
                 continue
             raise PickerError(f"picker {target} sent an unexpected {kind!r} message", cause="protocol")
 
@@ -318,7 +325,17 @@ class _GrpcSession:
     picker's replies for the whole response: an ImmediateResponse among them is flow control evicting the
     request (:class:`~inferoute.picking.EvictableSession`)."""
 
-    __slots__ = ("_call", "_deadline", "_done", "_evict", "_evicted", "_outbox", "_served", "_tasks")
+    __slots__ = (
+        "_call",
+        "_deadline",
+        "_done",
+        "_evict",
+        "_evicted",
+        "_failed",
+        "_outbox",
+        "_served",
+        "_tasks",
+    )
 
     def __init__(self, call: Any, outbox: asyncio.Queue[m.ProcessingRequest | None], tasks: TaskSet) -> None:
         self._call = call
@@ -329,6 +346,8 @@ class _GrpcSession:
         self._evict: Callable[[], None] | None = None
         self._evicted = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._failed: list[str] | None = None
+        """Endpoints that refused the connection, reported with the response headers (passive health)."""
         tasks.spawn(self._watch(), "watch")
 
     async def _watch(self) -> None:
@@ -359,9 +378,20 @@ class _GrpcSession:
             return
         self._served = served or None
         pairs = [(":status", str(status)), *((k, v) for k, v in headers.items() if not k.startswith(":"))]
+        failed, self._failed = self._failed, None
         self._outbox.put_nowait(
-            m.headers_request(pairs, end_of_stream=False, phase="response_headers", served=self._served)
+            m.headers_request(
+                pairs, end_of_stream=False, phase="response_headers", served=self._served, failed=failed
+            )
         )
+
+    def endpoint_failed(self, endpoint: str, reason: str) -> None:
+        """Passive health: sent to the picker in the response-headers metadata (``FAILED_ENDPOINTS_KEY``)."""
+        if self._done:
+            return
+        if self._failed is None:
+            self._failed = []
+        self._failed.append(endpoint)
 
     def response_chunk(self, chunk: bytes) -> None:
         if self._done or not chunk:
@@ -383,6 +413,10 @@ class _GrpcSession:
 
     def aborted(self, reason: str) -> None:
         if self._done:
+            return
+        if self._failed:  # nothing answered: the picker still learns which endpoints refused (with the 502)
+            self.response_started("", 502, {})
+            self.response_finished()
             return
         self._done = True
         log.debug("pick session aborted: %s", reason)

@@ -29,6 +29,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from inferoute.picking import (
     DESTINATION_HEADER,
     DESTINATION_SERVED_KEY,
+    FAILED_ENDPOINTS_KEY,
+    FALLBACKS_KEY,
     LB_NAMESPACE,
     RESTORE_NAMESPACE,
     SUBSET_KEY,
@@ -45,6 +47,8 @@ __all__ = [
     "body_chunks",
     "body_response",
     "destination_from_response",
+    "failed_endpoints",
+    "fallbacks_from_response",
     "headers_request",
     "headers_response",
     "immediate_response",
@@ -184,6 +188,7 @@ def headers_response(
     destination_header: str = DESTINATION_HEADER,
     restore_model: tuple[str, str] | None = None,
     remove_headers: Sequence[str] = (),
+    fallbacks: Sequence[str] = (),
 ) -> pb.ProcessingResponse:
     """A ``HeadersResponse`` for ``phase`` (``request_headers`` or ``response_headers``).
 
@@ -193,7 +198,9 @@ def headers_response(
     cannot survive. ``phase`` may also be ``request_body`` (the BUFFERED-mode decision), where
     ``replace_body`` sets a whole new body (``body_mutation.body``). ``restore_model`` ``(served, asked)``
     goes in the ``inferoute.model`` dynamic metadata (:func:`restore_from_response`); ``remove_headers`` are
-    removed.
+    removed. ``fallbacks`` (the picker's added endpoints) go only in the ``envoy.lb`` metadata under
+    ``FALLBACKS_KEY``, which inferoute's data planes read and Envoy ignores (its ORIGINAL_DST cluster
+    takes one endpoint).
     """
     resp = pb.ProcessingResponse()
     common = getattr(resp, phase).response
@@ -215,6 +222,8 @@ def headers_response(
         common.clear_route_cache = True
         lb = resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value
         lb.fields[DESTINATION_HEADER].string_value = value
+        if fallbacks:
+            lb.fields[FALLBACKS_KEY].string_value = ",".join(fallbacks)
     if set_headers:
         for k, v in set_headers.items():
             mutation.append(_header_option(k, v))
@@ -228,6 +237,17 @@ def headers_response(
         ns = resp.dynamic_metadata.fields[RESTORE_NAMESPACE].struct_value
         ns.fields["served"].string_value, ns.fields["asked"].string_value = restore_model
     return resp
+
+
+def fallbacks_from_response(resp: pb.ProcessingResponse) -> tuple[str, ...]:
+    """The fallbacks a picker added to its decision (``envoy.lb`` metadata ``FALLBACKS_KEY``)."""
+    fields = resp.dynamic_metadata.fields
+    if LB_NAMESPACE not in fields:
+        return ()
+    inner = fields[LB_NAMESPACE].struct_value.fields
+    if FALLBACKS_KEY not in inner:
+        return ()
+    return split_endpoints(inner[FALLBACKS_KEY].string_value)
 
 
 def restore_from_response(resp: pb.ProcessingResponse) -> tuple[str, str] | None:
@@ -367,8 +387,10 @@ def headers_request(
     config: pb.ProtocolConfiguration | None = None,
     subset: Sequence[str] | None = None,
     served: str | None = None,
+    failed: Sequence[str] | None = None,
 ) -> pb.ProcessingRequest:
-    """A headers message (pseudo headers included by the caller), optional subset hint / served endpoint."""
+    """A headers message (pseudo headers included by the caller), optional subset hint / served endpoint /
+    endpoints that refused the connection (passive health, ``FAILED_ENDPOINTS_KEY``)."""
     req = pb.ProcessingRequest()
     h = getattr(req, phase)
     h.headers.headers.extend(_header_map(headers))
@@ -381,7 +403,25 @@ def headers_request(
         hint.extend(list(subset))
     if served is not None:
         _set_served(req, served)
+    if failed:
+        fields = req.metadata_context.filter_metadata[LB_NAMESPACE].fields
+        fields[FAILED_ENDPOINTS_KEY].string_value = ",".join(failed)
     return req
+
+
+def failed_endpoints(request: pb.ProcessingRequest) -> list[str]:
+    """The endpoints a data plane could not connect to (``envoy.lb`` metadata ``FAILED_ENDPOINTS_KEY``,
+    inferoute's extension), in the response-headers message; at most 16 are read."""
+    fm = request.metadata_context.filter_metadata
+    if LB_NAMESPACE not in fm:
+        return []
+    fields = fm[LB_NAMESPACE].fields
+    if FAILED_ENDPOINTS_KEY not in fields:
+        return []
+    v = fields[FAILED_ENDPOINTS_KEY]
+    if v.WhichOneof("kind") != "string_value":
+        return []
+    return [t.strip() for t in v.string_value.split(",")[:16] if t.strip()]
 
 
 def body_chunk_request(

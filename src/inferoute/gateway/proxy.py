@@ -264,6 +264,7 @@ class Forwarder:
         body: bytes | StreamedBody,
         route: str = "-",
         protocol: str = "http",
+        on_connect_failure: Callable[[str, str], None] | None = None,
     ) -> Opened:
         """Send the request to the first endpoint that answers (see module docstring); ``protocol``
         ``h2c``: over HTTP/2 cleartext."""
@@ -310,6 +311,10 @@ class Forwarder:
                 ) from exc
             except (aiohttp.ClientConnectionError, OSError) as exc:
                 last_error = f"{up}: {exc or type(exc).__name__}"
+                if on_connect_failure is not None and isinstance(exc, aiohttp.ClientConnectorError):
+                    on_connect_failure(
+                        up, _connect_failure(exc)
+                    )  # passive health: refused, reset, unreachable
                 if not last:
                     self._fallback(route, up, "connect", repr(exc))
                 else:
@@ -322,6 +327,16 @@ class Forwarder:
             return Opened(resp, up, i + 1)
         log.warning("route %s: no upstream endpoint could be reached; last: %s", route, last_error)
         raise InferouteError(502, "no model server could be reached", cause="upstream-connect")
+
+
+def _connect_failure(exc: aiohttp.ClientConnectorError) -> str:
+    """``connection refused`` / ``connection reset`` / the OS error's text: what the picker is told."""
+    err = exc.os_error
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, ConnectionResetError):
+        return "connection reset"
+    return f"connect failed ({type(err).__name__})"
 
 
 def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -49,7 +49,14 @@ from inferoute.gateway.proxy import (
     upstream_request_headers,
 )
 from inferoute.gateway.routing import PickerRejected, RoutedRequest
-from inferoute.picking import EVICTED_MESSAGE, EVICTED_REASON, NullSession, PickSession, evictable
+from inferoute.picking import (
+    EVICTED_MESSAGE,
+    EVICTED_REASON,
+    NullSession,
+    PickSession,
+    evictable,
+    report_endpoint_failed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +340,7 @@ class Relay:
                 body,
                 route=rec.route,
                 protocol=d.app_protocol,
+                on_connect_failure=lambda up, why: report_endpoint_failed(d.session, up, why),
             )
         except (aiohttp.ClientError, OSError) as exc:
             if streamed is not None and streamed.failure is not None:

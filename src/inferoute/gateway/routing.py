@@ -223,7 +223,7 @@ class RequestRouter:
             )
         assert isinstance(decision, Destination)
         try:
-            upstreams = tuple(self.allow.check(v) for v in split_destinations(decision.endpoints))
+            upstreams = tuple(self.allow.check(v) for v in split_destinations(decision.walk))
         except InferouteError as exc:
             session.aborted("invalid-destination")
             log.warning("route %s: %s", self.route.path, exc.message)

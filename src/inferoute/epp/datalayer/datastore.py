@@ -61,7 +61,8 @@ class Datastore:
         self.generation = 0
         """Bumped on every change of the endpoint set."""
         self.version = 0
-        """Bumped on every :meth:`set_endpoints` (states may be replaced even when the set of keys stays)."""
+        """Bumped on every :meth:`set_endpoints` (states may be replaced even when the set of keys stays) and
+        :meth:`mark_down`."""
         self._listeners: list[MetricsListener] = []
 
     def add_metrics_listener(self, listener: MetricsListener) -> None:
@@ -137,6 +138,22 @@ class Datastore:
             became_fresh = previous is None or now - previous > self.staleness
             for listener in self._listeners:
                 listener(state, became_fresh)
+
+    def mark_down(self, key: str, reason: str) -> bool:
+        """Passive health: the data plane could not connect to ``key``. It stops being fresh at once (no
+        new pick chooses it while another endpoint is fresh) until its next successful scrape. Returns
+        False when it was unknown or already not fresh."""
+        state = self._states.get(key)
+        if state is None or state.last_ok is None:
+            return False
+        state.last_ok = None
+        state.failures += 1
+        state.last_error = f"the data plane reported: {reason}"
+        self.version += 1  # the picker's cached candidate list is rebuilt without it
+        log.warning(
+            "endpoint %s marked down: the data plane reported %s; back at its next good scrape", key, reason
+        )
+        return True
 
     def ready(self) -> bool:
         """Endpoints known and each one scraped (or tried) at least once."""

@@ -32,7 +32,14 @@ from inferoute.epp.flowcontrol.types import FlowItem, Outcome
 from inferoute.epp.requestcontrol import headers as hdr
 from inferoute.epp.scheduling.types import Candidate, InferenceRequest
 from inferoute.errors import error_body
-from inferoute.picking import Decision, Destination, NullSession, PickSession, Reject
+from inferoute.picking import (
+    Decision,
+    Destination,
+    NullSession,
+    PickSession,
+    Reject,
+    report_endpoint_failed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +334,9 @@ class _FlowSession:
     def response_finished(self) -> None:
         self._inner.response_finished()
         self._done()
+
+    def endpoint_failed(self, endpoint: str, reason: str) -> None:
+        report_endpoint_failed(self._inner, endpoint, reason)
 
     def aborted(self, reason: str) -> None:
         self._inner.aborted(reason)

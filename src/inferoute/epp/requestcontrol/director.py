@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FAIRNESS_ID = hdr.DEFAULT_FAIRNESS_ID
 MAX_REMEMBERED_REMOVALS = 10_000
+FALLBACKS = 2
+"""Endpoints added after the scheduled ones when the scheduler chose at most this many
+(:attr:`Destination.fallbacks <inferoute.picking.Destination.fallbacks>`)."""
 
 
 def match_subset(states: Sequence[EndpointState], subset: Sequence[str]) -> list[EndpointState]:
@@ -156,6 +159,7 @@ class Director:
         self._pool_oldest = 0.0
         self._removals: dict[str, int] = {}
         """How often each endpoint left the pool (see :meth:`set_endpoints`)."""
+        self._fallback_cursor = 0
         datastore.add_metrics_listener(self._on_metrics)
         """Scheduling view of each endpoint state, keyed by the state object (replaced state: new view)."""
 
@@ -305,8 +309,25 @@ class Director:
         session = Session(self, prep.series, primary, ireq.prompt_tokens, prefill_tokens, now)
         restore = (target, model) if prep.body is not None else None
         headers = {**prep.set_headers, **result.headers} if result.headers else prep.set_headers
-        dest = Destination(tuple(c.key for c in result.endpoints), headers, prep.body, restore)
-        return dest, session
+        chosen = tuple(c.key for c in result.endpoints)
+        fallbacks = self._fallbacks(candidates, chosen) if len(chosen) <= FALLBACKS else ()
+        return Destination(chosen, headers, prep.body, restore, fallbacks), session
+
+    def _fallbacks(self, candidates: Sequence[Candidate], chosen: tuple[str, ...]) -> tuple[str, ...]:
+        """Up to :data:`FALLBACKS` candidates the scheduler did not choose, taken in turn (no randomness:
+        the scheduler's random draws stay as they were), so a dead primary costs a retry, not a 502."""
+        n = len(candidates)
+        if n <= len(chosen):
+            return ()
+        start = self._fallback_cursor = (self._fallback_cursor + 1) % n
+        out: list[str] = []
+        for i in range(n):
+            key = candidates[(start + i) % n].key
+            if key not in chosen:
+                out.append(key)
+                if len(out) == FALLBACKS:
+                    break
+        return tuple(out)
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> tuple[list[str], list[str]]:
         """Replace the pool's endpoint set; the learned state forgets removed endpoints. A session whose
@@ -497,6 +518,14 @@ class Session:
                 s.cached_tokens.observe(usage.cached_tokens)
         except Exception:
             log.exception("session usage")
+
+    def endpoint_failed(self, endpoint: str, reason: str) -> None:
+        """Passive health: the data plane could not connect to ``endpoint`` (see
+        :meth:`Datastore.mark_down <inferoute.epp.datalayer.datastore.Datastore.mark_down>`)."""
+        try:
+            self._director.datastore.mark_down(endpoint, reason)
+        except Exception:
+            log.exception("session endpoint_failed")
 
     def aborted(self, reason: str) -> None:
         if self._done:

@@ -61,6 +61,7 @@ from inferoute.picking import (
     PickSession,
     Reject,
     evictable,
+    report_endpoint_failed,
 )
 
 log = logging.getLogger(__name__)
@@ -436,6 +437,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 m.headers_response(
                     "request_body",
                     destination=decision.endpoints,
+                    fallbacks=decision.fallbacks,
                     set_headers=decision.set_headers,
                     content_length=None if decision.body is None else len(decision.body),
                     replace_body=decision.body,
@@ -448,6 +450,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 m.headers_response(
                     "request_headers",
                     destination=decision.endpoints,
+                    fallbacks=decision.fallbacks,
                     set_headers=decision.set_headers,
                     destination_header=self._header,
                     restore_model=restore,
@@ -458,6 +461,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             m.headers_response(
                 "request_headers",
                 destination=decision.endpoints,
+                fallbacks=decision.fallbacks,
                 set_headers=decision.set_headers,
                 content_length=len(out_body),
                 destination_header=self._header,
@@ -474,6 +478,8 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return
         headers = m.parse_headers(req.response_headers.headers)
         served = m.served_endpoint(req) or ""
+        for failed in m.failed_endpoints(req):  # passive health: refused the data plane's connection
+            report_endpoint_failed(ex.session, failed, "connect failed (reported by the data plane)")
         ex.session.response_started(served, m.status_of(headers), headers)
 
 
