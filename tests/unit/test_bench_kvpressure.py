@@ -59,3 +59,23 @@ def test_capacity_at_slo_is_the_highest_rate_with_every_lower_rate_under_it() ->
     assert capacity_at_slo([point("d", 4, 0.1, ok=0)]) == 0
     table = capacity_table([*a, point("b", 4, 0.1), point("b", 8, 0.2), point("b", 12, 0.3)])
     assert table.index("| b | 12 |") < table.index("| a | 8 |")
+
+
+def test_the_precise_profiles_speculate_and_precise_local_tokenizes_in_the_picker() -> None:
+    from inferoute.bench.peers import profile_path, select_contenders
+    from inferoute.clock import FakeClock
+    from inferoute.epp.config import parse_config
+    from inferoute.epp.learned import LocalLearnedState
+    from inferoute.epp.plugin import PluginDeps
+    from inferoute.epp.scheduling.plugins.precise_prefix_producer import PrecisePrefixProducer
+    from inferoute.epp.scheduling.plugins.token_producer import TokenProducer
+
+    assert [c.name for c in select_contenders("inferoute/precise-local")] == ["inferoute/precise-local"]
+    assert "inferoute/precise-local" not in [c.name for c in select_contenders(None)]
+    deps = PluginDeps(LocalLearnedState(), FakeClock())
+    for name, renders in [("precise", True), ("precise-local", False)]:
+        plugins = parse_config(profile_path(name).read_text(), deps=deps).plugins
+        producer, tokens = plugins["precise-prefix-cache-producer"], plugins["token-producer"]
+        assert isinstance(producer, PrecisePrefixProducer) and isinstance(tokens, TokenProducer)
+        assert producer.index.speculative_ttl == 2.0 and producer.index.block_size == 64
+        assert (tokens.render is not None) == renders
