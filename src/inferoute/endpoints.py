@@ -38,15 +38,22 @@ def hostport(address: str, port: int) -> str:
 
 
 def split_hostport(value: str) -> tuple[str, int | None]:
-    """Split ``ip``, ``ip:port``, ``[v6]`` or ``[v6]:port``; the port is None when absent."""
+    """Split ``ip``, ``ip:port``, ``[v6]`` or ``[v6]:port``; the port is None when absent. A port that is not
+    a number raises ValueError."""
     value = value.strip()
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
-        return host, (int(rest[1:]) if rest.startswith(":") and rest[1:] else None)
+        return host, (_port(rest[1:], value) if rest.startswith(":") and rest[1:] else None)
     if value.count(":") == 1:
         host, _, port = value.partition(":")
-        return host, int(port)
+        return host, _port(port, value)
     return value, None
+
+
+def _port(text: str, value: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"the port of {value!r} is not a number")
+    return int(text)
 
 
 def parse_endpoints(raw: Any, where: str = "endpoints") -> list[Endpoint]:

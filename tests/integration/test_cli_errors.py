@@ -68,6 +68,29 @@ def _cases(f: dict[str, str], busy: int) -> list[tuple[list[str], list[str]]]:
         (["epp", *ep, "--config", f["latin1.yaml"]], ["config file", "latin1.yaml", "not UTF-8"]),
         (["epp", "--endpoints", f["latin1.yaml"]], ["endpoints file", "latin1.yaml", "not UTF-8"]),
         (["envoy-config", "--epp", "h:1", "--listen", "1", "--endpoints", f["latin1.yaml"]], ["latin1.yaml"]),
+        (["gateway", "--config", f["gw-typo.yaml"], "--listen", ":80x"], ["--listen", "HOST:PORT"]),
+        # past the limit fails before forking (were it ignored, the busy port stops it before any worker)
+        (["gateway", "--workers", "100000", "--config", f["gw-busy.yaml"]], ["--workers"]),
+        (["nginx-config", "--listen", "8080; include /etc/passwd"], ["--listen", "HOST:PORT"]),
+        (["nginx-config", "--workers", "lots"], ["--workers", "auto"]),
+        (["envoy-config", "--epp", "h:abc", "--listen", "1"], ["--epp", "HOST:PORT"]),
+        (
+            ["envoy-config", "--epp", "h:1", "--listen", "1", "--listen-address", "nohost"],
+            ["--listen-address"],
+        ),
+        (
+            ["envoy-config", "--epp", "h:1", "--listen", "1", "--epp-ca", f["endpoints.yaml"]],
+            ["--epp-ca", "PEM"],
+        ),
+        (["epp", *ep, "--grace", "-1"], ["--grace"]),
+        (
+            ["epp", *ep, *free, "--cert-path", str(Path(f["endpoints.yaml"]).parent)],
+            ["--cert-path", "tls.crt"],
+        ),
+        (["epp", *ep, *free, "--client-ca", f["endpoints.yaml"]], ["--client-ca", "PEM"]),
+        (["controller", "--gateway-listen", "nope"], ["--gateway-listen", "HOST:PORT"]),
+        (["bench", "routing", "--rates", "abc"], ["--rates", "abc"]),
+        (["bench", "gateway", "--duration", "-1"], ["--duration"]),
         (["bench", "nosuch"], ["nosuch"]),
         (["nosuch"], ["nosuch"]),
     ]

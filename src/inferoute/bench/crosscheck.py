@@ -288,7 +288,13 @@ def markdown(agreements: Sequence[Agreement]) -> str:
     help="Router behind both load generators.",
 )
 @click.option("--rate", type=float, default=6.0, show_default=True, help="Offered requests per second.")
-@click.option("--duration", type=float, default=30.0, show_default=True, help="Measured seconds per tool.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Measured seconds per tool.",
+)
 @click.option("--replicas", type=int, default=4, show_default=True, help="Simulator replicas.")
 @click.option(
     "--time-scale",

@@ -249,6 +249,7 @@ def _nginx_conf(prefix: Path, server_block: str) -> Path:
 
 
 def _nginx(name: str, prefix: Path, server_block: str) -> ManagedProcess:
+    prefix = prefix.resolve()  # NGINX reads a relative -c under its -p prefix (a relative --out doubled it)
     conf = _nginx_conf(prefix, server_block)
     argv = [_nginx_binary(), "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"]
     return ManagedProcess(name, argv, prefix / "stdout.log")
@@ -890,7 +891,12 @@ def _scheduler_lines(result: dict[str, Any]) -> list[str]:
     "--rate", default=200.0, show_default=True, help="Fixed request rate for the added-latency test."
 )
 @click.option(
-    "--duration", "fixed_duration", default=10.0, show_default=True, help="Seconds at the fixed rate."
+    "--duration",
+    "fixed_duration",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds at the fixed rate.",
 )
 @click.option(
     "--slice",

@@ -473,7 +473,13 @@ def markdown(results: list[ContenderResult], connections: int) -> str:
 
 
 @click.command("nginx")
-@click.option("--duration", type=float, default=5.0, show_default=True, help="Seconds per measurement.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds per measurement.",
+)
 @click.option("--connections", type=int, default=16, show_default=True, help="Concurrent connections.")
 @click.option(
     "--rounds",

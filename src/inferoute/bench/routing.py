@@ -347,9 +347,14 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
     for v in values:
         for part in v.split(","):
             if part.strip():
-                rate = float(part)
+                try:
+                    rate = float(part)
+                except ValueError:
+                    rate = math.nan
                 if not math.isfinite(rate) or rate <= 0:
-                    raise click.BadParameter(f"rate must be a positive number, got {part!r}")
+                    raise click.BadParameter(
+                        f"rate must be a positive number, got {part!r}", param_hint="'--rates'"
+                    )
                 rates.append(rate)
     return sorted(set(rates))
 
@@ -369,7 +374,10 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
     help="Offered rates in requests/s (comma-separated or repeated); default: per workload.",
 )
 @click.option(
-    "--duration", type=float, default=None, help="Seconds of traffic per point (default 20; quick 4)."
+    "--duration",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Seconds of traffic per point (default 20; quick 4).",
 )
 @click.option(
     "--warmup",

@@ -406,7 +406,13 @@ def sweep(
     type=click.IntRange(min=1),
     help="Simulator replicas in the one process (streams are spread over them).",
 )
-@click.option("--duration", default=8.0, show_default=True, type=float, help="Measured seconds per level.")
+@click.option(
+    "--duration",
+    default=8.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Measured seconds per level.",
+)
 @click.option("--warmup", default=2.0, show_default=True, type=float, help="Unmeasured seconds per level.")
 @click.option(
     "--max-tokens",

@@ -32,6 +32,7 @@ def _cidr(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...])
     "--gateway-listen",
     default="0.0.0.0:8080",
     show_default=True,
+    callback=lambda _c, _p, v: _listen(v),
     help="listen address written into each gateway configuration (the gateway pods' port).",
 )
 @click.option(
@@ -96,6 +97,17 @@ def command(
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(_main(opts, output_dir, not no_configmaps, not no_status))
+
+
+def _listen(value: str) -> str:
+    from inferoute.errors import ConfigError
+    from inferoute.gateway.config import parse_listen
+
+    try:
+        parse_listen(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from exc
+    return value
 
 
 async def _main(opts: object, output_dir: Path | None, configmaps: bool, status: bool) -> None:

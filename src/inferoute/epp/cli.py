@@ -335,7 +335,13 @@ def h2_limits(values: dict[str, Any]) -> Limits:
 @click.option("--ha-lease-duration", default=2.0, show_default=True, type=float, help="Seconds.")
 @click.option("--ha-renew-deadline", default=1.5, show_default=True, type=float, help="Seconds.")
 @click.option("--ha-retry-period", default=0.5, show_default=True, type=float, help="Seconds.")
-@click.option("--grace", default=5.0, show_default=True, type=float, help="Shutdown grace period (s).")
+@click.option(
+    "--grace",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds open ext_proc streams get to finish when the picker stops (Ctrl-C, SIGTERM).",
+)
 @click.option(
     "--workers",
     default=1,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from inferoute.errors import InferouteError, describe_os_error
-from inferoute.gateway.config import GatewayConfig, check_nginx_mode, load_config, parse_listen, with_listen
+from inferoute.gateway.config import (
+    GatewayConfig,
+    check_nginx_mode,
+    load_config,
+    max_workers,
+    parse_listen,
+    with_listen,
+)
 
 
 def _listen(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -36,9 +43,9 @@ def _load(path: str, listen: str | None) -> GatewayConfig:
 @click.option("--listen", callback=_listen, help="HOST:PORT, overrides the file's listen.")
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, max_workers()),
     default=None,
-    help="Worker processes sharing the port (SO_REUSEPORT); overrides the file's workers.",
+    help="Worker processes sharing the port (SO_REUSEPORT), at most 4 per CPU; overrides the file's workers.",
 )
 @click.option(
     "--mode",

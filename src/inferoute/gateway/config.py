@@ -12,6 +12,7 @@ Routes behave like NGINX ``location`` prefixes: the longest matching ``path`` wi
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -219,11 +220,20 @@ class GatewayConfig(_Base):
         return parse_listen(self.listen)
 
 
+def max_workers() -> int:
+    """The most worker processes a gateway starts: 4 per CPU. More only add memory and context switches (and a
+    typo such as ``--workers 100000`` would fork until the machine stalls)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT``) → (host, port); port 0 means "pick a free one"."""
-    host, port = split_hostport(value)
+    try:
+        host, port = split_hostport(value)
+    except ValueError:
+        port = None
     if port is None or not 0 <= port < 65536:
-        raise ConfigError(f"listen: expected HOST:PORT, got {value!r}")
+        raise ConfigError(f"listen: expected HOST:PORT (port 0-65535), got {value!r}")
     return host or "0.0.0.0", port
 
 
@@ -239,7 +249,10 @@ def _check_target(where: str, value: str | None, allow_embedded: bool) -> None:
         raise _fail(f"{where}: scheme must be http:// or https://, got {value!r}")
     items = rest.rstrip("/").split(",")
     for item in items:
-        host, port = split_hostport(item.strip())
+        try:
+            host, port = split_hostport(item.strip())
+        except ValueError:
+            host, port = "", None
         if not host or port is None:
             raise _fail(f"{where}: expected host:port (or a comma list of ip:port), got {value!r}")
         if len(items) > 1 and not _is_ip(host):
@@ -260,7 +273,10 @@ def _is_ip(host: str) -> bool:
 def _check_ipport(where: str, value: str | None) -> None:
     if value is None:
         return
-    host, port = split_hostport(value)
+    try:
+        host, port = split_hostport(value)
+    except ValueError:
+        host, port = "", None
     if not host or port is None or not 0 < port < 65536:
         raise _fail(f"{where}: expected ip:port, got {value!r}")
 
@@ -269,8 +285,8 @@ def validate(cfg: GatewayConfig) -> GatewayConfig:
     """Semantic checks msgspec's type validation cannot express. Returns ``cfg`` unchanged."""
     parse_listen(cfg.listen)
     cfg.endpoints()
-    if cfg.workers < 1:
-        raise _fail("workers: must be >= 1")
+    if not 1 <= cfg.workers <= max_workers():
+        raise _fail(f"workers: 1..{max_workers()} (4 per CPU on this machine), got {cfg.workers}")
     for i, cidr in enumerate(cfg.pool.allowed_cidrs):
         try:
             ipaddress.ip_network(cidr, strict=False)
@@ -358,7 +374,12 @@ def parse_config(data: Any, source: str = "config") -> GatewayConfig:
         cfg = msgspec.convert(data, GatewayConfig)
     except msgspec.ValidationError as exc:
         raise _fail(f"{source}: {exc}") from exc
-    return validate(cfg)
+    if source == "config":
+        return validate(cfg)
+    try:
+        return validate(cfg)
+    except ConfigError as exc:  # name the file the key is in
+        raise _fail(f"{source}: {exc.message}") from exc
 
 
 def load_config_text(text: str, source: str = "config") -> GatewayConfig:

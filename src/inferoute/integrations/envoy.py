@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -94,9 +95,12 @@ def bootstrap(
     if request_body not in ("full_duplex", "buffered"):
         raise click.BadParameter(f"request body mode must be full_duplex or buffered, not {request_body!r}")
     buffered = request_body == "buffered"
-    epp_host, epp_port = split_hostport(epp)
-    if epp_port is None:
-        raise click.BadParameter(f"--epp needs HOST:PORT, got {epp!r}")
+    try:
+        epp_host, epp_port = split_hostport(epp)
+    except ValueError:
+        epp_host, epp_port = "", None
+    if not epp_host or epp_port is None or not 0 < epp_port < 65536:
+        raise click.BadParameter(f"--epp needs HOST:PORT (port 1-65535), got {epp!r}")
     if response_phase not in ("full", "headers", "none"):
         raise click.BadParameter(f"response phase must be full, headers or none, not {response_phase!r}")
     ext_proc = _ext_proc_filter(response_phase, buffered, failure_mode_allow, message_timeout)
@@ -322,7 +326,11 @@ def _runtime(value: int) -> dict[str, Any]:
     help="Envoy's HTTP port (clients connect here).",
 )
 @click.option(
-    "--listen-address", default="0.0.0.0", show_default=True, help="Address Envoy's HTTP listener binds."
+    "--listen-address",
+    default="0.0.0.0",
+    show_default=True,
+    callback=lambda _c, _p, v: _ip_address(v),
+    help="IP address Envoy's HTTP listener binds (Envoy takes no host names here).",
 )
 @click.option(
     "--admin-port",
@@ -337,6 +345,7 @@ def _runtime(value: int) -> dict[str, Any]:
 @click.option(
     "--epp-ca",
     type=click.Path(exists=True, dir_okay=False),
+    callback=lambda _c, _p, v: _pem_certificates(v),
     help="PEM file Envoy verifies the picker's certificate against (inferoute epp's self-signed one: "
     "~/.local/state/inferoute/epp-tls/tls.crt). Without it Envoy does not verify.",
 )
@@ -429,6 +438,29 @@ def _prepare(config: dict[str, Any], workdir: str, envoy_bin: str | None) -> tup
     with open(cfg_path, "w") as f:
         json.dump(config, f)
     return binary, cfg_path, os.path.join(workdir, "envoy.log")
+
+
+def _ip_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an IP address such as 0.0.0.0 or ::, got {value!r}") from None
+    return value
+
+
+def _pem_certificates(path: str | None) -> str | None:
+    """``path`` if it holds at least one PEM certificate (Envoy would only fail at start-up)."""
+    if path is None:
+        return None
+    from inferoute.errors import InferouteError, read_text_file
+
+    try:
+        text = read_text_file(path, path)
+    except InferouteError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise click.BadParameter(f"{path}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)")
+    return path
 
 
 def _load_endpoints(path: str) -> list[str]:

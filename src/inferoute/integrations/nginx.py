@@ -113,15 +113,36 @@ def _reports(opts: NginxOptions) -> str | None:
     return opts.report if opts.accounting else None
 
 
+def _is_hostport(value: str) -> bool:
+    try:
+        host, port = split_hostport(value)
+    except ValueError:
+        return False
+    return bool(host) and port is not None and 0 < port < 65536
+
+
+def _is_listen(value: str) -> bool:
+    """NGINX's ``listen``: ``PORT``, ``HOST:PORT`` or ``[V6]:PORT`` (nothing a config could break on)."""
+    if value.isdigit():
+        return 0 < int(value) < 65536
+    if any(c.isspace() or c in ";{}'\"#$" for c in value):
+        return False
+    return _is_hostport(value)
+
+
 def validate_options(opts: NginxOptions) -> None:
     """Raise ValueError for options NGINX would reject or that cannot work."""
-    host, port = split_hostport(opts.decider)
-    if not host or port is None:
-        raise ValueError(f"--decider: expected HOST:PORT, got {opts.decider!r}")
-    if opts.default_upstream is not None:
-        host, port = split_hostport(opts.default_upstream)
-        if not host or port is None:
-            raise ValueError(f"--default-upstream: expected HOST:PORT, got {opts.default_upstream!r}")
+    for flag, value in (("--decider", opts.decider), ("--default-upstream", opts.default_upstream)):
+        if value is not None and not _is_hostport(value):
+            raise ValueError(f"{flag}: expected HOST:PORT (port 1-65535), got {value!r}")
+    if not _is_listen(opts.listen):
+        raise ValueError(
+            f"--listen: expected PORT, HOST:PORT or [V6]:PORT (port 1-65535), got {opts.listen!r}"
+        )
+    if opts.worker_processes != "auto" and not (
+        opts.worker_processes.isdigit() and int(opts.worker_processes) > 0
+    ):
+        raise ValueError(f"--workers: 'auto' or a number of processes >= 1, got {opts.worker_processes!r}")
     if not opts.locations:
         raise ValueError("at least one --location is required")
     for loc in opts.locations:
@@ -593,7 +614,12 @@ def options_from_gateway_config(path: str, base: NginxOptions) -> NginxOptions:
     default=None,
     help=f"HOST:PORT of the decider [default: the --config file's listen, else {DEFAULT_DECIDER}].",
 )
-@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="NGINX listen argument.")
+@click.option(
+    "--listen",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    help="NGINX's listen: PORT, HOST:PORT or [V6]:PORT.",
+)
 @click.option(
     "--config",
     "config_path",
@@ -643,9 +669,16 @@ def options_from_gateway_config(path: str, base: NginxOptions) -> NginxOptions:
     "--no-accounting", is_flag=True, help="No completion reports (sessions end by the decider's timeout)."
 )
 @click.option("--self-contained", is_flag=True, help="pid/logs/temp paths relative to `nginx -p PREFIX`.")
-@click.option("--workers", default="auto", show_default=True, help="worker_processes.")
+@click.option(
+    "--workers", default="auto", show_default=True, help="NGINX worker_processes: auto or a number."
+)
 @click.option("--decider-tls", is_flag=True, help="HTTPS to the decider.")
-@click.option("--decider-ca", default=None, help="CA file to verify the decider's certificate.")
+@click.option(
+    "--decider-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="CA file (PEM) to verify the decider's certificate (with --decider-tls).",
+)
 def config_command(
     decider: str | None,
     listen: str,

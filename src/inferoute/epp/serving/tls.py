@@ -16,6 +16,7 @@ import datetime
 import ipaddress
 import logging
 import os
+import re
 import socket
 import ssl
 import tempfile
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from inferoute.errors import InferouteError
+from inferoute.errors import ConfigError, InferouteError
 from inferoute.localtrust import local_cert_dir
 
 log = logging.getLogger(__name__)
@@ -167,14 +168,34 @@ def server_ssl_context(
                 key.write_bytes(pair.key_pem)
                 ctx.load_cert_chain(cert, key)
         else:
-            ctx.load_cert_chain(Path(cert_dir) / CERT_FILE, Path(cert_dir) / KEY_FILE)
+            try:
+                ctx.load_cert_chain(Path(cert_dir) / CERT_FILE, Path(cert_dir) / KEY_FILE)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"--cert-path {cert_dir}: needs {CERT_FILE} and {KEY_FILE} (a PEM certificate and its "
+                    f"key): {_tls_reason(exc)}"
+                ) from exc
         if client_ca is not None:
-            ctx.load_verify_locations(cafile=client_ca)
+            try:
+                ctx.load_verify_locations(cafile=client_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"--client-ca {client_ca}: expected a PEM file of CA certificates: {_tls_reason(exc)}"
+                ) from exc
             ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
+    if cert_dir is not None:
+        missing = [f.name for f in files[:2] if not f.is_file()]
+        if missing:
+            raise ConfigError(
+                f"--cert-path {cert_dir}: no {' or '.join(missing)} there "
+                f"(the directory needs {CERT_FILE} and {KEY_FILE}, PEM)"
+            )
     try:
         current = _Reloading(files, build)
+    except ConfigError:
+        raise
     except (OSError, ssl.SSLError) as exc:
         raise InferouteError(
             500, f"TLS material for the picker cannot be loaded: {exc}", cause="tls"
@@ -189,6 +210,17 @@ def server_ssl_context(
     if files:
         base.sni_callback = on_hello
     return base
+
+
+def _tls_reason(exc: OSError | ssl.SSLError) -> str:
+    """OpenSSL's reason without its library codes (``[X509: NO_CERTIFICATE_OR_CRL_FOUND] ...``)."""
+    if exc.filename:
+        return f"{exc.strerror or exc}: {Path(exc.filename).name}"
+    text = str(getattr(exc, "reason", None) or exc.strerror or exc)
+    text = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", re.sub(r"^\[[^\]]*\]\s*", "", text))
+    if text == "PEM lib":
+        return "not PEM, or the key does not belong to the certificate"
+    return text.replace("_", " ").lower()
 
 
 def _usable(cert_file: Path, min_days: float = 1.0) -> bool:
