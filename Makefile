@@ -8,6 +8,7 @@ TESTSTAMP := $(VENV)/.test-installed
 .PHONY: up test test-unit test-integration lint bench venv test-deps clean
 
 $(STAMP): pyproject.toml
+	@echo "installing inferoute and its dependencies into $(VENV) (first run only: 1-2 minutes)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .

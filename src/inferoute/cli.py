@@ -65,6 +65,11 @@ class LazyGroup(click.Group):
             sys.exit(exc.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):
             sys.exit(130)
+        except (
+            click.exceptions.NoArgsIsHelpError
+        ) as exc:  # `inferoute` (or `inferoute bench`) alone: the help
+            click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+            sys.exit(0)
         except click.UsageError as exc:
             _fail(exc.ctx.command_path if exc.ctx else name, exc.format_message(), exc.exit_code, hint=True)
         except click.ClickException as exc:

@@ -40,3 +40,14 @@ def test_top_level_help_lists_every_benchmark() -> None:
     bench = " ".join(commands.split(f"\n  {after}", 1)[0].split())  # the bench entry, unwrapped
     for name in BENCHMARKS:
         assert f" {name}," in bench or bench.endswith(f" {name}."), (name, bench)
+
+
+def test_a_group_without_a_command_prints_its_help() -> None:
+    """`inferoute` and `inferoute bench` alone show their help (exit 0), not a one-line error."""
+    for args, listed in (([], "gateway"), (["bench"], "scheduler")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert (
+            "Usage:" in result.output
+            and listed in result.output.split("Commands:" if not args else "Benchmarks:")[1]
+        )

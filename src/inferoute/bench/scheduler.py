@@ -705,8 +705,23 @@ def _grid(
     return rows
 
 
+def _sizes(value: str) -> str:
+    """A comma-separated list of endpoint counts (each >= 1), or empty."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"expected comma-separated endpoint counts such as 10,100, got {value!r}")
+    return ",".join(parts)
+
+
 @click.command()
-@click.option("--endpoints", "sizes", default="10,100,1000", show_default=True, help="Pool sizes.")
+@click.option(
+    "--endpoints",
+    "sizes",
+    default="10,100,1000",
+    show_default=True,
+    callback=lambda _c, _p, v: _sizes(v),
+    help="Pool sizes to time, comma-separated endpoint counts.",
+)
 @click.option(
     "--profiles",
     default="gie-default,predicted-ttft",
@@ -725,6 +740,7 @@ def _grid(
     "--lifecycle-endpoints",
     default="3,10,100",
     show_default=True,
+    callback=lambda _c, _p, v: _sizes(v),
     help="Pool sizes of the full-lifecycle CPU table (empty: skip it).",
 )
 @click.option(

@@ -332,9 +332,27 @@ def h2_limits(values: dict[str, Any]) -> Limits:
 @click.option(
     "--ha-identity", help="This replica's identity in the Lease. Default: $POD_NAME, else host-pid."
 )
-@click.option("--ha-lease-duration", default=2.0, show_default=True, type=float, help="Seconds.")
-@click.option("--ha-renew-deadline", default=1.5, show_default=True, type=float, help="Seconds.")
-@click.option("--ha-retry-period", default=0.5, show_default=True, type=float, help="Seconds.")
+@click.option(
+    "--ha-lease-duration",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds a Lease holds without renewal: a standby takes over about this long after the leader dies.",
+)
+@click.option(
+    "--ha-renew-deadline",
+    default=1.5,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds a leader may go without renewing before it steps down (below --ha-lease-duration).",
+)
+@click.option(
+    "--ha-retry-period",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds between two reads or renewals of the Lease (below --ha-renew-deadline).",
+)
 @click.option(
     "--grace",
     default=5.0,

@@ -95,12 +95,7 @@ def bootstrap(
     if request_body not in ("full_duplex", "buffered"):
         raise click.BadParameter(f"request body mode must be full_duplex or buffered, not {request_body!r}")
     buffered = request_body == "buffered"
-    try:
-        epp_host, epp_port = split_hostport(epp)
-    except ValueError:
-        epp_host, epp_port = "", None
-    if not epp_host or epp_port is None or not 0 < epp_port < 65536:
-        raise click.BadParameter(f"--epp needs HOST:PORT (port 1-65535), got {epp!r}")
+    epp_host, epp_port = _epp_address(epp)
     if response_phase not in ("full", "headers", "none"):
         raise click.BadParameter(f"response phase must be full, headers or none, not {response_phase!r}")
     ext_proc = _ext_proc_filter(response_phase, buffered, failure_mode_allow, message_timeout)
@@ -141,6 +136,16 @@ def bootstrap(
             "clusters": [pool_cluster, epp_cluster],
         },
     }
+
+
+def _epp_address(epp: str) -> tuple[str, int]:
+    try:
+        host, port = split_hostport(epp)
+    except ValueError:
+        host, port = "", None
+    if not host or port is None or not 0 < port < 65536:
+        raise click.BadParameter(f"--epp needs HOST:PORT (port 1-65535), got {epp!r}")
+    return host, port
 
 
 def _ext_proc_filter(
