@@ -585,6 +585,18 @@ async def _start(procs: list[ManagedProcess], proc: ManagedProcess, ready_url: s
     await proc.wait_http([ready_url], within=60)
 
 
+CHAT = "/v1/chat/completions"
+
+
+@dataclass(slots=True)
+class _Paths:
+    """Where each path under test answers: its JSON and SSE front URLs, and the pid of its JSON front."""
+
+    json_url: dict[str, str] = field(default_factory=dict)
+    json_pid: dict[str, int] = field(default_factory=dict)
+    sse_url: dict[str, str] = field(default_factory=dict)
+
+
 async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
     load_before = _loadavg()
     busy = steal = math.nan
@@ -592,118 +604,16 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
     work = opts.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     procs: list[ManagedProcess] = []
-    reports: dict[str, PathReport] = {}
+    reports = {name: PathReport(name) for name in opts.paths}
     try:
-        backend_port, sse_port = free_port(), free_port()
-        backend = f"127.0.0.1:{backend_port}"
-        await _start(procs, backend_nginx(work, backend_port), f"http://{backend}/health")
-        await _start(
-            procs, sse_backend_process(work, sse_port, opts.sse_events), f"http://127.0.0.1:{sse_port}/health"
-        )
-        json_url = {"direct": f"http://{backend}"}
-        json_pid = {"direct": procs[0].proc.pid if procs[0].proc else -1}
-        sse_url = {"direct": f"http://127.0.0.1:{sse_port}"}
-        starters: dict[str, Callable[[int, str], tuple[ManagedProcess, str]]] = {
-            "inferoute": lambda p, up: (
-                gateway_process(work, f"inferoute-{p}", p, up, picker=True),
-                "/readyz",
-            ),
-            "inferoute-nopicker": lambda p, up: (
-                gateway_process(work, f"nopicker-{p}", p, up, picker=False),
-                "/healthz",
-            ),
-            "inferoute-2w": lambda p, up: (
-                gateway_process(work, f"inferoute2w-{p}", p, up, picker=True, workers=2),
-                "/readyz",
-            ),
-            "inferoute-baseline": lambda p, up: (
-                gateway_process(work, f"base-{p}", p, up, picker=True, source=opts.baseline),
-                "/readyz",
-            ),
-            "inferoute-nopicker-baseline": lambda p, up: (
-                gateway_process(work, f"basenop-{p}", p, up, picker=False, source=opts.baseline),
-                "/healthz",
-            ),
-            "nginx": lambda p, up: (proxy_nginx(work / f"nginx-{p}", p, up), "/health"),
-            "vllm-router": lambda p, up: (vllm_router_process(work, p, up), "/health"),
-        }
-        for name in opts.paths:
-            if name == "direct":
-                continue
-            for kind, up in (("json", backend), ("sse", f"127.0.0.1:{sse_port}")):
-                port = free_port()
-                proc, ready = starters[name](port, up)
-                proc.name = f"{name}-{kind}"
-                await _start(procs, proc, f"http://127.0.0.1:{port}{ready}")
-                (sse_url if kind == "sse" else json_url)[name] = f"http://127.0.0.1:{port}"
-                if kind == "json" and proc.proc is not None:
-                    json_pid[name] = proc.proc.pid
-            if name == "inferoute-2w":
-                await asyncio.sleep(1.0)  # both workers listening
-        for name in opts.paths:
-            reports[name] = PathReport(name)
-        chat = "/v1/chat/completions"
-        slices = max(1, round(opts.fixed_duration / opts.slice_seconds))
-        echo(
-            f"fixed rate {opts.rate:g} req/s, {opts.fixed_duration:g}s per path "
-            f"({slices} interleaved slices of {opts.slice_seconds:g} s)"
-        )
-        lats: dict[str, list[float]] = {n: [] for n in opts.paths}
-        errors: dict[str, int] = dict.fromkeys(opts.paths, 0)
-        waits: dict[str, list[float]] = {n: [0.0, 0.0] for n in opts.paths}
-        async with contextlib.AsyncExitStack() as stack:
-            clients = {
-                n: await stack.enter_async_context(OpenLoopClient(json_url[n] + chat)) for n in opts.paths
-            }
-            for client in clients.values():
-                await client.warm(20)
-            cpu_before = cpu_times()
-            for i in range(slices):
-                # short interleaved slices spread the machine's load swings over every path alike
-                for name in slice_order(opts.paths, i):
-                    path_wait = tree_run_delay_seconds(json_pid[name])
-                    client_wait = tree_run_delay_seconds(os.getpid(), descendants=False)
-                    lat, errs = await clients[name].run(opts.rate, opts.slice_seconds)
-                    waits[name][0] += tree_run_delay_seconds(json_pid[name]) - path_wait
-                    waits[name][1] += tree_run_delay_seconds(os.getpid(), descendants=False) - client_wait
-                    lats[name].extend(lat)
-                    errors[name] += errs
-            busy, steal = busy_and_steal(cpu_before, cpu_times())
-        echo(f"  machine during the fixed-rate test: CPU busy {busy:.0%}, stolen {steal:.1%}")
-        for name in opts.paths:
-            r = reports[name]
-            lat, errs = lats[name], errors[name]
-            r.fixed_rate_p50_ms, r.fixed_rate_p99_ms, r.fixed_rate_errors = (
-                percentile(lat, 50),
-                percentile(lat, 99),
-                errs,
-            )
-            n = max(1, len(lat) + errs)
-            r.fixed_rate_wait_us, r.fixed_rate_client_wait_us = (w / n * 1e6 for w in waits[name])
-            echo(
-                f"  {name:20s} p50 {r.fixed_rate_p50_ms:7.3f} ms  p99 {r.fixed_rate_p99_ms:7.3f} ms"
-                f"  errors {errs}  waited for a CPU per request: path {r.fixed_rate_wait_us:5.0f} us,"
-                f" client {r.fixed_rate_client_wait_us:5.0f} us"
-            )
-        echo(f"wrk sweep, connections {list(opts.connections)}, {opts.wrk_duration:g}s each")
-        for name in opts.paths:
-            for c in opts.connections:
-                cpu0 = tree_cpu_seconds(json_pid[name])
-                res = await asyncio.to_thread(run_wrk, json_url[name] + chat, c, opts.wrk_duration, work)
-                cpu_us = (tree_cpu_seconds(json_pid[name]) - cpu0) / max(
-                    1.0, res.requests_per_s * opts.wrk_duration
-                )
-                reports[name].wrk.append(res)
-                reports[name].wrk_cpu_us_per_request.append(cpu_us * 1e6)
-                echo(
-                    f"  {name:20s} c={c:<3d} {res.requests_per_s:9.0f} req/s  p50 {res.p50_ms:7.3f} ms"
-                    f"  p99 {res.p99_ms:7.3f} ms  errors {res.errors}  cpu {cpu_us * 1e6:6.0f} us/req"
-                )
+        paths = await _start_paths(opts, work, procs)
+        busy, steal = await _fixed_rate(opts, paths, reports, echo)
+        await _wrk_sweep(opts, paths, reports, work, echo)
         if {"inferoute", "inferoute-2w"} <= set(opts.paths) and opts.scaling_rounds > 0:
-            scaling = await _scaling(opts, json_url, json_pid, work, echo)
+            scaling = await _scaling(opts, paths.json_url, paths.json_pid, work, echo)
         echo(f"SSE relay: {opts.sse_streams} streams x {opts.sse_events} events x {opts.sse_rounds} rounds")
         for name in opts.paths:
-            rate, errs = await sse_rate(sse_url[name] + chat, opts.sse_streams, opts.sse_rounds)
+            rate, errs = await sse_rate(paths.sse_url[name] + CHAT, opts.sse_streams, opts.sse_rounds)
             reports[name].sse_events_per_s, reports[name].sse_errors = rate, errs
             echo(f"  {name:20s} {rate:10.0f} events/s  errors {errs}")
     finally:
@@ -733,6 +643,141 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
     return result
 
 
+async def _start_paths(opts: BenchOptions, work: Path, procs: list[ManagedProcess]) -> _Paths:
+    """The two backends (JSON nginx, SSE streamer), then each path's JSON and SSE fronts, every one
+    started and answering its readiness URL; ``procs`` gets each process as it starts (to stop them all)."""
+    backend_port, sse_port = free_port(), free_port()
+    backend = f"127.0.0.1:{backend_port}"
+    await _start(procs, backend_nginx(work, backend_port), f"http://{backend}/health")
+    await _start(
+        procs, sse_backend_process(work, sse_port, opts.sse_events), f"http://127.0.0.1:{sse_port}/health"
+    )
+    paths = _Paths(
+        json_url={"direct": f"http://{backend}"},
+        json_pid={"direct": procs[0].proc.pid if procs[0].proc else -1},
+        sse_url={"direct": f"http://127.0.0.1:{sse_port}"},
+    )
+    starters = _front_starters(opts, work)
+    for name in opts.paths:
+        if name == "direct":
+            continue
+        for kind, up in (("json", backend), ("sse", f"127.0.0.1:{sse_port}")):
+            port = free_port()
+            proc, ready = starters[name](port, up)
+            proc.name = f"{name}-{kind}"
+            await _start(procs, proc, f"http://127.0.0.1:{port}{ready}")
+            (paths.sse_url if kind == "sse" else paths.json_url)[name] = f"http://127.0.0.1:{port}"
+            if kind == "json" and proc.proc is not None:
+                paths.json_pid[name] = proc.proc.pid
+        if name == "inferoute-2w":
+            await asyncio.sleep(1.0)  # both workers listening
+    return paths
+
+
+def _front_starters(
+    opts: BenchOptions, work: Path
+) -> dict[str, Callable[[int, str], tuple[ManagedProcess, str]]]:
+    """Path name -> (port, upstream) -> its front process and readiness path."""
+    return {
+        "inferoute": lambda p, up: (
+            gateway_process(work, f"inferoute-{p}", p, up, picker=True),
+            "/readyz",
+        ),
+        "inferoute-nopicker": lambda p, up: (
+            gateway_process(work, f"nopicker-{p}", p, up, picker=False),
+            "/healthz",
+        ),
+        "inferoute-2w": lambda p, up: (
+            gateway_process(work, f"inferoute2w-{p}", p, up, picker=True, workers=2),
+            "/readyz",
+        ),
+        "inferoute-baseline": lambda p, up: (
+            gateway_process(work, f"base-{p}", p, up, picker=True, source=opts.baseline),
+            "/readyz",
+        ),
+        "inferoute-nopicker-baseline": lambda p, up: (
+            gateway_process(work, f"basenop-{p}", p, up, picker=False, source=opts.baseline),
+            "/healthz",
+        ),
+        "nginx": lambda p, up: (proxy_nginx(work / f"nginx-{p}", p, up), "/health"),
+        "vllm-router": lambda p, up: (vllm_router_process(work, p, up), "/health"),
+    }
+
+
+async def _fixed_rate(
+    opts: BenchOptions, paths: _Paths, reports: dict[str, PathReport], echo: Callable[[str], None]
+) -> tuple[float, float]:
+    """Every path at ``opts.rate`` in short interleaved slices; latency percentiles, errors and the CPU wait
+    per request into ``reports``. Returns the machine's CPU busy and stolen fractions meanwhile."""
+    slices = max(1, round(opts.fixed_duration / opts.slice_seconds))
+    echo(
+        f"fixed rate {opts.rate:g} req/s, {opts.fixed_duration:g}s per path "
+        f"({slices} interleaved slices of {opts.slice_seconds:g} s)"
+    )
+    lats: dict[str, list[float]] = {n: [] for n in opts.paths}
+    errors: dict[str, int] = dict.fromkeys(opts.paths, 0)
+    waits: dict[str, list[float]] = {n: [0.0, 0.0] for n in opts.paths}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {
+            n: await stack.enter_async_context(OpenLoopClient(paths.json_url[n] + CHAT)) for n in opts.paths
+        }
+        for client in clients.values():
+            await client.warm(20)
+        cpu_before = cpu_times()
+        for i in range(slices):
+            # short interleaved slices spread the machine's load swings over every path alike
+            for name in slice_order(opts.paths, i):
+                pid = paths.json_pid[name]
+                path_wait = tree_run_delay_seconds(pid)
+                client_wait = tree_run_delay_seconds(os.getpid(), descendants=False)
+                lat, errs = await clients[name].run(opts.rate, opts.slice_seconds)
+                waits[name][0] += tree_run_delay_seconds(pid) - path_wait
+                waits[name][1] += tree_run_delay_seconds(os.getpid(), descendants=False) - client_wait
+                lats[name].extend(lat)
+                errors[name] += errs
+        busy, steal = busy_and_steal(cpu_before, cpu_times())
+    echo(f"  machine during the fixed-rate test: CPU busy {busy:.0%}, stolen {steal:.1%}")
+    for name in opts.paths:
+        r = reports[name]
+        lat, errs = lats[name], errors[name]
+        r.fixed_rate_p50_ms, r.fixed_rate_p99_ms, r.fixed_rate_errors = (
+            percentile(lat, 50),
+            percentile(lat, 99),
+            errs,
+        )
+        n = max(1, len(lat) + errs)
+        r.fixed_rate_wait_us, r.fixed_rate_client_wait_us = (w / n * 1e6 for w in waits[name])
+        echo(
+            f"  {name:20s} p50 {r.fixed_rate_p50_ms:7.3f} ms  p99 {r.fixed_rate_p99_ms:7.3f} ms"
+            f"  errors {errs}  waited for a CPU per request: path {r.fixed_rate_wait_us:5.0f} us,"
+            f" client {r.fixed_rate_client_wait_us:5.0f} us"
+        )
+    return busy, steal
+
+
+async def _wrk_sweep(
+    opts: BenchOptions,
+    paths: _Paths,
+    reports: dict[str, PathReport],
+    work: Path,
+    echo: Callable[[str], None],
+) -> None:
+    """``wrk`` at each connection count against each path: throughput, latency and CPU per request."""
+    echo(f"wrk sweep, connections {list(opts.connections)}, {opts.wrk_duration:g}s each")
+    for name in opts.paths:
+        pid = paths.json_pid[name]
+        for c in opts.connections:
+            cpu0 = tree_cpu_seconds(pid)
+            res = await asyncio.to_thread(run_wrk, paths.json_url[name] + CHAT, c, opts.wrk_duration, work)
+            cpu_us = (tree_cpu_seconds(pid) - cpu0) / max(1.0, res.requests_per_s * opts.wrk_duration)
+            reports[name].wrk.append(res)
+            reports[name].wrk_cpu_us_per_request.append(cpu_us * 1e6)
+            echo(
+                f"  {name:20s} c={c:<3d} {res.requests_per_s:9.0f} req/s  p50 {res.p50_ms:7.3f} ms"
+                f"  p99 {res.p99_ms:7.3f} ms  errors {res.errors}  cpu {cpu_us * 1e6:6.0f} us/req"
+            )
+
+
 async def _scaling(
     opts: BenchOptions,
     json_url: dict[str, str],
@@ -743,7 +788,7 @@ async def _scaling(
     """``inferoute`` and ``inferoute-2w`` measured in alternating ``wrk`` rounds at one connection count (two
     wrk threads), so that the machine's load swings hit both alike; also how many cores each got (CPU seconds
     of its processes per second of the round)."""
-    c, chat = opts.scaling_connections, "/v1/chat/completions"
+    c, chat = opts.scaling_connections, CHAT
     rounds, secs = opts.scaling_rounds, opts.wrk_duration
     echo(f"--workers 2 vs 1 worker: wrk -c{c}, {rounds} alternating rounds, {secs:g}s each")
     rps: dict[str, list[float]] = {"inferoute": [], "inferoute-2w": []}

@@ -124,7 +124,19 @@ class EppMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        r = registry
+        self._hot = DescribedFastCollector([*self._objective_families(), *self._scheduler_families()])
+        registry.register(self._hot)
+        self._rare_counters(registry)
+        # Scrapes happen ~2,000 times a second at 100 endpoints: plain ints, exported at collection time.
+        self.scrape_counts = {"ok": 0, "error": 0}
+        self.scrape_seconds = 0.0
+        self._pool: _PoolCollector | None = None
+        self._series: dict[tuple[str, str], ModelSeries] = {}
+        self.attempt_success = self.scheduler_attempts.value("success")
+        self.attempt_failure = self.scheduler_attempts.value("failure")
+
+    def _objective_families(self) -> list[FastFamily]:
+        """The per-request series labelled by (model, target model): GIE's ``inference_objective_*``."""
         mt = ("model_name", "target_model_name")
         self.request_total = FastFamily(
             "counter", "inference_objective_request_total", "Requests scheduled (or rejected) per model.", mt
@@ -170,6 +182,19 @@ class EppMetrics:
             "Requests picked and not finished.",
             ["model_name"],
         )
+        return [
+            self.request_total,
+            self.request_duration,
+            self.request_ttft,
+            self.input_tokens,
+            self.output_tokens,
+            self.cached_tokens,
+            self.running_requests,
+        ]
+
+    def _scheduler_families(self) -> list[FastFamily]:
+        """The scheduler's and the prefix index's series (``inference_extension_*``); the unlabelled ones
+        are kept as their single child."""
         scheduler_e2e = FastFamily(
             "histogram",
             "inference_extension_scheduler_e2e_duration_seconds",
@@ -207,28 +232,21 @@ class EppMetrics:
             (),
             (0, 64, 256, 1024, 4096, 16384, 65536, 262144),
         )
-        self._hot = DescribedFastCollector(
-            [
-                self.request_total,
-                self.request_duration,
-                self.request_ttft,
-                self.input_tokens,
-                self.output_tokens,
-                self.cached_tokens,
-                self.running_requests,
-                scheduler_e2e,
-                self.scheduler_attempts,
-                self.plugin_duration,
-                prefix_indexer_size,
-                prefix_hit_ratio,
-                prefix_hit_bytes,
-            ]
-        )
-        registry.register(self._hot)
         self.scheduler_e2e = scheduler_e2e.histogram()
         self.prefix_indexer_size = prefix_indexer_size.value()
         self.prefix_hit_ratio = prefix_hit_ratio.histogram()
         self.prefix_hit_bytes = prefix_hit_bytes.histogram()
+        return [
+            scheduler_e2e,
+            self.scheduler_attempts,
+            self.plugin_duration,
+            prefix_indexer_size,
+            prefix_hit_ratio,
+            prefix_hit_bytes,
+        ]
+
+    def _rare_counters(self, r: CollectorRegistry) -> None:
+        """Errors, rewrites, aborts and fallbacks: rare, so plain ``prometheus_client`` counters."""
         self.request_error_total = Counter(
             "inference_objective_request_error_total",
             "Requests answered with an error by the picker.",
@@ -241,9 +259,6 @@ class EppMetrics:
             ["model_name", "target_model"],
             registry=r,
         )
-        # Scrapes happen ~2,000 times a second at 100 endpoints: plain ints, exported at collection time.
-        self.scrape_counts = {"ok": 0, "error": 0}
-        self.scrape_seconds = 0.0
         self.endpoint_reload_errors = Counter(
             "inferoute_epp_endpoint_source_errors_total",
             "Invalid endpoint source updates (kept the old list).",
@@ -260,10 +275,6 @@ class EppMetrics:
             "Picks made over all endpoints because none had fresh metrics.",
             registry=r,
         )
-        self._pool: _PoolCollector | None = None
-        self._series: dict[tuple[str, str], ModelSeries] = {}
-        self.attempt_success = self.scheduler_attempts.value("success")
-        self.attempt_failure = self.scheduler_attempts.value("failure")
 
     MAX_MODEL_SERIES = 100
     """Distinct (model, target) label pairs before further ones share ``other``: model names come from

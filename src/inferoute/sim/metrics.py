@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import generate_latest
 from prometheus_client.core import (
@@ -42,121 +42,136 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         e = self._engine
-        cfg = e.config
-        model = cfg.model
-        labels = ["model_name"]
-        vals = [model]
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=labels)
-            g.add_metric(vals, value)
-            return g
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=labels)
-            c.add_metric(vals, value)
-            return c
-
-        def histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
-            m = HistogramMetricFamily(name, doc, labels=labels)
-            m.add_metric(vals, [(le, float(c)) for le, c in h.cumulative()], h.sum)
-            return m
-
-        yield gauge(
-            "vllm:num_requests_running", "Number of requests in model execution batches.", e.num_running
+        model = e.config.model
+        yield from _gauges(
+            model,
+            (
+                (
+                    "vllm:num_requests_running",
+                    "Number of requests in model execution batches.",
+                    e.num_running,
+                ),
+                ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", e.num_waiting),
+                ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", e.kv_usage),
+            ),
         )
-        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", e.num_waiting)
-        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", e.kv_usage)
         info = GaugeMetricFamily(
             "vllm:cache_config_info",
             "Information of the LLMEngine CacheConfig",
             labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching"],
         )
-        info.add_metric([model, str(cfg.block_size), str(cfg.kv_cache_blocks), "True"], 1.0)
+        info.add_metric([model, str(e.config.block_size), str(e.config.kv_cache_blocks), "True"], 1.0)
         yield info
         if self._lora_info:
             yield from LoraInfoCollector(e, self._wall).collect()
-        s = e.stats
-        yield counter(
-            "vllm:prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-            s.prefix_queries,
-        )
-        yield counter(
-            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", s.prefix_hits
-        )
-        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens)
-        yield counter("vllm:generation_tokens", "Number of generation tokens processed.", s.generation_tokens)
-        succ = CounterMetricFamily(
-            "vllm:request_success",
-            "Count of successfully processed requests.",
-            labels=["model_name", "finished_reason"],
-        )
-        for reason in sorted({"stop", "length", *s.success}):
-            if reason != "abort":
-                succ.add_metric([model, reason], s.success.get(reason, 0))
-        yield succ
-        yield counter(
-            "inferoute_sim:rejected_queue_full",
-            "Requests answered 429 because the queue was full.",
-            s.rejected_queue_full,
-        )
-        yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", s.preemptions)
-        yield counter("inferoute_sim:lora_loads", "Adapters loaded into a LoRA slot.", s.lora_loads)
-        yield counter(
-            "inferoute_sim:lora_slot_waits",
-            "Requests that waited because every LoRA slot was busy (each counted once).",
-            s.lora_slot_waits,
-        )
-        yield counter(
-            "inferoute_sim:aborted_requests",
-            "Requests dropped because the client went away.",
-            s.success.get("abort", 0),
-        )
-        yield histogram(
-            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", s.ttft
-        )
-        yield histogram(
-            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", s.itl
-        )
-        yield histogram(
-            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", s.e2e
-        )
-        yield histogram(
-            "vllm:request_queue_time_seconds",
-            "Histogram of time spent in WAITING phase for request.",
-            s.queue,
-        )
-        for name, doc, h in (
+        yield from _stat_counters(model, e.stats)
+        yield from _stat_histograms(model, e.stats)
+
+
+def _gauges(model: str, rows: Iterable[tuple[str, str, float]]) -> Iterator[GaugeMetricFamily]:
+    for name, doc, value in rows:
+        g = GaugeMetricFamily(name, doc, labels=["model_name"])
+        g.add_metric([model], value)
+        yield g
+
+
+def _counters(model: str, rows: Iterable[tuple[str, str, float]]) -> Iterator[CounterMetricFamily]:
+    for name, doc, value in rows:
+        c = CounterMetricFamily(name, doc, labels=["model_name"])
+        c.add_metric([model], value)
+        yield c
+
+
+def _stat_counters(model: str, s: EngineStats) -> Iterator[CounterMetricFamily]:
+    """vLLM's token, request and preemption counters, plus the simulator's own (``inferoute_sim:``)."""
+    yield from _counters(
+        model,
+        (
             (
-                "vllm:request_prefill_time_seconds",
-                "Histogram of time spent in PREFILL phase for request.",
-                s.prefill,
+                "vllm:prefix_cache_queries",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                s.prefix_queries,
             ),
             (
-                "vllm:request_decode_time_seconds",
-                "Histogram of time spent in DECODE phase for request.",
-                s.decode,
+                "vllm:prefix_cache_hits",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                s.prefix_hits,
+            ),
+            ("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens),
+            ("vllm:generation_tokens", "Number of generation tokens processed.", s.generation_tokens),
+        ),
+    )
+    succ = CounterMetricFamily(
+        "vllm:request_success",
+        "Count of successfully processed requests.",
+        labels=["model_name", "finished_reason"],
+    )
+    for reason in sorted({"stop", "length", *s.success}):
+        if reason != "abort":
+            succ.add_metric([model, reason], s.success.get(reason, 0))
+    yield succ
+    yield from _counters(
+        model,
+        (
+            (
+                "inferoute_sim:rejected_queue_full",
+                "Requests answered 429 because the queue was full.",
+                s.rejected_queue_full,
+            ),
+            ("vllm:num_preemptions", "Cumulative number of preemptions.", s.preemptions),
+            ("inferoute_sim:lora_loads", "Adapters loaded into a LoRA slot.", s.lora_loads),
+            (
+                "inferoute_sim:lora_slot_waits",
+                "Requests that waited because every LoRA slot was busy (each counted once).",
+                s.lora_slot_waits,
             ),
             (
-                "vllm:request_inference_time_seconds",
-                "Histogram of time spent in RUNNING phase for request.",
-                s.inference,
+                "inferoute_sim:aborted_requests",
+                "Requests dropped because the client went away.",
+                s.success.get("abort", 0),
             ),
-            (
-                "vllm:request_time_per_output_token_seconds",
-                "Histogram of time_per_output_token_seconds per request.",
-                s.tpot,
-            ),
-            ("vllm:request_prompt_tokens", "Number of prefill tokens processed.", s.prompt_len),
-            ("vllm:request_generation_tokens", "Number of generation tokens processed.", s.generation_len),
-            (
-                "vllm:request_params_max_tokens",
-                "Histogram of the max_tokens request parameter.",
-                s.max_tokens_param,
-            ),
-        ):
-            yield histogram(name, doc, h)
+        ),
+    )
+
+
+def _stat_histograms(model: str, s: EngineStats) -> Iterator[HistogramMetricFamily]:
+    """vLLM's per-request latency and length histograms."""
+    for name, doc, h in (
+        ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", s.ttft),
+        ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", s.itl),
+        ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", s.e2e),
+        ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", s.queue),
+        (
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            s.prefill,
+        ),
+        (
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            s.decode,
+        ),
+        (
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            s.inference,
+        ),
+        (
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            s.tpot,
+        ),
+        ("vllm:request_prompt_tokens", "Number of prefill tokens processed.", s.prompt_len),
+        ("vllm:request_generation_tokens", "Number of generation tokens processed.", s.generation_len),
+        (
+            "vllm:request_params_max_tokens",
+            "Histogram of the max_tokens request parameter.",
+            s.max_tokens_param,
+        ),
+    ):
+        m = HistogramMetricFamily(name, doc, labels=["model_name"])
+        m.add_metric([model], [(le, float(c)) for le, c in h.cumulative()], h.sum)
+        yield m
 
 
 class LoraInfoCollector(Collector):
