@@ -1,14 +1,21 @@
-"""The metrics collector over real HTTP: concurrency, per-endpoint timeouts, failures, engines."""
+"""The metrics collector over real HTTP: concurrency, per-endpoint timeouts, failures, engines.
+
+The scrapes go over real sockets, but the wheel's ticks and timeouts run on a :class:`ManualTimer`: a test
+moves time one tick at a time and waits (:class:`Scrapes`) until every scrape in flight has answered, so
+rates are exact counts, whatever the machine's load.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
 
-from inferoute.clock import SystemClock
+from inferoute.clock import ManualTimer, SystemClock
 from inferoute.endpoints import Endpoint
 from inferoute.epp.datalayer.collector import MetricsCollector
 from inferoute.epp.datalayer.datastore import Datastore
@@ -38,6 +45,53 @@ class Servers:
         self.runners.append(runner)
         port = runner.addresses[0][1]
         return Endpoint(name, "127.0.0.1", port, labels or {})
+
+
+class Scrapes:
+    """The ``on_scrape`` hook of a collector on a manual timer: records (key, ok) and lets a test wait until
+    no scrape is in flight, then move time by whole ticks."""
+
+    def __init__(self, timer: ManualTimer) -> None:
+        self.timer = timer
+        self.results: list[tuple[str, bool]] = []
+        self.collector: MetricsCollector | None = None
+        self._idle = asyncio.Event()
+
+    def hook(self, key: str, ok: bool, seconds: float) -> None:
+        self.results.append((key, ok))
+        self._idle.set()
+
+    def ok(self, key: str) -> int:
+        return sum(1 for k, ok in self.results if k == key and ok)
+
+    def failed(self, key: str) -> int:
+        return sum(1 for k, ok in self.results if k == key and not ok)
+
+    async def settle(self, key: str | None = None) -> None:
+        """Wait (on real I/O; the bound is only a guard) until no scrape is in flight (of ``key``, or any)."""
+        inflight = self.collector.inflight if self.collector is not None else {}
+        while (key in inflight) if key is not None else inflight:
+            self._idle.clear()
+            await asyncio.wait_for(self._idle.wait(), 20)
+
+    async def ticks(self, n: int, *, settle: bool = True) -> None:
+        """``n`` wheel ticks, each followed (by default) by waiting for its scrapes."""
+        assert self.collector is not None
+        for _ in range(n):
+            self.timer.advance(self.collector.tick_seconds)
+            if settle:
+                await self.settle()
+
+
+def manual_collector(endpoints: list[Endpoint], **kw: float) -> tuple[Datastore, MetricsCollector, Scrapes]:
+    """A datastore and a collector whose snapshots, ticks and timeouts all run on one manual timer."""
+    timer = ManualTimer(1000.0, early=0.0005)  # timers fire up to a clock tick early: so does this one
+    ds = Datastore(timer)
+    ds.set_endpoints(endpoints)
+    scrapes = Scrapes(timer)
+    collector = MetricsCollector(ds, on_scrape=scrapes.hook, timer=timer, **kw)
+    scrapes.collector = collector
+    return ds, collector, scrapes
 
 
 @pytest.fixture
@@ -78,22 +132,20 @@ async def chunked_and_close(request: web.Request) -> web.StreamResponse:
 
 async def test_slow_pod_delays_no_one(servers: Servers) -> None:
     fast = await servers.add("fast", page(VLLM))
-    lazy = await servers.add("slow", slow)
-    ds = Datastore(SystemClock(), staleness=2.0)
-    ds.set_endpoints([fast, lazy])
-    results: list[tuple[str, bool]] = []
-    collector = MetricsCollector(
-        ds, interval=0.05, timeout=0.3, on_scrape=lambda k, ok, s: results.append((k, ok))
-    )
+    lazy = await servers.add("slow", slow)  # answers after 5 s of real time: never within the timeout
+    ds, collector, scrapes = manual_collector([fast, lazy], interval=0.05, timeout=0.28)
     await collector.start()
     try:
-        await asyncio.sleep(1.0)
+        assert collector.slots == 1
+        await scrapes.settle(fast.key)
+        for _ in range(20):  # one second: the slow scrape stays in flight until its timeout
+            scrapes.timer.advance(collector.tick_seconds)
+            await scrapes.settle(fast.key)
     finally:
         await collector.aclose()
-    fast_ok = sum(1 for k, ok in results if k == fast.key and ok)
-    slow_fail = sum(1 for k, ok in results if k == lazy.key and not ok)
-    assert fast_ok >= 5, f"fast endpoint scraped only {fast_ok} times in 1 s beside a slow one"
-    assert slow_fail >= 1 and not any(ok for k, ok in results if k == lazy.key)
+    assert scrapes.ok(fast.key) == 21, "the fast endpoint missed its slot beside a slow one"
+    # sent at 0; timed out (and sent again) on the ticks at 0.3, 0.6 and 0.9 s
+    assert scrapes.failed(lazy.key) == 3 and scrapes.ok(lazy.key) == 0
     fast_state, slow_state = ds.get(fast.key), ds.get(lazy.key)
     assert fast_state is not None and slow_state is not None
     assert fast_state.metrics.running == 5 and slow_state.last_ok is None
@@ -126,20 +178,17 @@ async def test_http_errors_and_engine_labels(servers: Servers) -> None:
 async def test_sync_follows_the_endpoint_set(servers: Servers) -> None:
     a = await servers.add("a", page(VLLM))
     b = await servers.add("b", page(VLLM))
-    ds = Datastore(SystemClock())
-    ds.set_endpoints([a])
-    collector = MetricsCollector(ds, interval=0.02, timeout=0.5)
+    ds, collector, scrapes = manual_collector([a], interval=0.02, timeout=0.5)
     await collector.start()
     try:
-        await asyncio.sleep(0.2)
-        assert servers.hits.get("a", 0) >= 2 and "b" not in servers.hits
+        await scrapes.settle()
+        await scrapes.ticks(5)
+        assert servers.hits == {"a": 6}
         ds.set_endpoints([b])
-        collector.sync()
-        await asyncio.sleep(0.05)
-        before = servers.hits["a"]
-        await asyncio.sleep(0.2)
-        assert servers.hits["a"] <= before + 1  # a's loop was cancelled
-        assert servers.hits.get("b", 0) >= 2
+        collector.sync()  # b is scraped at once, a no more
+        await scrapes.settle()
+        await scrapes.ticks(5)
+        assert servers.hits == {"a": 6, "b": 6}
     finally:
         await collector.aclose()
 
@@ -175,6 +224,38 @@ async def test_connection_refused_is_a_failed_scrape(refused_port: Callable[[], 
         await collector.aclose()
 
 
+async def test_a_connect_that_hangs_times_out_on_the_wheel() -> None:
+    """A listener whose accept queue is full drops SYNs: connecting hangs, and the scrape's deadline (on the
+    collector's timer, like any other) ends it."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):  # fill the accept queue (never accepted)
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        ep = Endpoint("hung", "127.0.0.1", port)
+        ds, collector, scrapes = manual_collector([ep], interval=0.05, timeout=0.28)
+        await collector.start()
+        try:
+            await scrapes.ticks(5, settle=False)
+            assert scrapes.results == []  # still connecting at 0.25 s
+            await scrapes.ticks(1, settle=False)  # the deadline is enforced in the tick itself
+            state = ds.get(ep.key)
+            assert state is not None
+            assert scrapes.results == [(ep.key, False)] and "timed out" in state.last_error
+        finally:
+            await collector.aclose()
+    finally:
+        for s in (*fillers, listener):
+            s.close()
+
+
 def test_collector_under_uvloop() -> None:
     """Production runs on uvloop, whose transports are not asyncio.Transport subclasses."""
     import uvloop
@@ -205,24 +286,18 @@ def test_collector_under_uvloop() -> None:
 async def test_scrape_rate_matches_the_interval(servers: Servers) -> None:
     """Fast responses must not make a tick fire twice (timers may run up to a clock tick early)."""
     eps = [await servers.add(f"r{i}", page(VLLM)) for i in range(5)]
-    ds = Datastore(SystemClock())
-    ds.set_endpoints(eps)
-    count = {"n": 0}
-
-    def hook(key: str, ok: bool, seconds: float) -> None:
-        count["n"] += ok
-
-    collector = MetricsCollector(ds, interval=0.05, timeout=1.0, on_scrape=hook)
+    _, collector, scrapes = manual_collector(eps, interval=0.05, timeout=1.0)
     await collector.start()
     try:
-        await asyncio.sleep(0.3)
-        start = count["n"]
-        await asyncio.sleep(1.0)
-        done = count["n"] - start
+        await scrapes.settle()
+        assert len(scrapes.results) == 5  # each endpoint at once on start
+        await scrapes.ticks(20)  # one second, every tick fired early (the manual timer's ``early``)
+        assert collector.slots == 1 and all(scrapes.ok(ep.key) == 21 for ep in eps), scrapes.results
+        await scrapes.ticks(20, settle=False)  # no answer comes in between: no tick sends a second request
+        await scrapes.settle()
     finally:
         await collector.aclose()
-    # 5 endpoints x 20 Hz x 1 s = 100 expected; generous bounds for a busy machine
-    assert 60 <= done <= 105, done
+    assert sum(servers.hits.values()) == len(scrapes.results) == 5 * 22
 
 
 async def test_unchanged_page_is_restamped_and_a_changed_one_parsed(servers: Servers) -> None:
@@ -233,16 +308,15 @@ async def test_unchanged_page_is_restamped_and_a_changed_one_parsed(servers: Ser
         return web.Response(body=body["page"], content_type="text/plain")
 
     ep = await servers.add("idle", current)
-    ds = Datastore(SystemClock())
-    ds.set_endpoints([ep])
-    collector = MetricsCollector(ds, interval=10.0, timeout=1.0)  # only the scrapes we ask for
+    ds, collector, scrapes = manual_collector([ep], interval=10.0, timeout=1.0)  # only the scrapes we ask for
     await collector.start()
     try:
         state = ds.get(ep.key)
         assert state is not None
+        await scrapes.settle()
         assert await collector.scrape_once(state)
         first = state.metrics
-        await asyncio.sleep(0.01)
+        scrapes.timer.advance(0.01)
         assert await collector.scrape_once(state)
         second = state.metrics
         assert second is not first and second.scraped_at > first.scraped_at
@@ -294,10 +368,8 @@ async def test_server_restart_reconnects() -> None:
 
     runner = await serve(0)
     port = runner.addresses[0][1]
-    ds = Datastore(SystemClock())
     ep = Endpoint("phoenix", "127.0.0.1", port)
-    ds.set_endpoints([ep])
-    collector = MetricsCollector(ds, interval=0.05, timeout=0.5)
+    ds, collector, scrapes = manual_collector([ep], interval=0.05, timeout=0.5)
     await collector.start()
     try:
         state = ds.get(ep.key)
@@ -307,10 +379,7 @@ async def test_server_restart_reconnects() -> None:
         assert not await collector.scrape_once(state)
         assert "HttpGetError" in state.last_error
         runner = await serve(port)  # the port was ours a moment ago (SO_REUSEADDR: no TIME_WAIT wait)
-        for _ in range(100):  # the wheel keeps trying: it recovers on its own
-            if state.failures == 0:
-                break
-            await asyncio.sleep(0.02)
+        await scrapes.ticks(1)  # the wheel's next scrape reconnects on its own
         assert state.failures == 0 and state.metrics.running == 5
     finally:
         await collector.aclose()
@@ -320,19 +389,17 @@ async def test_server_restart_reconnects() -> None:
 async def test_wheel_grows_with_the_pool(servers: Servers) -> None:
     """The wheel is re-cut when the pool grows; every endpoint keeps being scraped at the interval."""
     eps = [await servers.add(f"w{i}", page(VLLM)) for i in range(25)]
-    ds = Datastore(SystemClock())
-    ds.set_endpoints(eps[:1])
-    collector = MetricsCollector(ds, interval=0.05, timeout=1.0)
+    ds, collector, scrapes = manual_collector(eps[:1], interval=0.05, timeout=1.0)
     await collector.start()
     try:
         assert collector.slots == 1
         ds.set_endpoints(eps)
         collector.sync()
         assert collector.slots == 3
-        await asyncio.sleep(0.1)
+        await scrapes.ticks(3)  # the tick already scheduled comes at the old step: one interval to re-cut
         before = dict(servers.hits)
-        await asyncio.sleep(0.5)
+        await scrapes.ticks(3 * 10)  # ten intervals
         rates = [servers.hits.get(ep.name, 0) - before.get(ep.name, 0) for ep in eps]
     finally:
         await collector.aclose()
-    assert all(3 <= r <= 12 for r in rates), rates  # 10 expected in 0.5 s at 20 Hz; a busy machine is slower
+    assert rates == [10] * 25  # once per interval each, in its own slot

@@ -10,7 +10,9 @@ Timing is one **wheel** for the whole pool: the interval is cut into ``slots`` t
 :func:`wheel_slots`) and each endpoint owns one slot (a hash of its key), so the pool's scrapes are spread
 over the interval and one timer callback sends the requests of several endpoints. An endpoint whose previous
 scrape is still in flight when its slot comes round is skipped: a slow or dead pod only delays itself. Every
-tick also enforces the timeout of the scrapes in flight (at most one tick late).
+tick also enforces the timeout of the scrapes in flight, connecting included (at most one tick late). The
+ticks run on an injected :class:`~inferoute.clock.Timer` (the event loop in production), so tests move time
+by hand.
 
 A page whose bytes did not change since the endpoint's last successful scrape (an idle server, or a
 filtered ``/metrics?name[]=...`` page) is not parsed again: the previous values are re-stamped.
@@ -26,6 +28,7 @@ from collections.abc import Callable
 
 import xxhash
 
+from inferoute.clock import Cancellable, Timer
 from inferoute.epp.datalayer.datastore import Datastore, EndpointState
 from inferoute.epp.datalayer.httpget import HttpGetError, ResponseReader, client_ssl_context
 from inferoute.epp.datalayer.metrics import (
@@ -113,7 +116,8 @@ class _Scraper:
         """Stable hash of the key: the wheel slot is ``spread % slots``."""
         self.slot = self.spread % collector.slots
         self.conn: _Conn | None = None
-        self.connecting = False
+        self.connecting: asyncio.Task[None] | None = None
+        """The connect in progress (its deadline is the scrape's, enforced by the ticks like any other)."""
         self.reader = ResponseReader()
         self.sent_at: float | None = None
         """Loop time the pending scrape started (None: idle)."""
@@ -143,9 +147,8 @@ class _Scraper:
         self.collector.inflight[self.key] = self
         conn = self.conn
         if conn is None or conn.transport is None:
-            if not self.connecting:
-                self.connecting = True
-                self.collector.tasks.spawn(self._connect(), name=f"connect:{self.key}")
+            if self.connecting is None:
+                self.connecting = self.collector.tasks.spawn(self._connect(), name=f"connect:{self.key}")
             return
         self.reader.reset()
         conn.transport.write(self.request)
@@ -156,16 +159,19 @@ class _Scraper:
         ssl = self.collector.ssl_context
         conn = _Conn(self)
         try:
-            async with asyncio.timeout(self.collector.timeout):
-                await loop.create_connection(
-                    lambda: conn, host, port, ssl=ssl, server_hostname=host if ssl is not None else None
-                )
-        except (OSError, TimeoutError) as exc:
-            self.connecting = False
+            await loop.create_connection(
+                lambda: conn, host, port, ssl=ssl, server_hostname=host if ssl is not None else None
+            )
+        except asyncio.CancelledError:  # given up (cancel_connect): a connection made meanwhile is closed
+            if conn.transport is not None:
+                conn.transport.abort()
+            raise
+        except OSError as exc:
+            self.connecting = None
             if self.sent_at is not None:
                 self.finish(None, f"HttpGetError: {type(exc).__name__}: {exc}")
             return
-        self.connecting = False
+        self.connecting = None
         if self.closed:
             assert conn.transport is not None
             conn.transport.abort()
@@ -194,8 +200,15 @@ class _Scraper:
 
     def check_deadline(self, now: float) -> None:
         if self.sent_at is not None and now - self.sent_at > self.collector.timeout:
+            self.cancel_connect()
             self.drop_connection()
             self.finish(None, f"HttpGetError: timed out after {self.collector.timeout:g}s")
+
+    def cancel_connect(self) -> None:
+        """Give up a connect in progress (a connection it made anyway is closed, its events ignored)."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
 
     def drop_connection(self) -> None:
         conn = self.conn
@@ -219,6 +232,7 @@ class _Scraper:
     def close(self) -> None:
         self.closed = True
         self.collector.inflight.pop(self.key, None)
+        self.cancel_connect()
         self.drop_connection()
         for w in self.waiters:
             if not w.done():
@@ -239,7 +253,10 @@ class MetricsCollector:
         path: str = "/metrics",
         insecure_skip_verify: bool = True,
         on_scrape: ScrapeHook | None = None,
+        timer: Timer | None = None,
     ) -> None:
+        """``timer``: the time ticks and timeouts run on (default: the running event loop; tests pass a
+        :class:`~inferoute.clock.ManualTimer`). Connecting is bounded by the event loop's own time."""
         self.datastore = datastore
         self.interval = interval
         self.timeout = timeout
@@ -254,29 +271,30 @@ class MetricsCollector:
         self._scrapers: dict[str, _Scraper] = {}
         self.inflight: dict[str, _Scraper] = {}
         """Scrapers with a request in flight (whose timeouts the ticks enforce)."""
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next: Cancellable | None = None
+        self._given_timer = timer
+        self._timer: Timer | None = None
         self._next_tick = 0.0
         self._slot = 0
         self._started = False
 
     def loop_time(self) -> float:
-        assert self._loop is not None
-        return self._loop.time()
+        assert self._timer is not None, "start() first"
+        return self._timer.time()
 
     async def start(self) -> None:
         """Start scraping every known endpoint (each one at once, then in its slot of the wheel)."""
-        self._loop = asyncio.get_running_loop()
+        self._timer = self._given_timer or asyncio.get_running_loop()
         self._started = True
-        self._next_tick = self._loop.time()
+        self._next_tick = self._timer.time()
         self.sync()
         self._tick()
 
     def _tick(self) -> None:
         """One wheel tick: time out overdue scrapes, start the idle ones of this slot, schedule the next."""
-        loop = self._loop
-        assert loop is not None
-        now = loop.time()
+        timer = self._timer
+        assert timer is not None
+        now = timer.time()
         if self.inflight:
             timeout = self.timeout
             for scraper in [s for s in self.inflight.values() if now - (s.sent_at or now) > timeout]:
@@ -291,7 +309,7 @@ class MetricsCollector:
             missed = math.floor((now - self._next_tick) / step) + 1
             self._next_tick += missed * step
             self._slot = (self._slot + missed) % self.slots
-        self._timer = loop.call_at(self._next_tick, self._tick)
+        self._next = timer.call_at(self._next_tick, self._tick)
 
     def sync(self) -> None:
         """Start scrapers for new endpoints and stop those of removed ones (call after the set changes)."""
@@ -377,9 +395,9 @@ class MetricsCollector:
         return ok
 
     async def aclose(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
         for s in self._scrapers.values():
             s.close()
         self._scrapers.clear()
