@@ -189,12 +189,49 @@ async def test_ca_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:
             await server.aclose(0)
 
 
-def _port_for_a_later_server() -> int:
-    """A port the OS just handed out, for a server started later. The one place a test picks a port before
-    the server binds it: the gateway must be configured with the picker's address while the picker is down."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+class PickerAddress:
+    """The picker's address for a gateway configured while the picker is down: a port the OS assigns to a
+    socket this test holds. Until :meth:`relay_to` it only binds (connections are refused, as to a stopped
+    picker, and no one else can take the port); then it listens and relays each connection, bytes as they
+    are (TLS included), to the picker's own port -- which the picker bound itself (port 0, read back)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def relay_to(self, port: int) -> None:
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._writers.add(writer)
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:  # the picker has stopped: the connection fails like one to a stopped picker
+                writer.close()
+                return
+            self._writers.add(up_writer)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+        self._server = await asyncio.start_server(connection, sock=self._sock)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        self._sock.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
 
 
 async def _gateway_url(log: Path, proc: subprocess.Popen[bytes]) -> str:
@@ -213,7 +250,8 @@ async def test_default_settings_pair_gateway_and_epp_over_verified_tls(tmp_path:
     body names the failure class only."""
     env = {**os.environ, "INFEROUTE_STATE_DIR": str(tmp_path / "state")}
     async with await SimPool.start(SimConfig(time_scale=0.02), replicas=2) as pool:
-        grpc_port = _port_for_a_later_server()
+        picker = PickerAddress()
+        grpc_port = picker.port
         (tmp_path / "gw.yaml").write_text(
             "listen: 127.0.0.1:0\npool:\n  endpoints:\n"
             + "".join(
@@ -238,7 +276,8 @@ async def test_default_settings_pair_gateway_and_epp_over_verified_tls(tmp_path:
                     assert r.status == 502
                     err = (await r.json())["error"]
                 assert err["message"] == "the endpoint picker is unavailable", err
-                with epp_process(tmp_path, pool.endpoints, None, env, grpc_port=grpc_port):
+                with epp_process(tmp_path, pool.endpoints, None, env) as picker_port:
+                    await picker.relay_to(picker_port)
                     status = await _until(s, url + "/readyz", {200})
                     assert status == 200, (tmp_path / "gw.log").read_text()
                     for stream in (False, True):
@@ -248,6 +287,7 @@ async def test_default_settings_pair_gateway_and_epp_over_verified_tls(tmp_path:
                 assert (tmp_path / "state" / "epp-tls" / "tls.crt").exists()
                 assert await _until(s, url + "/readyz", {503}) == 503  # picker gone: not ready again
         finally:
+            picker.close()
             gw.send_signal(signal.SIGTERM)
             gw.wait(timeout=20)
             gw_log.close()
