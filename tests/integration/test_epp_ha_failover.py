@@ -25,12 +25,20 @@ from typing import IO
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from inferoute.bench.gateway import tree_run_delay_seconds
 from inferoute.gateway.app import start_gateway
 from inferoute.gateway.config import parse_config
 from inferoute.sim import SimConfig, SimPool
 from kube_emulator import PODS_URL, POOLS_URL, KubeApi, kube_api, pod, pool
 
 PROBE_PERIOD = 0.1
+
+
+def cpu_wait(*pids: int) -> float:
+    """Seconds the threads of these processes have spent runnable but waiting for a CPU (Linux schedstat).
+    On a loaded machine the takeover is late by about what the survivors and this process (the forwarder's
+    prober, the API emulator, the gateways) waited for a CPU, so the bounds allow exactly that on top."""
+    return sum(tree_run_delay_seconds(pid, descendants=False) for pid in pids)
 
 
 class ServiceForwarder:
@@ -133,10 +141,11 @@ async def kill_leader(
     ports: list[tuple[int, int, int]],
     fwd: ServiceForwarder,
     gw_url: str,
-) -> tuple[float | None, float, list[int]]:
+) -> tuple[float | None, float, float, list[int]]:
     """Load through the gateway at ``gw_url``, SIGKILL the leading replica, and wait until a surviving replica
     is ready (the Service switched: ``takeover``) and has served a stream (``failover``, both in seconds after
-    the kill); returns them with the status of every request sent after the kill."""
+    the kill); returns them, the seconds the survivors and this process waited for a CPU meanwhile, and the
+    status of every request sent after the kill."""
     async with asyncio.timeout(15):
         while not fwd.ready:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
@@ -151,6 +160,8 @@ async def kill_leader(
             return sum([await streams(http, ports[i][2]) for i in survivors])
 
         before = await served()
+        pids = (os.getpid(), *(procs[i].pid for i in survivors))
+        waited = -cpu_wait(*pids)
         t_kill = time.monotonic()
         procs[leader].send_signal(signal.SIGKILL)
         takeover = None
@@ -160,11 +171,12 @@ async def kill_leader(
                     takeover = time.monotonic() - t_kill
                 await asyncio.sleep(0.02)
         failover = time.monotonic() - t_kill
+        waited += cpu_wait(*pids)
     await asyncio.sleep(0.25)
     stop.set()
     await asyncio.gather(*clients)
     await procs[leader].wait()
-    return takeover, failover, [s for t, s in results if t >= t_kill]
+    return takeover, failover, waited, [s for t, s in results if t >= t_kill]
 
 
 async def test_leader_killed_under_load(tmp_path: Path) -> None:
@@ -201,16 +213,17 @@ async def test_leader_killed_under_load(tmp_path: Path) -> None:
                 if p.returncode is None:
                     p.send_signal(signal.SIGTERM)
                 await p.wait()
-    for fail_open, (takeover, failover, after) in measured.items():
+    for fail_open, (takeover, failover, waited, after) in measured.items():
         failed = sum(1 for s in after if s != 200)
         print(
             f"fail-{'open' if fail_open else 'closed'}: standby ready (Service switched) {takeover:.2f} s, "
             f"new leader routes {failover:.2f} s after SIGKILL; "
-            f"{failed} of {len(after)} requests after the kill failed"
+            f"{failed} of {len(after)} requests after the kill failed; {waited:.2f} s waiting for a CPU"
         )
-        # the picker's part: Lease takeover + readiness within the 2.5 s bound plus one probe period
-        assert takeover is not None and takeover < 4.0  # 2.5 s bound + probe; margin for a loaded CI machine
+        # the picker's part: Lease takeover + readiness within the 2.5 s bound plus one probe period, plus
+        # what the processes involved waited for a CPU (about 0 on an idle machine, seconds at load 10)
+        assert takeover is not None and takeover < 4.0 + waited
         # end to end it adds the gateway's gRPC reconnect backoff (at most 0.5 s after failed attempts)
-        assert failover < 5.0
+        assert failover < 5.0 + waited
         if fail_open:
             assert failed == 0
