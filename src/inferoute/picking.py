@@ -38,9 +38,8 @@ RESTORE_NAMESPACE = "inferoute.model"
 """Dynamic-metadata namespace of a decision's :attr:`Destination.restore_model` (keys ``served``, ``asked``):
 how ``inferoute epp`` tells a gateway that reports response bodies without echoing them which name to put
 back."""
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
-FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
-MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+"""The gRPC service the protocol rides on; pickers also report their readiness under this health name."""
 FALLBACKS_KEY = "x-inferoute-destination-endpoint-fallbacks"
 """inferoute's extension: in the decision's ``envoy.lb`` dynamic metadata, the comma-separated endpoints the
 picker adds after the scheduled ones (:attr:`Destination.fallbacks`); Envoy ignores it."""

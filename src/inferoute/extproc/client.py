@@ -37,6 +37,7 @@ from inferoute.extproc.channel import ChannelOptions, ReloadingChannel
 from inferoute.extproc.failures import no_answer, rpc_failure
 from inferoute.picking import (
     DESTINATION_HEADER,
+    EXT_PROC_SERVICE,
     Decision,
     Destination,
     NullSession,
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 BodyMode = Literal["full_duplex", "headers_only", "buffered"]
 _SENT_CHUNK = 62_000
 _DRAIN_TIMEOUT = 30.0
-EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 READY_TTL = 1.0
 
 

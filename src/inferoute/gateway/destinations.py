@@ -18,13 +18,12 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 
 from inferoute.endpoints import Endpoint, hostport, split_hostport
+from inferoute.epp.requestcontrol.headers import MODEL_REWRITE
 from inferoute.errors import InferouteError
-from inferoute.picking import DESTINATION_HEADER
+from inferoute.picking import DESTINATION_HEADER, MODEL_HEADER
 
 ALWAYS_STRIPPED: frozenset[str] = frozenset({"x-inference-upstream", DESTINATION_HEADER})
-PICKER_CONTROL: frozenset[str] = frozenset(
-    {"x-gateway-model-name-rewrite", "x-llm-d-model-name-rewrite", "x-gateway-model-name"}
-)
+PICKER_CONTROL: frozenset[str] = frozenset({*MODEL_REWRITE, MODEL_HEADER})
 """Headers that steer the picker (which model is served, which model it thinks was asked for): stripped
 from client requests unless the route sets ``trust_client_headers`` (the gateway's BBR sets the model
 header itself)."""

@@ -28,7 +28,7 @@ from inferoute.epp.requestcontrol.parse import BodyParser
 from inferoute.gateway.config import EMBEDDED, BBRConfig, EPPConfig, GatewayConfig, RouteConfig, target_of
 from inferoute.gateway.destinations import PICKER_CONTROL, AllowList, routing_header_names
 from inferoute.gateway.routing import ModelExtractor, RequestRouter
-from inferoute.gateway.weighted import PathDecider, WeightedDecider
+from inferoute.gateway.weighted import Router, WeightedRouter
 from inferoute.picking import Picker
 
 if TYPE_CHECKING:  # imported lazily at run time: a gateway without remote pickers never loads gRPC
@@ -156,7 +156,7 @@ class _Clients:
 
 
 class RouteTable:
-    """Every route's decider for one process; owns (and closes) the pickers and BBR clients.
+    """Every route's router for one process; owns (and closes) the pickers and BBR clients.
 
     ``active`` counts the requests using this set: after a configuration reload the gateway closes the old
     set only once its ``active`` count has dropped to zero (in-flight requests keep their pickers)."""
@@ -164,7 +164,7 @@ class RouteTable:
     def __init__(
         self,
         cfg: GatewayConfig,
-        route_table: list[PathDecider],
+        route_table: list[Router],
         owned: list[Any],
         embedded: Picker | None,
     ) -> None:
@@ -201,10 +201,10 @@ class RouteTable:
         )
         clients = _Clients(cfg, registry, embedded_factory)
         clients.embedded = embedded
-        route_table: list[PathDecider] = []
+        route_table: list[Router] = []
         parser = BodyParser()  # one per process: its buffers grow to the largest body seen
 
-        def decider(
+        def router(
             route: RouteConfig,
             pool: list[Endpoint],
             allowed: AllowList,
@@ -228,10 +228,10 @@ class RouteTable:
             for route in cfg.routes:
                 if not route.backends:
                     route_table.append(
-                        decider(route, endpoints, allow, await clients.picker(route.epp, endpoints))
+                        router(route, endpoints, allow, await clients.picker(route.epp, endpoints))
                     )
                     continue
-                weighted: list[tuple[int, PathDecider]] = []
+                weighted: list[tuple[int, Router]] = []
                 for b in route.backends:
                     pool = parse_endpoints([msgspec.to_builtins(e) for e in b.endpoints], "backend")
                     sub = msgspec.structs.replace(
@@ -240,16 +240,16 @@ class RouteTable:
                     extra = [b.default_upstream] if b.default_upstream else []
                     own = AllowList(pool, cfg.pool.allowed_cidrs, extra=extra)
                     picker = await clients.picker(b.epp, pool)
-                    weighted.append((b.weight, decider(sub, pool, own, picker, b.app_protocol)))
-                route_table.append(WeightedDecider(route, weighted))
+                    weighted.append((b.weight, router(sub, pool, own, picker, b.app_protocol)))
+                route_table.append(WeightedRouter(route, weighted))
         except BaseException:
             await _close_all(clients.owned)
             raise
         return cls(cfg, route_table, clients.owned, clients.embedded)
 
-    def for_path(self, path: str) -> PathDecider | None:
-        """The decider of the longest matching route prefix."""
-        best: PathDecider | None = None
+    def for_path(self, path: str) -> Router | None:
+        """The router of the longest matching route prefix."""
+        best: Router | None = None
         for d in self.route_table:
             if path.startswith(d.route.path) and (best is None or len(d.route.path) > len(best.route.path)):
                 best = d

@@ -41,7 +41,7 @@ from inferoute.epp.requestcontrol.parse import BodyParse, BodyParser
 from inferoute.errors import InferouteError
 from inferoute.gateway.bbr import is_header_safe, model_or_default, too_large
 from inferoute.gateway.config import RouteConfig
-from inferoute.gateway.destinations import AllowList, split_destinations, strip_headers
+from inferoute.gateway.destinations import AllowList, is_routing_header, split_destinations, strip_headers
 from inferoute.picking import Destination, NullSession, Picker, PickerError, PickRequest, PickSession, Reject
 
 log = logging.getLogger(__name__)
@@ -254,11 +254,7 @@ class RequestRouter:
         epp_header = self.route.epp.header_name.lower()
         for k, v in requested.items():
             lk = k.lower()
-            if (
-                lk in self.routing_headers
-                or lk == epp_header
-                or lk.startswith("x-gateway-destination-endpoint")
-            ):
+            if is_routing_header(lk, self.routing_headers) or lk == epp_header:
                 continue
             if not is_header_safe(k) or not is_header_safe(v) or not k:
                 log.warning(

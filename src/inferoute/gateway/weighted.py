@@ -1,7 +1,7 @@
 """Weighted backends of one route: a Gateway API rule whose ``backendRefs`` name several InferencePools.
 
 Each backend is a complete :class:`~inferoute.gateway.routing.RequestRouter` (its own picker, its own pool as
-the allow-list and fail-open targets). :class:`WeightedDecider` chooses one per request by *smooth weighted
+the allow-list and fail-open targets). :class:`WeightedRouter` chooses one per request by *smooth weighted
 round robin* (the NGINX upstream algorithm): over any window of ``sum(weights)`` requests each backend gets
 exactly its share, interleaved rather than in bursts, so a 70/30 split is 70/30 after ten requests instead
 of "on average". The choice is pure and deterministic; nothing here touches a socket.
@@ -19,9 +19,10 @@ from inferoute.gateway.config import RouteConfig
 from inferoute.gateway.routing import RoutedRequest
 
 
-class PathDecider(Protocol):
-    """What the data planes need from a route's decider: :class:`RequestRouter` or
-    :class:`WeightedDecider`."""
+class Router(Protocol):
+    """What a data plane asks to route a request of one route: a
+    :class:`~inferoute.gateway.routing.RequestRouter` (one pool) or a :class:`WeightedRouter` (weighted
+    pools)."""
 
     @property
     def route(self) -> RouteConfig: ...
@@ -61,10 +62,10 @@ class SmoothWeighted:
         return best
 
 
-class WeightedDecider:
+class WeightedRouter:
     """One route with weighted backends; :meth:`decide` delegates to the backend chosen for the request."""
 
-    def __init__(self, route: RouteConfig, backends: Sequence[tuple[int, PathDecider]]) -> None:
+    def __init__(self, route: RouteConfig, backends: Sequence[tuple[int, Router]]) -> None:
         self._route = route
         self.backends = tuple(d for _, d in backends)
         self._choose = SmoothWeighted([w for w, _ in backends])
@@ -85,4 +86,4 @@ class WeightedDecider:
         return await backend.decide(method, path, headers, body, request_id)
 
 
-__all__ = ["PathDecider", "SmoothWeighted", "WeightedDecider"]
+__all__ = ["Router", "SmoothWeighted", "WeightedRouter"]

@@ -44,9 +44,8 @@ import click
 
 from inferoute.endpoints import split_hostport
 from inferoute.errors import error_type
-from inferoute.picking import DESTINATION_HEADER, DESTINATION_SERVED_KEY, LB_NAMESPACE
+from inferoute.picking import DESTINATION_HEADER, DESTINATION_SERVED_KEY, EXT_PROC_SERVICE, LB_NAMESPACE
 
-EXT_PROC_HEALTH_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
@@ -239,7 +238,7 @@ def _epp_cluster(
                 "no_traffic_interval": f"{health_check_interval:g}s",
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
-                "grpc_health_check": {"service_name": EXT_PROC_HEALTH_SERVICE},
+                "grpc_health_check": {"service_name": EXT_PROC_SERVICE},
             }
         ],
     }

@@ -25,7 +25,7 @@ messages in the shell; their bytes are not given back to the client's stream win
 at most :attr:`Limits.connection_window`. Replies the client does not read are capped per stream and per
 connection (:attr:`Limits.max_pending_stream_bytes`, :attr:`Limits.max_pending_connection_bytes`).
 
-The hot path stays as the first version measured it (docs/benchmarks/picker.md): frames are parsed with
+The hot path is kept to what docs/benchmarks/picker.md measures: frames are parsed with
 slicing and ints straight from the received bytes, a block of headers a proxy repeats is decoded once, and
 replies are queued as prebuilt HPACK literals and DATA frame headers for one write.
 """

@@ -4,9 +4,9 @@ Why not ``grpc.aio``
 --------------------
 Every gRPC message read or written through ``grpc.aio`` crosses from the C core's completion-queue thread to
 the event loop and back; on this project's 2-core machine that costs ~70-100 µs per message, and one ext_proc
-exchange is 4-10 messages. The pure-Python ``h2`` library was tried next: 1.6-1.8x better, but its
-per-frame state machine then dominated the profile. So this module speaks the part of HTTP/2 (RFC 9113) a
-gRPC server needs itself, with slicing and ints: frames are parsed straight from ``data_received``, each
+exchange is 4-10 messages. The pure-Python ``h2`` library avoids that crossing, but its per-frame state
+machine becomes the largest cost in the profile. So this module speaks the part of HTTP/2 (RFC 9113) a gRPC
+server needs itself, with slicing and ints: frames are parsed straight from ``data_received``, each
 decoded message goes to its stream's handler synchronously, and every reply produced in one loop iteration
 leaves in one ``write``. On one core it does 6.3x the full ext_proc exchanges per second of ``grpc.aio``
 with the embedded picker, 12x with prebuilt replies (docs/benchmarks/picker.md). HPACK decoding uses

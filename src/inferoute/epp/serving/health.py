@@ -16,8 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferoute.epp.serving import h2server as h2s
 from inferoute.epp.serving.h2server import GrpcAbort
-from inferoute.epp.serving.servicer import EXT_PROC_SERVICE
-from inferoute.picking import Picker
+from inferoute.picking import EXT_PROC_SERVICE, Picker
 
 log = logging.getLogger(__name__)
 

@@ -20,15 +20,10 @@ from prometheus_client import CollectorRegistry
 
 from inferoute.epp.serving import h2server as h2s
 from inferoute.epp.serving.health import HealthServicer, picker_readiness
-from inferoute.epp.serving.servicer import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    EXT_PROC_SERVICE,
-    ExtProcMetrics,
-    ExtProcServicer,
-)
+from inferoute.epp.serving.servicer import DEFAULT_MAX_MESSAGE_BYTES, ExtProcMetrics, ExtProcServicer
 from inferoute.errors import ConfigError, InferouteError, describe_os_error
 from inferoute.extproc import messages as m
-from inferoute.picking import DESTINATION_HEADER, Picker
+from inferoute.picking import DESTINATION_HEADER, EXT_PROC_SERVICE, Picker
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,6 @@ from inferoute.picking import (
 
 log = logging.getLogger(__name__)
 
-EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 """Largest gRPC message accepted: BUFFERED mode carries the whole body in one message."""
 MAX_BODY_BYTES = DEFAULT_MAX_MESSAGE_BYTES

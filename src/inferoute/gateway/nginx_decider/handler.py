@@ -41,12 +41,12 @@ from inferoute.gateway.nginx_decider.reports import (
 from inferoute.gateway.proxy import Forwarder, end_to_end_headers
 from inferoute.gateway.relay import Relay, RequestRecord, read_body, request_id_from
 from inferoute.gateway.routing import PickerRejected, RoutedRequest
-from inferoute.gateway.weighted import PathDecider
+from inferoute.gateway.weighted import Router
 
 log = logging.getLogger(__name__)
 
 
-RouteLookup = Callable[[str], PathDecider | None]
+RouteLookup = Callable[[str], Router | None]
 """path -> the route's decider (longest-prefix match), None when no route matches."""
 
 
