@@ -8,8 +8,6 @@ helper for it. A test that needs a port where nothing listens uses :func:`refuse
 
 from __future__ import annotations
 
-import contextlib
-import os
 import socket
 from collections.abc import Callable, Iterator
 
@@ -36,25 +34,3 @@ def refused_port() -> Iterator[Callable[[], int]]:
     finally:
         for s in held:
             s.close()
-
-
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports process ``pid`` listens on (Linux /proc): how a test reads back the port of a program that
-    was told to bind port 0 but does not print it."""
-    inodes: set[str] = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-    except OSError:
-        return set()
-    ports: set[int] = set()
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports

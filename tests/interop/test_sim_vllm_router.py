@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from openai import AsyncOpenAI
 
-from conftest import listening_ports
+from inferoute.bench.peers import listening_ports
 from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
 
 

@@ -28,15 +28,7 @@ import click
 
 from inferoute.bench import scrape
 from inferoute.bench.loadgen import run_plan
-from inferoute.bench.peers import (
-    Contender,
-    ManagedProcess,
-    SimPool,
-    consecutive_free_ports,
-    free_port,
-    select_contenders,
-    sim_argv,
-)
+from inferoute.bench.peers import Contender, ManagedProcess, select_contenders, start_router, start_sim_pool
 from inferoute.bench.stats import PointSummary, summarize
 from inferoute.bench.workloads import PlannedRequest, Workload, get_workload
 
@@ -175,24 +167,17 @@ async def _with_stack(
     tag: str,
 ) -> tuple[ManagedProcess, ManagedProcess, str, list[str]]:
     sizing = workload.sizing(replicas)
-    pool = SimPool(consecutive_free_ports(replicas), replicas)
-    sim = ManagedProcess(
-        f"sim[{tag}]", sim_argv(sizing, pool.base_port, time_scale, seed), workdir / "logs" / f"{tag}-sim.log"
-    )
-    port = free_port()
-    router = ManagedProcess(
-        f"router[{tag}]", contender.argv(port, pool.urls, workdir), workdir / "logs" / f"{tag}-router.log"
+    sim, pool = await start_sim_pool(
+        f"sim[{tag}]", sizing, time_scale, seed, workdir / "logs" / f"{tag}-sim.log"
     )
     try:
-        await sim.start()
-        await sim.wait_http([f"{u}/health" for u in pool.urls], within=60)
-        await router.start()
-        await router.wait_http(contender.ready_urls(port), within=60)
+        router, url = await start_router(
+            contender, f"router[{tag}]", pool.urls, workdir, workdir / "logs" / f"{tag}-router.log"
+        )
     except BaseException:
-        await router.stop()
         await sim.stop()
         raise
-    return sim, router, f"http://127.0.0.1:{port}", pool.urls
+    return sim, router, url, pool.urls
 
 
 def prepare(

@@ -59,7 +59,7 @@ import aiohttp
 import click
 import yaml
 
-from inferoute.bench.peers import ManagedProcess, free_port, inferoute_argv
+from inferoute.bench.peers import Contender, ManagedProcess, inferoute_argv, start_on_ports
 from inferoute.bench.stats import percentile
 
 log = logging.getLogger(__name__)
@@ -309,28 +309,9 @@ def gateway_process(
     return ManagedProcess(name, argv, workdir / f"{name}.log", env=env)
 
 
-def vllm_router_process(workdir: Path, port: int, upstream: str) -> ManagedProcess:
-    exe = shutil.which("vllm-router", path=str(Path(sys.executable).parent)) or "vllm-router"
-    argv = [
-        exe,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--worker-urls",
-        f"http://{upstream}",
-        "--policy",
-        "round_robin",
-        "--prometheus-host",
-        "127.0.0.1",
-        "--prometheus-port",
-        str(free_port()),
-        "--worker-startup-timeout-secs",
-        "30",
-        "--disable-retries",
-        "--log-level",
-        "warning",
-    ]
+def vllm_router_process(workdir: Path, port: int, upstream: str, metrics_port: int) -> ManagedProcess:
+    router = Contender("vllm-router", "vllm-router", "round_robin")
+    argv = router.argv(port, [f"http://{upstream}"], workdir, metrics_port=metrics_port)
     return ManagedProcess("vllm-router", argv, workdir / "vllm-router.log")
 
 
@@ -579,10 +560,19 @@ class BenchOptions:
     scaling_connections: int = 32
 
 
-async def _start(procs: list[ManagedProcess], proc: ManagedProcess, ready_url: str) -> None:
+async def _start(
+    procs: list[ManagedProcess],
+    make: Callable[[list[int]], ManagedProcess],
+    ready_path: str,
+    ports: int = 1,
+) -> int:
+    """Start a process on a port it is seen to hold (:func:`~inferoute.bench.peers.start_on_ports`), add it
+    to ``procs`` (to stop them all) and return the port."""
+    proc, chosen = await start_on_ports(
+        make, lambda p: [f"http://127.0.0.1:{p[0]}{ready_path}"], ports=ports, owned=1
+    )
     procs.append(proc)
-    await proc.start()
-    await proc.wait_http([ready_url], within=60)
+    return chosen[0]
 
 
 CHAT = "/v1/chat/completions"
@@ -646,12 +636,8 @@ async def run_bench(opts: BenchOptions, echo: Callable[[str], None] = click.echo
 async def _start_paths(opts: BenchOptions, work: Path, procs: list[ManagedProcess]) -> _Paths:
     """The two backends (JSON nginx, SSE streamer), then each path's JSON and SSE fronts, every one
     started and answering its readiness URL; ``procs`` gets each process as it starts (to stop them all)."""
-    backend_port, sse_port = free_port(), free_port()
-    backend = f"127.0.0.1:{backend_port}"
-    await _start(procs, backend_nginx(work, backend_port), f"http://{backend}/health")
-    await _start(
-        procs, sse_backend_process(work, sse_port, opts.sse_events), f"http://127.0.0.1:{sse_port}/health"
-    )
+    backend = f"127.0.0.1:{await _start(procs, lambda p: backend_nginx(work, p[0]), '/health')}"
+    sse_port = await _start(procs, lambda p: sse_backend_process(work, p[0], opts.sse_events), "/health")
     paths = _Paths(
         json_url={"direct": f"http://{backend}"},
         json_pid={"direct": procs[0].proc.pid if procs[0].proc else -1},
@@ -662,10 +648,14 @@ async def _start_paths(opts: BenchOptions, work: Path, procs: list[ManagedProces
         if name == "direct":
             continue
         for kind, up in (("json", backend), ("sse", f"127.0.0.1:{sse_port}")):
-            port = free_port()
-            proc, ready = starters[name](port, up)
-            proc.name = f"{name}-{kind}"
-            await _start(procs, proc, f"http://127.0.0.1:{port}{ready}")
+
+            def make(ports: list[int], name: str = name, kind: str = kind, up: str = up) -> ManagedProcess:
+                proc = starters[name](ports, up)
+                proc.name = f"{name}-{kind}"
+                return proc
+
+            port = await _start(procs, make, READY_PATH[name], ports=2)
+            proc = procs[-1]
             (paths.sse_url if kind == "sse" else paths.json_url)[name] = f"http://127.0.0.1:{port}"
             if kind == "json" and proc.proc is not None:
                 paths.json_pid[name] = proc.proc.pid
@@ -674,33 +664,35 @@ async def _start_paths(opts: BenchOptions, work: Path, procs: list[ManagedProces
     return paths
 
 
-def _front_starters(
-    opts: BenchOptions, work: Path
-) -> dict[str, Callable[[int, str], tuple[ManagedProcess, str]]]:
-    """Path name -> (port, upstream) -> its front process and readiness path."""
+READY_PATH = {
+    "inferoute": "/readyz",
+    "inferoute-nopicker": "/healthz",
+    "inferoute-2w": "/readyz",
+    "inferoute-baseline": "/readyz",
+    "inferoute-nopicker-baseline": "/healthz",
+    "nginx": "/health",
+    "vllm-router": "/health",
+}
+"""Each front's readiness path."""
+
+
+def _front_starters(opts: BenchOptions, work: Path) -> dict[str, Callable[[list[int], str], ManagedProcess]]:
+    """Path name -> (ports, upstream) -> its front process on ``ports[0]`` (``ports[1]``: vllm-router's
+    Prometheus port)."""
     return {
-        "inferoute": lambda p, up: (
-            gateway_process(work, f"inferoute-{p}", p, up, picker=True),
-            "/readyz",
+        "inferoute": lambda p, up: gateway_process(work, f"inferoute-{p[0]}", p[0], up, picker=True),
+        "inferoute-nopicker": lambda p, up: gateway_process(work, f"nopicker-{p[0]}", p[0], up, picker=False),
+        "inferoute-2w": lambda p, up: gateway_process(
+            work, f"inferoute2w-{p[0]}", p[0], up, picker=True, workers=2
         ),
-        "inferoute-nopicker": lambda p, up: (
-            gateway_process(work, f"nopicker-{p}", p, up, picker=False),
-            "/healthz",
+        "inferoute-baseline": lambda p, up: gateway_process(
+            work, f"base-{p[0]}", p[0], up, picker=True, source=opts.baseline
         ),
-        "inferoute-2w": lambda p, up: (
-            gateway_process(work, f"inferoute2w-{p}", p, up, picker=True, workers=2),
-            "/readyz",
+        "inferoute-nopicker-baseline": lambda p, up: gateway_process(
+            work, f"basenop-{p[0]}", p[0], up, picker=False, source=opts.baseline
         ),
-        "inferoute-baseline": lambda p, up: (
-            gateway_process(work, f"base-{p}", p, up, picker=True, source=opts.baseline),
-            "/readyz",
-        ),
-        "inferoute-nopicker-baseline": lambda p, up: (
-            gateway_process(work, f"basenop-{p}", p, up, picker=False, source=opts.baseline),
-            "/healthz",
-        ),
-        "nginx": lambda p, up: (proxy_nginx(work / f"nginx-{p}", p, up), "/health"),
-        "vllm-router": lambda p, up: (vllm_router_process(work, p, up), "/health"),
+        "nginx": lambda p, up: proxy_nginx(work / f"nginx-{p[0]}", p[0], up),
+        "vllm-router": lambda p, up: vllm_router_process(work, p[0], up, p[1]),
     }
 
 

@@ -49,13 +49,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 
+from inferoute.bench.peers import candidate_ports, owns_ports
 from inferoute.integrations.nginx import NginxOptions, render
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,27 @@ class ContenderResult:
     latency: WrkResult
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def on_own_port(
+    stack: ExitStack,
+    start: Callable[[int], AbstractContextManager[subprocess.Popen[bytes]]],
+    attempts: int = 4,
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """Enter ``start(port)`` (a process told its port, listening when entered) on a candidate port, and keep
+    it only when the process itself (or its child) then listens on that port; when the port went to another
+    process in between (ours exits, or someone else answers), stop ours and try a new port."""
+    for _ in range(attempts):
+        port = candidate_ports(1)[0]
+        attempt = ExitStack()
+        try:
+            proc = attempt.enter_context(start(port))
+        except click.ClickException:
+            attempt.close()
+            continue
+        if owns_ports(proc.pid, [port]):
+            stack.enter_context(attempt)
+            return port, proc
+        attempt.close()
+    raise click.ClickException(f"no process of ours came up on its own port in {attempts} attempts")
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], within: float = 30.0) -> None:
@@ -132,7 +150,7 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 
 @contextmanager
-def nginx_server(prefix: Path, http_body: str, port: int) -> Iterator[None]:
+def nginx_server(prefix: Path, http_body: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """A foreground NGINX master (own prefix, one worker) serving ``http_body``; stopped by pid (SIGQUIT)."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     for sub in ("logs", "temp/client_body", "temp/proxy", "temp/fastcgi", "temp/uwsgi", "temp/scgi"):
@@ -153,7 +171,7 @@ def nginx_server(prefix: Path, http_body: str, port: int) -> Iterator[None]:
         )
     try:
         wait_port(port, proc)
-        yield
+        yield proc
     finally:
         stop(proc, signal.SIGQUIT)
 
@@ -222,27 +240,55 @@ def gateway_yaml(backend_port: int) -> str:
     )
 
 
-def run(duration: float, connections: int, out: Path, rounds: int = 1) -> list[ContenderResult]:
-    """Start every contender, then measure them in ``rounds`` interleaved rounds (so that load from other
-    processes on the machine hits all of them alike); report each contender's best round."""
-    work = Path(tempfile.mkdtemp(prefix="inferoute-bench-nginx-"))
-    backend, proxy, front, syslog, no_report, decider, gateway = (free_port() for _ in range(7))
-    script = work / "post.lua"
-    script.write_text(WRK_SCRIPT % json.dumps(BODY))
-    cfg = work / "gateway.yaml"
+def start_decider(stack: ExitStack, cfg: Path, log_path: Path) -> tuple[int, subprocess.Popen[bytes]]:
+    """``inferoute gateway --mode nginx`` (the NGINX decider) on a port it is seen to hold."""
+    return on_own_port(
+        stack,
+        lambda port: inferoute_process(
+            ["gateway", "--mode", "nginx", "--config", str(cfg), "--listen", f"127.0.0.1:{port}"],
+            port,
+            log_path,
+        ),
+    )
+
+
+def start_gateway(stack: ExitStack, cfg: Path, log_path: Path) -> tuple[int, subprocess.Popen[bytes]]:
+    """``inferoute gateway`` on a port it is seen to hold."""
+    return on_own_port(
+        stack,
+        lambda port: inferoute_process(
+            ["gateway", "--config", str(cfg), "--listen", f"127.0.0.1:{port}"], port, log_path
+        ),
+    )
+
+
+def _start_contenders(stack: ExitStack, work: Path, cfg: Path) -> tuple[int, int, int, list[int], int]:
+    """The backend, the proxy_pass NGINX, the decider, the three decider fronts (post_action reports,
+    syslog reports, no accounting) and the gateway, each on a port it is seen to hold, in the order their
+    configurations need each other's ports."""
+
+    def nginx(name: str, conf: Callable[[int], str]) -> int:
+        return on_own_port(stack, lambda port: nginx_server(work / name, conf(port), port))[0]
+
+    backend = nginx(
+        "backend",
+        lambda port: (
+            f"server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;\n"
+            f"  location /metrics {{ default_type text/plain; return 200 '{IDLE_METRICS}'; }}\n"
+            f"  location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}"
+        ),
+    )
     cfg.write_text(gateway_yaml(backend))
-    path = "/v1/chat/completions"
-    backend_conf = (
-        f"server {{ listen 127.0.0.1:{backend}; keepalive_requests 1000000;\n"
-        f"  location /metrics {{ default_type text/plain; return 200 '{IDLE_METRICS}'; }}\n"
-        f"  location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}"
+    proxy = nginx(
+        "proxy",
+        lambda port: (
+            f"upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}\n"
+            f"server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;\n"
+            "  location / { proxy_pass http://backend; proxy_http_version 1.1; "
+            'proxy_set_header Connection ""; } }'
+        ),
     )
-    proxy_conf = (
-        f"upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}\n"
-        f"server {{ listen 127.0.0.1:{proxy}; keepalive_requests 1000000;\n"
-        "  location / { proxy_pass http://backend; proxy_http_version 1.1; "
-        'proxy_set_header Connection ""; } }'
-    )
+    decider, _ = start_decider(stack, cfg, work / "decider.log")
 
     def front_conf(port: int, accounting: bool, report: str = "post_action") -> str:
         opts = NginxOptions(
@@ -256,38 +302,40 @@ def run(duration: float, connections: int, out: Path, rounds: int = 1) -> list[C
         )
         return render(opts)
 
+    fronts = [
+        nginx("front", lambda port: front_conf(port, True)),
+        nginx("front-syslog", lambda port: front_conf(port, True, "syslog")),
+        nginx("front-noreport", lambda port: front_conf(port, False)),
+    ]
+    gateway, _ = start_gateway(stack, cfg, work / "gateway.log")
+    return backend, proxy, decider, fronts, gateway
+
+
+def run(duration: float, connections: int, out: Path, rounds: int = 1) -> list[ContenderResult]:
+    """Start every contender, then measure them in ``rounds`` interleaved rounds (so that load from other
+    processes on the machine hits all of them alike); report each contender's best round."""
+    work = Path(tempfile.mkdtemp(prefix="inferoute-bench-nginx-"))
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT % json.dumps(BODY))
+    cfg = work / "gateway.yaml"
+    path = "/v1/chat/completions"
+
     def url(port: int) -> str:
         return f"http://127.0.0.1:{port}{path}"
 
-    contenders = [
-        ("direct (NGINX return 200)", url(backend)),
-        ("nginx proxy_pass", url(proxy)),
-        ("nginx + decider (post_action reports)", url(front)),
-        ("nginx + decider (syslog reports)", url(syslog)),
-        ("nginx + decider, --no-accounting", url(no_report)),
-        ("decider alone (decisions only)", url(decider)),
-        ("inferoute gateway", url(gateway)),
-    ]
-    measured: dict[str, list[ContenderResult]] = {name: [] for name, _ in contenders}
     load_before = os.getloadavg()
     with ExitStack() as stack:
-        stack.enter_context(nginx_server(work / "backend", backend_conf, backend))
-        stack.enter_context(nginx_server(work / "proxy", proxy_conf, proxy))
-        decider_args = [
-            "gateway",
-            "--mode",
-            "nginx",
-            "--config",
-            str(cfg),
-            "--listen",
-            f"127.0.0.1:{decider}",
+        backend, proxy, decider, fronts, gateway = _start_contenders(stack, work, cfg)
+        contenders = [
+            ("direct (NGINX return 200)", url(backend)),
+            ("nginx proxy_pass", url(proxy)),
+            ("nginx + decider (post_action reports)", url(fronts[0])),
+            ("nginx + decider (syslog reports)", url(fronts[1])),
+            ("nginx + decider, --no-accounting", url(fronts[2])),
+            ("decider alone (decisions only)", url(decider)),
+            ("inferoute gateway", url(gateway)),
         ]
-        stack.enter_context(inferoute_process(decider_args, decider, work / "decider.log"))
-        stack.enter_context(nginx_server(work / "front", front_conf(front, True), front))
-        stack.enter_context(nginx_server(work / "front-syslog", front_conf(syslog, True, "syslog"), syslog))
-        stack.enter_context(nginx_server(work / "front-noreport", front_conf(no_report, False), no_report))
-        gateway_args = ["gateway", "--config", str(cfg), "--listen", f"127.0.0.1:{gateway}"]
-        stack.enter_context(inferoute_process(gateway_args, gateway, work / "gateway.log"))
+        measured: dict[str, list[ContenderResult]] = {name: [] for name, _ in contenders}
         for _, target in contenders:  # warm-up: keep-alive pools, picker caches
             run_wrk(target, connections, 1, script)
         for _ in range(rounds):
@@ -390,54 +438,52 @@ def run_streaming(
     work: Path, requests: int, concurrency: int, events: int, gap: float = 0.001
 ) -> list[StreamResult]:
     """CPU the inferoute process spends per streamed response: decider (NGINX streams) vs gateway (Python)."""
-    sse, decider, front, gateway = (free_port() for _ in range(4))
     cfg = work / "sse.yaml"
-    cfg.write_text(gateway_yaml(sse))
     path = "/v1/chat/completions"
     results: list[StreamResult] = []
-    backend = subprocess.Popen(
-        [sys.executable, "-m", "inferoute.bench.nginx", "--sse-backend", str(sse), str(events), str(gap)]
+    with ExitStack() as stack:
+        sse, _ = on_own_port(stack, lambda port: sse_backend_process(port, events, gap))
+        cfg.write_text(gateway_yaml(sse))
+        decider, decider_proc = start_decider(stack, cfg, work / "sse-decider.log")
+
+        def front_conf(port: int) -> str:
+            return render(
+                NginxOptions(
+                    decider=f"127.0.0.1:{decider}",
+                    listen=f"127.0.0.1:{port}",
+                    self_contained=True,
+                    worker_processes="1",
+                    access_log="off",
+                )
+            )
+
+        front, _ = on_own_port(stack, lambda port: nginx_server(work / "sse-front", front_conf(port), port))
+        gateway, gateway_proc = start_gateway(stack, cfg, work / "sse-gateway.log")
+        for name, port, proc in (
+            ("nginx + inferoute decider", front, decider_proc),
+            ("inferoute gateway", gateway, gateway_proc),
+        ):
+            url = f"http://127.0.0.1:{port}{path}"
+            asyncio.run(_stream_all(url, concurrency, concurrency))  # warm-up
+            cpu0 = cpu_seconds(proc.pid)
+            wall, _ = asyncio.run(_stream_all(url, requests, concurrency))
+            cpu = cpu_seconds(proc.pid) - cpu0
+            results.append(StreamResult(name, requests, events, wall, 1000 * cpu / requests))
+            log.info("%s: %.2f ms of Python CPU per streamed response", name, 1000 * cpu / requests)
+    return results
+
+
+@contextmanager
+def sse_backend_process(port: int, events: int, gap: float) -> Iterator[subprocess.Popen[bytes]]:
+    """The streaming model-server stand-in (this module's ``--sse-backend``) on ``port``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inferoute.bench.nginx", "--sse-backend", str(port), str(events), str(gap)]
     )
     try:
-        wait_port(sse, backend)
-        front_conf = render(
-            NginxOptions(
-                decider=f"127.0.0.1:{decider}",
-                listen=f"127.0.0.1:{front}",
-                self_contained=True,
-                worker_processes="1",
-                access_log="off",
-            )
-        )
-        decider_args = [
-            "gateway",
-            "--mode",
-            "nginx",
-            "--config",
-            str(cfg),
-            "--listen",
-            f"127.0.0.1:{decider}",
-        ]
-        gateway_args = ["gateway", "--config", str(cfg), "--listen", f"127.0.0.1:{gateway}"]
-        with (
-            inferoute_process(decider_args, decider, work / "sse-decider.log") as decider_proc,
-            nginx_server(work / "sse-front", front_conf, front),
-            inferoute_process(gateway_args, gateway, work / "sse-gateway.log") as gateway_proc,
-        ):
-            for name, port, proc in (
-                ("nginx + inferoute decider", front, decider_proc),
-                ("inferoute gateway", gateway, gateway_proc),
-            ):
-                url = f"http://127.0.0.1:{port}{path}"
-                asyncio.run(_stream_all(url, concurrency, concurrency))  # warm-up
-                cpu0 = cpu_seconds(proc.pid)
-                wall, _ = asyncio.run(_stream_all(url, requests, concurrency))
-                cpu = cpu_seconds(proc.pid) - cpu0
-                results.append(StreamResult(name, requests, events, wall, 1000 * cpu / requests))
-                log.info("%s: %.2f ms of Python CPU per streamed response", name, 1000 * cpu / requests)
+        wait_port(port, proc)
+        yield proc
     finally:
-        stop(backend)
-    return results
+        stop(proc)
 
 
 def streaming_markdown(results: list[StreamResult], concurrency: int) -> str:

@@ -25,7 +25,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,34 +45,75 @@ PROFILE_DIRS = (
 """Where the picker's shipped EndpointPickerConfig profiles live (then the benchmark's own ones)."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def consecutive_free_ports(n: int, attempts: int = 500) -> int:
-    """A base port such that ``base .. base+n-1`` are free on 127.0.0.1 right now.
-
-    Bases are drawn below the kernel's ephemeral range (32768+), where outgoing connections of busy
-    neighbours do not interleave with the block.
-    """
+def candidate_ports(n: int, *, consecutive: bool = False, attempts: int = 500) -> list[int]:
+    """``n`` ports free on 127.0.0.1 right now, for a program that must be told its ports on the command line
+    (NGINX and the Rust routers cannot bind port 0 and say which one they got). Only a candidate: another
+    process may take one before the program binds it, which is why :func:`start_on_ports` checks who
+    listens and starts again on new ports. ``consecutive``: a block ``base .. base+n-1`` (a simulator pool
+    is told its base port), drawn below the kernel's ephemeral range (32768+), where outgoing connections
+    of busy neighbours do not interleave with the block."""
     rng = random.SystemRandom()
     for _ in range(attempts):
-        base = rng.randrange(15000, 32000 - n)
         held: list[socket.socket] = []
         try:
-            for p in range(base, base + n):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                held.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
+            if consecutive:
+                base = rng.randrange(15000, 32000 - n)
+                for port in range(base, base + n):
+                    held.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    held[-1].bind(("127.0.0.1", port))
+            else:
+                for _ in range(n):  # all held at once: n different ports
+                    held.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    held[-1].bind(("127.0.0.1", 0))
+            return [int(s.getsockname()[1]) for s in held]
         except OSError:
             continue
         finally:
             for s in held:
                 s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
+    raise RuntimeError(f"no {n} free ports")
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports process ``pid`` listens on (Linux /proc): how a program that was told its port, or told to
+    bind port 0 without printing it, is seen to hold it."""
+    inodes: set[str] = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return set()
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (NGINX workers, gateway workers), from /proc."""
+    tree, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        tree.append(current)
+        with contextlib.suppress(OSError, ValueError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+    return tree
+
+
+def owns_ports(pid: int, ports: Sequence[int]) -> bool:
+    """Whether ``pid`` or one of its descendants listens on every one of ``ports``."""
+    held: set[int] = set()
+    for p in process_tree(pid):
+        held |= listening_ports(p)
+    return set(ports) <= held
 
 
 def _die_with_parent() -> None:
@@ -159,6 +200,49 @@ class ManagedProcess:
                 continue
 
 
+async def start_on_ports(
+    make: Callable[[list[int]], ManagedProcess],
+    ready_urls: Callable[[list[int]], Sequence[str]],
+    *,
+    ports: int = 1,
+    consecutive: bool = False,
+    owned: int | None = None,
+    within: float = 60.0,
+    attempts: int = 4,
+) -> tuple[ManagedProcess, list[int]]:
+    """Start a program told its ports on the command line (``make(ports)``); wait for ``ready_urls(ports)``.
+
+    The ports are :func:`candidate_ports`; the start counts only when the program itself then listens on
+    the first ``owned`` of them (default: all), so an answer from a process that took a port in between is
+    never taken for ours. When the program exits before it is ready, or another process holds a port, it
+    is stopped and started again on new ports (``attempts`` times).
+    """
+    last = ""
+    for _ in range(attempts):
+        chosen = candidate_ports(ports, consecutive=consecutive)
+        proc = make(chosen)
+        await proc.start()
+        try:
+            await proc.wait_http(ready_urls(chosen), within=within)
+        except InferouteError as exc:
+            exited = proc.proc is not None and proc.proc.returncode is not None
+            await proc.stop()
+            if not exited:
+                raise
+            last = exc.message
+            continue
+        assert proc.proc is not None
+        if owns_ports(proc.proc.pid, chosen[: ports if owned is None else owned]):
+            return proc, chosen
+        last = f"another process holds one of the ports {chosen}"
+        await proc.stop()
+    raise InferouteError(
+        500,
+        f"{proc.name} did not start on its own ports in {attempts} attempts: {last}",
+        cause="bench-process",
+    )
+
+
 def inferoute_argv(*args: str) -> list[str]:
     """Run the ``inferoute`` CLI of this very installation."""
     return [sys.executable, "-m", "inferoute", *args]
@@ -225,6 +309,53 @@ def sim_argv(
     return argv
 
 
+async def start_sim_pool(
+    name: str,
+    sizing: SimSizing,
+    time_scale: float,
+    seed: int,
+    log_path: Path,
+    *,
+    kv_events: bool = False,
+) -> tuple[ManagedProcess, SimPool]:
+    """``inferoute sim`` with ``sizing.replicas`` replicas on a block of ports it is seen to hold (HTTP, then
+    with ``kv_events`` each replica's KV-event publish and replay ports)."""
+    n = sizing.replicas
+
+    def pool(ports: list[int]) -> SimPool:
+        return SimPool(ports[0], n, ports[n] if kv_events else None)
+
+    proc, ports = await start_on_ports(
+        lambda ports: ManagedProcess(
+            name, sim_argv(sizing, ports[0], time_scale, seed, pool(ports).kv_base), log_path
+        ),
+        lambda ports: [f"{u}/health" for u in pool(ports).urls],
+        ports=3 * n if kv_events else n,
+        consecutive=True,
+    )
+    return proc, pool(ports)
+
+
+async def start_router(
+    contender: Contender,
+    name: str,
+    workers: Sequence[str],
+    workdir: Path,
+    log_path: Path,
+    labels: Sequence[Mapping[str, str]] = (),
+) -> tuple[ManagedProcess, str]:
+    """A contender's router in front of ``workers`` on a port it is seen to hold; returns it and its URL."""
+    proc, ports = await start_on_ports(
+        lambda ports: ManagedProcess(
+            name, contender.argv(ports[0], workers, workdir, labels, metrics_port=ports[1]), log_path
+        ),
+        lambda ports: contender.ready_urls(ports[0]),
+        ports=2,  # the Rust routers' Prometheus port as well
+        owned=1,
+    )
+    return proc, f"http://127.0.0.1:{ports[0]}"
+
+
 @dataclass(frozen=True, slots=True)
 class Contender:
     """One router configuration under test."""
@@ -240,8 +371,15 @@ class Contender:
         return self.kind == "inferoute"
 
     def argv(
-        self, port: int, workers: Sequence[str], workdir: Path, labels: Sequence[Mapping[str, str]] = ()
+        self,
+        port: int,
+        workers: Sequence[str],
+        workdir: Path,
+        labels: Sequence[Mapping[str, str]] = (),
+        metrics_port: int = 0,
     ) -> list[str]:
+        """The router on ``port`` in front of ``workers``; the Rust routers also serve Prometheus metrics
+        on ``metrics_port`` (they need one)."""
         if self.kind == "inferoute":
             config = workdir / f"gateway-{self.policy}.yaml"
             gw = gateway_config(port, workers, profile_path(self.policy), labels)
@@ -249,13 +387,18 @@ class Contender:
             return inferoute_argv("--log-level", "WARNING", "gateway", "--config", str(config))
         if self.kind == "vllm-router":
             exe = shutil.which("vllm-router", path=str(Path(sys.executable).parent)) or "vllm-router"
-            return [exe, *_rust_router_args(port, workers, self.policy), "--log-level", "warning"]
+            return [
+                exe,
+                *_rust_router_args(port, workers, self.policy, metrics_port),
+                "--log-level",
+                "warning",
+            ]
         if self.kind == "sglang-router":
             return [
                 sys.executable,
                 "-m",
                 "sglang_router.launch_router",
-                *_rust_router_args(port, workers, self.policy),
+                *_rust_router_args(port, workers, self.policy, metrics_port),
                 "--log-level",
                 "warn",
             ]
@@ -267,7 +410,7 @@ class Contender:
         )
 
 
-def _rust_router_args(port: int, workers: Sequence[str], policy: str) -> list[str]:
+def _rust_router_args(port: int, workers: Sequence[str], policy: str, metrics_port: int) -> list[str]:
     return [
         "--host",
         "127.0.0.1",
@@ -280,7 +423,7 @@ def _rust_router_args(port: int, workers: Sequence[str], policy: str) -> list[st
         "--prometheus-host",
         "127.0.0.1",
         "--prometheus-port",
-        str(free_port()),
+        str(metrics_port),
         "--worker-startup-timeout-secs",
         "30",
         "--request-timeout-secs",
@@ -375,7 +518,13 @@ __all__ = [
     "ManagedProcess",
     "SimPool",
     "all_contenders",
+    "candidate_ports",
     "gateway_config",
+    "listening_ports",
+    "owns_ports",
     "select_contenders",
     "sim_argv",
+    "start_on_ports",
+    "start_router",
+    "start_sim_pool",
 ]

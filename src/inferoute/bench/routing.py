@@ -37,11 +37,9 @@ from inferoute.bench.peers import (
     BASELINE,
     Contender,
     ManagedProcess,
-    SimPool,
-    consecutive_free_ports,
-    free_port,
     select_contenders,
-    sim_argv,
+    start_router,
+    start_sim_pool,
 )
 from inferoute.bench.stats import (
     PointSummary,
@@ -133,21 +131,9 @@ async def run_point(
     """One contender x workload x rate: fresh pool, fresh router, same seeded plan."""
     sizing = workload.sizing(cfg.replicas)
     # every pool publishes KV events (same simulator cost for every contender); only precise reads them
-    pool = SimPool(
-        consecutive_free_ports(cfg.replicas), cfg.replicas, consecutive_free_ports(2 * cfg.replicas)
-    )
     tag = f"{workload.name}-{rate:g}-{contender.name.replace('/', '-')}"
-    sim = ManagedProcess(
-        f"sim[{tag}]",
-        sim_argv(sizing, pool.base_port, cfg.time_scale, cfg.seed, pool.kv_base),
-        workdir / "logs" / f"{tag}-sim.log",
-    )
-    router_port = free_port()
-    router = ManagedProcess(
-        f"{contender.name}[{tag}]",
-        contender.argv(router_port, pool.urls, workdir, pool.labels()),
-        workdir / "logs" / f"{tag}-router.log",
-    )
+    sim: ManagedProcess | None = None
+    router: ManagedProcess | None = None
     plan = workload.plan(rate, cfg.duration, cfg.seed)
     done = 0
 
@@ -158,23 +144,36 @@ async def run_point(
             progress(tag, done, len(plan))
 
     try:
-        await sim.start()
-        await sim.wait_http([f"{u}/health" for u in pool.urls], within=60)
-        await router.start()
-        await router.wait_http(contender.ready_urls(router_port), within=60)
+        sim, pool = await start_sim_pool(
+            f"sim[{tag}]",
+            sizing,
+            cfg.time_scale,
+            cfg.seed,
+            workdir / "logs" / f"{tag}-sim.log",
+            kv_events=True,
+        )
+        router, router_url = await start_router(
+            contender,
+            f"{contender.name}[{tag}]",
+            pool.urls,
+            workdir,
+            workdir / "logs" / f"{tag}-router.log",
+            pool.labels(),
+        )
         before = await scrape.pool_counters(pool.urls)
         sampler = scrape.LoraWaitSampler(pool.urls if sizing.lora_adapters else [])
         async with sampler:
             results = await run_plan(
-                f"http://127.0.0.1:{router_port}",
+                router_url,
                 plan,
                 options=LoadOptions(request_timeout=cfg.request_timeout),
                 on_done=on_done,
             )
         after = await scrape.pool_counters(pool.urls)
     finally:
-        await router.stop()
-        await sim.stop()
+        for proc in (router, sim):
+            if proc is not None:
+                await proc.stop()
     summary = summarize(contender.name, workload.name, rate, results, cfg.warmup, cfg.duration)
     summary.server = server_delta(before, after)
     if workload.per_group:
