@@ -30,6 +30,7 @@ from inferoute.gateway.app import start_gateway
 from inferoute.gateway.config import parse_config
 from inferoute.sim import SimConfig, SimPool
 from kube_emulator import PODS_URL, POOLS_URL, KubeApi, kube_api, pod, pool
+from tcp_relay import relay
 
 PROBE_PERIOD = 0.1
 
@@ -65,20 +66,7 @@ class ServiceForwarder:
         if not self.ready:
             writer.close()
             return
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.ready[0])
-        except OSError:
-            writer.close()
-            return
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        await relay(reader, writer, self.ready[0])
 
 
 async def start_replica(name: str, api: KubeApi, log: IO[bytes]) -> asyncio.subprocess.Process:

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import parse_config
 from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
+from tcp_relay import relay
 
 INFEROUTE = Path(sys.executable).parent / "inferoute"
 CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -205,13 +206,7 @@ class PickerAddress:
     async def relay_to(self, port: int) -> None:
         async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self._writers.add(writer)
-            try:
-                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:  # the picker has stopped: the connection fails like one to a stopped picker
-                writer.close()
-                return
-            self._writers.add(up_writer)
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await relay(reader, writer, port)
 
         self._server = await asyncio.start_server(connection, sock=self._sock)
 
@@ -221,17 +216,6 @@ class PickerAddress:
         for writer in self._writers:
             writer.close()
         self._sock.close()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass
-    finally:
-        writer.close()
 
 
 async def _gateway_url(log: Path, proc: subprocess.Popen[bytes]) -> str:
