@@ -18,7 +18,7 @@ import pytest
 import yaml
 from test_sim_kvevents_zmq import CFG
 
-from conftest import listening_ports
+from inferoute.bench.peers import listening_ports
 from inferoute.endpoints import Endpoint
 from inferoute.extproc.channel import ChannelOptions
 from inferoute.extproc.client import GrpcPicker
