@@ -7,7 +7,9 @@ routed, so a long shared prefix must keep landing on the replica that cached it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from inferoute.epp.assembly import EmbeddedPicker, EppOptions, start_picker
+from inferoute.epp.serving import h2server as h2s
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.integrations.envoy import EnvoyProcess, bootstrap
 from inferoute.sim import SimConfig, SimPool
@@ -33,8 +36,8 @@ class Rig:
     registry: CollectorRegistry
 
 
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+@contextlib.asynccontextmanager
+async def _start_rig(tmp_path: Path, limits: h2s.Limits | None = None) -> AsyncIterator[Rig]:
     pool = await SimPool.start(SimConfig(time_scale=0.05), replicas=3, host="127.0.0.1", base_port=0)
     picker = server = envoy = None
     registry = CollectorRegistry()
@@ -42,9 +45,10 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         picker = await start_picker(
             EppOptions(endpoints=pool.endpoints, registry=CollectorRegistry(), seed=3)
         )
-        server = await EppServer.start(
-            picker, ServerOptions(host="127.0.0.1", grpc_port=0, health_port=None), registry
+        opts = ServerOptions(
+            host="127.0.0.1", grpc_port=0, health_port=None, h2_limits=limits or h2s.Limits()
         )
+        server = await EppServer.start(picker, opts, registry)
         cfg = bootstrap(
             f"127.0.0.1:{server.grpc_port}",
             0,
@@ -63,6 +67,12 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         if picker is not None:
             await picker.aclose()
         await pool.aclose()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with _start_rig(tmp_path) as r:
+        yield r
 
 
 async def _complete(http: aiohttp.ClientSession, url: str, prompt: str) -> str:
@@ -102,3 +112,28 @@ async def test_sim_sse_streams_through_envoy_and_picker(rig: Rig) -> None:
     # every response passed through the picker's response phase: nothing left in flight
     await asyncio.sleep(0.2)
     assert rig.registry.get_sample_value("inferoute_extproc_active_streams") == 0
+
+
+async def test_envoy_resetting_every_finished_call_is_not_rapid_reset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Envoy's ext_proc filter ends each call with RST_STREAM once it has the picker's last response. Those
+    resets follow our reply and must not count toward the rapid-reset limit: with the limit at 20 per
+    interval, 240 requests (8 at a time, so calls are in flight whenever a reset arrives) all succeed and the
+    picker never closes Envoy's connection."""
+    caplog.set_level(logging.INFO, logger="inferoute")
+    limits = h2s.Limits(max_resets_per_interval=20)
+    async with _start_rig(tmp_path, limits) as r, aiohttp.ClientSession() as http:
+        statuses: list[int] = []
+
+        async def worker(w: int) -> None:
+            for i in range(30):
+                body = {"model": MODEL, "prompt": f"worker {w} request {i}", "max_tokens": 1}
+                async with http.post(f"{r.url}/v1/completions", json=body) as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+
+        await asyncio.gather(*(worker(w) for w in range(8)))
+    assert statuses.count(200) == 240, sorted(set(statuses))
+    closed = [m for m in caplog.messages if "gRPC connection closed: HTTP/2 error" in m]
+    assert not closed, closed

@@ -139,3 +139,24 @@ def test_rfc9113_stream_errors() -> None:
     assert isinstance(ended, ConnectionEnded) and ended.code == 0x1  # idle stream
     goaway = frames(core.data_to_send())[-1]
     assert goaway[0] == GOAWAY and b"idle stream" in goaway[3]
+
+
+def test_only_resets_before_our_reply_count_toward_rapid_reset() -> None:
+    """A proxy ending an answered call with RST_STREAM (Envoy's ext_proc filter does, every call) is not
+    rapid reset; a call cancelled before any reply is, and the limit's next one closes the connection."""
+    core = connected(max_resets_per_interval=3)
+    rst = frame_header(4, RST, 0, 0)[:5]
+    for sid in range(1, 41, 2):  # 20 answered calls, each reset by the client after our reply headers
+        core.receive_data(call(sid) + message(sid, b"q"))
+        assert core.send_messages(sid, [b"\x00\x00\x00\x00\x01a"], 6)
+        events = core.receive_data(rst + sid.to_bytes(4, "big") + b"\x00\x00\x00\x08")
+        assert [type(e) for e in events] == [CallEnded]
+    core.receive_data(rst + (1).to_bytes(4, "big") + b"\x00\x00\x00\x08")  # a call long over
+    assert not core.closed
+    for sid in range(41, 47, 2):  # three cancelled before any reply: at the limit, still open
+        core.receive_data(call(sid) + rst + sid.to_bytes(4, "big") + b"\x00\x00\x00\x08")
+    assert not core.closed
+    events = core.receive_data(call(47) + rst + (47).to_bytes(4, "big") + b"\x00\x00\x00\x08")
+    assert any(isinstance(e, ConnectionEnded) for e in events)
+    goaway = [p for t, _, _, p in frames(core.data_to_send()) if t == GOAWAY]
+    assert goaway and goaway[0][4:8] == (0xB).to_bytes(4, "big")

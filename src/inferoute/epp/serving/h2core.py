@@ -80,7 +80,9 @@ class Limits:
     max_continuation_frames: int = 16
     """CONTINUATION frames in one header block."""
     max_resets_per_interval: int = 2000
-    """RST_STREAM from the client, and streams refused or reset by us, per interval (rapid reset)."""
+    """RST_STREAM from the client for a call not yet answered (no reply headers sent), and streams refused
+    or reset by us, per interval (rapid reset). A reset after the reply began is not counted: proxies end
+    finished calls that way."""
     max_no_reply_frames_per_interval: int = 10_000
     """Frames that carry nothing to act on (empty DATA/CONTINUATION, PRIORITY, unknown types, SETTINGS,
     PING, WINDOW_UPDATE, frames for closed streams) per interval."""
@@ -651,11 +653,17 @@ class H2Core:
             raise ProtocolError(E_FRAME_SIZE, "RST_STREAM of the wrong size")
         if sid > self.last_sid:
             raise ProtocolError(E_PROTOCOL, "RST_STREAM on an idle stream")
-        self._count_reset()
         s = self.streams.get(sid)
-        if s is not None:
-            self._forget(s)
-            self._events.append(CallEnded(sid, True))
+        if s is None:
+            self._no_reply_frame()  # a call already over: nothing to cancel
+            return
+        if not s.headers_sent:
+            # Cancelled before we answered anything: the rapid-reset pattern (work started, never read).
+            # A reset after our reply is how proxies end a call they are done with -- Envoy's ext_proc
+            # filter resets every stream once it has its last response -- and is not counted.
+            self._count_reset()
+        self._forget(s)
+        self._events.append(CallEnded(sid, True))
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
