@@ -56,6 +56,11 @@ async def test_quick_run_measures_every_contender_and_writes_reports(tmp_path: P
         assert 0 < p.ttft_p50 <= p.ttft_p90 < 5
         assert p.output_tps > 0
         assert p.server["requests_finished"] >= p.ok  # the pool really served them
+        # CPU evidence: the pool, the router and this process (the load generator) each used some CPU,
+        # measured over the traffic only; waits are run-queue seconds per second, never negative
+        assert p.cpu["sim_cpu"] > 0 and p.cpu["router_cpu"] > 0 and p.cpu["loadgen_cpu"] > 0, p.cpu
+        assert all(p.cpu[f"{r}_wait"] >= 0 for r in ("sim", "router", "loadgen")), p.cpu
+        assert 0 < p.cpu["machine_busy"] <= 1 and p.cpu["wall_s"] >= 2.5, p.cpu
     rr = points[0]
     assert len(rr.served) == 2 and min(rr.served.values()) >= 1  # round-robin used both replicas
 
@@ -68,6 +73,8 @@ async def test_quick_run_measures_every_contender_and_writes_reports(tmp_path: P
     assert {r["contender"] for r in rows} == {c.name for c in contenders}
     summary = (tmp_path / "summary.md").read_text()
     assert "| inferoute/gie-default | 4 |" in summary
+    assert "| sglang-router/cache_aware | 4 | " in summary.split("CPU during each point")[1]
+    assert "H100-equivalent" in summary  # time scale 0.2: the capacity also in modelled-H100 terms
     for chart in ("ttft-p90", "throughput", "cache-hit"):
         assert (tmp_path / f"shared-prefix-{chart}.png").stat().st_size > 1000
     # every process the runner started (simulators, routers) has been stopped and reaped

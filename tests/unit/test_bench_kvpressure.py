@@ -3,6 +3,7 @@ capacity-at-SLO figure of ``inferoute bench routing``."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import pytest
 import yaml
 
 from inferoute.bench.peers import SimPool, gateway_config, select_contenders, sim_argv
-from inferoute.bench.routing import capacity_at_slo, capacity_table
-from inferoute.bench.stats import PointSummary
+from inferoute.bench.routing import capacity_at_slo, capacity_table, cpu_table
+from inferoute.bench.stats import PointSummary, check_kv_pressure
 from inferoute.bench.workloads import BLOCK_SIZE, KVPressure, get_workload
+from inferoute.errors import InferouteError
 from inferoute.kvevents.config import KV_EVENTS_LABEL, KV_REPLAY_LABEL, parse_kv_events_config
 
 
@@ -79,3 +81,104 @@ def test_the_precise_profiles_speculate_and_precise_local_tokenizes_in_the_picke
         assert isinstance(producer, PrecisePrefixProducer) and isinstance(tokens, TokenProducer)
         assert producer.index.speculative_ttl == 2.0 and producer.index.block_size == 64
         assert (tokens.render is not None) == renders
+
+
+def series(name: str, p90s: dict[float, float]) -> list[PointSummary]:
+    return [point(name, rate, p90) for rate, p90 in p90s.items()]
+
+
+def test_kv_pressure_targets_compare_best_profile_with_best_peer() -> None:
+    ours = ["inferoute/gie-default", "inferoute/predicted-ttft"]
+    peers = ["sglang-router/cache_aware", "vllm-router/cache_aware"]
+    rates = (10, 20, 30, 40)
+    points = [
+        *series("inferoute/gie-default", dict(zip(rates, (0.2, 0.3, 0.5, 0.9), strict=True))),
+        *series("inferoute/predicted-ttft", dict(zip(rates, (0.2, 0.3, 1.5, 2.0), strict=True))),
+        *series("sglang-router/cache_aware", dict(zip(rates, (0.3, 0.4, 1.2, 3.0), strict=True))),
+        *series("vllm-router/cache_aware", dict(zip(rates, (0.3, 1.4, 2.0, 3.0), strict=True))),
+    ]
+    capacity, per_rate, ptt = check_kv_pressure(points, ours, peers, slo=1.0)
+    # gie-default holds the SLO at every measured rate (a lower bound: ≥ 40) vs sglang's 20: 2x
+    assert capacity.passed and "≥ 40/s" in capacity.detail and "ratio 2.00" in capacity.detail
+    assert per_rate.passed and "at 3 rate(s)" in per_rate.detail  # 10, 20, 30 ≤ 1.5 x 20
+    assert not ptt.passed and "predicted-ttft 20/s" in ptt.detail
+    # a slower point inside 1.5x the peer's capacity, and a capacity short of 1.5x, are misses
+    worse = [point("inferoute/gie-default", 10, 0.35), *points[1:]]
+    assert not check_kv_pressure(worse, ours, peers, 1.0)[1].passed
+    assert "worse at 10/s 0.350s vs 0.300s" in check_kv_pressure(worse, ours, peers, 1.0)[1].detail
+    assert not check_kv_pressure(points, ours, peers, slo=0.45)[0].passed  # 20 vs 20: ratio 1
+    assert not check_kv_pressure(points[:4], ours, [], 1.0)[0].passed  # no peer measured
+
+
+def test_capacity_table_in_wall_and_h100_terms() -> None:
+    points = [*series("a", {4: 0.5, 8: 5.0}), *series("b", {4: 1.0, 8: 2.0})]
+    table = capacity_table(points, slo=4.0, time_scale=4.0)
+    assert "p90 TTFT < 4 s" in table and "1 s and rate x 4 at H100 speed" in table
+    assert "| a | 4 | 16 |" in table and "| b | ≥ 8 | ≥ 32 |" in table  # b never crossed the bound
+    assert "H100" not in capacity_table(points, slo=1.0)
+
+
+def test_gateway_scrapes_as_often_in_engine_steps_at_any_time_scale(tmp_path: Path) -> None:
+    workers = ["http://127.0.0.1:9001"]
+    at_1 = gateway_config(8080, workers, tmp_path / "p.yaml")["picker"]
+    at_4 = gateway_config(8080, workers, tmp_path / "p.yaml", time_scale=4.0)["picker"]
+    assert at_1["refresh_interval"] == 0.05 and at_1["staleness_threshold"] == 2.0  # type: ignore[index]
+    assert at_4["refresh_interval"] == 0.2 and at_4["staleness_threshold"] == 8.0  # type: ignore[index]
+    (gie,) = select_contenders("inferoute/gie-default")
+    argv = gie.argv(8080, workers, tmp_path, time_scale=2.0)
+    written = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())
+    assert written["picker"]["refresh_interval"] == 0.1
+
+
+def test_cpu_table_shows_each_roles_cores_and_waits() -> None:
+    p = point("a", 4, 0.2)
+    p.cpu = {
+        "sim_cpu": 0.31,
+        "sim_wait": 0.012,
+        "router_cpu": 0.2,
+        "router_wait": 0.004,
+        "loadgen_cpu": 0.1,
+        "loadgen_wait": 0.001,
+        "machine_busy": 0.45,
+        "load1": 2.5,
+    }
+    table = cpu_table([p, point("b", 4, 0.2)])
+    assert "| a | 4 | 0.31 / 0.012 | 0.20 / 0.004 | 0.10 / 0.001 | 45% | 2.5 |" in table
+    assert "| b |" not in table  # no CPU figures (an older run.json): no row
+    assert cpu_table([point("b", 4, 0.2)]) == ""
+
+
+def test_runs_of_one_rate_each_merge_into_one_report(tmp_path: Path) -> None:
+    from inferoute.bench import report
+    from inferoute.bench.routing import RunConfig, rebuild_reports
+
+    contenders = select_contenders("inferoute/gie-default,sglang-router/cache_aware")
+    for i, (rate, p90s) in enumerate([(10.0, (0.2, 0.3)), (20.0, (0.4, 1.5))]):
+        cfg = RunConfig(["kv-pressure"], {"kv-pressure": [rate]}, contenders, seed=3, command=f"run {i}")
+        pts = [point(c.name, rate, p90) for c, p90 in zip(contenders, p90s, strict=True)]
+        (tmp_path / str(i)).mkdir()
+        report.write_json(tmp_path / str(i) / "run.json", cfg.meta(), pts, {}, {})
+    text = rebuild_reports([tmp_path / "0" / "run.json", tmp_path / "1" / "run.json"], tmp_path / "all")
+    assert "`run 0; run 1`" in text
+    assert "| inferoute/gie-default | ≥ 20 |" in text and "| sglang-router/cache_aware | 10 |" in text
+    merged = json.loads((tmp_path / "all" / "run.json").read_text())
+    assert merged["meta"]["rates"] == {"kv-pressure": [10.0, 20.0]} and len(merged["points"]) == 4
+    assert merged["targets"]["kv-pressure"][0]["passed"]  # ≥ 20 vs 10: 2x
+    other = RunConfig(["kv-pressure"], {"kv-pressure": [30.0]}, contenders, seed=4)
+    (tmp_path / "2").mkdir()
+    report.write_json(tmp_path / "2" / "run.json", other.meta(), [], {}, {})
+    with pytest.raises(InferouteError, match="seed 4 differs"):
+        rebuild_reports([tmp_path / "0" / "run.json", tmp_path / "2" / "run.json"], tmp_path / "x")
+
+
+def test_kv_cache_blocks_overrides_the_workloads_pool_sizing() -> None:
+    from inferoute.bench.routing import RunConfig
+
+    wl = get_workload("kv-pressure")
+    own = RunConfig(["kv-pressure"], {"kv-pressure": [4.0]}, [])
+    big = RunConfig(["kv-pressure"], {"kv-pressure": [4.0]}, [], kv_cache_blocks=27000)
+    assert own.sizing(wl) == wl.sizing(4) and own.meta()["kv_cache_blocks"] is None
+    assert (
+        big.sizing(wl).kv_cache_blocks == 27000 and big.sizing(wl).max_num_seqs == wl.sizing(4).max_num_seqs
+    )
+    assert big.meta()["kv_cache_blocks"] == 27000

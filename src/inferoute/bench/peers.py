@@ -34,6 +34,7 @@ import yaml
 
 from inferoute.bench.workloads import BLOCK_SIZE, SimSizing
 from inferoute.errors import InferouteError
+from inferoute.gateway.config import PickerConfig
 from inferoute.kvevents.config import KV_EVENTS_LABEL, KV_REPLAY_LABEL
 
 log = logging.getLogger(__name__)
@@ -343,11 +344,15 @@ async def start_router(
     workdir: Path,
     log_path: Path,
     labels: Sequence[Mapping[str, str]] = (),
+    time_scale: float = 1.0,
 ) -> tuple[ManagedProcess, str]:
-    """A contender's router in front of ``workers`` on a port it is seen to hold; returns it and its URL."""
+    """A contender's router in front of ``workers`` on a port it is seen to hold; returns it and its URL.
+    ``time_scale``: the pool's (our picker's metric scrapes slow down with the simulated engines)."""
     proc, ports = await start_on_ports(
         lambda ports: ManagedProcess(
-            name, contender.argv(ports[0], workers, workdir, labels, metrics_port=ports[1]), log_path
+            name,
+            contender.argv(ports[0], workers, workdir, labels, metrics_port=ports[1], time_scale=time_scale),
+            log_path,
         ),
         lambda ports: contender.ready_urls(ports[0]),
         ports=2,  # the Rust routers' Prometheus port as well
@@ -377,12 +382,13 @@ class Contender:
         workdir: Path,
         labels: Sequence[Mapping[str, str]] = (),
         metrics_port: int = 0,
+        time_scale: float = 1.0,
     ) -> list[str]:
         """The router on ``port`` in front of ``workers``; the Rust routers also serve Prometheus metrics
-        on ``metrics_port`` (they need one)."""
+        on ``metrics_port`` (they need one). ``time_scale``: see :func:`gateway_config`."""
         if self.kind == "inferoute":
             config = workdir / f"gateway-{self.policy}.yaml"
-            gw = gateway_config(port, workers, profile_path(self.policy), labels)
+            gw = gateway_config(port, workers, profile_path(self.policy), labels, time_scale)
             config.write_text(yaml.safe_dump(gw))
             return inferoute_argv("--log-level", "WARNING", "gateway", "--config", str(config))
         if self.kind == "vllm-router":
@@ -448,10 +454,17 @@ def profile_path(profile: str) -> Path:
 
 
 def gateway_config(
-    port: int, workers: Sequence[str], profile_file: Path, labels: Sequence[Mapping[str, str]] = ()
+    port: int,
+    workers: Sequence[str],
+    profile_file: Path,
+    labels: Sequence[Mapping[str, str]] = (),
+    time_scale: float = 1.0,
 ) -> dict[str, object]:
     """The ``inferoute gateway`` YAML for one contender: embedded picker, BBR on, no access log; ``labels``
-    (per worker) e.g. point the picker at the workers' KV events."""
+    (per worker) e.g. point the picker at the workers' KV events. With simulated engines ``time_scale``
+    times slower, the picker scrapes their metrics ``time_scale`` times less often (and stale metrics
+    take as much longer), so a scrape is as fresh, in engine steps, as the default 50 ms at H100 speed:
+    a slower pool must not hand the metric-driven scorers a fresher view than a real one would."""
     endpoints = []
     for i, url in enumerate(workers):
         hostport = url.split("://", 1)[-1].rstrip("/")
@@ -464,7 +477,11 @@ def gateway_config(
         "listen": f"127.0.0.1:{port}",
         "access_log": False,
         "pool": {"endpoints": endpoints},
-        "picker": {"config_file": str(profile_file)},
+        "picker": {
+            "config_file": str(profile_file),
+            "refresh_interval": PickerConfig().refresh_interval * time_scale,
+            "staleness_threshold": PickerConfig().staleness_threshold * time_scale,
+        },
         "routes": [{"path": "/", "epp": {"endpoint": "embedded"}}],
     }
 

@@ -16,9 +16,11 @@ At the end it writes ``run.json``, ``summary.csv``, ``requests.csv``, PNG plots 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import shlex
 import signal
@@ -32,6 +34,7 @@ from typing import Any
 import click
 
 from inferoute.bench import report, scrape
+from inferoute.bench.cpu import CpuProbe
 from inferoute.bench.loadgen import LoadOptions, RequestResult, run_plan
 from inferoute.bench.peers import (
     BASELINE,
@@ -44,13 +47,15 @@ from inferoute.bench.peers import (
 from inferoute.bench.stats import (
     PointSummary,
     TargetCheck,
+    capacity_at_slo,
+    check_kv_pressure,
     check_lora_waits,
     check_shared_prefix,
     group_stats,
     server_delta,
     summarize,
 )
-from inferoute.bench.workloads import WORKLOADS, Workload, get_workload
+from inferoute.bench.workloads import WORKLOADS, SimSizing, Workload, get_workload
 from inferoute.errors import InferouteError
 
 log = logging.getLogger(__name__)
@@ -67,7 +72,8 @@ DEFAULT_RATES: dict[str, tuple[float, ...]] = {
 }
 OVERLOAD_CONTENDERS = "inferoute/round-robin,inferoute/objectives,inferoute/flow-control"
 SLO_TTFT_P90 = 1.0
-"""The p90 TTFT bound (seconds) of the capacity-at-SLO figure."""
+"""The p90 TTFT bound of the capacity-at-SLO figure, in modelled-H100 seconds (x ``--time-scale`` on the
+wall clock)."""
 QUICK_RATES: tuple[float, ...] = (2.0, 5.0)
 QUICK_CONTENDERS = "inferoute/round-robin,inferoute/gie-default,vllm-router/round_robin"
 
@@ -87,8 +93,26 @@ class RunConfig:
     out_dir: Path = Path("bench-results/routing")
     quick: bool = False
     request_timeout: float = 180.0
+    kv_cache_blocks: int | None = None
+    """Overrides the workloads' KV sizing of each replica (e.g. a cache so large every prefix stays: the
+    compute-bound ceiling of a pool, whatever the router)."""
+    slo_ttft: float = SLO_TTFT_P90
+    """p90 TTFT bound of the capacity figure, modelled-H100 seconds; the wall-clock bound is x time_scale."""
     command: str = ""
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def sizing(self, workload: Workload) -> SimSizing:
+        """The simulator pool for ``workload`` (its own sizing unless ``kv_cache_blocks`` overrides it)."""
+        sizing = workload.sizing(self.replicas)
+        if self.kv_cache_blocks is not None:
+            sizing = dataclasses.replace(sizing, kv_cache_blocks=self.kv_cache_blocks)
+        return sizing
+
+    @property
+    def slo_wall(self) -> float:
+        """The SLO bound on the wall clock: a simulated engine ``time_scale`` times slower takes as much
+        longer to the same first token."""
+        return self.slo_ttft * self.time_scale
 
     def points(self) -> list[tuple[str, float, Contender]]:
         return [(w, r, c) for w in self.workloads for r in self.rates[w] for c in self.contenders]
@@ -103,6 +127,8 @@ class RunConfig:
             "warmup_s": self.warmup,
             "replicas": self.replicas,
             "time_scale": self.time_scale,
+            "slo_ttft_p90_s": self.slo_ttft,
+            "kv_cache_blocks": self.kv_cache_blocks,
             "seed": self.seed,
             "quick": self.quick,
             "started": self.started,
@@ -129,7 +155,7 @@ async def run_point(
     progress: ProgressHook | None = None,
 ) -> PointResult:
     """One contender x workload x rate: fresh pool, fresh router, same seeded plan."""
-    sizing = workload.sizing(cfg.replicas)
+    sizing = cfg.sizing(workload)
     # every pool publishes KV events (same simulator cost for every contender); only precise reads them
     tag = f"{workload.name}-{rate:g}-{contender.name.replace('/', '-')}"
     sim: ManagedProcess | None = None
@@ -159,16 +185,20 @@ async def run_point(
             workdir,
             workdir / "logs" / f"{tag}-router.log",
             pool.labels(),
+            time_scale=cfg.time_scale,
         )
         before = await scrape.pool_counters(pool.urls)
         sampler = scrape.LoraWaitSampler(pool.urls if sizing.lora_adapters else [])
+        probe = cpu_probe(sim, router)
         async with sampler:
+            probe.start()
             results = await run_plan(
                 router_url,
                 plan,
                 options=LoadOptions(request_timeout=cfg.request_timeout),
                 on_done=on_done,
             )
+            cpu = probe.finish()
         after = await scrape.pool_counters(pool.urls)
     finally:
         for proc in (router, sim):
@@ -176,11 +206,18 @@ async def run_point(
                 await proc.stop()
     summary = summarize(contender.name, workload.name, rate, results, cfg.warmup, cfg.duration)
     summary.server = server_delta(before, after)
+    summary.cpu = cpu
     if workload.per_group:
         summary.groups = group_stats(results, cfg.warmup)
     if sizing.lora_adapters:
         summary.server[scrape.LORA_WAIT_SECONDS] = sampler.adapter_seconds
     return PointResult(summary, results)
+
+
+def cpu_probe(sim: ManagedProcess, router: ManagedProcess) -> CpuProbe:
+    """CPU used and waited for by the pool, the router and this process (the load generator)."""
+    pids = {role: [p.proc.pid] for role, p in (("sim", sim), ("router", router)) if p.proc is not None}
+    return CpuProbe({**pids, "loadgen": [os.getpid()]}, shallow=frozenset({"loadgen"}))
 
 
 async def run_benchmark(
@@ -218,6 +255,9 @@ def evaluate_targets(cfg: RunConfig, points: Sequence[PointSummary]) -> dict[str
     if ml:
         counter = lora_wait_measure(ml)
         out["multi-lora"] = check_lora_waits(ml, ours, peers, counter)
+    kv = [p for p in points if p.workload == "kv-pressure"]
+    if kv:
+        out["kv-pressure"] = check_kv_pressure(kv, ours, peers, cfg.slo_wall)
     return out
 
 
@@ -247,7 +287,7 @@ def write_reports(
     targets = evaluate_targets(cfg, points)
     meta = cfg.meta()
     meta["workload_parameters"] = {n: w.parameters() for n, w in workloads.items()}
-    meta["sim_sizing"] = {n: w.sizing(cfg.replicas).describe() for n, w in workloads.items()}
+    meta["sim_sizing"] = {n: cfg.sizing(w).describe() for n, w in workloads.items()}
     report.write_json(cfg.out_dir / "run.json", meta, points, knees, targets)
     report.write_summary_csv(cfg.out_dir / "summary.csv", points)
     sections = [
@@ -257,16 +297,18 @@ def write_reports(
     ]
     for w in cfg.workloads:
         wl = workloads[w]
-        lora = bool(wl.sizing(cfg.replicas).lora_adapters)
+        lora = bool(cfg.sizing(wl).lora_adapters)
         columns = LORA_COLUMNS if lora else []
         sections.append(
             f"## {w}\n\n{wl.summary}. Parameters: `{json.dumps(wl.parameters())}`. Pool: "
-            f"{wl.sizing(cfg.replicas).describe()}.\n"
+            f"{cfg.sizing(wl).describe()}.\n"
         )
         sections.append(report.markdown_tables(w, points, knees[w], columns))
         if wl.per_group:
             sections.append(group_table([p for p in points if p.workload == w]))
-        sections.append(capacity_table([p for p in points if p.workload == w]))
+        mine = [p for p in points if p.workload == w]
+        sections.append(capacity_table(mine, cfg.slo_wall, cfg.time_scale))
+        sections.append(cpu_table(mine))
         if w in targets:
             sections.append("Targets:\n\n" + report.markdown_targets(targets[w]))
         if plots and any(p.workload == w for p in points):
@@ -296,48 +338,104 @@ def group_table(points: Sequence[PointSummary]) -> str:
     return "Per group:\n\n" + "\n".join(rows) + "\n"
 
 
-def capacity_at_slo(points: Sequence[PointSummary], slo: float = SLO_TTFT_P90) -> float:
-    """The highest offered rate up to which every measured rate kept p90 TTFT under ``slo`` (0: none)."""
-    best = 0.0
-    for p in sorted(points, key=lambda p: p.rate):
-        if not p.ok or not p.ttft_p90 < slo:
-            break
-        best = p.rate
-    return best
-
-
-def capacity_table(points: Sequence[PointSummary], slo: float = SLO_TTFT_P90) -> str:
-    """Markdown: each contender's capacity at the SLO, best first."""
+def capacity_table(points: Sequence[PointSummary], slo: float = SLO_TTFT_P90, time_scale: float = 1.0) -> str:
+    """Markdown: each contender's capacity at the SLO (``slo``: wall-clock seconds), best first; with a
+    ``time_scale`` other than 1 also in modelled-H100 terms (rate x time scale, bound / time scale)."""
     by: dict[str, list[PointSummary]] = {}
     for p in points:
         by.setdefault(p.contender, []).append(p)
     if not by:
         return ""
     rows = sorted(((capacity_at_slo(ps, slo), name) for name, ps in by.items()), reverse=True)
-    lines = [f"Capacity at p90 TTFT < {slo:g} s (highest rate with every lower rate also under it):\n"]
-    lines += ["| contender | capacity (req/s) |", "|---|---|"]
-    lines += [f"| {name} | {cap:g} |" for cap, name in rows]
+    highest = max(p.rate for p in points)
+    scaled = time_scale != 1.0
+    lines = [
+        f"Capacity at p90 TTFT < {slo:g} s (highest rate with every lower rate also under it"
+        + (
+            f"; time scale {time_scale:g}: {slo / time_scale:g} s and rate x {time_scale:g} at H100 speed"
+            if scaled
+            else ""
+        )
+        + "):\n"
+    ]
+    lines += [
+        "| contender | capacity (req/s) |" + (" H100-equivalent (req/s) |" if scaled else ""),
+        "|---|---|" + ("---|" if scaled else ""),
+    ]
+    for cap, name in rows:
+        shown = f"≥ {cap:g}" if cap == highest else f"{cap:g}"  # not reached in the measured range
+        lines.append(
+            f"| {name} | {shown} |"
+            + (f" {'≥ ' if cap == highest else ''}{cap * time_scale:g} |" if scaled else "")
+        )
     return "\n".join(lines) + "\n"
 
 
-def rebuild_reports(run_json: Path) -> str:
-    """Re-write summary.md, summary.csv and the plots of a finished run from its ``run.json``."""
-    meta, points = report.load_points(run_json)
+def cpu_table(points: Sequence[PointSummary]) -> str:
+    """Markdown: per point, the cores the pool, router and load generator used and how long they waited
+    for a CPU (run-queue seconds per second), the machine's busy share and load average."""
+    rows = [p for p in points if p.cpu]
+    if not rows:
+        return ""
+    lines = [
+        "CPU during each point's traffic (cores used / run-queue wait per second; machine busy share; "
+        "load average):\n",
+        "| contender | rate | sim | router | load generator | machine busy | load1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in rows:
+        c = p.cpu
+        cells = [
+            f"{c.get(r + '_cpu', math.nan):.2f} / {c.get(r + '_wait', math.nan):.3f}"
+            for r in ("sim", "router", "loadgen")
+        ]
+        lines.append(
+            f"| {p.contender} | {p.rate:g} | "
+            + " | ".join(cells)
+            + f" | {c.get('machine_busy', math.nan):.0%} | {c.get('load1', math.nan):.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rebuild_reports(run_jsons: Sequence[Path], out_dir: Path | None = None) -> str:
+    """Re-write summary.md, summary.csv and the plots from finished runs' ``run.json`` files (into
+    ``out_dir``, default the first file's directory). Several files (e.g. a few rates each, to keep every
+    invocation short) merge into one report; they must share seed, time scale, point length and pool.
+    A (workload, contender, rate) measured twice keeps the later file's point."""
+    meta, points = report.load_points(run_jsons[0])
+    for path in run_jsons[1:]:
+        more_meta, more = report.load_points(path)
+        for key in ("seed", "time_scale", "duration_s", "warmup_s", "replicas", "kv_cache_blocks"):
+            if more_meta.get(key) != meta.get(key):
+                raise InferouteError(
+                    400, f"{path}: {key} {more_meta.get(key)} differs from {run_jsons[0]}'s {meta.get(key)}"
+                )
+        seen = {(p.workload, p.contender, p.rate) for p in more}
+        points = [p for p in points if (p.workload, p.contender, p.rate) not in seen] + more
+        meta["workloads"] = list(dict.fromkeys([*meta["workloads"], *more_meta["workloads"]]))
+        meta["contenders"] = list(dict.fromkeys([*meta["contenders"], *more_meta["contenders"]]))
+        meta["command"] = f"{meta['command']}; {more_meta['command']}"
+    rates = {w: sorted({p.rate for p in points if p.workload == w}) for w in meta["workloads"]}
     cfg = RunConfig(
         workloads=list(meta["workloads"]),
-        rates={w: list(r) for w, r in meta["rates"].items()},
+        rates=rates,
         contenders=select_contenders(",".join(meta["contenders"])),
         duration=float(meta["duration_s"]),
         warmup=float(meta["warmup_s"]),
         replicas=int(meta["replicas"]),
         time_scale=float(meta["time_scale"]),
         seed=int(meta["seed"]),
-        out_dir=run_json.parent,
+        slo_ttft=float(meta.get("slo_ttft_p90_s", SLO_TTFT_P90)),
+        kv_cache_blocks=meta.get("kv_cache_blocks"),
+        out_dir=out_dir or run_jsons[0].parent,
         quick=bool(meta["quick"]),
         command=str(meta["command"]),
         started=str(meta["started"]),
     )
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
     workloads = {name: get_workload(name, quick=cfg.quick) for name in cfg.workloads}
+    order = {c.name: i for i, c in enumerate(cfg.contenders)}
+    points.sort(key=lambda p: (cfg.workloads.index(p.workload), order.get(p.contender, 0), p.rate))
     return write_reports(cfg, workloads, points, plots=True)
 
 
@@ -400,14 +498,30 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
     "vllm-router, sglang-router/cache_aware, ...); default: all (quick: three).",
 )
 @click.option(
+    "--kv-cache-blocks",
+    type=click.IntRange(1),
+    default=None,
+    help="KV blocks per simulated replica instead of the workload's sizing (e.g. 27000: every prefix stays "
+    "cached, the pool's compute-bound ceiling).",
+)
+@click.option(
+    "--slo-ttft",
+    type=click.FloatRange(0, min_open=True),
+    default=SLO_TTFT_P90,
+    show_default=True,
+    help="p90 TTFT bound (seconds at modelled-H100 speed) of the capacity figure; on the wall clock it is "
+    "multiplied by --time-scale.",
+)
+@click.option(
     "--seed", type=int, default=42, show_default=True, help="Seeds the workload and the simulator pool."
 )
 @click.option(
     "--from-json",
     "from_json",
+    multiple=True,
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    default=None,
-    help="Do not run: rebuild summary.md, summary.csv and plots from an earlier run.json.",
+    help="Do not run: rebuild summary.md, summary.csv and plots from an earlier run.json; repeated, merge "
+    "runs of the same seed (e.g. one rate each) into one report in --out.",
 )
 @click.option(
     "--quick", is_flag=True, help="Smoke test: small workload, two rates, three contenders (<1 min)."
@@ -428,15 +542,21 @@ def command(
     replicas: int | None,
     time_scale: float | None,
     contenders: str | None,
+    kv_cache_blocks: int | None,
+    slo_ttft: float,
     seed: int,
-    from_json: Path | None,
+    from_json: tuple[Path, ...],
     quick: bool,
     out_dir: Path,
 ) -> None:
     """Routing quality: TTFT, ITL, throughput and cache hits of every contender at every rate."""
-    if from_json is not None:
-        rebuild_reports(from_json)
-        click.echo(f"rebuilt {from_json.parent}/summary.md, summary.csv and plots")
+    if from_json:
+        target = out_dir if len(from_json) > 1 else from_json[0].parent
+        try:
+            rebuild_reports(list(from_json), target)
+        except InferouteError as exc:
+            raise click.BadParameter(exc.message, param_hint="--from-json") from exc
+        click.echo(f"rebuilt {target}/summary.md, summary.csv and plots")
         return
     names = list(workload_names) or (["shared-prefix"] if quick else list(WORKLOADS))
     explicit = _parse_rates(rate_values)
@@ -455,6 +575,8 @@ def command(
         replicas=replicas if replicas is not None else (2 if quick else 4),
         time_scale=time_scale if time_scale is not None else (0.2 if quick else 1.0),
         seed=seed,
+        slo_ttft=slo_ttft,
+        kv_cache_blocks=kv_cache_blocks,
         out_dir=out_dir,
         quick=quick,
         command="inferoute " + shlex.join(sys.argv[1:]),

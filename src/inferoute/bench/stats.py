@@ -61,6 +61,10 @@ class PointSummary:
     """Measured requests per serving replica (from the ``x-inference-pod`` header)."""
     server: dict[str, float] = field(default_factory=dict)
     """Server-side counters scraped from the simulator pool (deltas over the point)."""
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU evidence over the point's traffic (:mod:`inferoute.bench.cpu`): ``sim_cpu``, ``router_cpu``,
+    ``loadgen_cpu`` (cores used), the matching ``*_wait`` (run-queue seconds per second), ``machine_busy``,
+    ``load1``."""
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per request group (workloads that report classes, e.g. overload's ``<tenant>/<class>``): ``ttft_p90``,
     ``ok``, ``rejected`` (429s), ``goodput`` (successful requests per second of the measured window)."""
@@ -257,6 +261,71 @@ def check_shared_prefix(
     peak_best = max(series[best.contender], key=lambda p: p.output_tps)
     checks.append(_throughput_check("peak over the measured rates", peak_best, peak_base))
     return rate, checks
+
+
+def capacity_at_slo(points: Sequence[PointSummary], slo: float = 1.0) -> float:
+    """The highest offered rate up to which every measured rate kept p90 TTFT under ``slo`` (0: none)."""
+    best = 0.0
+    for p in sorted(points, key=lambda p: p.rate):
+        if not p.ok or not p.ttft_p90 < slo:
+            break
+        best = p.rate
+    return best
+
+
+def check_kv_pressure(
+    points: Sequence[PointSummary], ours: Sequence[str], peers: Sequence[str], slo: float
+) -> list[TargetCheck]:
+    """Issue 15's kv-pressure targets: inferoute's best profile (highest capacity at p90 TTFT < ``slo``) has
+    ≥ 1.5x the best peer's capacity and a p90 TTFT no worse than the best peer's at every measured rate up to
+    1.5x that peer's capacity; ``predicted-ttft`` has at least ``gie-default``'s capacity. A capacity equal to
+    the highest measured rate is a lower bound (shown with ≥)."""
+    series = by_contender(points)
+    top = max(p.rate for p in points)
+    caps = {name: capacity_at_slo(ps, slo) for name, ps in series.items()}
+
+    def shown(name: str) -> str:
+        return f"{name} {'≥ ' if caps[name] == top else ''}{caps[name]:g}/s"
+
+    mine = [n for n in ours if n in caps]
+    theirs = [n for n in peers if n in caps]
+    if not mine or not theirs:
+        return [TargetCheck("inferoute and a peer present", False, "need both to compare capacities")]
+    best = max(mine, key=lambda n: caps[n])
+    peer = max(theirs, key=lambda n: caps[n])
+    checks = [
+        TargetCheck(
+            f"capacity at p90 TTFT < {slo:g}s ≥ 1.5x best peer",
+            caps[best] >= 1.5 * caps[peer] and caps[best] > 0,
+            f"{shown(best)} vs {shown(peer)} (ratio {_ratio(caps[best], caps[peer])})",
+        )
+    ]
+    limit = 1.5 * caps[peer]
+    pairs = [
+        (p, q) for p in series[best] if p.rate <= limit and (q := at_rate(series[peer], p.rate)) is not None
+    ]
+    worse = [
+        f"{p.rate:g}/s {p.ttft_p90:.3f}s vs {q.ttft_p90:.3f}s"
+        for p, q in pairs
+        if not p.ttft_p90 <= q.ttft_p90
+    ]
+    checks.append(
+        TargetCheck(
+            f"p90 TTFT ≤ best peer at every rate up to 1.5x its capacity ({limit:g}/s)",
+            bool(pairs) and not worse,
+            f"{best} vs {peer} at {len(pairs)} rate(s)" + (f"; worse at {', '.join(worse)}" if worse else ""),
+        )
+    )
+    ptt, gie = "inferoute/predicted-ttft", "inferoute/gie-default"
+    if ptt in caps and gie in caps:
+        checks.append(
+            TargetCheck(
+                "predicted-ttft capacity ≥ gie-default",
+                caps[ptt] >= caps[gie],
+                f"{shown(ptt)} vs {shown(gie)}",
+            )
+        )
+    return checks
 
 
 def _throughput_check(where: str, best: PointSummary, base: PointSummary) -> TargetCheck:
