@@ -24,13 +24,17 @@ def _files(tmp: Path, busy: int) -> dict[str, str]:
         "gw-busy.yaml": f"listen: 127.0.0.1:{busy}\nroutes:\n  - path: /v1/\n",
         "gw-badyaml.yaml": "listen: [unclosed\n",
         "gw-h2c.yaml": "listen: 127.0.0.1:0\npool: {app_protocol: h2c}\nroutes:\n  - path: /v1/\n",
+        "gw-noca.yaml": "listen: 127.0.0.1:0\nroutes:\n  - path: /v1/\n"
+        "    epp: {endpoint: 127.0.0.1:1, ca_file: ca.pem}\n",
+        "gw-timeouts.yaml": "listen: 127.0.0.1:0\ntimeouts: {connect: 0}\nroutes:\n  - path: /v1/\n",
         "epp-typo.yaml": "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
         "plugins:\n- type: queue-scorrer\n",
     }
     for name, text in files.items():
         (tmp / name).write_text(text)
     (tmp / "latin1.yaml").write_bytes("listen: 'caf\u00e9'\n".encode("latin-1"))  # not UTF-8
-    return {name: str(tmp / name) for name in [*files, "latin1.yaml"]}
+    (tmp / "dir").mkdir()
+    return {name: str(tmp / name) for name in [*files, "latin1.yaml", "dir"]}
 
 
 # (arguments, words the one line must contain)
@@ -59,7 +63,14 @@ def _cases(f: dict[str, str], busy: int) -> list[tuple[list[str], list[str]]]:
         (["epp", *ep, "--profile", "random", "--config", f["epp-typo.yaml"]], ["--profile", "--config"]),
         (["epp", *ep, *free, "--config", f["epp-typo.yaml"]], ["plugins[0].type", "queue-scorrer", "valid"]),
         (["epp", "--endpoints", "/nonexistent/e.yaml"], ["--endpoints", "/nonexistent/e.yaml"]),
-        (["epp", *ep, "--grpc-port", str(busy), "--health-port", "0", "--metrics-port", "0"], [str(busy)]),
+        (
+            ["epp", *ep, "--grpc-port", str(busy), "--health-port", "0", "--metrics-port", "0"],
+            [str(busy), "--grpc-port"],
+        ),
+        (
+            ["epp", *ep, "--grpc-port", "0", "--health-port", str(busy), "--metrics-port", "0"],
+            [str(busy), "--health-port"],
+        ),
         (["epp", *ep, "--grpc-port", "0", "--health-port", "0", "--metrics-port", str(busy)], [str(busy)]),
         (["sim", "--port", str(busy)], [str(busy), "--port", "in use"]),
         (["sim", "--port", "65535", "--replicas", "2"], ["--port", "65535"]),
@@ -89,6 +100,37 @@ def _cases(f: dict[str, str], busy: int) -> list[tuple[list[str], list[str]]]:
         ),
         (["epp", *ep, *free, "--client-ca", f["endpoints.yaml"]], ["--client-ca", "PEM"]),
         (["controller", "--gateway-listen", "nope"], ["--gateway-listen", "HOST:PORT"]),
+        # checked before any cluster is asked (there is none here: that would be another line)
+        (
+            ["controller", "--picker-tls", "--picker-ca-file", "/nonexistent/ca.crt"],
+            ["--picker-ca-file", "/nonexistent/ca.crt"],
+        ),
+        (
+            ["controller", "--picker-tls", "--picker-ca-file", f["endpoints.yaml"]],
+            ["--picker-ca-file", "PEM"],
+        ),
+        (["controller", "--picker-tls", "--picker-ca-file", f["dir"]], ["--picker-ca-file", "directory"]),
+        (["controller", "--output-dir", f["endpoints.yaml"]], ["--output-dir", "not a directory"]),
+        (["controller", "--output-dir", "/proc/inferoute-out"], ["--output-dir", "cannot create"]),
+        (["sim", "--lora-adapters", ","], ["--lora-adapters", "empty adapter name"]),
+        (["sim", "--lora-adapters", "a,b,a"], ["--lora-adapters", "a named twice"]),
+        (["sim", "--lora-adapters", "m", "--model", "m"], ["--lora-adapters", "base model"]),
+        (["sim", "--model", " "], ["--model", "empty"]),
+        (["sim", "--hash-seed", "abc"], ["--hash-seed", "4294967295"]),
+        (["sim", "--hash-seed", "4294967296"], ["--hash-seed", "4294967295"]),
+        (
+            ["sim", "--max-num-seqs", "64", "--max-num-batched-tokens", "32"],
+            ["--max-num-batched-tokens", "--max-num-seqs"],
+        ),
+        (["nginx-config", "--model-header", "X Model"], ["--model-header", "header name"]),
+        (["nginx-config", "--pass-header", "x;y"], ["--pass-header", "header name"]),
+        (["nginx-config", "--decider-ca", f["endpoints.yaml"]], ["--decider-ca", "--decider-tls"]),
+        (["nginx-config", "--listen", "443 ssl; include x"], ["--listen", "listen parameters"]),
+        (
+            ["gateway", "--config", f["gw-noca.yaml"]],
+            ["gw-noca.yaml", "routes[0].epp.ca_file", "no such file"],
+        ),
+        (["gateway", "--config", f["gw-timeouts.yaml"]], ["gw-timeouts.yaml", "timeouts.connect", "> 0"]),
         (["bench", "routing", "--rates", "abc"], ["--rates", "abc"]),
         (["bench", "gateway", "--duration", "-1"], ["--duration"]),
         (["bench", "nosuch"], ["nosuch"]),

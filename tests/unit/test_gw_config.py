@@ -37,6 +37,7 @@ routes:
 def test_issue_example_loads(tmp_path: Path) -> None:
     f = tmp_path / "gw.yaml"
     f.write_text(ISSUE_EXAMPLE)
+    (tmp_path / "epp.yaml").write_text("")  # the files a config names must exist
     cfg = load_config(f)
     assert cfg.listen == "127.0.0.1:8080"
     assert cfg.endpoints() == [Endpoint("pod-0", "127.0.0.1", 8100)]

@@ -269,14 +269,26 @@ def test_pass_headers_locations_tls_and_self_contained() -> None:
         (NginxOptions(locations=("v1",)), "--location"),
         (NginxOptions(locations=("/_inferoute/x",)), "internal"),
         (NginxOptions(locations=()), "at least one"),
-        (NginxOptions(model_header="bad header"), "invalid header"),
+        (NginxOptions(model_header="bad header"), "header name"),
         (NginxOptions(retries=9), "--retries"),
         (NginxOptions(max_body_size=0), "--max-body-size"),
+        (NginxOptions(pass_headers=("x;y",)), "--pass-header"),
+        (NginxOptions(decider_ca="/etc/ca.pem"), "--decider-ca needs --decider-tls"),
+        (NginxOptions(listen="443 ssl; include /etc/passwd"), "--listen"),
+        (NginxOptions(listen="443 sslx"), "--listen"),
+        (NginxOptions(listen="443  ssl"), "--listen"),
     ],
 )
 def test_invalid_options_are_refused(opts: NginxOptions, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         render(opts)
+
+
+@pytest.mark.parametrize(
+    "listen", ["443 ssl http2", "[::]:8443 ssl reuseport", "80 default_server backlog=511"]
+)
+def test_listen_takes_nginx_listen_parameters(listen: str) -> None:
+    assert f"listen {listen};" in render(NginxOptions(listen=listen))
 
 
 def test_options_follow_the_gateway_config(tmp_path: Path) -> None:
@@ -315,10 +327,10 @@ def test_cli_prints_the_config_and_rejects_bad_flags(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--location" in bad.output
 
 
-def test_the_yaml_examples_in_docs_nginx_md_are_valid_gateway_configs(tmp_path: Path) -> None:
+def test_the_gateway_files_in_docs_nginx_md_are_valid_gateway_configs(tmp_path: Path) -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "nginx.md").read_text()
-    blocks = re.findall(r"```yaml\n(.*?)```", doc, flags=re.S)
-    assert len(blocks) >= 3
+    blocks = re.findall(r"^cat > gateway.yaml <<'EOF'\n(.*?)^EOF$", doc, flags=re.S | re.M)
+    assert len(blocks) >= 4  # the quick start and the three ngx-inference examples
     for n, text in enumerate(blocks):
         path = tmp_path / f"example{n}.yaml"
         path.write_text(text)

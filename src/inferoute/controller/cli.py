@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from inferoute.cliparams import pem_certificates, writable_dir
 from inferoute.controller.model import CONTROLLER_NAME
 
 
@@ -37,9 +38,11 @@ def _cidr(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...])
 )
 @click.option(
     "--output-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     default=None,
-    help="Also write NAMESPACE.GATEWAY.gateway.yaml files here (e.g. a volume shared with a gateway).",
+    callback=lambda _c, _p, v: writable_dir(v, "--output-dir"),
+    help="Also write NAMESPACE.GATEWAY.gateway.yaml files here (created when missing; e.g. a volume shared "
+    "with a gateway).",
 )
 @click.option(
     "--no-configmaps",
@@ -51,6 +54,7 @@ def _cidr(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...])
 @click.option(
     "--picker-ca-file",
     default=None,
+    callback=lambda _c, _p, v: pem_certificates(v, "--picker-ca-file"),
     help="CA (PEM) that signed the pickers' certificates (with --picker-tls).",
 )
 @click.option(
@@ -94,8 +98,6 @@ def command(
         picker_timeout_ms=picker_timeout_ms,
         allowed_cidrs=allowed_cidrs,
     )
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(_main(opts, output_dir, not no_configmaps, not no_status))
 
 

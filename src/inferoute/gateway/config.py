@@ -300,14 +300,7 @@ def validate(cfg: GatewayConfig) -> GatewayConfig:
         if r.path in seen:
             raise _fail(f"{at}.path: duplicate route {r.path!r}")
         seen.add(r.path)
-        if r.bbr.max_body_size < 0:
-            raise _fail(f"{at}.bbr.max_body_size: must be >= 0")
-        if r.bbr.chunk_size <= 0:
-            raise _fail(f"{at}.bbr.chunk_size: must be > 0")
-        if r.bbr.timeout_ms <= 0 or r.epp.timeout_ms <= 0:
-            raise _fail(f"{at}: timeout_ms must be > 0")
-        if not r.bbr.header_name or not r.epp.header_name:
-            raise _fail(f"{at}: header_name must not be empty")
+        _check_route_values(at, r)
         _check_target(f"{at}.bbr.endpoint", r.bbr.endpoint, allow_embedded=False)
         _check_target(f"{at}.epp.endpoint", r.epp.endpoint, allow_embedded=True)
         _check_ipport(f"{at}.default_upstream", r.default_upstream)
@@ -318,24 +311,68 @@ def validate(cfg: GatewayConfig) -> GatewayConfig:
         if (r.epp.cert_file is None) != (r.epp.key_file is None):
             raise _fail(f"{at}.epp: cert_file and key_file go together (client certificate for mTLS)")
         _check_backends(at, r.backends)
-    if cfg.limits.max_concurrent_requests < 1:
-        raise _fail("limits.max_concurrent_requests: must be >= 1")
-    for name in ("max_requests_per_connection", "max_connections"):
-        if getattr(cfg.limits, name) < 1:
-            raise _fail(f"limits.{name}: must be >= 1")
-    for name in ("body_read_timeout", "header_read_timeout", "idle_timeout"):
-        if getattr(cfg.limits, name) <= 0:
-            raise _fail(f"limits.{name}: must be > 0")
+    _check_numbers(cfg)
+    if not cfg.metrics_path.startswith("/"):
+        raise _fail(f"metrics_path: must start with '/', got {cfg.metrics_path!r}")
     return cfg
 
 
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+"""The characters of an HTTP header name (RFC 9110 ``token``)."""
+
+
+def _check_route_values(at: str, r: RouteConfig) -> None:
+    """A route's numbers and header names, each error naming its key."""
+    if r.bbr.max_body_size < 0:
+        raise _fail(f"{at}.bbr.max_body_size: must be >= 0, got {r.bbr.max_body_size}")
+    if r.bbr.chunk_size <= 0:
+        raise _fail(f"{at}.bbr.chunk_size: must be > 0, got {r.bbr.chunk_size}")
+    for key, value in (("bbr.timeout_ms", r.bbr.timeout_ms), ("epp.timeout_ms", r.epp.timeout_ms)):
+        if value <= 0:
+            raise _fail(f"{at}.{key}: must be > 0, got {value}")
+    for key, name in (("bbr.header_name", r.bbr.header_name), ("epp.header_name", r.epp.header_name)):
+        if not name or not set(name) <= _TOKEN_CHARS:
+            raise _fail(f"{at}.{key}: expected an HTTP header name (letters, digits, '-'), got {name!r}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in r.bbr.default_model):
+        raise _fail(f"{at}.bbr.default_model: control characters cannot go into a header")
+
+
+# section -> (keys that must be > 0, keys that must be >= 1, keys that must be >= 0)
+_NUMBERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "picker": (("refresh_interval", "staleness_threshold"), (), ()),
+    "limits": (
+        ("body_read_timeout", "header_read_timeout", "idle_timeout"),
+        ("max_concurrent_requests", "max_header_bytes", "max_headers", "max_requests_per_connection",
+         "max_connections"),
+        (),
+    ),
+    "timeouts": (("connect", "response_headers", "read_idle"), (), ()),
+    "upstream": (("keepalive_timeout",), (), ("max_connections_per_upstream",)),
+}  # fmt: skip
+
+
+def _check_numbers(cfg: GatewayConfig) -> None:
+    for section, (positive, at_least_one, non_negative) in _NUMBERS.items():
+        values = getattr(cfg, section)
+        for keys, low, rule in (
+            (positive, 0.0, "> 0"),
+            (at_least_one, 1.0, ">= 1"),
+            (non_negative, 0.0, ">= 0"),
+        ):
+            for key in keys:
+                v = getattr(values, key)
+                if not (v > low if rule == "> 0" else v >= low):  # NaN fails too
+                    raise _fail(f"{section}.{key}: must be {rule}, got {v}")
+
+
 def _check_backends(at: str, backends: Sequence[BackendConfig]) -> None:
+    for j, b in enumerate(backends):
+        if b.weight < 0:
+            raise _fail(f"{at}.backends[{j}].weight: must be >= 0, got {b.weight}")
     if backends and not any(b.weight > 0 for b in backends):
         raise _fail(f"{at}.backends: at least one backend needs a weight > 0")
     for j, b in enumerate(backends):
         where = f"{at}.backends[{j}]"
-        if b.weight < 0:
-            raise _fail(f"{where}.weight: must be >= 0")
         parse_endpoints([msgspec.to_builtins(e) for e in b.endpoints], f"{where}.endpoints")
         _check_ipport(f"{where}.default_upstream", b.default_upstream)
         if not b.epp.enabled:
@@ -391,11 +428,32 @@ def load_config_text(text: str, source: str = "config") -> GatewayConfig:
     return parse_config(data, source)
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read and validate a gateway YAML file."""
+def load_config(path: str | Path, *, check_files: bool = True) -> GatewayConfig:
+    """Read and validate a gateway YAML file (and, with ``check_files``, that the files it names exist)."""
     p = Path(path)
-    cfg = load_config_text(read_text_file(p, str(p)), str(p))
-    return _resolve_relative(cfg, p.parent)
+    cfg = _resolve_relative(load_config_text(read_text_file(p, str(p)), str(p)), p.parent)
+    if check_files:
+        _check_files(cfg, str(p))
+    return cfg
+
+
+def _check_files(cfg: GatewayConfig, source: str) -> None:
+    """Every file the config names is a readable file (paths already resolved against the config's directory):
+    a typo shows at start, naming the key, not at the first request."""
+    named: list[tuple[str, str | None]] = [("picker.config_file", cfg.picker.config_file)]
+    for i, r in enumerate(cfg.routes):
+        for section, tls in (("bbr", r.bbr), ("epp", r.epp)):
+            named += [
+                (f"routes[{i}].{section}.{k}", getattr(tls, k)) for k in ("ca_file", "cert_file", "key_file")
+            ]
+    for key, value in named:
+        if value is None:
+            continue
+        if not os.path.isfile(value):
+            what = "is a directory" if os.path.isdir(value) else "no such file"
+            raise _fail(f"{source}: {key}: {what}: {value}")
+        if not os.access(value, os.R_OK):
+            raise _fail(f"{source}: {key}: cannot read {value} (permission denied)")
 
 
 def _resolve_relative(cfg: GatewayConfig, base: Path) -> GatewayConfig:

@@ -42,6 +42,7 @@ from typing import Any
 
 import click
 
+from inferoute.cliparams import pem_certificates
 from inferoute.endpoints import split_hostport
 from inferoute.errors import error_type
 from inferoute.picking import DESTINATION_HEADER, DESTINATION_SERVED_KEY, EXT_PROC_SERVICE, LB_NAMESPACE
@@ -349,7 +350,7 @@ def _runtime(value: int) -> dict[str, Any]:
 @click.option(
     "--epp-ca",
     type=click.Path(exists=True, dir_okay=False),
-    callback=lambda _c, _p, v: _pem_certificates(v),
+    callback=lambda _c, _p, v: pem_certificates(v, "--epp-ca"),
     help="PEM file Envoy verifies the picker's certificate against (inferoute epp's self-signed one: "
     "~/.local/state/inferoute/epp-tls/tls.crt). Without it Envoy does not verify.",
 )
@@ -450,21 +451,6 @@ def _ip_address(value: str) -> str:
     except ValueError:
         raise click.BadParameter(f"expected an IP address such as 0.0.0.0 or ::, got {value!r}") from None
     return value
-
-
-def _pem_certificates(path: str | None) -> str | None:
-    """``path`` if it holds at least one PEM certificate (Envoy would only fail at start-up)."""
-    if path is None:
-        return None
-    from inferoute.errors import InferouteError, read_text_file
-
-    try:
-        text = read_text_file(path, path)
-    except InferouteError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    if "-----BEGIN CERTIFICATE-----" not in text:
-        raise click.BadParameter(f"{path}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)")
-    return path
 
 
 def _load_endpoints(path: str) -> list[str]:

@@ -17,6 +17,8 @@ The generated configuration, per inference location::
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -121,13 +123,24 @@ def _is_hostport(value: str) -> bool:
     return bool(host) and port is not None and 0 < port < 65536
 
 
+LISTEN_PARAMETERS = re.compile(
+    r"default_server|ssl|http2|quic|proxy_protocol|reuseport|deferred|bind|ipv6only=(?:on|off)"
+    r"|(?:backlog|rcvbuf|sndbuf|fastopen)=\d+[kKmM]?|so_keepalive=(?:on|off|\d*:\d*:\d*)"
+)
+"""Parameters NGINX accepts after a ``listen`` address (``443 ssl http2``); anything else is refused."""
+
+
 def _is_listen(value: str) -> bool:
-    """NGINX's ``listen``: ``PORT``, ``HOST:PORT`` or ``[V6]:PORT`` (nothing a config could break on)."""
-    if value.isdigit():
-        return 0 < int(value) < 65536
-    if any(c.isspace() or c in ";{}'\"#$" for c in value):
+    """NGINX's ``listen``: ``PORT``, ``HOST:PORT`` or ``[V6]:PORT``, then listen parameters such as ``ssl``
+    (nothing a config could break on)."""
+    address, *parameters = value.split(" ")
+    if not all(LISTEN_PARAMETERS.fullmatch(p) for p in parameters):
         return False
-    return _is_hostport(value)
+    if address.isdigit():
+        return 0 < int(address) < 65536
+    if any(c.isspace() or c in ";{}'\"#$" for c in address):
+        return False
+    return _is_hostport(address)
 
 
 def validate_options(opts: NginxOptions) -> None:
@@ -137,7 +150,8 @@ def validate_options(opts: NginxOptions) -> None:
             raise ValueError(f"{flag}: expected HOST:PORT (port 1-65535), got {value!r}")
     if not _is_listen(opts.listen):
         raise ValueError(
-            f"--listen: expected PORT, HOST:PORT or [V6]:PORT (port 1-65535), got {opts.listen!r}"
+            f"--listen: expected PORT, HOST:PORT or [V6]:PORT (port 1-65535), then NGINX listen parameters "
+            f"(ssl, http2, reuseport, default_server, ...), got {opts.listen!r}"
         )
     if opts.worker_processes != "auto" and not (
         opts.worker_processes.isdigit() and int(opts.worker_processes) > 0
@@ -150,13 +164,21 @@ def validate_options(opts: NginxOptions) -> None:
             raise ValueError(f"--location: expected a path prefix such as /v1/, got {loc!r}")
         if loc.startswith(d.INTERNAL_PREFIX) or (d.INTERNAL_PREFIX.startswith(loc) and loc != "/"):
             raise ValueError(f"--location {loc!r} overlaps the decider's internal paths {d.INTERNAL_PREFIX}")
-    for name in (opts.model_header, opts.upstream_header, *opts.pass_headers):
+    named = [
+        ("--model-header (or bbr.header_name)", opts.model_header),
+        ("epp.header_name", opts.upstream_header),
+    ]
+    for flag, name in [*named, *(("--pass-header", h) for h in opts.pass_headers)]:
         if not name or any(not (c.isalnum() or c == "-") for c in name):
-            raise ValueError(f"invalid header name {name!r}")
+            raise ValueError(f"{flag}: expected a header name (letters, digits, '-'), got {name!r}")
     if not 0 <= opts.retries <= 8:
         raise ValueError("--retries: 0..8")
     if opts.report not in ("post_action", "syslog"):
         raise ValueError(f"--report: post_action or syslog, got {opts.report!r}")
+    if opts.decider_ca and not opts.decider_tls:
+        raise ValueError(
+            "--decider-ca needs --decider-tls (the decider is reached over plain HTTP without it)"
+        )
     if opts.report == "syslog" and opts.decider_tls:
         raise ValueError(
             "--report syslog sends plain UDP to the decider; it cannot be combined with --decider-tls"
@@ -590,7 +612,7 @@ def options_from_gateway_config(path: str, base: NginxOptions) -> NginxOptions:
     YAML the decider runs with."""
     from inferoute.gateway.config import load_config, parse_listen
 
-    cfg = load_config(path)
+    cfg = load_config(path, check_files=False)  # the decider's certificates may live on another machine
     host, port = parse_listen(cfg.listen)
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
@@ -618,7 +640,8 @@ def options_from_gateway_config(path: str, base: NginxOptions) -> NginxOptions:
     "--listen",
     default=DEFAULT_LISTEN,
     show_default=True,
-    help="NGINX's listen: PORT, HOST:PORT or [V6]:PORT.",
+    help="NGINX's listen: PORT, HOST:PORT or [V6]:PORT, optionally followed by listen parameters "
+    "('443 ssl http2').",
 )
 @click.option(
     "--config",
@@ -711,7 +734,9 @@ def config_command(
         self_contained=self_contained,
         worker_processes=workers,
         decider_tls=decider_tls,
-        decider_ca=decider_ca,
+        decider_ca=None
+        if decider_ca is None
+        else os.path.abspath(decider_ca),  # NGINX: relative to its prefix
     )
     if config_path:
         opts = options_from_gateway_config(config_path, opts)

@@ -17,8 +17,44 @@ from inferoute.sim.server import SimPool
 log = logging.getLogger(__name__)
 
 
-def _adapters(value: str) -> tuple[str, ...]:
-    return tuple(a.strip() for a in value.split(",") if a.strip())
+def _adapters(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[str, ...]:
+    """``a,b`` -> (a, b); an empty name (``,``, ``a,,b``, a trailing comma) or a repeated one is a mistake."""
+    if not value.strip():
+        return ()
+    names = tuple(a.strip() for a in value.split(","))
+    if "" in names:
+        raise click.BadParameter(f"an empty adapter name in {value!r}; give names such as sql-lora,chat-lora")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise click.BadParameter(f"{', '.join(repeated)} named twice")
+    return names
+
+
+HASH_SEED_MAX = 4294967295
+"""The largest ``PYTHONHASHSEED`` Python accepts."""
+
+
+def _hash_seed(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """What Python accepts as ``PYTHONHASHSEED`` (vLLM reads it as the root of its block hashes): ``random``
+    or an integer 0..4294967295."""
+    if value == "random" or (value.isdigit() and int(value) <= HASH_SEED_MAX):
+        return value
+    raise click.BadParameter(f"{value!r}: 'random' or an integer 0..{HASH_SEED_MAX} (as PYTHONHASHSEED)")
+
+
+def _check_combinations(model: str, lora_adapters: tuple[str, ...], seqs: int, batched_tokens: int) -> None:
+    """The SimConfig rules that involve two flags, each naming its flag."""
+    if not model.strip():
+        raise click.BadParameter("must not be empty", param_hint="'--model'")
+    if model in lora_adapters:
+        raise click.BadParameter(
+            f"{model!r} is the base model (--model), not an adapter", param_hint="'--lora-adapters'"
+        )
+    if batched_tokens < seqs:
+        raise click.BadParameter(
+            f"{batched_tokens} is below --max-num-seqs {seqs} (vLLM needs at least one token per sequence)",
+            param_hint="'--max-num-batched-tokens'",
+        )
 
 
 async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None:
@@ -61,7 +97,12 @@ async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Served base model name.")
-@click.option("--lora-adapters", default="", help="Comma-separated LoRA adapter names.")
+@click.option(
+    "--lora-adapters",
+    default="",
+    callback=_adapters,
+    help="Comma-separated LoRA adapter names, e.g. sql-lora,chat-lora.",
+)
 @click.option(
     "--max-loras", default=1, show_default=True, type=click.IntRange(min=1), help="Adapters active at once."
 )
@@ -144,6 +185,7 @@ async def _serve(config: SimConfig, replicas: int, host: str, port: int) -> None
     envvar="PYTHONHASHSEED",
     default="0",
     show_default=True,
+    callback=_hash_seed,
     help="vLLM's PYTHONHASHSEED: the root of the sha256_cbor block-hash chain (KV events).",
 )
 @click.option(
@@ -154,7 +196,7 @@ def command(
     port: int,
     host: str,
     model: str,
-    lora_adapters: str,
+    lora_adapters: tuple[str, ...],
     max_loras: int,
     max_num_seqs: int,
     max_num_batched_tokens: int,
@@ -174,6 +216,7 @@ def command(
     uvloop: bool,
 ) -> None:
     """Run REPLICAS simulated vLLM servers (OpenAI API, SSE, /metrics) until Ctrl-C or SIGTERM."""
+    _check_combinations(model, lora_adapters, max_num_seqs, max_num_batched_tokens)
     kv_events = KVEventsConfig()
     if kv_events_config is not None:
         try:
@@ -183,7 +226,7 @@ def command(
     try:
         config = SimConfig(
             model=model,
-            lora_adapters=_adapters(lora_adapters),
+            lora_adapters=lora_adapters,
             max_loras=max_loras,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,

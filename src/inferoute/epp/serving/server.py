@@ -130,7 +130,7 @@ class EppServer:
                 health_port = hs.add_insecure_port(f"{opts.host}:{opts.health_port}")
                 servers.append(hs)
         except RuntimeError as exc:  # grpc.aio says only "Failed to bind"
-            ports = f"{opts.grpc_port} (ext_proc) or {opts.health_port} (health)"
+            ports = f"{opts.grpc_port} (--grpc-port) or {opts.health_port} (--health-port)"
             raise InferouteError(
                 500, f"cannot listen on {opts.host} port {ports}: in use or not available", cause="bind"
             ) from exc
@@ -152,12 +152,12 @@ class EppServer:
             h2_methods(servicer, health), max_message_bytes=opts.max_message_bytes, limits=opts.h2_limits
         )
         servers: list[grpc.aio.Server | h2s.GrpcServer] = [main]
-        where = f"{opts.host}:{opts.grpc_port} (ext_proc)"
+        where = f"{opts.host}:{opts.grpc_port} (--grpc-port)"
         try:
             port = await main.start(opts.host, opts.grpc_port, ctx, reuse_port=opts.reuse_port)
             health_port: int | None = None
             if opts.health_port is not None:
-                where = f"{opts.host}:{opts.health_port} (health)"
+                where = f"{opts.host}:{opts.health_port} (--health-port)"
                 hs = h2s.GrpcServer(h2_methods(None, health), limits=opts.h2_limits)
                 health_port = await hs.start(opts.host, opts.health_port, reuse_port=opts.reuse_port)
                 servers.append(hs)
