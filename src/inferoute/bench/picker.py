@@ -111,6 +111,9 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str], trans
         ServerOptions(host="127.0.0.1", grpc_port=port, health_port=None, insecure=True, transport=transport),
         CollectorRegistry(),
     )
+    from inferoute.malloc import freeze_startup_objects
+
+    freeze_startup_objects()  # as `inferoute epp` does
     await _ready_until_sigterm(server.grpc_port)
     await server.aclose(0)
     await picker.aclose()

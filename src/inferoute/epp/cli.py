@@ -27,7 +27,7 @@ from inferoute.epp.serving.h2core import Limits
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.errors import InferouteError, describe_os_error
 from inferoute.httpguard import ConnectionLimits, GuardedSite, serve
-from inferoute.malloc import keep_large_buffers
+from inferoute.malloc import freeze_startup_objects, keep_large_buffers
 from inferoute.tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -198,6 +198,7 @@ async def run(
         else:
             runner = await _serve_metrics(registry, opts.host, opts.metrics_port, served.ready)
         metrics_port = runner.port  # the bound port (0 on the command line: one the OS chose)
+        freeze_startup_objects()
         if on_ready is not None:
             on_ready(server.grpc_port, server.health_port, metrics_port)
         else:
