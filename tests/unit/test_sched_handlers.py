@@ -338,3 +338,18 @@ def test_the_documented_disagg_config_loads() -> None:
     rig, _ = epd_rig(epd)
     d = decide_chat(rig, chat("what is this?", IMAGE))
     assert set(d.set_headers[ENCODERS_HEADER].split(",")) == ENCODE
+
+
+def test_prefill_first_without_a_decider_sends_every_request_through_prefill() -> None:
+    """The reference's prefill-first: no prefill decider (it refuses one in this order); the prefill pick is
+    sent on every request."""
+    cfg = PD.replace("    deciders: {prefill: prefix-based-pd-decider}\n", "    stageOrder: prefill-first\n")
+    rig = pd_rig(cfg)
+    metrics = DisaggMetrics.for_scheduler(rig.config.scheduler, rig.registry)
+    assert metrics is not None
+    for _ in range(3):
+        d = decide(rig, "hi")
+        assert d.endpoints[0] in DECODE and d.set_headers[PREFILLER_HEADER] in PREFILL
+    labels = {"plugin_name": "disagg-profile-handler", "plugin_type": "disagg-profile-handler"}
+    labels |= {"model_name": "m", "decision_type": "prefill-decode"}
+    assert rig.value("llm_d_epp_disagg_decision_total", labels) == 3

@@ -3,15 +3,17 @@
 * ``disagg-profile-handler`` (``pd-profile-handler`` is the reference's deprecated alias): encode, prefill and
   decode disaggregation. Parameters: ``profiles: {decode, prefill, encode}`` (profile names, default
   ``decode``, ``prefill`` and ``encode``), ``deciders: {prefill, encode}`` (decider plugin names; a stage is
-  enabled only with a decider), ``stageOrder: decode-first`` (default: the decode pod is picked first and the
-  deciders look at it) or ``prefill-first`` (the prefill profile runs first on every request). The legacy
-  flat parameters ``decodeProfile``, ``prefillProfile``, ``encodeProfile``, ``deciderPluginName`` /
-  ``prefillDeciderPluginName`` and ``encodeDeciderPluginName`` are read too (``prefixPluginType``,
-  ``prefixPluginName`` and ``primaryPort`` are accepted and ignored). The decode pick is the request's
-  destination. When the prefill decider disaggregates, the prefill pick goes in the ``x-prefiller-host-port``
-  request header; when the encode decider does, every endpoint the encode profile picked goes in
-  ``x-encoder-hosts-ports`` (``ip:port,ip:port``), for the decode pod's sidecar. A client-sent value of either
-  header is cleared.
+  enabled only with a decider, but for the prefill stage of ``prefill-first``), ``stageOrder: decode-first``
+  (default: the decode pod is picked first and the deciders look at it) or ``prefill-first`` (the prefill
+  profile, when live, runs first on every request and its pick is sent, as in the reference; with a prefill
+  decider, which the reference refuses in this order, the decider decides after the decode pick whether it is
+  sent). The legacy flat parameters ``decodeProfile``, ``prefillProfile``, ``encodeProfile``,
+  ``deciderPluginName`` / ``prefillDeciderPluginName`` and ``encodeDeciderPluginName`` are read too
+  (``prefixPluginType``, ``prefixPluginName`` and ``primaryPort`` are accepted and ignored). The decode pick
+  is the request's destination. When the prefill decider disaggregates, the prefill pick goes in the
+  ``x-prefiller-host-port`` request header; when the encode decider does, every endpoint the encode profile
+  picked goes in ``x-encoder-hosts-ports`` (``ip:port,ip:port``), for the decode pod's sidecar. A client-sent
+  value of either header is cleared.
 * deciders: ``always-disagg-pd-decider``; ``prefix-based-pd-decider`` (``nonCachedTokens``: disaggregate when
   the prompt tokens the decode pod probably lacks are at least this many, 0 = never; ``promptTokens``: and the
   prompt has at least this many tokens, 0 = no gate); ``always-disagg-multimodal-decider`` (encode: the chat
@@ -28,6 +30,7 @@ only).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol, runtime_checkable
@@ -138,11 +141,19 @@ class AlwaysDisaggMultimodal:
         return has_multimodal_content(ctx.request.prompt)
 
 
-def _stages(c: Candidate) -> frozenset[str]:
-    role = c.labels.get(ROLE_LABEL, "")
-    if not role or role == "both":
-        return frozenset(("prefill", "decode")) if role else frozenset(("decode",))
+@functools.lru_cache(maxsize=64)
+def _parse_role(role: str) -> frozenset[str]:
+    if not role:
+        return frozenset(("decode",))
+    if role == "both":
+        return frozenset(("prefill", "decode"))
     return frozenset(role.split("-"))
+
+
+def role_stages(c: Candidate) -> frozenset[str]:
+    """The stages an endpoint serves, from its ``llm-d.ai/role`` label: its ``-``-separated parts
+    (``encode-prefill-decode``); unlabelled: decode; the deprecated ``both``: prefill and decode."""
+    return _parse_role(c.labels.get(ROLE_LABEL, ""))
 
 
 @dataclass(slots=True)
@@ -154,7 +165,7 @@ class _StageFilter:
     name: str
 
     def filter(self, ctx: CycleContext, candidates: list[Candidate]) -> list[Candidate]:
-        return [c for c in candidates if self.stage in _stages(c)]
+        return [c for c in candidates if self.stage in role_stages(c)]
 
 
 class PrefillFilter(_StageFilter):
@@ -249,14 +260,16 @@ class DisaggProfileHandler:
         encode: ProfileResult | None = None
         disagg_prefill = False
         if self.prefill_first:
-            if self.prefill_decider is not None:
+            if self.prefill_decider is not None or s.prefill in profiles:
                 prefill = self._optional(profiles, s.prefill, ctx, candidates)
             encode = self._encode(profiles, ctx, candidates, None)
         decode = profiles[s.decode].run(ctx, list(candidates))
         primary = decode.endpoints[0]
         if not self.prefill_first:
             encode = self._encode(profiles, ctx, candidates, primary)
-        if self.prefill_decider is not None and self.prefill_decider.disaggregate(ctx, primary):
+        if self.prefill_first and self.prefill_decider is None:
+            disagg_prefill = prefill is not None  # the reference's prefill-first: always, when it picked
+        elif self.prefill_decider is not None and self.prefill_decider.disaggregate(ctx, primary):
             if prefill is None:
                 prefill = self._optional(profiles, s.prefill, ctx, candidates)
             disagg_prefill = prefill is not None  # no prefill endpoint: the decode pod does it all
