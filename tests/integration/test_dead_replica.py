@@ -5,7 +5,8 @@ Passive health: the first connection the gateway cannot open to the dead replica
 picker (embedded: at once; ext_proc: reported in the response-headers metadata), and the picker always adds
 fallbacks, so the refused request goes on to a live replica. What the kill may cost is the requests in
 flight on the replica at that moment; every request that starts after it is answered 200. When the replica
-comes back on the same port, its next good scrape makes it fresh again and it gets traffic.
+comes back on the same port, its next good scrape makes it fresh again and it gets traffic. A replica whose
+connects time out (blackholed) is marked down the same way, after ``timeouts.connect``.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from prometheus_client import CollectorRegistry
 from inferoute.epp.cli import EppRunOptions, run
 from inferoute.gateway.app import start_gateway
 from inferoute.gateway.config import parse_config
+from inferoute.sim import SimConfig, SimPool
+from tcp_relay import FreezableRelay
 
 CLIENTS = 12
 ROUND_ROBIN = "plugins: [{type: round-robin-picker}]"
 """Both pickers round robin: without passive health the dead replica would get a third of the requests until
 its metrics go stale (2 s)."""
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+CONNECT_TIMEOUT = 0.25
 
 
 async def _sim(port: int = 0) -> tuple[asyncio.subprocess.Process, int]:
@@ -199,3 +203,59 @@ async def _until_served(url: str, ports: list[int], within: float = 10.0) -> flo
                 return time.monotonic()
             async with http.post(url + "/v1/completions", json=body) as resp:
                 await resp.read()
+
+
+@pytest.mark.parametrize("mode", ["embedded", "ext_proc"])
+async def test_replica_whose_connects_time_out_is_marked_down(
+    mode: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica that stops answering connects (blackholed: its SYNs dropped) after its metrics were fresh.
+    The first request sent to it waits ``timeouts.connect`` and goes on to the fallback (200, not 504);
+    the picker is told (passive health) and no later request tries it, although round robin would send it
+    every second one until its metrics go stale."""
+    pool = await SimPool.start(SimConfig(time_scale=0.01, seed=1), replicas=2, host="127.0.0.1", base_port=0)
+    sim0, sim1 = (e.port for e in pool.endpoints)
+    try:
+        async with FreezableRelay(sim0) as front, _picker_route(mode, [front.port, sim1], tmp_path) as epp:
+            cfg = parse_config(
+                {
+                    "listen": "127.0.0.1:0",
+                    "pool": {"endpoints": [{"name": "s0", "address": "127.0.0.1", "port": front.port},
+                                           {"name": "s1", "address": "127.0.0.1", "port": sim1}]},
+                    "picker": {"config_text": ROUND_ROBIN},
+                    "timeouts": {"connect": CONNECT_TIMEOUT},
+                    "routes": [{"path": "/", "epp": epp}],
+                }
+            )  # fmt: skip
+            registry = CollectorRegistry()
+            gw = await start_gateway(cfg, registry=registry)
+            try:
+                await _until_served(gw.url, [sim0, sim1])
+                await front.freeze()
+                served_before = await _served(sim1)
+                took = []
+                async with aiohttp.ClientSession() as http:
+                    for i in range(8):
+                        body = {"model": MODEL, "prompt": f"{i} " * 64, "max_tokens": 1}
+                        t0 = time.monotonic()
+                        async with http.post(gw.url + "/v1/completions", json=body) as resp:
+                            assert resp.status == 200, await resp.text()
+                        took.append(time.monotonic() - t0)
+                served = await _served(sim1) - served_before
+                tried = registry.get_sample_value(
+                    "inferoute_gateway_upstream_fallbacks_total", {"route": "/", "reason": "connect"}
+                )
+            finally:
+                await gw.aclose(grace=1.0)
+    finally:
+        await pool.aclose()
+    print(f"{mode}: 8 requests after the freeze took {', '.join(f'{t:.3f}' for t in took)} s")
+    assert served == 8
+    # embedded: the first request to the blackholed replica marks it down before the next is decided; over
+    # ext_proc the report rides on that request's response phase, which the next decision may overtake
+    assert tried is not None and 1 <= tried <= (1 if mode == "embedded" else 2)
+    assert sum(t >= CONNECT_TIMEOUT for t in took) == tried, "only those requests waited for the connect"
+    reason = "connect timed out" if mode == "embedded" else "reported by the data plane"
+    down = [r.getMessage() for r in caplog.records if "marked down" in r.getMessage()]
+    assert len(down) == 1 and reason in down[0], down
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"

@@ -13,6 +13,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from prometheus_client import CollectorRegistry
 
+from inferoute.epp.requestcontrol.parse import MAX_JSON_DEPTH
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.errors import InferouteError
 from inferoute.extproc import messages as m
@@ -61,6 +62,20 @@ async def test_invalid_json_is_400_and_bodyless_is_none(client: RemoteBBR) -> No
         await client.model_header(HEADERS, b"{not json")
     assert info.value.status == 400 and "parse" in info.value.message
     assert await client.model_header({":path": "/v1/models", ":method": "GET"}, b"") is None
+
+
+async def test_nesting_deeper_than_the_limit_is_400(client: RemoteBBR) -> None:
+    """The BBR server counts nesting before decoding (``MAX_JSON_DEPTH``): at the limit the model is found,
+    one level more (and 1,000, which the decoder alone met with RecursionError) is GIE's 400."""
+
+    def nested(depth: int) -> bytes:
+        return b'{"model": "m", "x": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+    assert await client.model_header(HEADERS, nested(MAX_JSON_DEPTH)) == "m"
+    for depth in (MAX_JSON_DEPTH + 1, 1000):
+        with pytest.raises(InferouteError) as info:
+            await client.model_header(HEADERS, nested(depth))
+        assert info.value.status == 400 and "parse" in info.value.message
 
 
 async def test_concurrent_requests_share_the_channel(client: RemoteBBR) -> None:

@@ -203,11 +203,13 @@ async def test_picker_exception_is_grpc_error(stub, epp) -> None:  # type: ignor
     assert epp[2].get_sample_value("inferoute_extproc_errors_total", {"cause": "test-failure"}) == 1
 
 
-async def test_empty_header_name_is_ignored_not_a_crash(stub, epp) -> None:  # type: ignore[no-untyped-def]
+async def test_empty_header_name_is_ignored_not_a_crash(stub, epp, caplog) -> None:  # type: ignore[no-untyped-def]
     """A header with an empty name (hostile or broken proxy) used to raise IndexError (INTERNAL)."""
     (hdr,) = await _exchange(stub, [_req_headers([("", "v"), ("x-ok", "1")], eos=True)], 1)
     assert hdr.WhichOneof("response") == "request_headers"
     assert _destination(hdr)[0] in epp[1].endpoints
+    assert epp[1].sessions[-1].request.headers["x-ok"] == "1"
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 async def test_bodyless_request_decided_on_headers(stub, epp) -> None:  # type: ignore[no-untyped-def]

@@ -30,6 +30,7 @@ from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import GatewayConfig, parse_config
 from inferoute.gateway.h2c import H2cPool
 from inferoute.gateway.nginx_decider.server import start_decider
+from tcp_relay import FreezableRelay
 
 CHAT = {"model": "llama-3", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -305,6 +306,25 @@ async def test_connect_errors_and_5xx_walk_the_fallbacks(dead: str) -> None:
                 text = await r.text()
     assert len(sick.heads) == 1 and len(well.heads) == 1
     assert 'reason="connect"' in text and 'reason="5xx"' in text
+
+
+async def test_refused_and_timed_out_connects_are_reported_to_the_picker(dead: str) -> None:
+    """Passive health over h2c as over HTTP/1.1: a refused connect and one that times out (a blackholed
+    endpoint) each walk on to the next endpoint and are reported to the picker session."""
+    async with (
+        FreezableRelay(None) as hole,
+        h2_servers(("well", 200)) as (well,),
+    ):
+        order = [dead, hole.key, well.key]
+        picker = ScriptedPicker(order)
+        cfg = config(order, timeouts={"connect": 0.2})
+        async with (
+            gateway(cfg, picker) as gw,
+            aiohttp.ClientSession() as s,
+            s.post(gw.url + "/v1/chat/completions", json=CHAT) as r,
+        ):
+            assert r.status == 200 and (await r.json())["served_by"] == "well"
+    assert picker.sessions[0].failed == [(dead, "connection refused"), (hole.key, "connect timed out")]
 
 
 async def test_the_last_endpoints_5xx_is_passed_through_and_all_dead_is_502(dead: str) -> None:

@@ -5,9 +5,11 @@ absolute-form request line is routed by its path."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
+import pytest
 from test_gw_support import ScriptedPicker, backends, gateway_config, running_gateway
 
 BODY = b'{"model": "llama-3", "prompt": "hi"}'
@@ -26,7 +28,7 @@ async def _raw(port: int, target: str) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
-async def test_dot_segments_do_not_escape_the_route() -> None:
+async def test_dot_segments_do_not_escape_the_route(caplog: pytest.LogCaptureFixture) -> None:
     async with backends("a") as (a,):
         picker = ScriptedPicker([a.key])
         async with running_gateway(gateway_config([a], path="/v1/"), picker) as gw:
@@ -34,11 +36,15 @@ async def test_dot_segments_do_not_escape_the_route() -> None:
             assert (await _raw(port, "/v1/../reset_prefix_cache"))[0] == 404  # resolved: no route
             status, body = await _raw(port, "/v1/%2e%2e/sleep")
             assert status == 400 and b"encoded dot" in body
+            assert json.loads(body)["error"]["type"] == "invalid_request_error"
             assert (await _raw(port, "/v1/%2E%2e/%2e%2e/sleep"))[0] == 400
             assert (await _raw(port, "/v1/./completions"))[0] == 200
             assert (await _raw(port, "http://elsewhere.example/v1/completions?x=1"))[0] == 200
     assert [r["path"] for r in a.requests] == ["/v1/completions", "/v1/completions?x=1"]
     assert [r.path for r in picker.requests] == ["/v1/completions", "/v1/completions?x=1"]
+    assert not [r for r in caplog.records if r.exc_info], (
+        "no traceback (an absolute-form target was a 500 with one)"
+    )
 
 
 CONTROL = {

@@ -169,6 +169,11 @@ class ScriptedPicker:
 class RecordingSession:
     events: list[tuple[str, Any]] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """(endpoint, reason) of each passive-health report (``endpoint_failed``)."""
+
+    def endpoint_failed(self, endpoint: str, reason: str) -> None:
+        self.failed.append((endpoint, reason))
 
     def response_started(self, served: str, status: int, headers: Mapping[str, str]) -> None:
         self.events.append(("started", (served, status)))

@@ -121,6 +121,15 @@ class Attacker:
         if not self.writer.is_closing():
             self.writer.write(data)
 
+    async def frame(self, ftype: int, sid: int, within: float = 5.0) -> bytes:
+        """Read frames until one of type ``ftype`` on stream ``sid`` arrives; its payload."""
+        async with asyncio.timeout(within):
+            while True:
+                head = await self.reader.readexactly(9)
+                payload = await self.reader.readexactly(int.from_bytes(head[:3], "big"))
+                if head[3] == ftype and int.from_bytes(head[5:9], "big") & 0x7FFFFFFF == sid:
+                    return payload
+
     async def goaway(self, within: float = 5.0) -> int | None:
         """Read to EOF; the error code of the server's GOAWAY (None: closed without one)."""
         data = bytearray()
@@ -301,3 +310,18 @@ async def test_protocol_errors_are_answered(server: h2s.GrpcServer) -> None:
     data = await asyncio.wait_for(c.reader.read(), 5)
     c.writer.close()
     assert b"0x" not in data and b"object at" not in data
+
+
+async def test_window_update_overflow_is_answered(server: h2s.GrpcServer) -> None:
+    """RFC 9113 6.9.1: a stream's WINDOW_UPDATE past 2^31-1 resets that stream (FLOW_CONTROL_ERROR) and the
+    connection carries on (a Check on it is answered); the connection's own is GOAWAY FLOW_CONTROL_ERROR."""
+    a = await Attacker.connect(server.port)
+    overflow = (2**31 - 1).to_bytes(4, "big")
+    a.send(headers(1, request_block()) + frame_header(4, 8, 0, 1) + overflow)
+    assert await a.frame(3, 1) == E_FLOW_CONTROL.to_bytes(4, "big")  # RST_STREAM on stream 1
+    msg = health_pb2.HealthCheckRequest(service="x").SerializeToString()
+    grpc_msg = b"\x00" + len(msg).to_bytes(4, "big") + msg
+    a.send(headers(3, request_block(CHECK)) + frame_header(len(grpc_msg), 0, 0x1, 3) + grpc_msg)
+    await a.frame(1, 3)  # the answer's HEADERS
+    a.send(frame_header(4, 8, 0, 0) + overflow)
+    assert await a.goaway() == E_FLOW_CONTROL

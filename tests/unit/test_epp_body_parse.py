@@ -118,3 +118,76 @@ def test_an_unparsable_body_gets_a_clear_message(body: bytes, words: str) -> Non
         parse_body(body)
     assert info.value.status == 400 and words in info.value.message
     assert "truncated" not in info.value.message
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of a decoded JSON value (a scalar is 0)."""
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"m","x":' + b"[" * 5 + b"]" * 5 + b"}",
+        b'{"model":"m","x":[{"a":[{},[]]},{"b":{"c":[[1]]}}],"y":{"z":[]}}',
+        b'{"model":"m","s":"[[[[{{{{ \\" ]]]","t":[["\\\\"]]}',  # brackets in strings do not nest
+        b'{"model":"m","x":[[],[[]],[[[]]],[[[[]]]]]}',
+        b"[[[]]]",
+        b"[]",
+    ],
+)
+@pytest.mark.parametrize("limit", [0, 1, 2, 3, 4, 5, 6, 7])
+def test_nested_deeper_than_counts_like_a_decoder(body: bytes, limit: int) -> None:
+    depth = _depth(json.loads(body))
+    assert parse_mod.nested_deeper_than(body, limit) == (depth > limit)
+
+
+def test_nested_deeper_than_on_random_documents() -> None:
+    rng = random.Random(7)
+
+    def value(level: int) -> object:
+        kind = rng.random()
+        if level > 9 or kind < 0.3:
+            return rng.choice([1, "a]", "{b", None, '"[', "\\"])
+        if kind < 0.65:
+            return [value(level + 1) for _ in range(rng.randrange(4))]
+        return {f"k{i}[": value(level + 1) for i in range(rng.randrange(4))}
+
+    for _ in range(300):
+        doc = {"model": "m", "x": value(1)}
+        body = json.dumps(doc).encode()
+        depth = _depth(doc)
+        for limit in range(depth - 2, depth + 2):
+            assert parse_mod.nested_deeper_than(body, limit) == (depth > limit), (body, limit)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_nesting_past_the_limit_is_400_and_at_the_limit_parses(large: bool) -> None:
+    limit = parse_mod.MAX_JSON_DEPTH
+    pad = "p" * (parse_mod.SIMD_MIN_BODY if large else 1)
+
+    def body(depth: int) -> bytes:
+        inner = "[" * (depth - 1) + "]" * (depth - 1)
+        return f'{{"model":"m","prompt":"{pad}","x":{inner}}}'.encode()
+
+    for parse in (parse_body, BodyParser().parse):
+        assert parse(body(limit)).model == "m"
+        for depth in (limit + 1, 1000, 100_000):
+            with pytest.raises(InferouteError) as info:
+                parse(body(depth))
+            assert info.value.status == 400 and f"deeper than {limit} levels" in info.value.message
+
+
+def test_invalid_nesting_is_a_400_either_way() -> None:
+    """Unbalanced or unterminated input: too deep when its openings alone say so, else the parser's 400."""
+    deep = b'{"model":"m","x":' + b"[" * 300
+    assert parse_mod.nested_deeper_than(deep, 128)
+    for body in (b'{"model":"m","x":' + b"]" * 300 + b"}", b'{"a":"[[[[' * 50):
+        assert not parse_mod.nested_deeper_than(body, 128)
+        with pytest.raises(InferouteError) as info:
+            parse_body(body)
+        assert info.value.status == 400 and "not valid JSON" in info.value.message

@@ -45,7 +45,7 @@ def test_ext_proc_full_duplex_with_trailers_metadata_and_served_attribute() -> N
     assert mode["request_body_mode"] == "FULL_DUPLEX_STREAMED" and mode["request_trailer_mode"] == "SEND"
     assert mode["response_body_mode"] == "FULL_DUPLEX_STREAMED" and mode["response_trailer_mode"] == "SEND"
     assert ext["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy.lb"]
-    assert ext["response_attributes"] == ["upstream.address"]
+    assert ext["response_attributes"] == ["upstream.address", "response.code_details"]
     assert ext["failure_mode_allow"] is False and ext["message_timeout"] == "10s"
     light = _filters(bootstrap("epp:9002", 8080, response_phase="headers"))[1]["typed_config"][
         "processing_mode"

@@ -182,3 +182,25 @@ def test_body_chunks_wire_is_byte_identical_to_protobuf(phase: str, size: int, e
     expected = [r.SerializeToString() for r in m.body_chunks(body, phase, end_of_stream=eos)]
     wire = [b"".join(pieces) for pieces in m.body_chunks_wire(body, phase, end_of_stream=eos)]
     assert wire == expected
+
+
+@pytest.mark.parametrize(
+    ("details", "failed"),
+    [
+        (
+            "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_111}",
+            True,
+        ),
+        ("upstream_reset_before_response_started{connection_timeout}", True),
+        ("upstream_reset_before_response_started{local_connection_failure}", True),
+        ("upstream_reset_before_response_started{remote_reset}", False),  # it had connected
+        ("via_upstream", False),  # a model server's own answer, 503 or not
+        ("", False),
+    ],
+)
+def test_envoy_connect_failure_from_code_details(details: str, failed: bool) -> None:
+    """What Envoy 1.40 sends with its local 503 (measured: refused, and a connect timeout)."""
+    req = m.headers_request([(":status", "503")], end_of_stream=False, phase="response_headers")
+    assert m.connect_failure_of(req) is None  # no attributes asked for
+    req.attributes[m.EXT_PROC_ATTRIBUTES_KEY].fields["response.code_details"].string_value = details
+    assert (m.connect_failure_of(req) == details) is failed

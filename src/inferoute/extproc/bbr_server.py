@@ -27,6 +27,7 @@ import grpc
 import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 
+from inferoute.epp.requestcontrol.parse import MAX_JSON_DEPTH, nested_deeper_than
 from inferoute.errors import error_body
 from inferoute.extproc import messages as m
 
@@ -49,8 +50,12 @@ class InvalidBody(ValueError):
 def model_of(body: bytes) -> str | None:
     """The body's ``model`` as GIE BBR renders it (``%v``: any JSON scalar as text); None when missing/empty.
 
-    Raises :class:`InvalidBody` when the body is not a JSON object.
+    Raises :class:`InvalidBody` when the body is not a JSON object or nests deeper than
+    :data:`~inferoute.epp.requestcontrol.parse.MAX_JSON_DEPTH` (the decoder's own limit moves with the call
+    stack).
     """
+    if nested_deeper_than(body, MAX_JSON_DEPTH):
+        raise InvalidBody(f"nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         value = _DECODER.decode(body).model
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -46,6 +46,7 @@ __all__ = [
     "body_chunk_request",
     "body_chunks",
     "body_response",
+    "connect_failure_of",
     "destination_from_response",
     "failed_endpoints",
     "fallbacks_from_response",
@@ -70,7 +71,8 @@ BODY_CHUNK_SIZE: Final = 62_000
 """Largest body chunk in a ``streamed_response`` (GIE's margin under the 64 KiB HTTP/2 frame default)."""
 
 EXT_PROC_ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
-"""Key of ``ProcessingRequest.attributes`` holding requested attributes (``upstream.address``)."""
+"""Key of ``ProcessingRequest.attributes`` holding requested attributes (``upstream.address``,
+``response.code_details``)."""
 
 _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 NONE: Final = processing_mode_pb2.ProcessingMode.NONE
@@ -159,6 +161,31 @@ def served_endpoint(request: pb.ProcessingRequest) -> str | None:
             if v.WhichOneof("kind") == "string_value" and v.string_value:
                 return str(v.string_value)
     return None
+
+
+_CONNECT_FAILURES: Final = ("connection_failure", "connection_timeout")
+"""Envoy's reset reasons for an upstream connection that was never established
+(``remote_connection_failure``, ``local_connection_failure``, ``connection_failure``, ``connection_timeout``),
+as they appear in the ``response.code_details`` attribute:
+``upstream_reset_before_response_started{remote_connection_failure|...}``."""
+
+
+def connect_failure_of(request: pb.ProcessingRequest) -> str | None:
+    """Envoy's ``response.code_details`` attribute when the response is Envoy's own answer to an upstream
+    connection it could not open (refused, reset while connecting, timed out), else None. Envoy sends it
+    when the bootstrap asks for it in ``response_attributes`` (``inferoute envoy-config`` does); its local
+    503 passes the ext_proc filter's response phase like a model server's answer."""
+    attrs = request.attributes
+    if EXT_PROC_ATTRIBUTES_KEY not in attrs:
+        return None
+    fields = attrs[EXT_PROC_ATTRIBUTES_KEY].fields
+    if "response.code_details" not in fields:
+        return None
+    details = str(fields["response.code_details"].string_value)
+    if not details.startswith("upstream_reset_before_response_started"):
+        return None
+    reasons = details.partition("{")[2].partition("|")[0].rstrip("}")
+    return details if reasons.endswith(_CONNECT_FAILURES) else None
 
 
 def status_of(headers: Mapping[str, str]) -> int:

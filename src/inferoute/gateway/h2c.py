@@ -9,7 +9,8 @@ fallback walk treat both protocols alike:
 
 * **Errors** are aiohttp's classes: anything before the response headers (connection refused, connect
   timeout, a peer that does not speak HTTP/2, a stream refused or reset, GOAWAY, connection lost) is an
-  :class:`H2cConnectError` (a ``ClientConnectionError``: the fallback walk moves on); a stream that breaks
+  :class:`H2cConnectError` (a ``ClientConnectionError``: the fallback walk moves on; when no connection
+  could be opened at all, an :class:`H2cUnreachable`, which passive health reports); a stream that breaks
   off after its headers is an :class:`H2cStreamError` (a ``ClientPayloadError``); silence longer than
   ``timeouts.read_idle`` is aiohttp's ``ServerTimeoutError``.
 * **Streaming**: :meth:`H2cBody.iter_any` hands out whatever DATA arrived since the last call, so an SSE event
@@ -62,6 +63,15 @@ _DEFAULT_MAX_STREAMS = 100
 
 class H2cConnectError(aiohttp.ClientConnectionError):
     """No response headers from this endpoint: the fallback walk may try the next one."""
+
+
+class H2cUnreachable(H2cConnectError):
+    """No connection to the endpoint could be opened (refused, reset, unreachable, timed out): passive
+    health marks it down. ``reason`` is what the picker is told."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class H2cStreamError(aiohttp.ClientPayloadError):
@@ -548,9 +558,15 @@ class H2cPool:
                 async with asyncio.timeout(self.connect_timeout):
                     _, conn = await loop.create_connection(lambda: H2cConnection(self, up), host, port)
             except TimeoutError as exc:
-                raise H2cConnectError(f"{up}: connect timed out after {self.connect_timeout:g}s") from exc
+                message = f"{up}: connect timed out after {self.connect_timeout:g}s"
+                raise H2cUnreachable(message, "connect timed out") from exc
+            except ConnectionRefusedError as exc:
+                raise H2cUnreachable(f"{up}: {exc.strerror or exc}", "connection refused") from exc
+            except ConnectionResetError as exc:
+                raise H2cUnreachable(f"{up}: {exc.strerror or exc}", "connection reset") from exc
             except OSError as exc:
-                raise H2cConnectError(f"{up}: {exc.strerror or exc}") from exc
+                reason = f"connect failed ({type(exc).__name__})"
+                raise H2cUnreachable(f"{up}: {exc.strerror or exc}", reason) from exc
             self._conns.setdefault(up, []).append(conn)
             fut.set_result(conn)
             return conn
@@ -584,4 +600,4 @@ class H2cPool:
             await asyncio.wait([c.lost for c in conns], timeout=1.0)
 
 
-__all__ = ["H2cConnectError", "H2cPool", "H2cResponse", "H2cStreamError"]
+__all__ = ["H2cConnectError", "H2cPool", "H2cResponse", "H2cStreamError", "H2cUnreachable"]

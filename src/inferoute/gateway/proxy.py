@@ -32,7 +32,7 @@ from yarl import URL
 
 from inferoute.errors import InferouteError
 from inferoute.gateway.config import GatewayConfig
-from inferoute.gateway.h2c import H2cPool
+from inferoute.gateway.h2c import H2cPool, H2cUnreachable
 from inferoute.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -302,19 +302,20 @@ class Forwarder:
                             data=data,
                             allow_redirects=False,
                         )
-            except TimeoutError as exc:
-                log.warning("route %s: upstream %s did not answer within %gs", route, up, t.response_headers)
-                raise InferouteError(  # no address in the client's message: it is in the log
-                    504,
-                    f"the model server did not answer within {t.response_headers:g}s",
-                    cause="upstream-timeout",
-                ) from exc
-            except (aiohttp.ClientConnectionError, OSError) as exc:
+            except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
+                unreachable = _unreachable(exc)
+                if unreachable is None and isinstance(exc, TimeoutError):
+                    log.warning(
+                        "route %s: upstream %s did not answer within %gs", route, up, t.response_headers
+                    )
+                    raise InferouteError(  # no address in the client's message: it is in the log
+                        504,
+                        f"the model server did not answer within {t.response_headers:g}s",
+                        cause="upstream-timeout",
+                    ) from exc
                 last_error = f"{up}: {exc or type(exc).__name__}"
-                if on_connect_failure is not None and isinstance(exc, aiohttp.ClientConnectorError):
-                    on_connect_failure(
-                        up, _connect_failure(exc)
-                    )  # passive health: refused, reset, unreachable
+                if on_connect_failure is not None and unreachable is not None:
+                    on_connect_failure(up, unreachable)  # passive health: refused, reset, timed out
                 if not last:
                     self._fallback(route, up, "connect", repr(exc))
                 else:
@@ -329,13 +330,23 @@ class Forwarder:
         raise InferouteError(502, "no model server could be reached", cause="upstream-connect")
 
 
-def _connect_failure(exc: aiohttp.ClientConnectorError) -> str:
-    """``connection refused`` / ``connection reset`` / the OS error's text: what the picker is told."""
+def _unreachable(exc: BaseException) -> str | None:
+    """Why no connection to the endpoint could be opened (what the picker is told: ``connection refused``,
+    ``connection reset``, ``connect timed out``, the OS error's name), or None when the failure came after
+    a connection was open (a dropped keep-alive connection, a timeout waiting for the answer)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # timeouts.connect passed (a TimeoutError too)
+        return "connect timed out"
+    if isinstance(exc, H2cUnreachable):
+        return exc.reason
+    if not isinstance(exc, aiohttp.ClientConnectorError):
+        return None
     err = exc.os_error
     if isinstance(err, ConnectionRefusedError):
         return "connection refused"
     if isinstance(err, ConnectionResetError):
         return "connection reset"
+    if isinstance(err, TimeoutError):
+        return "connect timed out"
     return f"connect failed ({type(err).__name__})"
 
 

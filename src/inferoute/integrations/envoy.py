@@ -10,7 +10,9 @@ What the generated configuration does (verified with Envoy 1.40, see docs/envoy.
   ``failure_mode_allow: false`` (fail closed: 500),
   ``message_timeout`` 10 s by default (the 200 ms default is too short for flow control and big bodies);
 * ``metadata_options.receiving_namespaces.untyped: [envoy.lb]`` so the picker's dynamic metadata is kept, and
-  ``response_attributes: [upstream.address]`` so the response-phase messages name the endpoint that served;
+  ``response_attributes: [upstream.address, response.code_details]`` so the response-phase messages name the
+  endpoint that served, or that Envoy could not connect to (its local 503 passes the ext_proc filter's
+  response phase too; the picker then marks that endpoint down: passive health);
 * the upstream cluster is ``ORIGINAL_DST`` keyed on the ``envoy.lb`` metadata (``metadata_key``), never on a
   header, so a client-supplied header cannot steer a request even when the picker is bypassed;
 * ``local_reply_config``: every answer Envoy makes up itself is an OpenAI-style JSON error
@@ -167,7 +169,7 @@ def _ext_proc_filter(
             "response_trailer_mode": "SEND" if response_body else "SKIP",
         },
         "metadata_options": {"receiving_namespaces": {"untyped": [LB_NAMESPACE]}},
-        "response_attributes": ["upstream.address"],
+        "response_attributes": ["upstream.address", "response.code_details"],
     }
 
 

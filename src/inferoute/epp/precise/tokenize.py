@@ -62,29 +62,15 @@ def parse_prompt(body: bytes | memoryview) -> Prompt | None:
         doc = msgspec.json.decode(body, type=_Body)
     except msgspec.DecodeError:
         return None
-    return _prompt(doc.model if isinstance(doc.model, str) else "", doc.prompt, doc.messages)
-
-
-def parse_prompt_value(raw: bytes | memoryview, model: str) -> Prompt | None:
-    """:func:`parse_prompt` for the raw JSON of the ``prompt`` or ``messages`` member alone (what the
-    director keeps of a request), decoded once."""
-    if not raw:
-        return None
-    try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return None
-    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        return _prompt(model, None, value)
-    return _prompt(model, value, None)
-
-
-def _prompt(model: str, prompt: object, messages: object) -> Prompt | None:
-    if isinstance(messages, list):
+    model = doc.model if isinstance(doc.model, str) else ""
+    if isinstance(doc.messages, list):
         turns = tuple(
-            (str(m.get("role", "user")), _content(m.get("content"))) for m in messages if isinstance(m, dict)
+            (str(m.get("role", "user")), _content(m.get("content")))
+            for m in doc.messages
+            if isinstance(m, dict)
         )
         return Prompt(model, messages=turns) if turns else None
+    prompt = doc.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
@@ -92,6 +78,20 @@ def _prompt(model: str, prompt: object, messages: object) -> Prompt | None:
     if isinstance(prompt, list) and is_token_ids(prompt):
         return Prompt(model, token_ids=tuple(prompt))
     return None
+
+
+def parse_prompt_value(raw: bytes | memoryview, model: str) -> Prompt | None:
+    """:func:`parse_prompt` for the raw JSON of the ``prompt`` or ``messages`` member alone (what the
+    director keeps of a request)."""
+    if not raw:
+        return None
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return parse_prompt(msgspec.json.encode({"model": model, "messages": value}))
+    return parse_prompt(msgspec.json.encode({"model": model, "prompt": value}))
 
 
 class LocalTokenizer(Protocol):

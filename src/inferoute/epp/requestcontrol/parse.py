@@ -16,12 +16,17 @@ the prompt's raw bytes are cut out by :func:`~inferoute.epp.requestcontrol.spans
 the small members around it. Whenever simdjson refuses the body, a key of interest repeats, ``model`` is not a
 non-empty string or the cut needs too many steps, :func:`parse_body` decides, so errors and edge cases are
 msgspec's, as before.
+
+Both refuse a body nested deeper than :data:`MAX_JSON_DEPTH` with a 400 before parsing it
+(:func:`nested_deeper_than`): the parsers' own limits are the interpreter's recursion limit (msgspec, shared
+with the Python frames below it, so it moves with the call stack) and 1024 (simdjson).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import accumulate
 
 import msgspec
 import simdjson
@@ -30,6 +35,80 @@ from inferoute.epp.requestcontrol.spans import member_value
 from inferoute.errors import InferouteError
 
 CHARS_PER_TOKEN = 4
+MAX_JSON_DEPTH = 128
+"""Arrays and objects a request body may nest (the body's own object is level 1): deeper is a 400. OpenAI
+requests nest a handful of levels; tool and response-format JSON schemas a few dozen at most."""
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
+_AS_STEPS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")
+"""Brackets as +1 / -1 (signed bytes) for the running depth."""
+
+
+def _openings_over(data: bytes, limit: int) -> bool:
+    """Whether ``data`` holds more than ``limit`` ``[`` and ``{`` in all (strings included): each found by
+    ``bytes.find`` (memchr), at most ``limit + 1`` of them, so a body without many brackets costs microseconds
+    (``bytes.count`` is a byte-by-byte loop, ~1 ns per byte)."""
+    found = 0
+    for opening in (b"[", b"{"):
+        pos = data.find(opening)
+        while pos >= 0:
+            found += 1
+            if found > limit:
+                return True
+            pos = data.find(opening, pos + 1)
+    return False
+
+
+def nested_deeper_than(body: bytes | memoryview, limit: int) -> bool:
+    """Whether the JSON in ``body`` nests arrays and objects more than ``limit`` levels deep.
+
+    Fast when it cannot: a body with at most ``limit`` opening brackets, strings included, is not looked at
+    further (:func:`_openings_over`). Otherwise (code in a prompt, long conversations, tool schemas) the
+    strings are cut out in C-speed passes: escaped backslashes and quotes neutralised (``replace``), all but
+    quotes and brackets deleted (``translate``), empty strings dropped (removing two adjacent quotes keeps
+    every other quote's side), and every other piece of ``split(b'"')`` is outside the strings. Of the
+    brackets left, each ``replace`` of ``[]`` removes exactly the innermost level (every deepest point of
+    valid JSON is an opening followed by a closing); two such passes, then runs of equal steps folded into
+    one (a monotone run's deepest point is one of its ends), then the running depth of what is left by
+    ``itertools.accumulate`` (linear: 10 MB of nothing but brackets take about as long as msgspec's own
+    decode of them).
+    Unbalanced brackets are invalid JSON, a 400 either way (unterminated strings and stray closings are left
+    to the parser).
+    """
+    data = bytes(body)
+    if not _openings_over(data, limit):
+        return False
+    if b"\\" in data:
+        data = data.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    quotes_and_brackets = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    outside = b"".join(quotes_and_brackets.split(b'"')[::2])
+    steps = outside.translate(_AS_STEPS)
+    if len(steps) <= limit:
+        return False
+    levels = 0
+    for _ in range(2):  # the innermost level (message objects, tool parameters ...) in C first
+        shorter = steps.replace(b"\x01\xff", b"")
+        if len(shorter) == len(steps):
+            break
+        steps, levels = shorter, levels + 1
+    for step, run in _RUNS:  # four equal steps in a row are one step of their sum: the same deepest point
+        steps = steps.replace(step * 4, run).replace(_down(step) * 4, _down(run))
+    return levels + max(accumulate(memoryview(steps).cast("b")), default=0) > limit
+
+
+def _down(step: bytes) -> bytes:
+    return bytes([256 - step[0]])
+
+
+_RUNS = ((b"\x01", b"\x04"), (b"\x04", b"\x10"), (b"\x10", b"\x40"))
+"""Steps of +-1, 4 and 16 folded into ones of +-4, 16 and 64 (signed bytes: 64 fits, 256 would not)."""
+
+
+def _too_deep() -> InferouteError:
+    return InferouteError(
+        400,
+        f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels",
+        cause="bad-request",
+    )
 
 
 class _Body(msgspec.Struct):
@@ -58,8 +137,14 @@ class ParsedBody:
 
 
 def parse_body(body: bytes) -> ParsedBody:
-    """Decode a request body. Raises :class:`InferouteError` 400 when it is not a JSON object or has no
-    string ``model``."""
+    """Decode a request body. Raises :class:`InferouteError` 400 when it is not a JSON object, has no
+    string ``model`` or nests deeper than :data:`MAX_JSON_DEPTH`."""
+    if nested_deeper_than(body, MAX_JSON_DEPTH):
+        raise _too_deep()
+    return _decode(body)
+
+
+def _decode(body: bytes) -> ParsedBody:
     try:
         parsed = _decoder.decode(body)
     except msgspec.DecodeError as exc:
@@ -107,11 +192,13 @@ class BodyParser:
         self._parser = simdjson.Parser()
 
     def parse(self, body: bytes) -> ParsedBody:
+        if nested_deeper_than(body, MAX_JSON_DEPTH):
+            raise _too_deep()
         if len(body) >= SIMD_MIN_BODY and type(body) is bytes:  # (the cut needs bytes.find / rfind)
             parsed = self._large(body)
             if parsed is not None:
                 return parsed
-        return parse_body(body)
+        return _decode(body)
 
     def _large(self, body: bytes) -> ParsedBody | None:
         if _OBJECT_START.match(body) is None:

@@ -479,6 +479,9 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         served = m.served_endpoint(req) or ""
         for failed in m.failed_endpoints(req):  # passive health: refused the data plane's connection
             report_endpoint_failed(ex.session, failed, "connect failed (reported by the data plane)")
+        envoy_failure = m.connect_failure_of(req)  # Envoy's own 503: it could not connect to ``served``
+        if envoy_failure is not None and served:
+            report_endpoint_failed(ex.session, served, f"connect failed (Envoy: {envoy_failure})")
         ex.session.response_started(served, m.status_of(headers), headers)
 
 
