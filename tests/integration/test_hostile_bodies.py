@@ -81,9 +81,14 @@ async def test_limits_through_the_gateway(caplog: pytest.LogCaptureFixture) -> N
                     error = answer["error"]
                     assert error["type"] == "invalid_request_error" and error["code"] == 400, name
                     assert message in error["message"], (name, error)
+            errors = {
+                cause: registry.get_sample_value("inferoute_gateway_errors_total", {"cause": cause})
+                for cause in ("bad-request", "bad-model")
+            }
     finally:
         await gw.aclose(grace=1.0)
         await pool.aclose()
+    assert errors == {"bad-request": 3, "bad-model": 1}, "each 400 is counted by its cause"
     _no_tracebacks(caplog)
 
 

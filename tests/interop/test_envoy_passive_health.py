@@ -43,10 +43,15 @@ async def _complete(http: aiohttp.ClientSession, url: str, i: int) -> tuple[int,
         return r.status, r.headers.get("x-inference-port", "")
 
 
-@pytest.mark.parametrize("failure", ["refused", "timeout"])
+@pytest.mark.parametrize(
+    ("cluster", "failure"),
+    [("original_dst", "refused"), ("original_dst", "timeout"), ("endpoints", "refused")],
+)
 async def test_endpoint_envoy_cannot_connect_to_is_marked_down(
-    failure: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    cluster: str, failure: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """``endpoints``: the static cluster of ``envoy-config --endpoints`` (``override_host``), whose retries
+    serve the request elsewhere; the picker learns of the skipped endpoint from the served one."""
     async with contextlib.AsyncExitStack() as stack:
         pool = await SimPool.start(
             SimConfig(time_scale=0.01, seed=1), replicas=2, host="127.0.0.1", base_port=0
@@ -60,8 +65,14 @@ async def test_endpoint_envoy_cannot_connect_to_is_marked_down(
         opts = ServerOptions(host="127.0.0.1", grpc_port=0, health_port=None, insecure=True)
         server = await EppServer.start(picker, opts, CollectorRegistry())
         stack.push_async_callback(server.aclose, 0)
+        listed = [e.key for e in endpoints] if cluster == "endpoints" else None
         cfg = bootstrap(
-            f"127.0.0.1:{server.grpc_port}", 0, admin_port=0, listen_address="127.0.0.1", insecure=True
+            f"127.0.0.1:{server.grpc_port}",
+            0,
+            admin_port=0,
+            listen_address="127.0.0.1",
+            insecure=True,
+            endpoints=listed,
         )
         _connect_timeout(cfg, 0.3)
         envoy = await EnvoyProcess.start(cfg, str(tmp_path))
@@ -73,10 +84,13 @@ async def test_endpoint_envoy_cannot_connect_to_is_marked_down(
         assert seen == {(200, str(sim0)), (200, str(sim1))}, "both replicas serve through Envoy"
         await (front.refuse() if failure == "refused" else front.freeze())
         after = [await _complete(http, url, i) for i in range(10, 18)]
-    print(f"{failure}: after the failure {after}")
-    assert [s for s, _ in after].count(503) == 1, "one request met the dead replica, then it was dropped"
+    print(f"{cluster} {failure}: after the failure {after}")
+    failed = 1 if cluster == "original_dst" else 0  # ORIGINAL_DST: one address, nothing to retry on
+    assert [s for s, _ in after].count(503) == failed, "one request met the dead replica, then it was dropped"
     assert {(s, p) for s, p in after if s == 200} == {(200, str(sim1))}
     down = [r.getMessage() for r in caplog.records if "marked down" in r.getMessage()]
-    reason = "remote_connection_failure" if failure == "refused" else "connection_timeout"
+    reason = {"refused": "remote_connection_failure", "timeout": "connection_timeout"}[failure]
+    if cluster == "endpoints":
+        reason = f"skipped by Envoy's retries (served by 127.0.0.1:{sim1})"
     assert len(down) == 1 and f"127.0.0.1:{front.port}" in down[0] and reason in down[0], down
     assert not [r for r in caplog.records if r.exc_info]

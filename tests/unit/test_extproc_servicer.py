@@ -9,6 +9,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+import inferoute.epp.serving.servicer as servicer_mod
 from inferoute.epp.serving.health import HealthServicer
 from inferoute.epp.serving.servicer import ExtProcMetrics, ExtProcServicer
 from inferoute.errors import InferouteError
@@ -345,3 +346,30 @@ async def test_responses_pass_untouched_without_a_rewrite() -> None:
     rh = next(r for r in out if r.WhichOneof("response") == "response_headers")
     assert not rh.response_headers.response.header_mutation.remove_headers
     assert out[-1].response_body.response.body_mutation.streamed_response.body == b'{"model":"m2"}'
+
+
+class _FailedLog:
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def endpoint_failed(self, endpoint: str, reason: str) -> None:
+        self.failed.append(endpoint)
+
+
+@pytest.mark.parametrize(
+    ("details", "listed", "served", "failed"),
+    [
+        ("upstream_reset_before_response_started{connection_timeout}", ("a:1",), "a:1", ["a:1"]),
+        ("via_upstream", ("a:1",), "a:1", []),  # served where it was sent
+        ("via_upstream", ("a:1", "b:1", "c:1"), "c:1", ["a:1", "b:1"]),  # Envoy's retries skipped two
+        ("via_upstream", ("a:1",), "z:1", ["a:1"]),  # retried outside the list
+        ("upstream_reset_before_response_started{remote_reset}", ("a:1",), "a:1", []),  # it had connected
+    ],
+)
+def test_envoy_passive_health(details: str, listed: tuple[str, ...], served: str, failed: list[str]) -> None:
+    """What the picker concludes from Envoy's response phase (the real Envoy: tests/interop)."""
+    req = m.headers_request([(":status", "200")], end_of_stream=False, phase="response_headers")
+    req.attributes[m.EXT_PROC_ATTRIBUTES_KEY].fields["response.code_details"].string_value = details
+    session = _FailedLog()
+    servicer_mod._envoy_passive_health(session, listed, req, served)  # type: ignore[arg-type]
+    assert session.failed == failed

@@ -46,6 +46,7 @@ __all__ = [
     "body_chunk_request",
     "body_chunks",
     "body_response",
+    "code_details_of",
     "connect_failure_of",
     "destination_from_response",
     "failed_endpoints",
@@ -170,19 +171,25 @@ as they appear in the ``response.code_details`` attribute:
 ``upstream_reset_before_response_started{remote_connection_failure|...}``."""
 
 
-def connect_failure_of(request: pb.ProcessingRequest) -> str | None:
-    """Envoy's ``response.code_details`` attribute when the response is Envoy's own answer to an upstream
-    connection it could not open (refused, reset while connecting, timed out), else None. Envoy sends it
-    when the bootstrap asks for it in ``response_attributes`` (``inferoute envoy-config`` does); its local
-    503 passes the ext_proc filter's response phase like a model server's answer."""
+def code_details_of(request: pb.ProcessingRequest) -> str | None:
+    """Envoy's ``response.code_details`` attribute of a response-phase message (``via_upstream`` for a model
+    server's answer), None when absent. Envoy sends it when the bootstrap asks for it in
+    ``response_attributes`` (``inferoute envoy-config`` does); other data planes do not."""
     attrs = request.attributes
     if EXT_PROC_ATTRIBUTES_KEY not in attrs:
         return None
     fields = attrs[EXT_PROC_ATTRIBUTES_KEY].fields
     if "response.code_details" not in fields:
         return None
-    details = str(fields["response.code_details"].string_value)
-    if not details.startswith("upstream_reset_before_response_started"):
+    return str(fields["response.code_details"].string_value)
+
+
+def connect_failure_of(request: pb.ProcessingRequest) -> str | None:
+    """Envoy's ``response.code_details`` when the response is Envoy's own answer to an upstream connection
+    it could not open (refused, reset while connecting, timed out), else None. That local 503 passes the
+    ext_proc filter's response phase like a model server's answer."""
+    details = code_details_of(request)
+    if details is None or not details.startswith("upstream_reset_before_response_started"):
         return None
     reasons = details.partition("{")[2].partition("|")[0].rstrip("}")
     return details if reasons.endswith(_CONNECT_FAILURES) else None

@@ -129,6 +129,8 @@ class _Exchange:
     """Puts the asked model name back in the echoed response body (a model rewrite, full duplex)."""
     evicted: bool = False
     """Flow control revoked the request: the next reply is the 429 ImmediateResponse."""
+    destination: tuple[str, ...] = ()
+    """The endpoints sent as the destination (what Envoy's ``override_host`` may try in turn)."""
 
     def stream_closed(self, reason: str) -> None:
         """The proxy closed or reset the stream. Envoy resets it once the response is done when it was told
@@ -428,6 +430,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             ex.end(False, "empty-destination")
             return [m.immediate_response(503, error_body(503, "the picker returned no endpoint"))]
         self.metrics.destination.inc()
+        ex.destination = decision.endpoints
         restore = decision.restore_model
         if restore is not None and ex.full_duplex_response and ex.response_body_expected:
             ex.restorer = ModelRestorer(*restore)  # else the data plane restores (inferoute.model metadata)
@@ -479,10 +482,28 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         served = m.served_endpoint(req) or ""
         for failed in m.failed_endpoints(req):  # passive health: refused the data plane's connection
             report_endpoint_failed(ex.session, failed, "connect failed (reported by the data plane)")
-        envoy_failure = m.connect_failure_of(req)  # Envoy's own 503: it could not connect to ``served``
-        if envoy_failure is not None and served:
-            report_endpoint_failed(ex.session, served, f"connect failed (Envoy: {envoy_failure})")
+        if served and m.code_details_of(req) is not None:  # behind Envoy (inferoute envoy-config)
+            _envoy_passive_health(ex.session, ex.destination, req, served)
         ex.session.response_started(served, m.status_of(headers), headers)
+
+
+def _envoy_passive_health(
+    session: PickSession, listed: tuple[str, ...], req: m.ProcessingRequest, served: str
+) -> None:
+    """What Envoy's response phase tells about endpoints it could not use. Its own 503 for a connection it
+    could not open names that endpoint (``upstream.address``). A model server's answer (``via_upstream``)
+    from another endpoint than the first of the destination means Envoy's retries (``override_host``, with
+    ``--endpoints``) skipped the ones before it (or all, when ``served`` is not among them): refused, or a
+    retriable 503 -- either way marked down only until the endpoint's next good scrape."""
+    failure = m.connect_failure_of(req)
+    if failure is not None:
+        report_endpoint_failed(session, served, f"connect failed (Envoy: {failure})")
+        return
+    if not listed or listed[0] == served:
+        return
+    skipped = listed[: listed.index(served)] if served in listed else listed
+    for endpoint in skipped:
+        report_endpoint_failed(session, endpoint, f"skipped by Envoy's retries (served by {served})")
 
 
 class _ProtocolError(Exception):
