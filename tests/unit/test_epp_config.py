@@ -181,10 +181,28 @@ def test_unknown_parameter_lists_valid_parameters() -> None:
             "dataLayer.sources[0].extractor: unknown key",
         ),
         ("plugins: [{type: queue-scorer}\n", "invalid YAML"),
+        # found walking every key: these were accepted and then silently ignored
+        ("featureGates: [flowcontrol]", "config: featureGates[0]: unknown gate 'flowcontrol'; did you mean"),
+        ("featureGates: [flowControl=on]", "config: featureGates[0]: 'flowControl=on': the value after '='"),
+        ("parser: {pluginRef: json}", "config: parser.pluginRef: 'json' is neither a defined plugin nor"),
+        (
+            "plugins: [{type: metrics-data-source, parameters: {path: metrics}}]",
+            "config: plugins[0].parameters.path: must start with '/'",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(text: str, fragment: str) -> None:
     assert fragment in config_error(text)
+
+
+def test_gates_the_picker_does_not_know_are_warned_about_not_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    load(
+        "featureGates: [haPopulateNonLeaderDatastore, someOtherPickersGate]\n"
+        "parser: {pluginRef: openai-parser}"
+    )
+    assert "unknown gate 'someOtherPickersGate' ignored" in caplog.text
 
 
 def test_unknown_builtin_profile() -> None:

@@ -35,6 +35,7 @@ given: queue 2, kv-cache 2, prefix 3), ``predicted-ttft``, ``round-robin``, ``ra
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import typing
@@ -412,6 +413,39 @@ def _flow_control(cfg: PickerConfig, source: str) -> None:
         log.warning("%s: flowControl is ignored (featureGates does not enable flowControl)", source)
 
 
+KNOWN_GATES = ("flowControl", "haPopulateNonLeaderDatastore")
+"""The reference picker's feature gates (inferoute acts on ``flowControl``; a standby always keeps its
+datastore)."""
+
+
+def _check_gates(gates: list[str], source: str) -> None:
+    """``name``, ``name=true`` or ``name=false``; a misspelt known gate is an error (it would silently stay
+    off), another unknown one a warning (configs written for other pickers may carry their own gates)."""
+    for i, gate in enumerate(gates):
+        name, eq, value = gate.partition("=")
+        where = f"{source}: featureGates[{i}]"
+        if eq and value.strip().lower() not in ("true", "false"):
+            raise config_error(f"{where}: {gate!r}: the value after '=' must be true or false")
+        if name.strip() in KNOWN_GATES:
+            continue
+        close = difflib.get_close_matches(name.strip(), KNOWN_GATES, n=1, cutoff=0.8)
+        if close:
+            raise config_error(f"{where}: unknown gate {name.strip()!r}; did you mean {close[0]!r}?")
+        log.warning("%s: unknown gate %r ignored; known: %s", where, name.strip(), ", ".join(KNOWN_GATES))
+
+
+def _check_parser(spec: EndpointPickerConfig, plugins: Mapping[str, object], source: str) -> None:
+    """``parser.pluginRef``: a declared plugin or the one parser type there is (nothing else is used)."""
+    if spec.parser is None:
+        return
+    ref = spec.parser.pluginRef
+    if ref not in plugins and ref != "openai-parser":
+        raise config_error(
+            f"{source}: parser.pluginRef: {ref!r} is neither a defined plugin nor openai-parser; "
+            f"defined: {', '.join(plugins) or '(none)'}"
+        )
+
+
 def parse_config(
     text: str | None,
     *,
@@ -426,7 +460,9 @@ def parse_config(
         text = builtin_profile_text(DEFAULT_CONFIG_NAME)
         source = f"built-in {DEFAULT_CONFIG_NAME}"
     spec = load_document(text, source)
+    _check_gates(spec.featureGates, source)
     plugins = _plugins(spec, registry, deps, source)
+    _check_parser(spec, plugins, source)
     cfg = PickerConfig(
         _scheduler(spec, plugins, registry, deps, observer, source),
         _prefix_settings(plugins),

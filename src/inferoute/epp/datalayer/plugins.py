@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from inferoute.epp.datalayer.metrics import ENGINES
-from inferoute.epp.plugin import Factory, Params, PluginDeps
+from inferoute.epp.plugin import Factory, Params, PluginDeps, config_error
 
 
 @dataclass(slots=True)
@@ -30,12 +30,10 @@ class CoreMetricsExtractor:
 
 
 def _data_source(name: str, p: Params, deps: PluginDeps) -> MetricsDataSource:
-    return MetricsDataSource(
-        name,
-        p.text("scheme", "http", choices=("http", "https")),
-        p.text("path", "/metrics"),
-        p.flag("insecureSkipVerify", True),
-    )
+    scheme, path = p.text("scheme", "http", choices=("http", "https")), p.text("path", "/metrics")
+    if not path.startswith("/"):
+        raise config_error(f"{p.where}.path: must start with '/', got {path!r}")
+    return MetricsDataSource(name, scheme, path, p.flag("insecureSkipVerify", True))
 
 
 def _extractor(name: str, p: Params, deps: PluginDeps) -> CoreMetricsExtractor:
