@@ -292,9 +292,13 @@ async def test_cancelled_stream_aborts_session(stub, epp) -> None:  # type: igno
     log = epp[1].sessions[-1]
     call.cancel()
     await asyncio.wait_for(log.ended.wait(), 10)
-    # h2 sees the RST_STREAM; grpc.aio cannot tell a cancellation from a half-close
-    cancelled = "stream-cancelled" if epp[0].transport == "h2" else "stream-ended-early"
-    assert log.aborted == cancelled and not log.finished
+    # h2 sees the RST_STREAM. grpc.aio reports a cancellation only when it reaches the handler before the
+    # request iterator ends; otherwise it looks like a half-close (random order, seed 1001: the former).
+    # Either way the session is aborted, never finished.
+    cancelled = (
+        {"stream-cancelled"} if epp[0].transport == "h2" else {"stream-cancelled", "stream-ended-early"}
+    )
+    assert log.aborted in cancelled and not log.finished
 
 
 async def test_metadata_namespace_is_envoy_lb(stub) -> None:  # type: ignore[no-untyped-def]
