@@ -8,6 +8,7 @@ costs nothing but the line that names it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -61,4 +62,57 @@ def writable_file(path: Path | None, flag: str) -> Path | None:
     return path
 
 
-__all__ = ["pem_certificates", "writable_dir", "writable_file"]
+def int_list(
+    minimum: int = 1, example: str = "10,100"
+) -> Callable[[click.Context, click.Parameter, str], list[int]]:
+    """A click callback: comma-separated integers, each at least ``minimum`` (an empty string: none)."""
+
+    def convert(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+        try:
+            values = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            values = None
+        if values is None or any(v < minimum for v in values):
+            raise click.BadParameter(
+                f"expected comma-separated integers >= {minimum} such as {example}, got {value!r}"
+            )
+        return values
+
+    return convert
+
+
+def choice_list(*valid: str) -> Callable[[click.Context, click.Parameter, str], str]:
+    """A click callback: a comma list of ``valid`` names (an empty string: none)."""
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+        unknown = [v.strip() for v in value.split(",") if v.strip() and v.strip() not in valid]
+        if unknown:
+            raise click.BadParameter(f"unknown {unknown[0]!r}; valid: {', '.join(valid)} (comma-separated)")
+        return value
+
+    return check
+
+
+def out_file(_ctx: click.Context, param: click.Parameter, value: str | Path | None) -> Path | None:
+    """A click callback for a results file: writable (checked before a benchmark runs, not after)."""
+    return None if value is None else writable_file(Path(value), _flag(param))
+
+
+def out_dir(_ctx: click.Context, param: click.Parameter, value: str | Path | None) -> Path | None:
+    """A click callback for a results directory: created and writable before a benchmark runs."""
+    return None if value is None else writable_dir(Path(value), _flag(param))
+
+
+__all__ = [
+    "choice_list",
+    "int_list",
+    "out_dir",
+    "out_file",
+    "pem_certificates",
+    "writable_dir",
+    "writable_file",
+]
+
+
+def _flag(param: click.Parameter) -> str:
+    return param.opts[0] if param.opts else f"--{param.name}"

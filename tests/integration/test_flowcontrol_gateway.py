@@ -11,18 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
 import aiohttp
 import msgspec
+import priority_overload
+from priority_overload import completion
 from prometheus_client import CollectorRegistry
 
 from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import default_config
-from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
+from inferoute.sim import SimConfig, SimPool
 
 
 @contextlib.asynccontextmanager
@@ -62,90 +63,17 @@ async def until(cond: object, within: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def completion(
-    http: aiohttp.ClientSession, url: str, headers: dict[str, str], prompt: str = "hi", **body: object
-) -> tuple[int, dict[str, str], float, bytes]:
-    """POST a streamed completion; (status, headers, TTFT seconds, whole body)."""
-    t0 = time.monotonic()
-    payload = {"model": DEFAULT_MODEL, "prompt": prompt, "max_tokens": 4, "stream": True, **body}
-    async with http.post(url + "/v1/completions", json=payload, headers=headers) as r:
-        first = await r.content.readany()
-        ttft = time.monotonic() - t0
-        rest = await r.read()
-        return r.status, dict(r.headers), ttft, first + rest
-
-
-def p90(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(0.9 * len(s)))]
-
-
-OVERLOAD = """
-featureGates: [flowControl]
-plugins:
-- type: queue-scorer
-- type: running-requests-size-scorer
-- {type: concurrency-detector, parameters: {maxConcurrency: 4}}
-- {type: priority-holdback-policy, parameters: {minCeiling: 0.5}}
-objectives: {interactive: 10, batch: -1}
-flowControl:
-  usageLimitPolicyPluginRef: priority-holdback-policy
-  defaultNegativePriorityBand: {maxRequests: 8}
-"""
-
-
 async def test_priority_under_2x_overload_keeps_high_ttft_and_sheds_sheddable() -> None:
-    """Two replicas x 4 slots of ~0.9 s batch requests ~= 9 req/s; offered: 3 req/s interactive (long
-    prompts, short answers) + 15 req/s sheddable batch = 2x. Sheddable may use half the slots (holdback
-    ceiling 0.5). The sheddable rate is modest because client, gateway, picker and simulator share this
-    process's event loop: the TTFT measured is theirs too."""
-    sim = SimConfig(max_num_seqs=8, time_scale=2.0, seed=1)  # slow: TTFT ~0.8 s >> event-loop noise
-    long_prompt = "interactive question with a long context. " * 200  # ~0.4 s prefill
-    hi = {"x-llm-d-inference-objective": "interactive"}
-    lo = {"x-llm-d-inference-objective": "batch"}
-    async with system(OVERLOAD, sim, replicas=2) as (gw, _, _), aiohttp.ClientSession() as http:
-
-        async def interactive(n: int, rate: float) -> list[float]:
-            rng = random.Random(4)
-            tasks = []
-            for _ in range(n):
-                prompt = f"{rng.random()} {long_prompt}"  # unique from the first token: no prefix-cache hits
-                tasks.append(asyncio.ensure_future(completion(http, gw.url, hi, prompt, max_tokens=4)))
-                await asyncio.sleep(rng.expovariate(rate))
-            results = await asyncio.gather(*tasks)
-            assert all(status == 200 for status, *_ in results)
-            return [ttft for _, _, ttft, _ in results]
-
-        await interactive(2, 3.0)  # warm-up: connections, first scrapes
-        unloaded = await interactive(12, 3.0)
-        stop = asyncio.Event()
-        shed: Counter[int] = Counter()
-        reasons: Counter[str] = Counter()
-
-        async def batch_load() -> None:
-            pending: set[asyncio.Future[None]] = set()
-
-            async def one() -> None:
-                status, headers, _, _ = await completion(http, gw.url, lo, max_tokens=40, ignore_eos=True)
-                shed[status] += 1
-                reasons[headers.get("x-llm-d-request-dropped-reason", "")] += 1
-
-            while not stop.is_set():
-                fut = asyncio.ensure_future(one())
-                pending.add(fut)
-                fut.add_done_callback(pending.discard)
-                await asyncio.sleep(1 / 15)
-            await asyncio.gather(*pending)
-
-        load = asyncio.ensure_future(batch_load())
-        await asyncio.sleep(1.0)  # let the batch load saturate its share
-        loaded = await interactive(15, 3.0)
-        stop.set()
-        await load
-    assert shed[200] > 0 and shed[429] > 0, shed
-    assert reasons["rejected-saturated"] > 0, reasons
-    print(f"interactive p90 TTFT unloaded {p90(unloaded):.3f} s, loaded {p90(loaded):.3f} s; {shed}")
-    assert p90(loaded) <= 1.5 * p90(unloaded), (p90(unloaded), p90(loaded))
+    """The scenario of :mod:`priority_overload`; client, gateway, picker and simulator share this process's
+    event loop, so the TTFT measured is theirs too."""
+    async with system(priority_overload.CONFIG, priority_overload.SIM, priority_overload.REPLICAS) as (
+        gw,
+        _,
+        _,
+    ):
+        outcome = await priority_overload.run(gw.url)
+    print(outcome.summary())
+    outcome.check()
 
 
 FAIR = """

@@ -465,3 +465,11 @@ def test_stage_aware_saturation_gates_on_the_worse_stage() -> None:
     s = stage_saturation(d, [pre, dec, plain], NOW)
     assert s == {"prefill": 1.0, "decode": 0.1, "effective": 1.0}
     assert stage_saturation(d, [dec, plain], NOW) == {"effective": 0.1, "decode": 0.1}
+    # encode-only pods get no counted load: they are in neither stage; interleaved pods are in both
+    enc, both = ep(inflight=0), ep(inflight=6)
+    enc.labels = {ROLE_LABEL: "encode"}
+    both.labels = {ROLE_LABEL: "encode-prefill-decode"}
+    assert stage_saturation(d, [dec, plain, enc], NOW) == {"effective": 0.1, "decode": 0.1}
+    s = stage_saturation(d, [pre, dec, both], NOW)
+    assert s == {"prefill": 0.8, "decode": 0.3, "effective": 0.8}
+    assert stage_saturation(d, [enc], NOW) == {"effective": 0.0}  # only encoders: measured whole

@@ -1,4 +1,5 @@
-"""The allocator settings apply on glibc (this project's platform) and yield to glibc's own variables."""
+"""The allocator settings apply on glibc (this project's platform) and yield to glibc's own variables; the
+start-up freeze keeps the collector working on what comes later."""
 
 from __future__ import annotations
 
@@ -45,3 +46,25 @@ def test_large_buffers_come_from_the_heap(monkeypatch: pytest.MonkeyPatch) -> No
 def test_operator_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert keep_large_buffers() is False
+
+
+def test_freeze_keeps_startup_objects_out_of_collections_but_collects_later_garbage() -> None:
+    import gc
+    import weakref
+
+    from inferoute.malloc import freeze_startup_objects
+
+    class Node:
+        pass
+
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > 1000  # the interpreter's and the suite's objects
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # type: ignore[attr-defined]  # a cycle made after the freeze
+        ref = weakref.ref(a)
+        del a, b
+        gc.collect()
+        assert ref() is None
+    finally:
+        gc.unfreeze()

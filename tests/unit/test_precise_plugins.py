@@ -169,6 +169,17 @@ def test_prompt_parsing_and_render_answers() -> None:
     assert parse_prompt_value(b'[{"role":"system","content":"x"}]', "m") == Prompt(
         "m", messages=(("system", "x"),)
     )
+    for member, raw in (
+        ("prompt", b'"text"'),
+        ("prompt", b'["one"]'),
+        ("prompt", b"[1,2]"),
+        ("prompt", b'[["a"],["b"]]'),
+        ("messages", b'[{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url"}]}]'),
+        ("messages", b'[{"content":"no role"}]'),
+    ):  # the member alone parses as the whole body does
+        body = b'{"model":"m","' + member.encode() + b'":' + raw + b"}"
+        assert parse_prompt_value(raw, "m") == parse_prompt(body), raw
+    assert parse_prompt_value(b"", "m") is None and parse_prompt_value(b"{", "m") is None
     assert render_token_ids({"prompt_token_ids": [1, 2]}) == [1, 2]
     assert render_token_ids([{"token_ids": [3]}]) == [3]
     assert render_token_ids({"tokens": "x"}) is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from inferoute.bench import scrape
 from inferoute.bench.loadgen import run_plan
 from inferoute.bench.peers import Contender, ManagedProcess, select_contenders, start_router, start_sim_pool
 from inferoute.bench.stats import PointSummary, summarize
-from inferoute.bench.workloads import PlannedRequest, Workload, get_workload
+from inferoute.bench.workloads import WORKLOADS, PlannedRequest, Workload, get_workload
+from inferoute.cliparams import out_dir as out_dir_check
 
 TOKENIZER_SCRIPT = """
 import itertools, string, sys
@@ -263,16 +265,44 @@ def markdown(agreements: Sequence[Agreement]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _guidellm(value: str) -> str:
+    """An executable file with a ``python`` beside it (the tokenizer is built with that interpreter)."""
+    path = Path(value)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise click.BadParameter(f"{value}: not an executable file (the guidellm command of its virtualenv)")
+    if not (path.with_name("python").is_file()):
+        raise click.BadParameter(f"{value}: no python beside it (give the guidellm in a virtualenv's bin/)")
+    return value
+
+
 @click.command("routing-crosscheck")
-@click.option("--guidellm", "guidellm", required=True, help="Path of the guidellm executable.")
-@click.option("--workload", default="shared-prefix", show_default=True, help="Workload of the point.")
+@click.option(
+    "--guidellm",
+    "guidellm",
+    required=True,
+    callback=lambda _c, _p, v: _guidellm(v),
+    help="Path of the guidellm executable in its virtualenv's bin/ (that python builds the tokenizer).",
+)
+@click.option(
+    "--workload",
+    default="shared-prefix",
+    show_default=True,
+    type=click.Choice(sorted(WORKLOADS)),
+    help="Workload of the point.",
+)
 @click.option(
     "--contender",
     default="inferoute/gie-default",
     show_default=True,
     help="Router behind both load generators.",
 )
-@click.option("--rate", type=float, default=6.0, show_default=True, help="Offered requests per second.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(0, min_open=True),
+    default=6.0,
+    show_default=True,
+    help="Offered requests per second.",
+)
 @click.option(
     "--duration",
     type=click.FloatRange(0, min_open=True),
@@ -280,22 +310,29 @@ def markdown(agreements: Sequence[Agreement]) -> str:
     show_default=True,
     help="Measured seconds per tool.",
 )
-@click.option("--replicas", type=int, default=4, show_default=True, help="Simulator replicas.")
+@click.option(
+    "--replicas", type=click.IntRange(min=1), default=4, show_default=True, help="Simulator replicas."
+)
 @click.option(
     "--time-scale",
-    type=float,
+    type=click.FloatRange(0, min_open=True),
     default=1.0,
     show_default=True,
     help="Simulator speed (0.1 = ten times faster).",
 )
 @click.option("--seed", type=int, default=42, show_default=True, help="Seeds the workload and the simulator.")
 @click.option(
-    "--tolerance", type=float, default=0.10, show_default=True, help="Largest relative difference accepted."
+    "--tolerance",
+    type=click.FloatRange(min=0),
+    default=0.10,
+    show_default=True,
+    help="Largest relative difference accepted.",
 )
 @click.option(
     "--out",
     "out_dir",
     type=click.Path(path_type=Path),
+    callback=out_dir_check,
     default=Path("bench-results/crosscheck"),
     show_default=True,
     help="Directory for both tools' results and the comparison.",

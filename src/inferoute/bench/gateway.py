@@ -61,6 +61,7 @@ import yaml
 
 from inferoute.bench.peers import Contender, ManagedProcess, inferoute_argv, start_on_ports
 from inferoute.bench.stats import percentile
+from inferoute.cliparams import choice_list, out_dir
 
 log = logging.getLogger(__name__)
 
@@ -920,12 +921,17 @@ def _scheduler_lines(result: dict[str, Any]) -> list[str]:
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
+    callback=out_dir,
     default=Path("bench-results/gateway"),
     show_default=True,
     help="Directory for the JSON results and the Markdown report.",
 )
 @click.option(
-    "--rate", default=200.0, show_default=True, help="Fixed request rate for the added-latency test."
+    "--rate",
+    default=200.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Fixed request rate for the added-latency test.",
 )
 @click.option(
     "--duration",
@@ -940,19 +946,28 @@ def _scheduler_lines(result: dict[str, Any]) -> list[str]:
     "slice_seconds",
     default=0.25,
     show_default=True,
+    type=click.FloatRange(0, min_open=True),
     help="Length of one interleaved slice of the fixed-rate test (seconds).",
 )
-@click.option("--wrk-duration", default=4.0, show_default=True, help="Seconds per wrk run.")
+@click.option(
+    "--wrk-duration",
+    default=4.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds per wrk run (wrk counts whole seconds: at least 1).",
+)
 @click.option(
     "--scaling-rounds",
     default=3,
     show_default=True,
+    type=click.IntRange(min=0),
     help="Alternating wrk rounds of inferoute and inferoute-2w for the --workers 2 ratio (0: skip).",
 )
 @click.option(
     "--paths",
     default=",".join(DEFAULT_PATHS),
     show_default=True,
+    callback=lambda c, p, v: choice_list("direct", *READY_PATH)(c, p, v),
     help="Comma-separated paths to measure (direct is always included).",
 )
 @click.option("--bbr-only", is_flag=True, help="Only the BBR extraction speed (no processes).")

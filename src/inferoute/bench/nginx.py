@@ -57,6 +57,7 @@ from pathlib import Path
 import click
 
 from inferoute.bench.peers import candidate_ports, owns_ports
+from inferoute.cliparams import out_dir
 from inferoute.integrations.nginx import NginxOptions, render
 
 log = logging.getLogger(__name__)
@@ -526,22 +527,41 @@ def markdown(results: list[ContenderResult], connections: int) -> str:
     show_default=True,
     help="Seconds per measurement.",
 )
-@click.option("--connections", type=int, default=16, show_default=True, help="Concurrent connections.")
+@click.option(
+    "--connections", type=click.IntRange(min=1), default=16, show_default=True, help="Concurrent connections."
+)
 @click.option(
     "--rounds",
-    type=int,
+    type=click.IntRange(min=0),
     default=3,
     show_default=True,
     help="Interleaved rounds; the best is kept (0: streaming part only).",
 )
-@click.option("--sse-events", type=int, default=500, show_default=True, help="Events per streamed response.")
 @click.option(
-    "--sse-requests", type=int, default=400, show_default=True, help="Streamed responses (0: skip)."
+    "--sse-events",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Events per streamed response.",
 )
-@click.option("--sse-gap-ms", type=float, default=1.0, show_default=True, help="Milliseconds between events.")
+@click.option(
+    "--sse-requests",
+    type=click.IntRange(min=0),
+    default=400,
+    show_default=True,
+    help="Streamed responses (0: skip).",
+)
+@click.option(
+    "--sse-gap-ms",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Milliseconds between events.",
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
+    callback=out_dir,
     default=Path("bench-results"),
     show_default=True,
     help="Directory for the JSON results and the Markdown report.",

@@ -43,6 +43,7 @@ from typing import Any
 
 import click
 
+from inferoute.cliparams import choice_list, int_list, out_file
 from inferoute.epp.serving.h2server import frame_header, literal_header
 
 DELAY_HEADER = "x-bench-delay-ms"
@@ -111,6 +112,9 @@ async def _serve_picker(port: int, picker_kind: str, endpoints: list[str], trans
         ServerOptions(host="127.0.0.1", grpc_port=port, health_port=None, insecure=True, transport=transport),
         CollectorRegistry(),
     )
+    from inferoute.malloc import freeze_startup_objects
+
+    freeze_startup_objects()  # as `inferoute epp` does
     await _ready_until_sigterm(server.grpc_port)
     await server.aclose(0)
     await picker.aclose()
@@ -931,28 +935,59 @@ async def _run(opts: argparse.Namespace | Any) -> str:
     return text + ("\n" + workers_md if workers_md else "")
 
 
+def _open_loop_flag(value: str) -> tuple[float, int]:
+    """``RATE:DELAY_MS`` -> (rate, delay), both > 0."""
+    rate, _, delay = value.partition(":")
+    try:
+        parsed = (float(rate), int(delay))
+    except ValueError:
+        parsed = (0.0, 0)
+    if not (parsed[0] > 0 and parsed[1] > 0):
+        raise click.BadParameter(f"expected RATE:DELAY_MS such as 50:1000 (both > 0), got {value!r}")
+    return parsed
+
+
 @click.command(name="picker")
 @click.option(
     "--pickers",
     default="floor,trivial,embedded",
     show_default=True,
+    callback=choice_list("floor", "trivial", "embedded"),
     help="Comma list: floor (the transport alone; decisions/s only), trivial, embedded ('' for none).",
 )
-@click.option("--seconds", default=10.0, show_default=True, type=float, help="Measured seconds per point.")
-@click.option("--concurrency", default=64, show_default=True, type=int, help="Concurrent ext_proc streams.")
 @click.option(
-    "--prompt-bytes", default=4096, show_default=True, type=int, help="Request body size for 1 and 2."
+    "--seconds",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Measured seconds per point.",
+)
+@click.option(
+    "--concurrency",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Concurrent ext_proc streams.",
+)
+@click.option(
+    "--prompt-bytes",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Request body size for 1 and 2.",
 )
 @click.option(
     "--transports",
     default="h2,grpcio",
     show_default=True,
+    callback=choice_list("h2", "grpcio"),
     help="Comma list of the picker server's gRPC transports: h2 (inferoute's, the default), grpcio.",
 )
 @click.option(
     "--open-loop",
     default="50:1000",
     show_default=True,
+    callback=lambda _c, _p, v: _open_loop_flag(v),
     help="RATE:DELAY_MS of the open-loop 200 KB run: Poisson arrivals at RATE/s, backends answering after "
     "DELAY_MS (a 200 KB prompt, ~50k tokens, takes a second or more to prefill), ~RATE*DELAY in flight.",
 )
@@ -971,39 +1006,46 @@ async def _run(opts: argparse.Namespace | Any) -> str:
 @click.option(
     "--workers",
     default="",
+    callback=int_list(1, "1,2"),
     help="Comma list of worker counts (e.g. 1,2): 'inferoute epp --workers N' decisions/s and routing "
     "quality with each, in one run.",
 )
 @click.option(
-    "--rounds", default=1, show_default=True, type=int, help="Repeats of the --workers quality points."
+    "--rounds",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Repeats of the --workers quality points.",
 )
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the Markdown section here.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False), callback=out_file, help="Write the Markdown section here."
+)
 def command(
     pickers: str,
     seconds: float,
     concurrency: int,
     prompt_bytes: int,
     transports: str,
-    open_loop: str,
+    open_loop: tuple[float, int],
     pin: bool,
     envoy: bool,
-    workers: str,
+    workers: list[int],
     rounds: int,
-    out: str | None,
+    out: Path | None,
 ) -> None:
     """ext_proc decisions/s, Envoy + picker throughput, and added latency for 200 KB prompts."""
     import uvloop
 
     opts = argparse.Namespace(
         transports=transports,
-        open_loop=(float(open_loop.split(":")[0]), int(open_loop.split(":")[1])),
+        open_loop=open_loop,
         pin=pin,
         pickers=pickers,
         seconds=seconds,
         concurrency=concurrency,
         prompt_bytes=prompt_bytes,
         envoy=envoy,
-        workers=[int(w) for w in workers.split(",") if w],
+        workers=workers,
         rounds=rounds,
         command_line="inferoute bench picker " + " ".join(sys.argv[3:]),
     )

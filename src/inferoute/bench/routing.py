@@ -56,6 +56,7 @@ from inferoute.bench.stats import (
     summarize,
 )
 from inferoute.bench.workloads import WORKLOADS, SimSizing, Workload, get_workload
+from inferoute.cliparams import out_dir as out_dir_check
 from inferoute.errors import InferouteError
 
 log = logging.getLogger(__name__)
@@ -478,16 +479,19 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
 )
 @click.option(
     "--warmup",
-    type=float,
+    type=click.FloatRange(min=0),
     default=None,
     help="Seconds at the start of each point left out of the statistics (default 6; quick 1).",
 )
 @click.option(
-    "--replicas", type=int, default=None, help="Simulated model-server replicas (default 4; quick 2)."
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Simulated model-server replicas (default 4; quick 2).",
 )
 @click.option(
     "--time-scale",
-    type=float,
+    type=click.FloatRange(0, min_open=True),
     default=None,
     help="Multiplies every simulated duration (default 1 = modelled H100 speed; quick 0.2).",
 )
@@ -530,6 +534,7 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
     "--out",
     "out_dir",
     type=click.Path(path_type=Path),
+    callback=out_dir_check,
     default=Path("bench-results/routing"),
     show_default=True,
     help="Directory for run.json, CSVs, plots and summary.md.",

@@ -42,10 +42,11 @@ from typing import Any, TypeVar
 import click
 from prometheus_client import CollectorRegistry
 
+from inferoute.cliparams import out_file
 from inferoute.clock import FakeClock, SystemClock
 from inferoute.endpoints import Endpoint
 from inferoute.epp.assembly import EmbeddedPicker, EppOptions
-from inferoute.epp.config import PickerConfig, builtin_profile_text, parse_config
+from inferoute.epp.config import BUILTIN_PROFILES, PickerConfig, builtin_profile_text, parse_config
 from inferoute.epp.datalayer.collector import MetricsCollector
 from inferoute.epp.datalayer.datastore import Datastore
 from inferoute.epp.datalayer.metrics import ENGINES, EndpointMetrics, ParseCache, parse_metrics
@@ -705,6 +706,14 @@ def _grid(
     return rows
 
 
+def _profiles(value: str) -> str:
+    """Comma-separated built-in profile names."""
+    unknown = [p for p in value.split(",") if p.strip() and p.strip() not in BUILTIN_PROFILES]
+    if unknown:
+        raise click.BadParameter(f"unknown profile {unknown[0]!r}; valid: {', '.join(BUILTIN_PROFILES)}")
+    return value
+
+
 def _sizes(value: str) -> str:
     """A comma-separated list of endpoint counts (each >= 1), or empty."""
     parts = [p.strip() for p in value.split(",") if p.strip()]
@@ -726,15 +735,36 @@ def _sizes(value: str) -> str:
     "--profiles",
     default="gie-default,predicted-ttft",
     show_default=True,
+    callback=lambda _c, _p, v: _profiles(v),
     help="Comma-separated built-in picker profiles to time.",
 )
-@click.option("--picks", default=3000, show_default=True, help="Timed picks per small-prompt cell.")
-@click.option("--scrape-endpoints", default=100, show_default=True, help="0 skips the scrape measurement.")
 @click.option(
-    "--scrape-seconds", default=5.0, show_default=True, help="Length of the scrape-cost measurement."
+    "--picks",
+    default=3000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Timed picks per small-prompt cell.",
 )
 @click.option(
-    "--scrape-interval", default=0.05, show_default=True, help="Seconds between scrapes of one endpoint."
+    "--scrape-endpoints",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="0 skips the scrape measurement.",
+)
+@click.option(
+    "--scrape-seconds",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Length of the scrape-cost measurement.",
+)
+@click.option(
+    "--scrape-interval",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds between scrapes of one endpoint.",
 )
 @click.option(
     "--lifecycle-endpoints",
@@ -744,7 +774,11 @@ def _sizes(value: str) -> str:
     help="Pool sizes of the full-lifecycle CPU table (empty: skip it).",
 )
 @click.option(
-    "--lifecycle-requests", default=1000, show_default=True, help="Requests per batch (4 KB; 200 KB: /10)."
+    "--lifecycle-requests",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests per batch (4 KB; 200 KB: /10).",
 )
 @click.option("--latency/--no-latency", default=True, show_default=True, help="The decision latency table.")
 @click.option(
@@ -754,7 +788,13 @@ def _sizes(value: str) -> str:
     help="Another checkout's src/ (from the lifecycle benchmark on): its lifecycle against this tree's, "
     "interleaved in one process.",
 )
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write results as JSON here.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    callback=out_file,
+    help="Write results as JSON here.",
+)
 def command(
     sizes: str,
     profiles: str,

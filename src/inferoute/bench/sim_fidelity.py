@@ -41,6 +41,7 @@ from pathlib import Path
 import click
 
 from inferoute.bench.stats import percentile
+from inferoute.cliparams import int_list, out_file
 
 _SCHED = re.compile(rb'"sim_scheduled_at":([0-9.]+),"sim_written_at":([0-9.]+)')
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; Python does not always export it
@@ -397,6 +398,7 @@ def sweep(
     "--streams",
     default="50,100,200,400,800",
     show_default=True,
+    callback=int_list(1, "50,100"),
     help="Comma-separated concurrent stream counts.",
 )
 @click.option(
@@ -413,7 +415,13 @@ def sweep(
     type=click.FloatRange(0, min_open=True),
     help="Measured seconds per level.",
 )
-@click.option("--warmup", default=2.0, show_default=True, type=float, help="Unmeasured seconds per level.")
+@click.option(
+    "--warmup",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Unmeasured seconds per level.",
+)
 @click.option(
     "--max-tokens",
     default=200,
@@ -425,10 +433,16 @@ def sweep(
     "--time-scale",
     default=1.0,
     show_default=True,
-    type=float,
+    type=click.FloatRange(0, min_open=True),
     help="Simulator speed (0.1 = ten times faster).",
 )
-@click.option("--target-ms", default=5.0, show_default=True, type=float, help="p99 delay target.")
+@click.option(
+    "--target-ms",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="p99 delay target.",
+)
 @click.option(
     "--pin/--no-pin",
     default=True,
@@ -459,10 +473,11 @@ def sweep(
     default="bench-results/sim-fidelity.json",
     show_default=True,
     type=click.Path(),
+    callback=out_file,
     help="JSON file with every figure and the conditions.",
 )
 def command(
-    streams: str,
+    streams: list[int],
     replicas: int,
     duration: float,
     warmup: float,
@@ -473,20 +488,19 @@ def command(
     nice: int,
     realtime: bool,
     bisect: int,
-    out: str,
+    out: Path,
 ) -> None:
     """Token timing fidelity of `inferoute sim`: delay between each token's scheduled time and its arrival."""
-    levels = [int(s) for s in streams.split(",") if s.strip()]
-    if not levels or min(levels) < 1:
-        raise click.BadParameter("expected positive integers", param_hint="--streams")
+    levels = streams
+    if not levels:
+        raise click.BadParameter("give at least one stream count", param_hint="'--streams'")
     results = sweep(
         levels, replicas, duration, warmup, max_tokens, time_scale, pin, nice, realtime, bisect, target_ms
     )
     best = max_sustained(results, target_ms)
     click.echo("\n" + markdown(results, target_ms))
     click.echo(f"\nmax streams with p99 delay < {target_ms:g} ms: {best}")
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = out
     load1, load5, _ = os.getloadavg()
     meta = {
         "argv": sys.argv[1:],

@@ -55,8 +55,16 @@ async def _measure(requests: int, scrapes: int) -> list[str]:
 
 
 @click.command("sim-metrics")
-@click.option("--requests", default=200, show_default=True, help="Completions served before measuring.")
-@click.option("--scrapes", default=400, show_default=True, help="Scrapes timed per variant.")
+@click.option(
+    "--requests",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Completions served before measuring.",
+)
+@click.option(
+    "--scrapes", default=400, show_default=True, type=click.IntRange(min=1), help="Scrapes timed per variant."
+)
 def command(requests: int, scrapes: int) -> None:
     """CPU per scrape of a simulator replica's /metrics page: cached vs a full render."""
     for line in asyncio.run(_measure(requests, scrapes)):

@@ -32,6 +32,7 @@ from inferoute.epp.learned.approx import DEFAULT_LRU_CAPACITY
 from inferoute.epp.metrics import EppMetrics
 from inferoute.epp.plugin import BackgroundPlugin, PluginDeps, RequestPreparer
 from inferoute.epp.requestcontrol.director import Director, Prepared
+from inferoute.epp.scheduling.disagg_metrics import DisaggMetrics
 from inferoute.epp.scheduling.shadow import ShadowMetrics
 from inferoute.errors import ConfigError, InferouteError, read_text_file
 from inferoute.picking import Decision, PickerError, PickRequest, PickSession
@@ -135,6 +136,8 @@ class EmbeddedPicker:
         if config.scheduler.shadows:
             self.shadow_metrics = ShadowMetrics(metrics.registry)
             self.shadow_metrics.attach(config.scheduler)
+        self.disagg_metrics = DisaggMetrics.for_scheduler(config.scheduler, metrics.registry)
+        """``llm_d_epp_disagg_decision_total`` when the config has a disagg-profile-handler."""
         plugins = list(config.plugins.values())
         self._background = [p for p in plugins if isinstance(p, BackgroundPlugin)]
         """Plugins with work of their own (KV-event subscribers): told every change of the endpoint set."""
@@ -194,6 +197,8 @@ class EmbeddedPicker:
                 self.flow.metrics.close()
         if self.shadow_metrics is not None:
             self.shadow_metrics.close()
+        if self.disagg_metrics is not None:
+            self.disagg_metrics.close()
         await self._tasks.aclose()
         await self.collector.aclose()
         self.metrics.close()

@@ -27,7 +27,7 @@ from inferoute.epp.serving.h2core import Limits
 from inferoute.epp.serving.server import EppServer, ServerOptions
 from inferoute.errors import InferouteError, describe_os_error
 from inferoute.httpguard import ConnectionLimits, GuardedSite, serve
-from inferoute.malloc import keep_large_buffers
+from inferoute.malloc import freeze_startup_objects, keep_large_buffers
 from inferoute.tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -198,6 +198,7 @@ async def run(
         else:
             runner = await _serve_metrics(registry, opts.host, opts.metrics_port, served.ready)
         metrics_port = runner.port  # the bound port (0 on the command line: one the OS chose)
+        freeze_startup_objects()
         if on_ready is not None:
             on_ready(server.grpc_port, server.health_port, metrics_port)
         else:
@@ -306,7 +307,7 @@ def h2_limits(values: dict[str, Any]) -> Limits:
     "refresh_interval",
     default=0.05,
     show_default=True,
-    type=float,
+    type=click.FloatRange(0, min_open=True),
     help="Seconds between scrapes of each endpoint's metrics.",
 )
 @click.option(
@@ -371,6 +372,7 @@ def h2_limits(values: dict[str, Any]) -> Limits:
 @click.option(
     "--sync-redis",
     metavar="URL",
+    callback=lambda _c, _p, v: _redis_url(v),
     help="Share in-flight load with every picker replica using this Redis/Valkey (redis://HOST:PORT/DB or "
     "unix:///PATH), across hosts.",
 )
@@ -412,6 +414,7 @@ def command(
 ) -> None:
     """Run the endpoint picker (Endpoint Picker Protocol over Envoy ext_proc)."""
     _check_flag_combinations(config, endpoints, profile, pool_name, insecure, cert_path, client_ca)
+    _check_dependent_flags(click.get_current_context(), pool_name is not None, ha_enable)
     namespace = pool_namespace or os.environ.get("NAMESPACE") or _own_namespace()
     ha = _ha_options(
         pool_name,
@@ -446,6 +449,14 @@ def command(
         sync=_sync_options(workers, sync_redis, sync_interval, pool_name or "default"),
     )
     _launch(opts, workers)
+
+
+def _redis_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise click.BadParameter(
+            f"expected redis://HOST:PORT/DB, rediss://... or unix:///PATH, got {value!r}"
+        )
+    return value
 
 
 def _sync_options(workers: int, redis_url: str | None, interval: float, pool: str) -> SyncOptions | None:
@@ -494,6 +505,20 @@ def _check_flag_combinations(
         raise click.UsageError(
             "give either --endpoints FILE (static endpoints) or --pool-name NAME (Kubernetes InferencePool)"
         )
+
+
+def _check_dependent_flags(ctx: click.Context, discover: bool, ha_enable: bool) -> None:
+    """Flags that mean nothing without the flag they belong to are mistakes, not silently ignored."""
+    given = [
+        p.opts[0]
+        for p in ctx.command.params
+        if p.name and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE
+    ]
+    for flag in given:
+        if flag.startswith("--ha-") and flag != "--ha-enable-leader-election" and not ha_enable:
+            raise click.UsageError(f"{flag} needs --ha-enable-leader-election")
+        if flag in ("--pool-namespace", "--kubeconfig") and not (discover or ha_enable):
+            raise click.UsageError(f"{flag} needs --pool-name or --ha-enable-leader-election (Kubernetes)")
 
 
 def _serving_cert(cert_path: str | None, insecure: bool) -> str | None:

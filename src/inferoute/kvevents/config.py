@@ -97,6 +97,9 @@ def parse_kv_events_config(text: str) -> KVEventsConfig:
         ep = getattr(cfg, key)
         if ep is not None and not ep.startswith(("tcp://", "ipc://", "inproc://")):
             raise ValueError(f"kv-events-config.{key}: {ep!r} must start with tcp://, ipc:// or inproc://")
+        port = ep.rpartition(":")[2] if ep is not None and ep.startswith("tcp://") else "*"
+        if port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"kv-events-config.{key}: {ep!r}: the port must be 1-65535 (or *)")
     return cfg
 
 

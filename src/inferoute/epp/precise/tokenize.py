@@ -62,27 +62,12 @@ def parse_prompt(body: bytes | memoryview) -> Prompt | None:
         doc = msgspec.json.decode(body, type=_Body)
     except msgspec.DecodeError:
         return None
-    model = doc.model if isinstance(doc.model, str) else ""
-    if isinstance(doc.messages, list):
-        turns = tuple(
-            (str(m.get("role", "user")), _content(m.get("content")))
-            for m in doc.messages
-            if isinstance(m, dict)
-        )
-        return Prompt(model, messages=turns) if turns else None
-    prompt = doc.prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return Prompt(model, text=prompt)
-    if isinstance(prompt, list) and is_token_ids(prompt):
-        return Prompt(model, token_ids=tuple(prompt))
-    return None
+    return _prompt(doc.model if isinstance(doc.model, str) else "", doc.prompt, doc.messages)
 
 
 def parse_prompt_value(raw: bytes | memoryview, model: str) -> Prompt | None:
     """:func:`parse_prompt` for the raw JSON of the ``prompt`` or ``messages`` member alone (what the
-    director keeps of a request)."""
+    director keeps of a request), decoded once."""
     if not raw:
         return None
     try:
@@ -90,8 +75,23 @@ def parse_prompt_value(raw: bytes | memoryview, model: str) -> Prompt | None:
     except msgspec.DecodeError:
         return None
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        return parse_prompt(msgspec.json.encode({"model": model, "messages": value}))
-    return parse_prompt(msgspec.json.encode({"model": model, "prompt": value}))
+        return _prompt(model, None, value)
+    return _prompt(model, value, None)
+
+
+def _prompt(model: str, prompt: object, messages: object) -> Prompt | None:
+    if isinstance(messages, list):
+        turns = tuple(
+            (str(m.get("role", "user")), _content(m.get("content"))) for m in messages if isinstance(m, dict)
+        )
+        return Prompt(model, messages=turns) if turns else None
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return Prompt(model, text=prompt)
+    if isinstance(prompt, list) and is_token_ids(prompt):
+        return Prompt(model, token_ids=tuple(prompt))
+    return None
 
 
 class LocalTokenizer(Protocol):
