@@ -48,13 +48,14 @@ lint: $(TESTSTAMP)
 	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy
 
-# Quick benchmarks (minutes). The full runs and their commands are in docs/benchmarks.md.
-# wrk (Debian) drives the gateway/NGINX benchmarks; installed only when missing.
+# Quick benchmarks (about 2 minutes). The full runs and their commands are in docs/benchmarks.md.
+# wrk (Debian) drives the gateway/NGINX benchmarks; installed only when missing. Results: bench-results/
+# scheduler.json and routing-quick/; the BBR speed is printed only.
 bench: test-deps
 	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk (apt-get)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null) ; }
 	$(VENV)/bin/inferoute bench scheduler --out bench-results/scheduler.json
-	$(VENV)/bin/inferoute bench gateway --bbr-only --out bench-results/gateway
+	$(VENV)/bin/inferoute bench gateway --bbr-only
 	$(VENV)/bin/inferoute bench routing --quick --out bench-results/routing-quick
 
 clean:
