@@ -100,6 +100,8 @@ def _cases(f: dict[str, str], busy: int) -> list[tuple[list[str], list[str]]]:
         ),
         (["epp", *ep, *free, "--client-ca", f["endpoints.yaml"]], ["--client-ca", "PEM"]),
         (["controller", "--gateway-listen", "nope"], ["--gateway-listen", "HOST:PORT"]),
+        (["controller", "--controller-name", ""], ["--controller-name", "DOMAIN/PATH"]),
+        (["controller", "--controller-name", "inferoute"], ["--controller-name", "DOMAIN/PATH"]),
         # checked before any cluster is asked (there is none here: that would be another line)
         (
             ["controller", "--picker-tls", "--picker-ca-file", "/nonexistent/ca.crt"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 import click
@@ -27,6 +28,7 @@ def _cidr(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...])
     "--controller-name",
     default=CONTROLLER_NAME,
     show_default=True,
+    callback=lambda _c, _p, v: _controller_name(v),
     help="GatewayClass spec.controllerName this controller serves (and writes into status).",
 )
 @click.option(
@@ -99,6 +101,20 @@ def command(
         allowed_cidrs=allowed_cidrs,
     )
     asyncio.run(_main(opts, output_dir, not no_configmaps, not no_status))
+
+
+CONTROLLER_NAME_RE = re.compile(
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9/\-._~%!$&'()*+,;=:]+"
+)
+"""What the Gateway API allows in a GatewayClass's ``spec.controllerName`` (a domain, a slash, a path)."""
+
+
+def _controller_name(value: str) -> str:
+    if len(value) > 253 or not CONTROLLER_NAME_RE.fullmatch(value):
+        raise click.BadParameter(
+            f"expected DOMAIN/PATH such as {CONTROLLER_NAME} (a GatewayClass's controllerName), got {value!r}"
+        )
+    return value
 
 
 def _listen(value: str) -> str:
