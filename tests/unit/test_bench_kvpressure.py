@@ -182,3 +182,20 @@ def test_kv_cache_blocks_overrides_the_workloads_pool_sizing() -> None:
         big.sizing(wl).kv_cache_blocks == 27000 and big.sizing(wl).max_num_seqs == wl.sizing(4).max_num_seqs
     )
     assert big.meta()["kv_cache_blocks"] == 27000
+
+
+def test_a_slower_warmup_offers_its_own_rate_then_the_points() -> None:
+    from inferoute.bench.routing import RunConfig
+
+    wl = get_workload("kv-pressure")
+    same = RunConfig(["kv-pressure"], {"kv-pressure": [30.0]}, [], duration=20, warmup=10, seed=2)
+    ramp = RunConfig(
+        ["kv-pressure"], {"kv-pressure": [30.0]}, [], duration=20, warmup=10, seed=2, warmup_rate=5.0
+    )
+    full, slow = same.plan(wl, 30.0), ramp.plan(wl, 30.0)
+    assert full == wl.plan(30.0, 20, 2)
+    warm = [r for r in slow if r.at < 10]
+    assert 25 <= len(warm) <= 80 and len([r for r in full if r.at < 10]) > 200  # ~5/s instead of ~30/s
+    assert [r.body for r in slow if r.at >= 10] == [r.body for r in full if r.at >= 10]  # the measured part
+    assert [r.index for r in slow] == list(range(len(slow)))
+    assert ramp.meta()["warmup_rate"] == 5.0

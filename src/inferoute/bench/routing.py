@@ -55,7 +55,7 @@ from inferoute.bench.stats import (
     server_delta,
     summarize,
 )
-from inferoute.bench.workloads import WORKLOADS, SimSizing, Workload, get_workload
+from inferoute.bench.workloads import WORKLOADS, PlannedRequest, SimSizing, Workload, get_workload
 from inferoute.cliparams import out_dir as out_dir_check
 from inferoute.errors import InferouteError
 
@@ -94,6 +94,9 @@ class RunConfig:
     out_dir: Path = Path("bench-results/routing")
     quick: bool = False
     request_timeout: float = 180.0
+    warmup_rate: float | None = None
+    """Offered rate during the warm-up (None: the point's rate). Below capacity, the cold caches' first misses
+    leave no backlog: the measured window then starts from a warm steady state instead of draining it."""
     kv_cache_blocks: int | None = None
     """Overrides the workloads' KV sizing of each replica (e.g. a cache so large every prefix stays: the
     compute-bound ceiling of a pool, whatever the router)."""
@@ -108,6 +111,18 @@ class RunConfig:
         if self.kv_cache_blocks is not None:
             sizing = dataclasses.replace(sizing, kv_cache_blocks=self.kv_cache_blocks)
         return sizing
+
+    def plan(self, workload: Workload, rate: float) -> list[PlannedRequest]:
+        """The point's requests: ``rate`` over ``duration``; with ``warmup_rate``, that rate until ``warmup``
+        and ``rate`` after it (the measured requests are the same either way)."""
+        plan = workload.plan(rate, self.duration, self.seed)
+        if self.warmup_rate is None:
+            return plan
+        warm = [r for r in workload.plan(self.warmup_rate, self.duration, self.seed) if r.at < self.warmup]
+        return [
+            dataclasses.replace(r, index=i)
+            for i, r in enumerate(warm + [r for r in plan if r.at >= self.warmup])
+        ]
 
     @property
     def slo_wall(self) -> float:
@@ -130,6 +145,7 @@ class RunConfig:
             "time_scale": self.time_scale,
             "slo_ttft_p90_s": self.slo_ttft,
             "kv_cache_blocks": self.kv_cache_blocks,
+            "warmup_rate": self.warmup_rate,
             "seed": self.seed,
             "quick": self.quick,
             "started": self.started,
@@ -161,7 +177,7 @@ async def run_point(
     tag = f"{workload.name}-{rate:g}-{contender.name.replace('/', '-')}"
     sim: ManagedProcess | None = None
     router: ManagedProcess | None = None
-    plan = workload.plan(rate, cfg.duration, cfg.seed)
+    plan = cfg.plan(workload, rate)
     done = 0
 
     def on_done(_: RequestResult) -> None:
@@ -293,8 +309,9 @@ def write_reports(
     report.write_summary_csv(cfg.out_dir / "summary.csv", points)
     sections = [
         f"# Routing benchmark\n\n`{cfg.command}`\n\n{cfg.replicas} simulated replicas, time scale "
-        f"{cfg.time_scale:g}, {cfg.duration:g} s per point ({cfg.warmup:g} s warm-up excluded), seed "
-        f"{cfg.seed}.\n"
+        f"{cfg.time_scale:g}, {cfg.duration:g} s per point ({cfg.warmup:g} s warm-up excluded"
+        + (f", offered at {cfg.warmup_rate:g} req/s" if cfg.warmup_rate is not None else "")
+        + f"), seed {cfg.seed}.\n"
     ]
     for w in cfg.workloads:
         wl = workloads[w]
@@ -406,7 +423,8 @@ def rebuild_reports(run_jsons: Sequence[Path], out_dir: Path | None = None) -> s
     meta, points = report.load_points(run_jsons[0])
     for path in run_jsons[1:]:
         more_meta, more = report.load_points(path)
-        for key in ("seed", "time_scale", "duration_s", "warmup_s", "replicas", "kv_cache_blocks"):
+        keys = ("seed", "time_scale", "duration_s", "warmup_s", "replicas", "kv_cache_blocks", "warmup_rate")
+        for key in keys:
             if more_meta.get(key) != meta.get(key):
                 raise InferouteError(
                     400, f"{path}: {key} {more_meta.get(key)} differs from {run_jsons[0]}'s {meta.get(key)}"
@@ -428,6 +446,7 @@ def rebuild_reports(run_jsons: Sequence[Path], out_dir: Path | None = None) -> s
         seed=int(meta["seed"]),
         slo_ttft=float(meta.get("slo_ttft_p90_s", SLO_TTFT_P90)),
         kv_cache_blocks=meta.get("kv_cache_blocks"),
+        warmup_rate=meta.get("warmup_rate"),
         out_dir=out_dir or run_jsons[0].parent,
         quick=bool(meta["quick"]),
         command=str(meta["command"]),
@@ -502,6 +521,13 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
     "vllm-router, sglang-router/cache_aware, ...); default: all (quick: three).",
 )
 @click.option(
+    "--warmup-rate",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Requests/s offered during the warm-up (default: the point's rate); below the pool's capacity the "
+    "cold caches' first misses leave no backlog for the measured window.",
+)
+@click.option(
     "--kv-cache-blocks",
     type=click.IntRange(1),
     default=None,
@@ -547,6 +573,7 @@ def command(
     replicas: int | None,
     time_scale: float | None,
     contenders: str | None,
+    warmup_rate: float | None,
     kv_cache_blocks: int | None,
     slo_ttft: float,
     seed: int,
@@ -582,6 +609,7 @@ def command(
         seed=seed,
         slo_ttft=slo_ttft,
         kv_cache_blocks=kv_cache_blocks,
+        warmup_rate=warmup_rate,
         out_dir=out_dir,
         quick=quick,
         command="inferoute " + shlex.join(sys.argv[1:]),
