@@ -55,6 +55,11 @@ def message(sid: int, body: bytes, *, end_stream: bool = False) -> bytes:
     return frame_header(len(payload), DATA, 0x1 if end_stream else 0, sid) + payload
 
 
+def cancel(sid: int) -> bytes:
+    """RST_STREAM CANCEL from the client."""
+    return frame_header(4, RST, 0, sid) + (8).to_bytes(4, "big")
+
+
 def test_a_call_arrives_as_events_and_is_answered() -> None:
     core = connected()
     events = core.receive_data(call(1) + message(1, b"abc", end_stream=True))
@@ -145,18 +150,16 @@ def test_only_resets_before_our_reply_count_toward_rapid_reset() -> None:
     """A proxy ending an answered call with RST_STREAM (Envoy's ext_proc filter does, every call) is not
     rapid reset; a call cancelled before any reply is, and the limit's next one closes the connection."""
     core = connected(max_resets_per_interval=3)
-    rst = frame_header(4, RST, 0, 0)[:5]
     for sid in range(1, 41, 2):  # 20 answered calls, each reset by the client after our reply headers
         core.receive_data(call(sid) + message(sid, b"q"))
         assert core.send_messages(sid, [b"\x00\x00\x00\x00\x01a"], 6)
-        events = core.receive_data(rst + sid.to_bytes(4, "big") + b"\x00\x00\x00\x08")
-        assert [type(e) for e in events] == [CallEnded]
-    core.receive_data(rst + (1).to_bytes(4, "big") + b"\x00\x00\x00\x08")  # a call long over
+        assert [type(e) for e in core.receive_data(cancel(sid))] == [CallEnded]
+    core.receive_data(cancel(1))  # a call long over
     assert not core.closed
     for sid in range(41, 47, 2):  # three cancelled before any reply: at the limit, still open
-        core.receive_data(call(sid) + rst + sid.to_bytes(4, "big") + b"\x00\x00\x00\x08")
+        core.receive_data(call(sid) + cancel(sid))
     assert not core.closed
-    events = core.receive_data(call(47) + rst + (47).to_bytes(4, "big") + b"\x00\x00\x00\x08")
+    events = core.receive_data(call(47) + cancel(47))
     assert any(isinstance(e, ConnectionEnded) for e in events)
     goaway = [p for t, _, _, p in frames(core.data_to_send()) if t == GOAWAY]
     assert goaway and goaway[0][4:8] == (0xB).to_bytes(4, "big")
