@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from inferoute.bench.peers import select_contenders
+from inferoute.bench.peers import Contender, select_contenders
 from inferoute.bench.routing import RunConfig, run_benchmark
 
 
@@ -33,21 +33,29 @@ def live_children() -> list[int]:
     return out
 
 
-async def test_quick_run_measures_every_contender_and_writes_reports(tmp_path: Path) -> None:
-    contenders = select_contenders("inferoute/round-robin,inferoute/gie-default,sglang-router/cache_aware")
-    cfg = RunConfig(
+def quick_config(
+    out: Path, contenders: list[Contender], rate: float, duration: float, seed: int, router_replicas: int = 1
+) -> RunConfig:
+    """One shared-prefix point per contender on two replicas at time scale 0.2 (a few seconds each)."""
+    return RunConfig(
         workloads=["shared-prefix"],
-        rates={"shared-prefix": [4.0]},
+        rates={"shared-prefix": [rate]},
         contenders=contenders,
-        duration=3.0,
+        duration=duration,
         warmup=0.5,
         replicas=2,
+        router_replicas=router_replicas,
         time_scale=0.2,
-        seed=5,
-        out_dir=tmp_path,
+        seed=seed,
+        out_dir=out,
         quick=True,
         command="test",
     )
+
+
+async def test_quick_run_measures_every_contender_and_writes_reports(tmp_path: Path) -> None:
+    contenders = select_contenders("inferoute/round-robin,inferoute/gie-default,sglang-router/cache_aware")
+    cfg = quick_config(tmp_path, contenders, rate=4.0, duration=3.0, seed=5)
     points = await run_benchmark(cfg)
     assert [p.contender for p in points] == [c.name for c in contenders]
     for p in points:
@@ -81,6 +89,28 @@ async def test_quick_run_measures_every_contender_and_writes_reports(tmp_path: P
     assert live_children() == []
 
 
+async def test_two_router_replicas_share_the_traffic_of_a_point(tmp_path: Path) -> None:
+    """``--router-replicas 2``: two gateways (each its own picker) in front of one pool, requests spread
+    over them per request, the same assignment for both contenders; logs and CPU cover both."""
+    contenders = select_contenders("inferoute/round-robin,inferoute/precise-local")
+    cfg = quick_config(tmp_path, contenders, rate=6.0, duration=2.5, seed=7, router_replicas=2)
+    points = await run_benchmark(cfg)
+    for p in points:
+        assert p.measured >= 4 and p.ok == p.measured and p.errors == {}, p
+        assert p.cpu["router_cpu"] > 0, p.cpu
+    with (tmp_path / "requests.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    by = {c.name: [r["router"] for r in rows if r["contender"] == c.name] for c in contenders}
+    first, second = by.values()
+    assert first == second and {"0", "1"} <= set(first)  # both instances got requests, same spread for both
+    assert all(r["status"] == "200" for r in rows)
+    logs = sorted(path.name for path in (tmp_path / "logs").iterdir())
+    assert "shared-prefix-6-inferoute-precise-local-router-1.log" in logs, logs
+    assert json.loads((tmp_path / "run.json").read_text())["meta"]["router_replicas"] == 2
+    assert "2 instances of each router" in (tmp_path / "summary.md").read_text()
+    assert live_children() == []
+
+
 def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -94,6 +124,8 @@ def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "unknown contender" in bad.stderr
     bad = run("--rates", "0")
     assert bad.returncode == 2 and "positive" in bad.stderr
+    bad = run("--router-replicas", "0")
+    assert bad.returncode == 2 and "--router-replicas" in bad.stderr
     bad = run("--duration", "2", "--warmup", "3")
     assert bad.returncode == 2 and "warm-up" in bad.stderr
 

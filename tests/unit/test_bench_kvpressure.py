@@ -169,6 +169,19 @@ def test_runs_of_one_rate_each_merge_into_one_report(tmp_path: Path) -> None:
     report.write_json(tmp_path / "2" / "run.json", other.meta(), [], {}, {})
     with pytest.raises(InferouteError, match="seed 4 differs"):
         rebuild_reports([tmp_path / "0" / "run.json", tmp_path / "2" / "run.json"], tmp_path / "x")
+    ha = RunConfig(["kv-pressure"], {"kv-pressure": [30.0]}, contenders, seed=3, router_replicas=2)
+    (tmp_path / "3").mkdir()
+    report.write_json(tmp_path / "3" / "run.json", ha.meta(), [], {}, {})
+    with pytest.raises(InferouteError, match="router_replicas 2 differs"):  # one router vs two: no merge
+        rebuild_reports([tmp_path / "0" / "run.json", tmp_path / "3" / "run.json"], tmp_path / "x")
+    old = json.loads((tmp_path / "0" / "run.json").read_text())
+    del old["meta"]["router_replicas"]  # a run.json from before --router-replicas: one router
+    (tmp_path / "0" / "run.json").write_text(json.dumps(old))
+    assert "| inferoute/gie-default | ≥ 20 |" in rebuild_reports(
+        [tmp_path / "0" / "run.json", tmp_path / "1" / "run.json"], tmp_path / "all"
+    )
+    text = rebuild_reports([tmp_path / "3" / "run.json"], tmp_path / "ha")
+    assert "2 instances of each router" in text
 
 
 def test_kv_cache_blocks_overrides_the_workloads_pool_sizing() -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from inferoute.bench.loadgen import RequestResult, SseDecoder, StreamRecorder
+from inferoute.bench.loadgen import RequestResult, SseDecoder, StreamRecorder, l4_spread
 
 
 def sse(obj: object) -> bytes:
@@ -90,3 +90,17 @@ def test_recorder_flags_error_events_empty_streams_and_garbage() -> None:
     bad = StreamRecorder(RequestResult(2, "g", "m", 0.0))
     bad.on_payload(0.1, b"{not json")
     assert bad.finish(0.2).error == "stream"
+
+
+def test_l4_spread_is_seeded_per_request_and_gives_every_router_its_share() -> None:
+    one = l4_spread(2000, 2, seed=1)
+    assert one == l4_spread(2000, 2, seed=1)  # the same for every contender of a run
+    assert one != l4_spread(2000, 2, seed=2)
+    assert l4_spread(10, 2, seed=1) == one[:10]  # by request index: a longer plan keeps the first choices
+    assert set(one) == {0, 1} and 900 <= one.count(0) <= 1100
+    three = l4_spread(3000, 3, seed=1)
+    assert all(900 <= three.count(i) <= 1100 for i in range(3))
+    assert max(len(run) for run in "".join(map(str, one)).replace("1", " ").split()) < 20  # not in blocks
+    assert l4_spread(5, 1, seed=9) == [0] * 5 and l4_spread(0, 2, seed=1) == []
+    with pytest.raises(ValueError, match="at least one"):
+        l4_spread(5, 0, seed=1)

@@ -15,6 +15,10 @@ generator is visible in the results instead of silently turning the run into a c
 Reusable by any benchmark::
 
     results = await run_plan("http://127.0.0.1:8080", plan, clock=SystemClock())
+
+Several base URLs (router replicas behind one address, the way every production deployment runs them) get
+the requests spread per request as an L4 load balancer spreads connections (:func:`l4_spread`: seeded, so
+every contender sees the same assignment); each result records which one it went to (``router``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +65,8 @@ class RequestResult:
     itl_max: float = 0.0
     itls: list[float] = field(default_factory=list)
     served_by: str = ""
+    router: int = 0
+    """Which of the run's base URLs (router replicas) the request was sent to."""
 
     @property
     def ok(self) -> bool:
@@ -100,6 +107,7 @@ class RequestResult:
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "served_by": self.served_by,
+            "router": self.router,
             "send_lag": round(self.send_lag, 6),
         }
 
@@ -229,25 +237,45 @@ class LoadOptions:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+def l4_spread(count: int, targets: int, seed: int) -> list[int]:
+    """Which of ``targets`` router replicas each of ``count`` requests goes to: a uniform random choice per
+    request from a generator seeded by ``seed`` alone, as a Kubernetes Service (kube-proxy) or another L4 load
+    balancer spreads new connections over its backends. The same seed gives the same assignment, whatever
+    the contender, so every contender's replicas see the same traffic."""
+    if targets < 1:
+        raise ValueError(f"need at least one target, got {targets}")
+    if targets == 1:
+        return [0] * count
+    rng = random.Random(f"l4-spread:{seed}:{targets}")
+    return [rng.randrange(targets) for _ in range(count)]
+
+
 async def run_plan(
-    base_url: str,
+    base_url: str | Sequence[str],
     plan: Sequence[PlannedRequest],
     *,
     clock: Clock | None = None,
     options: LoadOptions | None = None,
     on_done: Callable[[RequestResult], None] | None = None,
+    spread_seed: int = 0,
 ) -> list[RequestResult]:
-    """Send ``plan`` open-loop to ``base_url`` and return one result per request, in plan order."""
+    """Send ``plan`` open-loop to ``base_url`` and return one result per request, in plan order. With
+    several base URLs (router replicas) each request goes to one of them, by :func:`l4_spread` with
+    ``spread_seed``."""
     clock = clock or SystemClock()
     options = options or LoadOptions()
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    spread = l4_spread(len(plan), len(urls), spread_seed)
     connector = aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(total=options.request_timeout)
-    results: list[RequestResult] = [RequestResult(p.index, p.group, p.model, p.at) for p in plan]
+    results: list[RequestResult] = [
+        RequestResult(p.index, p.group, p.model, p.at, router=spread[i]) for i, p in enumerate(plan)
+    ]
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
         start = clock.now()
 
         async def one(i: int, planned: PlannedRequest) -> None:
-            await _send(session, base_url, planned, results[i], clock, start, options)
+            await _send(session, urls[spread[i]], planned, results[i], clock, start, options)
             if on_done is not None:
                 on_done(results[i])
 

@@ -345,13 +345,23 @@ async def start_router(
     log_path: Path,
     labels: Sequence[Mapping[str, str]] = (),
     time_scale: float = 1.0,
+    instance: int = 0,
 ) -> tuple[ManagedProcess, str]:
     """A contender's router in front of ``workers`` on a port it is seen to hold; returns it and its URL.
-    ``time_scale``: the pool's (our picker's metric scrapes slow down with the simulated engines)."""
+    ``time_scale``: the pool's (our picker's metric scrapes slow down with the simulated engines);
+    ``instance``: which of several replicas of the router this is (its own configuration file)."""
     proc, ports = await start_on_ports(
         lambda ports: ManagedProcess(
             name,
-            contender.argv(ports[0], workers, workdir, labels, metrics_port=ports[1], time_scale=time_scale),
+            contender.argv(
+                ports[0],
+                workers,
+                workdir,
+                labels,
+                metrics_port=ports[1],
+                time_scale=time_scale,
+                instance=instance,
+            ),
             log_path,
         ),
         lambda ports: contender.ready_urls(ports[0]),
@@ -383,11 +393,14 @@ class Contender:
         labels: Sequence[Mapping[str, str]] = (),
         metrics_port: int = 0,
         time_scale: float = 1.0,
+        instance: int = 0,
     ) -> list[str]:
         """The router on ``port`` in front of ``workers``; the Rust routers also serve Prometheus metrics
-        on ``metrics_port`` (they need one). ``time_scale``: see :func:`gateway_config`."""
+        on ``metrics_port`` (they need one). ``time_scale``: see :func:`gateway_config`; ``instance``: the
+        replica number when several run side by side (our gateway's configuration file is per replica)."""
         if self.kind == "inferoute":
-            config = workdir / f"gateway-{self.policy}.yaml"
+            suffix = f"-{instance}" if instance else ""
+            config = workdir / f"gateway-{self.policy}{suffix}.yaml"
             gw = gateway_config(port, workers, profile_path(self.policy), labels, time_scale)
             config.write_text(yaml.safe_dump(gw))
             return inferoute_argv("--log-level", "WARNING", "gateway", "--config", str(config))

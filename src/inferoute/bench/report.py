@@ -75,6 +75,7 @@ class RequestCsv:
         "prompt_tokens",
         "cached_tokens",
         "served_by",
+        "router",
         "send_lag",
     )
 

@@ -4,8 +4,11 @@ Theory of operation. For each workload, rate and contender (a *point*) the runne
 
 1. starts a fresh simulator pool (``inferoute sim``, own process, cold caches, the same seed for everyone),
 2. starts the contender's router (``inferoute gateway`` with a picker profile, ``vllm-router`` or
-   ``sglang-router``, own process) in front of it,
-3. sends the workload's seeded plan open-loop from this process (:mod:`inferoute.bench.loadgen`),
+   ``sglang-router``, own process) in front of it — or, with ``--router-replicas N``, N independent
+   instances of it (own ports, own picker state, own log), as a production deployment runs them,
+3. sends the workload's seeded plan open-loop from this process (:mod:`inferoute.bench.loadgen`), spread
+   over the router instances per request as an L4 load balancer (a Kubernetes Service) would, with the same
+   seeded assignment for every contender,
 4. scrapes the pool's server counters before and after, stops router and pool, and summarises the point
    with the warm-up left out (:mod:`inferoute.bench.stats`).
 
@@ -89,6 +92,10 @@ class RunConfig:
     duration: float = 20.0
     warmup: float = 6.0
     replicas: int = 4
+    router_replicas: int = 1
+    """Independent instances of each contender's router in front of the same pool; the load generator
+    spreads the requests over them per request (:func:`inferoute.bench.loadgen.l4_spread`, seeded by
+    ``seed``)."""
     time_scale: float = 1.0
     seed: int = 42
     out_dir: Path = Path("bench-results/routing")
@@ -142,6 +149,7 @@ class RunConfig:
             "duration_s": self.duration,
             "warmup_s": self.warmup,
             "replicas": self.replicas,
+            "router_replicas": self.router_replicas,
             "time_scale": self.time_scale,
             "slo_ttft_p90_s": self.slo_ttft,
             "kv_cache_blocks": self.kv_cache_blocks,
@@ -176,7 +184,7 @@ async def run_point(
     # every pool publishes KV events (same simulator cost for every contender); only precise reads them
     tag = f"{workload.name}-{rate:g}-{contender.name.replace('/', '-')}"
     sim: ManagedProcess | None = None
-    router: ManagedProcess | None = None
+    routers: list[ManagedProcess] = []
     plan = cfg.plan(workload, rate)
     done = 0
 
@@ -195,30 +203,37 @@ async def run_point(
             workdir / "logs" / f"{tag}-sim.log",
             kv_events=True,
         )
-        router, router_url = await start_router(
-            contender,
-            f"{contender.name}[{tag}]",
-            pool.urls,
-            workdir,
-            workdir / "logs" / f"{tag}-router.log",
-            pool.labels(),
-            time_scale=cfg.time_scale,
-        )
+        router_urls = []
+        for i in range(cfg.router_replicas):  # one after another: each on ports it is seen to hold
+            one = "" if cfg.router_replicas == 1 else f"-{i}"
+            router, url = await start_router(
+                contender,
+                f"{contender.name}[{tag}]{one}",
+                pool.urls,
+                workdir,
+                workdir / "logs" / f"{tag}-router{one}.log",
+                pool.labels(),
+                time_scale=cfg.time_scale,
+                instance=i,
+            )
+            routers.append(router)
+            router_urls.append(url)
         before = await scrape.pool_counters(pool.urls)
         sampler = scrape.LoraWaitSampler(pool.urls if sizing.lora_adapters else [])
-        probe = cpu_probe(sim, router)
+        probe = cpu_probe(sim, routers)
         async with sampler:
             probe.start()
             results = await run_plan(
-                router_url,
+                router_urls,
                 plan,
                 options=LoadOptions(request_timeout=cfg.request_timeout),
                 on_done=on_done,
+                spread_seed=cfg.seed,
             )
             cpu = probe.finish()
         after = await scrape.pool_counters(pool.urls)
     finally:
-        for proc in (router, sim):
+        for proc in (*routers, sim):
             if proc is not None:
                 await proc.stop()
     summary = summarize(contender.name, workload.name, rate, results, cfg.warmup, cfg.duration)
@@ -231,10 +246,14 @@ async def run_point(
     return PointResult(summary, results)
 
 
-def cpu_probe(sim: ManagedProcess, router: ManagedProcess) -> CpuProbe:
-    """CPU used and waited for by the pool, the router and this process (the load generator)."""
-    pids = {role: [p.proc.pid] for role, p in (("sim", sim), ("router", router)) if p.proc is not None}
-    return CpuProbe({**pids, "loadgen": [os.getpid()]}, shallow=frozenset({"loadgen"}))
+def cpu_probe(sim: ManagedProcess, routers: Sequence[ManagedProcess]) -> CpuProbe:
+    """CPU used and waited for by the pool, the router (every instance, summed) and this process (the load
+    generator)."""
+    roles = {
+        "sim": [sim.proc.pid] if sim.proc is not None else [],
+        "router": [r.proc.pid for r in routers if r.proc is not None],
+    }
+    return CpuProbe({**roles, "loadgen": [os.getpid()]}, shallow=frozenset({"loadgen"}))
 
 
 async def run_benchmark(
@@ -308,8 +327,14 @@ def write_reports(
     report.write_json(cfg.out_dir / "run.json", meta, points, knees, targets)
     report.write_summary_csv(cfg.out_dir / "summary.csv", points)
     sections = [
-        f"# Routing benchmark\n\n`{cfg.command}`\n\n{cfg.replicas} simulated replicas, time scale "
-        f"{cfg.time_scale:g}, {cfg.duration:g} s per point ({cfg.warmup:g} s warm-up excluded"
+        f"# Routing benchmark\n\n`{cfg.command}`\n\n{cfg.replicas} simulated replicas, "
+        + (
+            f"{cfg.router_replicas} instances of each router (requests spread over them per request, "
+            "seeded: the same for every contender), "
+            if cfg.router_replicas > 1
+            else ""
+        )
+        + f"time scale {cfg.time_scale:g}, {cfg.duration:g} s per point ({cfg.warmup:g} s warm-up excluded"
         + (f", offered at {cfg.warmup_rate:g} req/s" if cfg.warmup_rate is not None else "")
         + f"), seed {cfg.seed}.\n"
     ]
@@ -421,9 +446,20 @@ def rebuild_reports(run_jsons: Sequence[Path], out_dir: Path | None = None) -> s
     invocation short) merge into one report; they must share seed, time scale, point length and pool.
     A (workload, contender, rate) measured twice keeps the later file's point."""
     meta, points = report.load_points(run_jsons[0])
+    meta.setdefault("router_replicas", 1)  # runs from before --router-replicas had one
     for path in run_jsons[1:]:
         more_meta, more = report.load_points(path)
-        keys = ("seed", "time_scale", "duration_s", "warmup_s", "replicas", "kv_cache_blocks", "warmup_rate")
+        more_meta.setdefault("router_replicas", 1)
+        keys = (
+            "seed",
+            "time_scale",
+            "duration_s",
+            "warmup_s",
+            "replicas",
+            "router_replicas",
+            "kv_cache_blocks",
+            "warmup_rate",
+        )
         for key in keys:
             if more_meta.get(key) != meta.get(key):
                 raise InferouteError(
@@ -442,6 +478,7 @@ def rebuild_reports(run_jsons: Sequence[Path], out_dir: Path | None = None) -> s
         duration=float(meta["duration_s"]),
         warmup=float(meta["warmup_s"]),
         replicas=int(meta["replicas"]),
+        router_replicas=int(meta["router_replicas"]),
         time_scale=float(meta["time_scale"]),
         seed=int(meta["seed"]),
         slo_ttft=float(meta.get("slo_ttft_p90_s", SLO_TTFT_P90)),
@@ -509,6 +546,15 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
     help="Simulated model-server replicas (default 4; quick 2).",
 )
 @click.option(
+    "--router-replicas",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Independent instances of each contender's router in front of the pool (own ports, own picker "
+    "state); requests are spread over them per request, as by a Kubernetes Service (seeded, the same for "
+    "every contender).",
+)
+@click.option(
     "--time-scale",
     type=click.FloatRange(0, min_open=True),
     default=None,
@@ -571,6 +617,7 @@ def command(
     duration: float | None,
     warmup: float | None,
     replicas: int | None,
+    router_replicas: int,
     time_scale: float | None,
     contenders: str | None,
     warmup_rate: float | None,
@@ -605,6 +652,7 @@ def command(
         duration=duration if duration is not None else (4.0 if quick else 20.0),
         warmup=warmup if warmup is not None else (1.0 if quick else 6.0),
         replicas=replicas if replicas is not None else (2 if quick else 4),
+        router_replicas=router_replicas,
         time_scale=time_scale if time_scale is not None else (0.2 if quick else 1.0),
         seed=seed,
         slo_ttft=slo_ttft,
