@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
 from inferoute.epp.learned.port import Capacity, Placed, Record
@@ -56,7 +56,7 @@ class WeightedScorer:
     weight: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProfileResult:
     profile: str
     endpoints: list[Candidate]
@@ -263,7 +263,8 @@ class Scheduler:
         # each hashed block stands for its share of the whole prompt (the server caches all of it)
         per_block = -(-ctx.request.prompt_tokens // len(hashes))
         records.append(Placed(picked.key, tuple(hashes), max(per_block, 1)))
-        return replace(result, records=tuple(records))
+        result.records = tuple(records)  # the result was made for this cycle: nobody else holds it
+        return result
 
     def _run_shadows(self, ctx: CycleContext, candidates: list[Candidate], live: ProfileResult) -> None:
         live_key = live.endpoints[0].key
