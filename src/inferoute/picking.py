@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from inferoute.epp.requestcontrol.parse import BodyParse
 
@@ -156,6 +156,22 @@ class Picker(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ImmediatePicker(Protocol):
+    """A :class:`Picker` that can often decide without awaiting anything (an in-process picker without flow
+    control): the ext_proc server then answers in the same step, without a task per decision."""
+
+    @property
+    def decides_now(self) -> bool:
+        """:meth:`pick_now` decides (True) or always returns None (False): then do not call it."""
+        ...
+
+    def pick_now(self, request: PickRequest) -> tuple[Decision, PickSession] | None:
+        """What :meth:`Picker.pick` would return, or None (nothing done) when the decision must be awaited.
+        Raises as :meth:`Picker.pick` does."""
+        ...
 
 
 class PickerError(Exception):

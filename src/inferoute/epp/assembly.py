@@ -165,12 +165,29 @@ class EmbeddedPicker:
         """Datastore synced: endpoints known and each scraped (or tried) at least once."""
         return not self._closed and self.datastore.ready()
 
+    @property
+    def decides_now(self) -> bool:
+        return self.flow is None and self._preparer is None and not self._closed
+
+    def pick_now(self, request: PickRequest) -> tuple[Decision, PickSession] | None:
+        """:meth:`pick` without awaiting: flow control and token preparation need the event loop (None)."""
+        if not self.decides_now:
+            return None
+        try:
+            return self.director.decide(request)
+        except InferouteError:
+            raise
+        except Exception as exc:  # a bug in a plugin must not take the data plane down
+            log.exception("pick failed")
+            raise PickerError(f"picker failed: {exc!r}", cause="picker-internal") from exc
+
     async def pick(self, request: PickRequest) -> tuple[Decision, PickSession]:
         if self._closed:
             raise PickerError("picker is closed", cause="picker-closed")
+        decided = self.pick_now(request)
+        if decided is not None:
+            return decided
         try:
-            if self.flow is None and self._preparer is None:
-                return self.director.decide(request)
             prep = self.director.prepare(request)
             if not isinstance(prep, Prepared):
                 return prep

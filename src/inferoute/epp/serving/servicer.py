@@ -54,7 +54,9 @@ from inferoute.picking import (
     DESTINATION_SERVED_KEY,
     EVICTED_MESSAGE,
     EVICTED_REASON,
+    Decision,
     Destination,
+    ImmediatePicker,
     NullSession,
     Picker,
     PickerError,
@@ -211,15 +213,13 @@ class ExtProcStream:
                 self._chunks.clear()
             else:
                 body = rb.body
-            self._pending = (body, "request_headers" if ex.full_duplex_request else "request_body", True)
-            return None
+            return self._decide(body, "request_headers" if ex.full_duplex_request else "request_body", True)
         if phase == "request_headers":
             if ex is not None:
                 raise _ProtocolError("a second request_headers message on one stream")
             ex = self._ex = self._core.start(req)
             if req.request_headers.end_of_stream:
-                self._pending = (None, "request_headers", True)
-                return None
+                return self._decide(None, "request_headers", True)
             return () if ex.full_duplex_request else (_ACK_REQUEST_HEADERS,)
         if phase == "response_body":
             rb = req.response_body
@@ -248,9 +248,10 @@ class ExtProcStream:
             if ex is not None and not ex.decided:
                 body = b"".join(self._chunks)
                 self._chunks.clear()
-                self._pending = (body, "request_headers" if ex.full_duplex_request else "request_body", False)
                 self._tail = (_ACK_REQUEST_TRAILERS,)
-                return None
+                return self._decide(
+                    body, "request_headers" if ex.full_duplex_request else "request_body", False
+                )
             return (_ACK_REQUEST_TRAILERS,)
         if phase == "response_trailers":
             if ex is not None:
@@ -258,12 +259,25 @@ class ExtProcStream:
             return (_ACK_RESPONSE_TRAILERS,)
         raise _ProtocolError(f"unsupported ext_proc message {phase!r}")
 
+    def _decide(self, body: bytes | None, phase: str, eos: bool) -> Sequence[m.ProcessingResponse] | None:
+        """The replies to a decision the picker makes at once, or None: the transport awaits
+        :meth:`resume`."""
+        assert self._ex is not None
+        replies = self._core.decide_now(self._ex, body, phase, eos=eos, echo=self._echo)
+        if replies is None:
+            self._pending = (body, phase, eos)
+            return None
+        return self._decided(replies)
+
     async def resume(self) -> Sequence[m.ProcessingResponse]:
         assert self._ex is not None and self._pending is not None
         body, phase, eos = self._pending
         self._pending = None
+        return self._decided(await self._core.decide(self._ex, body, phase, eos=eos, echo=self._echo))
+
+    def _decided(self, replies: list[Any]) -> Sequence[m.ProcessingResponse]:
         ex = self._ex
-        replies = await self._core.decide(ex, body, phase, eos=eos, echo=self._echo)
+        assert ex is not None
         target = evictable(ex.session) if ex.session is not None and not ex.ended else None
         if target is not None:
             target.on_evict(self._on_evict)
@@ -335,6 +349,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.metrics = metrics
         self._header = destination_header
         self._clock = clock
+        self._immediate = picker if isinstance(picker, ImmediatePicker) else None
 
     def open(self, _writer: object = None) -> ExtProcStream:
         """A new stream's state (grpc.aio)."""
@@ -402,19 +417,55 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         ``body`` is None for a request without a body (decided on its headers).
         """
         ex.decided = True
-        metrics = self.metrics
         start = self._clock()
         try:
-            decision, session = await self._picker.pick(self._pick_request(ex, body or b""))
-        except InferouteError as exc:
-            decision, session = Reject(exc.status, exc.body(), cause=exc.cause), NullSession()
+            got = await self._picker.pick(self._pick_request(ex, body or b""))
         except Exception as exc:
-            cause = exc.cause if isinstance(exc, PickerError) else "picker-exception"
-            metrics.errors.value(cause).inc()
-            log.error("picker failed: %r", exc, exc_info=not isinstance(exc, PickerError))
-            ex.ended = True
-            code = h2s.UNAVAILABLE if isinstance(exc, PickerError) else h2s.INTERNAL
-            raise GrpcAbort(code, f"picker failed: {exc}") from exc
+            got = self._pick_failed(ex, exc)
+        return self._replies(ex, got, start, body, phase, eos, echo or _echo_messages)
+
+    def decide_now(
+        self, ex: _Exchange, body: bytes | None, phase: str, *, eos: bool, echo: _Echo | None = None
+    ) -> list[Any] | None:
+        """:meth:`decide` without a task when the picker can decide at once (an in-process picker without
+        flow control: :class:`~inferoute.picking.ImmediatePicker`); None: await :meth:`decide`."""
+        immediate = self._immediate
+        if immediate is None or not immediate.decides_now:
+            return None
+        start = self._clock()
+        try:
+            got = immediate.pick_now(self._pick_request(ex, body or b""))
+        except Exception as exc:
+            got = self._pick_failed(ex, exc)
+        if got is None:
+            return None
+        ex.decided = True
+        return self._replies(ex, got, start, body, phase, eos, echo or _echo_messages)
+
+    def _pick_failed(self, ex: _Exchange, exc: Exception) -> tuple[Decision, PickSession]:
+        """A picker's InferouteError is answered (ImmediateResponse); any other failure ends the stream with
+        a gRPC error, so the proxy applies its failure mode."""
+        if isinstance(exc, InferouteError):
+            return Reject(exc.status, exc.body(), cause=exc.cause), NullSession()
+        cause = exc.cause if isinstance(exc, PickerError) else "picker-exception"
+        self.metrics.errors.value(cause).inc()
+        log.error("picker failed: %r", exc, exc_info=not isinstance(exc, PickerError))
+        ex.decided = ex.ended = True
+        code = h2s.UNAVAILABLE if isinstance(exc, PickerError) else h2s.INTERNAL
+        raise GrpcAbort(code, f"picker failed: {exc}") from exc
+
+    def _replies(
+        self,
+        ex: _Exchange,
+        got: tuple[Decision, PickSession],
+        start: float,
+        body: bytes | None,
+        phase: str,
+        eos: bool,
+        echo: _Echo,
+    ) -> list[Any]:
+        decision, session = got
+        metrics = self.metrics
         metrics.decision_seconds.observe(self._clock() - start)
         ex.session = session
         if isinstance(decision, Reject):
@@ -423,7 +474,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return [
                 m.immediate_response(decision.status, decision.body, decision.headers, details=decision.cause)
             ]
-        return self._destination_replies(ex, decision, body, phase, eos, echo or _echo_messages)
+        return self._destination_replies(ex, decision, body, phase, eos, echo)
 
     def _destination_replies(
         self, ex: _Exchange, decision: Destination, body: bytes | None, phase: str, eos: bool, echo: _Echo
