@@ -118,3 +118,12 @@ async def test_subset_hint_and_errors_over_the_wire(rig: Rig) -> None:
     decision, _ = await rig.client.pick(PickRequest("POST", "/v1/completions", {"host": "gw"}, b"not json"))
     assert isinstance(decision, Reject) and decision.status == 400
     assert json.loads(decision.body)["error"]["type"] == "invalid_request_error"
+
+
+async def test_the_embedded_picker_decides_at_once_without_flow_control(rig: Rig) -> None:
+    assert rig.picker.flow is None and rig.picker.decides_now
+    got = rig.picker.pick_now(PickRequest("POST", "/v1/completions", {"host": "gw"}, _completion("now")))
+    assert got is not None and isinstance(got[0], Destination) and got[0].endpoints[0] in rig.keys
+    got[1].aborted("test")
+    bad = rig.picker.pick_now(PickRequest("POST", "/v1/completions", {"host": "gw"}, b"{not json"))
+    assert bad is not None and isinstance(bad[0], Reject) and bad[0].status == 400

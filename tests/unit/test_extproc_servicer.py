@@ -373,3 +373,62 @@ def test_envoy_passive_health(details: str, listed: tuple[str, ...], served: str
     session = _FailedLog()
     servicer_mod._envoy_passive_health(session, listed, req, served)  # type: ignore[arg-type]
     assert session.failed == failed
+
+
+class ImmediateFixedPicker(FixedPicker):
+    """A FixedPicker that can also decide without awaiting (as the embedded picker does without flow
+    control); ``now=False`` makes it say it cannot."""
+
+    def __init__(self, decision: Decision | Exception, *, now: bool = True) -> None:
+        super().__init__(decision)
+        self.now = now
+        self.awaited = 0
+
+    @property
+    def decides_now(self) -> bool:
+        return self.now
+
+    def pick_now(self, request: PickRequest) -> tuple[Decision, PickSession] | None:
+        if not self.now:
+            raise AssertionError("pick_now called while decides_now is False")
+        self.requests.append(request)
+        if isinstance(self.decision, Exception):
+            raise self.decision
+        return self.decision, _Rec(self.events)
+
+    async def pick(self, request: PickRequest) -> tuple[Decision, PickSession]:
+        self.awaited += 1
+        return await super().pick(request)
+
+
+def _stream(picker: Any) -> Any:
+    return ExtProcServicer(picker, ExtProcMetrics(CollectorRegistry())).open()
+
+
+def test_an_immediate_picker_is_answered_in_the_same_step() -> None:
+    picker = ImmediateFixedPicker(DEST)
+    stream = _stream(picker)
+    assert [r.WhichOneof("response") for r in stream.feed(_headers())] == []  # full duplex: held
+    out = stream.feed(m.body_chunk_request(b'{"model":"m"}', end_of_stream=True))
+    assert out is not None and picker.awaited == 0 and len(picker.requests) == 1
+    meta, header, _ = m.destination_from_response(out[0])
+    assert meta == header == DEST.endpoints
+    assert out[1].request_body.response.body_mutation.streamed_response.body == b'{"model":"m"}'
+
+
+async def test_a_picker_that_cannot_decide_now_is_awaited() -> None:
+    picker = ImmediateFixedPicker(DEST, now=False)
+    stream = _stream(picker)
+    assert stream.feed(_headers(eos=True)) is None  # the transport must await resume()
+    out = await stream.resume()
+    assert picker.awaited == 1 and m.destination_from_response(out[0])[0] == DEST.endpoints
+
+
+def test_an_immediate_picker_s_errors_are_answered_as_an_awaited_one_s() -> None:
+    out = _stream(ImmediateFixedPicker(InferouteError(413, "prompt too long"))).feed(_headers(eos=True))
+    assert out is not None and out[0].immediate_response.status.code == 413
+    servicer = ExtProcServicer(ImmediateFixedPicker(RuntimeError("boom")), ExtProcMetrics(CollectorRegistry()))
+    with pytest.raises(servicer_mod.GrpcAbort) as err:
+        servicer.open().feed(_headers(eos=True))
+    assert err.value.code == servicer_mod.h2s.INTERNAL and "boom" in err.value.details
+    assert servicer.metrics.errors.value("picker-exception").value == 1
