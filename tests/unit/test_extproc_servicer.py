@@ -427,7 +427,9 @@ async def test_a_picker_that_cannot_decide_now_is_awaited() -> None:
 def test_an_immediate_picker_s_errors_are_answered_as_an_awaited_one_s() -> None:
     out = _stream(ImmediateFixedPicker(InferouteError(413, "prompt too long"))).feed(_headers(eos=True))
     assert out is not None and out[0].immediate_response.status.code == 413
-    servicer = ExtProcServicer(ImmediateFixedPicker(RuntimeError("boom")), ExtProcMetrics(CollectorRegistry()))
+    servicer = ExtProcServicer(
+        ImmediateFixedPicker(RuntimeError("boom")), ExtProcMetrics(CollectorRegistry())
+    )
     with pytest.raises(servicer_mod.GrpcAbort) as err:
         servicer.open().feed(_headers(eos=True))
     assert err.value.code == servicer_mod.h2s.INTERNAL and "boom" in err.value.details

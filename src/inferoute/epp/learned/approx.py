@@ -75,17 +75,19 @@ class PrefixIndex:
         holders = self._holders
         weight = max(1, tokens_per_block)
         used = self._used.get(endpoint, 0)
-        for h in hashes:
-            old = lru.get(h)
-            if old is not None:
-                lru.move_to_end(h)
-                if old != weight:
-                    lru[h] = weight
-                    used += weight - old
-            else:
+        touch, weight_of = lru.move_to_end, lru.__getitem__
+        for h in hashes:  # mostly blocks already held (a shared prefix): touched, weight checked
+            try:
+                touch(h)
+            except KeyError:
                 lru[h] = weight
                 used += weight
                 holders[h] = holders.get(h, 0) | bit
+                continue
+            old = weight_of(h)
+            if old != weight:
+                lru[h] = weight
+                used += weight - old
         self._used[endpoint] = used
         self._evict(endpoint, lru, self._capacity.get(endpoint, self.default_capacity))
 
