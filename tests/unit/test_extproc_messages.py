@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 from envoy.config.core.v3 import base_pb2
@@ -205,29 +204,3 @@ def test_envoy_connect_failure_from_code_details(details: str, failed: bool) -> 
     assert m.connect_failure_of(req) is None  # no attributes asked for
     req.attributes[m.EXT_PROC_ATTRIBUTES_KEY].fields["response.code_details"].string_value = details
     assert (m.connect_failure_of(req) == details) is failed
-
-
-_DECISIONS = [
-    {"destination": ("10.0.0.1:8000",)},
-    {"destination": ("10.0.0.1:8000", "10.0.0.2:8000"), "fallbacks": ("10.0.0.3:8000",), "content_length": 0},
-    {"destination": ("[::1]:8000",), "set_headers": {"x-a": "1", "x-gateway-model-name": "m2"}},
-    {"destination": ("a:1",), "content_length": 70_000, "restore_model": ("served-ü", "asked")},
-    {"destination": ("a:1",), "destination_header": "x-custom", "set_headers": {"k": "v" * 300}},
-    {"replace_body": b'{"model":"m2"}', "destination": ("a:1",), "content_length": 14},
-    {"replace_body": b"", "set_headers": {"x": ""}},
-    {"remove_headers": ("content-length",)},
-    {},
-]
-
-
-@pytest.mark.parametrize("phase", ["request_headers", "request_body", "response_headers"])
-@pytest.mark.parametrize("kw", _DECISIONS)
-def test_headers_response_wire_parses_to_the_protobuf_message(phase: str, kw: dict[str, Any]) -> None:
-    wire = m.headers_response_wire(phase, **kw)
-    parsed = m.pb.ProcessingResponse.FromString(wire)
-    assert parsed == m.headers_response(phase, **kw)
-    assert parsed.WhichOneof("response") == phase
-    if "destination" in kw:
-        meta, _, _ = m.destination_from_response(parsed)
-        assert meta == kw["destination"]
-        assert m.fallbacks_from_response(parsed) == tuple(kw.get("fallbacks", ()))

@@ -337,19 +337,8 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-# ProcessingResponse field numbers of the phases (external_processor.proto)
-_PHASE_FIELD: Final = {
-    "request_headers": 1,
-    "response_headers": 2,
-    "request_body": 3,
-    "response_body": 4,
-}
-_DYNAMIC_METADATA: Final = 8
-
-
-def _ld(tag: int, payload: bytes) -> bytes:
-    """A length-delimited field: ``tag`` (one byte: field number << 3 | 2), length, payload."""
-    return bytes((tag,)) + _varint(len(payload)) + payload
+# ProcessingResponse field numbers of the body phases (external_processor.proto)
+_PHASE_FIELD: Final = {"request_body": 3, "response_body": 4}
 
 
 def _wire_chunk(part: bytes | memoryview, field: int, eos: bool) -> list[bytes | memoryview]:
@@ -386,61 +375,6 @@ def body_chunks_wire(
         _wire_chunk(view[start : start + chunk_size], field, end_of_stream and start + chunk_size >= n)
         for start in range(0, n, chunk_size)
     ]
-
-
-def _header_option_wire(name: str, value: str) -> bytes:
-    """HeaderValueOption{header 1: HeaderValue{key 1, raw_value 3}, append_action 3: overwrite or add}."""
-    return _ld(0x0A, _ld(0x0A, name.encode()) + _ld(0x1A, value.encode())) + b"\x18" + _varint(_OVERWRITE)
-
-
-def _struct_wire(name: str, fields: Sequence[tuple[str, str]]) -> bytes:
-    """One ``Struct.fields`` entry ``name``: a Struct of string values (``dynamic_metadata`` namespaces)."""
-    inner = b"".join(_ld(0x0A, _ld(0x0A, k.encode()) + _ld(0x12, _ld(0x1A, v.encode()))) for k, v in fields)
-    return _ld(0x0A, _ld(0x0A, name.encode()) + _ld(0x12, _ld(0x2A, inner)))
-
-
-def headers_response_wire(
-    phase: str = "request_headers",
-    *,
-    destination: Sequence[str] | None = None,
-    set_headers: Mapping[str, str] | None = None,
-    content_length: int | None = None,
-    replace_body: bytes | None = None,
-    destination_header: str = DESTINATION_HEADER,
-    restore_model: tuple[str, str] | None = None,
-    remove_headers: Sequence[str] = (),
-    fallbacks: Sequence[str] = (),
-) -> bytes:
-    """:func:`headers_response` already serialized (the picker's decision, on its hot path: building the
-    protobuf message costs about 10 µs). Parsed back, it is the message :func:`headers_response` builds."""
-    options: list[bytes] = []
-    metadata: list[bytes] = []
-    if destination is not None:
-        value = ",".join(destination)
-        options.append(_header_option_wire(destination_header, value))
-        lb = [(DESTINATION_HEADER, value)]
-        if fallbacks:
-            lb.append((FALLBACKS_KEY, ",".join(fallbacks)))
-        metadata.append(_struct_wire(LB_NAMESPACE, lb))
-    if set_headers:
-        options.extend(_header_option_wire(k, v) for k, v in set_headers.items())
-    if content_length is not None:
-        options.append(_header_option_wire("content-length", str(content_length)))
-    mutation = b"".join(_ld(0x0A, o) for o in options)
-    mutation += b"".join(_ld(0x12, h.encode()) for h in remove_headers)
-    common = _ld(0x12, mutation) if mutation else b""
-    if replace_body is not None:
-        common += _ld(0x1A, _ld(0x0A, replace_body))
-    if destination is not None:
-        common += b"\x28\x01"  # clear_route_cache
-    if restore_model is not None:
-        metadata.append(
-            _struct_wire(RESTORE_NAMESPACE, [("served", restore_model[0]), ("asked", restore_model[1])])
-        )
-    out = _ld((_PHASE_FIELD[phase] << 3) | 2, _ld(0x0A, common) if common else b"")
-    if metadata:
-        out += _ld((_DYNAMIC_METADATA << 3) | 2, b"".join(metadata))
-    return out
 
 
 def _chunk(data: bytes | memoryview, phase: str, eos: bool) -> pb.ProcessingResponse:

@@ -163,7 +163,7 @@ class ExtProcStream:
     :class:`~inferoute.epp.serving.h2server.GrpcAbort` (the stream ends with that gRPC status).
     """
 
-    __slots__ = ("_build", "_chunk_bytes", "_chunks", "_core", "_ex", "_pending", "_tail", "_writer")
+    __slots__ = ("_chunk_bytes", "_chunks", "_core", "_echo", "_ex", "_pending", "_tail", "_writer")
 
     def __init__(
         self, core: ExtProcServicer, *, encoded: bool = False, writer: h2s.StreamWriter | None = None
@@ -171,8 +171,8 @@ class ExtProcStream:
         self._core = core
         self._writer = writer
         """Sends replies outside feed/resume (h2 transport): an eviction answers at once."""
-        # replies pre-encoded with body echoes as views (h2 transport), or protobuf messages (grpc.aio)
-        self._build = _ENCODED if encoded else _MESSAGES
+        # body echoes as pre-encoded views of the body (h2 transport) or as protobuf messages (grpc.aio)
+        self._echo = _echo_encoded if encoded else _echo_messages
         self._ex: _Exchange | None = None
         self._chunks: list[bytes] = []
         self._chunk_bytes = 0
@@ -234,7 +234,7 @@ class ExtProcStream:
                     body = ex.restorer.feed(body)
                     if rb.end_of_stream:
                         body += ex.restorer.finish()
-                return self._build.echo(body, "response_body", rb.end_of_stream)
+                return self._echo(body, "response_body", rb.end_of_stream)
             return (_ACK_RESPONSE_BODY,)
         if phase == "response_headers":
             if ex is not None:
@@ -263,7 +263,7 @@ class ExtProcStream:
         """The replies to a decision the picker makes at once, or None: the transport awaits
         :meth:`resume`."""
         assert self._ex is not None
-        replies = self._core.decide_now(self._ex, body, phase, eos=eos, build=self._build)
+        replies = self._core.decide_now(self._ex, body, phase, eos=eos, echo=self._echo)
         if replies is None:
             self._pending = (body, phase, eos)
             return None
@@ -273,7 +273,7 @@ class ExtProcStream:
         assert self._ex is not None and self._pending is not None
         body, phase, eos = self._pending
         self._pending = None
-        return self._decided(await self._core.decide(self._ex, body, phase, eos=eos, build=self._build))
+        return self._decided(await self._core.decide(self._ex, body, phase, eos=eos, echo=self._echo))
 
     def _decided(self, replies: list[Any]) -> Sequence[m.ProcessingResponse]:
         ex = self._ex
@@ -325,33 +325,12 @@ def _evicted_response() -> m.ProcessingResponse:
     return m.immediate_response(429, error_body(429, EVICTED_MESSAGE), headers, details="evicted")
 
 
-class _Build:
-    """How a stream's replies are made: the decision (``headers``, with the arguments of
-    :func:`~inferoute.extproc.messages.headers_response`) and the body echo (``echo``)."""
-
-    __slots__ = ("echo", "headers")
-
-    def __init__(self, headers: Callable[..., Any], echo: _Echo) -> None:
-        self.headers = headers
-        self.echo = echo
-
-
 def _echo_messages(body: bytes, phase: str, eos: bool) -> Sequence[m.ProcessingResponse]:
     return tuple(m.body_chunks(body, phase, end_of_stream=eos))
 
 
 def _echo_encoded(body: bytes, phase: str, eos: bool) -> Sequence[h2s.Encoded]:
     return [h2s.Encoded(pieces) for pieces in m.body_chunks_wire(body, phase, end_of_stream=eos)]
-
-
-def _headers_encoded(phase: str, **kw: Any) -> h2s.Encoded:
-    return h2s.Encoded((m.headers_response_wire(phase, **kw),))
-
-
-_MESSAGES = _Build(m.headers_response, _echo_messages)
-"""protobuf messages (grpc.aio serialises them)"""
-_ENCODED = _Build(_headers_encoded, _echo_encoded)
-"""already serialized: the h2 transport sends the pieces as they are"""
 
 
 class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -431,7 +410,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         )
 
     async def decide(
-        self, ex: _Exchange, body: bytes | None, phase: str, *, eos: bool, build: _Build | None = None
+        self, ex: _Exchange, body: bytes | None, phase: str, *, eos: bool, echo: _Echo | None = None
     ) -> list[Any]:
         """Ask the picker and build the replies: headers (or body) mutation, then the body echo.
 
@@ -443,10 +422,10 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             got = await self._picker.pick(self._pick_request(ex, body or b""))
         except Exception as exc:
             got = self._pick_failed(ex, exc)
-        return self._replies(ex, got, start, body, phase, eos, build or _MESSAGES)
+        return self._replies(ex, got, start, body, phase, eos, echo or _echo_messages)
 
     def decide_now(
-        self, ex: _Exchange, body: bytes | None, phase: str, *, eos: bool, build: _Build | None = None
+        self, ex: _Exchange, body: bytes | None, phase: str, *, eos: bool, echo: _Echo | None = None
     ) -> list[Any] | None:
         """:meth:`decide` without a task when the picker can decide at once (an in-process picker without
         flow control: :class:`~inferoute.picking.ImmediatePicker`); None: await :meth:`decide`."""
@@ -461,7 +440,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if got is None:
             return None
         ex.decided = True
-        return self._replies(ex, got, start, body, phase, eos, build or _MESSAGES)
+        return self._replies(ex, got, start, body, phase, eos, echo or _echo_messages)
 
     def _pick_failed(self, ex: _Exchange, exc: Exception) -> tuple[Decision, PickSession]:
         """A picker's InferouteError is answered (ImmediateResponse); any other failure ends the stream with
@@ -483,7 +462,7 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         body: bytes | None,
         phase: str,
         eos: bool,
-        build: _Build,
+        echo: _Echo,
     ) -> list[Any]:
         decision, session = got
         metrics = self.metrics
@@ -495,10 +474,10 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return [
                 m.immediate_response(decision.status, decision.body, decision.headers, details=decision.cause)
             ]
-        return self._destination_replies(ex, decision, body, phase, eos, build)
+        return self._destination_replies(ex, decision, body, phase, eos, echo)
 
     def _destination_replies(
-        self, ex: _Exchange, decision: Destination, body: bytes | None, phase: str, eos: bool, build: _Build
+        self, ex: _Exchange, decision: Destination, body: bytes | None, phase: str, eos: bool, echo: _Echo
     ) -> list[Any]:
         if not decision.endpoints:
             # A picker bug, not a client error: never send an empty destination.
@@ -510,23 +489,43 @@ class ExtProcServicer(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         restore = decision.restore_model
         if restore is not None and ex.full_duplex_response and ex.response_body_expected:
             ex.restorer = ModelRestorer(*restore)  # else the data plane restores (inferoute.model metadata)
-        common = {
-            "destination": decision.endpoints,
-            "fallbacks": decision.fallbacks,
-            "set_headers": decision.set_headers,
-            "destination_header": self._header,
-            "restore_model": restore,
-        }
         if phase == "request_body":  # BUFFERED / STREAMED: the decision rides on the body reply
-            length = None if decision.body is None else len(decision.body)
             return [
-                build.headers("request_body", content_length=length, replace_body=decision.body, **common)
+                m.headers_response(
+                    "request_body",
+                    destination=decision.endpoints,
+                    fallbacks=decision.fallbacks,
+                    set_headers=decision.set_headers,
+                    content_length=None if decision.body is None else len(decision.body),
+                    replace_body=decision.body,
+                    destination_header=self._header,
+                    restore_model=restore,
+                )
             ]
         if body is None:  # no body: the mutation alone (a body cannot be added to a bodyless request)
-            return [build.headers("request_headers", **common)]
+            return [
+                m.headers_response(
+                    "request_headers",
+                    destination=decision.endpoints,
+                    fallbacks=decision.fallbacks,
+                    set_headers=decision.set_headers,
+                    destination_header=self._header,
+                    restore_model=restore,
+                )
+            ]
         out_body = body if decision.body is None else decision.body
-        replies = [build.headers("request_headers", content_length=len(out_body), **common)]
-        replies.extend(build.echo(out_body, "request_body", eos))
+        replies = [
+            m.headers_response(
+                "request_headers",
+                destination=decision.endpoints,
+                fallbacks=decision.fallbacks,
+                set_headers=decision.set_headers,
+                content_length=len(out_body),
+                destination_header=self._header,
+                restore_model=restore,
+            )
+        ]
+        replies.extend(echo(out_body, "request_body", eos))
         return replies
 
     @staticmethod
