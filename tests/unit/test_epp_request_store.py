@@ -124,3 +124,10 @@ def test_header_aliases_current_name_wins() -> None:
     assert hdr.positive_ms({"x-slo-ttft-ms": "250"}, hdr.SLO_TTFT_MS) == 0.25
     for bad in ("abc", "-3", "0", "nan", "inf"):
         assert hdr.positive_ms({"x-llm-d-slo-ttft-ms": bad}, hdr.SLO_TTFT_MS) is None
+
+
+def test_every_request_control_header_is_in_the_control_set() -> None:
+    """The director skips the header lookups for a request with none of CONTROL: a name missing from it
+    would be silently ignored."""
+    names = {n for v in vars(hdr).values() if isinstance(v, tuple) and len(v) == 2 for n in v}
+    assert names and names == hdr.CONTROL

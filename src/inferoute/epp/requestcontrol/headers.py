@@ -20,6 +20,9 @@ DROPPED_REASON = "x-llm-d-request-dropped-reason"
 """Response header naming why flow control dropped a request."""
 DEFAULT_FAIRNESS_ID = "default-flow"
 
+CONTROL = frozenset((*OBJECTIVE, *FAIRNESS_ID, *MODEL_REWRITE, *SLO_TTFT_MS, *SLO_TPOT_MS, *REQUEST_TTL_MS))
+"""Every request-control header name: a request with none of them is prepared without looking any up."""
+
 
 def first(headers: Mapping[str, str], names: tuple[str, str]) -> str | None:
     """The value of the first of ``names`` present and non-empty (lower-case header names)."""
