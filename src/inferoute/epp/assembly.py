@@ -177,9 +177,8 @@ class EmbeddedPicker:
             return self.director.decide(request)
         except InferouteError:
             raise
-        except Exception as exc:  # a bug in a plugin must not take the data plane down
-            log.exception("pick failed")
-            raise PickerError(f"picker failed: {exc!r}", cause="picker-internal") from exc
+        except Exception as exc:
+            raise _plugin_failure(exc) from exc
 
     async def pick(self, request: PickRequest) -> tuple[Decision, PickSession]:
         if self._closed:
@@ -198,9 +197,8 @@ class EmbeddedPicker:
             return await self.flow.pick(prep)
         except InferouteError:
             raise
-        except Exception as exc:  # a bug in a plugin must not take the data plane down
-            log.exception("pick failed")
-            raise PickerError(f"picker failed: {exc!r}", cause="picker-internal") from exc
+        except Exception as exc:
+            raise _plugin_failure(exc) from exc
 
     async def aclose(self) -> None:
         if self._closed:
@@ -219,6 +217,13 @@ class EmbeddedPicker:
         await self._tasks.aclose()
         await self.collector.aclose()
         self.metrics.close()
+
+
+def _plugin_failure(exc: Exception) -> PickerError:
+    """A bug in a plugin must not take the data plane down: logged (call it in the ``except`` block) and
+    turned into a PickerError, so the data plane applies its failure mode."""
+    log.exception("pick failed")
+    return PickerError(f"picker failed: {exc!r}", cause="picker-internal")
 
 
 def _flow_control(
