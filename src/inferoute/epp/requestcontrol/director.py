@@ -207,9 +207,8 @@ class Director:
             ), NullSession()
         model = parsed.model
         headers = request.headers
-        control = not hdr.CONTROL.isdisjoint(headers)  # most requests carry none: no header lookups then
-        rewrite = hdr.first(headers, hdr.MODEL_REWRITE) if control else None
-        target = rewrite or self.store.rewrite(model, self.rng) or model
+        control = hdr.control(headers)
+        target = control.rewrite or self.store.rewrite(model, self.rng) or model
         if len(model) > MAX_MODEL_NAME_CHARS or len(target) > MAX_MODEL_NAME_CHARS:
             message = f"the model name is longer than {MAX_MODEL_NAME_CHARS} characters"
             return self._reject(400, message, "bad-model", param="model"), NullSession()
@@ -219,7 +218,7 @@ class Director:
             body = _rewrite_model(request.body, target)
             set_headers[MODEL_HEADER] = target
             self.metrics.model_rewrite_total.labels(*self.metrics.bounded(model, target)).inc()
-        objective = hdr.first(headers, hdr.OBJECTIVE) if control else None
+        objective = control.objective
         series = self.metrics.series(model, target)
         series.request_total.inc()
         prompt_tokens = (len(parsed.prompt) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
@@ -231,11 +230,11 @@ class Director:
             headers=headers,
             request_id=request.request_id,
             objective=objective,
-            fairness_id=(hdr.first(headers, hdr.FAIRNESS_ID) if control else None) or DEFAULT_FAIRNESS_ID,
+            fairness_id=control.fairness_id,
             priority=self.store.priority(objective),
             stream=parsed.stream,
-            slo_ttft=hdr.positive_ms(headers, hdr.SLO_TTFT_MS) if control else None,
-            slo_tpot=hdr.positive_ms(headers, hdr.SLO_TPOT_MS) if control else None,
+            slo_ttft=control.slo_ttft,
+            slo_tpot=control.slo_tpot,
         )
         return Prepared(ireq, request.subset, series, set_headers, body, len(request.body))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 OBJECTIVE = ("x-llm-d-inference-objective", "x-gateway-inference-objective")
 FAIRNESS_ID = ("x-llm-d-inference-fairness-id", "x-gateway-inference-fairness-id")
@@ -46,3 +47,30 @@ def positive_ms(headers: Mapping[str, str], names: tuple[str, str]) -> float | N
     if not math.isfinite(ms) or ms <= 0:
         return None
     return ms / 1000.0
+
+
+class Control(NamedTuple):
+    """What a request's control headers ask for (:func:`control`)."""
+
+    rewrite: str | None
+    objective: str | None
+    fairness_id: str
+    slo_ttft: float | None
+    slo_tpot: float | None
+
+
+NO_CONTROL = Control(None, None, DEFAULT_FAIRNESS_ID, None, None)
+
+
+def control(headers: Mapping[str, str]) -> Control:
+    """The request-control headers of a request (current name first, then the alias). Most requests carry
+    none: one set test then, no lookups (:data:`CONTROL`)."""
+    if CONTROL.isdisjoint(headers):
+        return NO_CONTROL
+    return Control(
+        first(headers, MODEL_REWRITE),
+        first(headers, OBJECTIVE),
+        first(headers, FAIRNESS_ID) or DEFAULT_FAIRNESS_ID,
+        positive_ms(headers, SLO_TTFT_MS),
+        positive_ms(headers, SLO_TPOT_MS),
+    )
