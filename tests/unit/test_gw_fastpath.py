@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from inferoute.gateway.metrics import GatewayMetrics
 from inferoute.gateway.relay import BUFFERED_ANSWER_MAX, buffered_answer, request_id_from
-from inferoute.gateway.serve import freeze_startup_objects
+from inferoute.malloc import freeze_startup_objects
 
 
 def test_buffered_answer_only_for_small_known_length_bodies() -> None:

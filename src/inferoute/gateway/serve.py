@@ -14,7 +14,6 @@ in-flight counts, queue) is split N ways. With several workers, point ``epp.endp
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ import msgspec
 from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import EMBEDDED, GatewayConfig, parse_listen, with_listen
 from inferoute.gateway.reload import ConfigWatcher
+from inferoute.malloc import freeze_startup_objects
 from inferoute.tasks import TaskSet
 from inferoute.workers import hold_port, run_workers, worker_init
 
@@ -95,14 +95,6 @@ async def stop_gracefully(
     finally:
         for sig in sigs:
             loop.remove_signal_handler(sig)
-
-
-def freeze_startup_objects() -> int:
-    """Move every object alive after startup (modules, config, picker plugins, pools) out of the garbage
-    collector's reach: later collections only scan what requests allocate. Returns how many were frozen."""
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
 
 
 async def serve_one(

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from inferoute.errors import InferouteError, describe_os_error
 from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import DEFAULT_LISTEN, GatewayConfig, default_config, load_config, with_listen
-from inferoute.gateway.serve import freeze_startup_objects, stop_gracefully, wait_for_signal
+from inferoute.gateway.serve import stop_gracefully, wait_for_signal
+from inferoute.malloc import freeze_startup_objects
 
 log = logging.getLogger(__name__)
 
