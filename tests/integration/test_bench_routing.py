@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import yaml
+
 from inferoute.bench.peers import Contender, select_contenders
 from inferoute.bench.routing import RunConfig, run_benchmark
 
@@ -91,7 +94,8 @@ async def test_quick_run_measures_every_contender_and_writes_reports(tmp_path: P
 
 async def test_two_router_replicas_share_the_traffic_of_a_point(tmp_path: Path) -> None:
     """``--router-replicas 2``: two gateways (each its own picker) in front of one pool, requests spread
-    over them per request, the same assignment for both contenders; logs and CPU cover both."""
+    over them per request, the same assignment for both contenders; logs and CPU cover both; our two
+    instances sync through a redis-server of the point's own, stopped with it."""
     contenders = select_contenders("inferoute/round-robin,inferoute/precise-local")
     cfg = quick_config(tmp_path, contenders, rate=6.0, duration=2.5, seed=7, router_replicas=2)
     points = await run_benchmark(cfg)
@@ -106,8 +110,15 @@ async def test_two_router_replicas_share_the_traffic_of_a_point(tmp_path: Path) 
     assert all(r["status"] == "200" for r in rows)
     logs = sorted(path.name for path in (tmp_path / "logs").iterdir())
     assert "shared-prefix-6-inferoute-precise-local-router-1.log" in logs, logs
-    assert json.loads((tmp_path / "run.json").read_text())["meta"]["router_replicas"] == 2
-    assert "2 instances of each router" in (tmp_path / "summary.md").read_text()
+    meta = json.loads((tmp_path / "run.json").read_text())["meta"]
+    assert meta["router_replicas"] == 2 and meta["router_sync"] is True
+    summary = (tmp_path / "summary.md").read_text()
+    assert "2 instances of each router" in summary and "through Redis" in summary
+    for i in ("", "-1"):
+        picker = yaml.safe_load((tmp_path / f"gateway-precise-local{i}.yaml").read_text())["picker"]
+        assert picker["sync_redis"].startswith("unix://") and picker["sync_interval"] == pytest.approx(0.04)
+    redis_log = (tmp_path / "redis" / "shared-prefix-6-inferoute-precise-local" / "redis.log").read_text()
+    assert "ready to accept connections" in redis_log and "ready to exit" in redis_log
     assert live_children() == []
 
 

@@ -52,6 +52,7 @@ BAD_STRINGS = {
     "pool.app_protocol": "h3",
     "routes[0].epp.body": "streamed",
     "routes[0].backends[0].app_protocol": "https",
+    "picker.sync_redis": "localhost:6379",
 }
 
 

@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,56 @@ class ManagedProcess:
                 continue
 
 
+class RedisProcess(ManagedProcess):
+    """A ``redis-server`` of our own on a unix socket (no port to pick, no persistence): the store our
+    router replicas share their in-flight load and placements through. Its log goes to ``where``; the
+    socket to a short directory of its own (a unix socket path has at most 107 bytes)."""
+
+    def __init__(self, name: str, where: Path) -> None:
+        where.mkdir(parents=True, exist_ok=True)
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="inferoute-redis-"))
+        self.socket = self.socket_dir / "redis.sock"
+        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        argv = [exe, "--port", "0", "--unixsocket", str(self.socket), "--save", "", "--appendonly", "no"]
+        super().__init__(name, [*argv, "--dir", str(self.socket_dir)], where / "redis.log")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await super().stop(grace)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    async def wait_ready(self, within: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_unix_connection(str(self.socket))
+                writer.close()
+                return
+            if (self.proc is not None and self.proc.returncode is not None) or loop.time() > deadline:
+                raise InferouteError(
+                    500,
+                    f"{self.name} did not start (redis-server from Debian's redis-server package):\n"
+                    + self.log_tail(),
+                )
+            await asyncio.sleep(0.02)
+
+
+async def start_redis(name: str, where: Path) -> RedisProcess:
+    """Start :class:`RedisProcess` in ``where`` and wait until it accepts connections."""
+    proc = RedisProcess(name, where)
+    await proc.start()
+    try:
+        await proc.wait_ready()
+    except BaseException:
+        await proc.stop()
+        raise
+    return proc
+
+
 async def start_on_ports(
     make: Callable[[list[int]], ManagedProcess],
     ready_urls: Callable[[list[int]], Sequence[str]],
@@ -346,6 +397,7 @@ async def start_router(
     labels: Sequence[Mapping[str, str]] = (),
     time_scale: float = 1.0,
     instance: int = 0,
+    sync_redis: str | None = None,
 ) -> tuple[ManagedProcess, str]:
     """A contender's router in front of ``workers`` on a port it is seen to hold; returns it and its URL.
     ``time_scale``: the pool's (our picker's metric scrapes slow down with the simulated engines);
@@ -361,6 +413,7 @@ async def start_router(
                 metrics_port=ports[1],
                 time_scale=time_scale,
                 instance=instance,
+                sync_redis=sync_redis,
             ),
             log_path,
         ),
@@ -394,14 +447,16 @@ class Contender:
         metrics_port: int = 0,
         time_scale: float = 1.0,
         instance: int = 0,
+        sync_redis: str | None = None,
     ) -> list[str]:
         """The router on ``port`` in front of ``workers``; the Rust routers also serve Prometheus metrics
         on ``metrics_port`` (they need one). ``time_scale``: see :func:`gateway_config`; ``instance``: the
-        replica number when several run side by side (our gateway's configuration file is per replica)."""
+        replica number when several run side by side (our gateway's configuration file is per replica);
+        ``sync_redis``: our replicas share in-flight load and placements through this Redis."""
         if self.kind == "inferoute":
             suffix = f"-{instance}" if instance else ""
             config = workdir / f"gateway-{self.policy}{suffix}.yaml"
-            gw = gateway_config(port, workers, profile_path(self.policy), labels, time_scale)
+            gw = gateway_config(port, workers, profile_path(self.policy), labels, time_scale, sync_redis)
             config.write_text(yaml.safe_dump(gw))
             return inferoute_argv("--log-level", "WARNING", "gateway", "--config", str(config))
         if self.kind == "vllm-router":
@@ -472,12 +527,15 @@ def gateway_config(
     profile_file: Path,
     labels: Sequence[Mapping[str, str]] = (),
     time_scale: float = 1.0,
+    sync_redis: str | None = None,
 ) -> dict[str, object]:
     """The ``inferoute gateway`` YAML for one contender: embedded picker, BBR on, no access log; ``labels``
     (per worker) e.g. point the picker at the workers' KV events. With simulated engines ``time_scale``
     times slower, the picker scrapes their metrics ``time_scale`` times less often (and stale metrics
     take as much longer), so a scrape is as fresh, in engine steps, as the default 50 ms at H100 speed:
-    a slower pool must not hand the metric-driven scorers a fresher view than a real one would."""
+    a slower pool must not hand the metric-driven scorers a fresher view than a real one would. With
+    ``sync_redis`` the picker shares in-flight load and placements through it, exchanging ``time_scale``
+    times less often than the default 200 ms for the same reason."""
     endpoints = []
     for i, url in enumerate(workers):
         hostport = url.split("://", 1)[-1].rstrip("/")
@@ -486,15 +544,19 @@ def gateway_config(
         if i < len(labels) and labels[i]:
             ep["labels"] = dict(labels[i])
         endpoints.append(ep)
+    picker: dict[str, object] = {
+        "config_file": str(profile_file),
+        "refresh_interval": PickerConfig().refresh_interval * time_scale,
+        "staleness_threshold": PickerConfig().staleness_threshold * time_scale,
+    }
+    if sync_redis is not None:
+        picker["sync_redis"] = sync_redis
+        picker["sync_interval"] = PickerConfig().sync_interval * time_scale
     return {
         "listen": f"127.0.0.1:{port}",
         "access_log": False,
         "pool": {"endpoints": endpoints},
-        "picker": {
-            "config_file": str(profile_file),
-            "refresh_interval": PickerConfig().refresh_interval * time_scale,
-            "staleness_threshold": PickerConfig().staleness_threshold * time_scale,
-        },
+        "picker": picker,
         "routes": [{"path": "/", "epp": {"endpoint": "embedded"}}],
     }
 

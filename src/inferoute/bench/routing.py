@@ -43,7 +43,9 @@ from inferoute.bench.peers import (
     BASELINE,
     Contender,
     ManagedProcess,
+    RedisProcess,
     select_contenders,
+    start_redis,
     start_router,
     start_sim_pool,
 )
@@ -96,6 +98,10 @@ class RunConfig:
     """Independent instances of each contender's router in front of the same pool; the load generator
     spreads the requests over them per request (:func:`inferoute.bench.loadgen.l4_spread`, seeded by
     ``seed``)."""
+    router_sync: bool = True
+    """With several router replicas, our instances share in-flight load and prefix placements through a
+    redis-server the benchmark starts for each point (``inferoute gateway``'s ``picker.sync_redis``, the
+    documented HA deployment); False: independent instances, like the peers'."""
     time_scale: float = 1.0
     seed: int = 42
     out_dir: Path = Path("bench-results/routing")
@@ -150,6 +156,7 @@ class RunConfig:
             "warmup_s": self.warmup,
             "replicas": self.replicas,
             "router_replicas": self.router_replicas,
+            "router_sync": self.router_sync,
             "time_scale": self.time_scale,
             "slo_ttft_p90_s": self.slo_ttft,
             "kv_cache_blocks": self.kv_cache_blocks,
@@ -184,6 +191,7 @@ async def run_point(
     # every pool publishes KV events (same simulator cost for every contender); only precise reads them
     tag = f"{workload.name}-{rate:g}-{contender.name.replace('/', '-')}"
     sim: ManagedProcess | None = None
+    redis: RedisProcess | None = None
     routers: list[ManagedProcess] = []
     plan = cfg.plan(workload, rate)
     done = 0
@@ -203,6 +211,10 @@ async def run_point(
             workdir / "logs" / f"{tag}-sim.log",
             kv_events=True,
         )
+        sync_url = None
+        if contender.is_ours and cfg.router_replicas > 1 and cfg.router_sync:
+            redis = await start_redis(f"redis[{tag}]", workdir / "redis" / tag)
+            sync_url = redis.url
         router_urls = []
         for i in range(cfg.router_replicas):  # one after another: each on ports it is seen to hold
             one = "" if cfg.router_replicas == 1 else f"-{i}"
@@ -215,12 +227,13 @@ async def run_point(
                 pool.labels(),
                 time_scale=cfg.time_scale,
                 instance=i,
+                sync_redis=sync_url,
             )
             routers.append(router)
             router_urls.append(url)
         before = await scrape.pool_counters(pool.urls)
         sampler = scrape.LoraWaitSampler(pool.urls if sizing.lora_adapters else [])
-        probe = cpu_probe(sim, routers)
+        probe = cpu_probe(sim, [*routers, *([redis] if redis is not None else [])])
         async with sampler:
             probe.start()
             results = await run_plan(
@@ -233,7 +246,7 @@ async def run_point(
             cpu = probe.finish()
         after = await scrape.pool_counters(pool.urls)
     finally:
-        for proc in (*routers, sim):
+        for proc in (*routers, sim, redis):
             if proc is not None:
                 await proc.stop()
     summary = summarize(contender.name, workload.name, rate, results, cfg.warmup, cfg.duration)
@@ -247,8 +260,8 @@ async def run_point(
 
 
 def cpu_probe(sim: ManagedProcess, routers: Sequence[ManagedProcess]) -> CpuProbe:
-    """CPU used and waited for by the pool, the router (every instance, summed) and this process (the load
-    generator)."""
+    """CPU used and waited for by the pool, the router (every instance and their sync store, summed) and this
+    process (the load generator)."""
     roles = {
         "sim": [sim.proc.pid] if sim.proc is not None else [],
         "router": [r.proc.pid for r in routers if r.proc is not None],
@@ -330,7 +343,12 @@ def write_reports(
         f"# Routing benchmark\n\n`{cfg.command}`\n\n{cfg.replicas} simulated replicas, "
         + (
             f"{cfg.router_replicas} instances of each router (requests spread over them per request, "
-            "seeded: the same for every contender), "
+            "seeded: the same for every contender; "
+            + (
+                "inferoute's instances share in-flight load and prefix placements through Redis), "
+                if cfg.router_sync
+                else "every instance on its own), "
+            )
             if cfg.router_replicas > 1
             else ""
         )
@@ -446,10 +464,10 @@ def rebuild_reports(run_jsons: Sequence[Path], out_dir: Path | None = None) -> s
     invocation short) merge into one report; they must share seed, time scale, point length and pool.
     A (workload, contender, rate) measured twice keeps the later file's point."""
     meta, points = report.load_points(run_jsons[0])
-    meta.setdefault("router_replicas", 1)  # runs from before --router-replicas had one
+    _old_run_defaults(meta)
     for path in run_jsons[1:]:
         more_meta, more = report.load_points(path)
-        more_meta.setdefault("router_replicas", 1)
+        _old_run_defaults(more_meta)
         keys = (
             "seed",
             "time_scale",
@@ -457,6 +475,7 @@ def rebuild_reports(run_jsons: Sequence[Path], out_dir: Path | None = None) -> s
             "warmup_s",
             "replicas",
             "router_replicas",
+            "router_sync",
             "kv_cache_blocks",
             "warmup_rate",
         )
@@ -479,6 +498,7 @@ def rebuild_reports(run_jsons: Sequence[Path], out_dir: Path | None = None) -> s
         warmup=float(meta["warmup_s"]),
         replicas=int(meta["replicas"]),
         router_replicas=int(meta["router_replicas"]),
+        router_sync=bool(meta["router_sync"]),
         time_scale=float(meta["time_scale"]),
         seed=int(meta["seed"]),
         slo_ttft=float(meta.get("slo_ttft_p90_s", SLO_TTFT_P90)),
@@ -494,6 +514,12 @@ def rebuild_reports(run_jsons: Sequence[Path], out_dir: Path | None = None) -> s
     order = {c.name: i for i, c in enumerate(cfg.contenders)}
     points.sort(key=lambda p: (cfg.workloads.index(p.workload), order.get(p.contender, 0), p.rate))
     return write_reports(cfg, workloads, points, plots=True)
+
+
+def _old_run_defaults(meta: dict[str, Any]) -> None:
+    """Runs from before ``--router-replicas`` had one instance; before ``router_sync``, no syncing."""
+    meta.setdefault("router_replicas", 1)
+    meta.setdefault("router_sync", False)
 
 
 def _parse_rates(values: Sequence[str]) -> list[float]:
@@ -550,9 +576,16 @@ def _parse_rates(values: Sequence[str]) -> list[float]:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Independent instances of each contender's router in front of the pool (own ports, own picker "
-    "state); requests are spread over them per request, as by a Kubernetes Service (seeded, the same for "
-    "every contender).",
+    help="Instances of each contender's router in front of the pool (own ports, own picker state); "
+    "requests are spread over them per request, as by a Kubernetes Service (seeded, the same for every "
+    "contender).",
+)
+@click.option(
+    "--router-sync/--no-router-sync",
+    default=True,
+    show_default=True,
+    help="With several router replicas: inferoute's instances share in-flight load and prefix placements "
+    "through a redis-server started for each point (the peers have no such thing).",
 )
 @click.option(
     "--time-scale",
@@ -618,6 +651,7 @@ def command(
     warmup: float | None,
     replicas: int | None,
     router_replicas: int,
+    router_sync: bool,
     time_scale: float | None,
     contenders: str | None,
     warmup_rate: float | None,
@@ -653,6 +687,7 @@ def command(
         warmup=warmup if warmup is not None else (1.0 if quick else 6.0),
         replicas=replicas if replicas is not None else (2 if quick else 4),
         router_replicas=router_replicas,
+        router_sync=router_sync,
         time_scale=time_scale if time_scale is not None else (0.2 if quick else 1.0),
         seed=seed,
         slo_ttft=slo_ttft,

@@ -34,6 +34,8 @@ from inferoute.epp.plugin import BackgroundPlugin, PluginDeps, RequestPreparer
 from inferoute.epp.requestcontrol.director import Director, Prepared
 from inferoute.epp.scheduling.disagg_metrics import DisaggMetrics
 from inferoute.epp.scheduling.shadow import ShadowMetrics
+from inferoute.epp.sync.inflight import SyncedLearnedState
+from inferoute.epp.sync.options import SyncOptions
 from inferoute.errors import ConfigError, InferouteError, read_text_file
 from inferoute.picking import Decision, PickerError, PickRequest, PickSession
 from inferoute.tasks import TaskSet
@@ -70,6 +72,9 @@ class EppOptions:
     """Seed for the tie-breaking / random pickers (None: nondeterministic)."""
     learned: LearnedState | None = None
     """Shared learned state (None: a new in-process one)."""
+    sync: SyncOptions | None = None
+    """Share in-flight load and prefix placements with other picker replicas/workers (unless ``learned`` is
+    given): the picker runs the exchange."""
     source: EndpointSource | None = None
     """A ready-made endpoint source (Kubernetes InferencePool discovery); wins over the endpoint options."""
 
@@ -150,6 +155,9 @@ class EmbeddedPicker:
         for plugin in self._background:
             await plugin.start(endpoints)
         self._tasks.spawn(self.source.watch(self._on_endpoints), name="endpoint-source")
+        sync = self.options.sync
+        if sync is not None and self.options.learned is None and isinstance(self.learned, SyncedLearnedState):
+            self._tasks.spawn(self.learned.run(sync.interval), name="cross-replica-sync")
 
     def _on_endpoints(self, endpoints: list[Endpoint]) -> None:
         self.director.set_endpoints(endpoints)
@@ -264,7 +272,13 @@ async def start_picker(opts: EppOptions) -> EmbeddedPicker:
         raise ConfigError("staleness_threshold: must be > 0 seconds")
     metrics = EppMetrics(opts.registry)
     index = PrefixIndex(DEFAULT_LRU_CAPACITY)
-    learned: LearnedState = opts.learned or LocalLearnedState(index)
+    learned: LearnedState
+    if opts.learned is not None:
+        learned = opts.learned
+    elif opts.sync is not None:
+        learned = SyncedLearnedState(opts.sync.build(), index)
+    else:
+        learned = LocalLearnedState(index)
     deps = PluginDeps(learned=learned, clock=opts.clock, seed=opts.seed)
     config = parse_config(text, deps=deps, observer=metrics.plugin_observer, source=where)
     if config.prefix.lru_capacity:  # the configured LRU size of the approximate store built here

@@ -101,7 +101,7 @@ async def _serve_metrics(
         raise InferouteError(500, msg, cause="bind") from exc
 
 
-async def _start_picker(opts: EppRunOptions, registry: CollectorRegistry, learned: Any = None) -> Any:
+async def _start_picker(opts: EppRunOptions, registry: CollectorRegistry) -> Any:
     from inferoute.epp.assembly import EppOptions, start_picker
 
     source = None
@@ -118,7 +118,7 @@ async def _start_picker(opts: EppRunOptions, registry: CollectorRegistry, learne
             registry=registry,
             refresh_interval=opts.refresh_interval,
             pool_name=opts.pool_name,
-            learned=learned,
+            sync=opts.sync,
         )
     )
 
@@ -155,15 +155,8 @@ async def run(
     ``on_ready(grpc_port, health_port, metrics_port)`` replaces the ready line (a worker tells its parent)."""
     keep_large_buffers()  # big prompts: no mmap/page faults per request (inferoute/malloc.py)
     registry = CollectorRegistry()
-    learned = None
-    if opts.sync is not None:
-        from inferoute.epp.sync.inflight import SyncedLearnedState
-
-        learned = SyncedLearnedState(opts.sync.build())
-    picker = await _start_picker(opts, registry, learned)
+    picker = await _start_picker(opts, registry)
     tasks = TaskSet("epp-cli")
-    if learned is not None:
-        tasks.spawn(learned.run(opts.sync.interval if opts.sync else 0.2), name="cross-replica-sync")
     try:
         served = _kubernetes_tasks(opts, picker, tasks)
     except BaseException:
@@ -373,15 +366,15 @@ def h2_limits(values: dict[str, Any]) -> Limits:
     "--sync-redis",
     metavar="URL",
     callback=lambda _c, _p, v: _redis_url(v),
-    help="Share in-flight load with every picker replica using this Redis/Valkey (redis://HOST:PORT/DB or "
-    "unix:///PATH), across hosts.",
+    help="Share in-flight load and prefix placements with every picker replica using this Redis/Valkey "
+    "(redis://HOST:PORT/DB or unix:///PATH), across hosts.",
 )
 @click.option(
     "--sync-interval",
     default=0.2,
     show_default=True,
     type=click.FloatRange(0.01, 10),
-    help="Seconds between in-flight load exchanges with the other workers/replicas.",
+    help="Seconds between exchanges (in-flight load, prefix placements) with the other workers/replicas.",
 )
 @h2_limit_options
 def command(
@@ -452,7 +445,9 @@ def command(
 
 
 def _redis_url(value: str | None) -> str | None:
-    if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+    from inferoute.epp.sync.options import REDIS_SCHEMES
+
+    if value is not None and not value.startswith(REDIS_SCHEMES):
         raise click.BadParameter(
             f"expected redis://HOST:PORT/DB, rediss://... or unix:///PATH, got {value!r}"
         )

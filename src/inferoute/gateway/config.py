@@ -21,6 +21,7 @@ import msgspec
 import yaml
 
 from inferoute.endpoints import Endpoint, hostport, parse_endpoints, split_hostport
+from inferoute.epp.sync.options import REDIS_SCHEMES
 from inferoute.errors import ConfigError, InferouteError, read_text_file
 from inferoute.picking import DESTINATION_HEADER
 
@@ -74,6 +75,12 @@ class PickerConfig(_Base):
     staleness_threshold: float = 2.0
     """Seconds after which an endpoint's metrics count as stale."""
     pool_name: str = "default"
+    sync_redis: str | None = None
+    """Share in-flight load and prefix placements with every other picker (gateway replicas and workers,
+    ``inferoute epp`` replicas) using this Redis/Valkey: ``redis://HOST:PORT/DB``, ``rediss://...`` or
+    ``unix:///PATH``."""
+    sync_interval: float = 0.2
+    """Seconds between two exchanges with the other pickers."""
 
 
 class BBRConfig(_Base):
@@ -312,6 +319,11 @@ def validate(cfg: GatewayConfig) -> GatewayConfig:
             raise _fail(f"{at}.epp: cert_file and key_file go together (client certificate for mTLS)")
         _check_backends(at, r.backends)
     _check_numbers(cfg)
+    redis = cfg.picker.sync_redis
+    if redis is not None and not redis.startswith(REDIS_SCHEMES):
+        raise _fail(
+            f"picker.sync_redis: expected redis://HOST:PORT/DB, rediss://... or unix:///PATH, got {redis!r}"
+        )
     if not cfg.metrics_path.startswith("/"):
         raise _fail(f"metrics_path: must start with '/', got {cfg.metrics_path!r}")
     return cfg
@@ -339,7 +351,7 @@ def _check_route_values(at: str, r: RouteConfig) -> None:
 
 # section -> (keys that must be > 0, keys that must be >= 1, keys that must be >= 0)
 _NUMBERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "picker": (("refresh_interval", "staleness_threshold"), (), ()),
+    "picker": (("refresh_interval", "staleness_threshold", "sync_interval"), (), ()),
     "limits": (
         ("body_read_timeout", "header_read_timeout", "idle_timeout"),
         ("max_concurrent_requests", "max_header_bytes", "max_headers", "max_requests_per_connection",

@@ -42,7 +42,12 @@ async def start_embedded_picker(
 ) -> Picker:
     """The EPP's director in process (no gRPC hop)."""
     from inferoute.epp.assembly import EppOptions, start_picker
+    from inferoute.epp.sync.options import SyncOptions
 
+    pc = cfg.picker
+    sync = None
+    if pc.sync_redis is not None:
+        sync = SyncOptions(interval=pc.sync_interval, redis_url=pc.sync_redis, namespace=pc.pool_name)
     opts = EppOptions(
         config_file=cfg.picker.config_file,
         config_text=cfg.picker.config_text,
@@ -52,6 +57,7 @@ async def start_embedded_picker(
         staleness_threshold=cfg.picker.staleness_threshold,
         registry=registry,
         pool_name=cfg.picker.pool_name,
+        sync=sync,
     )
     return await start_picker(opts)
 

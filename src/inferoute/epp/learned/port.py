@@ -20,9 +20,9 @@ The contract both interfaces keep is written down as tests, run over every imple
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from inferoute.kvevents.wire import KVEvent
 
@@ -146,3 +146,15 @@ class LearnedState(Protocol):
     def apply(self, records: Iterable[Record]) -> None: ...
 
     def forget_endpoints(self, endpoints: Iterable[str]) -> None: ...
+
+
+@runtime_checkable
+class SharesPlacements(Protocol):
+    """A learned state that carries placements between picker replicas (the cross-replica syncer's)."""
+
+    def placement_channel(
+        self, name: str, sink: Callable[[Sequence[Placed]], None]
+    ) -> Callable[[Placed], None]:
+        """Open channel ``name``: returns what publishes one of this replica's placements; the peers' go
+        to ``sink``."""
+        ...

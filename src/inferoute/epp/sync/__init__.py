@@ -17,6 +17,8 @@ every 200 ms):
 * :class:`.syncer.MemorySyncer` -- replicas in one process (tests).
 
 :class:`.inflight.SyncedLearnedState` adds the peers' published in-flight counts to each endpoint's local
-ones. The approximate prefix index (learned from a process's own decisions) is not shared: with several
-workers or replicas each knows only its own decisions (docs/picker.md gives the measured loss).
+ones. What a picker learns from its own decisions -- the approximate prefix index, and the precise index's
+speculative entries -- goes through the same exchange as **placements** (:mod:`.placements`): each process
+publishes its recent ``Placed`` records and applies the peers', so every index learns every process's
+decisions one exchange late (docs/picker.md gives the measured effect).
 """

@@ -5,16 +5,21 @@ contribution to its ``CrossReplicaSyncer``).
 whose views add to each endpoint's local counts *the other replicas' latest published counts*. Every sync
 interval it supplies its own counts (``set("inflight", endpoint, (requests, pending, pending_tokens,
 tokens))``; endpoints back at zero are deleted) and takes the sum of the peers' values. Own records show at
-once; the peers' part is at most one interval (200 ms by default) old. Prefix records go to the local store
-unchanged.
+once; the peers' part is at most one interval (200 ms by default) old. Prefix records go to the local store,
+and its :class:`~inferoute.epp.learned.port.Placed` records also go to the peers through a
+:class:`~inferoute.epp.sync.placements.PlacementChannel` (``placed:prefix``): every replica's approximate
+index learns every replica's decisions. Other stores of placements (the precise index's speculative entries)
+open their own channel with :meth:`SyncedLearnedState.placement_channel`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from inferoute.epp.learned import IDLE, Inflight, LearnedView, LocalLearnedState, PrefixStore, Record
+from inferoute.epp.learned.port import Placed
+from inferoute.epp.sync.placements import PlacementChannel, Sink
 from inferoute.epp.sync.syncer import DEFAULT_INTERVAL, CrossReplicaSyncer, run_syncer
 
 KEY = "inflight"
@@ -69,12 +74,29 @@ class SyncedLearnedState:
         self._remote: dict[str, Inflight] = {}
         """Replaced, never changed in place: views hold it."""
         self._published: set[str] = set()
+        self._channels: list[PlacementChannel] = []
+        self.placements = self._open("prefix", self.local.apply)
+        """The approximate index's placements, shared with the peers."""
+
+    def _open(self, name: str, sink: Sink) -> PlacementChannel:
+        channel = PlacementChannel(name, sink)
+        self._channels.append(channel)
+        return channel
+
+    def placement_channel(self, name: str, sink: Sink) -> Callable[[Placed], None]:
+        """Share another store's placements: returns what publishes one of ours; the peers' go to ``sink``."""
+        return self._open(name, sink).publish
 
     def snapshot(self) -> SyncedView:
         return SyncedView(self.local.snapshot(), self._remote)
 
     def apply(self, records: Iterable[Record]) -> None:
-        self.local.apply(records)
+        batch = records if isinstance(records, (list, tuple)) else list(records)
+        self.local.apply(batch)
+        publish = self.placements.publish
+        for r in batch:
+            if isinstance(r, Placed):
+                publish(r)
 
     def forget_endpoints(self, endpoints: Iterable[str]) -> None:
         gone = list(endpoints)
@@ -96,6 +118,8 @@ class SyncedLearnedState:
         for ep in self._published - now:
             self.syncer.delete(KEY, ep)
         self._published = now
+        for channel in self._channels:
+            channel.supply(self.syncer)
 
     def take_peers(self) -> None:
         """Take the peers' sums (after an exchange)."""
@@ -105,6 +129,8 @@ class SyncedLearnedState:
             if total != IDLE:
                 remote[ep] = total
         self._remote = remote
+        for channel in self._channels:
+            channel.take(self.syncer)
 
     async def run(self, interval: float = DEFAULT_INTERVAL) -> None:
         """Sync every ``interval`` seconds until cancelled."""

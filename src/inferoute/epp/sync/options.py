@@ -7,6 +7,9 @@ from dataclasses import dataclass, replace
 
 from inferoute.epp.sync.syncer import DEFAULT_INTERVAL, CrossReplicaSyncer
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+"""The URL forms a Redis/Valkey address may take."""
+
 
 @dataclass(frozen=True, slots=True)
 class SyncOptions:

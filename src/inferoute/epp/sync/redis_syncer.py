@@ -8,6 +8,7 @@ one round trip every interval, whatever the number of replicas. A replica that s
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 from collections.abc import Mapping
@@ -39,9 +40,13 @@ return 1
 """
 
 
+_instances = itertools.count(1)
+
+
 def default_replica() -> str:
-    """``HOST-PID``: unique per process on a network of hosts ($POD_NAME wins in a cluster)."""
-    return f"{os.environ.get('POD_NAME') or socket.gethostname()}-{os.getpid()}"
+    """``HOST-PID-N``: unique per syncer on a network of hosts ($POD_NAME wins in a cluster; ``N`` counts
+    the syncers of one process, e.g. two gateways in one test)."""
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}-{os.getpid()}-{next(_instances)}"
 
 
 class RedisSyncer(SnapshotSyncer):

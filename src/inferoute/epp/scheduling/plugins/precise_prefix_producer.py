@@ -25,13 +25,13 @@ Parameters, by llm-d's names:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 from inferoute.endpoints import Endpoint
 from inferoute.epp.flowcontrol.units import duration
-from inferoute.epp.learned.port import Placed
+from inferoute.epp.learned.port import Placed, SharesPlacements
 from inferoute.epp.plugin import Params, PluginDeps, config_error
 from inferoute.epp.precise.index import PreciseIndex, request_keys
 from inferoute.epp.precise.prefixcache import TokenPrefixCache
@@ -57,6 +57,9 @@ class PrecisePrefixProducer:
         """Tokens and keys of recent prompts by their text (local tokenization only)."""
         self._cycle: tuple[CycleContext, object, list[int]] | None = None
         """(cycle, its request's token ids, the keys) of the cycle being scored (for :meth:`on_picked`)."""
+        self.share: Callable[[Placed], None] | None = None
+        """With picker replicas syncing: publishes a speculative entry to the peers (whose entries come in
+        through the same channel)."""
 
     # -- background ---------------------------------------------------------------------------------------
     async def start(self, endpoints: Sequence[Endpoint]) -> None:
@@ -121,7 +124,10 @@ class PrecisePrefixProducer:
         """Speculative indexing: the picked endpoint will hold the prompt's blocks."""
         cycle, self._cycle = self._cycle, None
         if cycle is not None and cycle[0] is ctx and cycle[2] and self.index.speculative_ttl > 0:
-            self.index.apply((Placed(picked.key, tuple(cycle[2])),))
+            placed = Placed(picked.key, tuple(cycle[2]))
+            self.index.apply((placed,))
+            if self.share is not None:
+                self.share(placed)
 
 
 def _local_tokenizer(p: Params) -> LocalTokenizer:
@@ -171,4 +177,7 @@ def create(name: str, params: Params, deps: PluginDeps) -> PrecisePrefixProducer
         raise config_error(f"{params.where}.speculativeTTL: must be > 0 with speculativeIndexing")
     settings = _subscriber_settings(params)
     index = PreciseIndex(block, seed, speculative_ttl=ttl if speculative else 0.0, clock=deps.clock.now)
-    return PrecisePrefixProducer(name, index, settings, _local_tokenizer(params))
+    producer = PrecisePrefixProducer(name, index, settings, _local_tokenizer(params))
+    if speculative and isinstance(deps.learned, SharesPlacements):  # replicas: share the speculative entries
+        producer.share = deps.learned.placement_channel(f"precise:{name}", index.apply)
+    return producer
