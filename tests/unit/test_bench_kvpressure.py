@@ -181,7 +181,14 @@ def test_runs_of_one_rate_each_merge_into_one_report(tmp_path: Path) -> None:
         [tmp_path / "0" / "run.json", tmp_path / "1" / "run.json"], tmp_path / "all"
     )
     text = rebuild_reports([tmp_path / "3" / "run.json"], tmp_path / "ha")
-    assert "2 instances of each router" in text
+    assert "2 instances of each router" in text and "share in-flight load and prefix placements" in text
+    alone = RunConfig(["kv-pressure"], {"kv-pressure": [30.0]}, contenders, seed=3, router_replicas=2)
+    alone.router_sync = False  # --no-router-sync: independent instances, like the first HA runs
+    (tmp_path / "4").mkdir()
+    report.write_json(tmp_path / "4" / "run.json", alone.meta(), [], {}, {})
+    with pytest.raises(InferouteError, match="router_sync False differs"):  # synced vs independent
+        rebuild_reports([tmp_path / "3" / "run.json", tmp_path / "4" / "run.json"], tmp_path / "x")
+    assert "every instance on its own" in rebuild_reports([tmp_path / "4" / "run.json"], tmp_path / "solo")
 
 
 def test_kv_cache_blocks_overrides_the_workloads_pool_sizing() -> None:

@@ -156,7 +156,7 @@ class RunConfig:
             "warmup_s": self.warmup,
             "replicas": self.replicas,
             "router_replicas": self.router_replicas,
-            "router_sync": self.router_sync,
+            "router_sync": self.router_sync and self.router_replicas > 1,  # nothing to sync with one
             "time_scale": self.time_scale,
             "slo_ttft_p90_s": self.slo_ttft,
             "kv_cache_blocks": self.kv_cache_blocks,
