@@ -242,10 +242,11 @@ async def test_run_syncer_logs_a_failure_streak_once(caplog: pytest.LogCaptureFi
         return await original(mine)
 
     s.exchange = flaky  # type: ignore[method-assign]
-    supplied = []
+    supplied, failed = [], []
     with caplog.at_level(logging.INFO), pytest.raises(asyncio.CancelledError):
-        await run_syncer(s, 0, lambda: supplied.append(1))
+        await run_syncer(s, 0, lambda: supplied.append(1), failed=lambda: failed.append(1))
     assert len(supplied) == 6
+    assert len(failed) == 3  # every failed exchange counts (the metric), though logged once
     assert sum("sync failed" in r.message for r in caplog.records) == 1
     assert sum("works again" in r.message for r in caplog.records) == 1
     assert "a" not in hub.tables  # closed: withdrawn

@@ -22,7 +22,7 @@ from redis_server import redis_server
 DOCS = [f"Handbook {i}: the quick brown fox jumps over the lazy dog, page {i}. " * 40 for i in range(8)]
 
 
-async def gateway(pool: list[Endpoint], redis_url: str | None) -> RunningGateway:
+async def gateway(pool: list[Endpoint], redis_url: str | None, registry: CollectorRegistry) -> RunningGateway:
     eps = [{"name": e.name, "address": e.address, "port": e.port} for e in pool]
     picker: dict[str, object] = {"refresh_interval": 0.02}
     if redis_url is not None:
@@ -35,7 +35,7 @@ async def gateway(pool: list[Endpoint], redis_url: str | None) -> RunningGateway
             "routes": [{"path": "/", "epp": {"endpoint": "embedded"}}],
         }
     )
-    return await start_gateway(cfg, registry=CollectorRegistry())
+    return await start_gateway(cfg, registry=registry)
 
 
 async def ask(http: aiohttp.ClientSession, gw: RunningGateway, doc: str, question: str) -> str:
@@ -56,12 +56,24 @@ async def test_a_prefix_placed_through_one_gateway_is_routed_alike_by_the_other(
             await SimPool.start(SimConfig(time_scale=0.02), replicas=3) as sims,
             contextlib.AsyncExitStack() as stack,
         ):
-            a, b = [await gateway(sims.endpoints, redis_url) for _ in range(2)]
+            registries = CollectorRegistry(), CollectorRegistry()
+            a, b = [await gateway(sims.endpoints, redis_url, r) for r in registries]
             for gw in (a, b):
                 stack.push_async_callback(gw.aclose, 1.0)
             async with aiohttp.ClientSession() as http:
                 placed = [await ask(http, a, doc, "Who wrote it?") for doc in DOCS]
                 await asyncio.sleep(0.5)  # ten exchanges
                 followed = [await ask(http, b, doc, "When?") for doc in DOCS]
+                await asyncio.sleep(0.5)
+            # the operator's view: each sees one peer, published its 8 placements and learned the other's 8
+            for mine, theirs in (registries, registries[::-1]):
+                labels = {"name": "default", "channel": "prefix"}
+                assert mine.get_sample_value("inferoute_epp_sync_peers", {"name": "default"}) == 1
+                assert mine.get_sample_value("inferoute_epp_sync_placements_published_total", labels) == 8
+                assert theirs.get_sample_value("inferoute_epp_sync_placements_received_total", labels) == 8
+                failures = mine.get_sample_value(
+                    "inferoute_epp_sync_exchange_failures_total", {"name": "default"}
+                )
+                assert failures == 0
     assert len(set(placed)) > 1  # the idle pool's tie-break spread them: the index, not a tie, decides below
     assert followed == placed

@@ -157,6 +157,7 @@ class EmbeddedPicker:
         self._tasks.spawn(self.source.watch(self._on_endpoints), name="endpoint-source")
         sync = self.options.sync
         if sync is not None and self.options.learned is None and isinstance(self.learned, SyncedLearnedState):
+            self.metrics.watch(self.learned.collector(self.options.pool_name))
             self._tasks.spawn(self.learned.run(sync.interval), name="cross-replica-sync")
 
     def _on_endpoints(self, endpoints: list[Endpoint]) -> None:

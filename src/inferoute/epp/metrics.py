@@ -131,6 +131,7 @@ class EppMetrics:
         self.scrape_counts = {"ok": 0, "error": 0}
         self.scrape_seconds = 0.0
         self._pool: _PoolCollector | None = None
+        self._watched: list[Collector] = []
         self._series: dict[tuple[str, str], ModelSeries] = {}
         self.attempt_success = self.scheduler_attempts.value("success")
         self.attempt_failure = self.scheduler_attempts.value("failure")
@@ -304,9 +305,16 @@ class EppMetrics:
             self.registry.unregister(self._pool)
             self._pool = None
 
+    def watch(self, collector: Collector) -> None:
+        """Expose another part's collection-time series (the cross-replica syncer's) until :meth:`close`."""
+        self.registry.register(collector)
+        self._watched.append(collector)
+
     def close(self) -> None:
         """Unregister every series of this picker, so the registry can host a new one (config reloads)."""
         self.unwatch_pool()
+        while self._watched:
+            self.registry.unregister(self._watched.pop())
         with contextlib.suppress(KeyError):
             self.registry.unregister(self._hot)
         for value in list(vars(self).values()):

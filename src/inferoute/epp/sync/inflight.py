@@ -14,8 +14,11 @@ open their own channel with :meth:`SyncedLearnedState.placement_channel`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from inferoute.epp.learned import IDLE, Inflight, LearnedView, LocalLearnedState, PrefixStore, Record
 from inferoute.epp.learned.port import Placed
@@ -74,6 +77,8 @@ class SyncedLearnedState:
         self._remote: dict[str, Inflight] = {}
         """Replaced, never changed in place: views hold it."""
         self._published: set[str] = set()
+        self.failures = 0
+        """Exchanges that failed."""
         self._channels: list[PlacementChannel] = []
         self.placements = self._open("prefix", self.local.apply)
         """The approximate index's placements, shared with the peers."""
@@ -82,6 +87,9 @@ class SyncedLearnedState:
         channel = PlacementChannel(name, sink)
         self._channels.append(channel)
         return channel
+
+    def channels(self) -> list[PlacementChannel]:
+        return list(self._channels)
 
     def placement_channel(self, name: str, sink: Sink) -> Callable[[Placed], None]:
         """Share another store's placements: returns what publishes one of ours; the peers' go to ``sink``."""
@@ -134,4 +142,49 @@ class SyncedLearnedState:
 
     async def run(self, interval: float = DEFAULT_INTERVAL) -> None:
         """Sync every ``interval`` seconds until cancelled."""
-        await run_syncer(self.syncer, interval, self.supply, self.take_peers)
+        await run_syncer(self.syncer, interval, self.supply, self.take_peers, self._failed)
+
+    def _failed(self) -> None:
+        self.failures += 1
+
+    def collector(self, pool: str) -> Collector:
+        """The ``inferoute_epp_sync_*`` series, computed when the registry is collected."""
+        return _SyncCollector(self, pool)
+
+
+class _SyncCollector(Collector):
+    def __init__(self, state: SyncedLearnedState, pool: str) -> None:
+        self.state = state
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        state, pool = self.state, [self.pool]
+        peers = GaugeMetricFamily(
+            "inferoute_epp_sync_peers",
+            "Other pickers (workers, replicas) heard from in the last exchange.",
+            labels=["name"],
+        )
+        peers.add_metric(pool, state.syncer.peers())
+        failures = CounterMetricFamily(
+            "inferoute_epp_sync_exchange_failures",
+            "Exchanges with the other pickers that failed (the shared store unreachable or too slow).",
+            labels=["name"],
+        )
+        failures.add_metric(pool, state.failures)
+        yield peers
+        yield failures
+        published = CounterMetricFamily(
+            "inferoute_epp_sync_placements_published",
+            "Prefix placements this picker published to the others, by channel.",
+            labels=["name", "channel"],
+        )
+        received = CounterMetricFamily(
+            "inferoute_epp_sync_placements_received",
+            "Prefix placements learned from the other pickers, by channel.",
+            labels=["name", "channel"],
+        )
+        for channel in state.channels():
+            published.add_metric([self.pool, channel.name], channel.published)
+            received.add_metric([self.pool, channel.name], channel.received)
+        yield published
+        yield received

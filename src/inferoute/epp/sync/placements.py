@@ -44,6 +44,7 @@ class PlacementChannel:
     for speculative entries) out through the syncer, the peers' into ``sink``."""
 
     def __init__(self, name: str, sink: Sink, keep: int = KEEP, max_keys: int = MAX_KEYS) -> None:
+        self.name = name
         self.key = KEY_PREFIX + name
         self.sink = sink
         self.keep = keep
@@ -56,14 +57,17 @@ class PlacementChannel:
         self._out_keys = 0
         self._seen: dict[str, tuple[int, int]] = {}
         """peer replica -> (its epoch, the last seq applied)."""
+        self.published = 0
+        """This replica's placements queued for the peers."""
         self.received = 0
-        """Placements applied from peers (for tests and metrics)."""
+        """Placements applied from peers."""
 
     def publish(self, placed: Placed) -> None:
         """Queue one of this replica's placements for the next exchange."""
         if not placed.keys:
             return
         self._seq += 1
+        self.published += 1
         keys = list(placed.keys[: self.max_keys])
         self._out.append((self._exchange, [self._seq, placed.endpoint, keys, placed.tokens_per_block]))
         self._out_keys += len(keys)

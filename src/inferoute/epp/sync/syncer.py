@@ -167,10 +167,12 @@ async def run_syncer(
     interval: float,
     before: Callable[[], None] = lambda: None,
     after: Callable[[], None] = lambda: None,
+    failed: Callable[[], None] = lambda: None,
 ) -> None:
     """Every ``interval``: ``before()`` (supply this replica's values), one exchange, ``after()`` (apply the
-    aggregates). A failed exchange is logged (once per failure streak) and retried at the next tick; the
-    aggregates keep their last values for ``ttl``, then count no peer until an exchange works again."""
+    aggregates). A failed exchange calls ``failed()``, is logged (once per failure streak) and retried at the
+    next tick; the aggregates keep their last values for ``ttl``, then count no peer until an exchange works
+    again."""
     failing = False
     try:
         while True:
@@ -178,10 +180,12 @@ async def run_syncer(
             try:
                 await syncer.sync()
             except (OSError, ConnectionError, TimeoutError) as exc:
+                failed()
                 if not failing:
                     log.warning("cross-replica sync failed (retrying every %.2f s): %s", interval, exc)
                 failing = True
             except Exception as exc:
+                failed()
                 if not failing:
                     log.exception("cross-replica sync failed (retrying every %.2f s): %s", interval, exc)
                 failing = True
