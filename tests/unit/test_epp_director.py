@@ -452,4 +452,7 @@ def test_slo_admitter_sheds_sheddable_requests_no_endpoint_can_serve_in_time() -
     assert decide(rig, body(), headers={"x-slo-ttft-ms": "200"})  # not sheddable: admitted
     assert decide(rig, body(), headers={"x-llm-d-inference-objective": "batch"})  # no SLO: admitted
     rig.scrape(rig.endpoints[0].key, waiting=0, running=0, kv_usage=0.5)  # an idle endpoint appears
-    assert decide(rig, body(), headers=tight).endpoints[0] == rig.endpoints[0].key
+    # the other still queues 3, priced like the 3 short requests this picker has pending there (~0.03 s
+    # each, not queuedRequestSeconds): ~0.13 s, so a 100 ms objective fits only the idle one
+    tighter = {**tight, "x-llm-d-slo-ttft-ms": "100"}
+    assert decide(rig, body(), headers=tighter).endpoints[0] == rig.endpoints[0].key

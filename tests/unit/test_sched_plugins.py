@@ -124,6 +124,11 @@ def test_predicted_ttft_accounts_for_pending_prefill_and_queue() -> None:
     busy.inflight = Inflight(pending=1, pending_tokens=300)
     t = scorer.predict(ctx(prompt=b"x" * 400), [busy, queued, idle])
     assert t == pytest.approx([0.3 + 0.1, 1.0 + 0.1, 0.1])
+    # 4 queued (scraped), 1 of them ours with 50 uncached tokens: the other 3 (another router's, or not in
+    # the scrape yet) are priced like ours -- a cached prefix's short prefill, not queuedRequestSeconds each
+    cached = cand("cached", waiting=4)
+    cached.inflight = Inflight(pending=1, pending_tokens=50)
+    assert scorer.predict(ctx(prompt=b"x" * 400), [cached]) == pytest.approx([4 * 0.05 + 0.1])
 
 
 def test_predicted_ttft_kv_penalty() -> None:

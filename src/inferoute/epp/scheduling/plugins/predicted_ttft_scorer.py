@@ -3,8 +3,9 @@
 Like NVIDIA Dynamo's KV-router cost (prefill blocks still to compute + decode load), in seconds:
 
     ahead      = max(waiting, pending)                      requests queued before ours
-    queue_wait = max(waiting x queuedRequestSeconds,
-                     pending_tokens x prefillSecondsPerToken + pending x requestOverheadSeconds)
+    known      = pending_tokens x prefillSecondsPerToken + pending x requestOverheadSeconds
+    per_queued = known / pending, or queuedRequestSeconds when nothing is pending
+    queue_wait = ahead x per_queued
     uncached   = prompt_tokens x (1 - matched_blocks / hashed_blocks)
     prefill    = requestOverheadSeconds + uncached x prefillSecondsPerToken
     decode     = running x decodeSecondsPerRunning x (1 + ahead)
@@ -15,9 +16,11 @@ Like NVIDIA Dynamo's KV-router cost (prefill blocks still to compute + decode lo
     predicted  = queue_wait + prefill + decode + lora  (+ kvPenaltySeconds when kv_usage ≥ kvThreshold)
 
 ``waiting`` / ``running`` / ``kv_usage`` are scraped; ``pending`` / ``pending_tokens`` are this picker's own
-not-yet-answered requests (fresher than any scrape) and the tokens they still have to prefill there;
-``matched_blocks`` comes from the approximate prefix
-index.
+not-yet-answered requests (fresher than any scrape; with a cross-replica syncer, every picker's) and the
+tokens they still have to prefill there; ``matched_blocks`` comes from the approximate prefix index. A queued
+request the picker did not send (another router's, or one the scrape shows before the picker's own count does)
+is priced like the ones it knows there: on a replica serving cached prefixes a queued request costs a short
+prefill, not a full one. Only when nothing of ours is pending there does it cost ``queuedRequestSeconds``.
 Score: ``min_predicted / predicted`` — the fastest endpoint scores 1, one predicted twice as slow 0.5. A ratio
 (not min-max) keeps near-ties near-equal, so a small-weight scorer such as ``prefix-cache-scorer`` can break
 them toward cache affinity instead of a 1% difference deciding.
@@ -31,8 +34,8 @@ fastest scores 1 (the ratio above: the smallest violation). Without the header n
 
 Parameters (defaults: a 7-8B model on one H100, the same profile the simulator models):
 ``prefillSecondsPerToken`` (0.00008, ~12.5k prompt tokens/s), ``requestOverheadSeconds`` (0.03: the engine
-step that carries the prefill), ``queuedRequestSeconds`` (0.07: prefill of a queued request we know nothing
-about, ~500 tokens), ``decodeSecondsPerRunning`` (0.00005: each running sequence lengthens every engine step),
+step that carries the prefill), ``queuedRequestSeconds`` (0.07: prefill of a queued request where we know of
+none, ~500 tokens), ``decodeSecondsPerRunning`` (0.00005: each running sequence lengthens every engine step),
 ``kvThreshold`` (0.95), ``kvPenaltySeconds`` (1.0: preemption/queueing risk when the KV cache is full),
 ``loraLoadSeconds`` (0.05: loading an adapter into a free slot) and ``loraSlotWaitSeconds`` (0.7: waiting for
 a busy adapter slot to drain, about one request's decode), ``headroomSelectionStrategy`` (``least``).
@@ -131,9 +134,11 @@ class PredictedTTFTScorer:
             waiting = met.waiting
             pending = inf.pending
             ahead = pending if pending > waiting else waiting  # max(waiting, pending)
-            by_count = waiting * queued_s
-            by_tokens = inf.pending_tokens * prefill_s + pending * overhead_s
-            queue_wait = by_tokens if by_tokens > by_count else by_count
+            if pending:
+                known = inf.pending_tokens * prefill_s + pending * overhead_s
+                queue_wait = known if pending >= waiting else known / pending * waiting
+            else:
+                queue_wait = waiting * queued_s
             uncached = prompt_tokens - matched(c.key, 0) * per_block
             t = queue_wait + overhead_s + uncached * prefill_s
             t += met.running * decode_s * (1.0 + ahead)
