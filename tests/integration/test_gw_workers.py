@@ -14,6 +14,9 @@ from pathlib import Path
 import aiohttp
 from test_gw_support import backends
 
+from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
+from inferoute.sim.server import POD_HEADER
+
 INFEROUTE = Path(sys.executable).parent / "inferoute"
 
 
@@ -91,3 +94,71 @@ async def test_two_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> No
             continue
         raise AssertionError(f"worker {pid} still running")
     assert "Traceback" not in text
+
+
+def _segments() -> set[Path]:
+    return set(Path("/dev/shm").glob("inferoute-epp-sync-*"))
+
+
+async def test_two_workers_embedded_pickers_share_what_they_learn(tmp_path: Path) -> None:
+    """Each worker runs its own embedded picker; they share in-flight load and prefix placements through a
+    shared-memory segment, so a document is routed to the same simulator whichever worker takes it. The
+    segment is unlinked once both workers have it mapped (nothing left in /dev/shm, even after a SIGKILL)."""
+    before = _segments()
+    async with await SimPool.start(SimConfig(time_scale=0.02), replicas=3) as sims:
+        eps = "".join(
+            f"    - {{name: {e.name}, address: {e.address}, port: {e.port}}}\n" for e in sims.endpoints
+        )
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(
+            f"pool:\n  endpoints:\n{eps}picker: {{refresh_interval: 0.02, sync_interval: 0.05}}\n"
+            "routes:\n  - {path: /, epp: {endpoint: embedded}}\n"
+        )
+        log_path = tmp_path / "gw.log"
+        with log_path.open("w") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *[str(INFEROUTE), "gateway", "--config", str(cfg), "--listen", "127.0.0.1:0"],
+                *["--workers", "2"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            url = f"http://127.0.0.1:{await _announced_port(proc, log_path)}"
+            pods: dict[int, list[str]] = {}
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+
+                async def ask(doc: int, n: int) -> str:
+                    text = f"Manual {doc}: the quick brown fox jumps over the lazy dog. " * 40 + f"Q{n}?"
+                    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": text}]}
+                    async with s.post(url + "/v1/chat/completions", json={**body, "max_tokens": 2}) as r:
+                        assert r.status == 200, await r.text()
+                        return r.headers[POD_HEADER]
+
+                deadline = time.monotonic() + 60
+                while not all(f"gateway-worker-{w}" in log_path.read_text() for w in (0, 1)):
+                    assert time.monotonic() < deadline, log_path.read_text()
+                    try:
+                        await ask(99, 0)  # until both workers are up (each starts in its own time)
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.05)
+                # without a pause here the first document's first request was placed elsewhere than its
+                # later ones in 3 runs of 3, once with every request on one worker: a start-up effect of a
+                # single picker (not investigated yet), not of the sharing tested here
+                await asyncio.sleep(0.5)
+                for doc in range(8):
+                    pods[doc] = [await ask(doc, 0)]
+                await asyncio.sleep(0.5)  # ten exchanges
+                for doc in range(8):
+                    pods[doc] += [await ask(doc, n) for n in range(1, 6)]  # new connections: both workers
+            segments = _segments() - before
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    access = _chat_lines(log_path.read_text())
+    assert any("gateway-worker-0" in ln for ln in access) and any("gateway-worker-1" in ln for ln in access)
+    assert all(len(set(p)) == 1 for p in pods.values()), pods  # one simulator per document, either worker
+    assert len({p[0] for p in pods.values()}) > 1  # spread by the tie-break: the index decided, not a tie
+    assert segments == set()  # unlinked once both workers mapped it

@@ -143,11 +143,6 @@ def _metrics_server(host: str, port: int, workers: WorkerMetrics, n: int) -> htt
     return server
 
 
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 def _hold(host: str, port: int, flag: str) -> Any:
     try:
         return hold_port(host, port)
@@ -159,7 +154,7 @@ def _hold(host: str, port: int, flag: str) -> Any:
 
 def run_epp_workers(opts: EppRunOptions, n: int) -> int:
     """Blocking: ``n`` picker workers on ``opts``'s ports until a signal; returns the exit status."""
-    from inferoute.epp.sync.shm import create_segment
+    from inferoute.epp.sync.shm import create_segment, unlink_segment
 
     with contextlib.ExitStack() as stack:
         grpc_sock = stack.enter_context(_hold(opts.host, opts.grpc_port, "--grpc-port"))
@@ -169,7 +164,7 @@ def run_epp_workers(opts: EppRunOptions, n: int) -> int:
         segment = None
         if sync is None or sync.redis_url is None:
             segment = create_segment(n)
-            stack.callback(_unlink, segment)
+            stack.callback(unlink_segment, segment)
             sync = replace(sync or SyncOptions(), shm_path=segment, slots=n)
         workers = WorkerMetrics()
         server = _metrics_server(opts.host, opts.metrics_port, workers, n)
@@ -187,7 +182,9 @@ def run_epp_workers(opts: EppRunOptions, n: int) -> int:
                 workers.ports[index] = worker_metrics
                 seen.append(pid)
             if segment is not None:
-                _unlink(segment)  # every worker has it mapped: nothing is left behind even after a SIGKILL
+                unlink_segment(
+                    segment
+                )  # every worker has it mapped: nothing is left behind even after a SIGKILL
             log.info(
                 "inferoute epp ready: ext_proc :%d, health :%s, metrics :%d (%d workers, pids %s)",
                 grpc_port,

@@ -32,20 +32,24 @@ from inferoute.gateway.weighted import Router, WeightedRouter
 from inferoute.picking import Picker
 
 if TYPE_CHECKING:  # imported lazily at run time: a gateway without remote pickers never loads gRPC
+    from inferoute.epp.sync.options import SyncOptions
     from inferoute.extproc.channel import ChannelOptions
 
 log = logging.getLogger(__name__)
 
 
 async def start_embedded_picker(
-    cfg: GatewayConfig, endpoints: list[Endpoint], registry: CollectorRegistry
+    cfg: GatewayConfig,
+    endpoints: list[Endpoint],
+    registry: CollectorRegistry,
+    sync: SyncOptions | None = None,
 ) -> Picker:
-    """The EPP's director in process (no gRPC hop)."""
+    """The EPP's director in process (no gRPC hop). It shares what it learns through ``picker.sync_redis``
+    when set, else through ``sync`` (the workers of one ``inferoute gateway --workers N``: shared memory)."""
     from inferoute.epp.assembly import EppOptions, start_picker
     from inferoute.epp.sync.options import SyncOptions
 
     pc = cfg.picker
-    sync = None
     if pc.sync_redis is not None:
         sync = SyncOptions(interval=pc.sync_interval, redis_url=pc.sync_redis, namespace=pc.pool_name)
     opts = EppOptions(

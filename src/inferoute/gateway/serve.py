@@ -6,25 +6,31 @@ them, so N workers use N cores. The parent keeps a bound (non-listening) socket 
 ``:0`` resolves once for all, forwards SIGINT/SIGTERM to the workers and exits when they have
 (:mod:`inferoute.workers`, shared with ``inferoute epp --workers N``).
 
-Trade-off, by design: an *embedded* picker lives in each worker, so its learned state (prefix-cache index,
-in-flight counts, queue) is split N ways. With several workers, point ``epp.endpoint`` at one
-``inferoute epp`` so every worker asks the same brain (one gRPC hop per request).
+An *embedded* picker lives in each worker. The workers' pickers share their in-flight counts and prefix
+placements through a shared-memory segment (the parent creates it and unlinks it once every worker has it
+mapped; ``picker.sync_redis`` replaces it with Redis), so a prefix goes to the same model server whichever
+worker takes the request. Flow-control queues stay per worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
 
+from inferoute.epp.sync.options import SyncOptions
+from inferoute.epp.sync.shm import create_segment, unlink_once_mapped, unlink_segment
 from inferoute.gateway.app import RunningGateway, start_gateway
 from inferoute.gateway.config import EMBEDDED, GatewayConfig, parse_listen, with_listen
+from inferoute.gateway.picker_setup import start_embedded_picker
 from inferoute.gateway.reload import ConfigWatcher
 from inferoute.malloc import freeze_startup_objects
 from inferoute.tasks import TaskSet
@@ -104,10 +110,13 @@ async def serve_one(
     announce: bool = True,
     watch: str | None = None,
     sigs: tuple[signal.Signals, ...] = STOP_SIGNALS,
+    sync: SyncOptions | None = None,
 ) -> int:
     """One gateway process until a signal; with ``watch`` (the config file's path) it reloads the file's
-    routes when it changes (:mod:`inferoute.gateway.reload`)."""
-    gw: RunningGateway = await start_gateway(cfg, reuse_port=reuse_port)
+    routes when it changes (:mod:`inferoute.gateway.reload`); ``sync``: how its embedded picker shares what
+    it learns with the other workers'."""
+    factory = functools.partial(start_embedded_picker, sync=sync)
+    gw: RunningGateway = await start_gateway(cfg, reuse_port=reuse_port, embedded_factory=factory)
     freeze_startup_objects()
     tasks = TaskSet("gateway")
     stopped = False
@@ -130,11 +139,21 @@ async def serve_one(
     return 0
 
 
-def _worker_main(cfg_json: bytes, log_level: int, watch: str | None = None, parent: int = 0) -> None:
+def _worker_main(
+    cfg_json: bytes,
+    log_level: int,
+    watch: str | None = None,
+    parent: int = 0,
+    sync: SyncOptions | None = None,
+) -> None:
     worker_init(parent, log_level)
     cfg = msgspec.json.decode(cfg_json, type=GatewayConfig)
     only_term = (signal.SIGTERM,)
-    sys.exit(run_async(lambda: serve_one(cfg, reuse_port=True, announce=False, watch=watch, sigs=only_term)))
+    sys.exit(
+        run_async(
+            lambda: serve_one(cfg, reuse_port=True, announce=False, watch=watch, sigs=only_term, sync=sync)
+        )
+    )
 
 
 def run_gateway(cfg: GatewayConfig, workers: int | None = None, watch: str | None = None) -> int:
@@ -143,13 +162,28 @@ def run_gateway(cfg: GatewayConfig, workers: int | None = None, watch: str | Non
     n = workers or cfg.workers
     if n <= 1:
         return run_async(lambda: serve_one(cfg, watch=watch))
-    if any(r.epp.enabled and r.epp.endpoint == EMBEDDED for r in cfg.routes):
-        log.warning(
-            "%d workers, each with its own embedded picker: what the picker learns (prefix cache, in-flight "
-            "counts) is split %d ways; point epp.endpoint at one 'inferoute epp' to share it",
-            n,
-            n,
-        )
+    segment = None
+    if cfg.picker.sync_redis is None and any(
+        r.epp.enabled and r.epp.endpoint == EMBEDDED for r in cfg.routes
+    ):
+        segment = create_segment(n)  # the workers' embedded pickers share in-flight load and placements
+
+    def sync_for(slot: int) -> SyncOptions | None:
+        if segment is None:
+            return None
+        pc = cfg.picker
+        return SyncOptions(pc.sync_interval, namespace=pc.pool_name, shm_path=segment, slot=slot, slots=n)
+
+    try:
+        return _run_gateway_workers(cfg, n, watch, sync_for)
+    finally:
+        if segment is not None:
+            unlink_segment(segment)
+
+
+def _run_gateway_workers(
+    cfg: GatewayConfig, n: int, watch: str | None, sync_for: Callable[[int], SyncOptions | None]
+) -> int:
     host, port = parse_listen(cfg.listen)
     holder = hold_port(host, port)
     port = holder.getsockname()[1]
@@ -165,12 +199,17 @@ def run_gateway(cfg: GatewayConfig, workers: int | None = None, watch: str | Non
             n,
             ",".join(map(str, pids)),
         )
+        first = sync_for(0)
+        if first is not None and first.shm_path is not None:  # gone as soon as every worker mapped it
+            threading.Thread(
+                target=unlink_once_mapped, args=(first.shm_path, n), name="sync-segment", daemon=True
+            ).start()
 
     try:
         return run_workers(
             n,
             _worker_main,
-            lambda _i: (blob, level, watch, os.getpid()),
+            lambda i: (blob, level, watch, os.getpid(), sync_for(i)),
             name="gateway",
             grace=DEFAULT_GRACE,
             started=started,

@@ -40,6 +40,34 @@ def create_segment(slots: int, slot_bytes: int = DEFAULT_SLOT_BYTES) -> str:
     return path
 
 
+def unlink_segment(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def every_slot_written(path: str, slots: int, slot_bytes: int = DEFAULT_SLOT_BYTES) -> bool:
+    """Whether each of ``slots`` workers has published at least once (so each has the segment mapped)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return all(
+            HEADER.unpack(os.pread(fd, HEADER.size, slot * slot_bytes))[0] > 0 for slot in range(slots)
+        )
+    finally:
+        os.close(fd)
+
+
+def unlink_once_mapped(path: str, slots: int, within: float = 60.0, poll: float = 0.05) -> None:
+    """Remove the segment as soon as every worker has it mapped, so nothing is left behind even when the
+    parent is SIGKILLed later (blocking: run it in a thread); after ``within`` seconds remove it anyway."""
+    deadline = time.monotonic() + within
+    while not every_slot_written(path, slots) and time.monotonic() < deadline:
+        time.sleep(poll)
+    unlink_segment(path)
+
+
 class ShmSyncer(SnapshotSyncer):
     """Worker ``slot`` of a segment made by :func:`create_segment` with ``slots`` slots."""
 
