@@ -141,9 +141,9 @@ async def test_two_workers_embedded_pickers_share_what_they_learn(tmp_path: Path
                         await ask(99, 0)  # until both workers are up (each starts in its own time)
                     except aiohttp.ClientConnectionError:
                         await asyncio.sleep(0.05)
-                # without a pause here the first document's first request was placed elsewhere than its
-                # later ones in 3 runs of 3, once with every request on one worker: a start-up effect of a
-                # single picker (not investigated yet), not of the sharing tested here
+                # a picker hashes prompts with its default block size until its first scrapes tune it to the
+                # servers' (autoTune): a placement made before then is keyed differently from every later
+                # one. A worker that started later may still be untuned here, so let both settle first.
                 await asyncio.sleep(0.5)
                 for doc in range(8):
                     pods[doc] = [await ask(doc, 0)]
