@@ -100,6 +100,7 @@ def test_scheduler_learns_the_prefix_for_the_picked_endpoint() -> None:
     chosen = first.endpoints[0].key
     placed = [r for r in first.records if isinstance(r, Placed)]
     assert [r.endpoint for r in placed] == [chosen] and len(placed[0].keys) > 1
+    assert placed[0].known == 0  # nothing was held anywhere
     assert learned.snapshot().size() == 0  # scheduling changes nothing: the records say what to learn
     learned.apply(first.records)
     for seed in range(10):  # from now on the prefix always wins
@@ -109,6 +110,8 @@ def test_scheduler_learns_the_prefix_for_the_picked_endpoint() -> None:
         learned.apply(again.records)
         assert again.endpoints[0].key == chosen
         assert again.scores[chosen] == 1.0
+        (known,) = [r for r in again.records if isinstance(r, Placed)]
+        assert known.known == len(known.keys)  # every block was held there: no news for picker replicas
 
 
 def test_single_profile_handler_needs_one_profile() -> None:

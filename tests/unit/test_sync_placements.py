@@ -122,6 +122,15 @@ async def test_the_approximate_index_learns_the_peers_decisions(hub: MemoryHub) 
     assert a.placements.received == 0 and b.placements.received == 1
 
 
+async def test_only_what_the_peers_cannot_know_is_published(hub: MemoryHub) -> None:
+    a = SyncedLearnedState(MemorySyncer(hub, "a", ttl=10.0), PrefixIndex())
+    a.apply([Placed("e1", (1, 2, 3), 16, known=3)])  # all three were held there already: no news
+    a.apply([Placed("e1", (1, 2, 3, 4, 5), 16, known=3)])  # a longer prompt on the same prefix: its tail
+    a.supply()
+    assert a.syncer.mine()["placed:prefix"]["a"][1] == [[1, "e1", [4, 5], 16]]
+    assert a.snapshot().match((1, 2, 3, 4, 5), ["e1"]) == {"e1": 5}  # the local index learns all of it
+
+
 async def test_the_precise_producer_shares_its_speculative_entries(hub: MemoryHub) -> None:
     clock = FakeClock()
     states = [SyncedLearnedState(MemorySyncer(hub, n, ttl=10.0)) for n in "ab"]

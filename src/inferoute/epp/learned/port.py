@@ -53,6 +53,9 @@ class Placed:
     endpoint: str
     keys: tuple[int, ...]
     tokens_per_block: int = 1
+    known: int = 0
+    """Leading ``keys`` the picker already counted as held there when it decided: nothing new about them
+    (picker replicas share only the rest)."""
 
 
 @dataclass(slots=True)

@@ -262,7 +262,8 @@ class Scheduler:
             records.append(Capacity(picked.key, met.num_gpu_blocks * block))
         # each hashed block stands for its share of the whole prompt (the server caches all of it)
         per_block = -(-ctx.request.prompt_tokens // len(hashes))
-        records.append(Placed(picked.key, tuple(hashes), max(per_block, 1)))
+        known = ctx.matched_blocks(picked.key)
+        records.append(Placed(picked.key, tuple(hashes), max(per_block, 1), known))
         result.records = tuple(records)  # the result was made for this cycle: nobody else holds it
         return result
 

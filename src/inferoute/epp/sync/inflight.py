@@ -103,8 +103,8 @@ class SyncedLearnedState:
         self.local.apply(batch)
         publish = self.placements.publish
         for r in batch:
-            if isinstance(r, Placed):
-                publish(r)
+            if isinstance(r, Placed) and r.known < len(r.keys):  # only what the peers cannot know yet
+                publish(Placed(r.endpoint, r.keys[r.known :], r.tokens_per_block) if r.known else r)
 
     def forget_endpoints(self, endpoints: Iterable[str]) -> None:
         gone = list(endpoints)

@@ -8,6 +8,10 @@ replica's recent :class:`~inferoute.epp.learned.port.Placed` records through the
 hands the peers' to a local sink, so every replica's index learns every replica's decisions, one exchange
 late.
 
+A placement carries only the keys the publisher did not already count as held there when it decided (the
+tail of a prompt whose prefix is known: usually a question's few blocks), and none at all when every key
+was known, so steady traffic on known prefixes costs the exchange next to nothing.
+
 On the wire (inside the syncer's table): key ``placed:<channel>``, the publishing replica's name where the
 in-flight table has an endpoint, value ``[epoch, [[seq, endpoint, keys, tokens_per_block], ...]]``. An entry
 stays published for :data:`KEEP` exchanges, so a peer whose exchange falls between two of ours still sees

@@ -57,6 +57,8 @@ class PrecisePrefixProducer:
         """Tokens and keys of recent prompts by their text (local tokenization only)."""
         self._cycle: tuple[CycleContext, object, list[int]] | None = None
         """(cycle, its request's token ids, the keys) of the cycle being scored (for :meth:`on_picked`)."""
+        self._matched: tuple[CycleContext, Mapping[str, int]] | None = None
+        """The cycle's match (what the index held for each candidate when it was scored)."""
         self.share: Callable[[Placed], None] | None = None
         """With picker replicas syncing: publishes a speculative entry to the peers (whose entries come in
         through the same channel)."""
@@ -118,7 +120,9 @@ class PrecisePrefixProducer:
             self._cycle = (ctx, ctx.request.token_ids, keys)
         if not keys:
             return {}, 0
-        return self.index.match(keys, [c.key for c in candidates]), len(keys)
+        matched = self.index.match(keys, [c.key for c in candidates])
+        self._matched = (ctx, matched)
+        return matched, len(keys)
 
     def on_picked(self, ctx: CycleContext, picked: Candidate, candidates: Sequence[Candidate]) -> None:
         """Speculative indexing: the picked endpoint will hold the prompt's blocks."""
@@ -126,8 +130,10 @@ class PrecisePrefixProducer:
         if cycle is not None and cycle[0] is ctx and cycle[2] and self.index.speculative_ttl > 0:
             placed = Placed(picked.key, tuple(cycle[2]))
             self.index.apply((placed,))
-            if self.share is not None:
-                self.share(placed)
+            matched, self._matched = self._matched, None
+            known = matched[1].get(picked.key, 0) if matched is not None and matched[0] is ctx else 0
+            if self.share is not None and known < len(placed.keys):  # only what the peers cannot know yet
+                self.share(Placed(placed.endpoint, placed.keys[known:]))
 
 
 def _local_tokenizer(p: Params) -> LocalTokenizer:
