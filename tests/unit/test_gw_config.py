@@ -132,3 +132,11 @@ def test_app_protocol_is_http_or_h2c() -> None:
     backends = [{"app_protocol": "h2", "epp": {"enabled": False}}]
     with pytest.raises(InferouteError, match=r"at `\$\.routes\[0\]\.backends\[0\]\.app_protocol`"):
         parse_config({"routes": [{"path": "/", "backends": backends}]})
+
+
+def test_a_section_left_empty_takes_its_defaults() -> None:
+    """``picker:`` with every key commented out is YAML null: the section's defaults, not a type error."""
+    cfg = load_config_text("picker:\n  # sync_redis: redis://10.0.0.9:6379/0\nlimits:\nroutes: [{path: /}]\n")
+    assert cfg.picker.sync_redis is None and cfg.picker.refresh_interval == 0.05
+    with pytest.raises(InferouteError, match=r"at `\$\.listen`"):  # a value, not a section, stays required
+        parse_config({"listen": None})

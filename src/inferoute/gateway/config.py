@@ -415,10 +415,21 @@ def check_nginx_mode(cfg: GatewayConfig) -> None:
         )
 
 
+def _sections() -> frozenset[str]:
+    """Top-level keys that hold a section (a struct), not a value."""
+    return frozenset(
+        f.name
+        for f in msgspec.structs.fields(GatewayConfig)
+        if isinstance(f.type, type) and issubclass(f.type, msgspec.Struct)
+    )
+
+
 def parse_config(data: Any, source: str = "config") -> GatewayConfig:
     """Validate already-loaded YAML/JSON data (a mapping) into a :class:`GatewayConfig`."""
     if data is None:
         data = {}
+    if isinstance(data, dict):  # a section left empty (``picker:`` with its keys commented out): its defaults
+        data = {k: v for k, v in data.items() if not (v is None and k in _SECTIONS)}
     try:
         cfg = msgspec.convert(data, GatewayConfig)
     except msgspec.ValidationError as exc:
@@ -429,6 +440,9 @@ def parse_config(data: Any, source: str = "config") -> GatewayConfig:
         return validate(cfg)
     except ConfigError as exc:  # name the file the key is in
         raise _fail(f"{source}: {exc.message}") from exc
+
+
+_SECTIONS = _sections()
 
 
 def load_config_text(text: str, source: str = "config") -> GatewayConfig:
