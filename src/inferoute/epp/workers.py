@@ -181,10 +181,8 @@ def run_epp_workers(opts: EppRunOptions, n: int) -> int:
                 index, pid, *_ports, worker_metrics = ready.get()
                 workers.ports[index] = worker_metrics
                 seen.append(pid)
-            if segment is not None:
-                unlink_segment(
-                    segment
-                )  # every worker has it mapped: nothing is left behind even after a SIGKILL
+            if segment is not None:  # every worker has it mapped: nothing left behind even after a SIGKILL
+                unlink_segment(segment)
             log.info(
                 "inferoute epp ready: ext_proc :%d, health :%s, metrics :%d (%d workers, pids %s)",
                 grpc_port,

@@ -162,28 +162,20 @@ def run_gateway(cfg: GatewayConfig, workers: int | None = None, watch: str | Non
     n = workers or cfg.workers
     if n <= 1:
         return run_async(lambda: serve_one(cfg, watch=watch))
-    segment = None
+    shared = None
     if cfg.picker.sync_redis is None and any(
         r.epp.enabled and r.epp.endpoint == EMBEDDED for r in cfg.routes
-    ):
-        segment = create_segment(n)  # the workers' embedded pickers share in-flight load and placements
-
-    def sync_for(slot: int) -> SyncOptions | None:
-        if segment is None:
-            return None
+    ):  # the workers' embedded pickers share in-flight load and placements through shared memory
         pc = cfg.picker
-        return SyncOptions(pc.sync_interval, namespace=pc.pool_name, shm_path=segment, slot=slot, slots=n)
-
+        shared = SyncOptions(pc.sync_interval, namespace=pc.pool_name, shm_path=create_segment(n), slots=n)
     try:
-        return _run_gateway_workers(cfg, n, watch, sync_for)
+        return _run_gateway_workers(cfg, n, watch, shared)
     finally:
-        if segment is not None:
-            unlink_segment(segment)
+        if shared is not None and shared.shm_path is not None:
+            unlink_segment(shared.shm_path)
 
 
-def _run_gateway_workers(
-    cfg: GatewayConfig, n: int, watch: str | None, sync_for: Callable[[int], SyncOptions | None]
-) -> int:
+def _run_gateway_workers(cfg: GatewayConfig, n: int, watch: str | None, shared: SyncOptions | None) -> int:
     host, port = parse_listen(cfg.listen)
     holder = hold_port(host, port)
     port = holder.getsockname()[1]
@@ -199,17 +191,16 @@ def _run_gateway_workers(
             n,
             ",".join(map(str, pids)),
         )
-        first = sync_for(0)
-        if first is not None and first.shm_path is not None:  # gone as soon as every worker mapped it
+        if shared is not None and shared.shm_path is not None:  # gone as soon as every worker mapped it
             threading.Thread(
-                target=unlink_once_mapped, args=(first.shm_path, n), name="sync-segment", daemon=True
+                target=unlink_once_mapped, args=(shared.shm_path, n), name="sync-segment", daemon=True
             ).start()
 
     try:
         return run_workers(
             n,
             _worker_main,
-            lambda i: (blob, level, watch, os.getpid(), sync_for(i)),
+            lambda i: (blob, level, watch, os.getpid(), shared.for_worker(i) if shared else None),
             name="gateway",
             grace=DEFAULT_GRACE,
             started=started,

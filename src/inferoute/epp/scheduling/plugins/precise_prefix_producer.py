@@ -121,7 +121,8 @@ class PrecisePrefixProducer:
         if not keys:
             return {}, 0
         matched = self.index.match(keys, [c.key for c in candidates])
-        self._matched = (ctx, matched)
+        if self.share is not None:  # on_picked shares only what the peers cannot know yet
+            self._matched = (ctx, matched)
         return matched, len(keys)
 
     def on_picked(self, ctx: CycleContext, picked: Candidate, candidates: Sequence[Candidate]) -> None:
