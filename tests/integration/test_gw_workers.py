@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -36,6 +38,27 @@ async def _announced_port(proc: asyncio.subprocess.Process, log_path: Path) -> i
         await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def _two_workers(cfg: Path, log_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """``inferoute gateway --config cfg --workers 2`` on a free port, logging to ``log_path``; yields it and
+    its URL, then stops it with SIGTERM, which must end it with status 0 (killed if the test failed first)."""
+    with log_path.open("w") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *[str(INFEROUTE), "gateway", "--config", str(cfg), "--listen", "127.0.0.1:0"],
+            *["--workers", "2"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc, f"http://127.0.0.1:{await _announced_port(proc, log_path)}"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_two_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
     async with backends("a", "b") as (a, b):
         cfg = tmp_path / "gw.yaml"
@@ -46,15 +69,7 @@ async def test_two_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> No
             "routes:\n  - {path: /, epp: {enabled: false}}\n"
         )
         log_path = tmp_path / "gw.log"
-        with log_path.open("w") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *[str(INFEROUTE), "gateway", "--config", str(cfg), "--listen", "127.0.0.1:0"],
-                *["--workers", "2"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            url = f"http://127.0.0.1:{await _announced_port(proc, log_path)}"
+        async with _two_workers(cfg, log_path) as (proc, url):
             deadline = time.monotonic() + 60
             sent = 0
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
@@ -74,12 +89,6 @@ async def test_two_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> No
                 for i in range(40):
                     async with s.post(url + "/v1/chat/completions", json={"model": f"m{i}"}) as r:
                         assert r.status == 200
-            proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(proc.wait(), 30) == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
         text = log_path.read_text()
     access = _chat_lines(text)
     assert len(access) == sent + 40
@@ -115,15 +124,7 @@ async def test_two_workers_embedded_pickers_share_what_they_learn(tmp_path: Path
             "routes:\n  - {path: /, epp: {endpoint: embedded}}\n"
         )
         log_path = tmp_path / "gw.log"
-        with log_path.open("w") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *[str(INFEROUTE), "gateway", "--config", str(cfg), "--listen", "127.0.0.1:0"],
-                *["--workers", "2"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            url = f"http://127.0.0.1:{await _announced_port(proc, log_path)}"
+        async with _two_workers(cfg, log_path) as (_proc, url):
             pods: dict[int, list[str]] = {}
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
 
@@ -151,12 +152,6 @@ async def test_two_workers_embedded_pickers_share_what_they_learn(tmp_path: Path
                 for doc in range(8):
                     pods[doc] += [await ask(doc, n) for n in range(1, 6)]  # new connections: both workers
             segments = _segments() - before
-            proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(proc.wait(), 30) == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
     access = _chat_lines(log_path.read_text())
     assert any("gateway-worker-0" in ln for ln in access) and any("gateway-worker-1" in ln for ln in access)
     assert all(len(set(p)) == 1 for p in pods.values()), pods  # one simulator per document, either worker
