@@ -77,3 +77,23 @@ async def test_a_prefix_placed_through_one_gateway_is_routed_alike_by_the_other(
                 assert failures == 0
     assert len(set(placed)) > 1  # the idle pool's tie-break spread them: the index, not a tie, decides below
     assert followed == placed
+
+
+async def test_an_unreachable_redis_costs_no_request_and_is_counted(tmp_path: Path) -> None:
+    """``picker.sync_redis`` naming a Redis that is not there: the gateway still routes every request (each
+    picker on its own), logs the failure once and counts every failed exchange."""
+    registry = CollectorRegistry()
+    async with await SimPool.start(SimConfig(time_scale=0.02), replicas=2) as sims:
+        gw = await gateway(sims.endpoints, f"unix://{tmp_path}/no-redis.sock", registry)
+        try:
+            async with aiohttp.ClientSession() as http:
+                pods = [await ask(http, gw, doc, "Why?") for doc in DOCS[:4]]
+            await asyncio.sleep(0.3)
+            failures = registry.get_sample_value(
+                "inferoute_epp_sync_exchange_failures_total", {"name": "default"}
+            )
+            peers = registry.get_sample_value("inferoute_epp_sync_peers", {"name": "default"})
+        finally:
+            await gw.aclose(1.0)
+    assert len(pods) == 4  # every request answered (ask asserts 200)
+    assert failures is not None and failures >= 3 and peers == 0

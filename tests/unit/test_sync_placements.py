@@ -154,3 +154,14 @@ async def test_the_precise_producer_shares_its_speculative_entries(hub: MemoryHu
     clock.advance(2.5)  # the speculative TTL (2 s) runs out there as well
     assert pb.index.match(keys, ["e1", "e2"]) == {}
     assert producer(states[1], speculative=False).share is None  # nothing to share without speculation
+
+
+async def test_a_peer_publishing_too_much_is_applied_a_bounded_batch_per_exchange(hub: MemoryHub) -> None:
+    b = Replica(hub, "b", max_keys=10)
+    flood = MemorySyncer(hub, "flood", ttl=10.0)  # another version, or a fault: 100 entries of 4 keys
+    flood.set("placed:prefix", "flood", [7, [[i, "e1", [i, i + 1, i + 2, i + 3], 16] for i in range(1, 101)]])
+    await flood.sync()
+    await b.exchange()
+    assert [p.keys[0] for p in b.got] == [1, 2]  # 8 keys: a third entry would pass the bound of 10
+    await b.exchange()
+    assert [p.keys[0] for p in b.got] == [1, 2, 3, 4]  # the rest follows, the same bound each exchange

@@ -18,7 +18,8 @@ stays published for :data:`KEEP` exchanges, so a peer whose exchange falls betwe
 it; a peer applies only entries above the last ``seq`` it applied from that replica and ``epoch`` (a restarted
 replica has a new epoch). At most :data:`MAX_KEYS` prefix keys are published at a time (about 100 KB of
 msgpack); under heavier traffic the oldest entries go first, and the peers learn those the slow way (the
-servers' KV events, or their own later picks).
+servers' KV events, or their own later picks). A peer applies at most as many keys from one replica per
+exchange, whatever that replica publishes.
 """
 
 from __future__ import annotations
@@ -110,9 +111,13 @@ class PlacementChannel:
                 last = 0  # restarted: a new sequence
             top = last
             fresh: list[Placed] = []
+            budget = self.max_keys  # what one peer may make us apply per exchange, whatever it publishes
             for seq, endpoint, keys, per_block in entries:
                 n = int(seq)
                 if n > last:
+                    budget -= len(keys)
+                    if budget < 0:
+                        break  # the rest waits for the next exchange
                     fresh.append(Placed(str(endpoint), tuple(int(k) for k in keys), int(per_block)))
                     top = max(top, n)
         except (TypeError, ValueError):
