@@ -142,10 +142,7 @@ async def test_two_workers_embedded_pickers_share_what_they_learn(tmp_path: Path
                         await ask(99, 0)  # until both workers are up (each starts in its own time)
                     except aiohttp.ClientConnectionError:
                         await asyncio.sleep(0.05)
-                # a picker hashes prompts with its default block size until its first scrapes tune it to the
-                # servers' (autoTune): a placement made before then is keyed differently from every later
-                # one. A worker that started later may still be untuned here, so let both settle first.
-                await asyncio.sleep(0.5)
+                # no pause for the workers' first scrapes: a picker keys placements as it will after them
                 for doc in range(8):
                     pods[doc] = [await ask(doc, 0)]
                 await asyncio.sleep(0.5)  # ten exchanges

@@ -255,7 +255,7 @@ def test_scheduling_metrics_are_recorded() -> None:
 
 def test_pending_prefill_counts_only_the_uncached_part() -> None:
     rig = Rig(3)
-    prompt = "shared system prompt " * 100  # ~2 KB: 33 blocks of 64 bytes
+    prompt = "shared system prompt " * 400  # ~8 KB: 32 blocks of 64 tokens (256 bytes)
     d1, s1 = rig.director.decide(pick_request(body(prompt=prompt)))
     assert isinstance(d1, Destination) and isinstance(s1, Session)
     warm = d1.endpoints[0]

@@ -23,7 +23,8 @@ from inferoute.epp.scheduling.plugins.running_requests_scorer import RunningRequ
 from inferoute.epp.scheduling.plugins.session_affinity_scorer import SessionAffinityScorer
 from inferoute.epp.scheduling.plugins.weighted_random_picker import WeightedRandomPicker
 from inferoute.epp.scheduling.prefix import prefix_hashes
-from inferoute.epp.scheduling.types import Candidate
+from inferoute.epp.scheduling.types import MIN_AUTO_BLOCK_TOKENS as AUTO
+from inferoute.epp.scheduling.types import Candidate, CycleContext, InferenceRequest, PrefixSettings
 
 
 def test_queue_scorer_min_max() -> None:
@@ -67,9 +68,9 @@ def test_lora_affinity_is_neutral_without_lora_servers() -> None:
 
 def test_prefix_cache_scorer_ratio_of_matched_blocks() -> None:
     learned = LocalLearnedState()
-    prompt = b"p" * 64 * 4
-    h = prefix_hashes("m", prompt, block_size_tokens=16)
-    learned.apply([Placed("a", tuple(h), 16), Placed("b", tuple(h[:1]), 16)])
+    prompt = b"p" * 4 * AUTO * 4  # four blocks of the auto-tuned size (no server reports one)
+    h = prefix_hashes("m", prompt, block_size_tokens=AUTO)
+    learned.apply([Placed("a", tuple(h), AUTO), Placed("b", tuple(h[:1]), AUTO)])
     scores = PrefixCacheScorer("p").score(
         ctx(prompt=prompt, learned=learned), [cand("a"), cand("b"), cand("c")]
     )
@@ -82,6 +83,21 @@ def test_prefix_block_size_auto_tunes_from_servers() -> None:
     cs = [cand("a", block_size=64), cand("b", block_size=64), cand("c", block_size=16)]
     assert c.block_size_tokens(cs) == 64
     assert len(c.prefix_hashes(cs)) == 4  # 1024 bytes / (64 tokens x 4 chars)
+    assert ctx(prompt=b"p" * 1024).block_size_tokens([cand("a", block_size=256)]) == 256
+
+
+def test_prefix_block_size_before_the_servers_report_theirs() -> None:
+    # autoTune's floor holds before the first scrape too: first placements are keyed as the later ones
+    unreported = [cand("a"), cand("b")]
+    assert ctx().block_size_tokens(unreported) == AUTO == ctx().block_size_tokens([cand("a", block_size=16)])
+    fixed = CycleContext(
+        InferenceRequest("m", "m", b"", 0, {}),
+        LocalLearnedState().snapshot(),
+        now=0.0,
+        rng=random.Random(1),
+        prefix_settings=PrefixSettings(block_size_tokens=16, auto_tune=False),
+    )
+    assert fixed.block_size_tokens([cand("a", block_size=128)]) == 16
 
 
 def test_session_affinity_binds_after_pick_and_expires() -> None:
@@ -101,7 +117,7 @@ def test_predicted_ttft_prefers_cached_prefix_over_idle_cold_endpoint() -> None:
     learned = LocalLearnedState()
     prompt = b"w" * 4000 * 4  # ~4000 tokens
     learned.apply(
-        [Placed("warm", tuple(prefix_hashes("m", prompt, block_size_tokens=16, max_blocks=256)), 16)]
+        [Placed("warm", tuple(prefix_hashes("m", prompt, block_size_tokens=AUTO, max_blocks=256)), AUTO)]
     )
     warm = cand("warm", running=4)
     cold = cand("cold", running=0)

@@ -126,7 +126,10 @@ class CycleContext:
         block = s.block_size_tokens
         if s.auto_tune:
             # the servers' KV block size, but at least MIN_AUTO_BLOCK_TOKENS (as llm-d): 16-token blocks would
-            # mean four times the index entries and hashing for the same prompt
+            # mean four times the index entries and hashing for the same prompt. The same floor holds before
+            # the first scrape (and for servers that never report one), so the placements a picker makes
+            # in its first moments are keyed as all its later ones
+            block = max(MIN_AUTO_BLOCK_TOKENS, block)
             counts: dict[int, int] = {}
             for c in candidates[:16]:  # a sample is enough: pools run one engine configuration
                 b = c.metrics.block_size
