@@ -13,7 +13,7 @@ from inferoute.epp.learned.port import Placed, SharesPlacements
 from inferoute.epp.plugin import Params, PluginDeps
 from inferoute.epp.scheduling.plugins import precise_prefix_producer
 from inferoute.epp.scheduling.plugins.precise_prefix_producer import PrecisePrefixProducer
-from inferoute.epp.sync.inflight import SyncedLearnedState
+from inferoute.epp.sync.inflight import GONE_SECONDS, SyncedLearnedState
 from inferoute.epp.sync.placements import PlacementChannel
 from inferoute.epp.sync.syncer import MemoryHub, MemorySyncer
 
@@ -165,3 +165,30 @@ async def test_a_peer_publishing_too_much_is_applied_a_bounded_batch_per_exchang
     assert [p.keys[0] for p in b.got] == [1, 2]  # 8 keys: a third entry would pass the bound of 10
     await b.exchange()
     assert [p.keys[0] for p in b.got] == [1, 2, 3, 4]  # the rest follows, the same bound each exchange
+
+
+async def test_a_lagging_peer_does_not_bring_back_an_endpoint_this_picker_removed() -> None:
+    clock = FakeClock()
+    hub = MemoryHub(clock.now)
+    a, b = (SyncedLearnedState(MemorySyncer(hub, n, ttl=100.0), PrefixIndex(), clock.now) for n in "ab")
+
+    async def exchange() -> None:
+        for s in (a, b):
+            s.supply()
+            await s.syncer.sync()
+        for s in (a, b):
+            s.take_peers()
+
+    b.forget_endpoints(["gone"])  # b's pool lost it; a has not noticed yet and still places there
+    a.apply([Placed("gone", (1, 2), 16), Placed("e1", (1, 2), 16)])
+    await exchange()
+    assert b.snapshot().match((1, 2), ["gone", "e1"]) == {"e1": 2}
+    clock.advance(GONE_SECONDS + 1)  # long after: an endpoint of that address is a new pod
+    a.apply([Placed("gone", (3, 4), 16)])
+    await exchange()
+    assert b.snapshot().match((3, 4), ["gone"]) == {"gone": 2}
+    b.forget_endpoints(["e1"])
+    b.apply([Placed("e1", (5,), 16)])  # b placed there itself: back in its pool, the peers count again
+    a.apply([Placed("e1", (6, 7), 16)])
+    await exchange()
+    assert b.snapshot().match((6, 7), ["e1"]) == {"e1": 2}

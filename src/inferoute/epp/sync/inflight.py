@@ -10,10 +10,16 @@ and its :class:`~inferoute.epp.learned.port.Placed` records also go to the peers
 :class:`~inferoute.epp.sync.placements.PlacementChannel` (``placed:prefix``): every replica's approximate
 index learns every replica's decisions. Other stores of placements (the precise index's speculative entries)
 open their own channel with :meth:`SyncedLearnedState.placement_channel`.
+
+A peer's placement on an endpoint this picker removed from its pool less than :data:`GONE_SECONDS` ago is
+dropped (a peer that has not seen the removal yet still places there, and would re-add the endpoint to an
+index that already forgot it: a leak in a pool whose pods come and go); once this picker places there itself
+(the endpoint is back), the peers' placements on it count again.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +32,8 @@ from inferoute.epp.sync.placements import PlacementChannel, Sink
 from inferoute.epp.sync.syncer import DEFAULT_INTERVAL, CrossReplicaSyncer, run_syncer
 
 KEY = "inflight"
+GONE_SECONDS = 60.0
+"""How long the peers' placements on an endpoint this picker removed are dropped."""
 
 
 def _sum(values: list[Any]) -> Inflight:
@@ -70,8 +78,16 @@ class SyncedView:
 class SyncedLearnedState:
     """:class:`LocalLearnedState` plus the peers' in-flight counts from ``syncer``."""
 
-    def __init__(self, syncer: CrossReplicaSyncer, prefix: PrefixStore | None = None) -> None:
+    def __init__(
+        self,
+        syncer: CrossReplicaSyncer,
+        prefix: PrefixStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.local = LocalLearnedState(prefix)
+        self.clock = clock
+        self._gone: dict[str, float] = {}
+        """Endpoints removed from the pool -> when (the peers' placements on them are dropped for a while)."""
         self.prefix = self.local.prefix
         self.syncer = syncer
         self._remote: dict[str, Inflight] = {}
@@ -84,16 +100,35 @@ class SyncedLearnedState:
         """The approximate index's placements, shared with the peers."""
 
     def _open(self, name: str, sink: Sink) -> PlacementChannel:
-        channel = PlacementChannel(name, sink)
+        channel = PlacementChannel(name, self._live_only(sink))
         self._channels.append(channel)
         return channel
+
+    def _live_only(self, sink: Sink) -> Sink:
+        """``sink`` minus the placements on endpoints removed lately."""
+
+        def apply(placed: Sequence[Placed]) -> None:
+            if self._gone:
+                cutoff = self.clock() - GONE_SECONDS
+                self._gone = {ep: t for ep, t in self._gone.items() if t > cutoff}
+                placed = [p for p in placed if p.endpoint not in self._gone]
+            if placed:
+                sink(placed)
+
+        return apply
 
     def channels(self) -> list[PlacementChannel]:
         return list(self._channels)
 
     def placement_channel(self, name: str, sink: Sink) -> Callable[[Placed], None]:
         """Share another store's placements: returns what publishes one of ours; the peers' go to ``sink``."""
-        return self._open(name, sink).publish
+        publish = self._open(name, sink).publish
+
+        def ours(placed: Placed) -> None:
+            self._gone.pop(placed.endpoint, None)  # placed there: in the pool (again)
+            publish(placed)
+
+        return ours
 
     def snapshot(self) -> SyncedView:
         return SyncedView(self.local.snapshot(), self._remote)
@@ -103,11 +138,17 @@ class SyncedLearnedState:
         self.local.apply(batch)
         publish = self.placements.publish
         for r in batch:
-            if isinstance(r, Placed) and r.known < len(r.keys):  # only what the peers cannot know yet
-                publish(Placed(r.endpoint, r.keys[r.known :], r.tokens_per_block) if r.known else r)
+            if isinstance(r, Placed):
+                if self._gone:
+                    self._gone.pop(r.endpoint, None)  # placed there: in the pool (again)
+                if r.known < len(r.keys):  # only what the peers cannot know yet
+                    publish(Placed(r.endpoint, r.keys[r.known :], r.tokens_per_block) if r.known else r)
 
     def forget_endpoints(self, endpoints: Iterable[str]) -> None:
         gone = list(endpoints)
+        now = self.clock()
+        for ep in gone:
+            self._gone[ep] = now
         self.local.forget_endpoints(gone)
         self._remote = {ep: c for ep, c in self._remote.items() if ep not in gone}
         for ep in gone:
