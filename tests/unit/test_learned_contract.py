@@ -236,6 +236,17 @@ def test_forget_drops_the_endpoint_and_keeps_the_others(h: StoreHarness) -> None
 
 
 @pytest.mark.parametrize("h", STORES, ids=_ids(STORES))
+def test_held_tokens_grow_with_what_an_endpoint_holds(h: StoreHarness) -> None:
+    store = h.make()
+    store.apply([*h.hold("a", 6, 0), *h.hold("b", 2, 1)])
+    held_a, held_b = store.held_tokens("a"), store.held_tokens("b")
+    assert held_a > held_b > 0
+    assert store.held_tokens("nobody") == 0
+    store.forget(["a"])
+    assert store.held_tokens("a") == 0 and store.held_tokens("b") == held_b
+
+
+@pytest.mark.parametrize("h", STORES, ids=_ids(STORES))
 @pytest.mark.parametrize("seed", range(5))
 def test_random_placements_agree_with_a_model(h: StoreHarness, seed: int) -> None:
     """Whatever endpoints hold, ``match`` answers the longest held prefix of each (a plain model: for each
@@ -346,6 +357,7 @@ def test_prefix_records_reach_the_views_matching(h: StateHarness) -> None:
     view = state.snapshot()
     assert view.match(s.keys(4, 0), ["a", "b", "c"]) == {"a": 4, "b": 2}
     assert view.size() == 4
+    assert view.held_tokens("a") > view.held_tokens("b") > 0 == view.held_tokens("c")
 
 
 @pytest.mark.parametrize("h", STATES, ids=_ids(STATES))

@@ -10,7 +10,7 @@ from test_epp_rig import cand, ctx
 
 from inferoute.clock import FakeClock
 from inferoute.epp.datalayer.metrics import EndpointMetrics
-from inferoute.epp.learned import Inflight, LocalLearnedState, Placed
+from inferoute.epp.learned import Capacity, Inflight, LocalLearnedState, Placed
 from inferoute.epp.scheduling.plugins.kv_cache_scorer import KVCacheUtilizationScorer
 from inferoute.epp.scheduling.plugins.lora_affinity_scorer import LoraAffinityScorer
 from inferoute.epp.scheduling.plugins.max_score_picker import MaxScorePicker
@@ -259,3 +259,31 @@ def test_predicted_ttft_decides_adapter_or_not_once_per_cycle() -> None:
     assert t_a == pytest.approx(t_b + 0.05)
     scorer.on_picked(c, a, cands)
     assert list(scorer._sent) == ["a"]
+
+
+def test_predicted_ttft_prices_the_evictions_a_miss_causes_on_a_full_cache() -> None:
+    learned = LocalLearnedState()
+    prompt = b"d" * 2000 * 4  # ~2000 tokens
+    keys = tuple(prefix_hashes("m", prompt, block_size_tokens=AUTO))
+    kv = {"num_gpu_blocks": 1000, "block_size": 16}  # 16,000 tokens of KV cache each
+    learned.apply([Capacity(ep, 16_000) for ep in ("warm", "full", "roomy")])
+    learned.apply([Placed("warm", keys, AUTO)])
+    learned.apply([Placed("full", tuple(range(1, 251)), AUTO)])  # 250 x 64 = 16,000 tokens: full
+    learned.apply([Placed("roomy", tuple(range(1000, 1100)), AUTO)])  # 6,400: room for this prompt
+    cs = [cand("warm", **kv), cand("full", **kv), cand("roomy", **kv), cand("unreported")]
+    scorer = PredictedTTFTScorer("t")
+    c = ctx(prompt=prompt, learned=learned)
+    _, t_full, t_roomy, t_unreported = scorer.predict(c, cs)
+    assert t_full == t_roomy == t_unreported  # the same TTFT: nothing of the prompt cached on these three
+    evict = scorer.eviction_cost(c, cs)
+    assert evict[0] == evict[2] == evict[3] == 0.0  # cached; room left; capacity unknown
+    assert evict[1] == pytest.approx(c.request.prompt_tokens * TTFTModel().prefill_s_per_token)
+    s_warm, s_full, s_roomy, _ = scorer.score(c, cs)
+    assert s_warm == 1.0 and s_full < s_roomy
+    assert s_full == pytest.approx(t_roomy / (t_full + evict[1]) * s_roomy)
+    plain = PredictedTTFTScorer("t", TTFTModel(eviction_weight=0.0))
+    assert plain.eviction_cost(c, cs) == [0.0] * 4
+    assert plain.score(c, cs)[1] == plain.score(c, cs)[2]
+    slo = ctx(prompt=prompt, learned=learned)
+    slo.request.slo_ttft = 10.0  # an SLO is about this request's TTFT: evictions do not count against it
+    assert scorer.score(slo, cs)[1] == scorer.score(slo, cs)[2]

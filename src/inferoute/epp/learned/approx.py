@@ -143,6 +143,10 @@ class PrefixIndex:
             alive ^= low
         return out
 
+    def held_tokens(self, endpoint: str) -> int:
+        """Tokens the blocks remembered for ``endpoint`` stand for (at most its capacity)."""
+        return self._used.get(endpoint, 0)
+
     def apply(self, records: Iterable[Record]) -> None:
         for r in records:
             if isinstance(r, Placed):

@@ -35,6 +35,9 @@ class LocalView:
     def size(self) -> int:
         return self._prefix.size()
 
+    def held_tokens(self, endpoint: str) -> int:
+        return self._prefix.held_tokens(endpoint)
+
 
 class LocalLearnedState:
     """Learned state of one picker process. ``prefix``: the approximate index unless given (any

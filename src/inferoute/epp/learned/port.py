@@ -126,6 +126,10 @@ class PrefixStore(Protocol):
         """Distinct keys held by any endpoint."""
         ...
 
+    def held_tokens(self, endpoint: str) -> int:
+        """Tokens of KV cache ``endpoint`` holds as far as this store knows (0: nothing known)."""
+        ...
+
 
 class LearnedView(Protocol):
     """What one scheduling cycle reads. Immutable: records applied after it was made do not show."""
@@ -138,6 +142,10 @@ class LearnedView(Protocol):
 
     def size(self) -> int:
         """Distinct prefix keys known."""
+        ...
+
+    def held_tokens(self, endpoint: str) -> int:
+        """The prefix store's :meth:`PrefixStore.held_tokens`."""
         ...
 
 

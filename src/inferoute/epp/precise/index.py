@@ -80,6 +80,8 @@ class _EngineBlock:
 class _Endpoint:
     model: str
     blocks: dict[int, _EngineBlock] = field(default_factory=dict)
+    block_tokens: int = 0
+    """The engine's block size (from its ``BlockStored`` events)."""
 
 
 class PreciseIndex:
@@ -189,6 +191,7 @@ class PreciseIndex:
         if len(ev.token_ids) != ebs * len(ev.block_hashes):
             self.malformed += 1
             return
+        ep.block_tokens = ebs
         pending: tuple[int, ...]
         if ev.parent_block_hash is None:
             last, pending = self.root(ev.lora_name or ep.model), ()
@@ -301,6 +304,11 @@ class PreciseIndex:
         """Engine blocks known for ``endpoint``."""
         ep = self._endpoints.get(endpoint)
         return len(ep.blocks) if ep is not None else 0
+
+    def held_tokens(self, endpoint: str) -> int:
+        """Tokens of the engine blocks ``endpoint`` said it holds (speculative entries not counted)."""
+        ep = self._endpoints.get(endpoint)
+        return len(ep.blocks) * ep.block_tokens if ep is not None else 0
 
     def endpoints(self) -> list[str]:
         return list(self._endpoints)

@@ -74,6 +74,9 @@ class SyncedView:
     def size(self) -> int:
         return self._local.size()
 
+    def held_tokens(self, endpoint: str) -> int:
+        return self._local.held_tokens(endpoint)
+
 
 class SyncedLearnedState:
     """:class:`LocalLearnedState` plus the peers' in-flight counts from ``syncer``."""
