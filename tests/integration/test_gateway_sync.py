@@ -19,6 +19,8 @@ from inferoute.sim import DEFAULT_MODEL, SimConfig, SimPool
 from inferoute.sim.server import POD_HEADER
 from redis_server import redis_server
 
+TIMEOUT = aiohttp.ClientTimeout(total=30)
+"""A request hanging fails the test in 30 s with its own error, not at the suite's timeout."""
 DOCS = [f"Handbook {i}: the quick brown fox jumps over the lazy dog, page {i}. " * 40 for i in range(8)]
 
 
@@ -60,7 +62,7 @@ async def test_a_prefix_placed_through_one_gateway_is_routed_alike_by_the_other(
             a, b = [await gateway(sims.endpoints, redis_url, r) for r in registries]
             for gw in (a, b):
                 stack.push_async_callback(gw.aclose, 1.0)
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
                 placed = [await ask(http, a, doc, "Who wrote it?") for doc in DOCS]
                 await asyncio.sleep(0.5)  # ten exchanges
                 followed = [await ask(http, b, doc, "When?") for doc in DOCS]
@@ -86,7 +88,7 @@ async def test_an_unreachable_redis_costs_no_request_and_is_counted(tmp_path: Pa
     async with await SimPool.start(SimConfig(time_scale=0.02), replicas=2) as sims:
         gw = await gateway(sims.endpoints, f"unix://{tmp_path}/no-redis.sock", registry)
         try:
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
                 pods = [await ask(http, gw, doc, "Why?") for doc in DOCS[:4]]
             await asyncio.sleep(0.3)
             failures = registry.get_sample_value(
