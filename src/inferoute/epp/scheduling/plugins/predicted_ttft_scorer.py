@@ -132,19 +132,30 @@ class PredictedTTFTScorer:
         while len(sent) > max(1, picked.metrics.max_lora):
             sent.popitem(last=False)
 
-    def predict(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
-        """Predicted seconds to first token on each candidate."""
+    @staticmethod
+    def _uncached(ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
+        """Prompt tokens each candidate would prefill: those past the leading blocks it holds."""
+        prompt_tokens = ctx.request.prompt_tokens
+        hashes = ctx.prefix_hashes(candidates)
+        if not hashes:
+            return [float(prompt_tokens)] * len(candidates)
+        matched = ctx.prefix_match(candidates).get
+        per_block = prompt_tokens / len(hashes)
+        return [prompt_tokens - matched(c.key, 0) * per_block for c in candidates]
+
+    def predict(
+        self, ctx: CycleContext, candidates: Sequence[Candidate], uncached: Sequence[float] | None = None
+    ) -> list[float]:
+        """Predicted seconds to first token on each candidate (``uncached``: its :meth:`_uncached`)."""
         m = self.model
         req = ctx.request
-        hashes = ctx.prefix_hashes(candidates)
-        matched = (ctx.prefix_match(candidates) if hashes else {}).get
-        per_block = req.prompt_tokens / len(hashes) if hashes else 0.0
-        prompt_tokens = req.prompt_tokens
+        if uncached is None:
+            uncached = self._uncached(ctx, candidates)
         queued_s, overhead_s, prefill_s = m.queued_request_s, m.request_overhead_s, m.prefill_s_per_token
         decode_s, kv_threshold, kv_penalty_s = m.decode_s_per_running, m.kv_threshold, m.kv_penalty_s
         out: list[float] = []
         append = out.append
-        for c in candidates:  # the formula of the module docstring, operation for operation
+        for c, prefill in zip(candidates, uncached, strict=True):  # the module docstring's formula, in order
             met = c.metrics
             inf = c.inflight
             waiting = met.waiting
@@ -155,8 +166,7 @@ class PredictedTTFTScorer:
                 queue_wait = known if pending >= waiting else known / pending * waiting
             else:
                 queue_wait = waiting * queued_s
-            uncached = prompt_tokens - matched(c.key, 0) * per_block
-            t = queue_wait + overhead_s + uncached * prefill_s
+            t = queue_wait + overhead_s + prefill * prefill_s
             t += met.running * decode_s * (1.0 + ahead)
             if met.kv_usage >= kv_threshold:
                 t += kv_penalty_s
@@ -179,34 +189,37 @@ class PredictedTTFTScorer:
             elif target not in sent_to.get(c.key, ()):
                 predicted[i] += m.lora_load_s
 
-    def eviction_cost(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
-        """Seconds of prefill the evictions a pick on each candidate causes would cost later requests."""
+    def eviction_cost(
+        self, ctx: CycleContext, candidates: Sequence[Candidate], uncached: Sequence[float] | None = None
+    ) -> list[float]:
+        """Seconds of prefill the evictions a pick on each candidate causes would cost later requests
+        (``uncached``: its :meth:`_uncached`)."""
         weight = self.model.eviction_weight
-        hashes = ctx.prefix_hashes(candidates) if weight > 0 else None
-        if not hashes:
+        if weight <= 0 or not ctx.prefix_hashes(candidates):
             return [0.0] * len(candidates)
-        matched = ctx.prefix_match(candidates).get
-        per_block = ctx.request.prompt_tokens / len(hashes)
+        if uncached is None:
+            uncached = self._uncached(ctx, candidates)
         per_token = self.model.prefill_s_per_token * weight
         held = ctx.learned.held_tokens
         out: list[float] = []
-        for c in candidates:
+        for c, prefill in zip(candidates, uncached, strict=True):
             met = c.metrics
             if not met.num_gpu_blocks or not met.block_size:
                 out.append(0.0)
                 continue
-            uncached = ctx.request.prompt_tokens - matched(c.key, 0) * per_block
             room = met.num_gpu_blocks * met.block_size - held(c.key)
-            out.append(max(0.0, uncached - max(0, room)) * per_token)
+            out.append(max(0.0, prefill - max(0, room)) * per_token)
         return out
 
     def score(self, ctx: CycleContext, candidates: Sequence[Candidate]) -> list[float]:
-        predicted = self.predict(ctx, candidates)
+        uncached = self._uncached(ctx, candidates)
+        predicted = self.predict(ctx, candidates, uncached)
         if not predicted:
             return []
         slo = ctx.request.slo_ttft
         if slo is None:
-            predicted = [t + e for t, e in zip(predicted, self.eviction_cost(ctx, candidates), strict=True)]
+            evicted = self.eviction_cost(ctx, candidates, uncached)
+            predicted = [t + e for t, e in zip(predicted, evicted, strict=True)]
         else:
             headroom = [slo - t for t in predicted]
             positive = [h for h in headroom if h > 0]
