@@ -144,8 +144,7 @@ class SyncedLearnedState:
             if isinstance(r, Placed):
                 if self._gone:
                     self._gone.pop(r.endpoint, None)  # placed there: in the pool (again)
-                if r.known < len(r.keys):  # only what the peers cannot know yet
-                    publish(Placed(r.endpoint, r.keys[r.known :], r.tokens_per_block) if r.known else r)
+                publish(r)
 
     def forget_endpoints(self, endpoints: Iterable[str]) -> None:
         gone = list(endpoints)

@@ -68,12 +68,13 @@ class PlacementChannel:
         """Placements applied from peers."""
 
     def publish(self, placed: Placed) -> None:
-        """Queue one of this replica's placements for the next exchange."""
-        if not placed.keys:
+        """Queue one of this replica's placements for the next exchange: its keys past ``placed.known``
+        (those the peers cannot know yet), if any."""
+        if placed.known >= len(placed.keys):
             return
         self._seq += 1
         self.published += 1
-        keys = list(placed.keys[: self.max_keys])
+        keys = list(placed.keys[placed.known : placed.known + self.max_keys])
         self._out.append((self._exchange, [self._seq, placed.endpoint, keys, placed.tokens_per_block]))
         self._out_keys += len(keys)
         while self._out_keys > self.max_keys:

@@ -129,12 +129,12 @@ class PrecisePrefixProducer:
         """Speculative indexing: the picked endpoint will hold the prompt's blocks."""
         cycle, self._cycle = self._cycle, None
         if cycle is not None and cycle[0] is ctx and cycle[2] and self.index.speculative_ttl > 0:
-            placed = Placed(picked.key, tuple(cycle[2]))
-            self.index.apply((placed,))
             matched, self._matched = self._matched, None
             known = matched[1].get(picked.key, 0) if matched is not None and matched[0] is ctx else 0
-            if self.share is not None and known < len(placed.keys):  # only what the peers cannot know yet
-                self.share(Placed(placed.endpoint, placed.keys[known:]))
+            placed = Placed(picked.key, tuple(cycle[2]), known=known)
+            self.index.apply((placed,))
+            if self.share is not None:  # the channel sends the peers only the keys past ``known``
+                self.share(placed)
 
 
 def _local_tokenizer(p: Params) -> LocalTokenizer:
